@@ -1,1 +1,15 @@
+//! pockettune: fine-tuning language models on phone and desktop GPUs through wgpu compute.
+//!
+//! Layers, each depending only on those before it: `kernels-ref` (the CPU reference, its own
+//! crate) <- [`gpu`] (device, pipelines, buffers, tensors) <- [`kernels`] (one module per WGSL
+//! kernel family, forward and backward) <- [`gradcheck`] (GPU against reference) and
+//! [`bench`] <- the `pockettune` binary.
 
+pub mod error;
+pub mod gpu;
+pub mod gradcheck;
+pub mod kernels;
+pub mod shaders;
+
+pub use error::{Error, Result};
+pub use gpu::{Gpu, GpuOptions, Profile, Tensor};

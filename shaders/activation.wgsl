@@ -1,0 +1,110 @@
+// Activations and gated MLP units, elementwise, forward and backward.
+//   gelu(x)  = 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)   (GPT-2's "gelu_new")
+//   silu(x)  = x sigmoid(x)
+//   swiglu   = silu(gate) * up,   geglu = gelu(gate) * up
+// ACT selects the function: 0 = GELU (tanh), 1 = SiLU. The gated backward is split in two
+// entry points (d gate, d up) to stay within four storage buffers.
+
+struct Params {
+    n: u32,
+    flags: u32,   // 1 = accumulate into the output
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;        // x or gate
+@group(0) @binding(2) var<storage, read> u: array<f32>;        // dy (plain) or up (gated)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> dy: array<f32>;       // dy (gated backward)
+
+override ACT: u32 = 0u;
+const WG: u32 = 256u;
+const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
+
+fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid.x;
+}
+
+// tanh through exp of a clamped argument: some mobile drivers return NaN for large |x|.
+fn safe_tanh(z: f32) -> f32 {
+    let e = exp(-2.0 * clamp(abs(z), 0.0, 20.0));
+    return sign(z) * (1.0 - e) / (1.0 + e);
+}
+
+fn sigmoid(z: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-clamp(z, -80.0, 80.0)));
+}
+
+fn act(z: f32) -> f32 {
+    if (ACT == 0u) {
+        return 0.5 * z * (1.0 + safe_tanh(SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)));
+    }
+    return z * sigmoid(z);
+}
+
+fn act_grad(z: f32) -> f32 {
+    if (ACT == 0u) {
+        let t = safe_tanh(SQRT_2_OVER_PI * (z + 0.044715 * z * z * z));
+        let dt = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z);
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dt;
+    }
+    let s = sigmoid(z);
+    return s * (1.0 + z * (1.0 - s));
+}
+
+fn put(i: u32, v: f32) {
+    if ((p.flags & 1u) != 0u) {
+        out[i] += v;
+    } else {
+        out[i] = v;
+    }
+}
+
+@compute @workgroup_size(WG)
+fn act_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        put(i, act(x[i]));
+    }
+}
+
+// binding 2 holds dy
+@compute @workgroup_size(WG)
+fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        put(i, act_grad(x[i]) * u[i]);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn glu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        put(i, act(x[i]) * u[i]);
+    }
+}
+
+// d gate = dy * up * act'(gate)
+@compute @workgroup_size(WG)
+fn glu_backward_gate(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        put(i, dy[i] * u[i] * act_grad(x[i]));
+    }
+}
+
+// d up = dy * act(gate); binding 2 holds dy
+@compute @workgroup_size(WG)
+fn glu_backward_up(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        put(i, u[i] * act(x[i]));
+    }
+}

@@ -1,0 +1,81 @@
+//! The one error type of the library. Every variant carries the facts a user needs to act:
+//! which adapter, kernel, tensor or file, what was expected and what was found, and what to do.
+//! The CLI wraps it in `anyhow` at the edge; nothing in the library panics on user input.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no GPU adapter found (backends tried: {backends}). Install a Vulkan driver \
+         (on Debian/Ubuntu `apt-get install mesa-vulkan-drivers` gives the lavapipe software device), \
+         or use the CPU path where the command offers `--device cpu`"
+    )]
+    NoAdapter { backends: String },
+
+    #[error("--device {spec:?} matches no adapter; adapters found:\n{found}")]
+    DeviceNotFound { spec: String, found: String },
+
+    #[error(
+        "adapter {adapter:?} refused the {profile} limits profile: {message}. \
+         Try `--limits adapter`, or pick another adapter with --device"
+    )]
+    RequestDevice {
+        adapter: String,
+        profile: String,
+        message: String,
+    },
+
+    #[error("GPU validation error in {context}: {message}")]
+    Validation { context: String, message: String },
+
+    #[error(
+        "GPU out of memory in {context}. Lower the batch size or sequence length, \
+         or set a smaller --memory-budget so that tensors stream from disk"
+    )]
+    OutOfMemory { context: String },
+
+    #[error(
+        "GPU device lost ({reason}): {message}. Checkpoints already written are kept; \
+         restart with --resume. On phones this often means a buffer above the driver's \
+         binding limit: run `pockettune gradcheck` to check the kernels on this device"
+    )]
+    DeviceLost { reason: String, message: String },
+
+    #[error("internal GPU error in {context}: {message}")]
+    Internal { context: String, message: String },
+
+    #[error("shape error in {op}: {detail}")]
+    Shape { op: String, detail: String },
+
+    #[error(
+        "tensor {what} needs {bytes} bytes in one buffer, more than this device allows \
+         ({limit} bytes); it must be chunked"
+    )]
+    TooLarge {
+        what: String,
+        bytes: u64,
+        limit: u64,
+    },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid argument {name}: {detail}")]
+    InvalidArgument { name: String, detail: String },
+}
+
+impl Error {
+    pub(crate) fn shape(op: &str, detail: impl Into<String>) -> Self {
+        Error::Shape {
+            op: op.to_string(),
+            detail: detail.into(),
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The GPU runtime: one device, its pipelines and its buffers, created once and reused.
+//!
+//! Kernels do not talk to wgpu directly. They call [`Gpu::dispatch`] with a [`KernelKey`]
+//! (shader file, entry point, override constants: the key doubles as the debug label), the
+//! storage buffers in binding order, and a `#[repr(C)]` uniform struct. Dispatches are recorded
+//! into one pending command encoder and submitted together when somebody needs a number
+//! ([`Gpu::read`]), writes a buffer from the host, or calls [`Gpu::flush`]. wgpu errors never
+//! panic: they are captured and returned as [`Error`] at the next synchronisation point.
+
+pub mod adapter;
+mod pool;
+mod tensor;
+
+pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
+pub use pool::GpuBuffer;
+pub use tensor::{Chunk, Split, Tensor};
+
+use crate::error::{Error, Result};
+use crate::shaders;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How to open a device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Adapter index, type or name substring; `None` reads `POCKETTUNE_DEVICE`, then picks.
+    pub device: Option<String>,
+    pub profile: Profile,
+}
+
+/// Identifies one compute pipeline: shader file, entry point and override constants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub shader: &'static str,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, u32)>,
+}
+
+impl KernelKey {
+    pub fn new(shader: &'static str, entry: &'static str) -> Self {
+        KernelKey {
+            shader,
+            entry,
+            constants: Vec::new(),
+        }
+    }
+    pub fn with(mut self, name: &'static str, value: u32) -> Self {
+        self.constants.push((name, value));
+        self
+    }
+    pub fn label(&self) -> String {
+        let mut s = format!("{}::{}", self.shader, self.entry);
+        for (k, v) in &self.constants {
+            s.push_str(&format!(" {k}={v}"));
+        }
+        s
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    encoder: Option<wgpu::CommandEncoder>,
+    dispatches: usize,
+    /// Uniform buffers written for dispatches in this encoder; free again once it is submitted
+    /// (queue writes are ordered after earlier submissions).
+    uniforms: Vec<wgpu::Buffer>,
+}
+
+/// A hook consulted before every submission: the place where a power policy (battery level,
+/// temperature) may sleep before more work reaches the GPU.
+pub trait SubmitGate: Send + Sync {
+    fn before_submit(&self, dispatches: usize);
+}
+
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    summary: AdapterSummary,
+    profile: Profile,
+    limits: wgpu::Limits,
+    adapter_limits: wgpu::Limits,
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+    pool: Arc<pool::Pool>,
+    pending: Mutex<Pending>,
+    free_uniforms: Mutex<Vec<wgpu::Buffer>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    lost: Arc<Mutex<Option<(String, String)>>>,
+    dummy: wgpu::Buffer,
+    gate: Mutex<Option<Arc<dyn SubmitGate>>>,
+    submissions: AtomicU64,
+}
+
+/// Largest uniform struct a kernel may pass (bytes).
+const UNIFORM_SIZE: u64 = 256;
+
+impl Gpu {
+    /// Open the adapter chosen by `opts` with the limits of its profile.
+    pub fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let instance = adapter::instance();
+        let adapters = adapter::enumerate(&instance);
+        let env = std::env::var(DEVICE_ENV).ok();
+        let spec = opts.device.as_deref().or(env.as_deref());
+        let (index, summary) = adapter::select(&adapters, spec)?;
+        let adapter = &adapters[index];
+        let limits = opts.profile.limits(adapter);
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("pockettune"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
+            Error::RequestDevice {
+                adapter: summary.name.clone(),
+                profile: opts.profile.to_string(),
+                message: e.to_string(),
+            }
+        })?;
+
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let kind = match &e {
+                wgpu::Error::OutOfMemory { .. } => "out of memory",
+                wgpu::Error::Validation { .. } => "validation",
+                wgpu::Error::Internal { .. } => "internal",
+            };
+            sink.lock().push(format!("{kind}: {e}"));
+        }));
+        let lost: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            *lost_sink.lock() = Some((format!("{reason:?}"), message));
+        });
+
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused binding"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Gpu {
+            pool: Arc::new(pool::Pool::new(device.clone())),
+            device,
+            queue,
+            summary,
+            profile: opts.profile,
+            limits,
+            adapter_limits: adapter.limits(),
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+            pending: Mutex::default(),
+            free_uniforms: Mutex::default(),
+            errors,
+            lost,
+            dummy,
+            gate: Mutex::new(None),
+            submissions: AtomicU64::new(0),
+        })
+    }
+
+    pub fn summary(&self) -> &AdapterSummary {
+        &self.summary
+    }
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+    /// The limits the device was opened with (the profile's).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+    pub fn adapter_limits(&self) -> &wgpu::Limits {
+        &self.adapter_limits
+    }
+    /// Largest storage binding, and so the largest chunk of a tensor, in bytes.
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+    pub fn max_workgroups(&self) -> u32 {
+        self.limits.max_compute_workgroups_per_dimension
+    }
+    /// Bytes currently held in GPU buffers (live and pooled), and the peak of that figure.
+    pub fn bytes_allocated(&self) -> (u64, u64) {
+        self.pool.bytes()
+    }
+    pub fn submissions(&self) -> u64 {
+        self.submissions.load(Ordering::Relaxed)
+    }
+    /// A small buffer to bind where a kernel's optional input (a bias, say) is switched off.
+    pub fn placeholder(&self) -> &wgpu::Buffer {
+        &self.dummy
+    }
+    /// Give pooled, unused buffers back to the driver.
+    pub fn trim(&self) {
+        self.pool.trim();
+    }
+
+    /// Install the hook that may hold back the next submission (see [`SubmitGate`]).
+    pub fn set_submit_gate(&self, gate: Option<Arc<dyn SubmitGate>>) {
+        *self.gate.lock() = gate;
+    }
+
+    /// A storage buffer of at least `bytes` bytes, from the pool when one is free.
+    pub fn alloc(&self, bytes: u64, what: &str) -> Result<GpuBuffer> {
+        let limit = self
+            .limits
+            .max_buffer_size
+            .min(self.limits.max_storage_buffer_binding_size);
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit,
+            });
+        }
+        self.pool.get(bytes, what)
+    }
+
+    fn module(&self, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {
+        if let Some(m) = self.modules.lock().get(shader) {
+            return Ok(m.clone());
+        }
+        let source = shaders::source(shader).ok_or_else(|| Error::Internal {
+            context: "shader lookup".into(),
+            message: format!("no shader named {shader} is compiled into this binary"),
+        })?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Validation {
+                context: format!("shader {shader}.wgsl"),
+                message: e.to_string(),
+            });
+        }
+        let module = Arc::new(module);
+        self.modules.lock().insert(shader, module.clone());
+        Ok(module)
+    }
+
+    /// The pipeline for `key`, compiled on first use.
+    pub fn pipeline(&self, key: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.pipelines.lock().get(key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(key.shader)?;
+        let label = key.label();
+        let constants: Vec<(&str, f64)> =
+            key.constants.iter().map(|&(k, v)| (k, v as f64)).collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: None,
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    // Every kernel writes its workgroup memory before reading it.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Validation {
+                context: format!("pipeline {label}"),
+                message: e.to_string(),
+            });
+        }
+        let pipeline = Arc::new(pipeline);
+        self.pipelines.lock().insert(key.clone(), pipeline.clone());
+        Ok(pipeline)
+    }
+
+    fn uniform(&self, params: &[u8]) -> wgpu::Buffer {
+        assert!(
+            params.len() as u64 <= UNIFORM_SIZE,
+            "uniform struct larger than {UNIFORM_SIZE} bytes"
+        );
+        let buf = self.free_uniforms.lock().pop().unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: UNIFORM_SIZE,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        self.queue.write_buffer(&buf, 0, params);
+        buf
+    }
+
+    /// Record one dispatch. `buffers[i]` is bound at `@binding(i + 1)`, the uniform `params`
+    /// at `@binding(0)`. `None` leaves a binding out, for entry points that do not use it.
+    pub fn dispatch(
+        &self,
+        key: &KernelKey,
+        buffers: &[Option<&wgpu::Buffer>],
+        params: &[u8],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        let max = self.max_workgroups();
+        if groups.iter().any(|&g| g > max) {
+            return Err(Error::Internal {
+                context: key.label(),
+                message: format!("dispatch {groups:?} exceeds {max} workgroups per dimension"),
+            });
+        }
+        let pipeline = self.pipeline(key)?;
+        let uniform = self.uniform(params);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            if let Some(b) = b {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: b.as_entire_binding(),
+                });
+            }
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Validation {
+                context: key.label(),
+                message: e.to_string(),
+            });
+        }
+        let mut pending = self.pending.lock();
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&key.label()),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        pending.dispatches += 1;
+        pending.uniforms.push(uniform);
+        Ok(())
+    }
+
+    /// Record a buffer-to-buffer copy into the pending encoder.
+    pub fn copy(
+        &self,
+        src: &wgpu::Buffer,
+        src_off: u64,
+        dst: &wgpu::Buffer,
+        dst_off: u64,
+        bytes: u64,
+    ) {
+        let mut pending = self.pending.lock();
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
+        });
+        encoder.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
+    }
+
+    /// Submit everything recorded so far (after the submit gate, if one is set).
+    pub fn flush(&self) -> Result<()> {
+        let mut pending = self.pending.lock();
+        self.submit_locked(&mut pending);
+        drop(pending);
+        self.check("submit")
+    }
+
+    /// Submit while holding the pending lock, so that no host write can be queued between
+    /// taking the encoder and submitting it (it would run before commands recorded earlier).
+    fn submit_locked(&self, pending: &mut Pending) {
+        let Some(encoder) = pending.encoder.take() else {
+            return;
+        };
+        let dispatches = std::mem::take(&mut pending.dispatches);
+        if let Some(gate) = self.gate.lock().clone() {
+            gate.before_submit(dispatches);
+        }
+        self.queue.submit([encoder.finish()]);
+        self.submissions.fetch_add(1, Ordering::Relaxed);
+        self.free_uniforms.lock().append(&mut pending.uniforms);
+    }
+
+    /// Wait until the GPU has finished everything submitted.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Internal {
+                context: "poll".into(),
+                message: e.to_string(),
+            })?;
+        self.check("wait")
+    }
+
+    /// Turn errors captured since the last check into an [`Error`].
+    pub fn check(&self, context: &str) -> Result<()> {
+        if let Some((reason, message)) = self.lost.lock().clone() {
+            return Err(Error::DeviceLost { reason, message });
+        }
+        let errors = std::mem::take(&mut *self.errors.lock());
+        match errors.first() {
+            None => Ok(()),
+            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory {
+                context: context.into(),
+            }),
+            Some(_) => Err(Error::Validation {
+                context: context.into(),
+                message: errors.join("\n"),
+            }),
+        }
+    }
+
+    /// Copy host data into `dst` at byte offset `offset`. Recorded work is submitted first so
+    /// that it reads the old contents, as program order says it should.
+    pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        let mut pending = self.pending.lock();
+        self.submit_locked(&mut pending);
+        self.queue.write_buffer(dst, offset, data);
+        drop(pending);
+        self.check("upload")
+    }
+
+    /// Read `bytes` bytes of `src` from `offset` back to the host (waits for the GPU).
+    pub fn read_bytes(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        // A separate MAP_READ buffer: storage buffers cannot be mapped on most GPUs.
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read-back"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.copy(src, offset, &staging, 0, bytes);
+        self.flush()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Internal {
+                context: "read-back".into(),
+                message: e.to_string(),
+            })?;
+        self.check("read-back")?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Internal {
+                    context: "read-back".into(),
+                    message: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(Error::Internal {
+                    context: "read-back".into(),
+                    message: "map callback dropped".into(),
+                })
+            }
+        }
+        let data = staging.get_mapped_range(..).map_err(|e| Error::Internal {
+            context: "read-back".into(),
+            message: e.to_string(),
+        })?;
+        Ok(data.to_vec())
+    }
+
+    /// Number of workgroups for `n` items at `per_group` items each, spread over x and y so that
+    /// no dimension passes the device limit. Kernels rebuild the linear index as
+    /// `(wid.y * num_workgroups.x + wid.x)`.
+    pub fn grid(&self, n: usize, per_group: usize) -> [u32; 3] {
+        let groups = n.div_ceil(per_group.max(1)) as u64;
+        let max = self.max_workgroups() as u64;
+        if groups <= max {
+            [groups as u32, 1, 1]
+        } else {
+            let y = groups.div_ceil(max);
+            [groups.div_ceil(y) as u32, y as u32, 1]
+        }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}

@@ -1,0 +1,107 @@
+//! Activations and gated MLP units (`shaders/activation.wgsl`): GELU (tanh approximation),
+//! SiLU, SwiGLU = silu(gate) * up, GeGLU = gelu(gate) * up, forward and backward. Reference:
+//! `kernels_ref::{gelu,silu,swiglu,geglu}_*`.
+
+use super::{check_len, u32_of};
+use crate::error::Result;
+use crate::gpu::{Gpu, KernelKey, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    flags: u32,
+    _pad: [u32; 2],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// tanh-approximated GELU (GPT-2 `gelu_new`, Gemma `gelu_pytorch_tanh`)
+    Gelu,
+    Silu,
+}
+
+const WG: usize = 256;
+
+fn run(
+    gpu: &Gpu,
+    entry: &'static str,
+    act: Act,
+    bufs: &[Option<&wgpu::Buffer>],
+    n: usize,
+    acc: bool,
+) -> Result<()> {
+    let key = KernelKey::new("activation", entry).with("ACT", (act == Act::Silu) as u32);
+    let p = Params {
+        n: u32_of(n, "activation")?,
+        flags: acc as u32,
+        _pad: [0; 2],
+    };
+    gpu.dispatch(&key, bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))
+}
+
+/// `y = act(x)`
+pub fn act_forward(gpu: &Gpu, y: &Tensor, x: &Tensor, act: Act) -> Result<()> {
+    check_len("act_forward", "y", y.numel(), x.numel())?;
+    let bufs = [Some(x.single("act")?), None, Some(y.single("act")?)];
+    run(gpu, "act_forward", act, &bufs, x.numel(), false)
+}
+
+/// `dx (+)= act'(x) * dy`
+pub fn act_backward(
+    gpu: &Gpu,
+    dx: &Tensor,
+    x: &Tensor,
+    dy: &Tensor,
+    act: Act,
+    accumulate: bool,
+) -> Result<()> {
+    check_len("act_backward", "dx", dx.numel(), x.numel())?;
+    check_len("act_backward", "dy", dy.numel(), x.numel())?;
+    let bufs = [
+        Some(x.single("act")?),
+        Some(dy.single("act")?),
+        Some(dx.single("act")?),
+    ];
+    run(gpu, "act_backward", act, &bufs, x.numel(), accumulate)
+}
+
+/// `y = act(gate) * up` (SwiGLU with `Act::Silu`, GeGLU with `Act::Gelu`)
+pub fn glu_forward(gpu: &Gpu, y: &Tensor, gate: &Tensor, up: &Tensor, act: Act) -> Result<()> {
+    check_len("glu_forward", "up", up.numel(), gate.numel())?;
+    check_len("glu_forward", "y", y.numel(), gate.numel())?;
+    let bufs = [
+        Some(gate.single("glu")?),
+        Some(up.single("glu")?),
+        Some(y.single("glu")?),
+    ];
+    run(gpu, "glu_forward", act, &bufs, gate.numel(), false)
+}
+
+/// `dgate (+)= dy * up * act'(gate)`, `dup (+)= dy * act(gate)`, each optional.
+pub fn glu_backward(
+    gpu: &Gpu,
+    dgate: Option<&Tensor>,
+    dup: Option<&Tensor>,
+    dy: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    act: Act,
+    accumulate: bool,
+) -> Result<()> {
+    let n = gate.numel();
+    check_len("glu_backward", "dy", dy.numel(), n)?;
+    check_len("glu_backward", "up", up.numel(), n)?;
+    let (gb, ub, dyb) = (gate.single("glu")?, up.single("glu")?, dy.single("glu")?);
+    if let Some(dgate) = dgate {
+        check_len("glu_backward", "dgate", dgate.numel(), n)?;
+        let bufs = [Some(gb), Some(ub), Some(dgate.single("glu")?), Some(dyb)];
+        run(gpu, "glu_backward_gate", act, &bufs, n, accumulate)?;
+    }
+    if let Some(dup) = dup {
+        check_len("glu_backward", "dup", dup.numel(), n)?;
+        let bufs = [Some(gb), Some(dyb), Some(dup.single("glu")?)];
+        run(gpu, "glu_backward_up", act, &bufs, n, accumulate)?;
+    }
+    Ok(())
+}

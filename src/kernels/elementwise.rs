@@ -1,0 +1,163 @@
+//! Elementwise and row-broadcast kernels (`shaders/elementwise.wgsl`). Reference:
+//! `kernels_ref::add`, `kernels_ref::scale`. Tensors may be chunked as long as all operands
+//! share one chunk layout (gradients are allocated like their parameters, so they do).
+
+use super::{check_len, u32_of};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, KernelKey, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    cols: u32,
+    out_off: u32,
+    a_off: u32,
+    b_off: u32,
+    alpha: f32,
+    beta: f32,
+    shift: f32,
+}
+
+const WG: usize = 256;
+
+/// Chunk-by-chunk buffers and element counts of tensors that share one layout.
+pub(crate) fn same_layout<'t>(
+    op: &str,
+    ts: &[&'t Tensor],
+) -> Result<Vec<(Vec<&'t wgpu::Buffer>, usize)>> {
+    let first = ts[0];
+    for t in &ts[1..] {
+        let same = t.numel() == first.numel()
+            && t.chunks().len() == first.chunks().len()
+            && (first.chunks().len() == 1
+                || (t.split() == first.split()
+                    && t.shape() == first.shape()
+                    && t.chunks()
+                        .iter()
+                        .zip(first.chunks())
+                        .all(|(a, b)| a.start == b.start && a.len == b.len)));
+        if !same {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "operands {:?} and {:?} differ in size or chunk layout",
+                    first.shape(),
+                    t.shape()
+                ),
+            ));
+        }
+    }
+    let per_chunk = |i: usize| first.chunks()[i].buf.bytes() as usize / 4;
+    Ok((0..first.chunks().len())
+        .map(|i| {
+            (
+                ts.iter().map(|t| t.chunks()[i].buf.raw()).collect(),
+                per_chunk(i),
+            )
+        })
+        .collect())
+}
+
+fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<&wgpu::Buffer>], p: Params) -> Result<()> {
+    gpu.dispatch(
+        &KernelKey::new("elementwise", entry),
+        bufs,
+        bytemuck::bytes_of(&p),
+        gpu.grid(p.n as usize, WG),
+    )
+}
+
+/// `out = alpha * a + beta * b`
+pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f32) -> Result<()> {
+    for (bufs, n) in same_layout("add", &[out, a, b])? {
+        let p = Params {
+            n: u32_of(n, "add")?,
+            alpha,
+            beta,
+            ..Default::default()
+        };
+        run(
+            gpu,
+            "add",
+            &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])],
+            p,
+        )?;
+    }
+    Ok(())
+}
+
+/// `out = alpha * a + beta * out` (scale with beta = 0, accumulate with alpha = beta = 1).
+pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Result<()> {
+    for (bufs, n) in same_layout("axpby", &[out, a])? {
+        let p = Params {
+            n: u32_of(n, "axpby")?,
+            alpha,
+            beta,
+            ..Default::default()
+        };
+        run(gpu, "axpby", &[Some(bufs[0]), Some(bufs[1])], p)?;
+    }
+    Ok(())
+}
+
+/// `out = value` everywhere (zeroing gradients, poisoning outputs in tests).
+pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
+    for (bufs, n) in same_layout("fill", &[out])? {
+        let p = Params {
+            n: u32_of(n, "fill")?,
+            alpha: value,
+            ..Default::default()
+        };
+        run(gpu, "fill", &[Some(bufs[0])], p)?;
+    }
+    Ok(())
+}
+
+/// `out[r, j] = a[r, j] * (w[j] + shift)`
+pub fn row_mul(gpu: &Gpu, out: &Tensor, a: &Tensor, w: &Tensor, shift: f32) -> Result<()> {
+    check_len("row_mul", "out", out.numel(), a.numel())?;
+    check_len("row_mul", "w", w.numel(), a.cols())?;
+    let p = Params {
+        n: u32_of(a.numel(), "row_mul")?,
+        cols: u32_of(a.cols(), "row_mul")?,
+        shift,
+        ..Default::default()
+    };
+    let bufs = [
+        Some(out.single("row_mul")?),
+        Some(a.single("row_mul")?),
+        Some(w.single("row_mul")?),
+    ];
+    run(gpu, "row_mul", &bufs, p)
+}
+
+/// `out[r, j] += bias[j]`
+pub fn add_row(gpu: &Gpu, out: &Tensor, bias: &Tensor) -> Result<()> {
+    check_len("add_row", "bias", bias.numel(), out.cols())?;
+    let p = Params {
+        n: u32_of(out.numel(), "add_row")?,
+        cols: u32_of(out.cols(), "add_row")?,
+        ..Default::default()
+    };
+    run(
+        gpu,
+        "add_row",
+        &[Some(out.single("add_row")?), Some(bias.single("add_row")?)],
+        p,
+    )
+}
+
+/// `out *= s[index]`, with the scale read on the GPU (no read-back).
+pub fn scale_by(gpu: &Gpu, out: &Tensor, s: &Tensor, index: usize) -> Result<()> {
+    let sbuf = s.single("scale_by")?;
+    for (bufs, n) in same_layout("scale_by", &[out])? {
+        let p = Params {
+            n: u32_of(n, "scale_by")?,
+            a_off: u32_of(index, "scale_by")?,
+            ..Default::default()
+        };
+        run(gpu, "scale_by", &[Some(bufs[0]), Some(sbuf)], p)?;
+    }
+    Ok(())
+}

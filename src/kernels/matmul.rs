@@ -1,0 +1,354 @@
+//! Matrix products (`shaders/matmul.wgsl`): C = op(A) op(B) + bias and its backward, for plain,
+//! batched-strided and chunked operands. Reference: `kernels_ref::matmul_forward`/`_backward`.
+//!
+//! A tensor larger than one binding is stored in chunks ([`Split`]). The product is cut along
+//! M, N and K at every chunk boundary of every operand; each piece is one dispatch on views
+//! into single buffers, and pieces after the first along K accumulate into C. The caller sees
+//! one matrix product.
+
+use super::u32_of;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, KernelKey, Split, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    flags: u32,
+    a_off: u32,
+    a_sm: u32,
+    a_sk: u32,
+    a_b1: u32,
+    a_b2: u32,
+    b_off: u32,
+    b_sk: u32,
+    b_sn: u32,
+    b_b1: u32,
+    b_b2: u32,
+    c_off: u32,
+    c_sm: u32,
+    c_b1: u32,
+    c_b2: u32,
+    nb2: u32,
+    bias_off: u32,
+    alpha: f32,
+    _pad: [u32; 3],
+}
+
+const TILE: usize = 64; // WG (16) x register tile (4), along M and along N
+
+/// A matrix inside one buffer: element `(i, j)` of batch `(b1, b2)` sits at
+/// `off + i * s_i + j * s_j + b1 * s_b1 + b2 * s_b2`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    pub buf: &'a wgpu::Buffer,
+    pub off: usize,
+    pub s_i: usize,
+    pub s_j: usize,
+    pub s_b1: usize,
+    pub s_b2: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major (rows, ld) matrix, transposed when `trans`.
+    pub fn matrix(buf: &'a wgpu::Buffer, off: usize, ld: usize, trans: bool) -> Self {
+        let (s_i, s_j) = if trans { (1, ld) } else { (ld, 1) };
+        View {
+            buf,
+            off,
+            s_i,
+            s_j,
+            s_b1: 0,
+            s_b2: 0,
+        }
+    }
+    pub fn batched(mut self, s_b1: usize, s_b2: usize) -> Self {
+        self.s_b1 = s_b1;
+        self.s_b2 = s_b2;
+        self
+    }
+}
+
+/// Sizes of one strided product: `nb1 * nb2` products of (m, k) x (k, n).
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub nb1: usize,
+    pub nb2: usize,
+}
+
+/// One dispatch: `C = alpha * A B (+ bias) (+ C if accumulate)` on views (`c.s_j` must be 1).
+pub fn matmul_strided(
+    gpu: &Gpu,
+    c: View,
+    a: View,
+    b: View,
+    bias: Option<(&wgpu::Buffer, usize)>,
+    d: Dims,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    if c.s_j != 1 {
+        return Err(Error::shape("matmul", "C must have unit column stride"));
+    }
+    if d.m == 0 || d.n == 0 || d.nb1 == 0 || d.nb2 == 0 {
+        return Ok(());
+    }
+    if d.k == 0 {
+        // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
+        return Err(Error::shape("matmul", "inner dimension K is 0"));
+    }
+    let u = |v: usize| u32_of(v, "matmul");
+    let params = Params {
+        m: u(d.m)?,
+        n: u(d.n)?,
+        k: u(d.k)?,
+        flags: bias.is_some() as u32 | ((accumulate as u32) << 1),
+        a_off: u(a.off)?,
+        a_sm: u(a.s_i)?,
+        a_sk: u(a.s_j)?,
+        a_b1: u(a.s_b1)?,
+        a_b2: u(a.s_b2)?,
+        b_off: u(b.off)?,
+        b_sk: u(b.s_i)?,
+        b_sn: u(b.s_j)?,
+        b_b1: u(b.s_b1)?,
+        b_b2: u(b.s_b2)?,
+        c_off: u(c.off)?,
+        c_sm: u(c.s_i)?,
+        c_b1: u(c.s_b1)?,
+        c_b2: u(c.s_b2)?,
+        nb2: u(d.nb2)?,
+        bias_off: u(bias.map_or(0, |b| b.1))?,
+        alpha,
+        _pad: [0; 3],
+    };
+    let groups = [d.n.div_ceil(TILE), d.m.div_ceil(TILE), d.nb1 * d.nb2].map(|g| g as u32);
+    gpu.dispatch(
+        &KernelKey::new("matmul", "matmul"),
+        &[
+            Some(a.buf),
+            Some(b.buf),
+            Some(c.buf),
+            Some(bias.map_or(gpu.placeholder(), |b| b.0)),
+        ],
+        bytemuck::bytes_of(&params),
+        groups,
+    )
+}
+
+/// The logical dimensions that a tensor's stored rows and columns stand for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Axis {
+    M,
+    N,
+    K,
+}
+
+struct Operand<'t> {
+    t: &'t Tensor,
+    rows: Axis,
+    cols: Axis,
+}
+
+impl Operand<'_> {
+    fn split_axis(&self) -> Axis {
+        match self.t.split() {
+            Split::Rows => self.rows,
+            Split::Cols => self.cols,
+        }
+    }
+
+    /// The view that holds logical element (i0 along `rows`, j0 along `cols`), from the chunk
+    /// that contains it. `at` gives the piece's start along M, N and K.
+    fn view(&self, at: impl Fn(Axis) -> usize) -> View<'_> {
+        let (r0, c0) = (at(self.rows), at(self.cols));
+        let cols = self.t.cols();
+        let along = match self.t.split() {
+            Split::Rows => r0,
+            Split::Cols => c0,
+        };
+        let chunk = self
+            .t
+            .chunks()
+            .iter()
+            .find(|ch| along >= ch.start && along < ch.start + ch.len)
+            .expect("piece boundaries include every chunk boundary");
+        let (off, ld) = match self.t.split() {
+            Split::Rows => ((r0 - chunk.start) * cols + c0, cols),
+            Split::Cols => (r0 * chunk.len + (c0 - chunk.start), chunk.len),
+        };
+        View::matrix(chunk.buf.raw(), off, ld, false)
+    }
+}
+
+/// `C (M,N) = op(A) (M,K) . op(B) (K,N) (+ bias (N)) (+ C if accumulate)` on 2-D tensors (all
+/// dimensions but the last are rows). Any operand may be chunked.
+pub fn matmul(
+    gpu: &Gpu,
+    c: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<()> {
+    let (m, k) = if trans_a {
+        (a.cols(), a.rows())
+    } else {
+        (a.rows(), a.cols())
+    };
+    let (kb, n) = if trans_b {
+        (b.cols(), b.rows())
+    } else {
+        (b.rows(), b.cols())
+    };
+    if k != kb || c.rows() != m || c.cols() != n {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "op(A) is {m}x{k}, op(B) is {kb}x{n}, C is {}x{} (A {:?}{}, B {:?}{})",
+                c.rows(),
+                c.cols(),
+                a.shape(),
+                if trans_a { " transposed" } else { "" },
+                b.shape(),
+                if trans_b { " transposed" } else { "" },
+            ),
+        ));
+    }
+    let bias_buf = match bias {
+        Some(t) if t.numel() != n => {
+            return Err(Error::shape(
+                "matmul",
+                format!("bias has {} elements, N is {n}", t.numel()),
+            ))
+        }
+        Some(t) => Some(t.single("matmul bias")?),
+        None => None,
+    };
+    let ops = [
+        Operand {
+            t: a,
+            rows: if trans_a { Axis::K } else { Axis::M },
+            cols: if trans_a { Axis::M } else { Axis::K },
+        },
+        Operand {
+            t: b,
+            rows: if trans_b { Axis::N } else { Axis::K },
+            cols: if trans_b { Axis::K } else { Axis::N },
+        },
+        Operand {
+            t: c,
+            rows: Axis::M,
+            cols: Axis::N,
+        },
+    ];
+    let cuts = |axis: Axis, extent: usize| -> Vec<(usize, usize)> {
+        let mut points = vec![0, extent];
+        for op in ops.iter().filter(|o| o.split_axis() == axis) {
+            points.extend(op.t.chunks().iter().map(|ch| ch.start));
+        }
+        points.sort_unstable();
+        points.dedup();
+        points
+            .windows(2)
+            .map(|w| (w[0], w[1] - w[0]))
+            .filter(|&(_, len)| len > 0)
+            .collect()
+    };
+    let (ms, ns, ks) = (cuts(Axis::M, m), cuts(Axis::N, n), cuts(Axis::K, k));
+    for &(m0, ml) in &ms {
+        for &(n0, nl) in &ns {
+            for (ki, &(k0, kl)) in ks.iter().enumerate() {
+                let at = |axis: Axis| match axis {
+                    Axis::M => m0,
+                    Axis::N => n0,
+                    Axis::K => k0,
+                };
+                // Views are built in stored (row, col) order; the logical strides follow.
+                let av = ops[0].view(at);
+                let bv = ops[1].view(at);
+                let cv = ops[2].view(at);
+                let av = if trans_a {
+                    View {
+                        s_i: av.s_j,
+                        s_j: av.s_i,
+                        ..av
+                    }
+                } else {
+                    av
+                };
+                let bv = if trans_b {
+                    View {
+                        s_i: bv.s_j,
+                        s_j: bv.s_i,
+                        ..bv
+                    }
+                } else {
+                    bv
+                };
+                matmul_strided(
+                    gpu,
+                    cv,
+                    av,
+                    bv,
+                    if ki == 0 {
+                        bias_buf.map(|buf| (buf, n0))
+                    } else {
+                        None
+                    },
+                    Dims {
+                        m: ml,
+                        n: nl,
+                        k: kl,
+                        nb1: 1,
+                        nb2: 1,
+                    },
+                    1.0,
+                    accumulate || ki > 0,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gradients of [`matmul`]: `dA`, `dB` (stored like A and B) and `dbias = sum_rows(dC)`, each
+/// optional; written, or added to when `accumulate`.
+pub fn matmul_backward(
+    gpu: &Gpu,
+    da: Option<&Tensor>,
+    db: Option<&Tensor>,
+    dbias: Option<&Tensor>,
+    dc: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<()> {
+    if let Some(da) = da {
+        if trans_a {
+            matmul(gpu, da, b, dc, None, trans_b, true, accumulate)?;
+        } else {
+            matmul(gpu, da, dc, b, None, false, !trans_b, accumulate)?;
+        }
+    }
+    if let Some(db) = db {
+        if trans_b {
+            matmul(gpu, db, dc, a, None, true, trans_a, accumulate)?;
+        } else {
+            matmul(gpu, db, a, dc, None, !trans_a, false, accumulate)?;
+        }
+    }
+    if let Some(dbias) = dbias {
+        super::reduce::sum_rows(gpu, dbias, dc, accumulate)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! LayerNorm and RMSNorm (`shaders/norm.wgsl`), forward and backward. Reference:
+//! `kernels_ref::layernorm_*`, `kernels_ref::rmsnorm_*`.
+//!
+//! `stats` is (rows, 2) = (mean, rstd) per row; RMSNorm stores mean = 0. `shift` is 1.0 for
+//! Gemma's `(1 + w)` scaling. The backward of x is two dispatches (g = dy * (w + shift), then
+//! dx from g) because a phone allows only four storage buffers per dispatch.
+
+use super::{check_len, elementwise, reduce, u32_of};
+use crate::error::Result;
+use crate::gpu::{Gpu, KernelKey, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    flags: u32,
+    _pad: u32,
+    eps: f32,
+    shift: f32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+const WG: u32 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    Layer,
+    /// RMSNorm; `gemma` selects the `(1 + w)` scaling.
+    Rms {
+        gemma: bool,
+    },
+}
+
+impl NormKind {
+    pub fn is_rms(self) -> bool {
+        matches!(self, NormKind::Rms { .. })
+    }
+    /// 1.0 for Gemma's `(1 + w)`, else 0.0.
+    pub fn shift(self) -> f32 {
+        if self == (NormKind::Rms { gemma: true }) {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+fn key(entry: &'static str, kind: NormKind) -> KernelKey {
+    KernelKey::new("norm", entry)
+        .with("WG", WG)
+        .with("RMS", kind.is_rms() as u32)
+}
+
+fn params(x: &Tensor, kind: NormKind, eps: f32, accumulate: bool) -> Result<Params> {
+    Ok(Params {
+        rows: u32_of(x.rows(), "norm")?,
+        cols: u32_of(x.cols(), "norm")?,
+        flags: accumulate as u32,
+        eps,
+        shift: kind.shift(),
+        ..Default::default()
+    })
+}
+
+/// `y = norm(x) * (w + shift) (+ b)`; saves `stats` (rows, 2).
+pub fn norm_forward(
+    gpu: &Gpu,
+    y: &Tensor,
+    stats: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    kind: NormKind,
+    eps: f32,
+) -> Result<()> {
+    check_len("norm_forward", "y", y.numel(), x.numel())?;
+    check_len("norm_forward", "stats", stats.numel(), 2 * x.rows())?;
+    check_len("norm_forward", "w", w.numel(), x.cols())?;
+    let p = params(x, kind, eps, false)?;
+    let bufs = [
+        Some(x.single("norm")?),
+        Some(w.single("norm")?),
+        Some(y.single("norm")?),
+        Some(stats.single("norm")?),
+    ];
+    gpu.dispatch(
+        &key("norm_forward", kind),
+        &bufs,
+        bytemuck::bytes_of(&p),
+        gpu.grid(x.rows(), 1),
+    )?;
+    if let Some(b) = b {
+        elementwise::add_row(gpu, y, b)?;
+    }
+    Ok(())
+}
+
+/// Gradients of [`norm_forward`]: `dx`, `dw`, `db` (LayerNorm bias), each optional; written,
+/// or added to when `accumulate`.
+pub fn norm_backward(
+    gpu: &Gpu,
+    dx: Option<&Tensor>,
+    dw: Option<&Tensor>,
+    db: Option<&Tensor>,
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    stats: &Tensor,
+    kind: NormKind,
+    accumulate: bool,
+) -> Result<()> {
+    check_len("norm_backward", "dy", dy.numel(), x.numel())?;
+    let p = params(x, kind, 0.0, accumulate)?;
+    let (xb, sb, dyb) = (x.single("norm")?, stats.single("norm")?, dy.single("norm")?);
+    if let Some(dw) = dw {
+        check_len("norm_backward", "dw", dw.numel(), x.cols())?;
+        let bufs = [Some(xb), Some(dyb), Some(dw.single("norm")?), Some(sb)];
+        gpu.dispatch(
+            &key("norm_backward_dw", kind),
+            &bufs,
+            bytemuck::bytes_of(&p),
+            gpu.grid(x.cols(), WG as usize),
+        )?;
+    }
+    if let Some(db) = db {
+        reduce::sum_rows(gpu, db, dy, accumulate)?;
+    }
+    if let Some(dx) = dx {
+        check_len("norm_backward", "dx", dx.numel(), x.numel())?;
+        let g = Tensor::empty(gpu, x.shape(), "norm backward g")?;
+        elementwise::row_mul(gpu, &g, dy, w, kind.shift())?;
+        let bufs = [
+            Some(xb),
+            Some(g.single("norm")?),
+            Some(dx.single("norm")?),
+            Some(sb),
+        ];
+        gpu.dispatch(
+            &key("norm_backward_dx", kind),
+            &bufs,
+            bytemuck::bytes_of(&p),
+            gpu.grid(x.rows(), 1),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Reductions (`shaders/reduce.wgsl`): column sums (bias gradients), sums and sums of squares
+//! into a GPU accumulator, and clipping by global norm without a read-back. Reference:
+//! `kernels_ref::sum`, `sum_squares`, `clip_grad_norm`. Every sum runs in a fixed order.
+
+use super::{elementwise, u32_of};
+use crate::error::Result;
+use crate::gpu::{Gpu, KernelKey, Split, Tensor};
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    n: u32,
+    flags: u32,
+    x_off: u32,
+    slot: u32,
+    max_norm: f32,
+    _pad: u32,
+}
+
+const WG: usize = 256;
+const PER_GROUP: usize = WG * 16;
+
+/// `out[j] = sum over rows of x[r, j]` (`+=` when accumulating). `x` may be chunked.
+pub fn sum_rows(gpu: &Gpu, out: &Tensor, x: &Tensor, accumulate: bool) -> Result<()> {
+    super::check_len("sum_rows", "out", out.numel(), x.cols())?;
+    let ob = out.single("sum_rows")?;
+    let cols = x.cols();
+    for (i, ch) in x.chunks().iter().enumerate() {
+        match x.split() {
+            Split::Rows => {
+                let p = Params {
+                    rows: u32_of(ch.len, "sum_rows")?,
+                    cols: u32_of(cols, "sum_rows")?,
+                    flags: (accumulate || i > 0) as u32,
+                    ..Default::default()
+                };
+                let key = KernelKey::new("reduce", "sum_rows");
+                gpu.dispatch(
+                    &key,
+                    &[Some(ob), Some(ch.buf.raw())],
+                    bytemuck::bytes_of(&p),
+                    gpu.grid(cols, WG),
+                )?;
+            }
+            Split::Cols => {
+                // A column chunk is a (rows, len) matrix whose sums land in out[start..].
+                // Bound as a separate output view is not possible without offsets, so sum into
+                // a temporary and copy.
+                let tmp = Tensor::empty(gpu, &[ch.len], "sum_rows chunk")?;
+                let p = Params {
+                    rows: u32_of(x.rows(), "sum_rows")?,
+                    cols: u32_of(ch.len, "sum_rows")?,
+                    flags: 0,
+                    ..Default::default()
+                };
+                let key = KernelKey::new("reduce", "sum_rows");
+                let tb = tmp.single("sum_rows")?;
+                gpu.dispatch(
+                    &key,
+                    &[Some(tb), Some(ch.buf.raw())],
+                    bytemuck::bytes_of(&p),
+                    gpu.grid(ch.len, WG),
+                )?;
+                if accumulate {
+                    let old = Tensor::empty(gpu, &[ch.len], "sum_rows old")?;
+                    gpu.copy(
+                        ob,
+                        (ch.start * 4) as u64,
+                        old.single("sum_rows")?,
+                        0,
+                        (ch.len * 4) as u64,
+                    );
+                    elementwise::axpby(gpu, &tmp, &old, 1.0, 1.0)?;
+                }
+                gpu.copy(tb, 0, ob, (ch.start * 4) as u64, (ch.len * 4) as u64);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `acc[slot] += sum(x)` (or the sum of squares), computed on the GPU in a fixed order.
+pub fn sum_into(gpu: &Gpu, acc: &Tensor, slot: usize, x: &Tensor, squares: bool) -> Result<()> {
+    let ab = acc.single("sum_into")?;
+    for ch in x.chunks() {
+        let n = ch.buf.bytes() as usize / 4;
+        let groups = n.div_ceil(PER_GROUP).max(1);
+        let partial = Tensor::empty(gpu, &[groups], "partial sums")?;
+        let pb = partial.single("sum_into")?;
+        let p = Params {
+            n: u32_of(n, "sum_into")?,
+            flags: squares as u32,
+            ..Default::default()
+        };
+        let key = KernelKey::new("reduce", "partial_sums");
+        gpu.dispatch(
+            &key,
+            &[Some(pb), Some(ch.buf.raw())],
+            bytemuck::bytes_of(&p),
+            gpu.grid(n, PER_GROUP),
+        )?;
+        let p = Params {
+            n: u32_of(groups, "sum_into")?,
+            slot: u32_of(slot, "sum_into")?,
+            ..Default::default()
+        };
+        gpu.dispatch(
+            &KernelKey::new("reduce", "finish_sum"),
+            &[Some(ab), Some(pb)],
+            bytemuck::bytes_of(&p),
+            [1, 1, 1],
+        )?;
+    }
+    Ok(())
+}
+
+/// Sum of all elements, read back (a synchronisation point).
+pub fn sum(gpu: &Gpu, x: &Tensor, squares: bool) -> Result<f32> {
+    let acc = Tensor::from_host(gpu, &[0.0], &[1], "sum")?;
+    sum_into(gpu, &acc, 0, x, squares)?;
+    Ok(acc.to_host(gpu)?[0])
+}
+
+/// Clip gradients by their global L2 norm as `torch.nn.utils.clip_grad_norm_` does, entirely on
+/// the GPU. Returns a 2-element tensor (sum of squares, clip coefficient) to read when the
+/// norm is wanted.
+pub fn clip_grad_norm(gpu: &Gpu, grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
+    let acc = Tensor::from_host(gpu, &[0.0, 1.0], &[2], "grad norm")?;
+    for g in grads {
+        sum_into(gpu, &acc, 0, g, true)?;
+    }
+    let p = Params {
+        max_norm,
+        ..Default::default()
+    };
+    gpu.dispatch(
+        &KernelKey::new("reduce", "clip_coef"),
+        &[Some(acc.single("clip")?)],
+        bytemuck::bytes_of(&p),
+        [1, 1, 1],
+    )?;
+    for g in grads {
+        elementwise::scale_by(gpu, g, &acc, 1)?;
+    }
+    Ok(acc)
+}
