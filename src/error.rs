@@ -22,11 +22,7 @@ pub enum Error {
         "adapter {adapter:?} refused the {profile} limits profile: {message}. \
          Try `--limits adapter`, or pick another adapter with --device"
     )]
-    RequestDevice {
-        adapter: String,
-        profile: String,
-        message: String,
-    },
+    RequestDevice { adapter: String, profile: String, message: String },
 
     #[error("GPU validation error in {context}: {message}")]
     Validation { context: String, message: String },
@@ -54,11 +50,7 @@ pub enum Error {
         "tensor {what} needs {bytes} bytes in one buffer, more than this device allows \
          ({limit} bytes); it must be chunked"
     )]
-    TooLarge {
-        what: String,
-        bytes: u64,
-        limit: u64,
-    },
+    TooLarge { what: String, bytes: u64, limit: u64 },
 
     #[error("{path}: {source}")]
     Io {
@@ -73,9 +65,6 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn shape(op: &str, detail: impl Into<String>) -> Self {
-        Error::Shape {
-            op: op.to_string(),
-            detail: detail.into(),
-        }
+        Error::Shape { op: op.to_string(), detail: detail.into() }
     }
 }

@@ -61,11 +61,7 @@ pub const TOL: f64 = 1e-4;
 
 /// Relative error of `gpu` against `reference`: infinite if any value is NaN or infinite.
 pub fn rel_err(gpu: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(
-        gpu.len(),
-        reference.len(),
-        "compared outputs differ in length"
-    );
+    assert_eq!(gpu.len(), reference.len(), "compared outputs differ in length");
     let mut diff = 0f64;
     let mut scale = 0f64;
     for (&g, &r) in gpu.iter().zip(reference) {
@@ -86,14 +82,13 @@ pub fn rel_err(gpu: &[f32], reference: &[f32]) -> f64 {
 struct Probe<'g> {
     gpu: &'g Gpu,
     rng: StdRng,
-    results: Vec<(&'static str, String, f64)>,
+    /// (direction, shape, output, relative error)
+    results: Vec<(&'static str, String, String, f64)>,
 }
 
 impl<'g> Probe<'g> {
     fn uniform(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| self.rng.random_range(-1.0f32..1.0))
-            .collect()
+        (0..n).map(|_| self.rng.random_range(-1.0f32..1.0)).collect()
     }
     fn up(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         Tensor::from_host(self.gpu, data, shape, "gradcheck input")
@@ -104,11 +99,20 @@ impl<'g> Probe<'g> {
         t.fill(self.gpu, f32::NAN)?;
         Ok(t)
     }
-    fn record(&mut self, dir: &'static str, shape: &str, got: &Tensor, want: &[f32]) -> Result<()> {
+    fn record(
+        &mut self,
+        dir: &'static str,
+        shape: &str,
+        output: &str,
+        got: &Tensor,
+        want: &[f32],
+    ) -> Result<()> {
         let got = got.to_host(self.gpu)?;
-        self.results
-            .push((dir, shape.to_string(), rel_err(&got, want)));
+        self.push(dir, shape, output, rel_err(&got, want));
         Ok(())
+    }
+    fn push(&mut self, dir: &'static str, shape: &str, output: &str, err: f64) {
+        self.results.push((dir, shape.to_string(), output.to_string(), err));
     }
 }
 
@@ -123,11 +127,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
             })
         }
     };
-    let mut p = Probe {
-        gpu,
-        rng: StdRng::seed_from_u64(seed),
-        results: Vec::new(),
-    };
+    let mut p = Probe { gpu, rng: StdRng::seed_from_u64(seed), results: Vec::new() };
     match name {
         "matmul" => check_matmul(&mut p)?,
         "matmul_chunked" => check_matmul_chunked(&mut p)?,
@@ -153,28 +153,31 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
     }
     gpu.sync()?;
     let mut rows: Vec<Row> = Vec::new();
-    for (dir, shape, err) in p.results {
+    for (dir, shape, output, err) in p.results {
+        let at = if output.is_empty() { shape.clone() } else { format!("{shape} {output}") };
         match rows.iter_mut().find(|r| r.direction == dir) {
             Some(row) => {
                 if !row.shapes.contains(&shape) {
-                    row.shapes.push(shape.clone());
+                    row.shapes.push(shape);
                 }
+                // `!(a <= b)` also takes a NaN error as the worst.
                 if !(err <= row.max_rel_err) {
                     row.max_rel_err = err;
-                    row.worst_shape = shape;
+                    row.worst_shape = at;
                 }
             }
             None => rows.push(Row {
                 kernel: name,
                 direction: dir,
-                shapes: vec![shape.clone()],
+                shapes: vec![shape],
                 max_rel_err: err,
-                worst_shape: shape,
+                worst_shape: at,
                 tolerance: tol,
                 pass: false,
             }),
         }
     }
+    rows.sort_by_key(|r| ["forward", "backward", "step"].iter().position(|d| *d == r.direction));
     for r in &mut rows {
         r.pass = r.max_rel_err <= r.tolerance;
     }
@@ -205,20 +208,8 @@ fn check_matmul(p: &mut Probe) -> Result<()> {
     for (i, &(m, n, k)) in MATMUL_SHAPES.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let bias = i % 2 == 1;
-            let d = kr::MatmulDims {
-                batch: 1,
-                m,
-                n,
-                k,
-                trans_a: ta,
-                trans_b: tb,
-            };
-            let shape = format!(
-                "{m}x{k}{}.{k}x{n}{}{}",
-                t(ta),
-                t(tb),
-                if bias { "+b" } else { "" }
-            );
+            let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
+            let shape = format!("{m}x{k}{}.{k}x{n}{}{}", t(ta), t(tb), if bias { "+b" } else { "" });
             let (a, b, bv) = (p.uniform(m * k), p.uniform(k * n), p.uniform(n));
             let sa = if ta { [k, m] } else { [m, k] };
             let sb = if tb { [n, k] } else { [k, n] };
@@ -227,7 +218,7 @@ fn check_matmul(p: &mut Probe) -> Result<()> {
             matmul::matmul(p.gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, false)?;
             let mut c = vec![0f32; m * n];
             kr::matmul_forward(&mut c, &a, &b, bias.then_some(&bv[..]), d);
-            p.record("forward", &shape, &gc, &c)?;
+            p.record("forward", &shape, "", &gc, &c)?;
 
             let dc = p.uniform(m * n);
             let gdc = p.up(&dc, &[m, n])?;
@@ -245,18 +236,10 @@ fn check_matmul(p: &mut Probe) -> Result<()> {
                 false,
             )?;
             let (mut da, mut db, mut dbias) = (vec![0f32; m * k], vec![0f32; k * n], vec![0f32; n]);
-            kr::matmul_backward(
-                Some(&mut da),
-                Some(&mut db),
-                Some(&mut dbias),
-                &dc,
-                &a,
-                &b,
-                d,
-            );
-            p.record("backward", &format!("{shape} dA"), &gda, &da)?;
-            p.record("backward", &format!("{shape} dB"), &gdb, &db)?;
-            p.record("backward", &format!("{shape} dbias"), &gdbias, &dbias)?;
+            kr::matmul_backward(Some(&mut da), Some(&mut db), Some(&mut dbias), &dc, &a, &b, d);
+            p.record("backward", &shape, "dA", &gda, &da)?;
+            p.record("backward", &shape, "dB", &gdb, &db)?;
+            p.record("backward", &shape, "dbias", &gdbias, &dbias)?;
         }
     }
     Ok(())
@@ -274,23 +257,11 @@ fn t(trans: bool) -> &'static str {
 fn check_matmul_chunked(p: &mut Probe) -> Result<()> {
     let (m, n, k) = (23, 19, 17);
     let splits = [(Split::Rows, 5), (Split::Cols, 6), (Split::Rows, 100)];
-    for (case, (ta, tb)) in [(false, false), (false, true), (true, false), (true, true)]
-        .into_iter()
-        .enumerate()
+    for (case, (ta, tb)) in
+        [(false, false), (false, true), (true, false), (true, true)].into_iter().enumerate()
     {
-        let (spa, spb, spc) = (
-            splits[case % 3],
-            splits[(case + 1) % 3],
-            splits[(case + 2) % 3],
-        );
-        let d = kr::MatmulDims {
-            batch: 1,
-            m,
-            n,
-            k,
-            trans_a: ta,
-            trans_b: tb,
-        };
+        let (spa, spb, spc) = (splits[case % 3], splits[(case + 1) % 3], splits[(case + 2) % 3]);
+        let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
         let shape = format!(
             "{m}x{k}{}.{k}x{n}{} A:{:?}/{} B:{:?}/{} C:{:?}/{}",
             t(ta),
@@ -313,7 +284,7 @@ fn check_matmul_chunked(p: &mut Probe) -> Result<()> {
         matmul::matmul(p.gpu, &gc, &ga, &gb, Some(&gbias), ta, tb, false)?;
         let mut c = vec![0f32; m * n];
         kr::matmul_forward(&mut c, &a, &b, Some(&bv), d);
-        p.record("forward", &shape, &gc, &c)?;
+        p.record("forward", &shape, "", &gc, &c)?;
 
         let dc = p.uniform(m * n);
         let gdc = Tensor::from_host_split(p.gpu, &dc, &[m, n], spc.0, spc.1, "dC")?;
@@ -323,36 +294,17 @@ fn check_matmul_chunked(p: &mut Probe) -> Result<()> {
         for g in [&gda, &gdb] {
             g.fill(p.gpu, f32::NAN)?;
         }
-        matmul::matmul_backward(
-            p.gpu,
-            Some(&gda),
-            Some(&gdb),
-            Some(&gdbias),
-            &gdc,
-            &ga,
-            &gb,
-            ta,
-            tb,
-            false,
-        )?;
+        matmul::matmul_backward(p.gpu, Some(&gda), Some(&gdb), Some(&gdbias), &gdc, &ga, &gb, ta, tb, false)?;
         let (mut da, mut db, mut dbias) = (vec![0f32; m * k], vec![0f32; k * n], vec![0f32; n]);
-        kr::matmul_backward(
-            Some(&mut da),
-            Some(&mut db),
-            Some(&mut dbias),
-            &dc,
-            &a,
-            &b,
-            d,
-        );
-        p.record("backward", &format!("{shape} dA"), &gda, &da)?;
-        p.record("backward", &format!("{shape} dB"), &gdb, &db)?;
-        p.record("backward", &format!("{shape} dbias"), &gdbias, &dbias)?;
+        kr::matmul_backward(Some(&mut da), Some(&mut db), Some(&mut dbias), &dc, &a, &b, d);
+        p.record("backward", &shape, "dA", &gda, &da)?;
+        p.record("backward", &shape, "dB", &gdb, &db)?;
+        p.record("backward", &shape, "dbias", &gdbias, &dbias)?;
 
         // Accumulating into existing gradients (gradient accumulation over micro-batches).
         matmul::matmul_backward(p.gpu, Some(&gda), None, None, &gdc, &ga, &gb, ta, tb, true)?;
         let twice: Vec<f32> = da.iter().map(|x| 2.0 * x).collect();
-        p.record("backward", &format!("{shape} dA accumulated"), &gda, &twice)?;
+        p.record("backward", &shape, "dA accumulated", &gda, &twice)?;
     }
     Ok(())
 }
@@ -361,20 +313,10 @@ fn check_matmul_chunked(p: &mut Probe) -> Result<()> {
 fn check_matmul_batched(p: &mut Probe) -> Result<()> {
     for &(batch, m, n, k) in &[(1, 3, 5, 7), (3, 17, 13, 11), (5, 1, 64, 33)] {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-            let d = kr::MatmulDims {
-                batch,
-                m,
-                n,
-                k,
-                trans_a: ta,
-                trans_b: tb,
-            };
+            let d = kr::MatmulDims { batch, m, n, k, trans_a: ta, trans_b: tb };
             let (a, b) = (p.uniform(batch * m * k), p.uniform(batch * k * n));
-            let (ga, gb, gc) = (
-                p.up(&a, &[batch * m * k])?,
-                p.up(&b, &[batch * k * n])?,
-                p.out(&[batch * m * n])?,
-            );
+            let (ga, gb, gc) =
+                (p.up(&a, &[batch * m * k])?, p.up(&b, &[batch * k * n])?, p.out(&[batch * m * n])?);
             let av = View::matrix(ga.single("A")?, 0, if ta { m } else { k }, ta).batched(m * k, 0);
             let bv = View::matrix(gb.single("B")?, 0, if tb { k } else { n }, tb).batched(k * n, 0);
             let cv = View::matrix(gc.single("C")?, 0, n, false).batched(m * n, 0);
@@ -384,38 +326,20 @@ fn check_matmul_batched(p: &mut Probe) -> Result<()> {
                 av,
                 bv,
                 None,
-                Dims {
-                    m,
-                    n,
-                    k,
-                    nb1: batch,
-                    nb2: 1,
-                },
+                Dims { m, n, k, nb1: batch, nb2: 1 },
                 1.0,
                 false,
             )?;
             let mut c = vec![0f32; batch * m * n];
             kr::matmul_forward(&mut c, &a, &b, None, d);
-            p.record(
-                "forward",
-                &format!("{batch}x({m}x{k}{}.{k}x{n}{})", t(ta), t(tb)),
-                &gc,
-                &c,
-            )?;
+            let shape = format!("{batch}x({m}x{k}{}.{k}x{n}{})", t(ta), t(tb));
+            p.record("forward", &shape, "", &gc, &c)?;
         }
     }
     Ok(())
 }
 
-const ROW_SHAPES: &[(usize, usize)] = &[
-    (1, 1),
-    (1, 7),
-    (3, 5),
-    (17, 31),
-    (64, 257),
-    (5, 1000),
-    (130, 64),
-];
+const ROW_SHAPES: &[(usize, usize)] = &[(1, 1), (1, 7), (3, 5), (17, 31), (64, 257), (5, 1000), (130, 64)];
 
 fn check_softmax(p: &mut Probe) -> Result<()> {
     for &(rows, cols) in ROW_SHAPES {
@@ -426,17 +350,13 @@ fn check_softmax(p: &mut Probe) -> Result<()> {
         softmax::softmax_forward(p.gpu, &gy, &gx, softmax::Mask::None, 1.0)?;
         let mut y = vec![0f32; rows * cols];
         kr::softmax_forward(&mut y, &x, rows, cols);
-        p.record("forward", &shape, &gy, &y)?;
+        p.record("forward", &shape, "", &gy, &y)?;
         let dy = p.uniform(rows * cols);
-        let (gyr, gdy, gdx) = (
-            p.up(&y, &[rows, cols])?,
-            p.up(&dy, &[rows, cols])?,
-            p.out(&[rows, cols])?,
-        );
+        let (gyr, gdy, gdx) = (p.up(&y, &[rows, cols])?, p.up(&dy, &[rows, cols])?, p.out(&[rows, cols])?);
         softmax::softmax_backward(p.gpu, &gdx, &gyr, &gdy, 1.0)?;
         let mut dx = vec![0f32; rows * cols];
         kr::softmax_backward(&mut dx, &y, &dy, rows, cols);
-        p.record("backward", &shape, &gdx, &dx)?;
+        p.record("backward", &shape, "", &gdx, &dx)?;
     }
     Ok(())
 }
@@ -445,24 +365,14 @@ fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
     let eps = 1e-5;
     for &(rows, cols) in &[(1, 1), (1, 7), (3, 64), (17, 129), (8, 768), (33, 1000)] {
         let shape = format!("{rows}x{cols}");
-        let x: Vec<f32> = p
-            .uniform(rows * cols)
-            .iter()
-            .map(|v| 2.0 * v + 0.5)
-            .collect();
+        let x: Vec<f32> = p.uniform(rows * cols).iter().map(|v| 2.0 * v + 0.5).collect();
         let (w, b, dy) = (p.uniform(cols), p.uniform(cols), p.uniform(rows * cols));
-        let (gx, gw, gb, gdy) = (
-            p.up(&x, &[rows, cols])?,
-            p.up(&w, &[cols])?,
-            p.up(&b, &[cols])?,
-            p.up(&dy, &[rows, cols])?,
-        );
+        let (gx, gw, gb, gdy) =
+            (p.up(&x, &[rows, cols])?, p.up(&w, &[cols])?, p.up(&b, &[cols])?, p.up(&dy, &[rows, cols])?);
         let (gy, gstats) = (p.out(&[rows, cols])?, p.out(&[rows, 2])?);
         let (gdx, gdw, gdb) = (p.out(&[rows, cols])?, p.out(&[cols])?, p.out(&[cols])?);
-        let (mut y, mut mean, mut rstd) =
-            (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; rows]);
-        let (mut dx, mut dw, mut db) =
-            (vec![0f32; rows * cols], vec![0f32; cols], vec![0f32; cols]);
+        let (mut y, mut mean, mut rstd) = (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; rows]);
+        let (mut dx, mut dw, mut db) = (vec![0f32; rows * cols], vec![0f32; cols], vec![0f32; cols]);
         match kind {
             NormKind::Layer => {
                 norm::norm_forward(p.gpu, &gy, &gstats, &gx, &gw, Some(&gb), kind, eps)?;
@@ -479,10 +389,8 @@ fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
                     false,
                 )?;
                 kr::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, rows, cols, eps);
-                kr::layernorm_backward(
-                    &mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, rows, cols,
-                );
-                p.record("backward", &format!("{shape} db"), &gdb, &db)?;
+                kr::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, rows, cols);
+                p.record("backward", &shape, "db", &gdb, &db)?;
             }
             NormKind::Rms { gemma } => {
                 let shift = if gemma { 1.0 } else { 0.0 };
@@ -503,35 +411,24 @@ fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
                 kr::rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols, shift);
             }
         }
-        p.record("forward", &shape, &gy, &y)?;
+        p.record("forward", &shape, "", &gy, &y)?;
         let stats: Vec<f32> = mean.iter().zip(&rstd).flat_map(|(&m, &r)| [m, r]).collect();
-        p.record("forward", &format!("{shape} stats"), &gstats, &stats)?;
+        p.record("forward", &shape, "stats", &gstats, &stats)?;
         if kind.is_rms() && cols == 1 {
             // With one column RMSNorm's dx = rstd * g * (1 - xhat^2) = rstd * g * eps * rstd^2:
             // two nearly equal f32 terms cancel, and no f32 kernel can meet 1e-4 of the tiny
             // result. Measure the error against the size of the cancelling terms instead.
             let terms = (0..rows)
-                .map(|r| {
-                    (rstd[r] as f64 * dy[r] as f64 * (w[0] as f64 + kind.shift() as f64)).abs()
-                })
+                .map(|r| (rstd[r] as f64 * dy[r] as f64 * (w[0] as f64 + kind.shift() as f64)).abs())
                 .fold(0f64, f64::max);
             let got = gdx.to_host(p.gpu)?;
-            let diff = got
-                .iter()
-                .zip(&dx)
-                .map(|(g, r)| (*g as f64 - *r as f64).abs())
-                .fold(0f64, f64::max);
-            let err = if got.iter().all(|g| g.is_finite()) {
-                diff / terms
-            } else {
-                f64::INFINITY
-            };
-            p.results
-                .push(("backward", format!("{shape} dx (vs |rstd*g|)"), err));
+            let diff = got.iter().zip(&dx).map(|(g, r)| (*g as f64 - *r as f64).abs()).fold(0f64, f64::max);
+            let err = if got.iter().all(|g| g.is_finite()) { diff / terms } else { f64::INFINITY };
+            p.push("backward", &shape, "dx (vs |rstd*g|)", err);
         } else {
-            p.record("backward", &format!("{shape} dx"), &gdx, &dx)?;
+            p.record("backward", &shape, "dx", &gdx, &dx)?;
         }
-        p.record("backward", &format!("{shape} dw"), &gdw, &dw)?;
+        p.record("backward", &shape, "dw", &gdw, &dw)?;
     }
     Ok(())
 }
@@ -543,12 +440,7 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
         let shape = n.to_string();
         let x: Vec<f32> = p.uniform(n).iter().map(|v| 6.0 * v).collect();
         let dy = p.uniform(n);
-        let (gx, gdy, gy, gdx) = (
-            p.up(&x, &[n])?,
-            p.up(&dy, &[n])?,
-            p.out(&[n])?,
-            p.out(&[n])?,
-        );
+        let (gx, gdy, gy, gdx) = (p.up(&x, &[n])?, p.up(&dy, &[n])?, p.out(&[n])?, p.out(&[n])?);
         activation::act_forward(p.gpu, &gy, &gx, act)?;
         activation::act_backward(p.gpu, &gdx, &gx, &gdy, act, false)?;
         let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
@@ -562,8 +454,8 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
                 kr::silu_backward(&mut dx, &x, &dy);
             }
         }
-        p.record("forward", &shape, &gy, &y)?;
-        p.record("backward", &shape, &gdx, &dx)?;
+        p.record("forward", &shape, "", &gy, &y)?;
+        p.record("backward", &shape, "", &gdx, &dx)?;
     }
     Ok(())
 }
@@ -588,22 +480,18 @@ fn check_glu(p: &mut Probe, act: Act) -> Result<()> {
                 kr::geglu_backward(&mut dg, &mut du, &dy, &gate, &up);
             }
         }
-        p.record("forward", &shape, &gy, &y)?;
-        p.record("backward", &format!("{shape} dgate"), &gdg, &dg)?;
-        p.record("backward", &format!("{shape} dup"), &gdu, &du)?;
+        p.record("forward", &shape, "", &gy, &y)?;
+        p.record("backward", &shape, "dgate", &gdg, &dg)?;
+        p.record("backward", &shape, "dup", &gdu, &du)?;
     }
     Ok(())
 }
 
 fn check_embedding(p: &mut Probe) -> Result<()> {
     // (vocab, tokens, dim, rows per table chunk)
-    for &(v, n, c, chunk) in &[
-        (1, 1, 1, 1),
-        (7, 13, 5, 7),
-        (50, 100, 33, 50),
-        (50, 100, 33, 7),
-        (1000, 257, 64, 300),
-    ] {
+    for &(v, n, c, chunk) in
+        &[(1, 1, 1, 1), (7, 13, 5, 7), (50, 100, 33, 50), (50, 100, 33, 7), (1000, 257, 64, 300)]
+    {
         let shape = format!("V{v} N{n} C{c} chunk{chunk}");
         let ids: Vec<u32> = (0..n).map(|_| p.rng.random_range(0..v as u32)).collect();
         let table = p.uniform(v * c);
@@ -613,33 +501,23 @@ fn check_embedding(p: &mut Probe) -> Result<()> {
         embedding::embedding_forward(p.gpu, &gout, &gids, &gt)?;
         let mut out = vec![0f32; n * c];
         kr::embedding_forward(&mut out, &ids, &table, c);
-        p.record("forward", &shape, &gout, &out)?;
+        p.record("forward", &shape, "", &gout, &out)?;
 
         let dout = p.uniform(n * c);
         let gdout = p.up(&dout, &[n, c])?;
-        let gdt = Tensor::from_host_split(
-            p.gpu,
-            &vec![0.0; v * c],
-            &[v, c],
-            Split::Rows,
-            chunk,
-            "dtable",
-        )?;
+        let gdt = Tensor::from_host_split(p.gpu, &vec![0.0; v * c], &[v, c], Split::Rows, chunk, "dtable")?;
         embedding::embedding_backward(p.gpu, &gdt, &gdout, &gids)?;
         let mut dt = vec![0f32; v * c];
         kr::embedding_backward(&mut dt, &dout, &ids, c);
-        p.record("backward", &shape, &gdt, &dt)?;
+        p.record("backward", &shape, "", &gdt, &dt)?;
     }
     Ok(())
 }
 
 fn check_rope(p: &mut Probe) -> Result<()> {
-    for &(b, t, h, d, theta) in &[
-        (1, 1, 1, 2, 10000.0),
-        (2, 5, 3, 8, 10000.0),
-        (1, 17, 4, 64, 1e6),
-        (3, 130, 2, 6, 10000.0),
-    ] {
+    for &(b, t, h, d, theta) in
+        &[(1, 1, 1, 2, 10000.0), (2, 5, 3, 8, 10000.0), (1, 17, 4, 64, 1e6), (3, 130, 2, 6, 10000.0)]
+    {
         let shape = format!("B{b} T{t} H{h} D{d} theta{theta}");
         let positions: Vec<u32> = (0..t as u32).collect();
         let table = rope::RopeTable::new(p.gpu, &positions, d, theta)?;
@@ -647,19 +525,14 @@ fn check_rope(p: &mut Probe) -> Result<()> {
         kr::rope_cos_sin(&mut cos, &mut sin, &positions, d, theta);
         let n = b * t * h * d;
         let (x, dy) = (p.uniform(n), p.uniform(n));
-        let (gx, gdy, gy, gdx) = (
-            p.up(&x, &[n])?,
-            p.up(&dy, &[n])?,
-            p.out(&[n])?,
-            p.out(&[n])?,
-        );
+        let (gx, gdy, gy, gdx) = (p.up(&x, &[n])?, p.up(&dy, &[n])?, p.out(&[n])?, p.out(&[n])?);
         rope::rope_forward(p.gpu, &gy, &gx, &table, b, h)?;
         rope::rope_backward(p.gpu, &gdx, &gdy, &table, b, h)?;
         let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
         kr::rope_forward(&mut y, &x, &cos, &sin, b, t, h, d);
         kr::rope_backward(&mut dx, &dy, &cos, &sin, b, t, h, d);
-        p.record("forward", &shape, &gy, &y)?;
-        p.record("backward", &shape, &gdx, &dx)?;
+        p.record("forward", &shape, "", &gy, &y)?;
+        p.record("backward", &shape, "", &gdx, &dx)?;
     }
     Ok(())
 }
@@ -676,48 +549,25 @@ fn check_attention(p: &mut Probe) -> Result<()> {
     for &(b, t, h, kv_h, d, window) in cases {
         let shape = format!("B{b} T{t} H{h} KV{kv_h} D{d} window {window:?}");
         let scale = 1.0 / (d as f32).sqrt();
-        let dims = attention::AttnDims {
-            b,
-            t,
-            h,
-            kv_h,
-            d,
-            window,
-            scale,
-        };
-        let rd = kr::AttnDims {
-            b,
-            t,
-            h,
-            kv_h,
-            d,
-            window,
-            scale,
-        };
+        let dims = attention::AttnDims { b, t, h, kv_h, d, window, scale };
+        let rd = kr::AttnDims { b, t, h, kv_h, d, window, scale };
         let (nq, nk, np) = (b * t * h * d, b * t * kv_h * d, b * h * t * t);
         let (q, k, v, dout) = (p.uniform(nq), p.uniform(nk), p.uniform(nk), p.uniform(nq));
-        let (gq, gk, gv, gdo) = (
-            p.up(&q, &[nq])?,
-            p.up(&k, &[nk])?,
-            p.up(&v, &[nk])?,
-            p.up(&dout, &[nq])?,
-        );
+        let (gq, gk, gv, gdo) = (p.up(&q, &[nq])?, p.up(&k, &[nk])?, p.up(&v, &[nk])?, p.up(&dout, &[nq])?);
         let (gout, gprobs) = (p.out(&[nq])?, p.out(&[b * h * t, t])?);
         attention::attention_forward(p.gpu, &gout, &gprobs, &gq, &gk, &gv, dims)?;
         let (mut out, mut probs) = (vec![0f32; nq], vec![0f32; np]);
         kr::attention_forward(&mut out, &mut probs, &q, &k, &v, rd);
-        p.record("forward", &shape, &gout, &out)?;
-        p.record("forward", &format!("{shape} probs"), &gprobs, &probs)?;
+        p.record("forward", &shape, "", &gout, &out)?;
+        p.record("forward", &shape, "probs", &gprobs, &probs)?;
 
         let (gdq, gdk, gdv) = (p.out(&[nq])?, p.out(&[nk])?, p.out(&[nk])?);
-        attention::attention_backward(
-            p.gpu, &gdq, &gdk, &gdv, &gdo, &gq, &gk, &gv, &gprobs, dims, false,
-        )?;
+        attention::attention_backward(p.gpu, &gdq, &gdk, &gdv, &gdo, &gq, &gk, &gv, &gprobs, dims, false)?;
         let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
         kr::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, rd);
-        p.record("backward", &format!("{shape} dq"), &gdq, &dq)?;
-        p.record("backward", &format!("{shape} dk"), &gdk, &dk)?;
-        p.record("backward", &format!("{shape} dv"), &gdv, &dv)?;
+        p.record("backward", &shape, "dq", &gdq, &dq)?;
+        p.record("backward", &shape, "dk", &gdk, &dk)?;
+        p.record("backward", &shape, "dv", &gdv, &dv)?;
     }
     Ok(())
 }
@@ -736,20 +586,14 @@ pub(crate) fn cross_entropy_case(
         None => Tensor::from_host(p_gpu, logits, &[n, v], "logits")?,
     };
     let gt = cross_entropy::Targets::new(p_gpu, targets, v)?;
-    let (glosses, gstate) = (
-        Tensor::empty(p_gpu, &[n], "losses")?,
-        Tensor::empty(p_gpu, &[n, 4], "state")?,
-    );
+    let (glosses, gstate) = (Tensor::empty(p_gpu, &[n], "losses")?, Tensor::empty(p_gpu, &[n, 4], "state")?);
     glosses.fill(p_gpu, f32::NAN)?;
     cross_entropy::cross_entropy_forward(p_gpu, &glosses, &gstate, &gl, &gt)?;
     let mut losses = vec![0f32; n];
     let mean = kr::cross_entropy_forward(&mut losses, logits, targets, n, v);
     let gpu_mean = reduce::sum(p_gpu, &glosses, false)? / gt.count().max(1) as f32;
-    let loss_err = if mean.is_nan() {
-        0.0
-    } else {
-        ((gpu_mean - mean) as f64).abs() / (mean as f64).abs().max(1e-30)
-    };
+    let loss_err =
+        if mean.is_nan() { 0.0 } else { ((gpu_mean - mean) as f64).abs() / (mean as f64).abs().max(1e-30) };
     let losses_err = rel_err(&glosses.to_host(p_gpu)?, &losses);
 
     let dloss = 0.7;
@@ -777,21 +621,12 @@ fn check_cross_entropy(p: &mut Probe) -> Result<()> {
         let shape = format!("N{n} V{v} {split:?}");
         let logits: Vec<f32> = p.uniform(n * v).iter().map(|x| 10.0 * x).collect();
         let targets: Vec<i32> = (0..n)
-            .map(|i| {
-                if i % 4 == 3 {
-                    kr::IGNORE_INDEX
-                } else {
-                    p.rng.random_range(0..v as i32)
-                }
-            })
+            .map(|i| if i % 4 == 3 { kr::IGNORE_INDEX } else { p.rng.random_range(0..v as i32) })
             .collect();
-        let (loss_err, losses_err, grad_err) =
-            cross_entropy_case(p.gpu, &logits, &targets, n, v, split)?;
-        p.results
-            .push(("forward", format!("{shape} mean loss"), loss_err));
-        p.results
-            .push(("forward", format!("{shape} losses"), losses_err));
-        p.results.push(("backward", shape, grad_err));
+        let (loss_err, losses_err, grad_err) = cross_entropy_case(p.gpu, &logits, &targets, n, v, split)?;
+        p.push("forward", &shape, "mean loss", loss_err);
+        p.push("forward", &shape, "losses", losses_err);
+        p.push("backward", &shape, "dlogits", grad_err);
     }
     Ok(())
 }
@@ -803,18 +638,18 @@ fn check_add(p: &mut Probe) -> Result<()> {
         elementwise::add(p.gpu, &gout, &ga, &gb, 1.0, 1.0)?;
         let mut out = vec![0f32; n];
         kr::add(&mut out, &a, &b);
-        p.record("forward", &format!("add {n}"), &gout, &out)?;
+        p.record("forward", &n.to_string(), "add", &gout, &out)?;
         let gs = p.out(&[n])?;
         elementwise::axpby(p.gpu, &gs, &ga, 0.37, 0.0)?;
         kr::scale(&mut out, &a, 0.37);
-        p.record("forward", &format!("scale {n}"), &gs, &out)?;
+        p.record("forward", &n.to_string(), "scale", &gs, &out)?;
         // Backward of out = a + b is the identity into both inputs; of scale, scaling dy.
         let dy = p.uniform(n);
         let gdy = p.up(&dy, &[n])?;
         let gda = p.out(&[n])?;
         elementwise::axpby(p.gpu, &gda, &gdy, 0.37, 0.0)?;
         kr::scale(&mut out, &dy, 0.37);
-        p.record("backward", &format!("scale {n}"), &gda, &out)?;
+        p.record("backward", &n.to_string(), "d scale", &gda, &out)?;
     }
     Ok(())
 }
@@ -827,61 +662,39 @@ fn check_reduce(p: &mut Probe) -> Result<()> {
         let gx = p.up(&x, &[n])?;
         let s = reduce::sum(p.gpu, &gx, false)?;
         let ss = reduce::sum(p.gpu, &gx, true)?;
-        p.results.push((
-            "forward",
-            format!("sum {n}"),
-            rel_err(&[s], &[kr::sum(&x) as f32]),
-        ));
-        p.results.push((
-            "forward",
-            format!("sum_squares {n}"),
-            rel_err(&[ss], &[kr::sum_squares(&x) as f32]),
-        ));
+        p.push("forward", &n.to_string(), "sum", rel_err(&[s], &[kr::sum(&x) as f32]));
+        p.push("forward", &n.to_string(), "sum_squares", rel_err(&[ss], &[kr::sum_squares(&x) as f32]));
     }
     for &(rows, cols) in ROW_SHAPES {
         let x = p.uniform(rows * cols);
         let (gx, gout) = (p.up(&x, &[rows, cols])?, p.out(&[cols])?);
         reduce::sum_rows(p.gpu, &gout, &gx, false)?;
-        let want: Vec<f32> = (0..cols)
-            .map(|j| (0..rows).map(|r| x[r * cols + j] as f64).sum::<f64>() as f32)
-            .collect();
-        p.record("forward", &format!("sum_rows {rows}x{cols}"), &gout, &want)?;
+        let want: Vec<f32> =
+            (0..cols).map(|j| (0..rows).map(|r| x[r * cols + j] as f64).sum::<f64>() as f32).collect();
+        p.record("forward", &format!("{rows}x{cols}"), "sum_rows", &gout, &want)?;
     }
     Ok(())
 }
 
 fn check_clip(p: &mut Probe) -> Result<()> {
-    for &(n1, n2, max_norm) in &[
-        (1usize, 1usize, 0.1f32),
-        (1000, 70001, 1.0),
-        (1000, 70001, 1e6),
-        (7, 5000, 3.0),
-    ] {
+    for &(n1, n2, max_norm) in
+        &[(1usize, 1usize, 0.1f32), (1000, 70001, 1.0), (1000, 70001, 1e6), (7, 5000, 3.0)]
+    {
         let shape = format!("{n1}+{n2} max_norm {max_norm}");
         let (mut a, mut b) = (p.uniform(n1), p.uniform(n2));
         let (ga, gb) = (p.up(&a, &[n1])?, p.up(&b, &[n2])?);
         let acc = reduce::clip_grad_norm(p.gpu, &[&ga, &gb], max_norm)?;
         let norm = kr::clip_grad_norm(&mut [&mut a, &mut b], max_norm);
         let got = acc.to_host(p.gpu)?;
-        p.results.push((
-            "forward",
-            format!("{shape} norm"),
-            rel_err(&[got[0].sqrt()], &[norm]),
-        ));
-        p.record("forward", &format!("{shape} grads"), &ga, &a)?;
-        p.record("forward", &format!("{shape} grads"), &gb, &b)?;
+        p.push("forward", &shape, "norm", rel_err(&[got[0].sqrt()], &[norm]));
+        p.record("forward", &shape, "grads", &ga, &a)?;
+        p.record("forward", &shape, "grads", &gb, &b)?;
     }
     Ok(())
 }
 
 fn check_adamw(p: &mut Probe) -> Result<()> {
-    let opt = kr::AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    };
+    let opt = kr::AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     for &n in FLAT_SIZES {
         let mut w = p.uniform(n);
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
@@ -892,9 +705,9 @@ fn check_adamw(p: &mut Probe) -> Result<()> {
             optim::adamw_step(p.gpu, &gw, &gg, &gm, &gv, opt, step)?;
             kr::adamw_step(&mut w, &g, &mut m, &mut v, opt, step);
         }
-        p.record("step", &format!("{n} params after 3 steps"), &gw, &w)?;
-        p.record("step", &format!("{n} m"), &gm, &m)?;
-        p.record("step", &format!("{n} v"), &gv, &v)?;
+        p.record("step", &n.to_string(), "params after 3 steps", &gw, &w)?;
+        p.record("step", &n.to_string(), "m", &gm, &m)?;
+        p.record("step", &n.to_string(), "v", &gv, &v)?;
     }
     Ok(())
 }
@@ -905,7 +718,7 @@ fn check_sgd(p: &mut Probe) -> Result<()> {
         let (gw, gg) = (p.up(&w, &[n])?, p.up(&g, &[n])?);
         optim::sgd_step(p.gpu, &gw, &gg, 0.1, 0.01)?;
         kr::sgd_step(&mut w, &g, 0.1, 0.01);
-        p.record("step", &n.to_string(), &gw, &w)?;
+        p.record("step", &n.to_string(), "params", &gw, &w)?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! kernel family, forward and backward) <- [`gradcheck`] (GPU against reference) and
 //! [`bench`] <- the `pockettune` binary.
 
+pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod gradcheck;

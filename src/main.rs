@@ -1,1 +1,289 @@
-fn main() {}
+//! The `pockettune` command line. Every subcommand that reports results accepts `--json`: one
+//! JSON document then goes to stdout and the human-readable text to stderr.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use pockettune::gpu::{adapter, AdapterSummary};
+use pockettune::{bench, gradcheck, Gpu, GpuOptions, Profile};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "pockettune",
+    version,
+    about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute",
+    long_about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute.\n\n\
+                  Start with `pockettune info` (which GPU is used, with which limits) and \
+                  `pockettune gradcheck` (do this device's kernels compute right?)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct DeviceArgs {
+    /// GPU adapter: index (as `info` lists them), type (discrete, integrated, virtual,
+    /// software) or part of its name. Default: the first discrete, then integrated GPU.
+    #[arg(long, env = "POCKETTUNE_DEVICE")]
+    device: Option<String>,
+    /// Limits the device is opened with: `mobile` holds every kernel to a phone GPU's limits
+    /// (wgpu's downlevel defaults: 4 storage buffers per shader, 128 MiB bindings, 16 KiB
+    /// workgroup memory); `adapter` allows all the adapter offers.
+    #[arg(long, value_enum, default_value_t = Profile::Mobile)]
+    limits: Profile,
+}
+
+impl DeviceArgs {
+    fn open(&self) -> Result<Gpu> {
+        let gpu = Gpu::new(&GpuOptions { device: self.device.clone(), profile: self.limits })?;
+        eprintln!("device: {} ({} limits)", gpu.summary(), gpu.profile());
+        Ok(gpu)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List GPU adapters, the chosen one, its limits and optional features.
+    Info {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every kernel, forward and backward, on this device against the CPU reference.
+    /// Exits with status 1 if any kernel is outside its tolerance.
+    Gradcheck {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+        /// Check only these kernels (repeatable). Known: see `--kernel list`.
+        #[arg(long)]
+        kernel: Vec<String>,
+    },
+    /// Benchmarks, each with a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// GFLOP/s of GPT-2 124M's training matmuls on the GPU next to the CPU path.
+    Kernels {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Rows of activations (batch x sequence).
+        #[arg(long, default_value_t = 512)]
+        rows: usize,
+        /// Minimum wall time per measurement, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        budget_ms: u64,
+        /// Only layers whose name contains this text (e.g. `c_fc`, `lm_head`).
+        #[arg(long)]
+        layer: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Info { device, json } => info(&device, json),
+        Command::Gradcheck { device, json, seed, kernel } => run_gradcheck(&device, json, seed, &kernel),
+        Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer } } => {
+            bench_kernels(&device, json, rows, Duration::from_millis(budget_ms), layer.as_deref())
+        }
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn features_line(a: &AdapterSummary) -> String {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    format!(
+        "shader_f16 {}, subgroups {} (size {}..{}), timestamp_query {}, cooperative_matrix {}",
+        yes(a.shader_f16),
+        yes(a.subgroups),
+        a.subgroup_size[0],
+        a.subgroup_size[1],
+        yes(a.timestamp_query),
+        yes(a.cooperative_matrix)
+    )
+}
+
+fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
+    let instance = adapter::instance();
+    let adapters = adapter::enumerate(&instance);
+    let summaries = adapter::summaries(&adapters);
+    eprintln!("adapters:");
+    if summaries.is_empty() {
+        eprintln!("  (none)");
+    }
+    for a in &summaries {
+        eprintln!("  {a}");
+    }
+    let gpu = dev.open().context("opening the chosen adapter")?;
+    let chosen = gpu.summary();
+    let profile_limits = adapter::limit_rows(gpu.limits());
+    let adapter_limits = adapter::limit_rows(gpu.adapter_limits());
+    eprintln!("chosen:   {chosen}");
+    eprintln!(
+        "profile:  {} ({})",
+        gpu.profile(),
+        match gpu.profile() {
+            Profile::Mobile => "wgpu::Limits::downlevel_defaults(), the phone GPU budget",
+            Profile::Adapter => "everything the adapter offers",
+        }
+    );
+    eprintln!("features: {}", features_line(chosen));
+    eprintln!("limits:   {:<40} {:>12} {:>12}", "", "in use", "adapter");
+    for ((name, used), (_, offered)) in profile_limits.iter().zip(&adapter_limits) {
+        eprintln!("          {name:<40} {used:>12} {offered:>12}");
+    }
+    if json {
+        let limits: serde_json::Map<String, serde_json::Value> = profile_limits
+            .iter()
+            .zip(&adapter_limits)
+            .map(|((name, used), (_, offered))| {
+                (name.to_string(), json!({"in_use": used, "adapter": offered}))
+            })
+            .collect();
+        print_json(&json!({
+            "adapters": summaries,
+            "chosen": chosen,
+            "profile": gpu.profile(),
+            "limits": limits,
+        }))?;
+    }
+    Ok(0)
+}
+
+fn run_gradcheck(dev: &DeviceArgs, json: bool, seed: u64, only: &[String]) -> Result<i32> {
+    if only.iter().any(|k| k == "list") {
+        println!("{}", gradcheck::KERNELS.join("\n"));
+        return Ok(0);
+    }
+    let gpu = dev.open()?;
+    let kernels: Vec<&str> =
+        if only.is_empty() { gradcheck::KERNELS.to_vec() } else { only.iter().map(String::as_str).collect() };
+    let start = Instant::now();
+    eprintln!(
+        "{:<16} {:<9} {:>6} {:>12} {:>9}  result",
+        "kernel", "direction", "shapes", "max rel err", "tolerance"
+    );
+    let mut rows = Vec::new();
+    for k in kernels {
+        for r in gradcheck::check_kernel(&gpu, k, seed)? {
+            eprintln!(
+                "{:<16} {:<9} {:>6} {:>12.2e} {:>9.0e}  {}",
+                r.kernel,
+                r.direction,
+                r.shapes.len(),
+                r.max_rel_err,
+                r.tolerance,
+                if r.pass { "pass".to_string() } else { format!("FAIL (worst at {})", r.worst_shape) }
+            );
+            rows.push(r);
+        }
+    }
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "{} of {} checks passed in {secs:.1} s on {} ({} limits)",
+        rows.len() - failed,
+        rows.len(),
+        gpu.summary().name,
+        gpu.profile()
+    );
+    if failed > 0 {
+        eprintln!(
+            "This device computes some kernels wrongly. Please report the rows above together \
+             with the output of `pockettune info`."
+        );
+    }
+    if json {
+        print_json(&json!({
+            "device": gpu.summary(),
+            "profile": gpu.profile(),
+            "seed": seed,
+            "seconds": secs,
+            "passed": failed == 0,
+            "rows": rows,
+        }))?;
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn bench_kernels(
+    dev: &DeviceArgs,
+    json: bool,
+    rows: usize,
+    budget: Duration,
+    layer: Option<&str>,
+) -> Result<i32> {
+    let gpu = dev.open()?;
+    let cases: Vec<_> =
+        bench::gpt2_cases(rows).into_iter().filter(|c| layer.is_none_or(|l| c.layer.contains(l))).collect();
+    if cases.is_empty() {
+        anyhow::bail!("no GPT-2 layer matches --layer {:?}", layer.unwrap_or_default());
+    }
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "GPT-2 124M training matmuls, M = {rows} rows; CPU path: matrixmultiply sgemm on {threads} threads"
+    );
+    eprintln!(
+        "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10} {:>10} {:>9}",
+        "layer", "product", "M", "N", "K", "GPU GF/s", "CPU GF/s", "GPU/CPU"
+    );
+    let results = bench::matmul_bench(&gpu, &cases, budget, |r| {
+        eprintln!(
+            "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10.2} {:>10.2} {:>9.3}",
+            r.case.layer, r.case.product, r.case.m, r.case.n, r.case.k, r.gpu_gflops, r.cpu_gflops, r.ratio
+        );
+    })?;
+    let total = |f: fn(&bench::MatmulResult) -> f64| -> f64 {
+        // Time-weighted: total flops over total seconds.
+        let flops: f64 = results.iter().map(|r| 2.0 * (r.case.m * r.case.n * r.case.k) as f64).sum();
+        let secs: f64 =
+            results.iter().map(|r| 2.0 * (r.case.m * r.case.n * r.case.k) as f64 / (f(r) * 1e9)).sum();
+        flops / secs / 1e9
+    };
+    let (g, c) = (total(|r| r.gpu_gflops), total(|r| r.cpu_gflops));
+    eprintln!("{:<22} {:<13} {:>20} {:>10.2} {:>10.2} {:>9.3}", "all (time-weighted)", "", "", g, c, g / c);
+    if json {
+        print_json(&json!({
+            "device": gpu.summary(),
+            "profile": gpu.profile(),
+            "rows": rows,
+            "cpu_threads": threads,
+            "results": results,
+            "total": {"gpu_gflops": g, "cpu_gflops": c, "ratio": g / c},
+        }))?;
+    }
+    Ok(0)
+}

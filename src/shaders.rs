@@ -6,10 +6,7 @@
 pub const SHADERS: &[(&str, &str)] = &[
     ("activation", include_str!("../shaders/activation.wgsl")),
     ("adamw", include_str!("../shaders/adamw.wgsl")),
-    (
-        "cross_entropy",
-        include_str!("../shaders/cross_entropy.wgsl"),
-    ),
+    ("cross_entropy", include_str!("../shaders/cross_entropy.wgsl")),
     ("elementwise", include_str!("../shaders/elementwise.wgsl")),
     ("embedding", include_str!("../shaders/embedding.wgsl")),
     ("matmul", include_str!("../shaders/matmul.wgsl")),

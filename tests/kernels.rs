@@ -7,8 +7,7 @@ use pockettune::gradcheck;
 
 fn check(kernel: &str) {
     let Some(gpu) = common::gpu() else { return };
-    let rows =
-        gradcheck::check_kernel(gpu, kernel, 0x5eed).unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    let rows = gradcheck::check_kernel(gpu, kernel, 0x5eed).unwrap_or_else(|e| panic!("{kernel}: {e}"));
     assert!(!rows.is_empty(), "{kernel}: no checks ran");
     for r in &rows {
         eprintln!(
@@ -111,9 +110,6 @@ fn sgd() {
 fn every_kernel_has_a_test() {
     let src = include_str!("kernels.rs");
     for k in gradcheck::KERNELS {
-        assert!(
-            src.contains(&format!("check(\"{k}\")")),
-            "kernel {k} has no test in tests/kernels.rs"
-        );
+        assert!(src.contains(&format!("check(\"{k}\")")), "kernel {k} has no test in tests/kernels.rs");
     }
 }

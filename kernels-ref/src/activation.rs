@@ -42,9 +42,7 @@ fn silu_grad(x: f64) -> f64 {
 /// `y = f(x)` elementwise.
 fn unary(name: &str, y: &mut [f32], x: &[f32], f: fn(f64) -> f64) {
     assert_eq!(y.len(), x.len(), "{name}: y and x lengths differ");
-    y.par_iter_mut()
-        .zip(x.par_iter())
-        .for_each(|(y, &x)| *y = f(x as f64) as f32);
+    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = f(x as f64) as f32);
 }
 
 /// `dx = dy * f'(x)` elementwise.
@@ -77,23 +75,14 @@ fn gated_backward(
     dact: fn(f64) -> f64,
 ) {
     let n = dy.len();
-    for (what, len) in [
-        ("dgate", dgate.len()),
-        ("dup", dup.len()),
-        ("gate", gate.len()),
-        ("up", up.len()),
-    ] {
+    for (what, len) in [("dgate", dgate.len()), ("dup", dup.len()), ("gate", gate.len()), ("up", up.len())] {
         assert_eq!(len, n, "{name}: {what} has {len} elements, dy has {n}");
     }
-    dgate
-        .par_iter_mut()
-        .zip(dup.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (dg, du))| {
-            let (g, u, d) = (gate[i] as f64, up[i] as f64, dy[i] as f64);
-            *dg = (d * u * dact(g)) as f32;
-            *du = (d * act(g)) as f32;
-        });
+    dgate.par_iter_mut().zip(dup.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+        let (g, u, d) = (gate[i] as f64, up[i] as f64, dy[i] as f64);
+        *dg = (d * u * dact(g)) as f32;
+        *du = (d * act(g)) as f32;
+    });
 }
 
 pub fn gelu_forward(y: &mut [f32], x: &[f32]) {
@@ -171,15 +160,8 @@ mod tests {
     #[test]
     fn unary_backward_matches_finite_differences() {
         let mut rng = rng(30);
-        type Pair = (
-            &'static str,
-            fn(&mut [f32], &[f32]),
-            fn(&mut [f32], &[f32], &[f32]),
-        );
-        let pairs: [Pair; 2] = [
-            ("gelu", gelu_forward, gelu_backward),
-            ("silu", silu_forward, silu_backward),
-        ];
+        type Pair = (&'static str, fn(&mut [f32], &[f32]), fn(&mut [f32], &[f32], &[f32]));
+        let pairs: [Pair; 2] = [("gelu", gelu_forward, gelu_backward), ("silu", silu_forward, silu_backward)];
         for (name, fwd, bwd) in pairs {
             for n in [1, 3, 7, 41] {
                 let x = uniform(&mut rng, n, -3.0, 3.0);
@@ -200,10 +182,8 @@ mod tests {
         let mut rng = rng(31);
         type Fwd = fn(&mut [f32], &[f32], &[f32]);
         type Bwd = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
-        let pairs: [(&str, Fwd, Bwd); 2] = [
-            ("swiglu", swiglu_forward, swiglu_backward),
-            ("geglu", geglu_forward, geglu_backward),
-        ];
+        let pairs: [(&str, Fwd, Bwd); 2] =
+            [("swiglu", swiglu_forward, swiglu_backward), ("geglu", geglu_forward, geglu_backward)];
         for (name, fwd, bwd) in pairs {
             for n in [1, 5, 7, 33] {
                 let gate = uniform(&mut rng, n, -3.0, 3.0);
@@ -216,28 +196,10 @@ mod tests {
                     fwd(&mut y, g, u);
                     weighted_sum(&w, &y)
                 };
-                check_grad(
-                    &format!("{name} dgate"),
-                    &gate,
-                    &dg,
-                    H,
-                    ATOL,
-                    RTOL,
-                    64,
-                    &mut rng,
-                    |g| loss(g, &up),
-                );
-                check_grad(
-                    &format!("{name} dup"),
-                    &up,
-                    &du,
-                    H,
-                    ATOL,
-                    RTOL,
-                    64,
-                    &mut rng,
-                    |u| loss(&gate, u),
-                );
+                check_grad(&format!("{name} dgate"), &gate, &dg, H, ATOL, RTOL, 64, &mut rng, |g| {
+                    loss(g, &up)
+                });
+                check_grad(&format!("{name} dup"), &up, &du, H, ATOL, RTOL, 64, &mut rng, |u| loss(&gate, u));
             }
         }
     }

@@ -30,10 +30,7 @@ impl AttnDims {
             self.h,
             self.kv_h
         );
-        assert!(
-            self.window != Some(0),
-            "{name}: a window of 0 hides every position"
-        );
+        assert!(self.window != Some(0), "{name}: a window of 0 hides every position");
     }
 
     /// Visible key positions `j` for query position `i`.
@@ -56,31 +53,14 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn check_len(name: &str, what: &str, len: usize, want: usize) {
-    assert_eq!(
-        len, want,
-        "{name}: {what} has {len} elements, expected {want}"
-    );
+    assert_eq!(len, want, "{name}: {what} has {len} elements, expected {want}");
 }
 
 /// `out (B,T,H,D)` and `probs (B,H,T,T)` from `q (B,T,H,D)`, `k`, `v (B,T,KVH,D)`.
-pub fn attention_forward(
-    out: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    d: AttnDims,
-) {
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims) {
     let f = "attention_forward";
     d.check(f);
-    let AttnDims {
-        b,
-        t,
-        h,
-        kv_h,
-        d: hd,
-        ..
-    } = d;
+    let AttnDims { b, t, h, kv_h, d: hd, .. } = d;
     check_len(f, "out", out.len(), b * t * h * hd);
     check_len(f, "probs", probs.len(), b * h * t * t);
     check_len(f, "q", q.len(), b * t * h * hd);
@@ -95,10 +75,8 @@ pub fn attention_forward(
         let (bi, hi, i) = (row / (h * t), (row / t) % h, row % t);
         let qi = &q[d.q_at(bi, i, hi)..][..hd];
         let vis = d.visible(i);
-        let s: Vec<f64> = vis
-            .clone()
-            .map(|j| d.scale as f64 * dot(qi, &k[d.kv_at(bi, j, hi / group)..][..hd]))
-            .collect();
+        let s: Vec<f64> =
+            vis.clone().map(|j| d.scale as f64 * dot(qi, &k[d.kv_at(bi, j, hi / group)..][..hd])).collect();
         let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = s.iter().map(|&x| (x - max).exp()).sum();
         p.fill(0.0);
@@ -115,10 +93,7 @@ pub fn attention_forward(
         let (bi, i, hi) = (row / (t * h), (row / h) % t, row % h);
         let p = &probs[((bi * h + hi) * t + i) * t..][..t];
         for (c, o) in o.iter_mut().enumerate() {
-            let s: f64 = d
-                .visible(i)
-                .map(|j| p[j] as f64 * v[d.kv_at(bi, j, hi / group) + c] as f64)
-                .sum();
+            let s: f64 = d.visible(i).map(|j| p[j] as f64 * v[d.kv_at(bi, j, hi / group) + c] as f64).sum();
             *o = s as f32;
         }
     });
@@ -140,14 +115,7 @@ pub fn attention_backward(
 ) {
     let f = "attention_backward";
     d.check(f);
-    let AttnDims {
-        b,
-        t,
-        h,
-        kv_h,
-        d: hd,
-        ..
-    } = d;
+    let AttnDims { b, t, h, kv_h, d: hd, .. } = d;
     check_len(f, "dq", dq.len(), b * t * h * hd);
     check_len(f, "dk", dk.len(), b * t * kv_h * hd);
     check_len(f, "dv", dv.len(), b * t * kv_h * hd);
@@ -167,53 +135,40 @@ pub fn attention_backward(
         let (bi, hi, i) = (row / (h * t), (row / t) % h, row % t);
         let p = &probs[row * t..][..t];
         let doi = &dout[d.q_at(bi, i, hi)..][..hd];
-        let dp: Vec<f64> = d
-            .visible(i)
-            .map(|j| dot(doi, &v[d.kv_at(bi, j, hi / group)..][..hd]))
-            .collect();
-        let pdp: f64 = d
-            .visible(i)
-            .zip(&dp)
-            .map(|(j, &dpj)| p[j] as f64 * dpj)
-            .sum();
+        let dp: Vec<f64> = d.visible(i).map(|j| dot(doi, &v[d.kv_at(bi, j, hi / group)..][..hd])).collect();
+        let pdp: f64 = d.visible(i).zip(&dp).map(|(j, &dpj)| p[j] as f64 * dpj).sum();
         for (j, &dpj) in d.visible(i).zip(&dp) {
             ds[j] = p[j] as f64 * (dpj - pdp);
         }
     });
     let ds = &ds;
     let ds_at = |bi: usize, hi: usize, i: usize, j: usize| ds[((bi * h + hi) * t + i) * t + j];
-    let p_at =
-        |bi: usize, hi: usize, i: usize, j: usize| probs[((bi * h + hi) * t + i) * t + j] as f64;
+    let p_at = |bi: usize, hi: usize, i: usize, j: usize| probs[((bi * h + hi) * t + i) * t + j] as f64;
     // dq: one task per (b, i, h) row.
     dq.par_chunks_mut(hd).enumerate().for_each(|(row, dq)| {
         let (bi, i, hi) = (row / (t * h), (row / h) % t, row % h);
         for (c, dq) in dq.iter_mut().enumerate() {
-            let s: f64 = d
-                .visible(i)
-                .map(|j| ds_at(bi, hi, i, j) * k[d.kv_at(bi, j, hi / group) + c] as f64)
-                .sum();
+            let s: f64 =
+                d.visible(i).map(|j| ds_at(bi, hi, i, j) * k[d.kv_at(bi, j, hi / group) + c] as f64).sum();
             *dq = (scale * s) as f32;
         }
     });
     // dk, dv: one task per (b, j, g) row, summing over the group's query heads and the query
     // positions that see j.
-    dk.par_chunks_mut(hd)
-        .zip(dv.par_chunks_mut(hd))
-        .enumerate()
-        .for_each(|(row, (dk, dv))| {
-            let (bi, j, g) = (row / (t * kv_h), (row / kv_h) % t, row % kv_h);
-            for c in 0..hd {
-                let (mut sk, mut sv) = (0.0f64, 0.0f64);
-                for hi in g * group..(g + 1) * group {
-                    for i in (j..t).filter(|&i| d.visible(i).contains(&j)) {
-                        sk += ds_at(bi, hi, i, j) * q[d.q_at(bi, i, hi) + c] as f64;
-                        sv += p_at(bi, hi, i, j) * dout[d.q_at(bi, i, hi) + c] as f64;
-                    }
+    dk.par_chunks_mut(hd).zip(dv.par_chunks_mut(hd)).enumerate().for_each(|(row, (dk, dv))| {
+        let (bi, j, g) = (row / (t * kv_h), (row / kv_h) % t, row % kv_h);
+        for c in 0..hd {
+            let (mut sk, mut sv) = (0.0f64, 0.0f64);
+            for hi in g * group..(g + 1) * group {
+                for i in (j..t).filter(|&i| d.visible(i).contains(&j)) {
+                    sk += ds_at(bi, hi, i, j) * q[d.q_at(bi, i, hi) + c] as f64;
+                    sv += p_at(bi, hi, i, j) * dout[d.q_at(bi, i, hi) + c] as f64;
                 }
-                dk[c] = (scale * sk) as f32;
-                dv[c] = sv as f32;
             }
-        });
+            dk[c] = (scale * sk) as f32;
+            dv[c] = sv as f32;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -248,15 +203,7 @@ mod tests {
         // T = 2, one head, D = 1, scale 1, q = [5, ln 3], k = [0, 1], v = [2, 4].
         // Row 0 sees only j = 0: p = [1, 0], out = 2.
         // Row 1 scores [ln 3 * 0, ln 3 * 1] = [0, ln 3]: p = [1/4, 3/4], out = 2/4 + 12/4 = 3.5.
-        let mut d = AttnDims {
-            b: 1,
-            t: 2,
-            h: 1,
-            kv_h: 1,
-            d: 1,
-            window: None,
-            scale: 1.0,
-        };
+        let mut d = AttnDims { b: 1, t: 2, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0 };
         let (q, k, v) = ([5.0, 3f32.ln()], [0.0, 1.0], [2.0, 4.0]);
         let (out, probs) = run(&q, &k, &v, d);
         assert_close("probs", &probs, &[1.0, 0.0, 0.25, 0.75], 1e-7);
@@ -272,15 +219,7 @@ mod tests {
     fn gqa_equals_repeated_kv_and_masks_exactly() {
         let mut rng = rng(60);
         for window in [None, Some(2), Some(4)] {
-            let d = AttnDims {
-                b: 2,
-                t: 7,
-                h: 6,
-                kv_h: 2,
-                d: 3,
-                window,
-                scale: 0.7,
-            };
+            let d = AttnDims { b: 2, t: 7, h: 6, kv_h: 2, d: 3, window, scale: 0.7 };
             let q = uniform(&mut rng, d.b * d.t * d.h * d.d, -2.0, 2.0);
             let k = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
             let v = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
@@ -293,11 +232,7 @@ mod tests {
                 let i = row % d.t;
                 for (j, &pj) in p.iter().enumerate() {
                     let visible = j <= i && window.is_none_or(|w| i - j < w);
-                    assert_eq!(
-                        pj > 0.0,
-                        visible,
-                        "row {row} j {j} window {window:?}: p {pj}"
-                    );
+                    assert_eq!(pj > 0.0, visible, "row {row} j {j} window {window:?}: p {pj}");
                 }
                 let s: f64 = p.iter().map(|&x| x as f64).sum();
                 assert!((s - 1.0).abs() < 1e-6, "row {row} sums to {s}");
@@ -309,51 +244,11 @@ mod tests {
     fn backward_matches_finite_differences() {
         let mut rng = rng(61);
         let cases = [
-            AttnDims {
-                b: 1,
-                t: 1,
-                h: 1,
-                kv_h: 1,
-                d: 1,
-                window: None,
-                scale: 1.0,
-            },
-            AttnDims {
-                b: 2,
-                t: 5,
-                h: 4,
-                kv_h: 2,
-                d: 3,
-                window: None,
-                scale: 3f32.sqrt().recip(),
-            },
-            AttnDims {
-                b: 1,
-                t: 7,
-                h: 3,
-                kv_h: 1,
-                d: 5,
-                window: Some(3),
-                scale: 5f32.sqrt().recip(),
-            },
-            AttnDims {
-                b: 1,
-                t: 6,
-                h: 2,
-                kv_h: 2,
-                d: 4,
-                window: Some(1),
-                scale: 0.5,
-            },
-            AttnDims {
-                b: 1,
-                t: 5,
-                h: 4,
-                kv_h: 1,
-                d: 2,
-                window: Some(2),
-                scale: 1.0,
-            },
+            AttnDims { b: 1, t: 1, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0 },
+            AttnDims { b: 2, t: 5, h: 4, kv_h: 2, d: 3, window: None, scale: 3f32.sqrt().recip() },
+            AttnDims { b: 1, t: 7, h: 3, kv_h: 1, d: 5, window: Some(3), scale: 5f32.sqrt().recip() },
+            AttnDims { b: 1, t: 6, h: 2, kv_h: 2, d: 4, window: Some(1), scale: 0.5 },
+            AttnDims { b: 1, t: 5, h: 4, kv_h: 1, d: 2, window: Some(2), scale: 1.0 },
         ];
         for d in cases {
             let q = uniform(&mut rng, d.b * d.t * d.h * d.d, -1.0, 1.0);
@@ -361,11 +256,8 @@ mod tests {
             let v = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -1.0, 1.0);
             let w = uniform(&mut rng, q.len(), -1.0, 1.0);
             let (_, probs) = run(&q, &k, &v, d);
-            let (mut dq, mut dk, mut dv) = (
-                vec![f32::NAN; q.len()],
-                vec![f32::NAN; k.len()],
-                vec![f32::NAN; v.len()],
-            );
+            let (mut dq, mut dk, mut dv) =
+                (vec![f32::NAN; q.len()], vec![f32::NAN; k.len()], vec![f32::NAN; v.len()]);
             attention_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &probs, d);
             let loss = |q: &[f32], k: &[f32], v: &[f32]| weighted_sum(&w, &run(q, k, v, d).0);
             // h = 1e-2 on O(1) inputs: scores are smooth with |third derivative| of order 1, so
@@ -374,39 +266,9 @@ mod tests {
             // case (rounding errors are random, so far less in practice: ~7e-6 seen).
             let (h, atol, rtol) = (1e-2, 1e-4, 1e-3);
             let what = format!("{d:?}");
-            check_grad(
-                &format!("dq {what}"),
-                &q,
-                &dq,
-                h,
-                atol,
-                rtol,
-                40,
-                &mut rng,
-                |x| loss(x, &k, &v),
-            );
-            check_grad(
-                &format!("dk {what}"),
-                &k,
-                &dk,
-                h,
-                atol,
-                rtol,
-                40,
-                &mut rng,
-                |x| loss(&q, x, &v),
-            );
-            check_grad(
-                &format!("dv {what}"),
-                &v,
-                &dv,
-                h,
-                atol,
-                rtol,
-                40,
-                &mut rng,
-                |x| loss(&q, &k, x),
-            );
+            check_grad(&format!("dq {what}"), &q, &dq, h, atol, rtol, 40, &mut rng, |x| loss(x, &k, &v));
+            check_grad(&format!("dk {what}"), &k, &dk, h, atol, rtol, 40, &mut rng, |x| loss(&q, x, &v));
+            check_grad(&format!("dv {what}"), &v, &dv, h, atol, rtol, 40, &mut rng, |x| loss(&q, &k, x));
         }
     }
 }

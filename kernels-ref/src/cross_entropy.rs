@@ -16,10 +16,7 @@ fn target_index(name: &str, target: i32, v: usize) -> Option<usize> {
     if target == IGNORE_INDEX {
         return None;
     }
-    assert!(
-        target >= 0 && (target as usize) < v,
-        "{name}: target {target} out of range for {v} classes"
-    );
+    assert!(target >= 0 && (target as usize) < v, "{name}: target {target} out of range for {v} classes");
     Some(target as usize)
 }
 
@@ -36,13 +33,7 @@ fn max_and_logsumexp(x: &[f32]) -> (f64, f64) {
 }
 
 /// `losses (N)` per row and the mean over kept rows, from `logits (N, V)` and `targets (N)`.
-pub fn cross_entropy_forward(
-    losses: &mut [f32],
-    logits: &[f32],
-    targets: &[i32],
-    n: usize,
-    v: usize,
-) -> f32 {
+pub fn cross_entropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32], n: usize, v: usize) -> f32 {
     let f = "cross_entropy_forward";
     check(f, logits, targets, n, v);
     assert_eq!(losses.len(), n, "{f}: losses must hold N");
@@ -82,14 +73,9 @@ pub fn cross_entropy_backward(
     let f = "cross_entropy_backward";
     check(f, logits, targets, n, v);
     assert_eq!(dlogits.len(), n * v, "{f}: dlogits must hold N*V");
-    let count = targets
-        .iter()
-        .filter_map(|&t| target_index(f, t, v))
-        .count();
-    dlogits
-        .par_chunks_mut(v)
-        .zip(logits.par_chunks(v).zip(targets.par_iter()))
-        .for_each(|(dx, (x, &t))| match target_index(f, t, v) {
+    let count = targets.iter().filter_map(|&t| target_index(f, t, v)).count();
+    dlogits.par_chunks_mut(v).zip(logits.par_chunks(v).zip(targets.par_iter())).for_each(|(dx, (x, &t))| {
+        match target_index(f, t, v) {
             None => dx.fill(0.0),
             Some(t) => {
                 let g = dloss as f64 / count as f64;
@@ -100,7 +86,8 @@ pub fn cross_entropy_backward(
                     *dx = ((p - onehot) * g) as f32;
                 }
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]
@@ -164,26 +151,13 @@ mod tests {
             cross_entropy_backward(&mut dl, &logits, &targets, dloss, n, v);
             // h = 1e-2: truncation h^2/6 |f'''| (|f'''| < 1 for logsumexp) is < 2e-5; the mean
             // loss (< 7) is rounded to f32 once, < 7 * 6e-8 / 2e-2 = 2e-5.
-            check_grad(
-                "dlogits",
-                &logits,
-                &dl,
-                1e-2,
-                1e-4,
-                1e-3,
-                64,
-                &mut rng,
-                |x| {
-                    let mut losses = vec![0.0; n];
-                    dloss as f64 * cross_entropy_forward(&mut losses, x, &targets, n, v) as f64
-                },
-            );
+            check_grad("dlogits", &logits, &dl, 1e-2, 1e-4, 1e-3, 64, &mut rng, |x| {
+                let mut losses = vec![0.0; n];
+                dloss as f64 * cross_entropy_forward(&mut losses, x, &targets, n, v) as f64
+            });
             for (row, &t) in dl.chunks(v).zip(&targets) {
                 if t == IGNORE_INDEX {
-                    assert!(
-                        row.iter().all(|&g| g == 0.0),
-                        "ignored row has gradient {row:?}"
-                    );
+                    assert!(row.iter().all(|&g| g == 0.0), "ignored row has gradient {row:?}");
                 }
             }
         }

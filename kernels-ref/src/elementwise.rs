@@ -22,16 +22,11 @@ pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
 /// `out = s * a` elementwise.
 pub fn scale(out: &mut [f32], a: &[f32], s: f32) {
     assert_eq!(a.len(), out.len(), "scale: a and out lengths differ");
-    out.par_iter_mut()
-        .zip(a.par_iter())
-        .for_each(|(o, &a)| *o = (s as f64 * a as f64) as f32);
+    out.par_iter_mut().zip(a.par_iter()).for_each(|(o, &a)| *o = (s as f64 * a as f64) as f32);
 }
 
 fn chunked_sum(x: &[f32], f: impl Fn(f64) -> f64 + Sync) -> f64 {
-    let partial: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| f(v as f64)).sum())
-        .collect();
+    let partial: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| f(v as f64)).sum()).collect();
     partial.iter().sum()
 }
 
@@ -52,8 +47,7 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     let coef = max_norm as f64 / (total + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut() {
-            g.par_iter_mut()
-                .for_each(|x| *x = (*x as f64 * coef) as f32);
+            g.par_iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
         }
     }
     total as f32
@@ -97,12 +91,7 @@ mod tests {
         assert_eq!((total, a, b), (5.0, [3.0], [4.0]));
         let total = clip_grad_norm(&mut [&mut a[..], &mut b[..]], 1.0);
         assert_eq!(total, 5.0);
-        assert_close(
-            "clipped",
-            &[a[0], b[0]],
-            &[3.0 / (5.0 + 1e-6), 4.0 / (5.0 + 1e-6)],
-            1e-7,
-        );
+        assert_close("clipped", &[a[0], b[0]], &[3.0 / (5.0 + 1e-6), 4.0 / (5.0 + 1e-6)], 1e-7);
         let after = (sum_squares(&a) + sum_squares(&b)).sqrt();
         assert!((after - 1.0).abs() < 1e-6, "norm after clipping {after}");
         // A mild clip: [3, 4] with max_norm 4 becomes [2.4, 3.2] (coef 0.8).

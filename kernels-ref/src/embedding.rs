@@ -10,42 +10,21 @@ use rayon::prelude::*;
 /// `out (N, C) = table (V, C)[ids (N)]`.
 pub fn embedding_forward(out: &mut [f32], ids: &[u32], table: &[f32], dim: usize) {
     assert!(dim > 0, "embedding_forward: dim must be positive");
-    assert_eq!(
-        table.len() % dim,
-        0,
-        "embedding_forward: table length is not a multiple of dim"
-    );
-    assert_eq!(
-        out.len(),
-        ids.len() * dim,
-        "embedding_forward: out must hold N*C"
-    );
+    assert_eq!(table.len() % dim, 0, "embedding_forward: table length is not a multiple of dim");
+    assert_eq!(out.len(), ids.len() * dim, "embedding_forward: out must hold N*C");
     let vocab = table.len() / dim;
-    out.par_chunks_mut(dim)
-        .zip(ids.par_iter())
-        .for_each(|(row, &id)| {
-            let id = id as usize;
-            assert!(
-                id < vocab,
-                "embedding_forward: token id {id} out of range for vocab {vocab}"
-            );
-            row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
-        });
+    out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(row, &id)| {
+        let id = id as usize;
+        assert!(id < vocab, "embedding_forward: token id {id} out of range for vocab {vocab}");
+        row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+    });
 }
 
 /// `dtable (V, C)`, overwritten, from `dout (N, C)` and `ids (N)`.
 pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {
     assert!(dim > 0, "embedding_backward: dim must be positive");
-    assert_eq!(
-        dtable.len() % dim,
-        0,
-        "embedding_backward: dtable length is not a multiple of dim"
-    );
-    assert_eq!(
-        dout.len(),
-        ids.len() * dim,
-        "embedding_backward: dout must hold N*C"
-    );
+    assert_eq!(dtable.len() % dim, 0, "embedding_backward: dtable length is not a multiple of dim");
+    assert_eq!(dout.len(), ids.len() * dim, "embedding_backward: dout must hold N*C");
     let vocab = dtable.len() / dim;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         panic!("embedding_backward: token id {bad} out of range for vocab {vocab}");
@@ -57,10 +36,7 @@ pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: us
         let start = order.partition_point(|&i| (ids[i] as usize) < v);
         let end = order.partition_point(|&i| (ids[i] as usize) <= v);
         for (c, out) in row.iter_mut().enumerate() {
-            let s: f64 = order[start..end]
-                .iter()
-                .map(|&i| dout[i * dim + c] as f64)
-                .sum();
+            let s: f64 = order[start..end].iter().map(|&i| dout[i * dim + c] as f64).sum();
             *out = s as f32;
         }
     });
@@ -81,12 +57,7 @@ mod tests {
         // dout rows [1, 10], [100, 1000], [2, 20]: row 2 gets [1+2, 10+20], row 0 gets
         // [100, 1000], row 1 is never used and is zeroed even though it held garbage.
         let mut dtable = [7.0; 6];
-        embedding_backward(
-            &mut dtable,
-            &[1.0, 10.0, 100.0, 1000.0, 2.0, 20.0],
-            &[2, 0, 2],
-            2,
-        );
+        embedding_backward(&mut dtable, &[1.0, 10.0, 100.0, 1000.0, 2.0, 20.0], &[2, 0, 2], 2);
         assert_eq!(dtable, [100.0, 1000.0, 0.0, 0.0, 3.0, 30.0]);
     }
 
@@ -101,21 +72,11 @@ mod tests {
             embedding_backward(&mut dtable, &w, &ids, dim);
             // L is linear in the table (h = 0.5, no truncation error) and the outputs are exact
             // copies, so the only error is the analytic sum (< 13) rounded once to f32: < 1e-6.
-            check_grad(
-                "embedding dtable",
-                &table,
-                &dtable,
-                0.5,
-                1e-6,
-                1e-6,
-                64,
-                &mut rng,
-                |t| {
-                    let mut out = vec![0.0; n * dim];
-                    embedding_forward(&mut out, &ids, t, dim);
-                    weighted_sum(&w, &out)
-                },
-            );
+            check_grad("embedding dtable", &table, &dtable, 0.5, 1e-6, 1e-6, 64, &mut rng, |t| {
+                let mut out = vec![0.0; n * dim];
+                embedding_forward(&mut out, &ids, t, dim);
+                weighted_sum(&w, &out)
+            });
         }
     }
 

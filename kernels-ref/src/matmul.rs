@@ -35,23 +35,11 @@ impl<'a> View<'a> {
     /// `trans` is set.
     fn op(data: &'a [f32], rows: usize, cols: usize, trans: bool) -> Self {
         let (rs, cs) = if trans { (1, rows) } else { (cols, 1) };
-        View {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
+        View { data, rows, cols, rs, cs }
     }
 
     fn t(self) -> Self {
-        View {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        View { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
     fn at(&self, i: usize, j: usize) -> f32 {
@@ -128,29 +116,10 @@ fn gemm_f64(c: &mut [f32], rsc: usize, csc: usize, a: View, b: View, bias: Optio
 
 /// `C (batch,M,N) = op(A) (batch,M,K) · op(B) (batch,K,N) + bias (N)`, overwritten.
 pub fn matmul_forward(c: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]>, d: MatmulDims) {
-    let MatmulDims {
-        batch,
-        m,
-        n,
-        k,
-        trans_a,
-        trans_b,
-    } = d;
-    assert_eq!(
-        a.len(),
-        batch * m * k,
-        "matmul_forward: A must hold batch*M*K"
-    );
-    assert_eq!(
-        b.len(),
-        batch * k * n,
-        "matmul_forward: B must hold batch*K*N"
-    );
-    assert_eq!(
-        c.len(),
-        batch * m * n,
-        "matmul_forward: C must hold batch*M*N"
-    );
+    let MatmulDims { batch, m, n, k, trans_a, trans_b } = d;
+    assert_eq!(a.len(), batch * m * k, "matmul_forward: A must hold batch*M*K");
+    assert_eq!(b.len(), batch * k * n, "matmul_forward: B must hold batch*K*N");
+    assert_eq!(c.len(), batch * m * n, "matmul_forward: C must hold batch*M*N");
     for bi in 0..batch {
         let a = View::op(&a[bi * m * k..(bi + 1) * m * k], m, k, trans_a);
         let b = View::op(&b[bi * k * n..(bi + 1) * k * n], k, n, trans_b);
@@ -169,29 +138,10 @@ pub fn matmul_backward(
     b: &[f32],
     d: MatmulDims,
 ) {
-    let MatmulDims {
-        batch,
-        m,
-        n,
-        k,
-        trans_a,
-        trans_b,
-    } = d;
-    assert_eq!(
-        a.len(),
-        batch * m * k,
-        "matmul_backward: A must hold batch*M*K"
-    );
-    assert_eq!(
-        b.len(),
-        batch * k * n,
-        "matmul_backward: B must hold batch*K*N"
-    );
-    assert_eq!(
-        dc.len(),
-        batch * m * n,
-        "matmul_backward: dC must hold batch*M*N"
-    );
+    let MatmulDims { batch, m, n, k, trans_a, trans_b } = d;
+    assert_eq!(a.len(), batch * m * k, "matmul_backward: A must hold batch*M*K");
+    assert_eq!(b.len(), batch * k * n, "matmul_backward: B must hold batch*K*N");
+    assert_eq!(dc.len(), batch * m * n, "matmul_backward: dC must hold batch*M*N");
     if let Some(da) = da {
         assert_eq!(da.len(), a.len(), "matmul_backward: dA must match A");
         // d op(A) (M,K) = dC (M,N) · op(B)ᵀ (N,K), stored as A is.
@@ -199,14 +149,7 @@ pub fn matmul_backward(
         for bi in 0..batch {
             let dcv = View::op(&dc[bi * m * n..(bi + 1) * m * n], m, n, false);
             let bv = View::op(&b[bi * k * n..(bi + 1) * k * n], k, n, trans_b);
-            gemm_f64(
-                &mut da[bi * m * k..(bi + 1) * m * k],
-                rs,
-                cs,
-                dcv,
-                bv.t(),
-                None,
-            );
+            gemm_f64(&mut da[bi * m * k..(bi + 1) * m * k], rs, cs, dcv, bv.t(), None);
         }
     }
     if let Some(db) = db {
@@ -216,14 +159,7 @@ pub fn matmul_backward(
         for bi in 0..batch {
             let av = View::op(&a[bi * m * k..(bi + 1) * m * k], m, k, trans_a);
             let dcv = View::op(&dc[bi * m * n..(bi + 1) * m * n], m, n, false);
-            gemm_f64(
-                &mut db[bi * k * n..(bi + 1) * k * n],
-                rs,
-                cs,
-                av.t(),
-                dcv,
-                None,
-            );
+            gemm_f64(&mut db[bi * k * n..(bi + 1) * k * n], rs, cs, av.t(), dcv, None);
         }
     }
     if let Some(dbias) = dbias {

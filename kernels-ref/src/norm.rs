@@ -12,10 +12,7 @@
 use rayon::prelude::*;
 
 fn check(name: &str, what: &str, len: usize, want: usize) {
-    assert_eq!(
-        len, want,
-        "{name}: {what} has {len} elements, expected {want}"
-    );
+    assert_eq!(len, want, "{name}: {what} has {len} elements, expected {want}");
 }
 
 /// `y (rows, cols)`, `mean (rows)`, `rstd (rows)` from `x (rows, cols)`, `w (cols)`, `b (cols)`.
@@ -93,15 +90,10 @@ pub fn layernorm_backward(
             *dx = (rstd[r] as f64 * (g(j) - g_mean - xhat(r, j) * gx_mean)) as f32;
         }
     });
-    dw.par_iter_mut()
-        .zip(db.par_iter_mut())
-        .enumerate()
-        .for_each(|(j, (dw, db))| {
-            *dw = (0..rows)
-                .map(|r| dy[r * cols + j] as f64 * xhat(r, j))
-                .sum::<f64>() as f32;
-            *db = (0..rows).map(|r| dy[r * cols + j] as f64).sum::<f64>() as f32;
-        });
+    dw.par_iter_mut().zip(db.par_iter_mut()).enumerate().for_each(|(j, (dw, db))| {
+        *dw = (0..rows).map(|r| dy[r * cols + j] as f64 * xhat(r, j)).sum::<f64>() as f32;
+        *db = (0..rows).map(|r| dy[r * cols + j] as f64).sum::<f64>() as f32;
+    });
 }
 
 /// `y (rows, cols)`, `rstd (rows)` from `x (rows, cols)`, `w (cols)`; scale is `w + w_offset`.
@@ -124,17 +116,14 @@ pub fn rmsnorm_forward(
     if cols == 0 {
         return;
     }
-    y.par_chunks_mut(cols)
-        .zip(rstd.par_iter_mut())
-        .zip(x.par_chunks(cols))
-        .for_each(|((y, rstd), x)| {
-            let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
-            let rs = 1.0 / (ms + eps as f64).sqrt();
-            for j in 0..cols {
-                y[j] = (x[j] as f64 * rs * (w[j] as f64 + w_offset as f64)) as f32;
-            }
-            *rstd = rs as f32;
-        });
+    y.par_chunks_mut(cols).zip(rstd.par_iter_mut()).zip(x.par_chunks(cols)).for_each(|((y, rstd), x)| {
+        let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+        let rs = 1.0 / (ms + eps as f64).sqrt();
+        for j in 0..cols {
+            y[j] = (x[j] as f64 * rs * (w[j] as f64 + w_offset as f64)) as f32;
+        }
+        *rstd = rs as f32;
+    });
 }
 
 /// `dx (rows, cols)`, `dw (cols)`, both overwritten, from `dy (rows, cols)` and saved `rstd`.
@@ -161,11 +150,7 @@ pub fn rmsnorm_backward(
         return;
     }
     dx.par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
-        let (x, dy, rs) = (
-            &x[r * cols..(r + 1) * cols],
-            &dy[r * cols..(r + 1) * cols],
-            rstd[r] as f64,
-        );
+        let (x, dy, rs) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], rstd[r] as f64);
         let g = |j: usize| dy[j] as f64 * (w[j] as f64 + w_offset as f64);
         let gx_mean = (0..cols).map(|j| g(j) * x[j] as f64).sum::<f64>() / cols as f64;
         for j in 0..cols {
@@ -173,9 +158,8 @@ pub fn rmsnorm_backward(
         }
     });
     dw.par_iter_mut().enumerate().for_each(|(j, dw)| {
-        let s: f64 = (0..rows)
-            .map(|r| dy[r * cols + j] as f64 * x[r * cols + j] as f64 * rstd[r] as f64)
-            .sum();
+        let s: f64 =
+            (0..rows).map(|r| dy[r * cols + j] as f64 * x[r * cols + j] as f64 * rstd[r] as f64).sum();
         *dw = s as f32;
     });
 }
@@ -191,9 +175,7 @@ mod tests {
         // (eps 0). With w = 2, b = 1: y = [1 - 2.4494897, 1, 1 + 2.4494897].
         let (mut y, mut mean, mut rstd) = ([0.0; 3], [0.0], [0.0]);
         let x = [1.0, 2.0, 3.0];
-        layernorm_forward(
-            &mut y, &mut mean, &mut rstd, &x, &[2.0; 3], &[1.0; 3], 1, 3, 0.0,
-        );
+        layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &[2.0; 3], &[1.0; 3], 1, 3, 0.0);
         let r = 1.5f64.sqrt();
         assert_close("y", &y, &[1.0 - 2.0 * r, 1.0, 1.0 + 2.0 * r], 1e-6);
         assert_close("mean", &mean, &[2.0], 0.0);
@@ -231,31 +213,17 @@ mod tests {
             let wl = uniform(&mut rng, rows * cols, -1.0, 1.0);
             let eps = 1e-5;
             let loss = |x: &[f32], w: &[f32], b: &[f32]| {
-                let (mut y, mut m, mut r) =
-                    (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+                let (mut y, mut m, mut r) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
                 layernorm_forward(&mut y, &mut m, &mut r, x, w, b, rows, cols, eps);
                 weighted_sum(&wl, &y)
             };
-            let (mut y, mut mean, mut rstd) =
-                (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
+            let (mut y, mut mean, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows], vec![0.0; rows]);
             layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, rows, cols, eps);
-            let (mut dx, mut dw, mut db) = (
-                vec![f32::NAN; rows * cols],
-                vec![9.0; cols],
-                vec![9.0; cols],
-            );
-            layernorm_backward(
-                &mut dx, &mut dw, &mut db, &wl, &x, &w, &mean, &rstd, rows, cols,
-            );
-            check_grad("ln dx", &x, &dx, H, ATOL, RTOL, 64, &mut rng, |x| {
-                loss(x, &w, &b)
-            });
-            check_grad("ln dw", &w, &dw, H, ATOL, RTOL, 64, &mut rng, |w| {
-                loss(&x, w, &b)
-            });
-            check_grad("ln db", &b, &db, H, ATOL, RTOL, 64, &mut rng, |b| {
-                loss(&x, &w, b)
-            });
+            let (mut dx, mut dw, mut db) = (vec![f32::NAN; rows * cols], vec![9.0; cols], vec![9.0; cols]);
+            layernorm_backward(&mut dx, &mut dw, &mut db, &wl, &x, &w, &mean, &rstd, rows, cols);
+            check_grad("ln dx", &x, &dx, H, ATOL, RTOL, 64, &mut rng, |x| loss(x, &w, &b));
+            check_grad("ln dw", &w, &dw, H, ATOL, RTOL, 64, &mut rng, |w| loss(&x, w, &b));
+            check_grad("ln db", &b, &db, H, ATOL, RTOL, 64, &mut rng, |b| loss(&x, &w, b));
         }
     }
 
@@ -280,28 +248,8 @@ mod tests {
                 let (mut dx, mut dw) = (vec![f32::NAN; rows * cols], vec![9.0; cols]);
                 rmsnorm_backward(&mut dx, &mut dw, &wl, &x, &w, &rstd, rows, cols, w_offset);
                 let what = format!("offset {w_offset} ({rows},{cols})");
-                check_grad(
-                    &format!("rms dx {what}"),
-                    &x,
-                    &dx,
-                    H,
-                    ATOL,
-                    RTOL,
-                    64,
-                    &mut rng,
-                    |x| loss(x, &w),
-                );
-                check_grad(
-                    &format!("rms dw {what}"),
-                    &w,
-                    &dw,
-                    H,
-                    ATOL,
-                    RTOL,
-                    64,
-                    &mut rng,
-                    |w| loss(&x, w),
-                );
+                check_grad(&format!("rms dx {what}"), &x, &dx, H, ATOL, RTOL, 64, &mut rng, |x| loss(x, &w));
+                check_grad(&format!("rms dw {what}"), &w, &dw, H, ATOL, RTOL, 64, &mut rng, |w| loss(&x, w));
             }
         }
     }

@@ -17,20 +17,9 @@ pub struct AdamW {
 }
 
 /// One AdamW step at `step` (1 for the first), updating `params`, `m`, `v` in place.
-pub fn adamw_step(
-    params: &mut [f32],
-    grads: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    opt: AdamW,
-    step: u32,
-) {
+pub fn adamw_step(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], opt: AdamW, step: u32) {
     let n = params.len();
-    assert_eq!(
-        grads.len(),
-        n,
-        "adamw_step: grads and params lengths differ"
-    );
+    assert_eq!(grads.len(), n, "adamw_step: grads and params lengths differ");
     assert_eq!(m.len(), n, "adamw_step: m and params lengths differ");
     assert_eq!(v.len(), n, "adamw_step: v and params lengths differ");
     assert!(step >= 1, "adamw_step: step counts from 1");
@@ -38,11 +27,8 @@ pub fn adamw_step(
     let (eps, wd) = (opt.eps as f64, opt.weight_decay as f64);
     let bc1 = 1.0 - b1.powi(step as i32);
     let bc2 = 1.0 - b2.powi(step as i32);
-    params
-        .par_iter_mut()
-        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
-        .zip(grads.par_iter())
-        .for_each(|((p, (m, v)), &g)| {
+    params.par_iter_mut().zip(m.par_iter_mut().zip(v.par_iter_mut())).zip(grads.par_iter()).for_each(
+        |((p, (m, v)), &g)| {
             let g = g as f64;
             let mut pf = *p as f64;
             pf -= lr * wd * pf;
@@ -52,23 +38,17 @@ pub fn adamw_step(
             *p = pf as f32;
             *m = mf as f32;
             *v = vf as f32;
-        });
+        },
+    );
 }
 
 /// One SGD step: `p -= lr * (g + weight_decay * p)`.
 pub fn sgd_step(params: &mut [f32], grads: &[f32], lr: f32, weight_decay: f32) {
-    assert_eq!(
-        grads.len(),
-        params.len(),
-        "sgd_step: grads and params lengths differ"
-    );
+    assert_eq!(grads.len(), params.len(), "sgd_step: grads and params lengths differ");
     let (lr, wd) = (lr as f64, weight_decay as f64);
-    params
-        .par_iter_mut()
-        .zip(grads.par_iter())
-        .for_each(|(p, &g)| {
-            *p = (*p as f64 - lr * (g as f64 + wd * *p as f64)) as f32;
-        });
+    params.par_iter_mut().zip(grads.par_iter()).for_each(|(p, &g)| {
+        *p = (*p as f64 - lr * (g as f64 + wd * *p as f64)) as f32;
+    });
 }
 
 #[cfg(test)]
@@ -76,13 +56,7 @@ mod tests {
     use super::*;
     use crate::testutil::*;
 
-    const OPT: AdamW = AdamW {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    const OPT: AdamW = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
 
     #[test]
     fn first_adamw_step_moves_by_lr() {
@@ -102,10 +76,7 @@ mod tests {
         let (c1, c2) = (1.0 - 0.9f32 as f64, 1.0 - 0.999f32 as f64);
         assert_close("m", &m, &[c1 * 0.5, c1 * -30.0, c1 * 1e-3], 3e-7);
         assert_close("v", &v, &[c2 * 0.25, c2 * 900.0, c2 * 1e-6], 6e-8);
-        assert!(
-            (m[0] - 0.05).abs() < 1e-7 && (v[1] - 0.9).abs() < 2e-5,
-            "m {m:?} v {v:?}"
-        );
+        assert!((m[0] - 0.05).abs() < 1e-7 && (v[1] - 0.9).abs() < 2e-5, "m {m:?} v {v:?}");
     }
 
     #[test]
@@ -131,8 +102,7 @@ mod tests {
                 let p1 = p0[i] as f64 * (1.0 - lr * wd)
                     - lr * (m1 / (1.0 - b1)) / ((v1 / (1.0 - b2)).sqrt() + eps);
                 let (m2, v2) = (b1 * m1 + (1.0 - b1) * g2, b2 * v1 + (1.0 - b2) * g2 * g2);
-                p1 * (1.0 - lr * wd)
-                    - lr * (m2 / (1.0 - b1 * b1)) / ((v2 / (1.0 - b2 * b2)).sqrt() + eps)
+                p1 * (1.0 - lr * wd) - lr * (m2 / (1.0 - b1 * b1)) / ((v2 / (1.0 - b2 * b2)).sqrt() + eps)
             })
             .collect();
         // The stored f32 moments and parameter after step 1 differ from the f64 chain by

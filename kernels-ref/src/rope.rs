@@ -10,28 +10,11 @@
 use rayon::prelude::*;
 
 /// `cos (T, D/2)`, `sin (T, D/2)` for `positions (T)`: angle `pos * theta^(-2i/D)`, in f64.
-pub fn rope_cos_sin(
-    cos: &mut [f32],
-    sin: &mut [f32],
-    positions: &[u32],
-    head_dim: usize,
-    theta: f64,
-) {
-    assert!(
-        head_dim % 2 == 0,
-        "rope_cos_sin: head_dim {head_dim} must be even"
-    );
+pub fn rope_cos_sin(cos: &mut [f32], sin: &mut [f32], positions: &[u32], head_dim: usize, theta: f64) {
+    assert!(head_dim % 2 == 0, "rope_cos_sin: head_dim {head_dim} must be even");
     let half = head_dim / 2;
-    assert_eq!(
-        cos.len(),
-        positions.len() * half,
-        "rope_cos_sin: cos must hold T*D/2"
-    );
-    assert_eq!(
-        sin.len(),
-        positions.len() * half,
-        "rope_cos_sin: sin must hold T*D/2"
-    );
+    assert_eq!(cos.len(), positions.len() * half, "rope_cos_sin: cos must hold T*D/2");
+    assert_eq!(sin.len(), positions.len() * half, "rope_cos_sin: sin must hold T*D/2");
     for (t, &pos) in positions.iter().enumerate() {
         for i in 0..half {
             let inv_freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
@@ -118,16 +101,7 @@ mod tests {
         // Angle pi/2 (cos 0, sin 1) on x = [1, 2, 3, 4], pairs (0, 2) and (1, 3):
         // y0 = 1*0 - 3*1 = -3, y1 = 2*0 - 4*1 = -4, y2 = 3*0 + 1*1 = 1, y3 = 4*0 + 2*1 = 2.
         let mut y = [0.0; 4];
-        rope_forward(
-            &mut y,
-            &[1.0, 2.0, 3.0, 4.0],
-            &[0.0, 0.0],
-            &[1.0, 1.0],
-            1,
-            1,
-            1,
-            4,
-        );
+        rope_forward(&mut y, &[1.0, 2.0, 3.0, 4.0], &[0.0, 0.0], &[1.0, 1.0], 1, 1, 1, 4);
         assert_eq!(y, [-3.0, -4.0, 1.0, 2.0]);
         // And back: the transpose undoes it.
         let mut x = [0.0; 4];

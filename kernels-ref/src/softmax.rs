@@ -8,58 +8,34 @@ use rayon::prelude::*;
 
 /// `y (rows, cols) = softmax(x (rows, cols))` along each row.
 pub fn softmax_forward(y: &mut [f32], x: &[f32], rows: usize, cols: usize) {
-    assert_eq!(
-        x.len(),
-        rows * cols,
-        "softmax_forward: x must hold rows*cols"
-    );
-    assert_eq!(
-        y.len(),
-        rows * cols,
-        "softmax_forward: y must hold rows*cols"
-    );
+    assert_eq!(x.len(), rows * cols, "softmax_forward: x must hold rows*cols");
+    assert_eq!(y.len(), rows * cols, "softmax_forward: y must hold rows*cols");
     if cols == 0 {
         return;
     }
-    y.par_chunks_mut(cols)
-        .zip(x.par_chunks(cols))
-        .for_each(|(y, x)| {
-            let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = ((x as f64 - max).exp() / sum) as f32;
-            }
-        });
+    y.par_chunks_mut(cols).zip(x.par_chunks(cols)).for_each(|(y, x)| {
+        let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = ((x as f64 - max).exp() / sum) as f32;
+        }
+    });
 }
 
 /// `dx (rows, cols)` from the saved output `y` and upstream `dy`; overwritten.
 pub fn softmax_backward(dx: &mut [f32], y: &[f32], dy: &[f32], rows: usize, cols: usize) {
-    assert_eq!(
-        y.len(),
-        rows * cols,
-        "softmax_backward: y must hold rows*cols"
-    );
-    assert_eq!(
-        dy.len(),
-        rows * cols,
-        "softmax_backward: dy must hold rows*cols"
-    );
-    assert_eq!(
-        dx.len(),
-        rows * cols,
-        "softmax_backward: dx must hold rows*cols"
-    );
+    assert_eq!(y.len(), rows * cols, "softmax_backward: y must hold rows*cols");
+    assert_eq!(dy.len(), rows * cols, "softmax_backward: dy must hold rows*cols");
+    assert_eq!(dx.len(), rows * cols, "softmax_backward: dx must hold rows*cols");
     if cols == 0 {
         return;
     }
-    dx.par_chunks_mut(cols)
-        .zip(y.par_chunks(cols).zip(dy.par_chunks(cols)))
-        .for_each(|(dx, (y, dy))| {
-            let dot: f64 = y.iter().zip(dy).map(|(&y, &g)| y as f64 * g as f64).sum();
-            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
-                *dx = (y as f64 * (g as f64 - dot)) as f32;
-            }
-        });
+    dx.par_chunks_mut(cols).zip(y.par_chunks(cols).zip(dy.par_chunks(cols))).for_each(|(dx, (y, dy))| {
+        let dot: f64 = y.iter().zip(dy).map(|(&y, &g)| y as f64 * g as f64).sum();
+        for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(dy) {
+            *dx = (y as f64 * (g as f64 - dot)) as f32;
+        }
+    });
 }
 
 #[cfg(test)]

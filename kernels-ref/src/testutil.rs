@@ -27,20 +27,14 @@ pub fn weighted_sum(w: &[f32], y: &[f32]) -> f64 {
 /// Largest `|a - b|` over two slices, for asserts on forward results.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).fold(0.0, f64::max)
 }
 
 /// Asserts every element of `got` is within `tol` of `want`.
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length mismatch");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g as f64 - w).abs() <= tol,
-            "{what}[{i}]: got {g}, want {w} (tol {tol})"
-        );
+        assert!((g as f64 - w).abs() <= tol, "{what}[{i}]: got {g}, want {w} (tol {tol})");
     }
 }
 
@@ -63,9 +57,7 @@ pub fn check_grad(
     let indices: Vec<usize> = if x.len() <= max_checked {
         (0..x.len()).collect()
     } else {
-        (0..max_checked)
-            .map(|_| rng.random_range(0..x.len()))
-            .collect()
+        (0..max_checked).map(|_| rng.random_range(0..x.len())).collect()
     };
     let mut xp = x.to_vec();
     let mut worst = 0.0f64;

@@ -111,7 +111,7 @@ fn preference(t: wgpu::DeviceType) -> u8 {
     }
 }
 
-pub(crate) fn instance() -> wgpu::Instance {
+pub fn instance() -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     // Compute only: Vulkan everywhere (Android, Linux, Windows), Metal on Apple, DX12 as a
     // fallback on Windows. GL has no storage buffers worth the name on phones.
@@ -130,24 +130,16 @@ pub fn enumerate(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
 }
 
 pub fn summaries(adapters: &[wgpu::Adapter]) -> Vec<AdapterSummary> {
-    adapters
-        .iter()
-        .enumerate()
-        .map(|(i, a)| AdapterSummary::new(i, a))
-        .collect()
+    adapters.iter().enumerate().map(|(i, a)| AdapterSummary::new(i, a)).collect()
 }
 
 /// Pick one adapter by the `--device` spec (index, type, or name substring, case-insensitive).
 pub fn select(adapters: &[wgpu::Adapter], spec: Option<&str>) -> Result<(usize, AdapterSummary)> {
     if adapters.is_empty() {
-        return Err(Error::NoAdapter {
-            backends: "Vulkan, Metal, DX12".into(),
-        });
+        return Err(Error::NoAdapter { backends: "Vulkan, Metal, DX12".into() });
     }
     let summaries = summaries(adapters);
-    let spec = spec
-        .map(str::trim)
-        .filter(|s| !s.is_empty() && *s != "auto" && *s != "gpu");
+    let spec = spec.map(str::trim).filter(|s| !s.is_empty() && *s != "auto" && *s != "gpu");
     let chosen = match spec {
         None => (0..adapters.len())
             .min_by_key(|&i| (preference(adapters[i].get_info().device_type), i))
@@ -156,22 +148,12 @@ pub fn select(adapters: &[wgpu::Adapter], spec: Option<&str>) -> Result<(usize, 
             let lower = s.to_lowercase();
             let by_index = s.parse::<usize>().ok().filter(|&i| i < adapters.len());
             let by_type = || summaries.iter().position(|a| a.device_type == lower);
-            let by_name = || {
-                summaries
-                    .iter()
-                    .position(|a| a.name.to_lowercase().contains(&lower))
-            };
+            let by_name = || summaries.iter().position(|a| a.name.to_lowercase().contains(&lower));
             match by_index.or_else(by_type).or_else(by_name) {
                 Some(i) => i,
                 None => {
-                    let found = summaries
-                        .iter()
-                        .map(|a| format!("  {a}"))
-                        .collect::<Vec<_>>();
-                    return Err(Error::DeviceNotFound {
-                        spec: s.to_string(),
-                        found: found.join("\n"),
-                    });
+                    let found = summaries.iter().map(|a| format!("  {a}")).collect::<Vec<_>>();
+                    return Err(Error::DeviceNotFound { spec: s.to_string(), found: found.join("\n") });
                 }
             }
         }
@@ -182,38 +164,14 @@ pub fn select(adapters: &[wgpu::Adapter], spec: Option<&str>) -> Result<(usize, 
 /// The limits `info` prints, as (name, value) pairs.
 pub fn limit_rows(l: &wgpu::Limits) -> Vec<(&'static str, u64)> {
     vec![
-        (
-            "max_storage_buffers_per_shader_stage",
-            l.max_storage_buffers_per_shader_stage as u64,
-        ),
-        (
-            "max_storage_buffer_binding_size",
-            l.max_storage_buffer_binding_size,
-        ),
+        ("max_storage_buffers_per_shader_stage", l.max_storage_buffers_per_shader_stage as u64),
+        ("max_storage_buffer_binding_size", l.max_storage_buffer_binding_size),
         ("max_buffer_size", l.max_buffer_size),
-        (
-            "max_uniform_buffer_binding_size",
-            l.max_uniform_buffer_binding_size,
-        ),
-        (
-            "max_compute_workgroup_storage_size",
-            l.max_compute_workgroup_storage_size as u64,
-        ),
-        (
-            "max_compute_invocations_per_workgroup",
-            l.max_compute_invocations_per_workgroup as u64,
-        ),
-        (
-            "max_compute_workgroup_size_x",
-            l.max_compute_workgroup_size_x as u64,
-        ),
-        (
-            "max_compute_workgroups_per_dimension",
-            l.max_compute_workgroups_per_dimension as u64,
-        ),
-        (
-            "min_storage_buffer_offset_alignment",
-            l.min_storage_buffer_offset_alignment as u64,
-        ),
+        ("max_uniform_buffer_binding_size", l.max_uniform_buffer_binding_size),
+        ("max_compute_workgroup_storage_size", l.max_compute_workgroup_storage_size as u64),
+        ("max_compute_invocations_per_workgroup", l.max_compute_invocations_per_workgroup as u64),
+        ("max_compute_workgroup_size_x", l.max_compute_workgroup_size_x as u64),
+        ("max_compute_workgroups_per_dimension", l.max_compute_workgroups_per_dimension as u64),
+        ("min_storage_buffer_offset_alignment", l.min_storage_buffer_offset_alignment as u64),
     ]
 }

@@ -40,11 +40,7 @@ pub struct KernelKey {
 
 impl KernelKey {
     pub fn new(shader: &'static str, entry: &'static str) -> Self {
-        KernelKey {
-            shader,
-            entry,
-            constants: Vec::new(),
-        }
+        KernelKey { shader, entry, constants: Vec::new() }
     }
     pub fn with(mut self, name: &'static str, value: u32) -> Self {
         self.constants.push((name, value));
@@ -114,13 +110,12 @@ impl Gpu {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).map_err(|e| {
-            Error::RequestDevice {
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).map_err(|e| Error::RequestDevice {
                 adapter: summary.name.clone(),
                 profile: opts.profile.to_string(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
 
         let errors: Arc<Mutex<Vec<String>>> = Arc::default();
         let sink = errors.clone();
@@ -179,9 +174,7 @@ impl Gpu {
     }
     /// Largest storage binding, and so the largest chunk of a tensor, in bytes.
     pub fn max_binding(&self) -> u64 {
-        self.limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size)
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
     pub fn max_workgroups(&self) -> u32 {
         self.limits.max_compute_workgroups_per_dimension
@@ -209,16 +202,9 @@ impl Gpu {
 
     /// A storage buffer of at least `bytes` bytes, from the pool when one is free.
     pub fn alloc(&self, bytes: u64, what: &str) -> Result<GpuBuffer> {
-        let limit = self
-            .limits
-            .max_buffer_size
-            .min(self.limits.max_storage_buffer_binding_size);
+        let limit = self.limits.max_buffer_size.min(self.limits.max_storage_buffer_binding_size);
         if bytes > limit {
-            return Err(Error::TooLarge {
-                what: what.to_string(),
-                bytes,
-                limit,
-            });
+            return Err(Error::TooLarge { what: what.to_string(), bytes, limit });
         }
         self.pool.get(bytes, what)
     }
@@ -232,12 +218,10 @@ impl Gpu {
             message: format!("no shader named {shader} is compiled into this binary"),
         })?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Validation {
                 context: format!("shader {shader}.wgsl"),
@@ -256,28 +240,22 @@ impl Gpu {
         }
         let module = self.module(key.shader)?;
         let label = key.label();
-        let constants: Vec<(&str, f64)> =
-            key.constants.iter().map(|&(k, v)| (k, v as f64)).collect();
+        let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(k, v)| (k, v as f64)).collect();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
-                layout: None,
-                module: &module,
-                entry_point: Some(key.entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
-                    // Every kernel writes its workgroup memory before reading it.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: None,
+            module: &module,
+            entry_point: Some(key.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                // Every kernel writes its workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Validation {
-                context: format!("pipeline {label}"),
-                message: e.to_string(),
-            });
+            return Err(Error::Validation { context: format!("pipeline {label}"), message: e.to_string() });
         }
         let pipeline = Arc::new(pipeline);
         self.pipelines.lock().insert(key.clone(), pipeline.clone());
@@ -285,10 +263,7 @@ impl Gpu {
     }
 
     fn uniform(&self, params: &[u8]) -> wgpu::Buffer {
-        assert!(
-            params.len() as u64 <= UNIFORM_SIZE,
-            "uniform struct larger than {UNIFORM_SIZE} bytes"
-        );
+        assert!(params.len() as u64 <= UNIFORM_SIZE, "uniform struct larger than {UNIFORM_SIZE} bytes");
         let buf = self.free_uniforms.lock().pop().unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("params"),
@@ -322,16 +297,10 @@ impl Gpu {
         }
         let pipeline = self.pipeline(key)?;
         let uniform = self.uniform(params);
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: uniform.as_entire_binding(),
-        }];
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
         for (i, b) in buffers.iter().enumerate() {
             if let Some(b) = b {
-                entries.push(wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: b.as_entire_binding(),
-                });
+                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
             }
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -341,17 +310,11 @@ impl Gpu {
             entries: &entries,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Validation {
-                context: key.label(),
-                message: e.to_string(),
-            });
+            return Err(Error::Validation { context: key.label(), message: e.to_string() });
         }
         let mut pending = self.pending.lock();
         let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("step"),
-                })
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -368,20 +331,10 @@ impl Gpu {
     }
 
     /// Record a buffer-to-buffer copy into the pending encoder.
-    pub fn copy(
-        &self,
-        src: &wgpu::Buffer,
-        src_off: u64,
-        dst: &wgpu::Buffer,
-        dst_off: u64,
-        bytes: u64,
-    ) {
+    pub fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, bytes: u64) {
         let mut pending = self.pending.lock();
         let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("step"),
-                })
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
         encoder.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
     }
@@ -414,10 +367,7 @@ impl Gpu {
         self.flush()?;
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Internal {
-                context: "poll".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
         self.check("wait")
     }
 
@@ -429,13 +379,8 @@ impl Gpu {
         let errors = std::mem::take(&mut *self.errors.lock());
         match errors.first() {
             None => Ok(()),
-            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory {
-                context: context.into(),
-            }),
-            Some(_) => Err(Error::Validation {
-                context: context.into(),
-                message: errors.join("\n"),
-            }),
+            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory { context: context.into() }),
+            Some(_) => Err(Error::Validation { context: context.into(), message: errors.join("\n") }),
         }
     }
 
@@ -469,18 +414,12 @@ impl Gpu {
         });
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Internal {
-                context: "read-back".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| Error::Internal { context: "read-back".into(), message: e.to_string() })?;
         self.check("read-back")?;
         match rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                return Err(Error::Internal {
-                    context: "read-back".into(),
-                    message: e.to_string(),
-                })
+                return Err(Error::Internal { context: "read-back".into(), message: e.to_string() })
             }
             Err(_) => {
                 return Err(Error::Internal {
@@ -489,10 +428,9 @@ impl Gpu {
                 })
             }
         }
-        let data = staging.get_mapped_range(..).map_err(|e| Error::Internal {
-            context: "read-back".into(),
-            message: e.to_string(),
-        })?;
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Internal { context: "read-back".into(), message: e.to_string() })?;
         Ok(data.to_vec())
     }
 

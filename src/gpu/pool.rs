@@ -16,11 +16,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn new(device: wgpu::Device) -> Self {
-        Pool {
-            device,
-            free: Mutex::default(),
-            held: Mutex::new((0, 0)),
-        }
+        Pool { device, free: Mutex::default(), held: Mutex::new((0, 0)) }
     }
 
     pub fn bytes(&self) -> (u64, u64) {
@@ -53,11 +49,7 @@ impl Pool {
                 b
             }
         };
-        Ok(GpuBuffer {
-            buffer: Some(buffer),
-            bytes,
-            pool: self.clone(),
-        })
+        Ok(GpuBuffer { buffer: Some(buffer), bytes, pool: self.clone() })
     }
 
     /// Give every pooled (unused) buffer back to the driver.

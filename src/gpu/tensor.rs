@@ -34,10 +34,7 @@ pub struct Tensor {
 /// `max_per_chunk` rows (or columns) per chunk.
 fn plan(extent: usize, max_per_chunk: usize) -> Vec<(usize, usize)> {
     let step = max_per_chunk.max(1);
-    (0..extent.max(1))
-        .step_by(step)
-        .map(|s| (s, step.min(extent.max(1) - s)))
-        .collect()
+    (0..extent.max(1)).step_by(step).map(|s| (s, step.min(extent.max(1) - s))).collect()
 }
 
 impl Tensor {
@@ -106,11 +103,7 @@ impl Tensor {
             let buf = gpu.alloc(bytes, what)?;
             chunks.push(Chunk { start, len, buf });
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            split,
-            chunks,
-        })
+        Ok(Tensor { shape: shape.to_vec(), split, chunks })
     }
 
     /// Upload host data (split by rows only where needed).
@@ -140,12 +133,7 @@ impl Tensor {
         if data.len() != self.numel() {
             return Err(Error::shape(
                 "upload",
-                format!(
-                    "tensor {:?} holds {} values, got {}",
-                    self.shape,
-                    self.numel(),
-                    data.len()
-                ),
+                format!("tensor {:?} holds {} values, got {}", self.shape, self.numel(), data.len()),
             ));
         }
         let (rows, cols) = (self.rows(), self.cols());
@@ -158,9 +146,7 @@ impl Tensor {
                 Split::Cols => {
                     let mut part = Vec::with_capacity(rows * c.len);
                     for r in 0..rows {
-                        part.extend_from_slice(
-                            &data[r * cols + c.start..r * cols + c.start + c.len],
-                        );
+                        part.extend_from_slice(&data[r * cols + c.start..r * cols + c.start + c.len]);
                     }
                     gpu.write(c.buf.raw(), 0, bytemuck::cast_slice(&part))?;
                 }
@@ -203,12 +189,8 @@ impl Tensor {
     pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         let same_cols = shape.last() == self.shape.last();
-        if numel != self.numel() || (self.is_chunked() && !(same_cols && self.split == Split::Rows))
-        {
-            return Err(Error::shape(
-                "reshape",
-                format!("{:?} -> {:?}", self.shape, shape),
-            ));
+        if numel != self.numel() || (self.is_chunked() && !(same_cols && self.split == Split::Rows)) {
+            return Err(Error::shape("reshape", format!("{:?} -> {:?}", self.shape, shape)));
         }
         self.shape = shape.to_vec();
         if !self.is_chunked() {

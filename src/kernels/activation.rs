@@ -32,11 +32,7 @@ fn run(
     acc: bool,
 ) -> Result<()> {
     let key = KernelKey::new("activation", entry).with("ACT", (act == Act::Silu) as u32);
-    let p = Params {
-        n: u32_of(n, "activation")?,
-        flags: acc as u32,
-        _pad: [0; 2],
-    };
+    let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, _pad: [0; 2] };
     gpu.dispatch(&key, bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))
 }
 
@@ -58,11 +54,7 @@ pub fn act_backward(
 ) -> Result<()> {
     check_len("act_backward", "dx", dx.numel(), x.numel())?;
     check_len("act_backward", "dy", dy.numel(), x.numel())?;
-    let bufs = [
-        Some(x.single("act")?),
-        Some(dy.single("act")?),
-        Some(dx.single("act")?),
-    ];
+    let bufs = [Some(x.single("act")?), Some(dy.single("act")?), Some(dx.single("act")?)];
     run(gpu, "act_backward", act, &bufs, x.numel(), accumulate)
 }
 
@@ -70,11 +62,7 @@ pub fn act_backward(
 pub fn glu_forward(gpu: &Gpu, y: &Tensor, gate: &Tensor, up: &Tensor, act: Act) -> Result<()> {
     check_len("glu_forward", "up", up.numel(), gate.numel())?;
     check_len("glu_forward", "y", y.numel(), gate.numel())?;
-    let bufs = [
-        Some(gate.single("glu")?),
-        Some(up.single("glu")?),
-        Some(y.single("glu")?),
-    ];
+    let bufs = [Some(gate.single("glu")?), Some(up.single("glu")?), Some(y.single("glu")?)];
     run(gpu, "glu_forward", act, &bufs, gate.numel(), false)
 }
 

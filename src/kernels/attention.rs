@@ -29,16 +29,10 @@ impl AttnDims {
         if self.kv_h == 0 || self.h % self.kv_h != 0 {
             return Err(Error::shape(
                 "attention",
-                format!(
-                    "{} heads are not a multiple of {} kv heads",
-                    self.h, self.kv_h
-                ),
+                format!("{} heads are not a multiple of {} kv heads", self.h, self.kv_h),
             ));
         }
-        let (qn, kn) = (
-            self.b * self.t * self.h * self.d,
-            self.b * self.t * self.kv_h * self.d,
-        );
+        let (qn, kn) = (self.b * self.t * self.h * self.d, self.b * self.t * self.kv_h * self.d);
         for (name, t, want) in [("q", q, qn), ("k", k, kn), ("v", v, kn)] {
             super::check_len("attention", name, t.numel(), want)?;
         }
@@ -69,13 +63,7 @@ impl Layout {
         View::matrix(buf, j * d.t * d.t, d.t, trans).batched(d.h * d.t * d.t, self.g * d.t * d.t)
     }
     fn dims(&self, m: usize, n: usize, k: usize) -> Dims {
-        Dims {
-            m,
-            n,
-            k,
-            nb1: self.d.b,
-            nb2: self.d.kv_h,
-        }
+        Dims { m, n, k, nb1: self.d.b, nb2: self.d.kv_h }
     }
 }
 
@@ -94,12 +82,8 @@ pub fn attention_forward(
     super::check_len("attention", "probs", probs.numel(), d.b * d.h * d.t * d.t)?;
     let l = Layout { d, g };
     let scores = Tensor::empty(gpu, &[d.b * d.h * d.t, d.t], "attention scores")?;
-    let (sb, qb, kb, vb) = (
-        scores.single("attention")?,
-        q.single("attention")?,
-        k.single("attention")?,
-        v.single("attention")?,
-    );
+    let (sb, qb, kb, vb) =
+        (scores.single("attention")?, q.single("attention")?, k.single("attention")?, v.single("attention")?);
     for j in 0..g {
         matmul_strided(
             gpu,
@@ -112,13 +96,7 @@ pub fn attention_forward(
             false,
         )?;
     }
-    softmax_forward(
-        gpu,
-        probs,
-        &scores,
-        Mask::Causal { window: d.window },
-        d.scale,
-    )?;
+    softmax_forward(gpu, probs, &scores, Mask::Causal { window: d.window }, d.scale)?;
     let (pb, ob) = (probs.single("attention")?, out.single("attention")?);
     for j in 0..g {
         matmul_strided(

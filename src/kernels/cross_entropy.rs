@@ -35,10 +35,8 @@ pub struct Targets {
 
 impl Targets {
     pub fn new(gpu: &Gpu, targets: &[i32], vocab: usize) -> Result<Targets> {
-        if let Some((pos, &bad)) = targets
-            .iter()
-            .enumerate()
-            .find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
+        if let Some((pos, &bad)) =
+            targets.iter().enumerate().find(|(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab))
         {
             return Err(Error::InvalidArgument {
                 name: "targets".into(),
@@ -50,11 +48,7 @@ impl Targets {
             gpu.write(buf.raw(), 0, bytemuck::cast_slice(targets))?;
         }
         let count = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
-        Ok(Targets {
-            host: targets.to_vec(),
-            buf,
-            count,
-        })
+        Ok(Targets { host: targets.to_vec(), buf, count })
     }
     /// Rows that count towards the loss.
     pub fn count(&self) -> usize {
@@ -85,11 +79,7 @@ fn pieces(logits: &Tensor) -> Vec<(usize, usize, usize, usize, usize)> {
         .collect()
 }
 
-fn params(
-    piece: (usize, usize, usize, usize, usize),
-    first: bool,
-    grad_scale: f32,
-) -> Result<Params> {
+fn params(piece: (usize, usize, usize, usize, usize), first: bool, grad_scale: f32) -> Result<Params> {
     let (rows, ld, col0, ncols, row0) = piece;
     let u = |x: usize| u32_of(x, "cross_entropy");
     Ok(Params {
@@ -122,26 +112,11 @@ pub fn cross_entropy_forward(
     for (i, (piece, ch)) in pieces(logits).into_iter().zip(logits.chunks()).enumerate() {
         let p = params(piece, split_rows || i == 0, 0.0)?;
         let bufs = [Some(ch.buf.raw()), Some(targets.buf.raw()), Some(sb)];
-        gpu.dispatch(
-            &key("xent_stats"),
-            &bufs,
-            bytemuck::bytes_of(&p),
-            gpu.grid(piece.0, 1),
-        )?;
+        gpu.dispatch(&key("xent_stats"), &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
     }
     let p = params((n, 0, 0, 0, 0), true, 0.0)?;
-    let bufs = [
-        None,
-        Some(targets.buf.raw()),
-        Some(sb),
-        Some(losses.single("cross_entropy")?),
-    ];
-    gpu.dispatch(
-        &key("xent_loss"),
-        &bufs,
-        bytemuck::bytes_of(&p),
-        gpu.grid(n, WG as usize),
-    )
+    let bufs = [None, Some(targets.buf.raw()), Some(sb), Some(losses.single("cross_entropy")?)];
+    gpu.dispatch(&key("xent_loss"), &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG as usize))
 }
 
 /// Gradient of `dloss * mean loss` with respect to the logits (same chunk layout as logits).
@@ -154,30 +129,12 @@ pub fn cross_entropy_backward(
     dloss: f32,
 ) -> Result<()> {
     super::elementwise::same_layout("cross_entropy_backward", &[dlogits, logits])?;
-    let scale = if targets.count == 0 {
-        0.0
-    } else {
-        dloss / targets.count as f32
-    };
+    let scale = if targets.count == 0 { 0.0 } else { dloss / targets.count as f32 };
     let sb = state.single("cross_entropy")?;
-    for ((piece, ch), dch) in pieces(logits)
-        .into_iter()
-        .zip(logits.chunks())
-        .zip(dlogits.chunks())
-    {
+    for ((piece, ch), dch) in pieces(logits).into_iter().zip(logits.chunks()).zip(dlogits.chunks()) {
         let p = params(piece, false, scale)?;
-        let bufs = [
-            Some(ch.buf.raw()),
-            Some(targets.buf.raw()),
-            Some(sb),
-            Some(dch.buf.raw()),
-        ];
-        gpu.dispatch(
-            &key("xent_backward"),
-            &bufs,
-            bytemuck::bytes_of(&p),
-            gpu.grid(piece.0, 1),
-        )?;
+        let bufs = [Some(ch.buf.raw()), Some(targets.buf.raw()), Some(sb), Some(dch.buf.raw())];
+        gpu.dispatch(&key("xent_backward"), &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
     }
     Ok(())
 }

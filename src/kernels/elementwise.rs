@@ -22,10 +22,7 @@ struct Params {
 const WG: usize = 256;
 
 /// Chunk-by-chunk buffers and element counts of tensors that share one layout.
-pub(crate) fn same_layout<'t>(
-    op: &str,
-    ts: &[&'t Tensor],
-) -> Result<Vec<(Vec<&'t wgpu::Buffer>, usize)>> {
+pub(crate) fn same_layout<'t>(op: &str, ts: &[&'t Tensor]) -> Result<Vec<(Vec<&'t wgpu::Buffer>, usize)>> {
     let first = ts[0];
     for t in &ts[1..] {
         let same = t.numel() == first.numel()
@@ -40,22 +37,13 @@ pub(crate) fn same_layout<'t>(
         if !same {
             return Err(Error::shape(
                 op,
-                format!(
-                    "operands {:?} and {:?} differ in size or chunk layout",
-                    first.shape(),
-                    t.shape()
-                ),
+                format!("operands {:?} and {:?} differ in size or chunk layout", first.shape(), t.shape()),
             ));
         }
     }
     let per_chunk = |i: usize| first.chunks()[i].buf.bytes() as usize / 4;
     Ok((0..first.chunks().len())
-        .map(|i| {
-            (
-                ts.iter().map(|t| t.chunks()[i].buf.raw()).collect(),
-                per_chunk(i),
-            )
-        })
+        .map(|i| (ts.iter().map(|t| t.chunks()[i].buf.raw()).collect(), per_chunk(i)))
         .collect())
 }
 
@@ -71,18 +59,8 @@ fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<&wgpu::Buffer>], p: Params
 /// `out = alpha * a + beta * b`
 pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f32) -> Result<()> {
     for (bufs, n) in same_layout("add", &[out, a, b])? {
-        let p = Params {
-            n: u32_of(n, "add")?,
-            alpha,
-            beta,
-            ..Default::default()
-        };
-        run(
-            gpu,
-            "add",
-            &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])],
-            p,
-        )?;
+        let p = Params { n: u32_of(n, "add")?, alpha, beta, ..Default::default() };
+        run(gpu, "add", &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])], p)?;
     }
     Ok(())
 }
@@ -90,12 +68,7 @@ pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f3
 /// `out = alpha * a + beta * out` (scale with beta = 0, accumulate with alpha = beta = 1).
 pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Result<()> {
     for (bufs, n) in same_layout("axpby", &[out, a])? {
-        let p = Params {
-            n: u32_of(n, "axpby")?,
-            alpha,
-            beta,
-            ..Default::default()
-        };
+        let p = Params { n: u32_of(n, "axpby")?, alpha, beta, ..Default::default() };
         run(gpu, "axpby", &[Some(bufs[0]), Some(bufs[1])], p)?;
     }
     Ok(())
@@ -104,11 +77,7 @@ pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Resu
 /// `out = value` everywhere (zeroing gradients, poisoning outputs in tests).
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
     for (bufs, n) in same_layout("fill", &[out])? {
-        let p = Params {
-            n: u32_of(n, "fill")?,
-            alpha: value,
-            ..Default::default()
-        };
+        let p = Params { n: u32_of(n, "fill")?, alpha: value, ..Default::default() };
         run(gpu, "fill", &[Some(bufs[0])], p)?;
     }
     Ok(())
@@ -124,11 +93,7 @@ pub fn row_mul(gpu: &Gpu, out: &Tensor, a: &Tensor, w: &Tensor, shift: f32) -> R
         shift,
         ..Default::default()
     };
-    let bufs = [
-        Some(out.single("row_mul")?),
-        Some(a.single("row_mul")?),
-        Some(w.single("row_mul")?),
-    ];
+    let bufs = [Some(out.single("row_mul")?), Some(a.single("row_mul")?), Some(w.single("row_mul")?)];
     run(gpu, "row_mul", &bufs, p)
 }
 
@@ -140,23 +105,14 @@ pub fn add_row(gpu: &Gpu, out: &Tensor, bias: &Tensor) -> Result<()> {
         cols: u32_of(out.cols(), "add_row")?,
         ..Default::default()
     };
-    run(
-        gpu,
-        "add_row",
-        &[Some(out.single("add_row")?), Some(bias.single("add_row")?)],
-        p,
-    )
+    run(gpu, "add_row", &[Some(out.single("add_row")?), Some(bias.single("add_row")?)], p)
 }
 
 /// `out *= s[index]`, with the scale read on the GPU (no read-back).
 pub fn scale_by(gpu: &Gpu, out: &Tensor, s: &Tensor, index: usize) -> Result<()> {
     let sbuf = s.single("scale_by")?;
     for (bufs, n) in same_layout("scale_by", &[out])? {
-        let p = Params {
-            n: u32_of(n, "scale_by")?,
-            a_off: u32_of(index, "scale_by")?,
-            ..Default::default()
-        };
+        let p = Params { n: u32_of(n, "scale_by")?, a_off: u32_of(index, "scale_by")?, ..Default::default() };
         run(gpu, "scale_by", &[Some(bufs[0]), Some(sbuf)], p)?;
     }
     Ok(())

@@ -50,12 +50,7 @@ impl Ids {
             }
         }
         offsets.push(order.len() as u32);
-        let csr: Vec<u32> = offsets
-            .iter()
-            .chain(&unique)
-            .chain(&order)
-            .copied()
-            .collect();
+        let csr: Vec<u32> = offsets.iter().chain(&unique).chain(&order).copied().collect();
         let upload = |data: &[u32], what: &str| -> Result<GpuBuffer> {
             let buf = gpu.alloc((data.len().max(1) * 4) as u64, what)?;
             if !data.is_empty() {
@@ -84,10 +79,7 @@ impl Ids {
 
 fn table_chunks<'t>(table: &'t Tensor, op: &str) -> Result<&'t [crate::gpu::Chunk]> {
     if table.is_chunked() && table.split() != Split::Rows {
-        return Err(Error::shape(
-            op,
-            "an embedding table must be chunked by rows",
-        ));
+        return Err(Error::shape(op, "an embedding table must be chunked by rows"));
     }
     Ok(table.chunks())
 }
@@ -125,9 +117,7 @@ pub fn embedding_backward(gpu: &Gpu, dtable: &Tensor, dout: &Tensor, ids: &Ids) 
     let n_unique = ids.unique.len();
     for ch in table_chunks(dtable, "embedding_backward")? {
         let u0 = ids.unique.partition_point(|&id| (id as usize) < ch.start);
-        let u1 = ids
-            .unique
-            .partition_point(|&id| (id as usize) < ch.start + ch.len);
+        let u1 = ids.unique.partition_point(|&id| (id as usize) < ch.start + ch.len);
         let n = (u1 - u0) * dim;
         let p = Params {
             n: u32_of(n, "embedding")?,

@@ -55,14 +55,7 @@ impl<'a> View<'a> {
     /// A row-major (rows, ld) matrix, transposed when `trans`.
     pub fn matrix(buf: &'a wgpu::Buffer, off: usize, ld: usize, trans: bool) -> Self {
         let (s_i, s_j) = if trans { (1, ld) } else { (ld, 1) };
-        View {
-            buf,
-            off,
-            s_i,
-            s_j,
-            s_b1: 0,
-            s_b2: 0,
-        }
+        View { buf, off, s_i, s_j, s_b1: 0, s_b2: 0 }
     }
     pub fn batched(mut self, s_b1: usize, s_b2: usize) -> Self {
         self.s_b1 = s_b1;
@@ -130,12 +123,7 @@ pub fn matmul_strided(
     let groups = [d.n.div_ceil(TILE), d.m.div_ceil(TILE), d.nb1 * d.nb2].map(|g| g as u32);
     gpu.dispatch(
         &KernelKey::new("matmul", "matmul"),
-        &[
-            Some(a.buf),
-            Some(b.buf),
-            Some(c.buf),
-            Some(bias.map_or(gpu.placeholder(), |b| b.0)),
-        ],
+        &[Some(a.buf), Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))],
         bytemuck::bytes_of(&params),
         groups,
     )
@@ -198,16 +186,8 @@ pub fn matmul(
     trans_b: bool,
     accumulate: bool,
 ) -> Result<()> {
-    let (m, k) = if trans_a {
-        (a.cols(), a.rows())
-    } else {
-        (a.rows(), a.cols())
-    };
-    let (kb, n) = if trans_b {
-        (b.cols(), b.rows())
-    } else {
-        (b.rows(), b.cols())
-    };
+    let (m, k) = if trans_a { (a.cols(), a.rows()) } else { (a.rows(), a.cols()) };
+    let (kb, n) = if trans_b { (b.cols(), b.rows()) } else { (b.rows(), b.cols()) };
     if k != kb || c.rows() != m || c.cols() != n {
         return Err(Error::shape(
             "matmul",
@@ -224,10 +204,7 @@ pub fn matmul(
     }
     let bias_buf = match bias {
         Some(t) if t.numel() != n => {
-            return Err(Error::shape(
-                "matmul",
-                format!("bias has {} elements, N is {n}", t.numel()),
-            ))
+            return Err(Error::shape("matmul", format!("bias has {} elements, N is {n}", t.numel())))
         }
         Some(t) => Some(t.single("matmul bias")?),
         None => None,
@@ -243,11 +220,7 @@ pub fn matmul(
             rows: if trans_b { Axis::N } else { Axis::K },
             cols: if trans_b { Axis::K } else { Axis::N },
         },
-        Operand {
-            t: c,
-            rows: Axis::M,
-            cols: Axis::N,
-        },
+        Operand { t: c, rows: Axis::M, cols: Axis::N },
     ];
     let cuts = |axis: Axis, extent: usize| -> Vec<(usize, usize)> {
         let mut points = vec![0, extent];
@@ -256,11 +229,7 @@ pub fn matmul(
         }
         points.sort_unstable();
         points.dedup();
-        points
-            .windows(2)
-            .map(|w| (w[0], w[1] - w[0]))
-            .filter(|&(_, len)| len > 0)
-            .collect()
+        points.windows(2).map(|w| (w[0], w[1] - w[0])).filter(|&(_, len)| len > 0).collect()
     };
     let (ms, ns, ks) = (cuts(Axis::M, m), cuts(Axis::N, n), cuts(Axis::K, k));
     for &(m0, ml) in &ms {
@@ -275,41 +244,15 @@ pub fn matmul(
                 let av = ops[0].view(at);
                 let bv = ops[1].view(at);
                 let cv = ops[2].view(at);
-                let av = if trans_a {
-                    View {
-                        s_i: av.s_j,
-                        s_j: av.s_i,
-                        ..av
-                    }
-                } else {
-                    av
-                };
-                let bv = if trans_b {
-                    View {
-                        s_i: bv.s_j,
-                        s_j: bv.s_i,
-                        ..bv
-                    }
-                } else {
-                    bv
-                };
+                let av = if trans_a { View { s_i: av.s_j, s_j: av.s_i, ..av } } else { av };
+                let bv = if trans_b { View { s_i: bv.s_j, s_j: bv.s_i, ..bv } } else { bv };
                 matmul_strided(
                     gpu,
                     cv,
                     av,
                     bv,
-                    if ki == 0 {
-                        bias_buf.map(|buf| (buf, n0))
-                    } else {
-                        None
-                    },
-                    Dims {
-                        m: ml,
-                        n: nl,
-                        k: kl,
-                        nb1: 1,
-                        nb2: 1,
-                    },
+                    if ki == 0 { bias_buf.map(|buf| (buf, n0)) } else { None },
+                    Dims { m: ml, n: nl, k: kl, nb1: 1, nb2: 1 },
                     1.0,
                     accumulate || ki > 0,
                 )?;

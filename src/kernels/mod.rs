@@ -27,10 +27,7 @@ pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {
 
 pub(crate) fn check_len(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
-        return Err(Error::shape(
-            op,
-            format!("{name} has {got} elements, expected {want}"),
-        ));
+        return Err(Error::shape(op, format!("{name} has {got} elements, expected {want}")));
     }
     Ok(())
 }

@@ -48,9 +48,7 @@ impl NormKind {
 }
 
 fn key(entry: &'static str, kind: NormKind) -> KernelKey {
-    KernelKey::new("norm", entry)
-        .with("WG", WG)
-        .with("RMS", kind.is_rms() as u32)
+    KernelKey::new("norm", entry).with("WG", WG).with("RMS", kind.is_rms() as u32)
 }
 
 fn params(x: &Tensor, kind: NormKind, eps: f32, accumulate: bool) -> Result<Params> {
@@ -85,12 +83,7 @@ pub fn norm_forward(
         Some(y.single("norm")?),
         Some(stats.single("norm")?),
     ];
-    gpu.dispatch(
-        &key("norm_forward", kind),
-        &bufs,
-        bytemuck::bytes_of(&p),
-        gpu.grid(x.rows(), 1),
-    )?;
+    gpu.dispatch(&key("norm_forward", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(x.rows(), 1))?;
     if let Some(b) = b {
         elementwise::add_row(gpu, y, b)?;
     }
@@ -131,18 +124,8 @@ pub fn norm_backward(
         check_len("norm_backward", "dx", dx.numel(), x.numel())?;
         let g = Tensor::empty(gpu, x.shape(), "norm backward g")?;
         elementwise::row_mul(gpu, &g, dy, w, kind.shift())?;
-        let bufs = [
-            Some(xb),
-            Some(g.single("norm")?),
-            Some(dx.single("norm")?),
-            Some(sb),
-        ];
-        gpu.dispatch(
-            &key("norm_backward_dx", kind),
-            &bufs,
-            bytemuck::bytes_of(&p),
-            gpu.grid(x.rows(), 1),
-        )?;
+        let bufs = [Some(xb), Some(g.single("norm")?), Some(dx.single("norm")?), Some(sb)];
+        gpu.dispatch(&key("norm_backward_dx", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(x.rows(), 1))?;
     }
     Ok(())
 }

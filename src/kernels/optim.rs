@@ -49,38 +49,17 @@ pub fn adamw_step(
             ..Default::default()
         };
         let b: Vec<_> = bufs.into_iter().map(Some).collect();
-        gpu.dispatch(
-            &KernelKey::new("adamw", "adamw"),
-            &b,
-            bytemuck::bytes_of(&p),
-            gpu.grid(n, 256),
-        )?;
+        gpu.dispatch(&KernelKey::new("adamw", "adamw"), &b, bytemuck::bytes_of(&p), gpu.grid(n, 256))?;
     }
     Ok(())
 }
 
 /// `p -= lr * (g + weight_decay * p)`
-pub fn sgd_step(
-    gpu: &Gpu,
-    params: &Tensor,
-    grads: &Tensor,
-    lr: f32,
-    weight_decay: f32,
-) -> Result<()> {
+pub fn sgd_step(gpu: &Gpu, params: &Tensor, grads: &Tensor, lr: f32, weight_decay: f32) -> Result<()> {
     for (bufs, n) in same_layout("sgd", &[params, grads])? {
-        let p = Params {
-            n: u32_of(n, "sgd")?,
-            lr,
-            weight_decay,
-            ..Default::default()
-        };
+        let p = Params { n: u32_of(n, "sgd")?, lr, weight_decay, ..Default::default() };
         let b: Vec<_> = bufs.into_iter().map(Some).collect();
-        gpu.dispatch(
-            &KernelKey::new("adamw", "sgd"),
-            &b,
-            bytemuck::bytes_of(&p),
-            gpu.grid(n, 256),
-        )?;
+        gpu.dispatch(&KernelKey::new("adamw", "sgd"), &b, bytemuck::bytes_of(&p), gpu.grid(n, 256))?;
     }
     Ok(())
 }

@@ -65,13 +65,7 @@ pub fn sum_rows(gpu: &Gpu, out: &Tensor, x: &Tensor, accumulate: bool) -> Result
                 )?;
                 if accumulate {
                     let old = Tensor::empty(gpu, &[ch.len], "sum_rows old")?;
-                    gpu.copy(
-                        ob,
-                        (ch.start * 4) as u64,
-                        old.single("sum_rows")?,
-                        0,
-                        (ch.len * 4) as u64,
-                    );
+                    gpu.copy(ob, (ch.start * 4) as u64, old.single("sum_rows")?, 0, (ch.len * 4) as u64);
                     elementwise::axpby(gpu, &tmp, &old, 1.0, 1.0)?;
                 }
                 gpu.copy(tb, 0, ob, (ch.start * 4) as u64, (ch.len * 4) as u64);
@@ -89,23 +83,11 @@ pub fn sum_into(gpu: &Gpu, acc: &Tensor, slot: usize, x: &Tensor, squares: bool)
         let groups = n.div_ceil(PER_GROUP).max(1);
         let partial = Tensor::empty(gpu, &[groups], "partial sums")?;
         let pb = partial.single("sum_into")?;
-        let p = Params {
-            n: u32_of(n, "sum_into")?,
-            flags: squares as u32,
-            ..Default::default()
-        };
+        let p = Params { n: u32_of(n, "sum_into")?, flags: squares as u32, ..Default::default() };
         let key = KernelKey::new("reduce", "partial_sums");
-        gpu.dispatch(
-            &key,
-            &[Some(pb), Some(ch.buf.raw())],
-            bytemuck::bytes_of(&p),
-            gpu.grid(n, PER_GROUP),
-        )?;
-        let p = Params {
-            n: u32_of(groups, "sum_into")?,
-            slot: u32_of(slot, "sum_into")?,
-            ..Default::default()
-        };
+        gpu.dispatch(&key, &[Some(pb), Some(ch.buf.raw())], bytemuck::bytes_of(&p), gpu.grid(n, PER_GROUP))?;
+        let p =
+            Params { n: u32_of(groups, "sum_into")?, slot: u32_of(slot, "sum_into")?, ..Default::default() };
         gpu.dispatch(
             &KernelKey::new("reduce", "finish_sum"),
             &[Some(ab), Some(pb)],
@@ -131,10 +113,7 @@ pub fn clip_grad_norm(gpu: &Gpu, grads: &[&Tensor], max_norm: f32) -> Result<Ten
     for g in grads {
         sum_into(gpu, &acc, 0, g, true)?;
     }
-    let p = Params {
-        max_norm,
-        ..Default::default()
-    };
+    let p = Params { max_norm, ..Default::default() };
     gpu.dispatch(
         &KernelKey::new("reduce", "clip_coef"),
         &[Some(acc.single("clip")?)],

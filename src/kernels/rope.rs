@@ -36,23 +36,11 @@ impl RopeTable {
         kernels_ref::rope_cos_sin(&mut cos, &mut sin, positions, head_dim, theta);
         cos.extend_from_slice(&sin);
         let table = Tensor::from_host(gpu, &cos, &[2, positions.len(), half], "rope table")?;
-        Ok(RopeTable {
-            table,
-            t: positions.len(),
-            head_dim,
-        })
+        Ok(RopeTable { table, t: positions.len(), head_dim })
     }
 }
 
-fn run(
-    gpu: &Gpu,
-    y: &Tensor,
-    x: &Tensor,
-    table: &RopeTable,
-    b: usize,
-    h: usize,
-    sign: f32,
-) -> Result<()> {
+fn run(gpu: &Gpu, y: &Tensor, x: &Tensor, table: &RopeTable, b: usize, h: usize, sign: f32) -> Result<()> {
     let (t, d) = (table.t, table.head_dim);
     check_len("rope", "x", x.numel(), b * t * h * d)?;
     check_len("rope", "y", y.numel(), x.numel())?;
@@ -65,28 +53,12 @@ fn run(
         sign,
         _pad: [0; 3],
     };
-    let bufs = [
-        Some(x.single("rope")?),
-        Some(table.table.single("rope")?),
-        Some(y.single("rope")?),
-    ];
-    gpu.dispatch(
-        &KernelKey::new("rope", "rope"),
-        &bufs,
-        bytemuck::bytes_of(&p),
-        gpu.grid(n, 256),
-    )
+    let bufs = [Some(x.single("rope")?), Some(table.table.single("rope")?), Some(y.single("rope")?)];
+    gpu.dispatch(&KernelKey::new("rope", "rope"), &bufs, bytemuck::bytes_of(&p), gpu.grid(n, 256))
 }
 
 /// `y = rope(x)` for x (B, T, H, D).
-pub fn rope_forward(
-    gpu: &Gpu,
-    y: &Tensor,
-    x: &Tensor,
-    table: &RopeTable,
-    b: usize,
-    h: usize,
-) -> Result<()> {
+pub fn rope_forward(gpu: &Gpu, y: &Tensor, x: &Tensor, table: &RopeTable, b: usize, h: usize) -> Result<()> {
     run(gpu, y, x, table, b, h, 1.0)
 }
 

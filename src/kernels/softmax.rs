@@ -51,12 +51,7 @@ pub fn softmax_forward(gpu: &Gpu, y: &Tensor, x: &Tensor, mask: Mask, scale: f32
     check_len("softmax_forward", "y", y.numel(), x.numel())?;
     let p = params(x.rows(), x.cols(), mask, scale)?;
     let bufs = [Some(x.single("softmax")?), Some(y.single("softmax")?)];
-    gpu.dispatch(
-        &key("softmax_forward"),
-        &bufs,
-        bytemuck::bytes_of(&p),
-        gpu.grid(x.rows(), 1),
-    )
+    gpu.dispatch(&key("softmax_forward"), &bufs, bytemuck::bytes_of(&p), gpu.grid(x.rows(), 1))
 }
 
 /// `dx = scale * y * (dy - sum(dy * y))` over each row.
@@ -64,15 +59,6 @@ pub fn softmax_backward(gpu: &Gpu, dx: &Tensor, y: &Tensor, dy: &Tensor, scale: 
     check_len("softmax_backward", "dx", dx.numel(), y.numel())?;
     check_len("softmax_backward", "dy", dy.numel(), y.numel())?;
     let p = params(y.rows(), y.cols(), Mask::None, scale)?;
-    let bufs = [
-        Some(y.single("softmax")?),
-        Some(dx.single("softmax")?),
-        Some(dy.single("softmax")?),
-    ];
-    gpu.dispatch(
-        &key("softmax_backward"),
-        &bufs,
-        bytemuck::bytes_of(&p),
-        gpu.grid(y.rows(), 1),
-    )
+    let bufs = [Some(y.single("softmax")?), Some(dx.single("softmax")?), Some(dy.single("softmax")?)];
+    gpu.dispatch(&key("softmax_backward"), &bufs, bytemuck::bytes_of(&p), gpu.grid(y.rows(), 1))
 }

@@ -7,10 +7,7 @@ use std::sync::OnceLock;
 pub fn gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
     GPU.get_or_init(|| {
-        let opts = GpuOptions {
-            device: None,
-            profile: Profile::Mobile,
-        };
+        let opts = GpuOptions { device: None, profile: Profile::Mobile };
         match Gpu::new(&opts) {
             Ok(g) => {
                 eprintln!("GPU tests on {} (mobile limits)", g.summary());

@@ -21,14 +21,7 @@ fn store(x: &[f32], rows: usize, cols: usize, trans: bool) -> Vec<f32> {
 
 /// The textbook triple loop, f64 throughout.
 fn naive(a: &[f32], b: &[f32], bias: Option<&[f32]>, d: MatmulDims) -> Vec<f64> {
-    let MatmulDims {
-        batch,
-        m,
-        n,
-        k,
-        trans_a,
-        trans_b,
-    } = d;
+    let MatmulDims { batch, m, n, k, trans_a, trans_b } = d;
     let mut c = vec![0.0f64; batch * m * n];
     for bi in 0..batch {
         let (a, b) = (&a[bi * m * k..], &b[bi * k * n..]);
@@ -54,14 +47,7 @@ fn two_by_two_by_hand() {
     let a = [1.0, 2.0, 3.0, 4.0];
     let b = [5.0, 6.0, 7.0, 8.0];
     for (ta, tb) in TRANS {
-        let d = MatmulDims {
-            batch: 1,
-            m: 2,
-            n: 2,
-            k: 2,
-            trans_a: ta,
-            trans_b: tb,
-        };
+        let d = MatmulDims { batch: 1, m: 2, n: 2, k: 2, trans_a: ta, trans_b: tb };
         let (sa, sb) = (store(&a, 2, 2, ta), store(&b, 2, 2, tb));
         let mut c = [0.0f32; 4];
         matmul_forward(&mut c, &sa, &sb, None, d);
@@ -86,14 +72,7 @@ fn forward_matches_triple_loop() {
     ];
     for (batch, m, n, k) in shapes {
         for (ta, tb) in TRANS {
-            let d = MatmulDims {
-                batch,
-                m,
-                n,
-                k,
-                trans_a: ta,
-                trans_b: tb,
-            };
+            let d = MatmulDims { batch, m, n, k, trans_a: ta, trans_b: tb };
             let a = uniform(&mut rng, batch * m * k, -1.0, 1.0);
             let b = uniform(&mut rng, batch * k * n, -1.0, 1.0);
             let bias = uniform(&mut rng, n, -1.0, 1.0);
@@ -113,14 +92,7 @@ fn backward_matches_finite_differences() {
     let mut rng = rng(2);
     for (batch, m, n, k) in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 5, 3, 1), (3, 1, 7, 5)] {
         for (ta, tb) in TRANS {
-            let d = MatmulDims {
-                batch,
-                m,
-                n,
-                k,
-                trans_a: ta,
-                trans_b: tb,
-            };
+            let d = MatmulDims { batch, m, n, k, trans_a: ta, trans_b: tb };
             let a = uniform(&mut rng, batch * m * k, -1.0, 1.0);
             let b = uniform(&mut rng, batch * k * n, -1.0, 1.0);
             let bias = uniform(&mut rng, n, -1.0, 1.0);
@@ -130,58 +102,19 @@ fn backward_matches_finite_differences() {
                 matmul_forward(&mut c, a, b, Some(bias), d);
                 weighted_sum(&w, &c)
             };
-            let (mut da, mut db, mut dbias) = (
-                vec![f32::NAN; a.len()],
-                vec![f32::NAN; b.len()],
-                vec![f32::NAN; n],
-            );
-            matmul_backward(
-                Some(&mut da),
-                Some(&mut db),
-                Some(&mut dbias),
-                &w,
-                &a,
-                &b,
-                d,
-            );
+            let (mut da, mut db, mut dbias) =
+                (vec![f32::NAN; a.len()], vec![f32::NAN; b.len()], vec![f32::NAN; n]);
+            matmul_backward(Some(&mut da), Some(&mut db), Some(&mut dbias), &w, &a, &b, d);
             // L is linear in each input, so a central difference has no truncation error
             // and h can be large (0.5): what is left is the f32 rounding of the <= 7
             // outputs that move, each |C| < 9, i.e. 7 * 9 * 6e-8 / (2 * 0.5) < 4e-6.
             let (h, atol, rtol) = (0.5, 1e-5, 1e-6);
             let what = format!("{d:?}");
-            check_grad(
-                &format!("dA {what}"),
-                &a,
-                &da,
-                h,
-                atol,
-                rtol,
-                64,
-                &mut rng,
-                |x| loss(x, &b, &bias),
-            );
-            check_grad(
-                &format!("dB {what}"),
-                &b,
-                &db,
-                h,
-                atol,
-                rtol,
-                64,
-                &mut rng,
-                |x| loss(&a, x, &bias),
-            );
-            check_grad(
-                &format!("dbias {what}"),
-                &bias,
-                &dbias,
-                h,
-                atol,
-                rtol,
-                64,
-                &mut rng,
-                |x| loss(&a, &b, x),
-            );
+            check_grad(&format!("dA {what}"), &a, &da, h, atol, rtol, 64, &mut rng, |x| loss(x, &b, &bias));
+            check_grad(&format!("dB {what}"), &b, &db, h, atol, rtol, 64, &mut rng, |x| loss(&a, x, &bias));
+            check_grad(&format!("dbias {what}"), &bias, &dbias, h, atol, rtol, 64, &mut rng, |x| {
+                loss(&a, &b, x)
+            });
         }
     }
 }
@@ -189,14 +122,7 @@ fn backward_matches_finite_differences() {
 #[test]
 fn backward_outputs_are_optional_and_overwritten() {
     let mut rng = rng(3);
-    let d = MatmulDims {
-        batch: 2,
-        m: 3,
-        n: 5,
-        k: 4,
-        trans_a: false,
-        trans_b: true,
-    };
+    let d = MatmulDims { batch: 2, m: 3, n: 5, k: 4, trans_a: false, trans_b: true };
     let a = uniform(&mut rng, 24, -1.0, 1.0);
     let b = uniform(&mut rng, 40, -1.0, 1.0);
     let dc = uniform(&mut rng, 30, -1.0, 1.0);
@@ -207,33 +133,15 @@ fn backward_outputs_are_optional_and_overwritten() {
     matmul_backward(None, Some(&mut db_stale), Some(&mut dbias), &dc, &a, &b, d);
     assert_eq!(db_alone, db_stale);
     let col0: f64 = (0..6).map(|r| dc[r * 5] as f64).sum();
-    assert!(
-        (dbias[0] as f64 - col0).abs() < 1e-6,
-        "dbias[0] {} vs {col0}",
-        dbias[0]
-    );
+    assert!((dbias[0] as f64 - col0).abs() < 1e-6, "dbias[0] {} vs {col0}", dbias[0]);
 }
 
 #[test]
 fn sgemm_agrees_with_reference() {
     let mut rng = rng(4);
-    for (m, n, k) in [
-        (1, 1, 1),
-        (3, 5, 7),
-        (17, 9, 33),
-        (64, 65, 63),
-        (5, 3, 0),
-        (0, 4, 3),
-    ] {
+    for (m, n, k) in [(1, 1, 1), (3, 5, 7), (17, 9, 33), (64, 65, 63), (5, 3, 0), (0, 4, 3)] {
         for (ta, tb) in TRANS {
-            let d = MatmulDims {
-                batch: 1,
-                m,
-                n,
-                k,
-                trans_a: ta,
-                trans_b: tb,
-            };
+            let d = MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
             let a = uniform(&mut rng, m * k, -1.0, 1.0);
             let b = uniform(&mut rng, k * n, -1.0, 1.0);
             let mut want = vec![0.0; m * n];
@@ -256,23 +164,14 @@ fn lm_head_size_is_fast_enough() {
     let mut rng = rng(5);
     let a = uniform(&mut rng, m * k, -1.0, 1.0);
     let b = uniform(&mut rng, n * k, -1.0, 1.0);
-    let d = MatmulDims {
-        batch: 1,
-        m,
-        n,
-        k,
-        trans_a: false,
-        trans_b: true,
-    };
+    let d = MatmulDims { batch: 1, m, n, k, trans_a: false, trans_b: true };
     let mut c = vec![0.0; m * n];
     let t0 = std::time::Instant::now();
     matmul_forward(&mut c, &a, &b, None, d);
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("matmul_forward {m}x{k}x{n}: {secs:.2} s");
     for (i, j) in [(0, 0), (511, 50256), (100, 31337)] {
-        let s: f64 = (0..k)
-            .map(|p| a[i * k + p] as f64 * b[j * k + p] as f64)
-            .sum();
+        let s: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[j * k + p] as f64).sum();
         assert!((c[i * n + j] as f64 - s).abs() < 1e-4, "C[{i},{j}]");
     }
     assert!(secs < 30.0, "took {secs} s");

@@ -1,0 +1,138 @@
+//! Benchmarks that print GPU figures next to a baseline measured in the same run (these
+//! machines are noisy; ratios travel better than absolute numbers).
+//!
+//! `kernels`: the matrix products of one GPT-2 124M training step at M = B*T = 512 rows, each
+//! forward product `Y = X W` with its two backward products `dX = dY W^T`, `dW = X^T dY`, on
+//! the GPU and on the CPU path (`kernels_ref::sgemm`, a maintained GEMM crate).
+
+use crate::error::Result;
+use crate::gpu::{Gpu, Tensor};
+use crate::kernels::matmul;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// One matrix product (M x K) . (K x N), operands stored transposed where flagged.
+#[derive(Clone, Debug, Serialize)]
+pub struct MatmulCase {
+    pub layer: &'static str,
+    pub product: &'static str,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MatmulResult {
+    #[serde(flatten)]
+    pub case: MatmulCase,
+    pub gpu_gflops: f64,
+    pub cpu_gflops: f64,
+    /// GPU / CPU
+    pub ratio: f64,
+}
+
+/// GPT-2 124M linear layers: (name, K, N). The LM head stores its weight (vocab, C): transposed.
+const GPT2_LAYERS: &[(&str, usize, usize, bool)] = &[
+    ("attn.c_attn 768x2304", 768, 2304, false),
+    ("attn.c_proj 768x768", 768, 768, false),
+    ("mlp.c_fc 768x3072", 768, 3072, false),
+    ("mlp.c_proj 3072x768", 3072, 768, false),
+    ("lm_head 768x50257", 768, 50257, true),
+];
+
+/// The three products of each GPT-2 layer at `m` rows.
+pub fn gpt2_cases(m: usize) -> Vec<MatmulCase> {
+    let mut cases = Vec::new();
+    for &(layer, k, n, w_trans) in GPT2_LAYERS {
+        // forward  Y (m,n) = X (m,k) . W (k,n)          [W stored (n,k) when w_trans]
+        cases.push(MatmulCase { layer, product: "forward X.W", m, n, k, trans_a: false, trans_b: w_trans });
+        // backward dX (m,k) = dY (m,n) . W^T (n,k)
+        cases.push(MatmulCase {
+            layer,
+            product: "dX = dY.W^T",
+            m,
+            n: k,
+            k: n,
+            trans_a: false,
+            trans_b: !w_trans,
+        });
+        // backward dW (k,n) = X^T (k,m) . dY (m,n)     [dW^T = dY^T X when w_trans]
+        if w_trans {
+            cases.push(MatmulCase {
+                layer,
+                product: "dW = dY^T.X",
+                m: n,
+                n: k,
+                k: m,
+                trans_a: true,
+                trans_b: false,
+            });
+        } else {
+            cases.push(MatmulCase {
+                layer,
+                product: "dW = X^T.dY",
+                m: k,
+                n,
+                k: m,
+                trans_a: true,
+                trans_b: false,
+            });
+        }
+    }
+    cases
+}
+
+/// Run `f` at least once and until `budget` has passed; seconds per run.
+fn time_it(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up: pipeline compilation, first-touch allocation
+    let start = Instant::now();
+    let mut runs = 0u32;
+    while runs == 0 || start.elapsed() < budget {
+        f()?;
+        runs += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / runs as f64)
+}
+
+/// GFLOP/s of each case on the GPU and on the CPU path; `budget` of wall time per measurement.
+pub fn matmul_bench(
+    gpu: &Gpu,
+    cases: &[MatmulCase],
+    budget: Duration,
+    mut progress: impl FnMut(&MatmulResult),
+) -> Result<Vec<MatmulResult>> {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut results = Vec::new();
+    for case in cases {
+        let MatmulCase { m, n, k, trans_a, trans_b, .. } = *case;
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let sa = if trans_a { [k, m] } else { [m, k] };
+        let sb = if trans_b { [n, k] } else { [k, n] };
+        let (ga, gb) = (Tensor::from_host(gpu, &a, &sa, "A")?, Tensor::from_host(gpu, &b, &sb, "B")?);
+        let gc = Tensor::empty(gpu, &[m, n], "C")?;
+        let flops = 2.0 * m as f64 * n as f64 * k as f64;
+        let gpu_s = time_it(budget, || {
+            matmul::matmul(gpu, &gc, &ga, &gb, None, trans_a, trans_b, false)?;
+            gpu.sync()
+        })?;
+        let mut c = vec![0f32; m * n];
+        let cpu_s = time_it(budget, || {
+            kernels_ref::sgemm(&mut c, &a, &b, m, n, k, trans_a, trans_b);
+            Ok(())
+        })?;
+        let r = MatmulResult {
+            case: case.clone(),
+            gpu_gflops: flops / gpu_s / 1e9,
+            cpu_gflops: flops / cpu_s / 1e9,
+            ratio: cpu_s / gpu_s,
+        };
+        progress(&r);
+        results.push(r);
+    }
+    Ok(results)
+}

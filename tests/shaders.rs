@@ -1,0 +1,89 @@
+//! Every file in `shaders/` parses, validates, and translates with naga's SPIR-V, MSL, HLSL and
+//! GLSL back ends (default override constants), and is compiled into the binary. Runs without
+//! a GPU.
+
+use naga::back;
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use std::path::Path;
+
+fn shader_files() -> Vec<(String, String)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .expect("shaders/ exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).expect("readable shader"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_shader_file_is_compiled_in() {
+    let files = shader_files();
+    assert!(files.len() >= 10, "expected the kernel families in shaders/, found {}", files.len());
+    for (name, src) in &files {
+        let embedded = pockettune::shaders::source(name)
+            .unwrap_or_else(|| panic!("shaders/{name}.wgsl is not listed in src/shaders.rs"));
+        assert_eq!(embedded, src, "shaders/{name}.wgsl differs from the embedded copy");
+    }
+    assert_eq!(files.len(), pockettune::shaders::SHADERS.len(), "src/shaders.rs lists a file that is gone");
+}
+
+#[test]
+fn every_shader_validates_and_translates() {
+    for (name, src) in shader_files() {
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
+        let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
+        let constants = back::PipelineConstants::default();
+        let (module, info) = back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+            .unwrap_or_else(|e| panic!("{name}.wgsl overrides: {e:?}"));
+        assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
+
+        for ep in &module.entry_points {
+            let spv = back::spv::write_vec(
+                &module,
+                &info,
+                &back::spv::Options::default(),
+                Some(&back::spv::PipelineOptions { shader_stage: ep.stage, entry_point: ep.name.clone() }),
+            )
+            .unwrap_or_else(|e| panic!("{name}::{} to SPIR-V: {e:?}", ep.name));
+            assert_eq!(spv[0], 0x0723_0203, "{name}::{}: SPIR-V magic number", ep.name);
+
+            let mut glsl = String::new();
+            let options =
+                back::glsl::Options { version: back::glsl::Version::new_gles(310), ..Default::default() };
+            let pipeline = back::glsl::PipelineOptions {
+                shader_stage: ep.stage,
+                entry_point: ep.name.clone(),
+                multiview: None,
+            };
+            back::glsl::Writer::new(&mut glsl, &module, &info, &options, &pipeline, Default::default())
+                .and_then(|mut w| w.write())
+                .unwrap_or_else(|e| panic!("{name}::{} to GLSL: {e:?}", ep.name));
+            assert!(glsl.contains("void main()"), "{name}::{}: GLSL has no main", ep.name);
+        }
+
+        let (msl, _) = back::msl::write_string(
+            &module,
+            &info,
+            &Default::default(),
+            &back::msl::PipelineOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}.wgsl to MSL: {e:?}"));
+        assert!(msl.contains("kernel"), "{name}.wgsl: MSL has no kernel function");
+
+        let mut hlsl = String::new();
+        let (options, pipeline) = (back::hlsl::Options::default(), back::hlsl::PipelineOptions::default());
+        back::hlsl::Writer::new(&mut hlsl, &options, &pipeline)
+            .write(&module, &info, None)
+            .unwrap_or_else(|e| panic!("{name}.wgsl to HLSL: {e:?}"));
+        assert!(hlsl.contains("[numthreads("), "{name}.wgsl: HLSL has no compute entry point");
+    }
+}
