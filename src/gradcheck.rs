@@ -573,7 +573,7 @@ fn check_attention(p: &mut Probe) -> Result<()> {
 }
 
 /// Cross-entropy on `(n, v)` logits stored with `split`, checked against the reference.
-pub(crate) fn cross_entropy_case(
+pub fn cross_entropy_case(
     p_gpu: &Gpu,
     logits: &[f32],
     targets: &[i32],

@@ -78,6 +78,8 @@ pub struct Gpu {
     limits: wgpu::Limits,
     adapter_limits: wgpu::Limits,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    /// WGSL registered at run time (kernel variants under trial in benches/ and tools/).
+    extra_sources: Mutex<HashMap<&'static str, String>>,
     pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
     pool: Arc<pool::Pool>,
     pending: Mutex<Pending>,
@@ -148,6 +150,7 @@ impl Gpu {
             limits,
             adapter_limits: adapter.limits(),
             modules: Mutex::default(),
+            extra_sources: Mutex::default(),
             pipelines: Mutex::default(),
             pending: Mutex::default(),
             free_uniforms: Mutex::default(),
@@ -213,10 +216,12 @@ impl Gpu {
         if let Some(m) = self.modules.lock().get(shader) {
             return Ok(m.clone());
         }
-        let source = shaders::source(shader).ok_or_else(|| Error::Internal {
-            context: "shader lookup".into(),
-            message: format!("no shader named {shader} is compiled into this binary"),
-        })?;
+        let extra = self.extra_sources.lock().get(shader).cloned();
+        let source =
+            extra.or_else(|| shaders::source(shader).map(str::to_string)).ok_or_else(|| Error::Internal {
+                context: "shader lookup".into(),
+                message: format!("no shader named {shader} is compiled into this binary or registered"),
+            })?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
@@ -231,6 +236,14 @@ impl Gpu {
         let module = Arc::new(module);
         self.modules.lock().insert(shader, module.clone());
         Ok(module)
+    }
+
+    /// Make WGSL source available under `name` for [`KernelKey`]s (kernel variants on trial;
+    /// the shipped kernels are compiled in from `shaders/`).
+    pub fn register_shader(&self, name: &'static str, source: impl Into<String>) {
+        self.modules.lock().remove(name);
+        self.pipelines.lock().retain(|k, _| k.shader != name);
+        self.extra_sources.lock().insert(name, source.into());
     }
 
     /// The pipeline for `key`, compiled on first use.

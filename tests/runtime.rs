@@ -1,0 +1,113 @@
+//! The GPU runtime: adapter selection, typed errors instead of panics, the mobile profile's
+//! limits enforced by validation, buffer pooling, and program order under concurrent use.
+
+mod common;
+
+use pockettune::gpu::{adapter, KernelKey};
+use pockettune::kernels::elementwise;
+use pockettune::{Error, Gpu, GpuOptions, Profile, Tensor};
+
+#[test]
+fn no_adapter_is_a_clear_error() {
+    let err = adapter::select(&[], None).unwrap_err();
+    assert!(matches!(err, Error::NoAdapter { .. }), "{err}");
+    assert!(err.to_string().contains("mesa-vulkan-drivers"), "the error says what to install: {err}");
+}
+
+#[test]
+fn unknown_device_lists_the_adapters() {
+    let Some(_) = common::gpu() else { return };
+    let instance = adapter::instance();
+    let adapters = adapter::enumerate(&instance);
+    let err = adapter::select(&adapters, Some("no-such-gpu-anywhere")).unwrap_err();
+    let Error::DeviceNotFound { found, .. } = &err else { panic!("unexpected error {err}") };
+    assert!(found.contains(&adapters[0].get_info().name), "{err}");
+    // By index and by (case-insensitive) name substring the same adapter is found.
+    let name = adapters[0].get_info().name.to_uppercase();
+    assert_eq!(adapter::select(&adapters, Some("0")).unwrap().0, 0);
+    assert_eq!(adapter::select(&adapters, Some(&name[..3])).unwrap().1.name, adapters[0].get_info().name);
+}
+
+#[test]
+fn buffer_above_the_binding_limit_is_refused() {
+    let Some(gpu) = common::gpu() else { return };
+    let err = gpu.alloc(gpu.max_binding() + 4, "too big").unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+}
+
+/// Five storage buffers in one shader: allowed by most desktop adapters, refused by a phone.
+const FIVE_BUFFERS: &str = r#"
+@group(0) @binding(0) var<uniform> n: vec4<u32>;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> c: array<f32>;
+@group(0) @binding(4) var<storage, read> d: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(1)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    out[id.x] = a[id.x] + b[id.x] + c[id.x] + d[id.x];
+}
+"#;
+
+#[test]
+fn kernel_over_mobile_limits_fails_validation_not_panics() {
+    let Some(gpu) = common::gpu() else { return };
+    gpu.register_shader("five_buffers", FIVE_BUFFERS);
+    let err = gpu.pipeline(&KernelKey::new("five_buffers", "main")).unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err}");
+    assert_eq!(gpu.profile(), Profile::Mobile);
+
+    // The same kernel runs under the adapter's own limits where it offers five buffers.
+    let opened = Gpu::new(&GpuOptions { device: None, profile: Profile::Adapter });
+    let wide = opened.expect("the adapter that opened under mobile limits opens under its own");
+    if wide.limits().max_storage_buffers_per_shader_stage >= 5 {
+        wide.register_shader("five_buffers", FIVE_BUFFERS);
+        wide.pipeline(&KernelKey::new("five_buffers", "main")).expect("valid under adapter limits");
+    }
+}
+
+#[test]
+fn bad_wgsl_is_a_typed_error() {
+    let Some(gpu) = common::gpu() else { return };
+    gpu.register_shader("broken", "@compute @workgroup_size(1) fn main() { let x: f32 = 1u; }");
+    let err = gpu.pipeline(&KernelKey::new("broken", "main")).unwrap_err();
+    assert!(matches!(err, Error::Validation { ref context, .. } if context.contains("broken")), "{err}");
+}
+
+#[test]
+fn freed_buffers_are_reused() {
+    let Some(gpu) = common::gpu() else { return };
+    // A size no other test uses, so the pool's counters move only because of this test.
+    let shape = [12345 + 7];
+    drop(Tensor::empty(gpu, &shape, "first").unwrap());
+    let before = gpu.bytes_allocated().0;
+    for _ in 0..10 {
+        drop(Tensor::empty(gpu, &shape, "again").unwrap());
+    }
+    assert!(gpu.bytes_allocated().0 <= before, "allocating a freed size again grew the pool");
+}
+
+/// Regression: `write` used to submit the pending encoder and queue the host write without
+/// holding the lock in between, so another thread's flush could take the encoder first and
+/// the write then ran before commands recorded earlier. Pooled (reused) buffers made results
+/// of one thread appear in another's.
+#[test]
+fn host_writes_keep_program_order_across_threads() {
+    let Some(gpu) = common::gpu() else { return };
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || {
+                for i in 0..60 {
+                    let v = (t * 1000 + i) as f32;
+                    let x = Tensor::from_host(gpu, &[v; 7], &[7], "x").unwrap();
+                    let y = Tensor::empty(gpu, &[7], "y").unwrap();
+                    elementwise::axpby(gpu, &y, &x, 2.0, 0.0).unwrap();
+                    drop(x); // back to the pool while the dispatch that reads it is pending
+                    let z = Tensor::from_host(gpu, &[-1.0; 7], &[7], "z").unwrap();
+                    assert_eq!(y.to_host(gpu).unwrap(), vec![2.0 * v; 7], "thread {t} iteration {i}");
+                    drop(z);
+                }
+            });
+        }
+    });
+}
