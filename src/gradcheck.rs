@@ -160,8 +160,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
                 if !row.shapes.contains(&shape) {
                     row.shapes.push(shape);
                 }
-                // `!(a <= b)` also takes a NaN error as the worst.
-                if !(err <= row.max_rel_err) {
+                if err.is_nan() || err > row.max_rel_err {
                     row.max_rel_err = err;
                     row.worst_shape = at;
                 }

@@ -92,7 +92,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         let cols = shape.last().copied().unwrap_or(1);
-        let rows = if cols == 0 { 0 } else { numel / cols };
+        let rows = numel.checked_div(cols).unwrap_or(0);
         let (extent, stride) = match split {
             Split::Rows => (rows, cols),
             Split::Cols => (cols, rows),
