@@ -91,3 +91,4 @@ fn store_row(c_base: u32, m: u32, n0: u32, acc: vec4<f32>) {
         }
     }
 }
+

@@ -136,3 +136,11 @@ pub fn matmul_bench(
     }
     Ok(results)
 }
+
+/// Overall GFLOP/s of a set of results: total flops over total seconds.
+pub fn overall(results: &[MatmulResult], gflops: impl Fn(&MatmulResult) -> f64) -> f64 {
+    let flops = |r: &MatmulResult| 2.0 * (r.case.m * r.case.n * r.case.k) as f64;
+    let total: f64 = results.iter().map(flops).sum();
+    let secs: f64 = results.iter().map(|r| flops(r) / (gflops(r) * 1e9)).sum();
+    total / secs / 1e9
+}

@@ -128,28 +128,18 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
         }
     };
     let mut p = Probe { gpu, rng: StdRng::seed_from_u64(seed), results: Vec::new() };
-    match name {
-        "matmul" => check_matmul(&mut p)?,
-        "matmul_chunked" => check_matmul_chunked(&mut p)?,
-        "matmul_batched" => check_matmul_batched(&mut p)?,
-        "softmax" => check_softmax(&mut p)?,
-        "layernorm" => check_norm(&mut p, NormKind::Layer)?,
-        "rmsnorm" => check_norm(&mut p, NormKind::Rms { gemma: false })?,
-        "rmsnorm_gemma" => check_norm(&mut p, NormKind::Rms { gemma: true })?,
-        "gelu" => check_act(&mut p, Act::Gelu)?,
-        "silu" => check_act(&mut p, Act::Silu)?,
-        "swiglu" => check_glu(&mut p, Act::Silu)?,
-        "geglu" => check_glu(&mut p, Act::Gelu)?,
-        "embedding" => check_embedding(&mut p)?,
-        "rope" => check_rope(&mut p)?,
-        "attention" => check_attention(&mut p)?,
-        "cross_entropy" => check_cross_entropy(&mut p)?,
-        "add" => check_add(&mut p)?,
-        "reduce" => check_reduce(&mut p)?,
-        "clip_grad_norm" => check_clip(&mut p)?,
-        "adamw" => check_adamw(&mut p)?,
-        "sgd" => check_sgd(&mut p)?,
-        _ => unreachable!("every name in KERNELS has a check"),
+    // Kernels built on matrix products run once with each matmul kernel the device offers.
+    let uses_matmul = name.starts_with("matmul") || name == "attention";
+    let variants = if uses_matmul { gpu.matmul_kernels().to_vec() } else { vec![gpu.matmul_kernel()] };
+    for variant in variants {
+        let first = p.results.len();
+        matmul::with_kernel(variant, || run_check(&mut p, name))?;
+        if uses_matmul {
+            let tag = format!("{variant:?}").to_lowercase();
+            for r in &mut p.results[first..] {
+                r.1 = format!("[{tag}] {}", r.1);
+            }
+        }
     }
     gpu.sync()?;
     let mut rows: Vec<Row> = Vec::new();
@@ -181,6 +171,32 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
         r.pass = r.max_rel_err <= r.tolerance;
     }
     Ok(rows)
+}
+
+fn run_check(p: &mut Probe, name: &str) -> Result<()> {
+    match name {
+        "matmul" => check_matmul(p),
+        "matmul_chunked" => check_matmul_chunked(p),
+        "matmul_batched" => check_matmul_batched(p),
+        "softmax" => check_softmax(p),
+        "layernorm" => check_norm(p, NormKind::Layer),
+        "rmsnorm" => check_norm(p, NormKind::Rms { gemma: false }),
+        "rmsnorm_gemma" => check_norm(p, NormKind::Rms { gemma: true }),
+        "gelu" => check_act(p, Act::Gelu),
+        "silu" => check_act(p, Act::Silu),
+        "swiglu" => check_glu(p, Act::Silu),
+        "geglu" => check_glu(p, Act::Gelu),
+        "embedding" => check_embedding(p),
+        "rope" => check_rope(p),
+        "attention" => check_attention(p),
+        "cross_entropy" => check_cross_entropy(p),
+        "add" => check_add(p),
+        "reduce" => check_reduce(p),
+        "clip_grad_norm" => check_clip(p),
+        "adamw" => check_adamw(p),
+        "sgd" => check_sgd(p),
+        _ => unreachable!("every name in KERNELS has a check"),
+    }
 }
 
 /// Every kernel in [`KERNELS`].

@@ -13,4 +13,4 @@ pub mod kernels;
 pub mod shaders;
 
 pub use error::{Error, Result};
-pub use gpu::{Gpu, GpuOptions, Profile, Tensor};
+pub use gpu::{Gpu, GpuOptions, MatmulKernel, Profile, Tensor};

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pockettune::gpu::{adapter, AdapterSummary};
-use pockettune::{bench, gradcheck, Gpu, GpuOptions, Profile};
+use pockettune::{bench, gradcheck, Gpu, GpuOptions, MatmulKernel, Profile};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,10 @@ enum BenchCommand {
         /// Only layers whose name contains this text (e.g. `c_fc`, `lm_head`).
         #[arg(long)]
         layer: Option<String>,
+        /// Matmul kernel to measure: the device's default, `tiled`, `subgroup`, or `all` (one
+        /// column each). `POCKETTUNE_MATMUL` sets the default.
+        #[arg(long)]
+        matmul: Option<String>,
     },
 }
 
@@ -112,8 +116,15 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
         Command::Gradcheck { device, json, seed, kernel } => run_gradcheck(&device, json, seed, &kernel),
-        Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer } } => {
-            bench_kernels(&device, json, rows, Duration::from_millis(budget_ms), layer.as_deref())
+        Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
+            bench_kernels(
+                &device,
+                json,
+                rows,
+                Duration::from_millis(budget_ms),
+                layer.as_deref(),
+                matmul.as_deref(),
+            )
         }
     }
 }
@@ -134,6 +145,14 @@ fn features_line(a: &AdapterSummary) -> String {
         yes(a.timestamp_query),
         yes(a.cooperative_matrix)
     )
+}
+
+fn kernel_name(k: MatmulKernel) -> String {
+    format!("{k:?}").to_lowercase()
+}
+
+fn kernel_list(gpu: &Gpu) -> String {
+    gpu.matmul_kernels().iter().map(|&k| kernel_name(k)).collect::<Vec<_>>().join(", ")
 }
 
 fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
@@ -161,6 +180,7 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
         }
     );
     eprintln!("features: {}", features_line(chosen));
+    eprintln!("matmul:   {} (available: {})", kernel_name(gpu.matmul_kernel()), kernel_list(&gpu));
     eprintln!("limits:   {:<40} {:>12} {:>12}", "", "in use", "adapter");
     for ((name, used), (_, offered)) in profile_limits.iter().zip(&adapter_limits) {
         eprintln!("          {name:<40} {used:>12} {offered:>12}");
@@ -178,6 +198,8 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
             "chosen": chosen,
             "profile": gpu.profile(),
             "limits": limits,
+            "matmul_kernel": gpu.matmul_kernel(),
+            "matmul_kernels": gpu.matmul_kernels(),
         }))?;
     }
     Ok(0)
@@ -214,11 +236,12 @@ fn run_gradcheck(dev: &DeviceArgs, json: bool, seed: u64, only: &[String]) -> Re
     let failed = rows.iter().filter(|r| !r.pass).count();
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "{} of {} checks passed in {secs:.1} s on {} ({} limits)",
+        "{} of {} checks passed in {secs:.1} s on {} ({} limits; matmul kernels checked: {})",
         rows.len() - failed,
         rows.len(),
         gpu.summary().name,
-        gpu.profile()
+        gpu.profile(),
+        kernel_list(&gpu)
     );
     if failed > 0 {
         eprintln!(
@@ -245,8 +268,17 @@ fn bench_kernels(
     rows: usize,
     budget: Duration,
     layer: Option<&str>,
+    matmul: Option<&str>,
 ) -> Result<i32> {
     let gpu = dev.open()?;
+    let kernels: Vec<MatmulKernel> = match matmul {
+        None => vec![gpu.matmul_kernel()],
+        Some("all") => gpu.matmul_kernels().to_vec(),
+        Some(name) => match gpu.matmul_kernels().iter().find(|&&k| kernel_name(k) == name) {
+            Some(&k) => vec![k],
+            None => anyhow::bail!("--matmul {name}: this device offers {} (or `all`)", kernel_list(&gpu)),
+        },
+    };
     let cases: Vec<_> =
         bench::gpt2_cases(rows).into_iter().filter(|c| layer.is_none_or(|l| c.layer.contains(l))).collect();
     if cases.is_empty() {
@@ -256,33 +288,49 @@ fn bench_kernels(
     eprintln!(
         "GPT-2 124M training matmuls, M = {rows} rows; CPU path: matrixmultiply sgemm on {threads} threads"
     );
-    eprintln!(
-        "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10} {:>10} {:>9}",
-        "layer", "product", "M", "N", "K", "GPU GF/s", "CPU GF/s", "GPU/CPU"
-    );
-    let results = bench::matmul_bench(&gpu, &cases, budget, |r| {
+    let mut all = serde_json::Map::new();
+    for kernel in kernels {
+        gpu.set_matmul_kernel(kernel)?;
+        eprintln!("GPU matmul kernel: {}", kernel_name(kernel));
         eprintln!(
-            "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10.2} {:>10.2} {:>9.3}",
-            r.case.layer, r.case.product, r.case.m, r.case.n, r.case.k, r.gpu_gflops, r.cpu_gflops, r.ratio
+            "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10} {:>10} {:>9}",
+            "layer", "product", "M", "N", "K", "GPU GF/s", "CPU GF/s", "GPU/CPU"
         );
-    })?;
-    let total = |f: fn(&bench::MatmulResult) -> f64| -> f64 {
-        // Time-weighted: total flops over total seconds.
-        let flops: f64 = results.iter().map(|r| 2.0 * (r.case.m * r.case.n * r.case.k) as f64).sum();
-        let secs: f64 =
-            results.iter().map(|r| 2.0 * (r.case.m * r.case.n * r.case.k) as f64 / (f(r) * 1e9)).sum();
-        flops / secs / 1e9
-    };
-    let (g, c) = (total(|r| r.gpu_gflops), total(|r| r.cpu_gflops));
-    eprintln!("{:<22} {:<13} {:>20} {:>10.2} {:>10.2} {:>9.3}", "all (time-weighted)", "", "", g, c, g / c);
+        let results = bench::matmul_bench(&gpu, &cases, budget, |r| {
+            eprintln!(
+                "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10.2} {:>10.2} {:>9.3}",
+                r.case.layer,
+                r.case.product,
+                r.case.m,
+                r.case.n,
+                r.case.k,
+                r.gpu_gflops,
+                r.cpu_gflops,
+                r.ratio
+            );
+        })?;
+        let (g, c) = (bench::overall(&results, |r| r.gpu_gflops), bench::overall(&results, |r| r.cpu_gflops));
+        eprintln!(
+            "{:<22} {:<13} {:>20} {:>10.2} {:>10.2} {:>9.3}",
+            "all (time-weighted)",
+            "",
+            "",
+            g,
+            c,
+            g / c
+        );
+        all.insert(
+            kernel_name(kernel),
+            json!({"results": results, "total": {"gpu_gflops": g, "cpu_gflops": c, "ratio": g / c}}),
+        );
+    }
     if json {
         print_json(&json!({
             "device": gpu.summary(),
             "profile": gpu.profile(),
             "rows": rows,
             "cpu_threads": threads,
-            "results": results,
-            "total": {"gpu_gflops": g, "cpu_gflops": c, "ratio": g / c},
+            "kernels": all,
         }))?;
     }
     Ok(0)

@@ -10,6 +10,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("elementwise", include_str!("../shaders/elementwise.wgsl")),
     ("embedding", include_str!("../shaders/embedding.wgsl")),
     ("matmul", include_str!("../shaders/matmul.wgsl")),
+    ("matmul_subgroup", include_str!("../shaders/matmul_subgroup.wgsl")),
     ("norm", include_str!("../shaders/norm.wgsl")),
     ("reduce", include_str!("../shaders/reduce.wgsl")),
     ("rope", include_str!("../shaders/rope.wgsl")),

@@ -22,6 +22,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// The matrix-product kernel in use (see `kernels::matmul`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulKernel {
+    /// 4x4 register tile per invocation; needs no optional feature.
+    Tiled,
+    /// Loads of A shared across subgroups of at least 8 lanes by broadcast.
+    Subgroup,
+}
+
+/// Environment variable that forces a matmul kernel (`tiled` or `subgroup`).
+pub const MATMUL_ENV: &str = "POCKETTUNE_MATMUL";
+
 /// How to open a device.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
@@ -89,6 +102,8 @@ pub struct Gpu {
     dummy: wgpu::Buffer,
     gate: Mutex<Option<Arc<dyn SubmitGate>>>,
     submissions: AtomicU64,
+    matmul: Mutex<MatmulKernel>,
+    matmul_kernels: Vec<MatmulKernel>,
 }
 
 /// Largest uniform struct a kernel may pass (bytes).
@@ -106,7 +121,9 @@ impl Gpu {
         let limits = opts.profile.limits(adapter);
         let desc = wgpu::DeviceDescriptor {
             label: Some("pockettune"),
-            required_features: wgpu::Features::empty(),
+            // Optional features are switched on where the adapter has them; kernels that use
+            // them have a plain fallback.
+            required_features: adapter.features() & wgpu::Features::SUBGROUP,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
@@ -135,6 +152,26 @@ impl Gpu {
             *lost_sink.lock() = Some((format!("{reason:?}"), message));
         });
 
+        // The subgroup kernel broadcasts from lanes 0..8, so it needs subgroups of 8 or more.
+        let mut matmul_kernels = vec![MatmulKernel::Tiled];
+        if device.features().contains(wgpu::Features::SUBGROUP) && summary.subgroup_size[0] >= 8 {
+            matmul_kernels.push(MatmulKernel::Subgroup);
+        }
+        let matmul = match std::env::var(MATMUL_ENV).ok().as_deref() {
+            Some("tiled") => MatmulKernel::Tiled,
+            Some("subgroup") if matmul_kernels.contains(&MatmulKernel::Subgroup) => MatmulKernel::Subgroup,
+            Some(other) => {
+                return Err(Error::InvalidArgument {
+                    name: MATMUL_ENV.into(),
+                    detail: format!(
+                        "{other:?} is not one of this device's matmul kernels {:?}",
+                        matmul_kernels.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>()
+                    ),
+                })
+            }
+            None => *matmul_kernels.last().expect("tiled is always there"),
+        };
+
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("unused binding"),
             size: 16,
@@ -159,6 +196,8 @@ impl Gpu {
             dummy,
             gate: Mutex::new(None),
             submissions: AtomicU64::new(0),
+            matmul: Mutex::new(matmul),
+            matmul_kernels,
         })
     }
 
@@ -189,6 +228,26 @@ impl Gpu {
     pub fn submissions(&self) -> u64 {
         self.submissions.load(Ordering::Relaxed)
     }
+    /// The matrix-product kernel in use.
+    pub fn matmul_kernel(&self) -> MatmulKernel {
+        *self.matmul.lock()
+    }
+    /// Every matrix-product kernel this device can run (the first needs no optional feature).
+    pub fn matmul_kernels(&self) -> &[MatmulKernel] {
+        &self.matmul_kernels
+    }
+    /// Switch the matrix-product kernel (gradcheck runs each; benchmarks compare them).
+    pub fn set_matmul_kernel(&self, kernel: MatmulKernel) -> Result<()> {
+        if !self.matmul_kernels.contains(&kernel) {
+            return Err(Error::InvalidArgument {
+                name: "matmul kernel".into(),
+                detail: format!("{kernel:?} needs subgroups of at least 8 lanes, which this device lacks"),
+            });
+        }
+        *self.matmul.lock() = kernel;
+        Ok(())
+    }
+
     /// A small buffer to bind where a kernel's optional input (a bias, say) is switched off.
     pub fn placeholder(&self) -> &wgpu::Buffer {
         &self.dummy

@@ -5,10 +5,15 @@
 //! M, N and K at every chunk boundary of every operand; each piece is one dispatch on views
 //! into single buffers, and pieces after the first along K accumulate into C. The caller sees
 //! one matrix product.
+//!
+//! Two kernels compute each piece ([`MatmulKernel`], chosen per device): `matmul.wgsl`, a
+//! 4x4 register tile per invocation that needs nothing optional, and `matmul_subgroup.wgsl`,
+//! which shares loads of A across a subgroup by broadcast (4x faster on lavapipe; see
+//! docs/perf.md).
 
 use super::u32_of;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, KernelKey, Split, Tensor};
+use crate::gpu::{Gpu, KernelKey, MatmulKernel, Split, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -38,6 +43,22 @@ struct Params {
 }
 
 const TILE: usize = 64; // WG (16) x register tile (4), along M and along N
+/// Tile of `shaders/matmul_subgroup.wgsl` (see `tools/gen_matmul_subgroup.py`).
+const SG_ROWS: usize = 64;
+const SG_COLS: usize = 64 * 4;
+
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<MatmulKernel>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with every matrix product on this thread using `kernel` (gradcheck checks each
+/// kernel the device offers this way without disturbing other threads).
+pub fn with_kernel<R>(kernel: MatmulKernel, f: impl FnOnce() -> R) -> R {
+    let previous = OVERRIDE.with(|o| o.replace(Some(kernel)));
+    let result = f();
+    OVERRIDE.with(|o| o.set(previous));
+    result
+}
 
 /// A matrix inside one buffer: element `(i, j)` of batch `(b1, b2)` sits at
 /// `off + i * s_i + j * s_j + b1 * s_b1 + b2 * s_b2`.
@@ -120,9 +141,17 @@ pub fn matmul_strided(
         alpha,
         _pad: [0; 3],
     };
-    let groups = [d.n.div_ceil(TILE), d.m.div_ceil(TILE), d.nb1 * d.nb2].map(|g| g as u32);
+    let kernel = OVERRIDE.with(|o| o.get()).unwrap_or_else(|| gpu.matmul_kernel());
+    let (key, groups) = match kernel {
+        MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), [d.n.div_ceil(TILE), d.m.div_ceil(TILE)]),
+        MatmulKernel::Subgroup => (
+            KernelKey::new("matmul_subgroup", "matmul_subgroup"),
+            [d.n.div_ceil(SG_COLS), d.m.div_ceil(SG_ROWS)],
+        ),
+    };
+    let groups = [groups[0], groups[1], d.nb1 * d.nb2].map(|g| g as u32);
     gpu.dispatch(
-        &KernelKey::new("matmul", "matmul"),
+        &key,
         &[Some(a.buf), Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))],
         bytemuck::bytes_of(&params),
         groups,
