@@ -87,6 +87,10 @@ struct Probe<'g> {
 }
 
 impl<'g> Probe<'g> {
+    /// A size drawn from `1..=max`, for the random shapes tried beside the fixed ones.
+    fn size(&mut self, max: usize) -> usize {
+        self.rng.random_range(1..=max)
+    }
     fn uniform(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.rng.random_range(-1.0f32..1.0)).collect()
     }
@@ -220,7 +224,9 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
 ];
 
 fn check_matmul(p: &mut Probe) -> Result<()> {
-    for (i, &(m, n, k)) in MATMUL_SHAPES.iter().enumerate() {
+    let mut shapes = MATMUL_SHAPES.to_vec();
+    shapes.extend((0..3).map(|_| (p.size(150), p.size(150), p.size(150))));
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let bias = i % 2 == 1;
             let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
@@ -357,7 +363,9 @@ fn check_matmul_batched(p: &mut Probe) -> Result<()> {
 const ROW_SHAPES: &[(usize, usize)] = &[(1, 1), (1, 7), (3, 5), (17, 31), (64, 257), (5, 1000), (130, 64)];
 
 fn check_softmax(p: &mut Probe) -> Result<()> {
-    for &(rows, cols) in ROW_SHAPES {
+    let mut shapes = ROW_SHAPES.to_vec();
+    shapes.extend((0..2).map(|_| (p.size(100), p.size(600))));
+    for &(rows, cols) in &shapes {
         let shape = format!("{rows}x{cols}");
         let x: Vec<f32> = p.uniform(rows * cols).iter().map(|v| 8.0 * v).collect();
         let gx = p.up(&x, &[rows, cols])?;
@@ -378,7 +386,9 @@ fn check_softmax(p: &mut Probe) -> Result<()> {
 
 fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
     let eps = 1e-5;
-    for &(rows, cols) in &[(1, 1), (1, 7), (3, 64), (17, 129), (8, 768), (33, 1000)] {
+    let mut shapes = vec![(1, 1), (1, 7), (3, 64), (17, 129), (8, 768), (33, 1000)];
+    shapes.extend((0..2).map(|_| (p.size(50), p.size(1200))));
+    for &(rows, cols) in &shapes {
         let shape = format!("{rows}x{cols}");
         let x: Vec<f32> = p.uniform(rows * cols).iter().map(|v| 2.0 * v + 0.5).collect();
         let (w, b, dy) = (p.uniform(cols), p.uniform(cols), p.uniform(rows * cols));
@@ -504,9 +514,13 @@ fn check_glu(p: &mut Probe, act: Act) -> Result<()> {
 
 fn check_embedding(p: &mut Probe) -> Result<()> {
     // (vocab, tokens, dim, rows per table chunk)
-    for &(v, n, c, chunk) in
-        &[(1, 1, 1, 1), (7, 13, 5, 7), (50, 100, 33, 50), (50, 100, 33, 7), (1000, 257, 64, 300)]
-    {
+    let mut cases =
+        vec![(1, 1, 1, 1), (7, 13, 5, 7), (50, 100, 33, 50), (50, 100, 33, 7), (1000, 257, 64, 300)];
+    for _ in 0..2 {
+        let v = p.size(500);
+        cases.push((v, p.size(200), p.size(70), p.size(v)));
+    }
+    for &(v, n, c, chunk) in &cases {
         let shape = format!("V{v} N{n} C{c} chunk{chunk}");
         let ids: Vec<u32> = (0..n).map(|_| p.rng.random_range(0..v as u32)).collect();
         let table = p.uniform(v * c);
@@ -530,9 +544,12 @@ fn check_embedding(p: &mut Probe) -> Result<()> {
 }
 
 fn check_rope(p: &mut Probe) -> Result<()> {
-    for &(b, t, h, d, theta) in
-        &[(1, 1, 1, 2, 10000.0), (2, 5, 3, 8, 10000.0), (1, 17, 4, 64, 1e6), (3, 130, 2, 6, 10000.0)]
-    {
+    let mut cases =
+        vec![(1, 1, 1, 2, 10000.0), (2, 5, 3, 8, 10000.0), (1, 17, 4, 64, 1e6), (3, 130, 2, 6, 10000.0)];
+    for _ in 0..2 {
+        cases.push((p.size(3), p.size(100), p.size(5), 2 * p.size(40), 10000.0));
+    }
+    for &(b, t, h, d, theta) in &cases {
         let shape = format!("B{b} T{t} H{h} D{d} theta{theta}");
         let positions: Vec<u32> = (0..t as u32).collect();
         let table = rope::RopeTable::new(p.gpu, &positions, d, theta)?;
@@ -561,7 +578,14 @@ fn check_attention(p: &mut Probe) -> Result<()> {
         (1, 64, 4, 1, 32, Some(16)),
         (1, 70, 2, 1, 64, None),
     ];
-    for &(b, t, h, kv_h, d, window) in cases {
+    let mut cases = cases.to_vec();
+    for _ in 0..2 {
+        let kv_h = p.size(3);
+        let (b, t, h, d) = (p.size(2), p.size(40), kv_h * p.size(3), p.size(40));
+        let window = if p.rng.random_range(0..2) == 0 { None } else { Some(p.size(t)) };
+        cases.push((b, t, h, kv_h, d, window));
+    }
+    for &(b, t, h, kv_h, d, window) in &cases {
         let shape = format!("B{b} T{t} H{h} KV{kv_h} D{d} window {window:?}");
         let scale = 1.0 / (d as f32).sqrt();
         let dims = attention::AttnDims { b, t, h, kv_h, d, window, scale };
@@ -632,7 +656,9 @@ fn check_cross_entropy(p: &mut Probe) -> Result<()> {
         (33, 1000, Some((Split::Rows, 10))),
         (9, 50257, Some((Split::Cols, 16384))),
     ];
-    for &(n, v, split) in cases {
+    let mut cases = cases.to_vec();
+    cases.extend((0..2).map(|_| (p.size(40), p.size(3000), None)));
+    for &(n, v, split) in &cases {
         let shape = format!("N{n} V{v} {split:?}");
         let logits: Vec<f32> = p.uniform(n * v).iter().map(|x| 10.0 * x).collect();
         let targets: Vec<i32> = (0..n)

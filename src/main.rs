@@ -210,9 +210,12 @@ fn run_gradcheck(dev: &DeviceArgs, json: bool, seed: u64, only: &[String]) -> Re
         println!("{}", gradcheck::KERNELS.join("\n"));
         return Ok(0);
     }
-    let gpu = dev.open()?;
+    if let Some(bad) = only.iter().find(|k| !gradcheck::KERNELS.contains(&k.as_str())) {
+        anyhow::bail!("unknown kernel {bad:?}; known: {} (or `list`)", gradcheck::KERNELS.join(", "));
+    }
     let kernels: Vec<&str> =
         if only.is_empty() { gradcheck::KERNELS.to_vec() } else { only.iter().map(String::as_str).collect() };
+    let gpu = dev.open()?;
     let start = Instant::now();
     eprintln!(
         "{:<16} {:<9} {:>6} {:>12} {:>9}  result",

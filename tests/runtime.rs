@@ -111,3 +111,15 @@ fn host_writes_keep_program_order_across_threads() {
         }
     });
 }
+
+#[test]
+fn device_loss_is_a_typed_error() {
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the shared one must survive for the other tests.
+    let gpu = Gpu::new(&GpuOptions::default()).expect("the adapter opened once opens again");
+    let t = Tensor::from_host(&gpu, &[1.0, 2.0], &[2], "before").unwrap();
+    gpu.destroy();
+    let err = elementwise::axpby(&gpu, &t, &t, 2.0, 0.0).and_then(|_| t.to_host(&gpu)).unwrap_err();
+    assert!(matches!(err, Error::DeviceLost { .. }), "{err}");
+    assert!(err.to_string().contains("--resume"), "the error says how to go on: {err}");
+}

@@ -93,7 +93,7 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     /// WGSL registered at run time (kernel variants under trial in benches/ and tools/).
     extra_sources: Mutex<HashMap<&'static str, String>>,
-    pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<KernelKey, Arc<Pipeline>>>,
     pool: Arc<pool::Pool>,
     pending: Mutex<Pending>,
     free_uniforms: Mutex<Vec<wgpu::Buffer>>,
@@ -104,6 +104,13 @@ pub struct Gpu {
     submissions: AtomicU64,
     matmul: Mutex<MatmulKernel>,
     matmul_kernels: Vec<MatmulKernel>,
+}
+
+/// A compiled kernel and the layout of its bind group (fetched once, not per dispatch).
+#[derive(Debug)]
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
 }
 
 /// Largest uniform struct a kernel may pass (bytes).
@@ -257,6 +264,12 @@ impl Gpu {
         self.pool.trim();
     }
 
+    /// Give the device up now: every later call returns [`Error::DeviceLost`]. This is also
+    /// how the tests exercise the device-loss path that a phone driver takes on its own.
+    pub fn destroy(&self) {
+        self.device.destroy();
+    }
+
     /// Install the hook that may hold back the next submission (see [`SubmitGate`]).
     pub fn set_submit_gate(&self, gate: Option<Arc<dyn SubmitGate>>) {
         *self.gate.lock() = gate;
@@ -287,10 +300,7 @@ impl Gpu {
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Validation {
-                context: format!("shader {shader}.wgsl"),
-                message: e.to_string(),
-            });
+            return Err(self.scope_error(format!("shader {shader}.wgsl"), e));
         }
         let module = Arc::new(module);
         self.modules.lock().insert(shader, module.clone());
@@ -306,7 +316,7 @@ impl Gpu {
     }
 
     /// The pipeline for `key`, compiled on first use.
-    pub fn pipeline(&self, key: &KernelKey) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub fn pipeline(&self, key: &KernelKey) -> Result<Arc<Pipeline>> {
         if let Some(p) = self.pipelines.lock().get(key) {
             return Ok(p.clone());
         }
@@ -327,9 +337,10 @@ impl Gpu {
             cache: None,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Validation { context: format!("pipeline {label}"), message: e.to_string() });
+            return Err(self.scope_error(format!("pipeline {label}"), e));
         }
-        let pipeline = Arc::new(pipeline);
+        let layout = pipeline.get_bind_group_layout(0);
+        let pipeline = Arc::new(Pipeline { pipeline, layout });
         self.pipelines.lock().insert(key.clone(), pipeline.clone());
         Ok(pipeline)
     }
@@ -378,11 +389,11 @@ impl Gpu {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
-            layout: &pipeline.get_bind_group_layout(0),
+            layout: &pipeline.layout,
             entries: &entries,
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Validation { context: key.label(), message: e.to_string() });
+            return Err(self.scope_error(key.label(), e));
         }
         let mut pending = self.pending.lock();
         let encoder = pending.encoder.get_or_insert_with(|| {
@@ -393,7 +404,7 @@ impl Gpu {
                 label: Some(&key.label()),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline);
+            pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
@@ -445,8 +456,8 @@ impl Gpu {
 
     /// Turn errors captured since the last check into an [`Error`].
     pub fn check(&self, context: &str) -> Result<()> {
-        if let Some((reason, message)) = self.lost.lock().clone() {
-            return Err(Error::DeviceLost { reason, message });
+        if let Some(lost) = self.lost_error() {
+            return Err(lost);
         }
         let errors = std::mem::take(&mut *self.errors.lock());
         match errors.first() {
@@ -454,6 +465,19 @@ impl Gpu {
             Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory { context: context.into() }),
             Some(_) => Err(Error::Validation { context: context.into(), message: errors.join("\n") }),
         }
+    }
+
+    /// [`Error::DeviceLost`] if the device is gone. Polls first: the driver reports a loss
+    /// through a callback that runs while the device is polled.
+    fn lost_error(&self) -> Option<Error> {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.lost.lock().clone().map(|(reason, message)| Error::DeviceLost { reason, message })
+    }
+
+    /// A validation error from an error scope, unless the device is lost (which makes every
+    /// object invalid, and is the error worth reporting).
+    fn scope_error(&self, context: String, e: wgpu::Error) -> Error {
+        self.lost_error().unwrap_or(Error::Validation { context, message: e.to_string() })
     }
 
     /// Copy host data into `dst` at byte offset `offset`. Recorded work is submitted first so
