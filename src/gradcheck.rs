@@ -398,43 +398,18 @@ fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
         let (gdx, gdw, gdb) = (p.out(&[rows, cols])?, p.out(&[cols])?, p.out(&[cols])?);
         let (mut y, mut mean, mut rstd) = (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; rows]);
         let (mut dx, mut dw, mut db) = (vec![0f32; rows * cols], vec![0f32; cols], vec![0f32; cols]);
-        match kind {
-            NormKind::Layer => {
-                norm::norm_forward(p.gpu, &gy, &gstats, &gx, &gw, Some(&gb), kind, eps)?;
-                norm::norm_backward(
-                    p.gpu,
-                    Some(&gdx),
-                    Some(&gdw),
-                    Some(&gdb),
-                    &gdy,
-                    &gx,
-                    &gw,
-                    &gstats,
-                    kind,
-                    false,
-                )?;
-                kr::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, rows, cols, eps);
-                kr::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, rows, cols);
-                p.record("backward", &shape, "db", &gdb, &db)?;
-            }
-            NormKind::Rms { gemma } => {
-                let shift = if gemma { 1.0 } else { 0.0 };
-                norm::norm_forward(p.gpu, &gy, &gstats, &gx, &gw, None, kind, eps)?;
-                norm::norm_backward(
-                    p.gpu,
-                    Some(&gdx),
-                    Some(&gdw),
-                    None,
-                    &gdy,
-                    &gx,
-                    &gw,
-                    &gstats,
-                    kind,
-                    false,
-                )?;
-                kr::rmsnorm_forward(&mut y, &mut rstd, &x, &w, rows, cols, eps, shift);
-                kr::rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols, shift);
-            }
+        let layer = kind == NormKind::Layer;
+        let (bias, dbias) = if layer { (Some(&gb), Some(&gdb)) } else { (None, None) };
+        norm::norm_forward(p.gpu, &gy, &gstats, &gx, &gw, bias, kind, eps)?;
+        norm::norm_backward(p.gpu, Some(&gdx), Some(&gdw), dbias, &gdy, &gx, &gw, &gstats, kind, false)?;
+        if layer {
+            kr::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, rows, cols, eps);
+            kr::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, rows, cols);
+            p.record("backward", &shape, "db", &gdb, &db)?;
+        } else {
+            let shift = kind.shift();
+            kr::rmsnorm_forward(&mut y, &mut rstd, &x, &w, rows, cols, eps, shift);
+            kr::rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols, shift);
         }
         p.record("forward", &shape, "", &gy, &y)?;
         let stats: Vec<f32> = mean.iter().zip(&rstd).flat_map(|(&m, &r)| [m, r]).collect();
@@ -589,21 +564,20 @@ fn check_attention(p: &mut Probe) -> Result<()> {
         let shape = format!("B{b} T{t} H{h} KV{kv_h} D{d} window {window:?}");
         let scale = 1.0 / (d as f32).sqrt();
         let dims = attention::AttnDims { b, t, h, kv_h, d, window, scale };
-        let rd = kr::AttnDims { b, t, h, kv_h, d, window, scale };
         let (nq, nk, np) = (b * t * h * d, b * t * kv_h * d, b * h * t * t);
         let (q, k, v, dout) = (p.uniform(nq), p.uniform(nk), p.uniform(nk), p.uniform(nq));
         let (gq, gk, gv, gdo) = (p.up(&q, &[nq])?, p.up(&k, &[nk])?, p.up(&v, &[nk])?, p.up(&dout, &[nq])?);
         let (gout, gprobs) = (p.out(&[nq])?, p.out(&[b * h * t, t])?);
         attention::attention_forward(p.gpu, &gout, &gprobs, &gq, &gk, &gv, dims)?;
         let (mut out, mut probs) = (vec![0f32; nq], vec![0f32; np]);
-        kr::attention_forward(&mut out, &mut probs, &q, &k, &v, rd);
+        kr::attention_forward(&mut out, &mut probs, &q, &k, &v, dims);
         p.record("forward", &shape, "", &gout, &out)?;
         p.record("forward", &shape, "probs", &gprobs, &probs)?;
 
         let (gdq, gdk, gdv) = (p.out(&[nq])?, p.out(&[nk])?, p.out(&[nk])?);
         attention::attention_backward(p.gpu, &gdq, &gdk, &gdv, &gdo, &gq, &gk, &gv, &gprobs, dims, false)?;
         let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
-        kr::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, rd);
+        kr::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, dims);
         p.record("backward", &shape, "dq", &gdq, &dq)?;
         p.record("backward", &shape, "dk", &gdk, &dk)?;
         p.record("backward", &shape, "dv", &gdv, &dv)?;

@@ -13,31 +13,27 @@ use super::softmax::{softmax_backward, softmax_forward, Mask};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 
-#[derive(Clone, Copy, Debug)]
-pub struct AttnDims {
-    pub b: usize,
-    pub t: usize,
-    pub h: usize,
-    pub kv_h: usize,
-    pub d: usize,
-    pub window: Option<usize>,
-    pub scale: f32,
-}
+pub use kernels_ref::AttnDims;
 
-impl AttnDims {
-    fn check(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<usize> {
-        if self.kv_h == 0 || self.h % self.kv_h != 0 {
-            return Err(Error::shape(
-                "attention",
-                format!("{} heads are not a multiple of {} kv heads", self.h, self.kv_h),
-            ));
-        }
-        let (qn, kn) = (self.b * self.t * self.h * self.d, self.b * self.t * self.kv_h * self.d);
-        for (name, t, want) in [("q", q, qn), ("k", k, kn), ("v", v, kn)] {
-            super::check_len("attention", name, t.numel(), want)?;
-        }
-        Ok(self.h / self.kv_h)
+/// The group size H / KVH, after checking the tensors against the dimensions.
+fn check_dims(d: &AttnDims, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<usize> {
+    if d.kv_h == 0 || d.h % d.kv_h != 0 {
+        return Err(Error::shape(
+            "attention",
+            format!("{} heads are not a multiple of {} kv heads", d.h, d.kv_h),
+        ));
     }
+    if d.window == Some(0) {
+        return Err(Error::shape(
+            "attention",
+            "a sliding window of 0 positions sees nothing; use None for no window",
+        ));
+    }
+    let (qn, kn) = (d.b * d.t * d.h * d.d, d.b * d.t * d.kv_h * d.d);
+    for (name, t, want) in [("q", q, qn), ("k", k, kn), ("v", v, kn)] {
+        super::check_len("attention", name, t.numel(), want)?;
+    }
+    Ok(d.h / d.kv_h)
 }
 
 /// Views for one query-head index `j` within a group, batched over (b, kv head).
@@ -77,7 +73,7 @@ pub fn attention_forward(
     v: &Tensor,
     d: AttnDims,
 ) -> Result<()> {
-    let g = d.check(q, k, v)?;
+    let g = check_dims(&d, q, k, v)?;
     super::check_len("attention", "out", out.numel(), q.numel())?;
     super::check_len("attention", "probs", probs.numel(), d.b * d.h * d.t * d.t)?;
     let l = Layout { d, g };
@@ -127,7 +123,7 @@ pub fn attention_backward(
     d: AttnDims,
     accumulate: bool,
 ) -> Result<()> {
-    let g = d.check(q, k, v)?;
+    let g = check_dims(&d, q, k, v)?;
     super::check_len("attention", "dq", dq.numel(), q.numel())?;
     super::check_len("attention", "dk", dk.numel(), k.numel())?;
     super::check_len("attention", "dv", dv.numel(), v.numel())?;
