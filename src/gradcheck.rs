@@ -10,7 +10,8 @@ use crate::error::Result;
 use crate::gpu::{Gpu, Split, Tensor};
 use crate::kernels::{
     activation::{self, Act},
-    attention, cross_entropy, elementwise, embedding,
+    attention::{self, Heads},
+    cross_entropy, elementwise, embedding,
     matmul::{self, Dims, View},
     norm::{self, NormKind},
     optim, reduce, rope, softmax,
@@ -568,19 +569,77 @@ fn check_attention(p: &mut Probe) -> Result<()> {
         let (q, k, v, dout) = (p.uniform(nq), p.uniform(nk), p.uniform(nk), p.uniform(nq));
         let (gq, gk, gv, gdo) = (p.up(&q, &[nq])?, p.up(&k, &[nk])?, p.up(&v, &[nk])?, p.up(&dout, &[nq])?);
         let (gout, gprobs) = (p.out(&[nq])?, p.out(&[b * h * t, t])?);
-        attention::attention_forward(p.gpu, &gout, &gprobs, &gq, &gk, &gv, dims)?;
+        let dense = |x, heads| Heads::dense(x, heads, d);
+        attention::attention_forward(
+            p.gpu,
+            dense(&gout, h),
+            &gprobs,
+            dense(&gq, h),
+            dense(&gk, kv_h),
+            dense(&gv, kv_h),
+            dims,
+        )?;
         let (mut out, mut probs) = (vec![0f32; nq], vec![0f32; np]);
         kr::attention_forward(&mut out, &mut probs, &q, &k, &v, dims);
         p.record("forward", &shape, "", &gout, &out)?;
         p.record("forward", &shape, "probs", &gprobs, &probs)?;
 
         let (gdq, gdk, gdv) = (p.out(&[nq])?, p.out(&[nk])?, p.out(&[nk])?);
-        attention::attention_backward(p.gpu, &gdq, &gdk, &gdv, &gdo, &gq, &gk, &gv, &gprobs, dims, false)?;
+        let (qs, ks) = (dense(&gq, h), dense(&gk, kv_h));
+        let grads = (dense(&gdq, h), dense(&gdk, kv_h), dense(&gdv, kv_h));
+        attention::attention_backward(
+            p.gpu,
+            grads.0,
+            grads.1,
+            grads.2,
+            dense(&gdo, h),
+            qs,
+            ks,
+            dense(&gv, kv_h),
+            &gprobs,
+            dims,
+            false,
+        )?;
         let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
         kr::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, dims);
         p.record("backward", &shape, "dq", &gdq, &dq)?;
         p.record("backward", &shape, "dk", &gdk, &dk)?;
         p.record("backward", &shape, "dv", &gdv, &dv)?;
+
+        // The same with q, k, v packed in one (B*T, (H + 2 KVH) D) tensor, as GPT-2's c_attn
+        // produces them, and the gradients written into one packed tensor.
+        let (qw, kw) = (h * d, kv_h * d);
+        let width = qw + 2 * kw;
+        let pack = |q: &[f32], k: &[f32], v: &[f32]| -> Vec<f32> {
+            (0..b * t)
+                .flat_map(|r| {
+                    [&q[r * qw..(r + 1) * qw], &k[r * kw..(r + 1) * kw], &v[r * kw..(r + 1) * kw]].concat()
+                })
+                .collect()
+        };
+        let gqkv = p.up(&pack(&q, &k, &v), &[b * t, width])?;
+        let views =
+            |x| (Heads::packed(x, 0, width), Heads::packed(x, qw, width), Heads::packed(x, qw + kw, width));
+        let (pq, pk, pv) = views(&gqkv);
+        let (gout2, gprobs2) = (p.out(&[nq])?, p.out(&[b * h * t, t])?);
+        attention::attention_forward(p.gpu, dense(&gout2, h), &gprobs2, pq, pk, pv, dims)?;
+        p.record("forward", &shape, "packed", &gout2, &out)?;
+        let gdqkv = p.out(&[b * t, width])?;
+        let (dq2, dk2, dv2) = views(&gdqkv);
+        attention::attention_backward(
+            p.gpu,
+            dq2,
+            dk2,
+            dv2,
+            dense(&gdo, h),
+            pq,
+            pk,
+            pv,
+            &gprobs2,
+            dims,
+            false,
+        )?;
+        p.record("backward", &shape, "packed dqkv", &gdqkv, &pack(&dq, &dk, &dv))?;
     }
     Ok(())
 }

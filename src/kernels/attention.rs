@@ -15,8 +15,42 @@ use crate::gpu::{Gpu, Tensor};
 
 pub use kernels_ref::AttnDims;
 
-/// The group size H / KVH, after checking the tensors against the dimensions.
-fn check_dims(d: &AttnDims, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<usize> {
+/// A (B, T, heads, D) operand inside a tensor: the row of position (b, t) starts at element
+/// `offset + (b * T + t) * row_stride`. Dense tensors have `row_stride = heads * D`; GPT-2's
+/// packed `c_attn` output (B*T, 3C) holds q, k and v at offsets 0, C, 2C with stride 3C.
+#[derive(Clone, Copy)]
+pub struct Heads<'t> {
+    pub t: &'t Tensor,
+    pub offset: usize,
+    pub row_stride: usize,
+}
+
+impl<'t> Heads<'t> {
+    pub fn dense(t: &'t Tensor, heads: usize, d: usize) -> Self {
+        Heads { t, offset: 0, row_stride: heads * d }
+    }
+    pub fn packed(t: &'t Tensor, offset: usize, row_stride: usize) -> Self {
+        Heads { t, offset, row_stride }
+    }
+    fn check(&self, name: &str, rows: usize, width: usize) -> Result<&'t wgpu::Buffer> {
+        let need = if rows == 0 { 0 } else { self.offset + (rows - 1) * self.row_stride + width };
+        if self.row_stride < width || self.t.numel() < need {
+            return Err(Error::shape(
+                "attention",
+                format!(
+                    "{name}: {rows} rows of {width} at offset {} stride {} do not fit a tensor of {}",
+                    self.offset,
+                    self.row_stride,
+                    self.t.numel()
+                ),
+            ));
+        }
+        self.t.single("attention")
+    }
+}
+
+/// The group size H / KVH, after checking the dimensions.
+fn check_dims(d: &AttnDims) -> Result<usize> {
     if d.kv_h == 0 || d.h % d.kv_h != 0 {
         return Err(Error::shape(
             "attention",
@@ -29,10 +63,6 @@ fn check_dims(d: &AttnDims, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<usize>
             "a sliding window of 0 positions sees nothing; use None for no window",
         ));
     }
-    let (qn, kn) = (d.b * d.t * d.h * d.d, d.b * d.t * d.kv_h * d.d);
-    for (name, t, want) in [("q", q, qn), ("k", k, kn), ("v", v, kn)] {
-        super::check_len("attention", name, t.numel(), want)?;
-    }
     Ok(d.h / d.kv_h)
 }
 
@@ -43,15 +73,15 @@ struct Layout {
 }
 
 impl Layout {
-    /// (B,T,H,D) tensor, query head kvh * G + j: row t, column d.
-    fn qlike<'a>(&self, buf: &'a wgpu::Buffer, j: usize, trans: bool) -> View<'a> {
+    /// (B,T,H,D) operand, query head kvh * G + j: row t, column d.
+    fn qlike<'a>(&self, (buf, h): (&'a wgpu::Buffer, &Heads), j: usize, trans: bool) -> View<'a> {
         let d = self.d;
-        View::matrix(buf, j * d.d, d.h * d.d, trans).batched(d.t * d.h * d.d, self.g * d.d)
+        View::matrix(buf, h.offset + j * d.d, h.row_stride, trans).batched(d.t * h.row_stride, self.g * d.d)
     }
-    /// (B,T,KVH,D) tensor: row t, column d.
-    fn kvlike<'a>(&self, buf: &'a wgpu::Buffer, trans: bool) -> View<'a> {
+    /// (B,T,KVH,D) operand: row t, column d.
+    fn kvlike<'a>(&self, (buf, h): (&'a wgpu::Buffer, &Heads), trans: bool) -> View<'a> {
         let d = self.d;
-        View::matrix(buf, 0, d.kv_h * d.d, trans).batched(d.t * d.kv_h * d.d, d.d)
+        View::matrix(buf, h.offset, h.row_stride, trans).batched(d.t * h.row_stride, d.d)
     }
     /// (B,H,T,T) tensor, head kvh * G + j: row i, column j'.
     fn scores<'a>(&self, buf: &'a wgpu::Buffer, j: usize, trans: bool) -> View<'a> {
@@ -66,120 +96,78 @@ impl Layout {
 /// `out = softmax(scale * q k^T, causal) v`; `probs` (B,H,T,T) is kept for the backward.
 pub fn attention_forward(
     gpu: &Gpu,
-    out: &Tensor,
+    out: Heads,
     probs: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    q: Heads,
+    k: Heads,
+    v: Heads,
     d: AttnDims,
 ) -> Result<()> {
-    let g = check_dims(&d, q, k, v)?;
-    super::check_len("attention", "out", out.numel(), q.numel())?;
+    let g = check_dims(&d)?;
+    let rows = d.b * d.t;
+    let (qb, kb, vb) = (
+        q.check("q", rows, d.h * d.d)?,
+        k.check("k", rows, d.kv_h * d.d)?,
+        v.check("v", rows, d.kv_h * d.d)?,
+    );
+    let ob = out.check("out", rows, d.h * d.d)?;
     super::check_len("attention", "probs", probs.numel(), d.b * d.h * d.t * d.t)?;
     let l = Layout { d, g };
     let scores = Tensor::empty(gpu, &[d.b * d.h * d.t, d.t], "attention scores")?;
-    let (sb, qb, kb, vb) =
-        (scores.single("attention")?, q.single("attention")?, k.single("attention")?, v.single("attention")?);
+    let sb = one(&scores)?;
     for j in 0..g {
-        matmul_strided(
-            gpu,
-            l.scores(sb, j, false),
-            l.qlike(qb, j, false),
-            l.kvlike(kb, true),
-            None,
-            l.dims(d.t, d.t, d.d),
-            1.0,
-            false,
-        )?;
+        let (c, a, b) = (l.scores(sb, j, false), l.qlike((qb, &q), j, false), l.kvlike((kb, &k), true));
+        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.t, d.d), 1.0, false)?;
     }
     softmax_forward(gpu, probs, &scores, Mask::Causal { window: d.window }, d.scale)?;
-    let (pb, ob) = (probs.single("attention")?, out.single("attention")?);
+    let pb = one(probs)?;
     for j in 0..g {
-        matmul_strided(
-            gpu,
-            l.qlike(ob, j, false),
-            l.scores(pb, j, false),
-            l.kvlike(vb, false),
-            None,
-            l.dims(d.t, d.d, d.t),
-            1.0,
-            false,
-        )?;
+        let (c, a, b) = (l.qlike((ob, &out), j, false), l.scores(pb, j, false), l.kvlike((vb, &v), false));
+        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.d, d.t), 1.0, false)?;
     }
     Ok(())
 }
 
 /// Gradients of [`attention_forward`]: dq, dk, dv written (or added to when `accumulate`).
+/// They may be views into one packed tensor, like the inputs.
 pub fn attention_backward(
     gpu: &Gpu,
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
-    dout: &Tensor,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    dq: Heads,
+    dk: Heads,
+    dv: Heads,
+    dout: Heads,
+    q: Heads,
+    k: Heads,
+    v: Heads,
     probs: &Tensor,
     d: AttnDims,
     accumulate: bool,
 ) -> Result<()> {
-    let g = check_dims(&d, q, k, v)?;
-    super::check_len("attention", "dq", dq.numel(), q.numel())?;
-    super::check_len("attention", "dk", dk.numel(), k.numel())?;
-    super::check_len("attention", "dv", dv.numel(), v.numel())?;
+    let g = check_dims(&d)?;
+    let rows = d.b * d.t;
+    let (qw, kw) = (d.h * d.d, d.kv_h * d.d);
+    let (qb, kb, vb) = (q.check("q", rows, qw)?, k.check("k", rows, kw)?, v.check("v", rows, kw)?);
+    let (dqb, dkb, dvb) = (dq.check("dq", rows, qw)?, dk.check("dk", rows, kw)?, dv.check("dv", rows, kw)?);
+    let dob = dout.check("dout", rows, qw)?;
     let l = Layout { d, g };
     let dp = Tensor::empty(gpu, &[d.b * d.h * d.t, d.t], "attention dP")?;
-    let (pb, dpb, dob) = (one(probs)?, one(&dp)?, one(dout)?);
-    let (qb, kb, vb) = (one(q)?, one(k)?, one(v)?);
-    let (dqb, dkb, dvb) = (one(dq)?, one(dk)?, one(dv)?);
+    let (pb, dpb) = (one(probs)?, one(&dp)?);
     for j in 0..g {
         // dP = dout V^T ;  dV += P^T dout
-        matmul_strided(
-            gpu,
-            l.scores(dpb, j, false),
-            l.qlike(dob, j, false),
-            l.kvlike(vb, true),
-            None,
-            l.dims(d.t, d.t, d.d),
-            1.0,
-            false,
-        )?;
-        matmul_strided(
-            gpu,
-            l.kvlike(dvb, false),
-            l.scores(pb, j, true),
-            l.qlike(dob, j, false),
-            None,
-            l.dims(d.t, d.d, d.t),
-            1.0,
-            accumulate || j > 0,
-        )?;
+        let (c, a, b) = (l.scores(dpb, j, false), l.qlike((dob, &dout), j, false), l.kvlike((vb, &v), true));
+        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.t, d.d), 1.0, false)?;
+        let (c, a, b) = (l.kvlike((dvb, &dv), false), l.scores(pb, j, true), l.qlike((dob, &dout), j, false));
+        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.d, d.t), 1.0, accumulate || j > 0)?;
     }
     let ds = Tensor::empty(gpu, &[d.b * d.h * d.t, d.t], "attention dS")?;
     softmax_backward(gpu, &ds, probs, &dp, d.scale)?;
     let dsb = one(&ds)?;
     for j in 0..g {
         // dQ = dS K ;  dK += dS^T Q
-        matmul_strided(
-            gpu,
-            l.qlike(dqb, j, false),
-            l.scores(dsb, j, false),
-            l.kvlike(kb, false),
-            None,
-            l.dims(d.t, d.d, d.t),
-            1.0,
-            accumulate,
-        )?;
-        matmul_strided(
-            gpu,
-            l.kvlike(dkb, false),
-            l.scores(dsb, j, true),
-            l.qlike(qb, j, false),
-            None,
-            l.dims(d.t, d.d, d.t),
-            1.0,
-            accumulate || j > 0,
-        )?;
+        let (c, a, b) = (l.qlike((dqb, &dq), j, false), l.scores(dsb, j, false), l.kvlike((kb, &k), false));
+        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.d, d.t), 1.0, accumulate)?;
+        let (c, a, b) = (l.kvlike((dkb, &dk), false), l.scores(dsb, j, true), l.qlike((qb, &q), j, false));
+        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.d, d.t), 1.0, accumulate || j > 0)?;
     }
     Ok(())
 }
