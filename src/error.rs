@@ -59,6 +59,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("{path}: {detail}")]
+    Checkpoint { path: PathBuf, detail: String },
+
     #[error("invalid argument {name}: {detail}")]
     InvalidArgument { name: String, detail: String },
 }

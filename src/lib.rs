@@ -9,7 +9,9 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod gradcheck;
+pub mod graph;
 pub mod kernels;
+pub mod models;
 pub mod shaders;
 
 pub use error::{Error, Result};

@@ -2,16 +2,16 @@
 //! Without an adapter the GPU tests fail in CI (`CI` set) and say why they skip elsewhere.
 
 use pockettune::{Gpu, GpuOptions, Profile};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-pub fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+pub fn gpu() -> Option<&'static Arc<Gpu>> {
+    static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
     GPU.get_or_init(|| {
         let opts = GpuOptions { device: None, profile: Profile::Mobile };
         match Gpu::new(&opts) {
             Ok(g) => {
                 eprintln!("GPU tests on {} (mobile limits)", g.summary());
-                Some(g)
+                Some(Arc::new(g))
             }
             Err(e) if std::env::var_os("CI").is_some() => {
                 panic!("CI is set and no GPU adapter could be opened: {e}")

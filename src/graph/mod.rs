@@ -1,0 +1,401 @@
+//! The graph executor: a model records its forward pass once as a list of nodes (shapes only),
+//! and every step runs that list forward, then backward in reverse order, on the GPU or on the
+//! CPU reference path (`Device::Cpu`), the same graph either way.
+//!
+//! - Gradients are computed only where needed: a node's output needs a gradient if any input
+//!   does, and inputs, token ids and frozen parameters never do (no buffer, no optimizer state).
+//! - Every activation is freed as soon as its last consumer has run: after its last forward
+//!   use when no backward step needs it, else after the last backward step that reads it. Freed
+//!   GPU buffers go back to the pool and serve the next allocation of that size.
+//! - Nothing waits for the GPU inside a step: dispatches are recorded and submitted together;
+//!   the loss is read back only when asked for ([`Run::loss`]). Submissions pass the device's
+//!   submit gate, the one place where a power policy may hold work back.
+
+mod ops;
+pub mod params;
+
+pub use params::{Param, ParamId, ParamStore};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::kernels::attention::AttnDims;
+use crate::kernels::elementwise;
+use std::sync::Arc;
+
+/// Where a graph runs.
+#[derive(Clone)]
+pub enum Device {
+    Gpu(Arc<Gpu>),
+    /// The CPU reference path (`kernels-ref`): slow, f64 accumulation, for whole-model checks.
+    Cpu,
+}
+
+impl Device {
+    pub fn name(&self) -> String {
+        match self {
+            Device::Gpu(g) => g.summary().name.clone(),
+            Device::Cpu => "cpu (reference path)".into(),
+        }
+    }
+}
+
+/// A tensor's storage on one device (its shape is kept by whoever owns it).
+pub enum Value {
+    Gpu(Tensor),
+    Cpu(Vec<f32>),
+}
+
+impl Value {
+    pub fn from_host(dev: &Device, data: &[f32], shape: &[usize], what: &str) -> Result<Value> {
+        Ok(match dev {
+            Device::Gpu(g) => Value::Gpu(Tensor::from_host(g, data, shape, what)?),
+            Device::Cpu => Value::Cpu(data.to_vec()),
+        })
+    }
+    /// Uninitialised on the GPU (every kernel writes its whole output), zeros on the CPU.
+    pub fn empty(dev: &Device, shape: &[usize], what: &str) -> Result<Value> {
+        Ok(match dev {
+            Device::Gpu(g) => Value::Gpu(Tensor::empty(g, shape, what)?),
+            Device::Cpu => Value::Cpu(vec![0.0; shape.iter().product()]),
+        })
+    }
+    pub fn zeros(dev: &Device, shape: &[usize], what: &str) -> Result<Value> {
+        let mut v = Value::empty(dev, shape, what)?;
+        v.fill(dev, 0.0)?;
+        Ok(v)
+    }
+    pub fn fill(&mut self, dev: &Device, x: f32) -> Result<()> {
+        match (self, dev) {
+            (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
+            (Value::Cpu(v), _) => {
+                v.fill(x);
+                Ok(())
+            }
+            _ => Err(wrong_device()),
+        }
+    }
+    pub fn to_host(&self, dev: &Device) -> Result<Vec<f32>> {
+        match (self, dev) {
+            (Value::Gpu(t), Device::Gpu(g)) => t.to_host(g),
+            (Value::Cpu(v), _) => Ok(v.clone()),
+            _ => Err(wrong_device()),
+        }
+    }
+    pub(crate) fn gpu(&self) -> &Tensor {
+        match self {
+            Value::Gpu(t) => t,
+            Value::Cpu(_) => panic!("a CPU value reached a GPU kernel"),
+        }
+    }
+    pub(crate) fn cpu(&self) -> &[f32] {
+        match self {
+            Value::Cpu(v) => v,
+            Value::Gpu(_) => panic!("a GPU value reached a CPU kernel"),
+        }
+    }
+    pub(crate) fn cpu_mut(&mut self) -> &mut Vec<f32> {
+        match self {
+            Value::Cpu(v) => v,
+            Value::Gpu(_) => panic!("a GPU value reached a CPU kernel"),
+        }
+    }
+}
+
+fn wrong_device() -> Error {
+    Error::Internal { context: "graph".into(), message: "a value is on another device than the graph".into() }
+}
+
+/// A value in the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Var(usize);
+
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    /// A parameter from the store.
+    Param(ParamId),
+    /// rows of `table` (input 0) picked by id list `ids` of the feed
+    Embedding { ids: usize },
+    /// a + b
+    Add,
+    /// LayerNorm of input 0 with weight 1 and bias 2
+    LayerNorm { eps: f32 },
+    /// x W (+ bias); W stored transposed when `trans_w` (a tied LM head)
+    Linear { trans_w: bool },
+    /// tanh GELU
+    Gelu,
+    /// causal self-attention over packed [q | k | v] rows
+    AttentionPacked { dims: AttnDims },
+    /// mean cross-entropy of logits against target list `targets` of the feed (a scalar)
+    CrossEntropy { targets: usize },
+}
+
+impl Op {
+    /// Whether the backward of this op reads the value of its input `i`.
+    fn backward_reads(&self, i: usize) -> bool {
+        match self {
+            Op::Param(_) | Op::Add | Op::Embedding { .. } => false,
+            Op::LayerNorm { .. } => i < 2,
+            Op::Linear { .. } => i < 2,
+            Op::Gelu | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    pub op: Op,
+    pub inputs: Vec<Var>,
+}
+
+/// Token ids and targets of one step, in the order the graph declared them.
+#[derive(Default, Clone, Debug)]
+pub struct Feed {
+    pub ids: Vec<Vec<u32>>,
+    pub targets: Vec<Vec<i32>>,
+}
+
+/// A recorded forward pass (one node per value; node i produces `Var(i)`).
+#[derive(Default, Clone, Debug)]
+pub struct Graph {
+    nodes: Vec<Node>,
+    shapes: Vec<Vec<usize>>,
+    requires_grad: Vec<bool>,
+    /// (vocabulary size) of each declared id list
+    id_lists: Vec<usize>,
+    /// (vocabulary size) of each declared target list
+    target_lists: Vec<usize>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Graph::default()
+    }
+
+    pub fn shape(&self, v: Var) -> &[usize] {
+        &self.shapes[v.0]
+    }
+
+    fn push(&mut self, op: Op, inputs: Vec<Var>, shape: Vec<usize>) -> Var {
+        let grad = match &op {
+            Op::Param(_) => false, // set by `param`
+            _ => inputs.iter().any(|v| self.requires_grad[v.0]),
+        };
+        self.nodes.push(Node { op, inputs });
+        self.shapes.push(shape);
+        self.requires_grad.push(grad);
+        Var(self.nodes.len() - 1)
+    }
+
+    fn check(&self, op: &str, ok: bool, detail: impl FnOnce() -> String) -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::shape(op, detail()))
+        }
+    }
+
+    pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Var {
+        let p = store.get(id);
+        let v = self.push(Op::Param(id), vec![], p.shape.clone());
+        self.requires_grad[v.0] = p.trainable;
+        v
+    }
+
+    /// Declare a list of token ids (fed at run time) over a vocabulary of `vocab`.
+    pub fn id_list(&mut self, vocab: usize) -> usize {
+        self.id_lists.push(vocab);
+        self.id_lists.len() - 1
+    }
+    /// Declare a list of targets (fed at run time; -100 = ignored) over `vocab` classes.
+    pub fn target_list(&mut self, vocab: usize) -> usize {
+        self.target_lists.push(vocab);
+        self.target_lists.len() - 1
+    }
+
+    /// (n, C) rows of `table` (V, C) picked by id list `ids` of length n.
+    pub fn embedding(&mut self, table: Var, ids: usize, n: usize) -> Result<Var> {
+        let s = self.shape(table).to_vec();
+        self.check("embedding", s.len() == 2 && self.id_lists.get(ids) == Some(&s[0]), || {
+            format!("table {s:?} does not match id list {ids}")
+        })?;
+        Ok(self.push(Op::Embedding { ids }, vec![table], vec![n, s[1]]))
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        self.check("add", sa == sb, || format!("{sa:?} + {sb:?}"))?;
+        Ok(self.push(Op::Add, vec![a, b], sa))
+    }
+
+    pub fn layernorm(&mut self, x: Var, w: Var, b: Var, eps: f32) -> Result<Var> {
+        let s = self.shape(x).to_vec();
+        let c = *s.last().unwrap_or(&0);
+        let ok = self.shape(w) == [c] && self.shape(b) == [c];
+        self.check("layernorm", ok, || {
+            format!("x {s:?}, weight {:?}, bias {:?}", self.shape(w), self.shape(b))
+        })?;
+        Ok(self.push(Op::LayerNorm { eps }, vec![x, w, b], s))
+    }
+
+    /// `x (rows, K) . W (K, N) + bias (N)`; `W` is (N, K) when `trans_w`.
+    pub fn linear(&mut self, x: Var, w: Var, bias: Option<Var>, trans_w: bool) -> Result<Var> {
+        let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
+        let (k, n) = match (sw.as_slice(), trans_w) {
+            ([k, n], false) => (*k, *n),
+            ([n, k], true) => (*k, *n),
+            _ => return Err(Error::shape("linear", format!("weight {sw:?} is not a matrix"))),
+        };
+        self.check("linear", sx.len() == 2 && sx[1] == k, || {
+            format!("x {sx:?} . W {sw:?} (transposed: {trans_w})")
+        })?;
+        if let Some(b) = bias {
+            self.check("linear", self.shape(b) == [n], || format!("bias {:?}, N = {n}", self.shape(b)))?;
+        }
+        let mut inputs = vec![x, w];
+        inputs.extend(bias);
+        Ok(self.push(Op::Linear { trans_w }, inputs, vec![sx[0], n]))
+    }
+
+    pub fn gelu(&mut self, x: Var) -> Var {
+        let s = self.shape(x).to_vec();
+        self.push(Op::Gelu, vec![x], s)
+    }
+
+    /// Causal self-attention over rows (B*T, (H + 2 KVH) D) packed as [q | k | v].
+    pub fn attention_packed(&mut self, qkv: Var, dims: AttnDims) -> Result<Var> {
+        let s = self.shape(qkv).to_vec();
+        let width = (dims.h + 2 * dims.kv_h) * dims.d;
+        self.check("attention", s == [dims.b * dims.t, width], || format!("qkv {s:?} for {dims:?}"))?;
+        Ok(self.push(Op::AttentionPacked { dims }, vec![qkv], vec![dims.b * dims.t, dims.h * dims.d]))
+    }
+
+    /// Mean cross-entropy of `logits` (n, V) against target list `targets`: a scalar.
+    pub fn cross_entropy(&mut self, logits: Var, targets: usize) -> Result<Var> {
+        let s = self.shape(logits).to_vec();
+        self.check("cross_entropy", s.len() == 2 && self.target_lists.get(targets) == Some(&s[1]), || {
+            format!("logits {s:?} do not match target list {targets}")
+        })?;
+        Ok(self.push(Op::CrossEntropy { targets }, vec![logits], vec![1]))
+    }
+
+    /// Run the forward pass. Values that the backward pass needs stay alive in the returned
+    /// [`Run`]; the rest are freed as soon as their last consumer has run.
+    pub fn forward<'g>(&'g self, store: &ParamStore, feed: &Feed, keep: &[Var]) -> Result<Run<'g>> {
+        let dev = store.device().clone();
+        self.check_feed(feed)?;
+        let fed = ops::Fed::new(&dev, feed, &self.id_lists, &self.target_lists)?;
+        let n = self.nodes.len();
+        let mut last_forward = vec![0usize; n];
+        let mut needed_backward = vec![false; n];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (j, v) in node.inputs.iter().enumerate() {
+                last_forward[v.0] = i;
+                needed_backward[v.0] |= self.requires_grad[i] && node.op.backward_reads(j);
+            }
+        }
+        let mut run =
+            Run { graph: self, dev, fed, values: (0..n).map(|_| None).collect(), saved: Vec::new() };
+        run.saved.resize_with(n, || None);
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Op::Param(_) = node.op {
+                continue; // read from the store when used
+            }
+            let (value, saved) = ops::forward(&mut run, store, i)?;
+            run.values[i] = Some(value);
+            run.saved[i] = saved;
+            for v in &node.inputs {
+                let freeable = last_forward[v.0] == i && !needed_backward[v.0] && !keep.contains(v);
+                if freeable && !matches!(self.nodes[v.0].op, Op::Param(_)) {
+                    run.values[v.0] = None;
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    fn check_feed(&self, feed: &Feed) -> Result<()> {
+        if feed.ids.len() != self.id_lists.len() || feed.targets.len() != self.target_lists.len() {
+            return Err(Error::InvalidArgument {
+                name: "feed".into(),
+                detail: format!(
+                    "the graph takes {} id lists and {} target lists, got {} and {}",
+                    self.id_lists.len(),
+                    self.target_lists.len(),
+                    feed.ids.len(),
+                    feed.targets.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The state of one forward pass, ready for its backward pass.
+pub struct Run<'g> {
+    graph: &'g Graph,
+    dev: Device,
+    fed: ops::Fed,
+    values: Vec<Option<Value>>,
+    /// per node: what its backward needs beyond its inputs (norm statistics, attention
+    /// probabilities, cross-entropy state)
+    saved: Vec<Option<Value>>,
+}
+
+impl Run<'_> {
+    /// A value kept by the forward pass (read back; a synchronisation point).
+    pub fn read(&self, v: Var) -> Result<Vec<f32>> {
+        match &self.values[v.0] {
+            Some(x) => x.to_host(&self.dev),
+            None => Err(Error::InvalidArgument {
+                name: "var".into(),
+                detail: "that value was freed; pass it in `keep` to forward()".into(),
+            }),
+        }
+    }
+
+    /// The scalar value of `loss` (a synchronisation point).
+    pub fn loss(&self, loss: Var) -> Result<f32> {
+        Ok(self.read(loss)?[0])
+    }
+
+    /// Backward from the scalar `loss` with d(output)/d(loss) = `scale` (1 / micro-batches when
+    /// accumulating). Parameter gradients are added to the store's gradient buffers.
+    pub fn backward(mut self, store: &mut ParamStore, loss: Var, scale: f32) -> Result<()> {
+        let g = self.graph;
+        if !matches!(g.nodes[loss.0].op, Op::CrossEntropy { .. }) {
+            return Err(Error::InvalidArgument {
+                name: "loss".into(),
+                detail: "backward starts at a cross-entropy".into(),
+            });
+        }
+        let n = g.nodes.len();
+        // The earliest node whose backward reads each value: after it, the value can go.
+        let mut first_backward = vec![usize::MAX; n];
+        for (i, node) in g.nodes.iter().enumerate() {
+            for (j, v) in node.inputs.iter().enumerate() {
+                if g.requires_grad[i] && node.op.backward_reads(j) {
+                    first_backward[v.0] = first_backward[v.0].min(i);
+                }
+            }
+        }
+        let mut grads: Vec<Option<Value>> = (0..n).map(|_| None).collect();
+        for i in (0..=loss.0).rev() {
+            let node = &g.nodes[i];
+            if !g.requires_grad[i] || matches!(node.op, Op::Param(_)) {
+                continue;
+            }
+            let dout = if i == loss.0 { None } else { grads[i].take() };
+            if dout.is_none() && i != loss.0 {
+                continue; // does not reach the loss
+            }
+            ops::backward(&mut self, store, &mut grads, i, dout.as_ref(), scale)?;
+            self.saved[i] = None;
+            for v in &node.inputs {
+                if first_backward[v.0] == i {
+                    self.values[v.0] = None;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,393 @@
+//! Forward and backward of each graph op on both devices: the GPU through `crate::kernels`, the
+//! CPU through `kernels_ref`. Each backward reads as its forward in reverse; gradient outputs
+//! are written when their buffer is new and added to otherwise (a value used twice, like the
+//! residual stream, collects both contributions; parameter gradients collect micro-batches).
+
+use super::{Device, Feed, Op, ParamId, ParamStore, Run, Value, Var};
+use crate::error::{Error, Result};
+use crate::gpu::Tensor;
+use crate::kernels::attention::{self, Heads};
+use crate::kernels::cross_entropy::{self, Targets};
+use crate::kernels::embedding::{self, Ids};
+use crate::kernels::norm::{self, NormKind};
+use crate::kernels::{activation, elementwise, matmul, reduce};
+use kernels_ref as kr;
+
+/// The feed, uploaded for the device.
+pub(crate) enum Fed {
+    Gpu { ids: Vec<Ids>, targets: Vec<Targets> },
+    Cpu { ids: Vec<Vec<u32>>, targets: Vec<Vec<i32>> },
+}
+
+impl Fed {
+    pub fn new(dev: &Device, feed: &Feed, id_vocab: &[usize], target_vocab: &[usize]) -> Result<Fed> {
+        for (list, (ids, &vocab)) in feed.ids.iter().zip(id_vocab).enumerate() {
+            if let Some((pos, bad)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+                return Err(Error::InvalidArgument {
+                    name: format!("token ids (list {list})"),
+                    detail: format!("id {bad} at position {pos} is outside the vocabulary of {vocab}"),
+                });
+            }
+        }
+        for (list, (t, &vocab)) in feed.targets.iter().zip(target_vocab).enumerate() {
+            let bad =
+                t.iter().enumerate().find(|(_, &x)| x != kr::IGNORE_INDEX && (x < 0 || x as usize >= vocab));
+            if let Some((pos, bad)) = bad {
+                return Err(Error::InvalidArgument {
+                    name: format!("targets (list {list})"),
+                    detail: format!("target {bad} at position {pos} is outside 0..{vocab} and is not -100"),
+                });
+            }
+        }
+        Ok(match dev {
+            Device::Gpu(g) => Fed::Gpu {
+                ids: feed
+                    .ids
+                    .iter()
+                    .zip(id_vocab)
+                    .map(|(ids, &v)| Ids::new(g, ids, v))
+                    .collect::<Result<_>>()?,
+                targets: feed
+                    .targets
+                    .iter()
+                    .zip(target_vocab)
+                    .map(|(t, &v)| Targets::new(g, t, v))
+                    .collect::<Result<_>>()?,
+            },
+            Device::Cpu => Fed::Cpu { ids: feed.ids.clone(), targets: feed.targets.clone() },
+        })
+    }
+}
+
+/// The value of `v`: from the store for parameters, else from the run.
+fn value<'a>(run: &'a Run, store: &'a ParamStore, v: Var) -> &'a Value {
+    match run.graph.nodes[v.0].op {
+        Op::Param(id) => &store.get(id).value,
+        _ => run.values[v.0].as_ref().expect("the executor keeps every value until its last use"),
+    }
+}
+
+pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Value, Option<Value>)> {
+    let node = &run.graph.nodes[i];
+    let shape = run.graph.shapes[i].clone();
+    let dev = run.dev.clone();
+    let x = |j: usize| value(run, store, node.inputs[j]);
+    let in_shape = |j: usize| run.graph.shapes[node.inputs[j].0].clone();
+    let mut out = Value::empty(&dev, &shape, "activation")?;
+    let mut saved = None;
+    match (&dev, &node.op) {
+        (_, Op::Param(_)) => unreachable!("parameters are not computed"),
+        (Device::Gpu(g), Op::Embedding { ids }) => {
+            let Fed::Gpu { ids: fed, .. } = &run.fed else { unreachable!() };
+            embedding::embedding_forward(g, out.gpu(), &fed[*ids], x(0).gpu())?;
+        }
+        (Device::Cpu, Op::Embedding { ids }) => {
+            let Fed::Cpu { ids: fed, .. } = &run.fed else { unreachable!() };
+            kr::embedding_forward(out.cpu_mut(), &fed[*ids], x(0).cpu(), shape[1]);
+        }
+        (Device::Gpu(g), Op::Add) => elementwise::add(g, out.gpu(), x(0).gpu(), x(1).gpu(), 1.0, 1.0)?,
+        (Device::Cpu, Op::Add) => kr::add(out.cpu_mut(), x(0).cpu(), x(1).cpu()),
+        (Device::Gpu(g), Op::LayerNorm { eps }) => {
+            let stats = Tensor::empty(g, &[shape[0], 2], "layernorm stats")?;
+            norm::norm_forward(
+                g,
+                out.gpu(),
+                &stats,
+                x(0).gpu(),
+                x(1).gpu(),
+                Some(x(2).gpu()),
+                NormKind::Layer,
+                *eps,
+            )?;
+            saved = Some(Value::Gpu(stats));
+        }
+        (Device::Cpu, Op::LayerNorm { eps }) => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+            kr::layernorm_forward(
+                out.cpu_mut(),
+                &mut mean,
+                &mut rstd,
+                x(0).cpu(),
+                x(1).cpu(),
+                x(2).cpu(),
+                rows,
+                cols,
+                *eps,
+            );
+            mean.extend(rstd);
+            saved = Some(Value::Cpu(mean));
+        }
+        (Device::Gpu(g), Op::Linear { trans_w }) => {
+            let bias = node.inputs.get(2).map(|&b| value(run, store, b).gpu());
+            matmul::matmul(g, out.gpu(), x(0).gpu(), x(1).gpu(), bias, false, *trans_w, false)?;
+        }
+        (Device::Cpu, Op::Linear { trans_w }) => {
+            let d = linear_dims(&in_shape(0), &shape, *trans_w);
+            let bias = node.inputs.get(2).map(|&b| value(run, store, b).cpu());
+            kr::matmul_forward(out.cpu_mut(), x(0).cpu(), x(1).cpu(), bias, d);
+        }
+        (Device::Gpu(g), Op::Gelu) => {
+            activation::act_forward(g, out.gpu(), x(0).gpu(), activation::Act::Gelu)?
+        }
+        (Device::Cpu, Op::Gelu) => kr::gelu_forward(out.cpu_mut(), x(0).cpu()),
+        (Device::Gpu(g), Op::AttentionPacked { dims: d }) => {
+            let probs = Tensor::empty(g, &[d.b * d.h * d.t, d.t], "attention probabilities")?;
+            let (q, k, v) = packed(x(0).gpu(), d);
+            attention::attention_forward(g, Heads::dense(out.gpu(), d.h, d.d), &probs, q, k, v, *d)?;
+            saved = Some(Value::Gpu(probs));
+        }
+        (Device::Cpu, Op::AttentionPacked { dims: d }) => {
+            let (q, k, v) = unpack(x(0).cpu(), d);
+            let mut probs = vec![0f32; d.b * d.h * d.t * d.t];
+            kr::attention_forward(out.cpu_mut(), &mut probs, &q, &k, &v, *d);
+            saved = Some(Value::Cpu(probs));
+        }
+        (Device::Gpu(g), Op::CrossEntropy { targets }) => {
+            let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
+            let n = in_shape(0)[0];
+            let losses = Tensor::empty(g, &[n], "losses")?;
+            let state = Tensor::empty(g, &[n, 4], "cross-entropy state")?;
+            cross_entropy::cross_entropy_forward(g, &losses, &state, x(0).gpu(), &fed[*targets])?;
+            let sum = Tensor::from_host(g, &[0.0], &[1], "loss sum")?;
+            reduce::sum_into(g, &sum, 0, &losses, false)?;
+            // Mean over counted rows; 0/0 gives NaN when every row is ignored, as in PyTorch.
+            elementwise::axpby(g, out.gpu(), &sum, 1.0 / fed[*targets].count() as f32, 0.0)?;
+            saved = Some(Value::Gpu(state));
+        }
+        (Device::Cpu, Op::CrossEntropy { targets }) => {
+            let Fed::Cpu { targets: fed, .. } = &run.fed else { unreachable!() };
+            let (n, v) = (in_shape(0)[0], in_shape(0)[1]);
+            let mut losses = vec![0f32; n];
+            out.cpu_mut()[0] = kr::cross_entropy_forward(&mut losses, x(0).cpu(), &fed[*targets], n, v);
+        }
+    }
+    Ok((out, saved))
+}
+
+fn linear_dims(x: &[usize], out: &[usize], trans_w: bool) -> kr::MatmulDims {
+    kr::MatmulDims { batch: 1, m: x[0], n: out[1], k: x[1], trans_a: false, trans_b: trans_w }
+}
+
+fn packed<'t>(qkv: &'t Tensor, d: &attention::AttnDims) -> (Heads<'t>, Heads<'t>, Heads<'t>) {
+    let (qw, kw) = (d.h * d.d, d.kv_h * d.d);
+    let width = qw + 2 * kw;
+    (Heads::packed(qkv, 0, width), Heads::packed(qkv, qw, width), Heads::packed(qkv, qw + kw, width))
+}
+
+fn unpack(qkv: &[f32], d: &attention::AttnDims) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (qw, kw) = (d.h * d.d, d.kv_h * d.d);
+    let width = qw + 2 * kw;
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for row in qkv.chunks(width) {
+        q.extend_from_slice(&row[..qw]);
+        k.extend_from_slice(&row[qw..qw + kw]);
+        v.extend_from_slice(&row[qw + kw..]);
+    }
+    (q, k, v)
+}
+
+/// Where the gradient of an input goes.
+enum Target {
+    Param(ParamId),
+    Act(usize),
+}
+
+/// The gradient buffer of input `v`, and whether to add to it (it already holds something);
+/// `None` when `v` needs no gradient.
+fn take_grad(
+    run: &Run,
+    store: &mut ParamStore,
+    grads: &mut [Option<Value>],
+    v: Var,
+) -> Result<Option<(Target, Value, bool)>> {
+    if !run.graph.requires_grad[v.0] {
+        return Ok(None);
+    }
+    Ok(match run.graph.nodes[v.0].op {
+        Op::Param(id) => store.get_mut(id).grad.take().map(|g| (Target::Param(id), g, true)),
+        _ => Some(match grads[v.0].take() {
+            Some(g) => (Target::Act(v.0), g, true),
+            None => (Target::Act(v.0), Value::empty(&run.dev, &run.graph.shapes[v.0], "gradient")?, false),
+        }),
+    })
+}
+
+fn put_grad(store: &mut ParamStore, grads: &mut [Option<Value>], target: Target, g: Value) {
+    match target {
+        Target::Param(id) => store.get_mut(id).grad = Some(g),
+        Target::Act(i) => grads[i] = Some(g),
+    }
+}
+
+/// CPU gradients: the reference functions overwrite, so add a fresh result where needed.
+fn cpu_put(dst: &mut Value, fresh: Vec<f32>, accumulate: bool) {
+    let d = dst.cpu_mut();
+    if accumulate {
+        d.iter_mut().zip(fresh).for_each(|(a, b)| *a += b);
+    } else {
+        *d = fresh;
+    }
+}
+
+pub(crate) fn backward(
+    run: &mut Run,
+    store: &mut ParamStore,
+    grads: &mut [Option<Value>],
+    i: usize,
+    dout: Option<&Value>,
+    scale: f32,
+) -> Result<()> {
+    let graph = run.graph;
+    let node = &graph.nodes[i];
+    let dev = run.dev.clone();
+    let shape = graph.shapes[i].clone();
+    for (j, &input) in node.inputs.iter().enumerate() {
+        let Some((target, mut g, acc)) = take_grad(run, store, grads, input)? else { continue };
+        let in_shape = graph.shapes[input.0].clone();
+        {
+            let x = |k: usize| value(run, store, node.inputs[k]);
+            let dy = || dout.expect("every op but the loss gets an output gradient");
+            let saved = run.saved[i].as_ref();
+            match (&dev, &node.op) {
+                (_, Op::Param(_)) => unreachable!(),
+                (Device::Gpu(gpu), Op::Embedding { ids }) => {
+                    let Fed::Gpu { ids: fed, .. } = &run.fed else { unreachable!() };
+                    if !acc {
+                        g.fill(&dev, 0.0)?;
+                    }
+                    embedding::embedding_backward(gpu, g.gpu(), dy().gpu(), &fed[*ids])?;
+                }
+                (Device::Cpu, Op::Embedding { ids }) => {
+                    let Fed::Cpu { ids: fed, .. } = &run.fed else { unreachable!() };
+                    let mut d = vec![0f32; in_shape.iter().product()];
+                    kr::embedding_backward(&mut d, dy().cpu(), &fed[*ids], in_shape[1]);
+                    cpu_put(&mut g, d, acc);
+                }
+                (Device::Gpu(gpu), Op::Add) => {
+                    elementwise::axpby(gpu, g.gpu(), dy().gpu(), 1.0, if acc { 1.0 } else { 0.0 })?
+                }
+                (Device::Cpu, Op::Add) => cpu_put(&mut g, dy().cpu().to_vec(), acc),
+                (Device::Gpu(gpu), Op::LayerNorm { .. }) => {
+                    let stats = saved.expect("layernorm saves its statistics").gpu();
+                    let (xs, w) = (x(0).gpu(), x(1).gpu());
+                    let (dx, dw, db) = match j {
+                        0 => (Some(g.gpu()), None, None),
+                        1 => (None, Some(g.gpu()), None),
+                        _ => (None, None, Some(g.gpu())),
+                    };
+                    norm::norm_backward(gpu, dx, dw, db, dy().gpu(), xs, w, stats, NormKind::Layer, acc)?;
+                }
+                (Device::Cpu, Op::LayerNorm { .. }) => {
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let stats = saved.expect("layernorm saves its statistics").cpu();
+                    let (mean, rstd) = stats.split_at(rows);
+                    let (mut dx, mut dw, mut db) =
+                        (vec![0f32; rows * cols], vec![0f32; cols], vec![0f32; cols]);
+                    kr::layernorm_backward(
+                        &mut dx,
+                        &mut dw,
+                        &mut db,
+                        dy().cpu(),
+                        x(0).cpu(),
+                        x(1).cpu(),
+                        mean,
+                        rstd,
+                        rows,
+                        cols,
+                    );
+                    cpu_put(&mut g, [dx, dw, db].into_iter().nth(j.min(2)).expect("three outputs"), acc);
+                }
+                (Device::Gpu(gpu), Op::Linear { trans_w }) => {
+                    let (xs, w) = (x(0).gpu(), x(1).gpu());
+                    let (da, dw, db) = match j {
+                        0 => (Some(g.gpu()), None, None),
+                        1 => (None, Some(g.gpu()), None),
+                        _ => (None, None, Some(g.gpu())),
+                    };
+                    matmul::matmul_backward(gpu, da, dw, db, dy().gpu(), xs, w, false, *trans_w, acc)?;
+                }
+                (Device::Cpu, Op::Linear { trans_w }) => {
+                    let d = linear_dims(&graph.shapes[node.inputs[0].0], &shape, *trans_w);
+                    let mut fresh = vec![0f32; in_shape.iter().product()];
+                    let (x0, w) = (x(0).cpu(), x(1).cpu());
+                    match j {
+                        0 => kr::matmul_backward(Some(&mut fresh), None, None, dy().cpu(), x0, w, d),
+                        1 => kr::matmul_backward(None, Some(&mut fresh), None, dy().cpu(), x0, w, d),
+                        _ => kr::matmul_backward(None, None, Some(&mut fresh), dy().cpu(), x0, w, d),
+                    }
+                    cpu_put(&mut g, fresh, acc);
+                }
+                (Device::Gpu(gpu), Op::Gelu) => activation::act_backward(
+                    gpu,
+                    g.gpu(),
+                    x(0).gpu(),
+                    dy().gpu(),
+                    activation::Act::Gelu,
+                    acc,
+                )?,
+                (Device::Cpu, Op::Gelu) => {
+                    let mut d = vec![0f32; in_shape.iter().product()];
+                    kr::gelu_backward(&mut d, x(0).cpu(), dy().cpu());
+                    cpu_put(&mut g, d, acc);
+                }
+                (Device::Gpu(gpu), Op::AttentionPacked { dims: d }) => {
+                    let probs = saved.expect("attention saves its probabilities").gpu();
+                    let (q, k, v) = packed(x(0).gpu(), d);
+                    let (dq, dk, dv) = packed(g.gpu(), d);
+                    let dout = Heads::dense(dy().gpu(), d.h, d.d);
+                    attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, probs, *d, acc)?;
+                }
+                (Device::Cpu, Op::AttentionPacked { dims: d }) => {
+                    let probs = saved.expect("attention saves its probabilities").cpu();
+                    let (q, k, v) = unpack(x(0).cpu(), d);
+                    let (mut dq, mut dk, mut dv) =
+                        (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+                    kr::attention_backward(&mut dq, &mut dk, &mut dv, dy().cpu(), &q, &k, &v, probs, *d);
+                    let (qw, kw) = (d.h * d.d, d.kv_h * d.d);
+                    let fresh: Vec<f32> = (0..d.b * d.t)
+                        .flat_map(|r| {
+                            [&dq[r * qw..(r + 1) * qw], &dk[r * kw..(r + 1) * kw], &dv[r * kw..(r + 1) * kw]]
+                                .concat()
+                        })
+                        .collect();
+                    cpu_put(&mut g, fresh, acc);
+                }
+                (Device::Gpu(gpu), Op::CrossEntropy { targets }) => {
+                    let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
+                    let state = saved.expect("cross-entropy saves its state").gpu();
+                    if acc {
+                        let fresh = Tensor::empty(gpu, &in_shape, "dlogits")?;
+                        cross_entropy::cross_entropy_backward(
+                            gpu,
+                            &fresh,
+                            x(0).gpu(),
+                            state,
+                            &fed[*targets],
+                            scale,
+                        )?;
+                        elementwise::axpby(gpu, g.gpu(), &fresh, 1.0, 1.0)?;
+                    } else {
+                        cross_entropy::cross_entropy_backward(
+                            gpu,
+                            g.gpu(),
+                            x(0).gpu(),
+                            state,
+                            &fed[*targets],
+                            scale,
+                        )?;
+                    }
+                }
+                (Device::Cpu, Op::CrossEntropy { targets }) => {
+                    let Fed::Cpu { targets: fed, .. } = &run.fed else { unreachable!() };
+                    let (n, v) = (in_shape[0], in_shape[1]);
+                    let mut d = vec![0f32; n * v];
+                    kr::cross_entropy_backward(&mut d, x(0).cpu(), &fed[*targets], scale, n, v);
+                    cpu_put(&mut g, d, acc);
+                }
+            }
+        }
+        put_grad(store, grads, target, g);
+    }
+    Ok(())
+}

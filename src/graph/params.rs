@@ -1,0 +1,132 @@
+//! The parameter store: every weight of a model by name, with its shape, dtype, whether it is
+//! trained, and where it lives. One flat list serves parameters, gradients and optimizer
+//! moments (llm.c's layout, one entry per tensor), so the optimizer is one loop over it.
+//!
+//! Frozen parameters (LoRA's base weights) get no gradient buffer and no optimizer state.
+//! Everything is resident on the device today; `Location` is where memory-mapped, streamed
+//! shards will be described.
+
+use super::{Device, Value};
+use crate::error::{Error, Result};
+use crate::kernels::optim::{self, AdamW};
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub usize);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+}
+
+/// Where a parameter's authoritative copy lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// In a device buffer for the whole run.
+    Resident,
+}
+
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub trainable: bool,
+    pub location: Location,
+    pub value: Value,
+    /// Gradient, accumulated over micro-batches until [`ParamStore::zero_grads`].
+    pub grad: Option<Value>,
+    /// AdamW moments, created on the first step.
+    moments: Option<(Value, Value)>,
+}
+
+pub struct ParamStore {
+    dev: Device,
+    params: Vec<Param>,
+    by_name: HashMap<String, ParamId>,
+    step: u32,
+}
+
+impl ParamStore {
+    pub fn new(dev: Device) -> Self {
+        ParamStore { dev, params: Vec::new(), by_name: HashMap::new(), step: 0 }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Add a parameter from host data. Trainable parameters get a zeroed gradient buffer.
+    pub fn add(&mut self, name: &str, shape: &[usize], data: &[f32], trainable: bool) -> Result<ParamId> {
+        if self.by_name.contains_key(name) {
+            return Err(Error::InvalidArgument { name: name.into(), detail: "parameter added twice".into() });
+        }
+        let value = Value::from_host(&self.dev, data, shape, name)?;
+        let grad = if trainable { Some(Value::zeros(&self.dev, shape, name)?) } else { None };
+        let id = ParamId(self.params.len());
+        self.params.push(Param {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+            trainable,
+            location: Location::Resident,
+            value,
+            grad,
+            moments: None,
+        });
+        self.by_name.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.by_name.get(name).copied()
+    }
+    pub fn get(&self, id: ParamId) -> &Param {
+        &self.params[id.0]
+    }
+    pub fn get_mut(&mut self, id: ParamId) -> &mut Param {
+        &mut self.params[id.0]
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &Param)> {
+        self.params.iter().enumerate().map(|(i, p)| (ParamId(i), p))
+    }
+    /// Number of values in trainable parameters.
+    pub fn trainable_numel(&self) -> usize {
+        self.params.iter().filter(|p| p.trainable).map(|p| p.shape.iter().product::<usize>()).sum()
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for p in &mut self.params {
+            if let Some(g) = &mut p.grad {
+                g.fill(&self.dev, 0.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One AdamW step on every trainable parameter (moments created on the first call).
+    pub fn adamw_step(&mut self, opt: AdamW) -> Result<()> {
+        self.step += 1;
+        let step = self.step;
+        for p in &mut self.params {
+            let Some(grad) = &p.grad else { continue };
+            if p.moments.is_none() {
+                p.moments = Some((
+                    Value::zeros(&self.dev, &p.shape, "adam m")?,
+                    Value::zeros(&self.dev, &p.shape, "adam v")?,
+                ));
+            }
+            let (m, v) = p.moments.as_mut().expect("created above");
+            match (&mut p.value, grad, m, v) {
+                (Value::Gpu(w), Value::Gpu(g), Value::Gpu(m), Value::Gpu(v)) => {
+                    let Device::Gpu(gpu) = &self.dev else { unreachable!("GPU values on a GPU store") };
+                    optim::adamw_step(gpu, w, g, m, v, opt, step)?;
+                }
+                (Value::Cpu(w), Value::Cpu(g), Value::Cpu(m), Value::Cpu(v)) => {
+                    kernels_ref::adamw_step(w, g, m, v, opt, step);
+                }
+                _ => unreachable!("a store holds values of one device"),
+            }
+        }
+        Ok(())
+    }
+}

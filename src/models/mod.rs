@@ -1,0 +1,97 @@
+//! Model families, one file each, configured from the checkpoint's `config.json` and loaded
+//! from Hugging Face `*.safetensors` by tensor name.
+
+pub mod gpt2;
+
+use crate::error::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io { path: path.to_path_buf(), source }
+}
+
+/// A memory-mapped `.safetensors` file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        // SAFETY: the file is opened read-only and not modified while mapped by this process;
+        // a concurrent writer elsewhere would be a user error we cannot rule out, as with any mmap.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
+        let file = SafetensorsFile { path: path.to_path_buf(), map };
+        file.parsed()?;
+        Ok(file)
+    }
+
+    fn parsed(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map).map_err(|e| Error::Checkpoint {
+            path: self.path.clone(),
+            detail: format!("not a readable safetensors file ({e}); is it truncated or corrupt?"),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.parsed().map(|s| s.names().into_iter().map(str::to_string).collect()).unwrap_or_default()
+    }
+
+    /// Shape and values (as f32) of `name`, if present. F32, F16 and BF16 are read.
+    pub fn get(&self, name: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let st = self.parsed()?;
+        let Ok(view) = st.tensor(name) else { return Ok(None) };
+        let bytes = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => {
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
+            Dtype::F16 => {
+                bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+                .collect(),
+            other => {
+                return Err(Error::Checkpoint {
+                    path: self.path.clone(),
+                    detail: format!("tensor {name} has dtype {other:?}; F32, F16 and BF16 are supported"),
+                })
+            }
+        };
+        Ok(Some((view.shape().to_vec(), values)))
+    }
+
+    /// Like [`Self::get`], for a tensor that must be there with `shape`.
+    pub fn require(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self.get(name)? {
+            None => Err(Error::Checkpoint {
+                path: self.path.clone(),
+                detail: format!("tensor {name} is missing (the checkpoint does not match the config)"),
+            }),
+            Some((s, _)) if s != shape => Err(Error::Checkpoint {
+                path: self.path.clone(),
+                detail: format!("tensor {name} has shape {s:?}, the config implies {shape:?}"),
+            }),
+            Some((_, v)) => Ok(v),
+        }
+    }
+}
+
+/// Read and parse `config.json` of a model directory.
+pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { path, detail: format!("config.json does not parse: {e}") })
+}

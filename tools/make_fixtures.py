@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Writes the PyTorch parity fixtures under tests/fixtures/ (committed; each well under 5 MB).
+
+For each fixture directory:
+  config.json, model.safetensors   the randomly initialised model, as transformers saves it
+  expected.safetensors             input_ids, targets (-100 = ignored), logits, loss, every
+                                   parameter gradient as "grad.<hf name>", and "adamw_losses":
+                                   the loss before each of 10 AdamW steps on the same batch
+
+Everything in float32 on the CPU, dropout off, eager attention. AdamW hyperparameters are in
+ADAMW below; weight decay applies to every parameter (torch's default with model.parameters()).
+
+Usage: python3 -m venv .venv && .venv/bin/pip install -r tools/requirements.txt
+       .venv/bin/python tools/make_fixtures.py
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+STEPS = 10
+
+
+def batch(vocab, b, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t + 1), generator=g)
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    targets[0, :3] = -100  # a masked prompt, as prompt/completion data produces
+    return inputs, targets
+
+
+def record(model, inputs, targets, out_dir):
+    model.eval()  # no dropout (all p = 0 anyway)
+    out = model(input_ids=inputs)
+    logits = out.logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+    loss.backward()
+    tensors = {
+        "input_ids": inputs.to(torch.int64),
+        "targets": targets.to(torch.int64),
+        "logits": logits.detach().contiguous(),
+        "loss": loss.detach().reshape(1),
+    }
+    for name, p in model.named_parameters():
+        tensors["grad." + name] = p.grad.detach().contiguous()
+
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    losses = []
+    opt.zero_grad()
+    for _ in range(STEPS):
+        l = torch.nn.functional.cross_entropy(
+            model(input_ids=inputs).logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+        )
+        losses.append(l.item())
+        opt.zero_grad()
+        l.backward()
+        opt.step()
+    tensors["adamw_losses"] = torch.tensor(losses, dtype=torch.float32)
+    save_file(tensors, os.path.join(out_dir, "expected.safetensors"))
+    with open(os.path.join(out_dir, "adamw.json"), "w") as f:
+        json.dump({"steps": STEPS, **{k: list(v) if isinstance(v, tuple) else v for k, v in ADAMW.items()}}, f, indent=1)
+
+
+def gpt2_tiny():
+    out_dir = os.path.join(ROOT, "gpt2-tiny")
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=251, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=250, eos_token_id=250,
+    )
+    cfg._attn_implementation = "eager"
+    model = GPT2LMHeadModel(cfg).float()
+    # Non-trivial LayerNorm parameters and biases (they start at 1 and 0).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    inputs, targets = batch(cfg.vocab_size, 2, 16, seed=1)
+    record(model, inputs, targets, out_dir)
+
+
+if __name__ == "__main__":
+    gpt2_tiny()
+    print("fixtures written under", os.path.normpath(ROOT))
