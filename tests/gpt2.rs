@@ -71,6 +71,7 @@ fn check(dev: Device) {
     assert!(logits_err <= 1e-4, "{}: logits rel err {logits_err:e}", dev.name());
     eprintln!("{}: loss rel err {loss_err:e}, logits rel err {logits_err:e}", dev.name());
 
+    let mut run = run;
     run.backward(&mut store, vars.loss, 1.0).unwrap();
     let (mut checked, mut worst) = (0, 0f64);
     for name in ex.file.names().into_iter().filter(|n| n.starts_with("grad.")) {
@@ -92,7 +93,7 @@ fn check(dev: Device) {
     let mut worst_step = 0f32;
     for (step, &w) in want.iter().enumerate() {
         store.zero_grads().unwrap();
-        let run = graph.forward(&store, &feed, &[]).unwrap();
+        let mut run = graph.forward(&store, &feed, &[]).unwrap();
         let l = run.loss(vars.loss).unwrap();
         let err = ((l - w) / w).abs();
         assert!(err <= 1e-4, "{}: AdamW step {step}: loss {l} vs torch {w}", dev.name());

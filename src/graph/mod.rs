@@ -353,6 +353,11 @@ impl Run<'_> {
         }
     }
 
+    /// How many activations the run holds now (those the backward pass still needs).
+    pub fn live_values(&self) -> usize {
+        self.values.iter().filter(|v| v.is_some()).count()
+    }
+
     /// The scalar value of `loss` (a synchronisation point).
     pub fn loss(&self, loss: Var) -> Result<f32> {
         Ok(self.read(loss)?[0])
@@ -360,7 +365,7 @@ impl Run<'_> {
 
     /// Backward from the scalar `loss` with d(output)/d(loss) = `scale` (1 / micro-batches when
     /// accumulating). Parameter gradients are added to the store's gradient buffers.
-    pub fn backward(mut self, store: &mut ParamStore, loss: Var, scale: f32) -> Result<()> {
+    pub fn backward(&mut self, store: &mut ParamStore, loss: Var, scale: f32) -> Result<()> {
         let g = self.graph;
         if !matches!(g.nodes[loss.0].op, Op::CrossEntropy { .. }) {
             return Err(Error::InvalidArgument {
@@ -388,10 +393,10 @@ impl Run<'_> {
             if dout.is_none() && i != loss.0 {
                 continue; // does not reach the loss
             }
-            ops::backward(&mut self, store, &mut grads, i, dout.as_ref(), scale)?;
+            ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             self.saved[i] = None;
             for v in &node.inputs {
-                if first_backward[v.0] == i {
+                if first_backward[v.0] == i && *v != loss {
                     self.values[v.0] = None;
                 }
             }

@@ -149,7 +149,9 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             let losses = Tensor::empty(g, &[n], "losses")?;
             let state = Tensor::empty(g, &[n, 4], "cross-entropy state")?;
             cross_entropy::cross_entropy_forward(g, &losses, &state, x(0).gpu(), &fed[*targets])?;
-            let sum = Tensor::from_host(g, &[0.0], &[1], "loss sum")?;
+            // Filled by a dispatch, not uploaded: a host write would end the step's submission.
+            let sum = Tensor::empty(g, &[1], "loss sum")?;
+            elementwise::fill(g, &sum, 0.0)?;
             reduce::sum_into(g, &sum, 0, &losses, false)?;
             // Mean over counted rows; 0/0 gives NaN when every row is ignored, as in PyTorch.
             elementwise::axpby(g, out.gpu(), &sum, 1.0 / fed[*targets].count() as f32, 0.0)?;

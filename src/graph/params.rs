@@ -94,6 +94,16 @@ impl ParamStore {
         self.params.iter().filter(|p| p.trainable).map(|p| p.shape.iter().product::<usize>()).sum()
     }
 
+    /// Stop training a parameter: its gradient buffer and optimizer state are released.
+    /// Graphs recorded afterwards compute no gradient for it (activation gradients still flow
+    /// through it to whatever is trainable upstream).
+    pub fn freeze(&mut self, id: ParamId) {
+        let p = &mut self.params[id.0];
+        p.trainable = false;
+        p.grad = None;
+        p.moments = None;
+    }
+
     pub fn zero_grads(&mut self) -> Result<()> {
         for p in &mut self.params {
             if let Some(g) = &mut p.grad {

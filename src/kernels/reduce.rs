@@ -109,7 +109,9 @@ pub fn sum(gpu: &Gpu, x: &Tensor, squares: bool) -> Result<f32> {
 /// the GPU. Returns a 2-element tensor (sum of squares, clip coefficient) to read when the
 /// norm is wanted.
 pub fn clip_grad_norm(gpu: &Gpu, grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
-    let acc = Tensor::from_host(gpu, &[0.0, 1.0], &[2], "grad norm")?;
+    // Zeroed by a dispatch, not uploaded, so that clipping adds nothing to read back or wait for.
+    let acc = Tensor::empty(gpu, &[2], "grad norm")?;
+    elementwise::fill(gpu, &acc, 0.0)?;
     for g in grads {
         sum_into(gpu, &acc, 0, g, true)?;
     }
