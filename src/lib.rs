@@ -6,6 +6,8 @@
 //! [`bench`] <- the `pockettune` binary.
 
 pub mod bench;
+pub mod checkpoint;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod gradcheck;
@@ -13,6 +15,7 @@ pub mod graph;
 pub mod kernels;
 pub mod models;
 pub mod shaders;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, MatmulKernel, Profile, Tensor};

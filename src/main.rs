@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 #[command(
     name = "pockettune",
     version,
+    args_override_self = true,
     about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute",
     long_about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute.\n\n\
                   Start with `pockettune info` (which GPU is used, with which limits) and \
@@ -68,6 +69,18 @@ enum Command {
         #[arg(long)]
         kernel: Vec<String>,
     },
+    /// Fine-tune a model (GPT-2 family) on text or JSONL data. Every option can also come from
+    /// `--config run.toml` (keys as the long option names; command-line options win).
+    Train {
+        #[command(flatten)]
+        opts: Box<pockettune::train::TrainOptions>,
+        /// TOML file of options, e.g. `lr = 3e-4` and `seq_len = 256`.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Print the summary as one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks, each with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -100,8 +113,40 @@ enum BenchCommand {
     },
 }
 
+/// `train --config FILE`: the file's options go first on the command line, so that options
+/// given explicitly (later) override them.
+fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
+    let Some(pos) = args.iter().position(|a| a == "--config") else { return Ok(args) };
+    let path = args.get(pos + 1).context("--config needs a file name")?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{path} is not valid TOML"))?;
+    let mut from_file = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            toml::Value::Boolean(true) => from_file.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => from_file.extend([flag, s]),
+            toml::Value::Integer(_) | toml::Value::Float(_) => from_file.extend([flag, value.to_string()]),
+            other => anyhow::bail!("{path}: option {key} = {other} is not a string, number or boolean"),
+        }
+    }
+    let sub = args.iter().position(|a| a == "train").context("--config applies to `train`")?;
+    let mut merged = args[..=sub].to_vec();
+    merged.extend(from_file);
+    merged.extend(args[sub + 1..].iter().cloned());
+    Ok(merged)
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let args = match with_config_file(std::env::args().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -115,6 +160,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
+        Command::Train { opts, json, .. } => run_train(&opts, json),
         Command::Gradcheck { device, json, seed, kernel } => run_gradcheck(&device, json, seed, &kernel),
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             bench_kernels(
@@ -335,6 +381,33 @@ fn bench_kernels(
             "cpu_threads": threads,
             "kernels": all,
         }))?;
+    }
+    Ok(0)
+}
+
+fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> {
+    use std::io::IsTerminal;
+    eprintln!(
+        "training {} on {} ({} method, batch {} x {} tokens, grad accum {})",
+        opts.model.display(),
+        opts.data.display(),
+        format!("{:?}", opts.method).to_lowercase(),
+        opts.batch_size,
+        opts.seq_len,
+        opts.grad_accum
+    );
+    let summary = pockettune::train::train(opts, std::io::stderr().is_terminal())?;
+    let first = summary.losses.first().copied().unwrap_or(f32::NAN);
+    let last = summary.losses.last().copied().unwrap_or(f32::NAN);
+    eprintln!(
+        "{} steps in {:.1} s, loss {first:.4} -> {last:.4}{}; checkpoint {}",
+        summary.steps,
+        summary.seconds,
+        summary.final_eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}")),
+        summary.checkpoint.as_ref().map_or("none".into(), |p| p.display().to_string())
+    );
+    if json {
+        print_json(&serde_json::to_value(&summary)?)?;
     }
     Ok(0)
 }

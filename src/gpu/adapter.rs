@@ -16,7 +16,7 @@ use std::fmt;
 /// Environment variable read when `--device` is not given.
 pub const DEVICE_ENV: &str = "POCKETTUNE_DEVICE";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// `wgpu::Limits::downlevel_defaults()`: 4 storage buffers per stage, 128 MiB bindings,

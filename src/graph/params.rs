@@ -39,6 +39,13 @@ pub struct Param {
     moments: Option<(Value, Value)>,
 }
 
+impl Param {
+    /// AdamW moments (m, v), once the first step has made them.
+    pub fn moments(&self) -> Option<(&Value, &Value)> {
+        self.moments.as_ref().map(|(m, v)| (m, v))
+    }
+}
+
 pub struct ParamStore {
     dev: Device,
     params: Vec<Param>,
@@ -104,10 +111,48 @@ impl ParamStore {
         p.moments = None;
     }
 
+    /// AdamW steps taken so far (bias correction uses it).
+    pub fn adam_step(&self) -> u32 {
+        self.step
+    }
+    pub fn set_adam_step(&mut self, step: u32) {
+        self.step = step;
+    }
+    /// Set a parameter's AdamW moments (restoring a checkpoint).
+    pub fn set_moments(&mut self, id: ParamId, m: &[f32], v: &[f32]) -> Result<()> {
+        let p = &mut self.params[id.0];
+        let m = Value::from_host(&self.dev, m, &p.shape, "adam m")?;
+        let v = Value::from_host(&self.dev, v, &p.shape, "adam v")?;
+        p.moments = Some((m, v));
+        Ok(())
+    }
+
     pub fn zero_grads(&mut self) -> Result<()> {
         for p in &mut self.params {
             if let Some(g) = &mut p.grad {
                 g.fill(&self.dev, 0.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Scale all gradients so that their global L2 norm is at most `max_norm`, as
+    /// `torch.nn.utils.clip_grad_norm_` does (on the GPU without a read-back).
+    pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<()> {
+        match &self.dev {
+            Device::Gpu(g) => {
+                let grads: Vec<&crate::gpu::Tensor> =
+                    self.params.iter().filter_map(|p| p.grad.as_ref()).map(Value::gpu).collect();
+                crate::kernels::reduce::clip_grad_norm(g, &grads, max_norm)?;
+            }
+            Device::Cpu => {
+                let mut grads: Vec<&mut [f32]> = self
+                    .params
+                    .iter_mut()
+                    .filter_map(|p| p.grad.as_mut())
+                    .map(|g| g.cpu_mut().as_mut_slice())
+                    .collect();
+                kernels_ref::clip_grad_norm(&mut grads, max_norm);
             }
         }
         Ok(())

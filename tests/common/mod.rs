@@ -24,3 +24,81 @@ pub fn gpu() -> Option<&'static Arc<Gpu>> {
     })
     .as_ref()
 }
+
+/// GPT-2's byte-to-character table (printable bytes stand for themselves, the rest are moved
+/// above 255), so that a byte-level BPE vocabulary can be written without merges.
+#[allow(dead_code)]
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut extra = 0;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap()
+            }
+        })
+        .collect()
+}
+
+/// A model directory with a random 2-layer GPT-2 (vocabulary 257: the 256 bytes and
+/// `<|endoftext|>`) and a matching byte-level tokenizer.json.
+#[allow(dead_code)]
+pub fn tiny_model_dir(dir: &std::path::Path, seed: u64) {
+    use pockettune::models::gpt2::{Gpt2, Gpt2Config};
+    use rand::{Rng, SeedableRng};
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64, "vocab_size": 257,
+        "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let cfg: Gpt2Config = serde_json::from_value(config).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Gpt2::param_shapes(&cfg)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data = if name.contains("ln_") && name.ends_with(".weight") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect()
+            };
+            (name, shape, data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    s.clone(),
+                    bytemuck::cast_slice(d),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), serde_json::json!(i))).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": true, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+}

@@ -1,0 +1,338 @@
+//! The training loop: batches from `data`, forward and backward through the graph executor,
+//! gradient accumulation and clipping, AdamW with a warmup + cosine schedule, held-out
+//! evaluation, atomic checkpoints, `--resume`, a metrics JSONL line per optimizer step and a
+//! progress bar (quiet when stderr is not a terminal).
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::{Batches, Tokenizer, Tokens};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuOptions, Profile};
+use crate::graph::{Device, ParamStore};
+use crate::kernels::optim::AdamW;
+use crate::models::gpt2::Gpt2;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Full fine-tuning: every weight is trained.
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    /// Linear warmup, then cosine decay to 0 at the last step.
+    Cosine,
+}
+
+/// Every option of `pockettune train` (each can also come from `--config run.toml`).
+#[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
+pub struct TrainOptions {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training text: a file, a directory of .txt/.md/.jsonl files, or JSONL with
+    /// {"text": ...} or {"prompt": ..., "completion": ...} lines.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Held-out data for evaluation (else --eval-fraction of --data).
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the training windows held out for evaluation when --eval-data is absent.
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_fraction: f64,
+    /// Fine-tuning method.
+    #[arg(long, value_enum, default_value_t = Method::Full)]
+    pub method: Method,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    /// Decoupled weight decay (AdamW), applied to every trained weight.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f32,
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f32,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f32,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub schedule: Schedule,
+    /// Warmup steps (learning rate rising linearly from 0).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Micro-batches per optimizer step (their gradients are averaged).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip gradients to this global L2 norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Optimizer steps (default: one epoch, or --epochs).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Epochs over the training data (used when --steps is absent).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Seed of the data order (with --shuffle).
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
+    /// Shuffle the windows each epoch (else file order).
+    #[arg(long)]
+    pub shuffle: bool,
+    /// Evaluate on held-out data every N steps (0 = only at the end, if there is eval data).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Held-out batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batches: usize,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Output directory: checkpoints (step-NNNNNN/, latest) and metrics.
+    #[arg(long, default_value = "runs/pockettune")]
+    pub out: PathBuf,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Metrics JSONL file (default: OUT/metrics.jsonl).
+    #[arg(long)]
+    pub metrics_out: Option<PathBuf>,
+    /// `cpu` for the CPU reference path, else a GPU adapter (index, type or name).
+    #[arg(long, env = "POCKETTUNE_DEVICE")]
+    pub device: Option<String>,
+    /// GPU limits profile.
+    #[arg(long, value_enum, default_value_t = Profile::Mobile)]
+    pub limits: Profile,
+}
+
+/// What `train` reports at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub losses: Vec<f32>,
+    pub final_eval_loss: Option<f32>,
+    pub checkpoint: Option<PathBuf>,
+    pub tokens_seen: u64,
+    pub seconds: f64,
+}
+
+fn invalid(name: &str, detail: impl Into<String>) -> Error {
+    Error::InvalidArgument { name: name.into(), detail: detail.into() }
+}
+
+/// Open `cpu` or a GPU as `--device` says.
+pub fn open_device(spec: Option<&str>, limits: Profile) -> Result<Device> {
+    if spec == Some("cpu") {
+        return Ok(Device::Cpu);
+    }
+    let gpu = Gpu::new(&GpuOptions { device: spec.map(str::to_string), profile: limits })?;
+    Ok(Device::Gpu(Arc::new(gpu)))
+}
+
+/// The learning rate at optimizer step `step` (0-based) of `total`.
+pub fn learning_rate(o: &TrainOptions, step: usize, total: usize) -> f32 {
+    if step < o.warmup {
+        return o.lr * (step + 1) as f32 / o.warmup as f32;
+    }
+    match o.schedule {
+        Schedule::Constant => o.lr,
+        Schedule::Cosine => {
+            let span = total.saturating_sub(o.warmup).max(1) as f64;
+            let progress = (step - o.warmup) as f64 / span;
+            (o.lr as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+        }
+    }
+}
+
+/// Resident set size now and at its peak, from /proc (None elsewhere).
+pub fn rss() -> (Option<u64>, Option<u64>) {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return (None, None) };
+    let field = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn validate(o: &TrainOptions) -> Result<()> {
+    if o.batch_size == 0 || o.seq_len == 0 || o.grad_accum == 0 {
+        return Err(invalid("--batch-size/--seq-len/--grad-accum", "must be at least 1"));
+    }
+    if !(o.lr.is_finite() && o.lr > 0.0) {
+        return Err(invalid("--lr", format!("{} is not a positive learning rate", o.lr)));
+    }
+    if !(0.0..1.0).contains(&o.eval_fraction) {
+        return Err(invalid("--eval-fraction", "must be in [0, 1)"));
+    }
+    Ok(())
+}
+
+/// Fine-tune; `progress` draws a progress bar on stderr (hidden when it is not a terminal).
+pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
+    validate(o)?;
+    let dev = open_device(o.device.as_deref(), o.limits)?;
+    let tok = Tokenizer::load(&o.model.join("tokenizer.json"))?;
+    let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
+    if o.resume && resume_dir.is_none() {
+        return Err(invalid("--resume", format!("no checkpoint in {} (no `latest` file)", o.out.display())));
+    }
+    let weights_dir = resume_dir.clone().unwrap_or_else(|| o.model.clone());
+    let (model, mut store) = Gpt2::load(&weights_dir, &dev)?;
+    tok.check_model_vocab(model.cfg.vocab_size)?;
+
+    let data = Tokens::load(&o.data, &tok)?;
+    let (data, eval) = match (&o.eval_data, o.eval_fraction > 0.0) {
+        (Some(p), _) => (data, Some(Tokens::load(p, &tok)?)),
+        (None, true) => {
+            let (t, e) = data.split_eval(o.eval_fraction, o.seq_len);
+            (t, Some(e))
+        }
+        (None, false) => (data, None),
+    };
+    let mut batches = Batches::new(&data, o.batch_size, o.seq_len, o.shuffle, o.seed, &o.data)?;
+    let total = o.steps.unwrap_or_else(|| (o.epochs * batches.per_epoch() / o.grad_accum).max(1));
+
+    let mut state =
+        TrainState { step: 0, adam_step: 0, epoch: 0, batch_index: 0, seed: o.seed, tokens_seen: 0 };
+    if let Some(dir) = &resume_dir {
+        state = checkpoint::restore(dir, &mut store)?;
+        batches.seek(state.epoch, state.batch_index);
+        eprintln!("resuming from {} at step {}", dir.display(), state.step);
+    }
+    let (graph, vars) = model.graph(&store, o.batch_size, o.seq_len)?;
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), source: e })?;
+    let metrics_path = o.metrics_out.clone().unwrap_or_else(|| o.out.join("metrics.jsonl"));
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::Io { path: metrics_path.clone(), source: e })?;
+    let mut log = |value: serde_json::Value| -> Result<()> {
+        writeln!(metrics, "{value}").map_err(|e| Error::Io { path: metrics_path.clone(), source: e })
+    };
+
+    let bar =
+        if progress { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template"),
+    );
+    bar.set_position(state.step as u64);
+    let start = Instant::now();
+    let mut losses = Vec::new();
+    let mut last_checkpoint = resume_dir;
+    let mut eval_loss = None;
+    let eval_tokens = eval.as_ref();
+    let tokens_per_step = (o.batch_size * o.seq_len * o.grad_accum) as u64;
+    while state.step < total {
+        let t0 = Instant::now();
+        store.zero_grads()?;
+        let mut loss_sum = 0.0;
+        for _ in 0..o.grad_accum {
+            let (ids, targets) = batches.next(&data);
+            let mut run = graph.forward(&store, &Gpt2::feed(&ids, &targets, o.batch_size, o.seq_len), &[])?;
+            run.backward(&mut store, vars.loss, 1.0 / o.grad_accum as f32)?;
+            loss_sum += run.loss(vars.loss)?;
+        }
+        let loss = loss_sum / o.grad_accum as f32;
+        if !loss.is_finite() {
+            return Err(invalid(
+                "training",
+                format!(
+                    "the loss is {loss} at step {}; lower --lr or check the data. The last good checkpoint is {}",
+                    state.step + 1,
+                    last_checkpoint.as_ref().map_or("none".into(), |p| p.display().to_string())
+                ),
+            ));
+        }
+        if o.max_grad_norm > 0.0 {
+            store.clip_grad_norm(o.max_grad_norm)?;
+        }
+        let lr = learning_rate(o, state.step, total);
+        store.adamw_step(AdamW {
+            lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+        })?;
+        state.step += 1;
+        state.adam_step = store.adam_step();
+        state.epoch = batches.epoch;
+        state.batch_index = batches.index;
+        state.tokens_seen += tokens_per_step;
+        losses.push(loss);
+        let secs = t0.elapsed().as_secs_f64();
+        let (rss, peak) = rss();
+        let gpu_bytes = match &dev {
+            Device::Gpu(g) => Some(g.bytes_allocated().0),
+            Device::Cpu => None,
+        };
+        log(serde_json::json!({
+            "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens_seen,
+            "ms_step": secs * 1e3, "tokens_per_s": tokens_per_step as f64 / secs,
+            "rss_bytes": rss, "peak_rss_bytes": peak, "gpu_bytes": gpu_bytes,
+            "battery_pct": null, "throttle_ms": 0,
+        }))?;
+        bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens_per_step as f64 / secs));
+        bar.set_position(state.step as u64);
+
+        let last = state.step == total;
+        if let Some(ev) = eval_tokens {
+            if (o.eval_every > 0 && state.step % o.eval_every == 0) || last {
+                let l = evaluate(&graph, vars.loss, &store, ev, o.batch_size, o.seq_len, o.eval_batches)?;
+                log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
+                bar.println(format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp()));
+                eval_loss = Some(l);
+            }
+        }
+        if (o.save_every > 0 && state.step % o.save_every == 0) || last {
+            last_checkpoint = Some(checkpoint::save(&o.out, &o.model, &store, &state)?);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(TrainSummary {
+        steps: state.step,
+        losses,
+        final_eval_loss: eval_loss,
+        checkpoint: last_checkpoint,
+        tokens_seen: state.tokens_seen,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Mean loss over up to `max_batches` batches of `tokens` in order (forward only).
+pub fn evaluate(
+    graph: &crate::graph::Graph,
+    loss: crate::graph::Var,
+    store: &ParamStore,
+    tokens: &Tokens,
+    batch: usize,
+    seq: usize,
+    max_batches: usize,
+) -> Result<f32> {
+    let mut batches = Batches::new(tokens, batch, seq, false, 0, Path::new("eval data"))?;
+    let n = batches.per_epoch().min(max_batches.max(1));
+    let mut sum = 0.0;
+    for _ in 0..n {
+        let (ids, targets) = batches.next(tokens);
+        sum += graph.forward(store, &Gpt2::feed(&ids, &targets, batch, seq), &[])?.loss(loss)?;
+    }
+    Ok(sum / n as f32)
+}
