@@ -144,3 +144,60 @@ pub fn overall(results: &[MatmulResult], gflops: impl Fn(&MatmulResult) -> f64) 
     let secs: f64 = results.iter().map(|r| flops(r) / (gflops(r) * 1e9)).sum();
     total / secs / 1e9
 }
+
+/// One full fine-tuning step (forward, backward, AdamW) of a randomly initialised GPT-2.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepResult {
+    pub device: String,
+    pub ms_step: f64,
+    pub tokens_per_s: f64,
+    /// peak resident set size of the process after this device's run (lavapipe's "GPU"
+    /// memory lives in the process too)
+    pub peak_rss_bytes: Option<u64>,
+    /// bytes held in GPU buffers at the peak (None on the CPU path)
+    pub peak_gpu_bytes: Option<u64>,
+}
+
+/// Time `steps` training steps (after one warm-up step) of `cfg` at batch `b`, sequence `t`.
+pub fn step_bench(
+    dev: &crate::graph::Device,
+    cfg: &crate::models::gpt2::Gpt2Config,
+    b: usize,
+    t: usize,
+    steps: usize,
+) -> Result<StepResult> {
+    use crate::graph::Device;
+    use crate::kernels::optim::AdamW;
+    use crate::models::gpt2::Gpt2;
+    let (model, mut store) = Gpt2::random(cfg.clone(), dev, 1)?;
+    let (graph, vars) = model.graph(&store, b, t)?;
+    let mut rng = StdRng::seed_from_u64(3);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+    let targets: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let feed = Gpt2::feed(&ids, &targets, b, t);
+    let opt = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let mut one = || -> Result<f32> {
+        store.zero_grads()?;
+        let mut run = graph.forward(&store, &feed, &[])?;
+        run.backward(&mut store, vars.loss, 1.0)?;
+        store.clip_grad_norm(1.0)?;
+        store.adamw_step(opt)?;
+        run.loss(vars.loss)
+    };
+    one()?;
+    let start = Instant::now();
+    for _ in 0..steps.max(1) {
+        one()?;
+    }
+    let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    Ok(StepResult {
+        device: dev.name(),
+        ms_step: secs * 1e3,
+        tokens_per_s: (b * t) as f64 / secs,
+        peak_rss_bytes: crate::train::rss().1,
+        peak_gpu_bytes: match dev {
+            Device::Gpu(g) => Some(g.bytes_allocated().1),
+            Device::Cpu => None,
+        },
+    })
+}

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod gradcheck;
 pub mod graph;

@@ -81,6 +81,71 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Loss and perplexity of a model on a text or JSONL data set.
+    Eval {
+        /// Hugging Face model directory, or a checkpoint directory written by `train`.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Text file, directory or JSONL (the same conventions as `train --data`).
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Evaluate at most this many batches (default: all).
+        #[arg(long)]
+        max_batches: Option<usize>,
+        /// `cpu` for the CPU reference path, else a GPU adapter (index, type or name).
+        #[arg(long, env = "POCKETTUNE_DEVICE")]
+        device: Option<String>,
+        #[arg(long, value_enum, default_value_t = Profile::Mobile)]
+        limits: Profile,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a prompt with a model, to see what fine-tuning did.
+    Generate {
+        /// Hugging Face model directory, or a checkpoint directory written by `train`.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most (stops early at end-of-text).
+        #[arg(long, default_value_t = 100)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Sample among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        /// Sample among the most likely tokens whose probabilities sum to p.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// `cpu` for the CPU reference path, else a GPU adapter (index, type or name).
+        #[arg(long, env = "POCKETTUNE_DEVICE")]
+        device: Option<String>,
+        #[arg(long, value_enum, default_value_t = Profile::Mobile)]
+        limits: Profile,
+    },
+    /// Write a randomly initialised GPT-2 as a Hugging Face model directory (no pretrained
+    /// weights are needed to try the pipeline or measure it).
+    Init {
+        /// gpt2 (124M), gpt2-medium (355M) or tiny (2 layers of 64).
+        #[arg(long, default_value = "gpt2")]
+        preset: String,
+        /// tokenizer.json to put beside the weights (its vocabulary sets the model's).
+        #[arg(long)]
+        tokenizer: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Benchmarks, each with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -90,6 +155,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time a GPT-2 full fine-tuning step (random weights) on the GPU and on the CPU path.
+    Step {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Model size: gpt2 (124M), gpt2-medium (355M) or tiny (2 layers, for a quick look).
+        #[arg(long, default_value = "gpt2")]
+        preset: String,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Timed steps after one warm-up step.
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+        /// Skip the CPU path (it takes minutes at 124M).
+        #[arg(long)]
+        no_cpu: bool,
+    },
     /// GFLOP/s of GPT-2 124M's training matmuls on the GPU next to the CPU path.
     Kernels {
         #[command(flatten)]
@@ -161,7 +247,28 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
+        Command::Eval { model, data, batch_size, seq_len, max_batches, device, limits, json } => {
+            run_eval(&model, &data, batch_size, seq_len, max_batches, device.as_deref(), limits, json)
+        }
+        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device, limits } => {
+            let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            let tok = pockettune::data::Tokenizer::load(&model.join("tokenizer.json"))?;
+            let (gpt, mut store) = pockettune::models::gpt2::Gpt2::load(&model, &dev)?;
+            tok.check_model_vocab(gpt.cfg.vocab_size)?;
+            let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
+            for id in ids {
+                store.freeze(id); // inference: no gradient buffers
+            }
+            let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
+            let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;
+            println!("{prompt}{text}");
+            Ok(0)
+        }
         Command::Gradcheck { device, json, seed, kernel } => run_gradcheck(&device, json, seed, &kernel),
+        Command::Init { preset, tokenizer, out, seed } => init_model(&preset, &tokenizer, &out, seed),
+        Command::Bench {
+            what: BenchCommand::Step { device, json, preset, batch_size, seq_len, steps, no_cpu },
+        } => bench_step(&device, json, &preset, batch_size, seq_len, steps, no_cpu),
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             bench_kernels(
                 &device,
@@ -408,6 +515,136 @@ fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> 
     );
     if json {
         print_json(&serde_json::to_value(&summary)?)?;
+    }
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_eval(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    batch: usize,
+    seq: usize,
+    max_batches: Option<usize>,
+    device: Option<&str>,
+    limits: Profile,
+    json: bool,
+) -> Result<i32> {
+    use pockettune::data::{Tokenizer, Tokens};
+    let dev = pockettune::train::open_device(device, limits)?;
+    let tok = Tokenizer::load(&model.join("tokenizer.json"))?;
+    let (gpt, mut store) = pockettune::models::gpt2::Gpt2::load(model, &dev)?;
+    tok.check_model_vocab(gpt.cfg.vocab_size)?;
+    let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
+    for id in ids {
+        store.freeze(id);
+    }
+    let tokens = Tokens::load(data, &tok)?;
+    let (graph, vars) = gpt.graph(&store, batch, seq)?;
+    let windows = tokens.windows(seq);
+    let batches = max_batches.unwrap_or(usize::MAX).min(windows / batch.max(1));
+    let loss = pockettune::train::evaluate(&graph, vars.loss, &store, &tokens, batch, seq, batches)?;
+    let evaluated = batches * batch * seq;
+    eprintln!(
+        "{}: loss {loss:.4}, perplexity {:.2} over {evaluated} tokens ({batches} batches of {batch} x {seq}) on {}",
+        data.display(),
+        loss.exp(),
+        dev.name()
+    );
+    if json {
+        print_json(
+            &json!({"loss": loss, "perplexity": loss.exp(), "tokens": evaluated, "device": dev.name()}),
+        )?;
+    }
+    Ok(0)
+}
+
+fn preset(name: &str) -> Result<pockettune::models::gpt2::Gpt2Config> {
+    use pockettune::models::gpt2::{Gpt2, Gpt2Config};
+    Ok(match name {
+        "gpt2" => Gpt2Config::small(),
+        "gpt2-medium" => Gpt2::medium_config(),
+        "tiny" => Gpt2Config { n_layer: 2, n_head: 4, n_embd: 64, n_positions: 256, ..Gpt2Config::small() },
+        other => anyhow::bail!("unknown preset {other:?}: gpt2, gpt2-medium or tiny"),
+    })
+}
+
+fn init_model(name: &str, tokenizer: &std::path::Path, out: &std::path::Path, seed: u64) -> Result<i32> {
+    use pockettune::checkpoint::write_atomic;
+    use pockettune::models::gpt2::Gpt2;
+    let tok = pockettune::data::Tokenizer::load(tokenizer)?;
+    let mut cfg = preset(name)?;
+    cfg.vocab_size = tok.vocab_size();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut config = serde_json::to_value(&cfg)?;
+    config["architectures"] = json!(["GPT2LMHeadModel"]);
+    config["model_type"] = json!("gpt2");
+    config["tie_word_embeddings"] = json!(true);
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    let weights = Gpt2::random_weights(&cfg, seed);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = weights
+        .iter()
+        .map(|(n, s, d)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                s.clone(),
+                bytemuck::cast_slice(d),
+            );
+            (n.clone(), view.expect("shape and data agree"))
+        })
+        .collect();
+    write_atomic(&out.join("model.safetensors"), &safetensors::serialize(views, None)?)?;
+    write_atomic(&out.join("tokenizer.json"), &std::fs::read(tokenizer)?)?;
+    let params: usize = weights.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
+    eprintln!(
+        "wrote a random {name} ({:.1} M parameters, vocabulary {}) to {}",
+        params as f64 / 1e6,
+        cfg.vocab_size,
+        out.display()
+    );
+    Ok(0)
+}
+
+fn bench_step(
+    dev: &DeviceArgs,
+    json: bool,
+    name: &str,
+    b: usize,
+    t: usize,
+    steps: usize,
+    no_cpu: bool,
+) -> Result<i32> {
+    use pockettune::graph::Device;
+    let cfg = preset(name)?;
+    let gpu = std::sync::Arc::new(dev.open()?);
+    let mut devices = vec![Device::Gpu(gpu)];
+    if !no_cpu {
+        devices.push(Device::Cpu);
+    }
+    eprintln!("GPT-2 {name} full fine-tuning step, batch {b} x {t} tokens, random weights");
+    eprintln!(
+        "{:<44} {:>10} {:>10} {:>14} {:>14}",
+        "device", "ms/step", "tokens/s", "peak RSS MiB", "peak GPU MiB"
+    );
+    let mut results = Vec::new();
+    for d in devices {
+        let r = pockettune::bench::step_bench(&d, &cfg, b, t, steps)?;
+        let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
+        eprintln!(
+            "{:<44} {:>10.0} {:>10.1} {:>14} {:>14}",
+            r.device,
+            r.ms_step,
+            r.tokens_per_s,
+            mib(r.peak_rss_bytes),
+            mib(r.peak_gpu_bytes)
+        );
+        results.push(r);
+    }
+    if results.len() == 2 {
+        eprintln!("GPU / CPU speed: {:.2}x", results[1].ms_step / results[0].ms_step);
+    }
+    if json {
+        print_json(&json!({"preset": name, "batch_size": b, "seq_len": t, "results": results}))?;
     }
     Ok(0)
 }

@@ -298,7 +298,12 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             if (o.eval_every > 0 && state.step % o.eval_every == 0) || last {
                 let l = evaluate(&graph, vars.loss, &store, ev, o.batch_size, o.seq_len, o.eval_batches)?;
                 log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
-                bar.println(format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp()));
+                let line = format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp());
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 eval_loss = Some(l);
             }
         }

@@ -14,7 +14,7 @@ use crate::kernels::attention::AttnDims;
 use serde::Deserialize;
 use std::path::Path;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct Gpt2Config {
     pub n_layer: usize,
     pub n_head: usize,
@@ -130,6 +130,43 @@ impl Gpt2 {
         out
     }
 
+    /// GPT-2 355M.
+    pub fn medium_config() -> Gpt2Config {
+        Gpt2Config { n_layer: 24, n_head: 16, n_embd: 1024, ..Gpt2Config::small() }
+    }
+
+    /// Random weights as GPT-2 initialises them (normal, std 0.02; LayerNorm weight 1, biases 0),
+    /// by name and shape.
+    pub fn random_weights(cfg: &Gpt2Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("a valid standard deviation");
+        Self::param_shapes(cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let data = if name.contains("ln_") && name.ends_with(".weight") {
+                    vec![1.0; n]
+                } else if name.ends_with(".bias") {
+                    vec![0.0; n]
+                } else {
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                };
+                (name, shape, data)
+            })
+            .collect()
+    }
+
+    /// A randomly initialised model in a store on `dev` (benchmarks, examples).
+    pub fn random(cfg: Gpt2Config, dev: &Device, seed: u64) -> Result<(Gpt2, ParamStore)> {
+        let mut store = ParamStore::new(dev.clone());
+        for (name, shape, data) in Self::random_weights(&cfg, seed) {
+            store.add(&name, &shape, &data, true)?;
+        }
+        Ok((Self::from_store(cfg, &store)?, store))
+    }
+
     /// Load `config.json` and `model.safetensors` from a Hugging Face model directory.
     pub fn load(dir: &Path, dev: &Device) -> Result<(Gpt2, ParamStore)> {
         let cfg: Gpt2Config = read_config(dir)?;
@@ -180,6 +217,14 @@ impl Gpt2 {
 
     /// Record the training graph for batches of `b` sequences of `t` tokens.
     pub fn graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Gpt2Vars)> {
+        let (mut g, logits) = self.logits_graph(store, b, t)?;
+        let targets = g.target_list(self.cfg.vocab_size);
+        let loss = g.cross_entropy(logits, targets)?;
+        Ok((g, Gpt2Vars { logits, loss }))
+    }
+
+    /// Record the graph up to the logits (inference: feed ids and positions, no targets).
+    pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
         if t > cfg.n_positions {
             return Err(Error::InvalidArgument {
@@ -192,7 +237,6 @@ impl Gpt2 {
         let mut g = Graph::new();
         let tokens = g.id_list(cfg.vocab_size);
         let positions = g.id_list(cfg.n_positions);
-        let targets = g.target_list(cfg.vocab_size);
         let p = |g: &mut Graph, id: ParamId| g.param(store, id);
 
         let wte = p(&mut g, self.wte);
@@ -231,13 +275,19 @@ impl Gpt2 {
         let (w, bias) = (p(&mut g, self.ln_f.0), p(&mut g, self.ln_f.1));
         let x = g.layernorm(x, w, bias, eps)?;
         let logits = g.linear(x, wte, None, true)?;
-        let loss = g.cross_entropy(logits, targets)?;
-        Ok((g, Gpt2Vars { logits, loss }))
+        Ok((g, logits))
     }
 
     /// The feed for `b` sequences of `t` tokens (row-major) and their targets.
     pub fn feed(ids: &[u32], targets: &[i32], b: usize, t: usize) -> Feed {
+        let mut feed = Self::inference_feed(ids, b, t);
+        feed.targets.push(targets.to_vec());
+        feed
+    }
+
+    /// The feed of [`Self::logits_graph`].
+    pub fn inference_feed(ids: &[u32], b: usize, t: usize) -> Feed {
         let positions = (0..b).flat_map(|_| 0..t as u32).collect();
-        Feed { ids: vec![ids.to_vec(), positions], targets: vec![targets.to_vec()] }
+        Feed { ids: vec![ids.to_vec(), positions], targets: vec![] }
     }
 }
