@@ -141,3 +141,27 @@ pub fn restore(dir: &Path, store: &mut ParamStore) -> Result<TrainState> {
     store.set_adam_step(state.adam_step);
     Ok(state)
 }
+
+/// Delete all but the newest `keep` complete checkpoints under `out` (0 keeps all). The one
+/// `latest` names is never deleted.
+pub fn prune(out: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let current = latest(out)?;
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(out)
+        .map_err(io(out))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    dirs.sort();
+    let excess = dirs.len().saturating_sub(keep);
+    for dir in dirs.into_iter().take(excess) {
+        if Some(&dir) != current.as_ref() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+    }
+    Ok(())
+}

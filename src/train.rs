@@ -101,6 +101,9 @@ pub struct TrainOptions {
     /// Write a checkpoint every N steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
+    /// Checkpoints to keep (older ones are deleted after a newer one is complete; 0 = all).
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
     /// Output directory: checkpoints (step-NNNNNN/, latest) and metrics.
     #[arg(long, default_value = "runs/pockettune")]
     pub out: PathBuf,
@@ -309,6 +312,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
         if (o.save_every > 0 && state.step % o.save_every == 0) || last {
             last_checkpoint = Some(checkpoint::save(&o.out, &o.model, &store, &state)?);
+            checkpoint::prune(&o.out, o.keep_checkpoints)?;
         }
     }
     bar.finish_and_clear();

@@ -119,6 +119,16 @@ fn same_seed_same_losses_and_resume_continues_exactly() {
             "{spec}: resumed losses equal the uninterrupted run"
         );
 
+        // With --keep-checkpoints 1 only the newest survives.
+        let kept = tmp.path().join(format!("kept-{spec}"));
+        let mut args = common[..common.len() - 2].to_vec();
+        args.extend(["--keep-checkpoints", "1"]);
+        train(&options(&model, &data, &kept, &args), false).unwrap();
+        let dirs: Vec<_> =
+            std::fs::read_dir(&kept).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).collect();
+        assert_eq!(dirs.len(), 1, "{spec}: one checkpoint kept");
+        assert_eq!(std::fs::read_to_string(kept.join("latest")).unwrap(), "step-000006");
+
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
         for key in [
