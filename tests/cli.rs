@@ -1,0 +1,77 @@
+//! The `pockettune` binary as a user runs it: --config files with command-line overrides,
+//! JSON on stdout, clear errors and exit codes.
+
+mod common;
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pockettune"))
+}
+
+#[test]
+fn train_options_come_from_a_toml_file_and_the_command_line_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::tiny_model_dir(&model, 3);
+    let data = tmp.path().join("data.txt");
+    std::fs::write(&data, "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20)).unwrap();
+    let config = tmp.path().join("run.toml");
+    let out = tmp.path().join("out");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 2\nbatch_size = 2\nseq_len = 16\nshuffle = true\ndevice = \"cpu\"\n",
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let o = bin()
+            .args(["train", "--config", config.to_str().unwrap(), "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+        summary["steps"].as_u64().unwrap()
+    };
+    assert_eq!(run(&[]), 2, "steps from the file");
+    assert_eq!(
+        run(&["--steps", "3", "--out", tmp.path().join("out2").to_str().unwrap()]),
+        3,
+        "command line wins"
+    );
+}
+
+#[test]
+fn errors_exit_nonzero_and_say_what_is_wrong() {
+    let o = bin()
+        .args(["train", "--model", "/no/such/model", "--data", "/no/such.txt", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/no/such/model/tokenizer.json") && err.contains("not found"), "{err}");
+
+    let o = bin().args(["gradcheck", "--kernel", "nope"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown kernel \"nope\""));
+}
+
+#[test]
+fn gradcheck_json_reports_every_row() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let o = bin().args(["gradcheck", "--json", "--kernel", "softmax", "--kernel", "adamw"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["passed"], true);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "softmax forward and backward, adamw step: {rows:?}");
+    assert!(rows.iter().all(|r| r["max_rel_err"].as_f64().unwrap() <= r["tolerance"].as_f64().unwrap()));
+}
