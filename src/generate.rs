@@ -5,7 +5,7 @@
 use crate::data::Tokenizer;
 use crate::error::Result;
 use crate::graph::ParamStore;
-use crate::models::gpt2::Gpt2;
+use crate::models::Model;
 use rand::{Rng, SeedableRng};
 
 #[derive(Clone, Debug)]
@@ -59,7 +59,7 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
 /// Continue `prompt` by up to `max_tokens` tokens (stopping at end-of-text); returns the text
 /// generated after the prompt.
 pub fn generate(
-    model: &Gpt2,
+    model: &Model,
     store: &ParamStore,
     tok: &Tokenizer,
     prompt: &str,
@@ -72,11 +72,11 @@ pub fn generate(
     }
     let start = ids.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
-    let vocab = model.cfg.vocab_size;
+    let vocab = model.vocab_size();
     for _ in 0..max_tokens {
-        let ctx = &ids[ids.len().saturating_sub(model.cfg.n_positions)..];
+        let ctx = &ids[ids.len().saturating_sub(model.max_positions())..];
         let (graph, logits) = model.logits_graph(store, 1, ctx.len())?;
-        let run = graph.forward(store, &Gpt2::inference_feed(ctx, 1, ctx.len()), &[logits])?;
+        let run = graph.forward(store, &Model::inference_feed(ctx, 1, ctx.len()), &[logits])?;
         let all = run.read(logits)?;
         let next = sample(&all[all.len() - vocab..], s, &mut rng);
         if next == tok.eot() {

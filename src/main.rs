@@ -69,7 +69,7 @@ enum Command {
         #[arg(long)]
         kernel: Vec<String>,
     },
-    /// Fine-tune a model (GPT-2 family) on text or JSONL data. Every option can also come from
+    /// Fine-tune a model (GPT-2, Qwen2 or Llama family) on text or JSONL data. Every option can also come from
     /// `--config run.toml` (keys as the long option names; command-line options win).
     Train {
         #[command(flatten)]
@@ -253,8 +253,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device, limits } => {
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
             let tok = pockettune::data::Tokenizer::load(&model.join("tokenizer.json"))?;
-            let (gpt, mut store) = pockettune::models::gpt2::Gpt2::load(&model, &dev)?;
-            tok.check_model_vocab(gpt.cfg.vocab_size)?;
+            let (gpt, mut store) = pockettune::models::Model::load(&model, &dev)?;
+            tok.check_model_vocab(gpt.vocab_size())?;
             let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
             for id in ids {
                 store.freeze(id); // inference: no gradient buffers
@@ -533,8 +533,8 @@ fn run_eval(
     use pockettune::data::{Tokenizer, Tokens};
     let dev = pockettune::train::open_device(device, limits)?;
     let tok = Tokenizer::load(&model.join("tokenizer.json"))?;
-    let (gpt, mut store) = pockettune::models::gpt2::Gpt2::load(model, &dev)?;
-    tok.check_model_vocab(gpt.cfg.vocab_size)?;
+    let (gpt, mut store) = pockettune::models::Model::load(model, &dev)?;
+    tok.check_model_vocab(gpt.vocab_size())?;
     let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
     for id in ids {
         store.freeze(id);

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Profile};
 use crate::graph::{Device, ParamStore};
 use crate::kernels::optim::AdamW;
-use crate::models::gpt2::Gpt2;
+use crate::models::Model;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,8 @@ pub enum Schedule {
 /// Every option of `pockettune train` (each can also come from `--config run.toml`).
 #[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct TrainOptions {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json) of a
+    /// GPT-2, Qwen2 or Llama-family model.
     #[arg(long)]
     pub model: PathBuf,
     /// Training text: a file, a directory of .txt/.md/.jsonl files, or JSONL with
@@ -196,8 +197,8 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         return Err(invalid("--resume", format!("no checkpoint in {} (no `latest` file)", o.out.display())));
     }
     let weights_dir = resume_dir.clone().unwrap_or_else(|| o.model.clone());
-    let (model, mut store) = Gpt2::load(&weights_dir, &dev)?;
-    tok.check_model_vocab(model.cfg.vocab_size)?;
+    let (model, mut store) = Model::load(&weights_dir, &dev)?;
+    tok.check_model_vocab(model.vocab_size())?;
 
     let data = Tokens::load(&o.data, &tok)?;
     let (data, eval) = match (&o.eval_data, o.eval_fraction > 0.0) {
@@ -249,7 +250,8 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         let mut loss_sum = 0.0;
         for _ in 0..o.grad_accum {
             let (ids, targets) = batches.next(&data);
-            let mut run = graph.forward(&store, &Gpt2::feed(&ids, &targets, o.batch_size, o.seq_len), &[])?;
+            let mut run =
+                graph.forward(&store, &Model::feed(&ids, &targets, o.batch_size, o.seq_len), &[])?;
             run.backward(&mut store, vars.loss, 1.0 / o.grad_accum as f32)?;
             loss_sum += run.loss(vars.loss)?;
         }
@@ -341,7 +343,7 @@ pub fn evaluate(
     let mut sum = 0.0;
     for _ in 0..n {
         let (ids, targets) = batches.next(tokens);
-        sum += graph.forward(store, &Gpt2::feed(&ids, &targets, batch, seq), &[])?.loss(loss)?;
+        sum += graph.forward(store, &Model::feed(&ids, &targets, batch, seq), &[])?.loss(loss)?;
     }
     Ok(sum / n as f32)
 }

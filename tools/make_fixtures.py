@@ -18,7 +18,7 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -90,6 +90,37 @@ def gpt2_tiny():
     record(model, inputs, targets, out_dir)
 
 
+def perturb_norms_and_biases(model):
+    """Norm weights start at 1 and biases at 0; make them non-trivial so their gradients and
+    their place in the computation are checked."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name or ".ln_" in name or name.startswith("transformer.ln_f"):
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def llama_family(name, config_cls, model_cls, **kw):
+    out_dir = os.path.join(ROOT, name)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = config_cls(
+        vocab_size=251, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, bos_token_id=250, eos_token_id=250, **kw
+    )
+    cfg._attn_implementation = "eager"
+    model = model_cls(cfg).float()
+    perturb_norms_and_biases(model)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    inputs, targets = batch(cfg.vocab_size, 2, 16, seed=1)
+    record(model, inputs, targets, out_dir)
+
+
 if __name__ == "__main__":
     gpt2_tiny()
+    # Qwen2: bias on q/k/v, grouped-query attention (4 heads, 2 kv heads), tied embeddings.
+    llama_family("qwen2-tiny", Qwen2Config, Qwen2ForCausalLM, num_key_value_heads=2,
+                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
+    # Llama (SmolLM2's block): no bias, one kv head, untied LM head.
+    llama_family("llama-tiny", LlamaConfig, LlamaForCausalLM, num_key_value_heads=1,
+                 rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False)
     print("fixtures written under", os.path.normpath(ROOT))

@@ -125,6 +125,14 @@ pub(crate) enum Op {
     Gelu,
     /// causal self-attention over packed [q | k | v] rows
     AttentionPacked { dims: AttnDims },
+    /// causal grouped-query self-attention over separate q (input 0), k (1), v (2)
+    Attention { dims: AttnDims },
+    /// RMSNorm of input 0 with weight 1, scaled by (w + shift)
+    RmsNorm { eps: f32, shift: f32 },
+    /// rotary embedding (rotate-half) of (B*T, heads*head_dim) rows at positions 0..T
+    Rope { b: usize, t: usize, heads: usize, head_dim: usize, theta: f64 },
+    /// act(gate) * up: SwiGLU (SiLU) or GeGLU (tanh GELU)
+    Glu { silu: bool },
     /// mean cross-entropy of logits against target list `targets` of the feed (a scalar)
     CrossEntropy { targets: usize },
 }
@@ -133,7 +141,9 @@ impl Op {
     /// Whether the backward of this op reads the value of its input `i`.
     fn backward_reads(&self, i: usize) -> bool {
         match self {
-            Op::Param(_) | Op::Add | Op::Embedding { .. } => false,
+            Op::Param(_) | Op::Add | Op::Embedding { .. } | Op::Rope { .. } => false,
+            Op::RmsNorm { .. } => i < 2,
+            Op::Attention { .. } | Op::Glu { .. } => true,
             Op::LayerNorm { .. } => i < 2,
             Op::Linear { .. } => i < 2,
             Op::Gelu | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
@@ -259,6 +269,50 @@ impl Graph {
     pub fn gelu(&mut self, x: Var) -> Var {
         let s = self.shape(x).to_vec();
         self.push(Op::Gelu, vec![x], s)
+    }
+
+    /// RMSNorm over the last dimension, scaled by `w + shift` (shift 1 for Gemma's `1 + w`).
+    pub fn rmsnorm(&mut self, x: Var, w: Var, eps: f32, shift: f32) -> Result<Var> {
+        let s = self.shape(x).to_vec();
+        let c = *s.last().unwrap_or(&0);
+        self.check("rmsnorm", self.shape(w) == [c], || format!("x {s:?}, weight {:?}", self.shape(w)))?;
+        Ok(self.push(Op::RmsNorm { eps, shift }, vec![x, w], s))
+    }
+
+    /// Rotary position embedding of `x` (B*T, heads * head_dim) at positions 0..T.
+    pub fn rope(
+        &mut self,
+        x: Var,
+        b: usize,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+    ) -> Result<Var> {
+        let s = self.shape(x).to_vec();
+        self.check("rope", s == [b * t, heads * head_dim] && head_dim % 2 == 0, || {
+            format!("x {s:?} for B {b}, T {t}, {heads} heads of {head_dim}")
+        })?;
+        Ok(self.push(Op::Rope { b, t, heads, head_dim, theta }, vec![x], s))
+    }
+
+    /// `act(gate) * up` with SiLU (SwiGLU) or tanh GELU (GeGLU).
+    pub fn glu(&mut self, gate: Var, up: Var, silu: bool) -> Result<Var> {
+        let s = self.shape(gate).to_vec();
+        self.check("glu", self.shape(up) == s.as_slice(), || format!("gate {s:?}, up {:?}", self.shape(up)))?;
+        Ok(self.push(Op::Glu { silu }, vec![gate, up], s))
+    }
+
+    /// Causal grouped-query attention: q (B*T, H*D), k and v (B*T, KVH*D).
+    pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Result<Var> {
+        let rows = dims.b * dims.t;
+        let ok = self.shape(q) == [rows, dims.h * dims.d]
+            && self.shape(k) == [rows, dims.kv_h * dims.d]
+            && self.shape(v) == [rows, dims.kv_h * dims.d];
+        self.check("attention", ok, || {
+            format!("q {:?}, k {:?}, v {:?} for {dims:?}", self.shape(q), self.shape(k), self.shape(v))
+        })?;
+        Ok(self.push(Op::Attention { dims }, vec![q, k, v], vec![rows, dims.h * dims.d]))
     }
 
     /// Causal self-attention over rows (B*T, (H + 2 KVH) D) packed as [q | k | v].

@@ -10,7 +10,7 @@ use crate::kernels::attention::{self, Heads};
 use crate::kernels::cross_entropy::{self, Targets};
 use crate::kernels::embedding::{self, Ids};
 use crate::kernels::norm::{self, NormKind};
-use crate::kernels::{activation, elementwise, matmul, reduce};
+use crate::kernels::{activation, elementwise, matmul, reduce, rope};
 use kernels_ref as kr;
 
 /// The feed, uploaded for the device.
@@ -143,6 +143,53 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             kr::attention_forward(out.cpu_mut(), &mut probs, &q, &k, &v, *d);
             saved = Some(Value::Cpu(probs));
         }
+        (Device::Gpu(g), Op::RmsNorm { eps, shift }) => {
+            let stats = Tensor::empty(g, &[shape[0], 2], "rmsnorm stats")?;
+            let kind = NormKind::Rms { gemma: *shift != 0.0 };
+            norm::norm_forward(g, out.gpu(), &stats, x(0).gpu(), x(1).gpu(), None, kind, *eps)?;
+            saved = Some(Value::Gpu(stats));
+        }
+        (Device::Cpu, Op::RmsNorm { eps, shift }) => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut rstd = vec![0f32; rows];
+            kr::rmsnorm_forward(out.cpu_mut(), &mut rstd, x(0).cpu(), x(1).cpu(), rows, cols, *eps, *shift);
+            saved = Some(Value::Cpu(rstd));
+        }
+        (Device::Gpu(g), Op::Rope { b, t, heads, head_dim, theta }) => {
+            let positions: Vec<u32> = (0..*t as u32).collect();
+            let table = rope::RopeTable::new(g, &positions, *head_dim, *theta)?;
+            rope::rope_forward(g, out.gpu(), x(0).gpu(), &table, *b, *heads)?;
+        }
+        (Device::Cpu, Op::Rope { b, t, heads, head_dim, theta }) => {
+            let (cos, sin) = cpu_rope_table(*t, *head_dim, *theta);
+            kr::rope_forward(out.cpu_mut(), x(0).cpu(), &cos, &sin, *b, *t, *heads, *head_dim);
+        }
+        (Device::Gpu(g), Op::Glu { silu }) => {
+            let act = if *silu { activation::Act::Silu } else { activation::Act::Gelu };
+            activation::glu_forward(g, out.gpu(), x(0).gpu(), x(1).gpu(), act)?;
+        }
+        (Device::Cpu, Op::Glu { silu }) => {
+            if *silu {
+                kr::swiglu_forward(out.cpu_mut(), x(0).cpu(), x(1).cpu());
+            } else {
+                kr::geglu_forward(out.cpu_mut(), x(0).cpu(), x(1).cpu());
+            }
+        }
+        (Device::Gpu(g), Op::Attention { dims: d }) => {
+            let probs = Tensor::empty(g, &[d.b * d.h * d.t, d.t], "attention probabilities")?;
+            let (q, k, v) = (
+                Heads::dense(x(0).gpu(), d.h, d.d),
+                Heads::dense(x(1).gpu(), d.kv_h, d.d),
+                Heads::dense(x(2).gpu(), d.kv_h, d.d),
+            );
+            attention::attention_forward(g, Heads::dense(out.gpu(), d.h, d.d), &probs, q, k, v, *d)?;
+            saved = Some(Value::Gpu(probs));
+        }
+        (Device::Cpu, Op::Attention { dims: d }) => {
+            let mut probs = vec![0f32; d.b * d.h * d.t * d.t];
+            kr::attention_forward(out.cpu_mut(), &mut probs, x(0).cpu(), x(1).cpu(), x(2).cpu(), *d);
+            saved = Some(Value::Cpu(probs));
+        }
         (Device::Gpu(g), Op::CrossEntropy { targets }) => {
             let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
             let n = in_shape(0)[0];
@@ -165,6 +212,13 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
         }
     }
     Ok((out, saved))
+}
+
+fn cpu_rope_table(t: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let positions: Vec<u32> = (0..t as u32).collect();
+    let (mut cos, mut sin) = (vec![0f32; t * head_dim / 2], vec![0f32; t * head_dim / 2]);
+    kr::rope_cos_sin(&mut cos, &mut sin, &positions, head_dim, theta);
+    (cos, sin)
 }
 
 fn linear_dims(x: &[usize], out: &[usize], trans_w: bool) -> kr::MatmulDims {
@@ -242,6 +296,9 @@ pub(crate) fn backward(
 ) -> Result<()> {
     let graph = run.graph;
     let node = &graph.nodes[i];
+    if let Op::Attention { dims } = node.op {
+        return attention_backward(run, store, grads, i, dout.expect("attention is not the loss"), dims);
+    }
     let dev = run.dev.clone();
     let shape = graph.shapes[i].clone();
     for (j, &input) in node.inputs.iter().enumerate() {
@@ -355,6 +412,73 @@ pub(crate) fn backward(
                         .collect();
                     cpu_put(&mut g, fresh, acc);
                 }
+                (Device::Gpu(gpu), Op::RmsNorm { shift, .. }) => {
+                    let stats = saved.expect("rmsnorm saves its statistics").gpu();
+                    let kind = NormKind::Rms { gemma: *shift != 0.0 };
+                    let (dx, dw) = if j == 0 { (Some(g.gpu()), None) } else { (None, Some(g.gpu())) };
+                    norm::norm_backward(
+                        gpu,
+                        dx,
+                        dw,
+                        None,
+                        dy().gpu(),
+                        x(0).gpu(),
+                        x(1).gpu(),
+                        stats,
+                        kind,
+                        acc,
+                    )?;
+                }
+                (Device::Cpu, Op::RmsNorm { shift, .. }) => {
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let rstd = saved.expect("rmsnorm saves its statistics").cpu();
+                    let (mut dx, mut dw) = (vec![0f32; rows * cols], vec![0f32; cols]);
+                    kr::rmsnorm_backward(
+                        &mut dx,
+                        &mut dw,
+                        dy().cpu(),
+                        x(0).cpu(),
+                        x(1).cpu(),
+                        rstd,
+                        rows,
+                        cols,
+                        *shift,
+                    );
+                    cpu_put(&mut g, if j == 0 { dx } else { dw }, acc);
+                }
+                (Device::Gpu(gpu), Op::Rope { b, t, heads, head_dim, theta }) => {
+                    let positions: Vec<u32> = (0..*t as u32).collect();
+                    let table = rope::RopeTable::new(gpu, &positions, *head_dim, *theta)?;
+                    if acc {
+                        let fresh = Tensor::empty(gpu, &in_shape, "rope gradient")?;
+                        rope::rope_backward(gpu, &fresh, dy().gpu(), &table, *b, *heads)?;
+                        elementwise::axpby(gpu, g.gpu(), &fresh, 1.0, 1.0)?;
+                    } else {
+                        rope::rope_backward(gpu, g.gpu(), dy().gpu(), &table, *b, *heads)?;
+                    }
+                }
+                (Device::Cpu, Op::Rope { b, t, heads, head_dim, theta }) => {
+                    let (cos, sin) = cpu_rope_table(*t, *head_dim, *theta);
+                    let mut d = vec![0f32; in_shape.iter().product()];
+                    kr::rope_backward(&mut d, dy().cpu(), &cos, &sin, *b, *t, *heads, *head_dim);
+                    cpu_put(&mut g, d, acc);
+                }
+                (Device::Gpu(gpu), Op::Glu { silu }) => {
+                    let act = if *silu { activation::Act::Silu } else { activation::Act::Gelu };
+                    let (dgate, dup) = if j == 0 { (Some(g.gpu()), None) } else { (None, Some(g.gpu())) };
+                    activation::glu_backward(gpu, dgate, dup, dy().gpu(), x(0).gpu(), x(1).gpu(), act, acc)?;
+                }
+                (Device::Cpu, Op::Glu { silu }) => {
+                    let n = in_shape.iter().product();
+                    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+                    if *silu {
+                        kr::swiglu_backward(&mut dg, &mut du, dy().cpu(), x(0).cpu(), x(1).cpu());
+                    } else {
+                        kr::geglu_backward(&mut dg, &mut du, dy().cpu(), x(0).cpu(), x(1).cpu());
+                    }
+                    cpu_put(&mut g, if j == 0 { dg } else { du }, acc);
+                }
+                (_, Op::Attention { .. }) => unreachable!("attention is handled by attention_backward"),
                 (Device::Gpu(gpu), Op::CrossEntropy { targets }) => {
                     let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
                     let state = saved.expect("cross-entropy saves its state").gpu();
@@ -390,6 +514,90 @@ pub(crate) fn backward(
             }
         }
         put_grad(store, grads, target, g);
+    }
+    Ok(())
+}
+
+/// The backward of `Op::Attention`, which yields dq, dk and dv in one pass: inputs that need no
+/// gradient get a scratch buffer.
+fn attention_backward(
+    run: &mut Run,
+    store: &mut ParamStore,
+    grads: &mut [Option<Value>],
+    i: usize,
+    dout: &Value,
+    d: attention::AttnDims,
+) -> Result<()> {
+    let node = &run.graph.nodes[i];
+    let dev = run.dev.clone();
+    let mut outs = Vec::new();
+    for &input in &node.inputs {
+        outs.push(match take_grad(run, store, grads, input)? {
+            Some(t) => (Some(t.0), t.1, t.2),
+            None => (None, Value::empty(&dev, &run.graph.shapes[input.0], "unused gradient")?, false),
+        });
+    }
+    let x = |k: usize| value(run, store, node.inputs[k]);
+    let probs = run.saved[i].as_ref().expect("attention saves its probabilities");
+    // The kernels take one accumulate flag; where the three differ, add fresh results instead.
+    let acc_all = outs.iter().all(|o| o.2);
+    let acc_none = outs.iter().all(|o| !o.2);
+    match &dev {
+        Device::Gpu(gpu) => {
+            let qd = |t| Heads::dense(t, d.h, d.d);
+            let kvd = |t| Heads::dense(t, d.kv_h, d.d);
+            let (xq, xk, xv) = (qd(x(0).gpu()), kvd(x(1).gpu()), kvd(x(2).gpu()));
+            if acc_all || acc_none {
+                let (dq, dk, dv) = (qd(outs[0].1.gpu()), kvd(outs[1].1.gpu()), kvd(outs[2].1.gpu()));
+                attention::attention_backward(
+                    gpu,
+                    dq,
+                    dk,
+                    dv,
+                    qd(dout.gpu()),
+                    xq,
+                    xk,
+                    xv,
+                    probs.gpu(),
+                    d,
+                    acc_all,
+                )?;
+            } else {
+                let fresh: Vec<Tensor> = (0..3)
+                    .map(|k| Tensor::empty(gpu, &run.graph.shapes[node.inputs[k].0], "attention gradient"))
+                    .collect::<Result<_>>()?;
+                let (dq, dk, dv) = (qd(&fresh[0]), kvd(&fresh[1]), kvd(&fresh[2]));
+                attention::attention_backward(
+                    gpu,
+                    dq,
+                    dk,
+                    dv,
+                    qd(dout.gpu()),
+                    xq,
+                    xk,
+                    xv,
+                    probs.gpu(),
+                    d,
+                    false,
+                )?;
+                for (o, f) in outs.iter().zip(&fresh) {
+                    elementwise::axpby(gpu, o.1.gpu(), f, 1.0, if o.2 { 1.0 } else { 0.0 })?;
+                }
+            }
+        }
+        Device::Cpu => {
+            let (q, k, v) = (x(0).cpu(), x(1).cpu(), x(2).cpu());
+            let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+            kr::attention_backward(&mut dq, &mut dk, &mut dv, dout.cpu(), q, k, v, probs.cpu(), d);
+            for (o, fresh) in outs.iter_mut().zip([dq, dk, dv]) {
+                cpu_put(&mut o.1, fresh, o.2);
+            }
+        }
+    }
+    for (target, g, _) in outs {
+        if let Some(t) = target {
+            put_grad(store, grads, t, g);
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! from Hugging Face `*.safetensors` by tensor name.
 
 pub mod gpt2;
+pub mod llama;
 
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
@@ -94,4 +95,87 @@ pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| Error::Checkpoint { path, detail: format!("config.json does not parse: {e}") })
+}
+
+use crate::graph::{Device, Feed, Graph, ParamStore, Var};
+
+/// A model of any supported family, chosen by `config.json`.
+pub enum Model {
+    Gpt2(gpt2::Gpt2),
+    /// Qwen2 and Llama-family checkpoints.
+    Llama(llama::Llama),
+}
+
+/// The values of one built training graph that callers read.
+#[derive(Clone, Copy, Debug)]
+pub struct Vars {
+    pub logits: Var,
+    pub loss: Var,
+}
+
+#[derive(serde::Deserialize)]
+struct Header {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+}
+
+impl Model {
+    /// Load a Hugging Face model directory of any supported architecture.
+    pub fn load(dir: &Path, dev: &Device) -> Result<(Model, ParamStore)> {
+        let header: Header = read_config(dir)?;
+        let kind = header.model_type.clone().unwrap_or_default();
+        match kind.as_str() {
+            "gpt2" => gpt2::Gpt2::load(dir, dev).map(|(m, s)| (Model::Gpt2(m), s)),
+            "qwen2" | "llama" => llama::Llama::load(dir, dev).map(|(m, s)| (Model::Llama(m), s)),
+            _ => Err(Error::Checkpoint {
+                path: dir.join("config.json"),
+                detail: format!(
+                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: gpt2, qwen2, llama",
+                    header.model_type, header.architectures
+                ),
+            }),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Model::Gpt2(m) => m.cfg.vocab_size,
+            Model::Llama(m) => m.cfg.vocab_size,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Model::Gpt2(m) => m.cfg.n_positions,
+            Model::Llama(m) => m.cfg.max_position_embeddings,
+        }
+    }
+
+    /// The graph up to the logits, for `b` sequences of `t` tokens.
+    pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
+        match self {
+            Model::Gpt2(m) => m.logits_graph(store, b, t),
+            Model::Llama(m) => m.logits_graph(store, b, t),
+        }
+    }
+
+    /// The training graph: logits and the mean cross-entropy against the fed targets.
+    pub fn graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Vars)> {
+        let (mut g, logits) = self.logits_graph(store, b, t)?;
+        let targets = g.target_list(self.vocab_size());
+        let loss = g.cross_entropy(logits, targets)?;
+        Ok((g, Vars { logits, loss }))
+    }
+
+    /// The feed of [`Self::graph`] (token ids row-major, targets with -100 for no loss).
+    pub fn feed(ids: &[u32], targets: &[i32], b: usize, t: usize) -> Feed {
+        gpt2::Gpt2::feed(ids, targets, b, t)
+    }
+
+    /// The feed of [`Self::logits_graph`].
+    pub fn inference_feed(ids: &[u32], b: usize, t: usize) -> Feed {
+        gpt2::Gpt2::inference_feed(ids, b, t)
+    }
 }

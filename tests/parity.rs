@@ -1,20 +1,19 @@
-//! GPT-2 against PyTorch: a randomly initialised 2-layer GPT-2 made by `tools/make_fixtures.py`
-//! (transformers, float32, eager attention) gives logits, loss, every parameter gradient and
-//! the losses of 10 AdamW steps. The GPU path and the CPU reference path must both match:
-//! loss within 1e-5 relative, logits and gradients within 1e-4 of the largest PyTorch value,
-//! AdamW losses within 1e-4 relative.
+//! Whole models against PyTorch: randomly initialised 2-layer GPT-2, Qwen2 and Llama models made
+//! by `tools/make_fixtures.py` (transformers, float32, eager attention) give logits, loss, every
+//! parameter gradient and the losses of 10 AdamW steps. The GPU path and the CPU reference path
+//! must both match: loss within 1e-5 relative, logits and gradients within 1e-4 of the largest
+//! PyTorch value, AdamW losses within 1e-4 relative.
 
 mod common;
 
 use pockettune::gradcheck::rel_err;
 use pockettune::graph::Device;
 use pockettune::kernels::optim::AdamW;
-use pockettune::models::gpt2::Gpt2;
-use pockettune::models::SafetensorsFile;
+use pockettune::models::{Model, SafetensorsFile};
 use std::path::PathBuf;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tiny")
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 struct Expected {
@@ -26,8 +25,8 @@ struct Expected {
 }
 
 impl Expected {
-    fn load() -> Expected {
-        let file = SafetensorsFile::open(&fixture().join("expected.safetensors")).unwrap();
+    fn load(name: &str) -> Expected {
+        let file = SafetensorsFile::open(&dir(name).join("expected.safetensors")).unwrap();
         let (shape, ids) = file.get("input_ids").unwrap().unwrap();
         let (_, targets) = file.get("targets").unwrap().unwrap();
         Expected {
@@ -43,9 +42,9 @@ impl Expected {
     }
 }
 
-fn adamw() -> AdamW {
+fn adamw(name: &str) -> AdamW {
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("adamw.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir(name).join("adamw.json")).unwrap()).unwrap();
     let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
     AdamW {
         lr: f(&cfg["lr"]),
@@ -56,19 +55,19 @@ fn adamw() -> AdamW {
     }
 }
 
-fn check(dev: Device) {
-    let ex = Expected::load();
-    let (model, mut store) = Gpt2::load(&fixture(), &dev).unwrap();
+fn check(name: &str, dev: Device) {
+    let ex = Expected::load(name);
+    let (model, mut store) = Model::load(&dir(name), &dev).unwrap();
     let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
-    let feed = Gpt2::feed(&ex.ids, &ex.targets, ex.b, ex.t);
+    let feed = Model::feed(&ex.ids, &ex.targets, ex.b, ex.t);
 
     let run = graph.forward(&store, &feed, &[vars.logits]).unwrap();
     let loss = run.loss(vars.loss).unwrap();
     let want_loss = ex.tensor("loss")[0];
     let loss_err = ((loss - want_loss) / want_loss).abs();
-    assert!(loss_err <= 1e-5, "{}: loss {loss} vs torch {want_loss}", dev.name());
+    assert!(loss_err <= 1e-5, "{name} on {}: loss {loss} vs torch {want_loss}", dev.name());
     let logits_err = rel_err(&run.read(vars.logits).unwrap(), &ex.tensor("logits"));
-    assert!(logits_err <= 1e-4, "{}: logits rel err {logits_err:e}", dev.name());
+    assert!(logits_err <= 1e-4, "{name} on {}: logits rel err {logits_err:e}", dev.name());
     eprintln!("{}: loss rel err {loss_err:e}, logits rel err {logits_err:e}", dev.name());
 
     let mut run = run;
@@ -76,10 +75,13 @@ fn check(dev: Device) {
     let (mut checked, mut worst) = (0, 0f64);
     for name in ex.file.names().into_iter().filter(|n| n.starts_with("grad.")) {
         let ours = name.trim_start_matches("grad.").trim_start_matches("transformer.");
-        let id = store.id(ours).unwrap_or_else(|| panic!("no parameter {ours}"));
+        let id = store
+            .id(ours)
+            .or_else(|| store.id(&name["grad.".len()..]))
+            .unwrap_or_else(|| panic!("no parameter {ours}"));
         let got = store.get(id).grad.as_ref().unwrap().to_host(&dev).unwrap();
         let err = rel_err(&got, &ex.tensor(&name));
-        assert!(err <= 1e-4, "{}: gradient of {ours}: rel err {err:e}", dev.name());
+        assert!(err <= 1e-4, "{name} on {}: gradient of {ours}: rel err {err:e}", dev.name());
         worst = worst.max(err);
         checked += 1;
     }
@@ -87,7 +89,7 @@ fn check(dev: Device) {
     eprintln!("{}: {checked} gradients, worst rel err {worst:e}", dev.name());
 
     // 10 AdamW steps on the same batch from the same start.
-    let (model, mut store) = Gpt2::load(&fixture(), &dev).unwrap();
+    let (model, mut store) = Model::load(&dir(name), &dev).unwrap();
     let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
     let want = ex.tensor("adamw_losses");
     let mut worst_step = 0f32;
@@ -96,21 +98,44 @@ fn check(dev: Device) {
         let mut run = graph.forward(&store, &feed, &[]).unwrap();
         let l = run.loss(vars.loss).unwrap();
         let err = ((l - w) / w).abs();
-        assert!(err <= 1e-4, "{}: AdamW step {step}: loss {l} vs torch {w}", dev.name());
+        assert!(err <= 1e-4, "{name} on {}: AdamW step {step}: loss {l} vs torch {w}", dev.name());
         worst_step = worst_step.max(err);
         run.backward(&mut store, vars.loss, 1.0).unwrap();
-        store.adamw_step(adamw()).unwrap();
+        store.adamw_step(adamw(name)).unwrap();
     }
     eprintln!("{}: 10 AdamW losses ({} .. {}), worst rel err {worst_step:e}", dev.name(), want[0], want[9]);
 }
 
+fn gpu() -> Option<Device> {
+    common::gpu().map(|g| Device::Gpu(g.clone()))
+}
+
 #[test]
 fn gpt2_matches_pytorch_on_the_cpu_path() {
-    check(Device::Cpu);
+    check("gpt2-tiny", Device::Cpu);
 }
 
 #[test]
 fn gpt2_matches_pytorch_on_the_gpu() {
-    let Some(gpu) = common::gpu() else { return };
-    check(Device::Gpu(gpu.clone()));
+    gpu().into_iter().for_each(|d| check("gpt2-tiny", d));
+}
+
+#[test]
+fn qwen2_matches_pytorch_on_the_cpu_path() {
+    check("qwen2-tiny", Device::Cpu);
+}
+
+#[test]
+fn qwen2_matches_pytorch_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("qwen2-tiny", d));
+}
+
+#[test]
+fn llama_matches_pytorch_on_the_cpu_path() {
+    check("llama-tiny", Device::Cpu);
+}
+
+#[test]
+fn llama_matches_pytorch_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("llama-tiny", d));
 }
