@@ -139,3 +139,13 @@ fn llama_matches_pytorch_on_the_cpu_path() {
 fn llama_matches_pytorch_on_the_gpu() {
     gpu().into_iter().for_each(|d| check("llama-tiny", d));
 }
+
+#[test]
+fn gemma3_matches_pytorch_on_the_cpu_path() {
+    check("gemma3-tiny", Device::Cpu);
+}
+
+#[test]
+fn gemma3_matches_pytorch_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("gemma3-tiny", d));
+}

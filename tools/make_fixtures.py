@@ -18,7 +18,8 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -99,12 +100,12 @@ def perturb_norms_and_biases(model):
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def llama_family(name, config_cls, model_cls, **kw):
+def llama_family(name, config_cls, model_cls, hidden_size=64, **kw):
     out_dir = os.path.join(ROOT, name)
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     cfg = config_cls(
-        vocab_size=251, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=251, hidden_size=hidden_size, intermediate_size=96, num_hidden_layers=kw.pop("layers", 2),
         num_attention_heads=4, max_position_embeddings=64, bos_token_id=250, eos_token_id=250, **kw
     )
     cfg._attn_implementation = "eager"
@@ -123,4 +124,9 @@ if __name__ == "__main__":
     # Llama (SmolLM2's block): no bias, one kv head, untied LM head.
     llama_family("llama-tiny", LlamaConfig, LlamaForCausalLM, num_key_value_heads=1,
                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False)
+    # Gemma 3: (1 + w) norms, q/k norms, GeGLU, scaled embeddings; local layers with a sliding
+    # window of 4 (shorter than the 16-token batch) and their own RoPE base, one global layer.
+    llama_family("gemma3-tiny", Gemma3TextConfig, Gemma3ForCausalLM, num_key_value_heads=2, head_dim=16,
+                 layers=3, sliding_window=4, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
+                 layer_types=["sliding_attention", "sliding_attention", "full_attention"])
     print("fixtures written under", os.path.normpath(ROOT))

@@ -133,6 +133,8 @@ pub(crate) enum Op {
     Rope { b: usize, t: usize, heads: usize, head_dim: usize, theta: f64 },
     /// act(gate) * up: SwiGLU (SiLU) or GeGLU (tanh GELU)
     Glu { silu: bool },
+    /// alpha * x
+    Scale { alpha: f32 },
     /// mean cross-entropy of logits against target list `targets` of the feed (a scalar)
     CrossEntropy { targets: usize },
 }
@@ -141,7 +143,7 @@ impl Op {
     /// Whether the backward of this op reads the value of its input `i`.
     fn backward_reads(&self, i: usize) -> bool {
         match self {
-            Op::Param(_) | Op::Add | Op::Embedding { .. } | Op::Rope { .. } => false,
+            Op::Param(_) | Op::Add | Op::Embedding { .. } | Op::Rope { .. } | Op::Scale { .. } => false,
             Op::RmsNorm { .. } => i < 2,
             Op::Attention { .. } | Op::Glu { .. } => true,
             Op::LayerNorm { .. } => i < 2,
@@ -271,11 +273,13 @@ impl Graph {
         self.push(Op::Gelu, vec![x], s)
     }
 
-    /// RMSNorm over the last dimension, scaled by `w + shift` (shift 1 for Gemma's `1 + w`).
+    /// RMSNorm over groups of `w`'s length (the last dimension, or each head of (B*T, H*D) rows
+    /// for a (D) weight), scaled by `w + shift` (shift 1 for Gemma's `1 + w`).
     pub fn rmsnorm(&mut self, x: Var, w: Var, eps: f32, shift: f32) -> Result<Var> {
         let s = self.shape(x).to_vec();
         let c = *s.last().unwrap_or(&0);
-        self.check("rmsnorm", self.shape(w) == [c], || format!("x {s:?}, weight {:?}", self.shape(w)))?;
+        let ok = matches!(self.shape(w), [n] if *n > 0 && c % n == 0);
+        self.check("rmsnorm", ok, || format!("x {s:?}, weight {:?}", self.shape(w)))?;
         Ok(self.push(Op::RmsNorm { eps, shift }, vec![x, w], s))
     }
 
@@ -301,6 +305,12 @@ impl Graph {
         let s = self.shape(gate).to_vec();
         self.check("glu", self.shape(up) == s.as_slice(), || format!("gate {s:?}, up {:?}", self.shape(up)))?;
         Ok(self.push(Op::Glu { silu }, vec![gate, up], s))
+    }
+
+    /// `alpha * x` (Gemma's embedding scale).
+    pub fn scale(&mut self, x: Var, alpha: f32) -> Var {
+        let s = self.shape(x).to_vec();
+        self.push(Op::Scale { alpha }, vec![x], s)
     }
 
     /// Causal grouped-query attention: q (B*T, H*D), k and v (B*T, KVH*D).

@@ -86,6 +86,8 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             kr::embedding_forward(out.cpu_mut(), &fed[*ids], x(0).cpu(), shape[1]);
         }
         (Device::Gpu(g), Op::Add) => elementwise::add(g, out.gpu(), x(0).gpu(), x(1).gpu(), 1.0, 1.0)?,
+        (Device::Gpu(g), Op::Scale { alpha }) => elementwise::axpby(g, out.gpu(), x(0).gpu(), *alpha, 0.0)?,
+        (Device::Cpu, Op::Scale { alpha }) => kr::scale(out.cpu_mut(), x(0).cpu(), *alpha),
         (Device::Cpu, Op::Add) => kr::add(out.cpu_mut(), x(0).cpu(), x(1).cpu()),
         (Device::Gpu(g), Op::LayerNorm { eps }) => {
             let stats = Tensor::empty(g, &[shape[0], 2], "layernorm stats")?;
@@ -144,13 +146,15 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             saved = Some(Value::Cpu(probs));
         }
         (Device::Gpu(g), Op::RmsNorm { eps, shift }) => {
-            let stats = Tensor::empty(g, &[shape[0], 2], "rmsnorm stats")?;
+            let rows = shape.iter().product::<usize>() / in_shape(1)[0];
+            let stats = Tensor::empty(g, &[rows, 2], "rmsnorm stats")?;
             let kind = NormKind::Rms { gemma: *shift != 0.0 };
             norm::norm_forward(g, out.gpu(), &stats, x(0).gpu(), x(1).gpu(), None, kind, *eps)?;
             saved = Some(Value::Gpu(stats));
         }
         (Device::Cpu, Op::RmsNorm { eps, shift }) => {
-            let (rows, cols) = (shape[0], shape[1]);
+            let cols = in_shape(1)[0];
+            let rows = shape.iter().product::<usize>() / cols;
             let mut rstd = vec![0f32; rows];
             kr::rmsnorm_forward(out.cpu_mut(), &mut rstd, x(0).cpu(), x(1).cpu(), rows, cols, *eps, *shift);
             saved = Some(Value::Cpu(rstd));
@@ -327,6 +331,14 @@ pub(crate) fn backward(
                     elementwise::axpby(gpu, g.gpu(), dy().gpu(), 1.0, if acc { 1.0 } else { 0.0 })?
                 }
                 (Device::Cpu, Op::Add) => cpu_put(&mut g, dy().cpu().to_vec(), acc),
+                (Device::Gpu(gpu), Op::Scale { alpha }) => {
+                    elementwise::axpby(gpu, g.gpu(), dy().gpu(), *alpha, if acc { 1.0 } else { 0.0 })?
+                }
+                (Device::Cpu, Op::Scale { alpha }) => {
+                    let mut d = vec![0f32; in_shape.iter().product()];
+                    kr::scale(&mut d, dy().cpu(), *alpha);
+                    cpu_put(&mut g, d, acc);
+                }
                 (Device::Gpu(gpu), Op::LayerNorm { .. }) => {
                     let stats = saved.expect("layernorm saves its statistics").gpu();
                     let (xs, w) = (x(0).gpu(), x(1).gpu());
@@ -430,7 +442,8 @@ pub(crate) fn backward(
                     )?;
                 }
                 (Device::Cpu, Op::RmsNorm { shift, .. }) => {
-                    let (rows, cols) = (shape[0], shape[1]);
+                    let cols = graph.shapes[node.inputs[1].0][0];
+                    let rows = shape.iter().product::<usize>() / cols;
                     let rstd = saved.expect("rmsnorm saves its statistics").cpu();
                     let (mut dx, mut dw) = (vec![0f32; rows * cols], vec![0f32; cols]);
                     kr::rmsnorm_backward(

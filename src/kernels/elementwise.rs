@@ -83,13 +83,18 @@ pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
     Ok(())
 }
 
-/// `out[r, j] = a[r, j] * (w[j] + shift)`
+/// `out[r, j] = a[r, j] * (w[j] + shift)`, rows of `w.numel()` values
 pub fn row_mul(gpu: &Gpu, out: &Tensor, a: &Tensor, w: &Tensor, shift: f32) -> Result<()> {
     check_len("row_mul", "out", out.numel(), a.numel())?;
-    check_len("row_mul", "w", w.numel(), a.cols())?;
+    if w.numel() == 0 || a.numel() % w.numel() != 0 {
+        return Err(crate::Error::shape(
+            "row_mul",
+            format!("{} values are not rows of {}", a.numel(), w.numel()),
+        ));
+    }
     let p = Params {
         n: u32_of(a.numel(), "row_mul")?,
-        cols: u32_of(a.cols(), "row_mul")?,
+        cols: u32_of(w.numel(), "row_mul")?,
         shift,
         ..Default::default()
     };

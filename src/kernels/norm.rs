@@ -51,10 +51,23 @@ fn key(entry: &'static str, kind: NormKind) -> KernelKey {
     KernelKey::new("norm", entry).with("WG", WG).with("RMS", kind.is_rms() as u32)
 }
 
-fn params(x: &Tensor, kind: NormKind, eps: f32, accumulate: bool) -> Result<Params> {
+/// (rows, cols) of `x` normalised over groups of `w.numel()` values: the weight's length is the
+/// normalised dimension, so (B*T, H*D) activations normalise per head with a (D) weight.
+fn dims(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    let cols = w.numel();
+    if cols == 0 || x.numel() % cols != 0 {
+        return Err(crate::Error::shape(
+            op,
+            format!("{} values do not split into rows of the weight's {cols}", x.numel()),
+        ));
+    }
+    Ok((x.numel() / cols, cols))
+}
+
+fn params((rows, cols): (usize, usize), kind: NormKind, eps: f32, accumulate: bool) -> Result<Params> {
     Ok(Params {
-        rows: u32_of(x.rows(), "norm")?,
-        cols: u32_of(x.cols(), "norm")?,
+        rows: u32_of(rows, "norm")?,
+        cols: u32_of(cols, "norm")?,
         flags: accumulate as u32,
         eps,
         shift: kind.shift(),
@@ -74,16 +87,16 @@ pub fn norm_forward(
     eps: f32,
 ) -> Result<()> {
     check_len("norm_forward", "y", y.numel(), x.numel())?;
-    check_len("norm_forward", "stats", stats.numel(), 2 * x.rows())?;
-    check_len("norm_forward", "w", w.numel(), x.cols())?;
-    let p = params(x, kind, eps, false)?;
+    let (rows, cols) = dims("norm_forward", x, w)?;
+    check_len("norm_forward", "stats", stats.numel(), 2 * rows)?;
+    let p = params((rows, cols), kind, eps, false)?;
     let bufs = [
         Some(x.single("norm")?),
         Some(w.single("norm")?),
         Some(y.single("norm")?),
         Some(stats.single("norm")?),
     ];
-    gpu.dispatch(&key("norm_forward", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(x.rows(), 1))?;
+    gpu.dispatch(&key("norm_forward", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(rows, 1))?;
     if let Some(b) = b {
         elementwise::add_row(gpu, y, b)?;
     }
@@ -105,16 +118,17 @@ pub fn norm_backward(
     accumulate: bool,
 ) -> Result<()> {
     check_len("norm_backward", "dy", dy.numel(), x.numel())?;
-    let p = params(x, kind, 0.0, accumulate)?;
+    let (rows, cols) = dims("norm_backward", x, w)?;
+    let p = params((rows, cols), kind, 0.0, accumulate)?;
     let (xb, sb, dyb) = (x.single("norm")?, stats.single("norm")?, dy.single("norm")?);
     if let Some(dw) = dw {
-        check_len("norm_backward", "dw", dw.numel(), x.cols())?;
+        check_len("norm_backward", "dw", dw.numel(), cols)?;
         let bufs = [Some(xb), Some(dyb), Some(dw.single("norm")?), Some(sb)];
         gpu.dispatch(
             &key("norm_backward_dw", kind),
             &bufs,
             bytemuck::bytes_of(&p),
-            gpu.grid(x.cols(), WG as usize),
+            gpu.grid(cols, WG as usize),
         )?;
     }
     if let Some(db) = db {
@@ -125,7 +139,7 @@ pub fn norm_backward(
         let g = Tensor::empty(gpu, x.shape(), "norm backward g")?;
         elementwise::row_mul(gpu, &g, dy, w, kind.shift())?;
         let bufs = [Some(xb), Some(g.single("norm")?), Some(dx.single("norm")?), Some(sb)];
-        gpu.dispatch(&key("norm_backward_dx", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(x.rows(), 1))?;
+        gpu.dispatch(&key("norm_backward_dx", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(rows, 1))?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Model families, one file each, configured from the checkpoint's `config.json` and loaded
 //! from Hugging Face `*.safetensors` by tensor name.
 
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 
@@ -104,6 +105,7 @@ pub enum Model {
     Gpt2(gpt2::Gpt2),
     /// Qwen2 and Llama-family checkpoints.
     Llama(llama::Llama),
+    Gemma3(gemma3::Gemma3),
 }
 
 /// The values of one built training graph that callers read.
@@ -129,10 +131,11 @@ impl Model {
         match kind.as_str() {
             "gpt2" => gpt2::Gpt2::load(dir, dev).map(|(m, s)| (Model::Gpt2(m), s)),
             "qwen2" | "llama" => llama::Llama::load(dir, dev).map(|(m, s)| (Model::Llama(m), s)),
+            "gemma3_text" => gemma3::Gemma3::load(dir, dev).map(|(m, s)| (Model::Gemma3(m), s)),
             _ => Err(Error::Checkpoint {
                 path: dir.join("config.json"),
                 detail: format!(
-                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: gpt2, qwen2, llama",
+                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: gpt2, qwen2, llama, gemma3_text",
                     header.model_type, header.architectures
                 ),
             }),
@@ -143,6 +146,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.cfg.vocab_size,
             Model::Llama(m) => m.cfg.vocab_size,
+            Model::Gemma3(m) => m.cfg.vocab_size,
         }
     }
 
@@ -150,6 +154,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.cfg.n_positions,
             Model::Llama(m) => m.cfg.max_position_embeddings,
+            Model::Gemma3(m) => m.cfg.max_position_embeddings,
         }
     }
 
@@ -158,6 +163,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.logits_graph(store, b, t),
             Model::Llama(m) => m.logits_graph(store, b, t),
+            Model::Gemma3(m) => m.logits_graph(store, b, t),
         }
     }
 

@@ -1,0 +1,277 @@
+//! Gemma 3 text models (270M, 1B) from a Hugging Face directory (`model_type` `gemma3_text`).
+//! What differs from the Llama block (see `llama.rs`):
+//!
+//! - RMSNorm scales by `(1 + w)`; four norms per layer: before and after attention, before and
+//!   after the MLP (the "after" norms apply to the branch output, before the residual add)
+//! - q and k are RMS-normalised per head (`q_norm`, `k_norm`, weight of head_dim) before RoPE
+//! - GeGLU MLP (tanh GELU); embeddings multiplied by sqrt(hidden_size); tied LM head
+//! - layers alternate between sliding-window (local) and global attention as `layer_types`
+//!   says, each kind with its own RoPE base; attention scale `query_pre_attn_scalar^-0.5`
+//! - soft-capping of logits, where a config enables it, is refused for now (Gemma 3 ships
+//!   with it off)
+
+use super::{read_config, SafetensorsFile};
+use crate::error::{Error, Result};
+use crate::graph::{Device, Graph, ParamId, ParamStore, Var};
+use crate::kernels::attention::AttnDims;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Gemma3Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f32,
+    #[serde(default = "default_scalar")]
+    pub query_pre_attn_scalar: f64,
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Vec<String>,
+    /// older configs: every `sliding_window_pattern`-th layer is global
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    /// transformers 5: {"sliding_attention": {"rope_theta": ..}, "full_attention": {..}}
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    #[serde(default = "default_act")]
+    pub hidden_activation: String,
+}
+
+fn default_eps() -> f32 {
+    1e-6
+}
+fn default_scalar() -> f64 {
+    256.0
+}
+fn default_act() -> String {
+    "gelu_pytorch_tanh".into()
+}
+
+impl Gemma3Config {
+    /// Whether layer `l` uses the sliding window.
+    pub fn is_sliding(&self, l: usize) -> bool {
+        match self.layer_types.get(l) {
+            Some(t) => t == "sliding_attention",
+            None => self.sliding_window_pattern.is_some_and(|p| (l + 1) % p != 0),
+        }
+    }
+
+    /// RoPE base of a local (sliding) or global layer.
+    pub fn theta(&self, sliding: bool) -> f64 {
+        let kind = if sliding { "sliding_attention" } else { "full_attention" };
+        let from_params =
+            self.rope_parameters.as_ref().and_then(|p| p.get(kind)?.get("rope_theta")?.as_f64());
+        let old =
+            if sliding { self.rope_local_base_freq.or(Some(10000.0)) } else { self.rope_theta.or(Some(1e6)) };
+        from_params.or(old).unwrap_or(10000.0)
+    }
+
+    fn check(&self, dir: &Path) -> Result<()> {
+        let bad = |detail: String| Err(Error::Checkpoint { path: dir.join("config.json"), detail });
+        if self.final_logit_softcapping.is_some() || self.attn_logit_softcapping.is_some() {
+            return bad("logit soft-capping is not supported yet".into());
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return bad("rope_scaling is not supported yet".into());
+        }
+        if let Some(p) = &self.rope_parameters {
+            for kind in ["sliding_attention", "full_attention"] {
+                let t = p.get(kind).and_then(|k| k.get("rope_type")).and_then(|t| t.as_str());
+                if t.is_some_and(|t| t != "default") {
+                    return bad(format!("rope_type {t:?} for {kind} is not supported yet"));
+                }
+            }
+        }
+        if !matches!(self.hidden_activation.as_str(), "gelu_pytorch_tanh" | "gelu_new") {
+            return bad(format!(
+                "hidden_activation {:?}: only the tanh GELU is supported",
+                self.hidden_activation
+            ));
+        }
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        if kv == 0 || h % kv != 0 {
+            return bad(format!("{h} attention heads are not a multiple of {kv} key/value heads"));
+        }
+        Ok(())
+    }
+}
+
+struct Layer {
+    input_norm: ParamId,
+    q: ParamId,
+    k: ParamId,
+    v: ParamId,
+    o: ParamId,
+    q_norm: ParamId,
+    k_norm: ParamId,
+    post_attn_norm: ParamId,
+    pre_ff_norm: ParamId,
+    gate: ParamId,
+    up: ParamId,
+    down: ParamId,
+    post_ff_norm: ParamId,
+}
+
+pub struct Gemma3 {
+    pub cfg: Gemma3Config,
+    embed: ParamId,
+    layers: Vec<Layer>,
+    norm: ParamId,
+}
+
+const LAYER_TENSORS: &[&str] = &[
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+    "post_attention_layernorm.weight",
+    "pre_feedforward_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "post_feedforward_layernorm.weight",
+];
+
+impl Gemma3 {
+    pub fn param_shapes(cfg: &Gemma3Config) -> Vec<(String, Vec<usize>)> {
+        let (c, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let shapes = [
+            vec![c],
+            vec![h * d, c],
+            vec![kv * d, c],
+            vec![kv * d, c],
+            vec![c, h * d],
+            vec![d],
+            vec![d],
+            vec![c],
+            vec![c],
+            vec![f, c],
+            vec![f, c],
+            vec![c, f],
+            vec![c],
+        ];
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, c])];
+        for l in 0..cfg.num_hidden_layers {
+            for (name, shape) in LAYER_TENSORS.iter().zip(&shapes) {
+                out.push((format!("model.layers.{l}.{name}"), shape.clone()));
+            }
+        }
+        out.push(("model.norm.weight".into(), vec![c]));
+        out
+    }
+
+    pub fn load(dir: &Path, dev: &Device) -> Result<(Gemma3, ParamStore)> {
+        let cfg: Gemma3Config = read_config(dir)?;
+        cfg.check(dir)?;
+        let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
+        let mut store = ParamStore::new(dev.clone());
+        for (name, shape) in Self::param_shapes(&cfg) {
+            let data = file.require(&name, &shape)?;
+            store.add(&name, &shape, &data, true)?;
+        }
+        let id = |name: &str| store.id(name).expect("added above");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let t: Vec<ParamId> =
+                    LAYER_TENSORS.iter().map(|n| id(&format!("model.layers.{l}.{n}"))).collect();
+                Layer {
+                    input_norm: t[0],
+                    q: t[1],
+                    k: t[2],
+                    v: t[3],
+                    o: t[4],
+                    q_norm: t[5],
+                    k_norm: t[6],
+                    post_attn_norm: t[7],
+                    pre_ff_norm: t[8],
+                    gate: t[9],
+                    up: t[10],
+                    down: t[11],
+                    post_ff_norm: t[12],
+                }
+            })
+            .collect();
+        let model =
+            Gemma3 { embed: id("model.embed_tokens.weight"), norm: id("model.norm.weight"), layers, cfg };
+        Ok((model, store))
+    }
+
+    pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
+        let cfg = &self.cfg;
+        if t > cfg.max_position_embeddings {
+            return Err(Error::InvalidArgument {
+                name: "sequence length".into(),
+                detail: format!("{t} is longer than the model's {} positions", cfg.max_position_embeddings),
+            });
+        }
+        let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        let mut g = Graph::new();
+        let tokens = g.id_list(cfg.vocab_size);
+        let _positions = g.id_list(cfg.max_position_embeddings); // RoPE uses 0..T
+        let p = |g: &mut Graph, id: ParamId| g.param(store, id);
+        let proj = |g: &mut Graph, x: Var, w: ParamId| -> Result<Var> {
+            let w = g.param(store, w);
+            g.linear(x, w, None, true)
+        };
+        let norm = |g: &mut Graph, x: Var, w: ParamId| -> Result<Var> {
+            let w = g.param(store, w);
+            g.rmsnorm(x, w, eps, 1.0)
+        };
+        let embed = p(&mut g, self.embed);
+        let x = g.embedding(embed, tokens, b * t)?;
+        // The scale is rounded to the weights' dtype (f32 here), as transformers does.
+        let mut x = g.scale(x, (cfg.hidden_size as f32).sqrt());
+        let scale = cfg.query_pre_attn_scalar.powf(-0.5) as f32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let sliding = cfg.is_sliding(l);
+            let window = if sliding { cfg.sliding_window } else { None };
+            let dims = AttnDims { b, t, h, kv_h: kv, d, window, scale };
+            let theta = cfg.theta(sliding);
+            let hn = norm(&mut g, x, layer.input_norm)?;
+            let q = proj(&mut g, hn, layer.q)?;
+            let k = proj(&mut g, hn, layer.k)?;
+            let v = proj(&mut g, hn, layer.v)?;
+            let q = norm(&mut g, q, layer.q_norm)?;
+            let k = norm(&mut g, k, layer.k_norm)?;
+            let q = g.rope(q, b, t, h, d, theta)?;
+            let k = g.rope(k, b, t, kv, d, theta)?;
+            let a = g.attention(q, k, v, dims)?;
+            let o = proj(&mut g, a, layer.o)?;
+            let o = norm(&mut g, o, layer.post_attn_norm)?;
+            x = g.add(x, o)?;
+            let hn = norm(&mut g, x, layer.pre_ff_norm)?;
+            let gate = proj(&mut g, hn, layer.gate)?;
+            let up = proj(&mut g, hn, layer.up)?;
+            let m = g.glu(gate, up, false)?;
+            let down = proj(&mut g, m, layer.down)?;
+            let down = norm(&mut g, down, layer.post_ff_norm)?;
+            x = g.add(x, down)?;
+        }
+        let x = norm(&mut g, x, self.norm)?;
+        let head = p(&mut g, self.embed);
+        let logits = g.linear(x, head, None, true)?;
+        Ok((g, logits))
+    }
+}
