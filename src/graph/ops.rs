@@ -560,42 +560,33 @@ fn attention_backward(
             let qd = |t| Heads::dense(t, d.h, d.d);
             let kvd = |t| Heads::dense(t, d.kv_h, d.d);
             let (xq, xk, xv) = (qd(x(0).gpu()), kvd(x(1).gpu()), kvd(x(2).gpu()));
-            if acc_all || acc_none {
-                let (dq, dk, dv) = (qd(outs[0].1.gpu()), kvd(outs[1].1.gpu()), kvd(outs[2].1.gpu()));
-                attention::attention_backward(
-                    gpu,
-                    dq,
-                    dk,
-                    dv,
-                    qd(dout.gpu()),
-                    xq,
-                    xk,
-                    xv,
-                    probs.gpu(),
-                    d,
-                    acc_all,
-                )?;
+            // Where the three flags agree the gradients go straight into their buffers;
+            // otherwise into fresh ones that are then added or copied.
+            let direct = acc_all || acc_none;
+            let fresh: Vec<Tensor> = if direct {
+                Vec::new()
             } else {
-                let fresh: Vec<Tensor> = (0..3)
+                (0..3)
                     .map(|k| Tensor::empty(gpu, &run.graph.shapes[node.inputs[k].0], "attention gradient"))
-                    .collect::<Result<_>>()?;
-                let (dq, dk, dv) = (qd(&fresh[0]), kvd(&fresh[1]), kvd(&fresh[2]));
-                attention::attention_backward(
-                    gpu,
-                    dq,
-                    dk,
-                    dv,
-                    qd(dout.gpu()),
-                    xq,
-                    xk,
-                    xv,
-                    probs.gpu(),
-                    d,
-                    false,
-                )?;
-                for (o, f) in outs.iter().zip(&fresh) {
-                    elementwise::axpby(gpu, o.1.gpu(), f, 1.0, if o.2 { 1.0 } else { 0.0 })?;
-                }
+                    .collect::<Result<_>>()?
+            };
+            let target = |k: usize| if direct { outs[k].1.gpu() } else { &fresh[k] };
+            let (dq, dk, dv) = (qd(target(0)), kvd(target(1)), kvd(target(2)));
+            attention::attention_backward(
+                gpu,
+                dq,
+                dk,
+                dv,
+                qd(dout.gpu()),
+                xq,
+                xk,
+                xv,
+                probs.gpu(),
+                d,
+                acc_all,
+            )?;
+            for (o, f) in outs.iter().zip(&fresh) {
+                elementwise::axpby(gpu, o.1.gpu(), f, 1.0, if o.2 { 1.0 } else { 0.0 })?;
             }
         }
         Device::Cpu => {

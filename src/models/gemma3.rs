@@ -185,11 +185,7 @@ impl Gemma3 {
         let cfg: Gemma3Config = read_config(dir)?;
         cfg.check(dir)?;
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
-        let mut store = ParamStore::new(dev.clone());
-        for (name, shape) in Self::param_shapes(&cfg) {
-            let data = file.require(&name, &shape)?;
-            store.add(&name, &shape, &data, true)?;
-        }
+        let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
         let id = |name: &str| store.id(name).expect("added above");
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {

@@ -173,12 +173,8 @@ impl Gpt2 {
         cfg.check(dir)?;
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let prefixed = file.names().iter().any(|n| n.starts_with("transformer."));
-        let mut store = ParamStore::new(dev.clone());
-        for (name, shape) in Self::param_shapes(&cfg) {
-            let key = if prefixed { format!("transformer.{name}") } else { name.clone() };
-            let data = file.require(&key, &shape)?;
-            store.add(&name, &shape, &data, true)?;
-        }
+        let key = |name: &str| if prefixed { format!("transformer.{name}") } else { name.to_string() };
+        let store = super::load_params(&file, Self::param_shapes(&cfg), dev, key)?;
         let model = Self::from_store(cfg, &store)?;
         Ok((model, store))
     }

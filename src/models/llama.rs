@@ -143,11 +143,7 @@ impl Llama {
         let cfg: LlamaConfig = read_config(dir)?;
         cfg.check(dir)?;
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
-        let mut store = ParamStore::new(dev.clone());
-        for (name, shape) in Self::param_shapes(&cfg) {
-            let data = file.require(&name, &shape)?;
-            store.add(&name, &shape, &data, true)?;
-        }
+        let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
         Ok((Self::from_store(cfg, &store)?, store))
     }
 

@@ -90,6 +90,22 @@ impl SafetensorsFile {
     }
 }
 
+/// A store of every `(name, shape)` read from `file`, trainable, where the file's key of
+/// `name` is `key(name)`.
+pub(crate) fn load_params(
+    file: &SafetensorsFile,
+    shapes: Vec<(String, Vec<usize>)>,
+    dev: &Device,
+    key: impl Fn(&str) -> String,
+) -> Result<ParamStore> {
+    let mut store = ParamStore::new(dev.clone());
+    for (name, shape) in shapes {
+        let data = file.require(&key(&name), &shape)?;
+        store.add(&name, &shape, &data, true)?;
+    }
+    Ok(store)
+}
+
 /// Read and parse `config.json` of a model directory.
 pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join("config.json");
