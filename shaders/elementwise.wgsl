@@ -87,3 +87,28 @@ fn scale_by(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         out[p.out_off + i] *= a[p.a_off];
     }
 }
+
+fn hash32(v: u32) -> u32 {
+    var x = v;
+    x ^= x >> 16u;
+    x *= 0x7feb352du;
+    x ^= x >> 15u;
+    x *= 0x846ca68bu;
+    x ^= x >> 16u;
+    return x;
+}
+
+// Inverted dropout with a mask hashed from (seed, index): out = a / (1 - p) where kept, else 0.
+// `cols` holds the seed and `b_off` the drop threshold p * 2^32; `alpha` is 1 / (1 - p).
+@compute @workgroup_size(WG)
+fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        var v = 0.0;
+        if (hash32(i ^ hash32(p.cols)) >= p.b_off) {
+            v = a[p.a_off + i] * p.alpha;
+        }
+        out[p.out_off + i] = v;
+    }
+}

@@ -2,7 +2,8 @@
 //! was already written. Each checkpoint is a directory `OUT/step-NNNNNN/`:
 //!
 //! - `model.safetensors`, `config.json`, `tokenizer.json`: a Hugging Face model directory (load
-//!   it with `--model`, or with transformers)
+//!   it with `--model`, or with transformers); for LoRA runs `adapter_config.json` and
+//!   `adapter_model.safetensors` instead of the weights (a PEFT adapter on the base `--model`)
 //! - `optimizer.safetensors`: AdamW moments `m.<name>` and `v.<name>`
 //! - `state.json`: step, optimizer step, data position, seed
 //!
@@ -50,7 +51,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn safetensors_bytes(tensors: &[(String, Vec<usize>, Vec<f32>)], path: &Path) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -84,7 +85,14 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
 
 /// Write a checkpoint of `store` and `state` under `out`; returns its directory.
 /// `model_dir` provides config.json and tokenizer.json to copy beside the weights.
-pub fn save(out: &Path, model_dir: &Path, store: &ParamStore, state: &TrainState) -> Result<PathBuf> {
+/// With `lora`, only the adapter is written (PEFT files), not the frozen base weights.
+pub fn save(
+    out: &Path,
+    model_dir: &Path,
+    store: &ParamStore,
+    state: &TrainState,
+    lora: Option<(&crate::models::Model, &crate::lora::LoraOptions)>,
+) -> Result<PathBuf> {
     let name = format!("step-{:06}", state.step);
     let dir = out.join(&name);
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -92,14 +100,21 @@ pub fn save(out: &Path, model_dir: &Path, store: &ParamStore, state: &TrainState
     let mut weights = Vec::new();
     let mut moments = Vec::new();
     for (_, p) in store.iter() {
-        weights.push((p.name.clone(), p.shape.clone(), p.value.to_host(dev)?));
+        if lora.is_none() {
+            weights.push((p.name.clone(), p.shape.clone(), p.value.to_host(dev)?));
+        }
         if let Some((m, v)) = p.moments() {
             moments.push((format!("m.{}", p.name), p.shape.clone(), m.to_host(dev)?));
             moments.push((format!("v.{}", p.name), p.shape.clone(), v.to_host(dev)?));
         }
     }
-    let path = dir.join("model.safetensors");
-    write_atomic(&path, &safetensors_bytes(&weights, &path)?)?;
+    match lora {
+        Some((model, opts)) => crate::lora::save(&dir, model, store, opts, model_dir)?,
+        None => {
+            let path = dir.join("model.safetensors");
+            write_atomic(&path, &safetensors_bytes(&weights, &path)?)?;
+        }
+    }
     let path = dir.join("optimizer.safetensors");
     write_atomic(&path, &safetensors_bytes(&moments, &path)?)?;
     for f in ["config.json", "tokenizer.json"] {

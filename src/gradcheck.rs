@@ -51,6 +51,7 @@ pub const KERNELS: &[&str] = &[
     "attention",
     "cross_entropy",
     "add",
+    "dropout",
     "reduce",
     "clip_grad_norm",
     "adamw",
@@ -196,6 +197,7 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "attention" => check_attention(p),
         "cross_entropy" => check_cross_entropy(p),
         "add" => check_add(p),
+        "dropout" => check_dropout(p),
         "reduce" => check_reduce(p),
         "clip_grad_norm" => check_clip(p),
         "adamw" => check_adamw(p),
@@ -724,6 +726,22 @@ fn check_add(p: &mut Probe) -> Result<()> {
         elementwise::axpby(p.gpu, &gda, &gdy, 0.37, 0.0)?;
         kr::scale(&mut out, &dy, 0.37);
         p.record("backward", &n.to_string(), "d scale", &gda, &out)?;
+    }
+    Ok(())
+}
+
+fn check_dropout(p: &mut Probe) -> Result<()> {
+    for &(n, prob, seed) in &[(1usize, 0.5f32, 1u32), (1000, 0.1, 2), (70001, 0.3, 3), (4097, 0.0, 4)] {
+        let shape = format!("{n} p {prob}");
+        let (x, dy) = (p.uniform(n), p.uniform(n));
+        let (gx, gdy, gy, gdx) = (p.up(&x, &[n])?, p.up(&dy, &[n])?, p.out(&[n])?, p.out(&[n])?);
+        elementwise::dropout(p.gpu, &gy, &gx, prob, seed)?;
+        elementwise::dropout(p.gpu, &gdx, &gdy, prob, seed)?;
+        let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
+        kr::dropout(&mut y, &x, prob, seed);
+        kr::dropout(&mut dx, &dy, prob, seed);
+        p.record("forward", &shape, "", &gy, &y)?;
+        p.record("backward", &shape, "", &gdx, &dx)?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod gradcheck;
 pub mod graph;
 pub mod kernels;
+pub mod lora;
 pub mod models;
 pub mod shaders;
 pub mod train;

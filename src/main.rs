@@ -86,6 +86,9 @@ enum Command {
         /// Hugging Face model directory, or a checkpoint directory written by `train`.
         #[arg(long)]
         model: std::path::PathBuf,
+        /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         /// Text file, directory or JSONL (the same conventions as `train --data`).
         #[arg(long)]
         data: std::path::PathBuf,
@@ -110,6 +113,9 @@ enum Command {
         /// Hugging Face model directory, or a checkpoint directory written by `train`.
         #[arg(long)]
         model: std::path::PathBuf,
+        /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Tokens to generate at most (stops early at end-of-text).
@@ -247,18 +253,26 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
-        Command::Eval { model, data, batch_size, seq_len, max_batches, device, limits, json } => {
-            run_eval(&model, &data, batch_size, seq_len, max_batches, device.as_deref(), limits, json)
+        Command::Eval { model, adapter, data, batch_size, seq_len, max_batches, device, limits, json } => {
+            let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            run_eval(&dev, &model, adapter.as_deref(), &data, (batch_size, seq_len), max_batches, json)
         }
-        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, device, limits } => {
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            device,
+            limits,
+        } => {
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
             let tok = pockettune::data::Tokenizer::load(&model.join("tokenizer.json"))?;
-            let (gpt, mut store) = pockettune::models::Model::load(&model, &dev)?;
+            let (gpt, store) = load_for_inference(&dev, &model, adapter.as_deref())?;
             tok.check_model_vocab(gpt.vocab_size())?;
-            let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
-            for id in ids {
-                store.freeze(id); // inference: no gradient buffers
-            }
             let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
             let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;
             println!("{prompt}{text}");
@@ -519,26 +533,37 @@ fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> 
     Ok(0)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_eval(
+/// A model, optionally with a PEFT adapter, with every weight frozen (no gradient buffers).
+fn load_for_inference(
+    dev: &pockettune::graph::Device,
     model: &std::path::Path,
-    data: &std::path::Path,
-    batch: usize,
-    seq: usize,
-    max_batches: Option<usize>,
-    device: Option<&str>,
-    limits: Profile,
-    json: bool,
-) -> Result<i32> {
-    use pockettune::data::{Tokenizer, Tokens};
-    let dev = pockettune::train::open_device(device, limits)?;
-    let tok = Tokenizer::load(&model.join("tokenizer.json"))?;
-    let (gpt, mut store) = pockettune::models::Model::load(model, &dev)?;
-    tok.check_model_vocab(gpt.vocab_size())?;
+    adapter: Option<&std::path::Path>,
+) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore)> {
+    let (gpt, mut store) = pockettune::models::Model::load(model, dev)?;
+    if let Some(dir) = adapter {
+        let o = pockettune::lora::load(dir, &gpt, &mut store)?;
+        eprintln!("adapter {}: LoRA rank {} on {}", dir.display(), o.rank, o.targets.join(","));
+    }
     let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
     for id in ids {
         store.freeze(id);
     }
+    Ok((gpt, store))
+}
+
+fn run_eval(
+    dev: &pockettune::graph::Device,
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    data: &std::path::Path,
+    (batch, seq): (usize, usize),
+    max_batches: Option<usize>,
+    json: bool,
+) -> Result<i32> {
+    use pockettune::data::{Tokenizer, Tokens};
+    let tok = Tokenizer::load(&model.join("tokenizer.json"))?;
+    let (gpt, store) = load_for_inference(dev, model, adapter)?;
+    tok.check_model_vocab(gpt.vocab_size())?;
     let tokens = Tokens::load(data, &tok)?;
     let (graph, vars) = gpt.graph(&store, batch, seq)?;
     let windows = tokens.windows(seq);

@@ -21,6 +21,8 @@ use std::time::Instant;
 pub enum Method {
     /// Full fine-tuning: every weight is trained.
     Full,
+    /// LoRA: low-rank adapters on the projections, base weights frozen.
+    Lora,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -51,9 +53,23 @@ pub struct TrainOptions {
     /// Fine-tuning method.
     #[arg(long, value_enum, default_value_t = Method::Full)]
     pub method: Method,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f32,
+    /// Peak learning rate (default 1e-4 for full fine-tuning, 2e-4 for LoRA).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// LoRA alpha (the adapter's output is scaled by alpha / r).
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f32,
+    /// Dropout on the adapter's input.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f32,
+    /// Modules to adapt, comma-separated, as Hugging Face names them (default: every attention
+    /// and MLP projection: c_attn,c_proj,c_fc for GPT-2; q_proj,k_proj,v_proj,o_proj,gate_proj,
+    /// up_proj,down_proj for Qwen2/Llama/Gemma 3).
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
     /// Decoupled weight decay (AdamW), applied to every trained weight.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f32,
@@ -148,16 +164,27 @@ pub fn open_device(spec: Option<&str>, limits: Profile) -> Result<Device> {
 
 /// The learning rate at optimizer step `step` (0-based) of `total`.
 pub fn learning_rate(o: &TrainOptions, step: usize, total: usize) -> f32 {
+    let lr = o.peak_lr();
     if step < o.warmup {
-        return o.lr * (step + 1) as f32 / o.warmup as f32;
+        return lr * (step + 1) as f32 / o.warmup as f32;
     }
     match o.schedule {
-        Schedule::Constant => o.lr,
+        Schedule::Constant => lr,
         Schedule::Cosine => {
             let span = total.saturating_sub(o.warmup).max(1) as f64;
             let progress = (step - o.warmup) as f64 / span;
-            (o.lr as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+            (lr as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
         }
+    }
+}
+
+impl TrainOptions {
+    /// `--lr`, or the method's default (1e-4 full, 2e-4 LoRA as in the paper).
+    pub fn peak_lr(&self) -> f32 {
+        self.lr.unwrap_or(match self.method {
+            Method::Full => 1e-4,
+            Method::Lora => 2e-4,
+        })
     }
 }
 
@@ -178,8 +205,8 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if o.batch_size == 0 || o.seq_len == 0 || o.grad_accum == 0 {
         return Err(invalid("--batch-size/--seq-len/--grad-accum", "must be at least 1"));
     }
-    if !(o.lr.is_finite() && o.lr > 0.0) {
-        return Err(invalid("--lr", format!("{} is not a positive learning rate", o.lr)));
+    if !(o.peak_lr().is_finite() && o.peak_lr() > 0.0) {
+        return Err(invalid("--lr", format!("{} is not a positive learning rate", o.peak_lr())));
     }
     if !(0.0..1.0).contains(&o.eval_fraction) {
         return Err(invalid("--eval-fraction", "must be in [0, 1)"));
@@ -196,9 +223,41 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     if o.resume && resume_dir.is_none() {
         return Err(invalid("--resume", format!("no checkpoint in {} (no `latest` file)", o.out.display())));
     }
-    let weights_dir = resume_dir.clone().unwrap_or_else(|| o.model.clone());
+    // Full fine-tuning resumes from the checkpoint's weights; LoRA from the base model plus the
+    // checkpoint's adapter.
+    let weights_dir = match (&resume_dir, o.method) {
+        (Some(dir), Method::Full) => dir.clone(),
+        _ => o.model.clone(),
+    };
     let (model, mut store) = Model::load(&weights_dir, &dev)?;
     tok.check_model_vocab(model.vocab_size())?;
+    let lora_opts = match o.method {
+        Method::Full => None,
+        Method::Lora => Some(match &resume_dir {
+            Some(dir) => crate::lora::load(dir, &model, &mut store)?,
+            None => {
+                let targets = if o.lora_targets.is_empty() {
+                    crate::lora::default_targets(&model)
+                } else {
+                    o.lora_targets.clone()
+                };
+                let opts = crate::lora::LoraOptions {
+                    rank: o.lora_rank,
+                    alpha: o.lora_alpha,
+                    dropout: o.lora_dropout,
+                    targets,
+                };
+                let n = crate::lora::apply(&model, &mut store, &opts, o.seed)?;
+                eprintln!(
+                    "LoRA rank {} on {n} projections ({}): {} trainable values",
+                    opts.rank,
+                    opts.targets.join(","),
+                    store.trainable_numel()
+                );
+                opts
+            }
+        }),
+    };
 
     let data = Tokens::load(&o.data, &tok)?;
     let (data, eval) = match (&o.eval_data, o.eval_fraction > 0.0) {
@@ -248,10 +307,12 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         let t0 = Instant::now();
         store.zero_grads()?;
         let mut loss_sum = 0.0;
-        for _ in 0..o.grad_accum {
+        for micro in 0..o.grad_accum {
             let (ids, targets) = batches.next(&data);
-            let mut run =
-                graph.forward(&store, &Model::feed(&ids, &targets, o.batch_size, o.seq_len), &[])?;
+            let mut feed = Model::feed(&ids, &targets, o.batch_size, o.seq_len);
+            let salt = (state.step * o.grad_accum + micro) as u64;
+            feed.dropout_seed = Some(kernels_ref::hash32((o.seed ^ salt.wrapping_mul(0x9e37_79b9)) as u32));
+            let mut run = graph.forward(&store, &feed, &[])?;
             run.backward(&mut store, vars.loss, 1.0 / o.grad_accum as f32)?;
             loss_sum += run.loss(vars.loss)?;
         }
@@ -313,7 +374,8 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             }
         }
         if (o.save_every > 0 && state.step % o.save_every == 0) || last {
-            last_checkpoint = Some(checkpoint::save(&o.out, &o.model, &store, &state)?);
+            let lora = lora_opts.as_ref().map(|l| (&model, l));
+            last_checkpoint = Some(checkpoint::save(&o.out, &o.model, &store, &state, lora)?);
             checkpoint::prune(&o.out, o.keep_checkpoints)?;
         }
     }

@@ -89,6 +89,10 @@ fn add() {
     check("add");
 }
 #[test]
+fn dropout() {
+    check("dropout");
+}
+#[test]
 fn reduce() {
     check("reduce");
 }

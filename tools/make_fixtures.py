@@ -116,6 +116,51 @@ def llama_family(name, config_cls, model_cls, hidden_size=64, **kw):
     record(model, inputs, targets, out_dir)
 
 
+def lora_fixture(base_name, model_cls, targets, fan_in_fan_out):
+    """A PEFT LoRA adapter (r 4, alpha 8, no dropout) on a fixture model, with B made non-zero
+    so that the adapter changes the logits; expected.safetensors as for the base fixtures, the
+    gradients being those of the adapter (named as in adapter_model.safetensors)."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = os.path.join(ROOT, base_name)
+    out_dir = os.path.join(ROOT, base_name + "-lora")
+    os.makedirs(out_dir, exist_ok=True)
+    model = model_cls.from_pretrained(base_dir, attn_implementation="eager").float()
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                     fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
+    torch.manual_seed(3)
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    pm.save_pretrained(out_dir)
+    inputs, targets_ = batch(model.config.vocab_size, 2, 16, seed=1)
+    pm.eval()
+    logits = pm(input_ids=inputs).logits
+    vocab = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets_.reshape(-1), ignore_index=-100)
+    loss.backward()
+    tensors = {"input_ids": inputs, "targets": targets_, "logits": logits.detach().contiguous(),
+               "loss": loss.detach().reshape(1)}
+    for name, p in pm.named_parameters():
+        if p.requires_grad:
+            tensors["grad." + name.replace(".default", "")] = p.grad.detach().contiguous()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], **ADAMW)
+    losses = []
+    for _ in range(STEPS):
+        l = torch.nn.functional.cross_entropy(pm(input_ids=inputs).logits.reshape(-1, vocab),
+                                              targets_.reshape(-1), ignore_index=-100)
+        losses.append(l.item())
+        opt.zero_grad()
+        l.backward()
+        opt.step()
+    tensors["adamw_losses"] = torch.tensor(losses, dtype=torch.float32)
+    save_file(tensors, os.path.join(out_dir, "expected.safetensors"))
+    with open(os.path.join(out_dir, "adamw.json"), "w") as f:
+        json.dump({"steps": STEPS, **{k: list(v) if isinstance(v, tuple) else v for k, v in ADAMW.items()}}, f, indent=1)
+
+
 if __name__ == "__main__":
     gpt2_tiny()
     # Qwen2: bias on q/k/v, grouped-query attention (4 heads, 2 kv heads), tied embeddings.
@@ -129,4 +174,8 @@ if __name__ == "__main__":
     llama_family("gemma3-tiny", Gemma3TextConfig, Gemma3ForCausalLM, num_key_value_heads=2, head_dim=16,
                  layers=3, sliding_window=4, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    # LoRA with PEFT (peft in requirements.txt) on GPT-2's Conv1D layers and on Gemma 3.
+    lora_fixture("gpt2-tiny", GPT2LMHeadModel, ["c_attn", "c_proj", "c_fc"], True)
+    lora_fixture("gemma3-tiny", Gemma3ForCausalLM,
+                 ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False)
     print("fixtures written under", os.path.normpath(ROOT))

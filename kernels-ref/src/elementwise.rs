@@ -100,3 +100,64 @@ mod tests {
         assert_close("coef 0.8", &[a[0], b[0]], &[2.4, 3.2], 1e-6);
     }
 }
+
+/// The 32-bit integer hash behind dropout masks (the "lowbias32" mixer): the GPU kernel and
+/// this reference compute the same mask from (seed, index), so no mask is stored or uploaded.
+pub fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// Whether element `i` survives dropout with probability `p` under `seed`.
+pub fn dropout_keep(seed: u32, i: u32, p: f32) -> bool {
+    let threshold = (p as f64 * 4294967296.0).min(4294967295.0) as u32;
+    hash32(i ^ hash32(seed)) >= threshold
+}
+
+/// Inverted dropout: `out[i] = x[i] / (1 - p)` where kept, 0 where dropped. The backward is the
+/// same function applied to the output gradient (same seed, same mask).
+pub fn dropout(out: &mut [f32], x: &[f32], p: f32, seed: u32) {
+    assert_eq!(x.len(), out.len(), "dropout: x and out lengths differ");
+    let scale = 1.0 / (1.0 - p as f64);
+    out.par_iter_mut().zip(x.par_iter()).enumerate().for_each(|(i, (o, &v))| {
+        *o = if dropout_keep(seed, i as u32, p) { (v as f64 * scale) as f32 } else { 0.0 };
+    });
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::*;
+
+    #[test]
+    fn dropout_drops_about_p_and_scales_the_rest() {
+        let n = 100_000;
+        let x = vec![1.0f32; n];
+        let mut y = vec![0f32; n];
+        dropout(&mut y, &x, 0.1, 7);
+        let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "dropped {dropped}");
+        // 1 / (1 - 0.1) = 1.111...
+        assert!(y.iter().filter(|&&v| v != 0.0).all(|&v| (v - 1.0 / 0.9).abs() < 1e-6));
+        // p = 0 keeps everything unchanged.
+        dropout(&mut y, &x, 0.0, 7);
+        assert!(y.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn hash_matches_known_values() {
+        // lowbias32 of 0 is 0; of 1, worked through the three xor-shift-multiply rounds.
+        assert_eq!(hash32(0), 0);
+        let mut x: u32 = 1;
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846ca68b);
+        x ^= x >> 16;
+        assert_eq!(hash32(1), x);
+        assert_ne!(hash32(1), hash32(2));
+    }
+}

@@ -135,6 +135,9 @@ pub(crate) enum Op {
     Glu { silu: bool },
     /// alpha * x
     Scale { alpha: f32 },
+    /// inverted dropout with probability p; the mask is hashed from the feed's dropout seed and
+    /// `salt` (identity when the feed has no seed: evaluation)
+    Dropout { p: f32, salt: u32 },
     /// mean cross-entropy of logits against target list `targets` of the feed (a scalar)
     CrossEntropy { targets: usize },
 }
@@ -144,6 +147,7 @@ impl Op {
     fn backward_reads(&self, i: usize) -> bool {
         match self {
             Op::Param(_) | Op::Add | Op::Embedding { .. } | Op::Rope { .. } | Op::Scale { .. } => false,
+            Op::Dropout { .. } => false,
             Op::RmsNorm { .. } => i < 2,
             Op::Attention { .. } | Op::Glu { .. } => true,
             Op::LayerNorm { .. } => i < 2,
@@ -164,6 +168,8 @@ pub(crate) struct Node {
 pub struct Feed {
     pub ids: Vec<Vec<u32>>,
     pub targets: Vec<Vec<i32>>,
+    /// seed of this step's dropout masks; `None` turns dropout off (evaluation, generation)
+    pub dropout_seed: Option<u32>,
 }
 
 /// A recorded forward pass (one node per value; node i produces `Var(i)`).
@@ -305,6 +311,36 @@ impl Graph {
         let s = self.shape(gate).to_vec();
         self.check("glu", self.shape(up) == s.as_slice(), || format!("gate {s:?}, up {:?}", self.shape(up)))?;
         Ok(self.push(Op::Glu { silu }, vec![gate, up], s))
+    }
+
+    /// Inverted dropout with probability `p` (see [`Feed::dropout_seed`]).
+    pub fn dropout(&mut self, x: Var, p: f32) -> Var {
+        let s = self.shape(x).to_vec();
+        let salt = self.nodes.len() as u32;
+        self.push(Op::Dropout { p, salt }, vec![x], s)
+    }
+
+    /// `x W (+ bias)` for a stored weight, plus its LoRA branch when the store has an adapter on
+    /// it: `+ scale * dropout(x) A^T B^T`. `W` is (out, in) when `trans_w` (Hugging Face
+    /// Linear), else (in, out) (GPT-2's Conv1D).
+    pub fn linear_lora(
+        &mut self,
+        store: &ParamStore,
+        x: Var,
+        w: ParamId,
+        bias: Option<ParamId>,
+        trans_w: bool,
+    ) -> Result<Var> {
+        let wv = self.param(store, w);
+        let bv = bias.map(|b| self.param(store, b));
+        let y = self.linear(x, wv, bv, trans_w)?;
+        let Some(lora) = store.lora(w).cloned() else { return Ok(y) };
+        let xd = if lora.dropout > 0.0 { self.dropout(x, lora.dropout) } else { x };
+        let (a, b) = (self.param(store, lora.a), self.param(store, lora.b));
+        let h = self.linear(xd, a, None, true)?;
+        let h = self.linear(h, b, None, true)?;
+        let h = self.scale(h, lora.scale);
+        self.add(y, h)
     }
 
     /// `alpha * x` (Gemma's embedding scale).

@@ -15,8 +15,16 @@ use kernels_ref as kr;
 
 /// The feed, uploaded for the device.
 pub(crate) enum Fed {
-    Gpu { ids: Vec<Ids>, targets: Vec<Targets> },
-    Cpu { ids: Vec<Vec<u32>>, targets: Vec<Vec<i32>> },
+    Gpu { ids: Vec<Ids>, targets: Vec<Targets>, dropout_seed: Option<u32> },
+    Cpu { ids: Vec<Vec<u32>>, targets: Vec<Vec<i32>>, dropout_seed: Option<u32> },
+}
+
+impl Fed {
+    fn dropout_seed(&self) -> Option<u32> {
+        match self {
+            Fed::Gpu { dropout_seed, .. } | Fed::Cpu { dropout_seed, .. } => *dropout_seed,
+        }
+    }
 }
 
 impl Fed {
@@ -53,8 +61,13 @@ impl Fed {
                     .zip(target_vocab)
                     .map(|(t, &v)| Targets::new(g, t, v))
                     .collect::<Result<_>>()?,
+                dropout_seed: feed.dropout_seed,
             },
-            Device::Cpu => Fed::Cpu { ids: feed.ids.clone(), targets: feed.targets.clone() },
+            Device::Cpu => Fed::Cpu {
+                ids: feed.ids.clone(),
+                targets: feed.targets.clone(),
+                dropout_seed: feed.dropout_seed,
+            },
         })
     }
 }
@@ -87,6 +100,14 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
         }
         (Device::Gpu(g), Op::Add) => elementwise::add(g, out.gpu(), x(0).gpu(), x(1).gpu(), 1.0, 1.0)?,
         (Device::Gpu(g), Op::Scale { alpha }) => elementwise::axpby(g, out.gpu(), x(0).gpu(), *alpha, 0.0)?,
+        (Device::Gpu(g), Op::Dropout { p, salt }) => match run.fed.dropout_seed() {
+            Some(seed) => elementwise::dropout(g, out.gpu(), x(0).gpu(), *p, kr::hash32(seed ^ *salt))?,
+            None => elementwise::axpby(g, out.gpu(), x(0).gpu(), 1.0, 0.0)?,
+        },
+        (Device::Cpu, Op::Dropout { p, salt }) => match run.fed.dropout_seed() {
+            Some(seed) => kr::dropout(out.cpu_mut(), x(0).cpu(), *p, kr::hash32(seed ^ *salt)),
+            None => out.cpu_mut().copy_from_slice(x(0).cpu()),
+        },
         (Device::Cpu, Op::Scale { alpha }) => kr::scale(out.cpu_mut(), x(0).cpu(), *alpha),
         (Device::Cpu, Op::Add) => kr::add(out.cpu_mut(), x(0).cpu(), x(1).cpu()),
         (Device::Gpu(g), Op::LayerNorm { eps }) => {
@@ -331,6 +352,23 @@ pub(crate) fn backward(
                     elementwise::axpby(gpu, g.gpu(), dy().gpu(), 1.0, if acc { 1.0 } else { 0.0 })?
                 }
                 (Device::Cpu, Op::Add) => cpu_put(&mut g, dy().cpu().to_vec(), acc),
+                (Device::Gpu(gpu), Op::Dropout { p, salt }) => {
+                    let fresh = Tensor::empty(gpu, &in_shape, "dropout gradient")?;
+                    match run.fed.dropout_seed() {
+                        Some(seed) => {
+                            elementwise::dropout(gpu, &fresh, dy().gpu(), *p, kr::hash32(seed ^ *salt))?
+                        }
+                        None => elementwise::axpby(gpu, &fresh, dy().gpu(), 1.0, 0.0)?,
+                    }
+                    elementwise::axpby(gpu, g.gpu(), &fresh, 1.0, if acc { 1.0 } else { 0.0 })?;
+                }
+                (Device::Cpu, Op::Dropout { p, salt }) => {
+                    let mut d = dy().cpu().to_vec();
+                    if let Some(seed) = run.fed.dropout_seed() {
+                        kr::dropout(&mut d, dy().cpu(), *p, kr::hash32(seed ^ *salt));
+                    }
+                    cpu_put(&mut g, d, acc);
+                }
                 (Device::Gpu(gpu), Op::Scale { alpha }) => {
                     elementwise::axpby(gpu, g.gpu(), dy().gpu(), *alpha, if acc { 1.0 } else { 0.0 })?
                 }

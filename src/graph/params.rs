@@ -46,16 +46,29 @@ impl Param {
     }
 }
 
+/// A LoRA adapter on one weight: `y = x W + scale * dropout(x) A^T B^T`, A (rank, in) and
+/// B (out, rank), named as PEFT names them (`base_model.model.<module>.lora_A.weight`).
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: ParamId,
+    pub b: ParamId,
+    pub scale: f32,
+    pub dropout: f32,
+    /// the module path as Hugging Face names it, e.g. `transformer.h.0.attn.c_attn`
+    pub module: String,
+}
+
 pub struct ParamStore {
     dev: Device,
     params: Vec<Param>,
     by_name: HashMap<String, ParamId>,
     step: u32,
+    lora: HashMap<ParamId, Lora>,
 }
 
 impl ParamStore {
     pub fn new(dev: Device) -> Self {
-        ParamStore { dev, params: Vec::new(), by_name: HashMap::new(), step: 0 }
+        ParamStore { dev, params: Vec::new(), by_name: HashMap::new(), step: 0, lora: HashMap::new() }
     }
 
     pub fn device(&self) -> &Device {
@@ -82,6 +95,33 @@ impl ParamStore {
         });
         self.by_name.insert(name.to_string(), id);
         Ok(id)
+    }
+
+    /// Put a LoRA adapter on weight `base` (fan_in inputs, fan_out outputs) with A and B given
+    /// (PEFT's initialisation is A Kaiming-uniform, B zeros: see `lora_init`).
+    pub fn add_lora(
+        &mut self,
+        base: ParamId,
+        module: &str,
+        (fan_in, fan_out, rank): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        alpha: f32,
+        dropout: f32,
+    ) -> Result<()> {
+        let a = self.add(&format!("base_model.model.{module}.lora_A.weight"), &[rank, fan_in], a, true)?;
+        let b = self.add(&format!("base_model.model.{module}.lora_B.weight"), &[fan_out, rank], b, true)?;
+        self.lora
+            .insert(base, Lora { a, b, scale: alpha / rank as f32, dropout, module: module.to_string() });
+        Ok(())
+    }
+
+    /// The LoRA adapter on weight `base`, if any.
+    pub fn lora(&self, base: ParamId) -> Option<&Lora> {
+        self.lora.get(&base)
+    }
+    pub fn has_lora(&self) -> bool {
+        !self.lora.is_empty()
     }
 
     pub fn id(&self, name: &str) -> Option<ParamId> {

@@ -122,3 +122,25 @@ pub fn scale_by(gpu: &Gpu, out: &Tensor, s: &Tensor, index: usize) -> Result<()>
     }
     Ok(())
 }
+
+/// Inverted dropout, the mask hashed from (`seed`, element index) as `kernels_ref::dropout`
+/// does; the backward is the same call on the output gradient.
+pub fn dropout(gpu: &Gpu, out: &Tensor, a: &Tensor, p: f32, seed: u32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument {
+            name: "dropout".into(),
+            detail: format!("probability {p} is not in [0, 1)"),
+        });
+    }
+    let threshold = (p as f64 * 4294967296.0).min(4294967295.0) as u32;
+    let bufs = [Some(out.single("dropout")?), Some(a.single("dropout")?)];
+    check_len("dropout", "out", out.numel(), a.numel())?;
+    let params = Params {
+        n: u32_of(a.numel(), "dropout")?,
+        cols: seed,
+        b_off: threshold,
+        alpha: (1.0 / (1.0 - p as f64)) as f32,
+        ..Default::default()
+    };
+    run(gpu, "dropout", &bufs, params)
+}

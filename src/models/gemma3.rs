@@ -227,10 +227,8 @@ impl Gemma3 {
         let tokens = g.id_list(cfg.vocab_size);
         let _positions = g.id_list(cfg.max_position_embeddings); // RoPE uses 0..T
         let p = |g: &mut Graph, id: ParamId| g.param(store, id);
-        let proj = |g: &mut Graph, x: Var, w: ParamId| -> Result<Var> {
-            let w = g.param(store, w);
-            g.linear(x, w, None, true)
-        };
+        let proj =
+            |g: &mut Graph, x: Var, w: ParamId| -> Result<Var> { g.linear_lora(store, x, w, None, true) };
         let norm = |g: &mut Graph, x: Var, w: ParamId| -> Result<Var> {
             let w = g.param(store, w);
             g.rmsnorm(x, w, eps, 1.0)

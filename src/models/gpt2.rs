@@ -253,19 +253,15 @@ impl Gpt2 {
         for blk in &self.blocks {
             let (w, bias) = (p(&mut g, blk.ln_1.0), p(&mut g, blk.ln_1.1));
             let h = g.layernorm(x, w, bias, eps)?;
-            let (w, bias) = (p(&mut g, blk.c_attn.0), p(&mut g, blk.c_attn.1));
-            let qkv = g.linear(h, w, Some(bias), false)?;
+            let qkv = g.linear_lora(store, h, blk.c_attn.0, Some(blk.c_attn.1), false)?;
             let a = g.attention_packed(qkv, dims)?;
-            let (w, bias) = (p(&mut g, blk.attn_proj.0), p(&mut g, blk.attn_proj.1));
-            let a = g.linear(a, w, Some(bias), false)?;
+            let a = g.linear_lora(store, a, blk.attn_proj.0, Some(blk.attn_proj.1), false)?;
             x = g.add(x, a)?;
             let (w, bias) = (p(&mut g, blk.ln_2.0), p(&mut g, blk.ln_2.1));
             let h = g.layernorm(x, w, bias, eps)?;
-            let (w, bias) = (p(&mut g, blk.c_fc.0), p(&mut g, blk.c_fc.1));
-            let h = g.linear(h, w, Some(bias), false)?;
+            let h = g.linear_lora(store, h, blk.c_fc.0, Some(blk.c_fc.1), false)?;
             let h = g.gelu(h);
-            let (w, bias) = (p(&mut g, blk.mlp_proj.0), p(&mut g, blk.mlp_proj.1));
-            let h = g.linear(h, w, Some(bias), false)?;
+            let h = g.linear_lora(store, h, blk.mlp_proj.0, Some(blk.mlp_proj.1), false)?;
             x = g.add(x, h)?;
         }
         let (w, bias) = (p(&mut g, self.ln_f.0), p(&mut g, self.ln_f.1));
@@ -284,6 +280,6 @@ impl Gpt2 {
     /// The feed of [`Self::logits_graph`].
     pub fn inference_feed(ids: &[u32], b: usize, t: usize) -> Feed {
         let positions = (0..b).flat_map(|_| 0..t as u32).collect();
-        Feed { ids: vec![ids.to_vec(), positions], targets: vec![] }
+        Feed { ids: vec![ids.to_vec(), positions], targets: vec![], dropout_seed: None }
     }
 }

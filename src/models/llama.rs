@@ -193,9 +193,7 @@ impl Llama {
         let _positions = g.id_list(cfg.max_position_embeddings); // fed for a uniform feed; RoPE uses 0..T
         let p = |g: &mut Graph, id: ParamId| g.param(store, id);
         let linear = |g: &mut Graph, x: Var, (w, bias): (ParamId, Option<ParamId>)| -> Result<Var> {
-            let w = g.param(store, w);
-            let bias = bias.map(|b| g.param(store, b));
-            g.linear(x, w, bias, true)
+            g.linear_lora(store, x, w, bias, true)
         };
         let embed = p(&mut g, self.embed);
         let mut x = g.embedding(embed, tokens, b * t)?;

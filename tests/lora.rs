@@ -1,0 +1,129 @@
+//! LoRA against PEFT: adapters written by PEFT (`tools/make_fixtures.py`) on the GPT-2 and
+//! Gemma 3 fixture models load in pockettune and give PEFT's logits, loss, adapter gradients and
+//! 10 AdamW losses, on the GPU and on the CPU path, with the base weights frozen. Adapters
+//! written by pockettune read back identically.
+
+mod common;
+
+use pockettune::gradcheck::rel_err;
+use pockettune::graph::Device;
+use pockettune::kernels::optim::AdamW;
+use pockettune::models::{Model, SafetensorsFile};
+use std::path::PathBuf;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn check(base: &str, dev: Device) {
+    let adapter = dir(&format!("{base}-lora"));
+    let ex = SafetensorsFile::open(&adapter.join("expected.safetensors")).unwrap();
+    let get = |n: &str| ex.get(n).unwrap().unwrap_or_else(|| panic!("no {n}"));
+    let (shape, ids) = get("input_ids");
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let targets: Vec<i32> = get("targets").1.iter().map(|&x| x as i32).collect();
+    let feed = Model::feed(&ids, &targets, b, t);
+    let name = format!("{base} + LoRA on {}", dev.name());
+
+    let (model, mut store) = Model::load(&dir(base), &dev).unwrap();
+    let opts = pockettune::lora::load(&adapter, &model, &mut store).unwrap();
+    assert_eq!((opts.rank, opts.alpha, opts.dropout), (4, 8.0, 0.0));
+    let (graph, vars) = model.graph(&store, b, t).unwrap();
+    let mut run = graph.forward(&store, &feed, &[vars.logits]).unwrap();
+    let loss = run.loss(vars.loss).unwrap();
+    let want = get("loss").1[0];
+    assert!(((loss - want) / want).abs() <= 1e-5, "{name}: loss {loss} vs PEFT {want}");
+    let e = rel_err(&run.read(vars.logits).unwrap(), &get("logits").1);
+    assert!(e <= 1e-4, "{name}: logits rel err {e:e}");
+    run.backward(&mut store, vars.loss, 1.0).unwrap();
+    let mut adapters = 0;
+    for (_, p) in store.iter() {
+        if !p.trainable {
+            assert!(p.grad.is_none(), "{name}: frozen base weight {} has a gradient buffer", p.name);
+            continue;
+        }
+        let want = get(&format!("grad.{}", p.name)).1;
+        let e = rel_err(&p.grad.as_ref().unwrap().to_host(&dev).unwrap(), &want);
+        assert!(e <= 1e-4, "{name}: gradient of {}: rel err {e:e}", p.name);
+        adapters += 1;
+    }
+    assert_eq!(
+        adapters,
+        ex.names().iter().filter(|n| n.starts_with("grad.")).count(),
+        "{name}: every adapter tensor"
+    );
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adamw.json")).unwrap()).unwrap();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+    let opt = AdamW {
+        lr: f(&cfg["lr"]),
+        beta1: f(&cfg["betas"][0]),
+        beta2: f(&cfg["betas"][1]),
+        eps: f(&cfg["eps"]),
+        weight_decay: f(&cfg["weight_decay"]),
+    };
+    let (model, mut store) = Model::load(&dir(base), &dev).unwrap();
+    pockettune::lora::load(&adapter, &model, &mut store).unwrap();
+    let (graph, vars) = model.graph(&store, b, t).unwrap();
+    for (step, w) in get("adamw_losses").1.into_iter().enumerate() {
+        store.zero_grads().unwrap();
+        let mut run = graph.forward(&store, &feed, &[]).unwrap();
+        let l = run.loss(vars.loss).unwrap();
+        assert!(((l - w) / w).abs() <= 1e-4, "{name}: LoRA AdamW step {step}: loss {l} vs PEFT {w}");
+        run.backward(&mut store, vars.loss, 1.0).unwrap();
+        store.adamw_step(opt).unwrap();
+    }
+}
+
+fn gpu() -> Option<Device> {
+    common::gpu().map(|g| Device::Gpu(g.clone()))
+}
+
+#[test]
+fn peft_gpt2_adapter_matches_on_the_cpu_path() {
+    check("gpt2-tiny", Device::Cpu);
+}
+
+#[test]
+fn peft_gpt2_adapter_matches_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("gpt2-tiny", d));
+}
+
+#[test]
+fn peft_gemma3_adapter_matches_on_the_cpu_path() {
+    check("gemma3-tiny", Device::Cpu);
+}
+
+#[test]
+fn peft_gemma3_adapter_matches_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("gemma3-tiny", d));
+}
+
+#[test]
+fn adapters_written_by_pockettune_read_back_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &Device::Cpu).unwrap();
+    let opts = pockettune::lora::load(&dir("gpt2-tiny-lora"), &model, &mut store).unwrap();
+    pockettune::lora::save(tmp.path(), &model, &store, &opts, &dir("gpt2-tiny")).unwrap();
+    let (model2, mut store2) = Model::load(&dir("gpt2-tiny"), &Device::Cpu).unwrap();
+    let opts2 = pockettune::lora::load(tmp.path(), &model2, &mut store2).unwrap();
+    assert_eq!(opts, opts2);
+    let ours = SafetensorsFile::open(&tmp.path().join("adapter_model.safetensors")).unwrap();
+    let peft = SafetensorsFile::open(&dir("gpt2-tiny-lora").join("adapter_model.safetensors")).unwrap();
+    let (mut a, mut b) = (ours.names(), peft.names());
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "tensor names as PEFT writes them");
+    for n in &a {
+        assert_eq!(ours.get(n).unwrap(), peft.get(n).unwrap(), "{n}");
+    }
+}
+
+#[test]
+fn an_adapter_for_another_base_is_refused() {
+    let (model, mut store) = Model::load(&dir("llama-tiny"), &Device::Cpu).unwrap();
+    let err = pockettune::lora::load(&dir("gpt2-tiny-lora"), &model, &mut store).unwrap_err().to_string();
+    assert!(err.contains("adapter_model.safetensors") && err.contains("another base model"), "{err}");
+}
