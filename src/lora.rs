@@ -211,3 +211,55 @@ pub fn load(dir: &Path, model: &Model, store: &mut ParamStore) -> Result<LoraOpt
     }
     Ok(LoraOptions { rank: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets })
 }
+
+/// Fold every adapter into its base weight (`W += scale * B A`, transposed for GPT-2's Conv1D)
+/// and drop the adapters: the store then holds a plain model, as `export --merge` writes it.
+pub fn merge(model: &Model, store: &mut ParamStore) -> Result<()> {
+    let dev = store.device().clone();
+    let bases: Vec<_> = store.iter().filter_map(|(id, _)| store.lora(id).map(|l| (id, l.clone()))).collect();
+    for (id, l) in bases {
+        let a = store.get(l.a).value.to_host(&dev)?; // (r, in)
+        let b = store.get(l.b).value.to_host(&dev)?; // (out, r)
+        let shape = store.get(id).shape.clone();
+        let (fan_in, fan_out) = fans(model, &shape);
+        let rank = a.len() / fan_in;
+        let mut w = store.get(id).value.to_host(&dev)?;
+        let conv1d = matches!(model, Model::Gpt2(_));
+        for o in 0..fan_out {
+            for i in 0..fan_in {
+                let delta: f64 = (0..rank).map(|k| b[o * rank + k] as f64 * a[k * fan_in + i] as f64).sum();
+                let idx = if conv1d { i * fan_out + o } else { o * fan_in + i };
+                w[idx] += (l.scale as f64 * delta) as f32;
+            }
+        }
+        store.set_value(id, &w)?;
+    }
+    store.drop_lora();
+    Ok(())
+}
+
+/// Write `store` (adapters merged, see [`merge`]) as a Hugging Face model directory: weights
+/// under their checkpoint names in `model.safetensors`, with `config.json` and
+/// `tokenizer.json` copied from `base_dir`.
+pub fn export_merged(out: &Path, base_dir: &Path, model: &Model, store: &ParamStore) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    let dev = store.device();
+    let mut tensors = Vec::new();
+    for (_, p) in store.iter().filter(|(_, p)| !p.name.starts_with("base_model.model.")) {
+        let name = match model {
+            Model::Gpt2(_) => format!("transformer.{}", p.name),
+            _ => p.name.clone(),
+        };
+        tensors.push((name, p.shape.clone(), p.value.to_host(dev)?));
+    }
+    let path = out.join("model.safetensors");
+    write_atomic(&path, &crate::checkpoint::safetensors_bytes(&tensors, &path)?)?;
+    for f in ["config.json", "tokenizer.json"] {
+        let src = base_dir.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src).map_err(|e| Error::Io { path: src.clone(), source: e })?;
+            write_atomic(&out.join(f), &bytes)?;
+        }
+    }
+    Ok(())
+}

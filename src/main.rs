@@ -138,6 +138,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Profile::Mobile)]
         limits: Profile,
     },
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
+    Export {
+        /// Base model directory.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// PEFT LoRA adapter directory (e.g. a checkpoint of a `train --method lora` run).
+        #[arg(long)]
+        adapter: std::path::PathBuf,
+        /// Fold the adapter into the base weights (the only export there is so far).
+        #[arg(long)]
+        merge: bool,
+        /// Output directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Write a randomly initialised GPT-2 as a Hugging Face model directory (no pretrained
     /// weights are needed to try the pipeline or measure it).
     Init {
@@ -280,6 +295,22 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Gradcheck { device, json, seed, kernel } => run_gradcheck(&device, json, seed, &kernel),
         Command::Init { preset, tokenizer, out, seed } => init_model(&preset, &tokenizer, &out, seed),
+        Command::Export { model, adapter, merge, out } => {
+            anyhow::ensure!(merge, "export writes merged models only: add --merge");
+            let dev = pockettune::graph::Device::Cpu;
+            let (m, mut store) = pockettune::models::Model::load(&model, &dev)?;
+            let o = pockettune::lora::load(&adapter, &m, &mut store)?;
+            pockettune::lora::merge(&m, &mut store)?;
+            pockettune::lora::export_merged(&out, &model, &m, &store)?;
+            eprintln!(
+                "merged LoRA rank {} ({}) into {} -> {}",
+                o.rank,
+                o.targets.join(","),
+                model.display(),
+                out.display()
+            );
+            Ok(0)
+        }
         Command::Bench {
             what: BenchCommand::Step { device, json, preset, batch_size, seq_len, steps, no_cpu },
         } => bench_step(&device, json, &preset, batch_size, seq_len, steps, no_cpu),

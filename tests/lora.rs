@@ -127,3 +127,34 @@ fn an_adapter_for_another_base_is_refused() {
     let err = pockettune::lora::load(&dir("gpt2-tiny-lora"), &model, &mut store).unwrap_err().to_string();
     assert!(err.contains("adapter_model.safetensors") && err.contains("another base model"), "{err}");
 }
+
+#[test]
+fn a_merged_export_gives_the_adapted_model_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    for base in ["gpt2-tiny", "gemma3-tiny"] {
+        let logits = |model_dir: &std::path::Path, adapter: Option<PathBuf>| {
+            let (model, mut store) = Model::load(model_dir, &Device::Cpu).unwrap();
+            if let Some(a) = adapter {
+                pockettune::lora::load(&a, &model, &mut store).unwrap();
+            }
+            let ids: Vec<u32> = (0..16).map(|i| (i * 37) % 251).collect();
+            let (graph, logits) = model.logits_graph(&store, 1, 16).unwrap();
+            graph
+                .forward(&store, &Model::inference_feed(&ids, 1, 16), &[logits])
+                .unwrap()
+                .read(logits)
+                .unwrap()
+        };
+        let adapted = logits(&dir(base), Some(dir(&format!("{base}-lora"))));
+        let out = tmp.path().join(base);
+        let (model, mut store) = Model::load(&dir(base), &Device::Cpu).unwrap();
+        pockettune::lora::load(&dir(&format!("{base}-lora")), &model, &mut store).unwrap();
+        pockettune::lora::merge(&model, &mut store).unwrap();
+        pockettune::lora::export_merged(&out, &dir(base), &model, &store).unwrap();
+        let merged = logits(&out, None);
+        let e = rel_err(&merged, &adapted);
+        assert!(e <= 1e-5, "{base}: merged model's logits differ by {e:e}");
+        let plain = logits(&dir(base), None);
+        assert!(rel_err(&plain, &adapted) > 1e-3, "{base}: the adapter changes the logits");
+    }
+}

@@ -120,6 +120,23 @@ impl ParamStore {
     pub fn lora(&self, base: ParamId) -> Option<&Lora> {
         self.lora.get(&base)
     }
+    /// Forget every adapter (after merging them into their base weights).
+    pub fn drop_lora(&mut self) {
+        let adapter_ids: Vec<ParamId> = self.lora.values().flat_map(|l| [l.a, l.b]).collect();
+        self.lora.clear();
+        for id in adapter_ids {
+            self.freeze(id);
+            self.by_name.remove(&self.params[id.0].name);
+        }
+    }
+
+    /// Replace a parameter's values.
+    pub fn set_value(&mut self, id: ParamId, data: &[f32]) -> Result<()> {
+        let p = &mut self.params[id.0];
+        p.value = Value::from_host(&self.dev, data, &p.shape, &p.name)?;
+        Ok(())
+    }
+
     pub fn has_lora(&self) -> bool {
         !self.lora.is_empty()
     }
