@@ -158,23 +158,37 @@ pub struct StepResult {
     pub peak_gpu_bytes: Option<u64>,
 }
 
-/// Time `steps` training steps (after one warm-up step) of `cfg` at batch `b`, sequence `t`.
+/// Time `steps` training steps (after one warm-up step) of a random model of `preset` (see
+/// `models::preset_config`) at batch `b`, sequence `t`, fully fine-tuned or with LoRA (rank 8,
+/// alpha 32, dropout 0.1 on every projection).
 pub fn step_bench(
     dev: &crate::graph::Device,
-    cfg: &crate::models::gpt2::Gpt2Config,
+    preset: &str,
+    lora: bool,
     b: usize,
     t: usize,
     steps: usize,
 ) -> Result<StepResult> {
     use crate::graph::Device;
     use crate::kernels::optim::AdamW;
-    use crate::models::gpt2::Gpt2;
-    let (model, mut store) = Gpt2::random(cfg.clone(), dev, 1)?;
+    use crate::models::Model;
+    let (model, mut store) = Model::random(crate::models::preset_config(preset)?, dev, 1)?;
+    if lora {
+        let opts = crate::lora::LoraOptions {
+            rank: 8,
+            alpha: 32.0,
+            dropout: 0.1,
+            targets: crate::lora::default_targets(&model),
+        };
+        crate::lora::apply(&model, &mut store, &opts, 1)?;
+    }
     let (graph, vars) = model.graph(&store, b, t)?;
     let mut rng = StdRng::seed_from_u64(3);
-    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+    let vocab = model.vocab_size() as u32;
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
     let targets: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    let feed = Gpt2::feed(&ids, &targets, b, t);
+    let mut feed = Model::feed(&ids, &targets, b, t);
+    feed.dropout_seed = Some(1);
     let opt = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     let mut one = || -> Result<f32> {
         store.zero_grads()?;

@@ -183,9 +183,13 @@ enum BenchCommand {
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,
-        /// Model size: gpt2 (124M), gpt2-medium (355M) or tiny (2 layers, for a quick look).
+        /// Model: gpt2 (124M), gpt2-medium (355M), tiny (2 layers), qwen2.5-0.5b or gemma3-270m
+        /// (random weights of those shapes).
         #[arg(long, default_value = "gpt2")]
         preset: String,
+        /// Full fine-tuning, or LoRA (rank 8, alpha 32, every projection).
+        #[arg(long, value_enum, default_value_t = pockettune::train::Method::Full)]
+        method: pockettune::train::Method,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
         #[arg(long, default_value_t = 128)]
@@ -312,8 +316,11 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Bench {
-            what: BenchCommand::Step { device, json, preset, batch_size, seq_len, steps, no_cpu },
-        } => bench_step(&device, json, &preset, batch_size, seq_len, steps, no_cpu),
+            what: BenchCommand::Step { device, json, preset, method, batch_size, seq_len, steps, no_cpu },
+        } => {
+            let lora = method == pockettune::train::Method::Lora;
+            bench_step(&device, json, &preset, lora, (batch_size, seq_len), steps, no_cpu)
+        }
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             bench_kernels(
                 &device,
@@ -665,26 +672,27 @@ fn bench_step(
     dev: &DeviceArgs,
     json: bool,
     name: &str,
-    b: usize,
-    t: usize,
+    lora: bool,
+    (b, t): (usize, usize),
     steps: usize,
     no_cpu: bool,
 ) -> Result<i32> {
     use pockettune::graph::Device;
-    let cfg = preset(name)?;
+    pockettune::models::preset_config(name)?;
     let gpu = std::sync::Arc::new(dev.open()?);
     let mut devices = vec![Device::Gpu(gpu)];
     if !no_cpu {
         devices.push(Device::Cpu);
     }
-    eprintln!("GPT-2 {name} full fine-tuning step, batch {b} x {t} tokens, random weights");
+    let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
+    eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, random weights");
     eprintln!(
         "{:<44} {:>10} {:>10} {:>14} {:>14}",
         "device", "ms/step", "tokens/s", "peak RSS MiB", "peak GPU MiB"
     );
     let mut results = Vec::new();
     for d in devices {
-        let r = pockettune::bench::step_bench(&d, &cfg, b, t, steps)?;
+        let r = pockettune::bench::step_bench(&d, name, lora, b, t, steps)?;
         let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(
             "{:<44} {:>10.0} {:>10.1} {:>14} {:>14}",
@@ -700,7 +708,9 @@ fn bench_step(
         eprintln!("GPU / CPU speed: {:.2}x", results[1].ms_step / results[0].ms_step);
     }
     if json {
-        print_json(&json!({"preset": name, "batch_size": b, "seq_len": t, "results": results}))?;
+        print_json(
+            &json!({"preset": name, "lora": lora, "batch_size": b, "seq_len": t, "results": results}),
+        )?;
     }
     Ok(0)
 }

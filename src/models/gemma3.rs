@@ -186,7 +186,19 @@ impl Gemma3 {
         cfg.check(dir)?;
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
-        let id = |name: &str| store.id(name).expect("added above");
+        Ok((Self::from_store(cfg, &store)?, store))
+    }
+
+    /// The model over parameters already in `store` (names as [`Self::param_shapes`] gives).
+    pub fn from_store(cfg: Gemma3Config, store: &ParamStore) -> Result<Gemma3> {
+        let missing = Self::param_shapes(&cfg).into_iter().find(|(n, _)| store.id(n).is_none());
+        if let Some((name, _)) = missing {
+            return Err(Error::InvalidArgument {
+                name: "parameter".into(),
+                detail: format!("{name} is not in the store"),
+            });
+        }
+        let id = |name: &str| store.id(name).expect("checked above");
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let t: Vec<ParamId> =
@@ -208,9 +220,7 @@ impl Gemma3 {
                 }
             })
             .collect();
-        let model =
-            Gemma3 { embed: id("model.embed_tokens.weight"), norm: id("model.norm.weight"), layers, cfg };
-        Ok((model, store))
+        Ok(Gemma3 { embed: id("model.embed_tokens.weight"), norm: id("model.norm.weight"), layers, cfg })
     }
 
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {

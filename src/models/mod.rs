@@ -201,3 +201,94 @@ impl Model {
         gpt2::Gpt2::inference_feed(ids, b, t)
     }
 }
+
+/// Shapes of the benchmark presets: GPT-2 124M and 355M, a 2-layer GPT-2, and random models of
+/// the Qwen2.5-0.5B and Gemma-3-270M shapes (as their published configs give them).
+pub fn preset_config(name: &str) -> Result<serde_json::Value> {
+    Ok(match name {
+        "gpt2" => serde_json::json!({"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768,
+            "n_positions": 1024, "vocab_size": 50257}),
+        "gpt2-medium" => {
+            serde_json::json!({"model_type": "gpt2", "n_layer": 24, "n_head": 16, "n_embd": 1024,
+            "n_positions": 1024, "vocab_size": 50257})
+        }
+        "tiny" => serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_head": 4, "n_embd": 64,
+            "n_positions": 256, "vocab_size": 50257}),
+        "qwen2.5-0.5b" => {
+            serde_json::json!({"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+            "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": true})
+        }
+        "gemma3-270m" => {
+            serde_json::json!({"model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+            "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "vocab_size": 262144, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0})
+        }
+        other => {
+            return Err(Error::InvalidArgument {
+                name: "preset".into(),
+                detail: format!(
+                    "unknown preset {other:?}: gpt2, gpt2-medium, tiny, qwen2.5-0.5b, gemma3-270m"
+                ),
+            })
+        }
+    })
+}
+
+impl Model {
+    /// A randomly initialised model from a config (normal weights with std 0.02, norms at
+    /// their identity: 1, or 0 for Gemma's `1 + w`).
+    pub fn random(config: serde_json::Value, dev: &Device, seed: u64) -> Result<(Model, ParamStore)> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let bad =
+            |e: serde_json::Error| Error::InvalidArgument { name: "config".into(), detail: e.to_string() };
+        let kind = config["model_type"].as_str().unwrap_or_default().to_string();
+        let (shapes, norm_value) = match kind.as_str() {
+            "gpt2" => (gpt2::Gpt2::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 1.0),
+            "qwen2" | "llama" => {
+                (llama::Llama::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 1.0)
+            }
+            "gemma3_text" => {
+                (gemma3::Gemma3::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 0.0)
+            }
+            other => {
+                return Err(Error::InvalidArgument {
+                    name: "model_type".into(),
+                    detail: format!("{other:?}"),
+                })
+            }
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("a valid standard deviation");
+        let mut store = ParamStore::new(dev.clone());
+        for (name, shape) in shapes {
+            let n: usize = shape.iter().product();
+            let is_norm = shape.len() == 1 && (name.contains("norm") || name.contains("ln_"));
+            let data: Vec<f32> = if is_norm && name.ends_with(".weight") {
+                vec![norm_value; n]
+            } else if shape.len() == 1 {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| normal.sample(&mut rng)).collect()
+            };
+            store.add(&name, &shape, &data, true)?;
+        }
+        let model = match kind.as_str() {
+            "gpt2" => {
+                Model::Gpt2(gpt2::Gpt2::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
+            }
+            "gemma3_text" => Model::Gemma3(gemma3::Gemma3::from_store(
+                serde_json::from_value(config).map_err(bad)?,
+                &store,
+            )?),
+            _ => {
+                Model::Llama(llama::Llama::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
+            }
+        };
+        Ok((model, store))
+    }
+}
