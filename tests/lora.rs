@@ -158,3 +158,51 @@ fn a_merged_export_gives_the_adapted_model_logits() {
         assert!(rel_err(&plain, &adapted) > 1e-3, "{base}: the adapter changes the logits");
     }
 }
+
+/// Writes `tests/fixtures/gpt2-tiny-lora-pockettune/`: an adapter trained by pockettune (three
+/// LoRA AdamW steps on the fixture batch) and pockettune's logits with it, for
+/// `tools/make_fixtures.py --check-pockettune-adapter` to load in PEFT and compare.
+/// Run: `cargo test --test lora -- --ignored write_pockettune_adapter_fixture`.
+#[test]
+#[ignore = "writes a fixture; run by hand"]
+fn write_pockettune_adapter_fixture() {
+    let out = dir("gpt2-tiny-lora-pockettune");
+    let ex = SafetensorsFile::open(&dir("gpt2-tiny").join("expected.safetensors")).unwrap();
+    let (shape, ids) = ex.get("input_ids").unwrap().unwrap();
+    let (b, t) = (shape[0], shape[1]);
+    let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let targets: Vec<i32> = ex.get("targets").unwrap().unwrap().1.iter().map(|&x| x as i32).collect();
+    let dev = Device::Cpu;
+    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &dev).unwrap();
+    let opts = pockettune::lora::LoraOptions {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec!["c_attn".into(), "c_proj".into(), "c_fc".into()],
+    };
+    pockettune::lora::apply(&model, &mut store, &opts, 11).unwrap();
+    let (graph, vars) = model.graph(&store, b, t).unwrap();
+    let feed = Model::feed(&ids, &targets, b, t);
+    let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    for _ in 0..3 {
+        store.zero_grads().unwrap();
+        let mut run = graph.forward(&store, &feed, &[]).unwrap();
+        run.backward(&mut store, vars.loss, 1.0).unwrap();
+        store.adamw_step(opt).unwrap();
+    }
+    std::fs::create_dir_all(&out).unwrap();
+    pockettune::lora::save(&out, &model, &store, &opts, std::path::Path::new("../gpt2-tiny")).unwrap();
+    let run = graph.forward(&store, &feed, &[vars.logits]).unwrap();
+    let logits = run.read(vars.logits).unwrap();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![b, t, logits.len() / (b * t)],
+        bytemuck::cast_slice(&logits),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join("pockettune_logits.safetensors"),
+        safetensors::serialize([("logits", view)], None).unwrap(),
+    )
+    .unwrap();
+}

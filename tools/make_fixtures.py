@@ -12,6 +12,9 @@ ADAMW below; weight decay applies to every parameter (torch's default with model
 
 Usage: python3 -m venv .venv && .venv/bin/pip install -r tools/requirements.txt
        .venv/bin/python tools/make_fixtures.py
+       .venv/bin/python tools/make_fixtures.py --check-pockettune-adapter   (PEFT loads an adapter
+           written by pockettune; make it with
+           `cargo test --test lora -- --ignored write_pockettune_adapter_fixture`)
 """
 import json
 import os
@@ -161,7 +164,33 @@ def lora_fixture(base_name, model_cls, targets, fan_in_fan_out):
         json.dump({"steps": STEPS, **{k: list(v) if isinstance(v, tuple) else v for k, v in ADAMW.items()}}, f, indent=1)
 
 
+def check_pockettune_adapter():
+    """The other direction: an adapter trained and written by pockettune (see
+    write_pockettune_adapter_fixture in tests/lora.rs) loads in PEFT and gives pockettune's
+    logits on the fixture batch."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter = os.path.join(ROOT, "gpt2-tiny-lora-pockettune")
+    base = GPT2LMHeadModel.from_pretrained(os.path.join(ROOT, "gpt2-tiny"), attn_implementation="eager").float()
+    inputs = load_file(os.path.join(ROOT, "gpt2-tiny", "expected.safetensors"))["input_ids"]
+    ours = load_file(os.path.join(adapter, "pockettune_logits.safetensors"))["logits"]
+    with torch.no_grad():
+        plain = ((base(input_ids=inputs).logits - ours).abs().max() / ours.abs().max()).item()
+        model = PeftModel.from_pretrained(base, adapter).eval()  # wraps `base` in place
+        peft_logits = model(input_ids=inputs).logits
+    err = ((peft_logits - ours).abs().max() / ours.abs().max()).item()
+    print(f"PEFT on pockettune's adapter: logits rel err {err:.2e} (the base alone differs by {plain:.2e})")
+    assert err <= 1e-4, err
+    assert plain > 1e-3, "the adapter changes the logits"
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--check-pockettune-adapter" in sys.argv:
+        check_pockettune_adapter()
+        sys.exit(0)
     gpt2_tiny()
     # Qwen2: bias on q/k/v, grouped-query attention (4 heads, 2 kv heads), tied embeddings.
     llama_family("qwen2-tiny", Qwen2Config, Qwen2ForCausalLM, num_key_value_heads=2,
