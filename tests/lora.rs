@@ -54,16 +54,7 @@ fn check(base: &str, dev: Device) {
         "{name}: every adapter tensor"
     );
 
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("adamw.json")).unwrap()).unwrap();
-    let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
-    let opt = AdamW {
-        lr: f(&cfg["lr"]),
-        beta1: f(&cfg["betas"][0]),
-        beta2: f(&cfg["betas"][1]),
-        eps: f(&cfg["eps"]),
-        weight_decay: f(&cfg["weight_decay"]),
-    };
+    let opt = common::fixture_adamw(&adapter);
     let (model, mut store) = Model::load(&dir(base), &dev).unwrap();
     pockettune::lora::load(&adapter, &model, &mut store).unwrap();
     let (graph, vars) = model.graph(&store, b, t).unwrap();

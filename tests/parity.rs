@@ -8,7 +8,6 @@ mod common;
 
 use pockettune::gradcheck::rel_err;
 use pockettune::graph::Device;
-use pockettune::kernels::optim::AdamW;
 use pockettune::models::{Model, SafetensorsFile};
 use std::path::PathBuf;
 
@@ -39,19 +38,6 @@ impl Expected {
     }
     fn tensor(&self, name: &str) -> Vec<f32> {
         self.file.get(name).unwrap().unwrap_or_else(|| panic!("fixture has no {name}")).1
-    }
-}
-
-fn adamw(name: &str) -> AdamW {
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir(name).join("adamw.json")).unwrap()).unwrap();
-    let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
-    AdamW {
-        lr: f(&cfg["lr"]),
-        beta1: f(&cfg["betas"][0]),
-        beta2: f(&cfg["betas"][1]),
-        eps: f(&cfg["eps"]),
-        weight_decay: f(&cfg["weight_decay"]),
     }
 }
 
@@ -101,7 +87,7 @@ fn check(name: &str, dev: Device) {
         assert!(err <= 1e-4, "{name} on {}: AdamW step {step}: loss {l} vs torch {w}", dev.name());
         worst_step = worst_step.max(err);
         run.backward(&mut store, vars.loss, 1.0).unwrap();
-        store.adamw_step(adamw(name)).unwrap();
+        store.adamw_step(common::fixture_adamw(&dir(name))).unwrap();
     }
     eprintln!("{}: 10 AdamW losses ({} .. {}), worst rel err {worst_step:e}", dev.name(), want[0], want[9]);
 }

@@ -102,3 +102,18 @@ pub fn tiny_model_dir(dir: &std::path::Path, seed: u64) {
     });
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
 }
+
+/// The AdamW hyperparameters a fixture was made with (`adamw.json` in its directory).
+#[allow(dead_code)]
+pub fn fixture_adamw(dir: &std::path::Path) -> pockettune::kernels::optim::AdamW {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adamw.json")).unwrap()).unwrap();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+    pockettune::kernels::optim::AdamW {
+        lr: f(&cfg["lr"]),
+        beta1: f(&cfg["betas"][0]),
+        beta2: f(&cfg["betas"][1]),
+        eps: f(&cfg["eps"]),
+        weight_decay: f(&cfg["weight_decay"]),
+    }
+}
