@@ -1,15 +1,17 @@
 // Activations and gated MLP units, elementwise, forward and backward.
 //   gelu(x)  = 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi)   (GPT-2's "gelu_new")
 //   silu(x)  = x sigmoid(x)
+//   softcap(x) = c tanh(x / c)   (Gemma's logit soft-capping; c = p.cap)
 //   swiglu   = silu(gate) * up,   geglu = gelu(gate) * up
-// ACT selects the function: 0 = GELU (tanh), 1 = SiLU. The gated backward is split in two
-// entry points (d gate, d up) to stay within four storage buffers.
+// ACT selects the function: 0 = GELU (tanh), 1 = SiLU, 2 = softcap. The gated backward is split
+// in two entry points (d gate, d up) to stay within four storage buffers. Two in-place entry
+// points serve attention's capped scores, which have no spare buffer to write into.
 
 struct Params {
     n: u32,
     flags: u32,   // 1 = accumulate into the output
-    _pad0: u32,
-    _pad1: u32,
+    cap: f32,     // softcap's c
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,10 +42,17 @@ fn act(z: f32) -> f32 {
     if (ACT == 0u) {
         return 0.5 * z * (1.0 + safe_tanh(SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)));
     }
+    if (ACT == 2u) {
+        return p.cap * safe_tanh(z / p.cap);
+    }
     return z * sigmoid(z);
 }
 
 fn act_grad(z: f32) -> f32 {
+    if (ACT == 2u) {
+        let t = safe_tanh(z / p.cap);
+        return 1.0 - t * t;
+    }
     if (ACT == 0u) {
         let t = safe_tanh(SQRT_2_OVER_PI * (z + 0.044715 * z * z * z));
         let dt = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z);
@@ -77,6 +86,26 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let i = index(wid, nwg, lid);
     if (i < p.n) {
         put(i, act_grad(x[i]) * u[i]);
+    }
+}
+
+// out = act(out)
+@compute @workgroup_size(WG)
+fn act_inplace(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        out[i] = act(out[i]);
+    }
+}
+
+// out = out * act'(x): the chain rule through act, applied to a gradient in place
+@compute @workgroup_size(WG)
+fn act_grad_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        out[i] = out[i] * act_grad(x[i]);
     }
 }
 

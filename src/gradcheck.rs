@@ -44,6 +44,7 @@ pub const KERNELS: &[&str] = &[
     "rmsnorm_gemma",
     "gelu",
     "silu",
+    "softcap",
     "swiglu",
     "geglu",
     "embedding",
@@ -190,6 +191,7 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "rmsnorm_gemma" => check_norm(p, NormKind::Rms { gemma: true }),
         "gelu" => check_act(p, Act::Gelu),
         "silu" => check_act(p, Act::Silu),
+        "softcap" => check_act(p, Act::Softcap(1.7)),
         "swiglu" => check_glu(p, Act::Silu),
         "geglu" => check_glu(p, Act::Gelu),
         "embedding" => check_embedding(p),
@@ -446,6 +448,10 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
         let (gx, gdy, gy, gdx) = (p.up(&x, &[n])?, p.up(&dy, &[n])?, p.out(&[n])?, p.out(&[n])?);
         activation::act_forward(p.gpu, &gy, &gx, act)?;
         activation::act_backward(p.gpu, &gdx, &gx, &gdy, act, false)?;
+        // the in-place forms: y = act(y) and d = d * act'(x)
+        let (gy2, gdx2) = (p.up(&x, &[n])?, p.up(&dy, &[n])?);
+        activation::act_inplace(p.gpu, &gy2, act)?;
+        activation::act_grad_mul(p.gpu, &gdx2, &gx, act)?;
         let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
         match act {
             Act::Gelu => {
@@ -456,9 +462,15 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
                 kr::silu_forward(&mut y, &x);
                 kr::silu_backward(&mut dx, &x, &dy);
             }
+            Act::Softcap(c) => {
+                kr::softcap_forward(&mut y, &x, c);
+                kr::softcap_backward(&mut dx, &x, &dy, c);
+            }
         }
         p.record("forward", &shape, "", &gy, &y)?;
         p.record("backward", &shape, "", &gdx, &dx)?;
+        p.record("forward", &shape, "in place", &gy2, &y)?;
+        p.record("backward", &shape, "in place", &gdx2, &dx)?;
     }
     Ok(())
 }
@@ -482,6 +494,7 @@ fn check_glu(p: &mut Probe, act: Act) -> Result<()> {
                 kr::geglu_forward(&mut y, &gate, &up);
                 kr::geglu_backward(&mut dg, &mut du, &dy, &gate, &up);
             }
+            Act::Softcap(_) => unreachable!("soft-capping has no gated form"),
         }
         p.record("forward", &shape, "", &gy, &y)?;
         p.record("backward", &shape, "dgate", &gdg, &dg)?;
@@ -548,25 +561,30 @@ fn check_rope(p: &mut Probe) -> Result<()> {
 }
 
 fn check_attention(p: &mut Probe) -> Result<()> {
-    let cases: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[
-        (1, 1, 1, 1, 1, None),
-        (2, 7, 4, 2, 8, None),
-        (1, 13, 6, 2, 5, Some(4)),
-        (2, 33, 3, 3, 16, None),
-        (1, 64, 4, 1, 32, Some(16)),
-        (1, 70, 2, 1, 64, None),
+    // (B, T, H, KVH, D, window, soft cap); the caps are of the order of the scores, so tanh bends
+    type Case = (usize, usize, usize, usize, usize, Option<usize>, Option<f32>);
+    let cases: &[Case] = &[
+        (1, 1, 1, 1, 1, None, None),
+        (2, 7, 4, 2, 8, None, None),
+        (2, 7, 4, 2, 8, None, Some(0.5)),
+        (1, 13, 6, 2, 5, Some(4), None),
+        (1, 13, 6, 2, 5, Some(4), Some(1.0)),
+        (2, 33, 3, 3, 16, None, None),
+        (1, 64, 4, 1, 32, Some(16), None),
+        (1, 70, 2, 1, 64, None, None),
     ];
     let mut cases = cases.to_vec();
     for _ in 0..2 {
         let kv_h = p.size(3);
         let (b, t, h, d) = (p.size(2), p.size(40), kv_h * p.size(3), p.size(40));
         let window = if p.rng.random_range(0..2) == 0 { None } else { Some(p.size(t)) };
-        cases.push((b, t, h, kv_h, d, window));
+        let softcap = if p.rng.random_range(0..2) == 0 { None } else { Some(0.7) };
+        cases.push((b, t, h, kv_h, d, window, softcap));
     }
-    for &(b, t, h, kv_h, d, window) in &cases {
-        let shape = format!("B{b} T{t} H{h} KV{kv_h} D{d} window {window:?}");
+    for &(b, t, h, kv_h, d, window, softcap) in &cases {
+        let shape = format!("B{b} T{t} H{h} KV{kv_h} D{d} window {window:?} softcap {softcap:?}");
         let scale = 1.0 / (d as f32).sqrt();
-        let dims = attention::AttnDims { b, t, h, kv_h, d, window, scale };
+        let dims = attention::AttnDims { b, t, h, kv_h, d, window, scale, softcap };
         let (nq, nk, np) = (b * t * h * d, b * t * kv_h * d, b * h * t * t);
         let (q, k, v, dout) = (p.uniform(nq), p.uniform(nk), p.uniform(nk), p.uniform(nq));
         let (gq, gk, gv, gdo) = (p.up(&q, &[nq])?, p.up(&k, &[nk])?, p.up(&v, &[nk])?, p.up(&dout, &[nq])?);

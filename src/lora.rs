@@ -26,7 +26,7 @@ pub struct LoraOptions {
 pub fn default_targets(model: &Model) -> Vec<String> {
     let names: &[&str] = match model {
         Model::Gpt2(_) => &["c_attn", "c_proj", "c_fc"],
-        Model::Llama(_) | Model::Gemma3(_) => {
+        Model::Llama(_) | Model::Gemma(_) => {
             &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         }
     };

@@ -61,6 +61,10 @@ fn silu() {
     check("silu");
 }
 #[test]
+fn softcap() {
+    check("softcap");
+}
+#[test]
 fn swiglu() {
     check("swiglu");
 }

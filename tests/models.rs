@@ -76,3 +76,24 @@ fn truncated_weights() {
     let err = load_err(tmp.path());
     assert!(err.contains("model.safetensors") && err.contains("truncated or corrupt"), "{err}");
 }
+
+/// Gemma configs that ask for what the model cannot do: a soft cap that is not a positive
+/// number, biases Gemma checkpoints do not have, an untied LM head.
+#[test]
+fn gemma_config_errors_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("\"final_logit_softcapping\": 0.5", "\"final_logit_softcapping\": 0.0", "final_logit_softcapping"),
+        ("\"attn_logit_softcapping\": 1.0", "\"attn_logit_softcapping\": -1.0", "attn_logit_softcapping"),
+        ("\"attention_bias\": false", "\"attention_bias\": true", "attention_bias"),
+        ("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false", "tie_word_embeddings"),
+    ];
+    for (from, to, field) in cases {
+        copy("gemma2-tiny", tmp.path());
+        let config = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+        assert!(config.contains(from), "the fixture config has {from}");
+        std::fs::write(tmp.path().join("config.json"), config.replace(from, to)).unwrap();
+        let err = load_err(tmp.path());
+        assert!(err.contains("config.json") && err.contains(field), "{to}: {err}");
+    }
+}

@@ -1,6 +1,7 @@
-//! Whole models against PyTorch: randomly initialised 2-layer GPT-2, Qwen2 and Llama models made
-//! by `tools/make_fixtures.py` (transformers, float32, eager attention) give logits, loss, every
-//! parameter gradient and the losses of 10 AdamW steps. The GPU path and the CPU reference path
+//! Whole models against PyTorch: randomly initialised 2-layer GPT-2, Qwen2 and Llama models and
+//! 3-layer Gemma 3 models (one with logit soft-capping on) made by `tools/make_fixtures.py`
+//! (transformers, float32, eager attention) give logits, loss, every parameter gradient and the
+//! losses of 10 AdamW steps. The GPU path and the CPU reference path
 //! must both match: loss within 1e-5 relative, logits and gradients within 1e-4 of the largest
 //! PyTorch value, AdamW losses within 1e-4 relative.
 
@@ -134,4 +135,39 @@ fn gemma3_matches_pytorch_on_the_cpu_path() {
 #[test]
 fn gemma3_matches_pytorch_on_the_gpu() {
     gpu().into_iter().for_each(|d| check("gemma3-tiny", d));
+}
+
+#[test]
+fn gemma2_matches_pytorch_on_the_cpu_path() {
+    check("gemma2-tiny", Device::Cpu);
+}
+
+#[test]
+fn gemma2_matches_pytorch_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("gemma2-tiny", d));
+}
+
+#[test]
+fn gemma3_with_soft_capping_matches_pytorch_on_the_cpu_path() {
+    check("gemma3-tiny-softcap", Device::Cpu);
+}
+
+#[test]
+fn gemma3_with_soft_capping_matches_pytorch_on_the_gpu() {
+    gpu().into_iter().for_each(|d| check("gemma3-tiny-softcap", d));
+}
+
+/// The soft-capping fixture is the plain Gemma 3 fixture with both caps on (same weights, same
+/// batch): its logits must differ, or the caps would not be tested at all.
+#[test]
+fn soft_capping_changes_the_gemma3_fixture() {
+    let weights = |name| SafetensorsFile::open(&dir(name).join("model.safetensors")).unwrap();
+    let (wp, wc) = (weights("gemma3-tiny"), weights("gemma3-tiny-softcap"));
+    for name in wp.names() {
+        assert_eq!(wp.get(&name).unwrap(), wc.get(&name).unwrap(), "{name} differs between the fixtures");
+    }
+    let (plain, capped) = (Expected::load("gemma3-tiny"), Expected::load("gemma3-tiny-softcap"));
+    assert_eq!(plain.ids, capped.ids);
+    let err = rel_err(&capped.tensor("logits"), &plain.tensor("logits"));
+    assert!(err > 0.05, "capping moved the logits by only {err:e} of their size");
 }

@@ -21,8 +21,8 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import (GPT2Config, GPT2LMHeadModel, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -102,7 +102,10 @@ def perturb_norms_and_biases(model):
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def llama_family(name, config_cls, model_cls, hidden_size=64, **kw):
+def llama_family(name, config_cls, model_cls, hidden_size=64, qk_gain=1.0, **kw):
+    """A small random model of a Llama-like family; `qk_gain` multiplies the q and k projections
+    (Gemma 2 has no q/k norms: with the default init its attention scores are ~0.03, too small
+    for a soft cap to bend)."""
     out_dir = os.path.join(ROOT, name)
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
@@ -113,6 +116,10 @@ def llama_family(name, config_cls, model_cls, hidden_size=64, **kw):
     cfg._attn_implementation = "eager"
     model = model_cls(cfg).float()
     perturb_norms_and_biases(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".q_proj." in name or ".k_proj." in name:
+                p.mul_(qk_gain)
     model.save_pretrained(out_dir, safe_serialization=True)
     inputs, targets = batch(cfg.vocab_size, 2, 16, seed=1)
     record(model, inputs, targets, out_dir)
@@ -137,6 +144,17 @@ def lora_fixture(base_name, model_cls, targets, fan_in_fan_out):
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
     pm.save_pretrained(out_dir)
+    # PEFT writes target_modules from a set, in an order that changes from run to run, and the
+    # base as the absolute path it was loaded from; sorted and relative, the fixtures come out
+    # byte-identical on every machine.
+    cfg_path = os.path.join(out_dir, "adapter_config.json")
+    with open(cfg_path) as f:
+        written = json.load(f)
+    written["target_modules"] = sorted(written["target_modules"])
+    written["base_model_name_or_path"] = "../" + base_name
+    with open(cfg_path, "w") as f:
+        json.dump(written, f, indent=2, sort_keys=True)
+        f.write("\n")
     inputs, labels = batch(model.config.vocab_size, 2, 16, seed=1)
     # Gradients named as in adapter_model.safetensors (PEFT drops the adapter name there).
     record(pm, inputs, labels, out_dir, grad_name=lambda name: name.replace(".default", ""))
@@ -181,6 +199,20 @@ if __name__ == "__main__":
     llama_family("gemma3-tiny", Gemma3TextConfig, Gemma3ForCausalLM, num_key_value_heads=2, head_dim=16,
                  layers=3, sliding_window=4, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    # The same with logit soft-capping on (Gemma 3 ships with it off; the config allows it): caps
+    # of the order of the scores (|scale q.k| reaches ~3) and of the logits (|logits| < 0.6), so
+    # tanh bends both.
+    llama_family("gemma3-tiny-softcap", Gemma3TextConfig, Gemma3ForCausalLM, num_key_value_heads=2,
+                 head_dim=16, layers=3, sliding_window=4, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
+                 layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                 attn_logit_softcapping=1.0, final_logit_softcapping=0.5)
+    # Gemma 2: no q/k norms, one RoPE base, both soft caps applied (as shipped: 50 and 30; here
+    # of the order of the scores, |scale q.k| ~ 3 with qk_gain 8, and of the logits).
+    llama_family("gemma2-tiny", Gemma2Config, Gemma2ForCausalLM, num_key_value_heads=2, head_dim=16,
+                 layers=3, sliding_window=4, query_pre_attn_scalar=16, rms_norm_eps=1e-6, qk_gain=8.0,
+                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                 attn_logit_softcapping=1.0, final_logit_softcapping=0.5)
     # LoRA with PEFT (peft in requirements.txt) on GPT-2's Conv1D layers and on Gemma 3.
     lora_fixture("gpt2-tiny", GPT2LMHeadModel, ["c_attn", "c_proj", "c_fc"], True)
     lora_fixture("gemma3-tiny", Gemma3ForCausalLM,

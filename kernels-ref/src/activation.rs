@@ -7,6 +7,7 @@
 //! SiLU: `silu(x) = x sigmoid(x)`, `silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x)))`.
 //! SwiGLU (Llama/Qwen MLP): `y = silu(gate) * up`; GeGLU (Gemma MLP): `y = gelu(gate) * up`;
 //! backward `dgate = dy * up * act'(gate)`, `dup = dy * act(gate)`.
+//! Soft-capping (Gemma's logit caps): `softcap(x) = c tanh(x / c)`, `softcap'(x) = 1 - tanh^2(x / c)`.
 
 use rayon::prelude::*;
 
@@ -40,13 +41,13 @@ fn silu_grad(x: f64) -> f64 {
 }
 
 /// `y = f(x)` elementwise.
-fn unary(name: &str, y: &mut [f32], x: &[f32], f: fn(f64) -> f64) {
+fn unary(name: &str, y: &mut [f32], x: &[f32], f: impl Fn(f64) -> f64 + Sync) {
     assert_eq!(y.len(), x.len(), "{name}: y and x lengths differ");
     y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = f(x as f64) as f32);
 }
 
 /// `dx = dy * f'(x)` elementwise.
-fn unary_backward(name: &str, dx: &mut [f32], x: &[f32], dy: &[f32], df: fn(f64) -> f64) {
+fn unary_backward(name: &str, dx: &mut [f32], x: &[f32], dy: &[f32], df: impl Fn(f64) -> f64 + Sync) {
     assert_eq!(dx.len(), x.len(), "{name}: dx and x lengths differ");
     assert_eq!(dy.len(), x.len(), "{name}: dy and x lengths differ");
     dx.par_iter_mut()
@@ -101,6 +102,18 @@ pub fn silu_backward(dx: &mut [f32], x: &[f32], dy: &[f32]) {
     unary_backward("silu_backward", dx, x, dy, silu_grad);
 }
 
+/// `y = cap tanh(x / cap)`.
+pub fn softcap_forward(y: &mut [f32], x: &[f32], cap: f32) {
+    let c = cap as f64;
+    unary("softcap_forward", y, x, |x| c * (x / c).tanh());
+}
+
+/// `dx = dy (1 - tanh^2(x / cap))`.
+pub fn softcap_backward(dx: &mut [f32], x: &[f32], dy: &[f32], cap: f32) {
+    let c = cap as f64;
+    unary_backward("softcap_backward", dx, x, dy, |x| 1.0 - (x / c).tanh().powi(2));
+}
+
 /// `y = silu(gate) * up`.
 pub fn swiglu_forward(y: &mut [f32], gate: &[f32], up: &[f32]) {
     gated("swiglu_forward", y, gate, up, silu);
@@ -148,6 +161,14 @@ mod tests {
         assert_close("swiglu", &y, &[1.5 * 3f64.ln()], 1e-6);
         geglu_forward(&mut y, &[1.0], &[-1.0]);
         assert_close("geglu", &y, &[-0.841_192], 1e-6);
+        // softcap with cap 2: 2 tanh(0) = 0, 2 tanh(1) = 1.5231883, 2 tanh(-50) = -2 (saturated);
+        // softcap'(2) = 1 - tanh^2(1) = 0.4199743, softcap'(0) = 1.
+        let mut y = [0.0; 3];
+        softcap_forward(&mut y, &[0.0, 2.0, -100.0], 2.0);
+        assert_close("softcap", &y, &[0.0, 1.523_188_3, -2.0], 1e-7);
+        let mut dx = [0.0; 2];
+        softcap_backward(&mut dx, &[2.0, 0.0], &[1.0, 3.0], 2.0);
+        assert_close("softcap'", &dx, &[0.419_974_3, 3.0], 1e-7);
     }
 
     // h = 1e-2 on inputs in [-3, 3]: truncation h^2/6 |f'''| with |f'''| < 2 for gelu and silu
@@ -161,7 +182,12 @@ mod tests {
     fn unary_backward_matches_finite_differences() {
         let mut rng = rng(30);
         type Pair = (&'static str, fn(&mut [f32], &[f32]), fn(&mut [f32], &[f32], &[f32]));
-        let pairs: [Pair; 2] = [("gelu", gelu_forward, gelu_backward), ("silu", silu_forward, silu_backward)];
+        let pairs: [Pair; 3] = [
+            ("gelu", gelu_forward, gelu_backward),
+            ("silu", silu_forward, silu_backward),
+            // cap 1.5: |softcap'''| <= 2 / 1.5^2 < 1, inside the bound below
+            ("softcap", |y, x| softcap_forward(y, x, 1.5), |dx, x, dy| softcap_backward(dx, x, dy, 1.5)),
+        ];
         for (name, fwd, bwd) in pairs {
             for n in [1, 3, 7, 41] {
                 let x = uniform(&mut rng, n, -3.0, 3.0);

@@ -2,9 +2,11 @@
 //! forward and backward (the core between the Q/K/V projections and the output projection).
 //!
 //! Math, per batch `b` and query head `h` (kv head `g = h / (H / KVH)`):
-//! `s_ij = scale * q_i · k_j` for visible `j` (`j <= i`, and `i - j < window` when windowed),
+//! `u_ij = scale * q_i · k_j` for visible `j` (`j <= i`, and `i - j < window` when windowed),
+//! `s_ij = u_ij`, or `c tanh(u_ij / c)` with a soft cap `c` (Gemma's `attn_logit_softcapping`),
 //! `p_i = softmax_j(s_ij)` over visible `j` (invisible entries exactly 0), `out_i = Σ_j p_ij v_j`.
-//! Backward: `dp_ij = dout_i · v_j`, `ds_ij = p_ij (dp_ij - Σ_j' p_ij' dp_ij')`,
+//! Backward: `dp_ij = dout_i · v_j`, `ds_ij = p_ij (dp_ij - Σ_j' p_ij' dp_ij') s'(u_ij)` with
+//! `s'(u) = 1`, or `1 - tanh^2(u / c)` when capped,
 //! `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_{h in group} Σ_i ds_ij q_i`,
 //! `dv_j = Σ_{h in group} Σ_i p_ij dout_i`. Each output row is written by one task that sums
 //! its terms in a fixed order, so results do not depend on the thread count.
@@ -20,6 +22,8 @@ pub struct AttnDims {
     pub d: usize,
     pub window: Option<usize>,
     pub scale: f32,
+    /// soft cap `c` of the scores: `c tanh(scale q·k / c)` (None: no cap)
+    pub softcap: Option<f32>,
 }
 
 impl AttnDims {
@@ -31,6 +35,18 @@ impl AttnDims {
             self.kv_h
         );
         assert!(self.window != Some(0), "{name}: a window of 0 hides every position");
+        assert!(self.softcap.is_none_or(|c| c > 0.0), "{name}: soft cap {:?} is not positive", self.softcap);
+    }
+
+    /// The score of a raw dot product `q·k`: `u = scale q·k`, soft-capped when a cap is set.
+    fn score(&self, dot: f64) -> f64 {
+        let u = self.scale as f64 * dot;
+        self.softcap.map_or(u, |c| c as f64 * (u / c as f64).tanh())
+    }
+
+    /// d score / d u at a raw dot product `q·k`.
+    fn score_grad(&self, dot: f64) -> f64 {
+        self.softcap.map_or(1.0, |c| 1.0 - (self.scale as f64 * dot / c as f64).tanh().powi(2))
     }
 
     /// Visible key positions `j` for query position `i`.
@@ -76,7 +92,7 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         let qi = &q[d.q_at(bi, i, hi)..][..hd];
         let vis = d.visible(i);
         let s: Vec<f64> =
-            vis.clone().map(|j| d.scale as f64 * dot(qi, &k[d.kv_at(bi, j, hi / group)..][..hd])).collect();
+            vis.clone().map(|j| d.score(dot(qi, &k[d.kv_at(bi, j, hi / group)..][..hd]))).collect();
         let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = s.iter().map(|&x| (x - max).exp()).sum();
         p.fill(0.0);
@@ -135,10 +151,16 @@ pub fn attention_backward(
         let (bi, hi, i) = (row / (h * t), (row / t) % h, row % t);
         let p = &probs[row * t..][..t];
         let doi = &dout[d.q_at(bi, i, hi)..][..hd];
+        let qi = &q[d.q_at(bi, i, hi)..][..hd];
         let dp: Vec<f64> = d.visible(i).map(|j| dot(doi, &v[d.kv_at(bi, j, hi / group)..][..hd])).collect();
         let pdp: f64 = d.visible(i).zip(&dp).map(|(j, &dpj)| p[j] as f64 * dpj).sum();
         for (j, &dpj) in d.visible(i).zip(&dp) {
-            ds[j] = p[j] as f64 * (dpj - pdp);
+            let cap = if d.softcap.is_some() {
+                d.score_grad(dot(qi, &k[d.kv_at(bi, j, hi / group)..][..hd]))
+            } else {
+                1.0
+            };
+            ds[j] = p[j] as f64 * (dpj - pdp) * cap;
         }
     });
     let ds = &ds;
@@ -203,7 +225,7 @@ mod tests {
         // T = 2, one head, D = 1, scale 1, q = [5, ln 3], k = [0, 1], v = [2, 4].
         // Row 0 sees only j = 0: p = [1, 0], out = 2.
         // Row 1 scores [ln 3 * 0, ln 3 * 1] = [0, ln 3]: p = [1/4, 3/4], out = 2/4 + 12/4 = 3.5.
-        let mut d = AttnDims { b: 1, t: 2, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0 };
+        let mut d = AttnDims { b: 1, t: 2, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0, softcap: None };
         let (q, k, v) = ([5.0, 3f32.ln()], [0.0, 1.0], [2.0, 4.0]);
         let (out, probs) = run(&q, &k, &v, d);
         assert_close("probs", &probs, &[1.0, 0.0, 0.25, 0.75], 1e-7);
@@ -213,13 +235,21 @@ mod tests {
         let (out, probs) = run(&q, &k, &v, d);
         assert_eq!(probs, [1.0, 0.0, 0.0, 1.0]);
         assert_eq!(out, [2.0, 4.0]);
+        // A soft cap of 1 turns row 1's scores into [tanh 0, tanh(ln 3)] = [0, 0.8] (tanh(ln 3) =
+        // (9 - 1) / (9 + 1)): p = [1, e^0.8] / (1 + e^0.8) = [0.3100255, 0.6899745],
+        // out = 2 p0 + 4 p1 = 3.3799490.
+        d.window = None;
+        d.softcap = Some(1.0);
+        let (out, probs) = run(&q, &k, &v, d);
+        assert_close("capped probs", &probs, &[1.0, 0.0, 0.310_025_5, 0.689_974_5], 1e-7);
+        assert_close("capped out", &out, &[2.0, 3.379_949], 1e-6);
     }
 
     #[test]
     fn gqa_equals_repeated_kv_and_masks_exactly() {
         let mut rng = rng(60);
         for window in [None, Some(2), Some(4)] {
-            let d = AttnDims { b: 2, t: 7, h: 6, kv_h: 2, d: 3, window, scale: 0.7 };
+            let d = AttnDims { b: 2, t: 7, h: 6, kv_h: 2, d: 3, window, scale: 0.7, softcap: Some(1.5) };
             let q = uniform(&mut rng, d.b * d.t * d.h * d.d, -2.0, 2.0);
             let k = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
             let v = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
@@ -244,11 +274,33 @@ mod tests {
     fn backward_matches_finite_differences() {
         let mut rng = rng(61);
         let cases = [
-            AttnDims { b: 1, t: 1, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0 },
-            AttnDims { b: 2, t: 5, h: 4, kv_h: 2, d: 3, window: None, scale: 3f32.sqrt().recip() },
-            AttnDims { b: 1, t: 7, h: 3, kv_h: 1, d: 5, window: Some(3), scale: 5f32.sqrt().recip() },
-            AttnDims { b: 1, t: 6, h: 2, kv_h: 2, d: 4, window: Some(1), scale: 0.5 },
-            AttnDims { b: 1, t: 5, h: 4, kv_h: 1, d: 2, window: Some(2), scale: 1.0 },
+            AttnDims { b: 1, t: 1, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0, softcap: None },
+            AttnDims {
+                b: 2,
+                t: 5,
+                h: 4,
+                kv_h: 2,
+                d: 3,
+                window: None,
+                scale: 3f32.sqrt().recip(),
+                softcap: None,
+            },
+            AttnDims {
+                b: 1,
+                t: 7,
+                h: 3,
+                kv_h: 1,
+                d: 5,
+                window: Some(3),
+                scale: 5f32.sqrt().recip(),
+                softcap: None,
+            },
+            AttnDims { b: 1, t: 6, h: 2, kv_h: 2, d: 4, window: Some(1), scale: 0.5, softcap: None },
+            AttnDims { b: 1, t: 5, h: 4, kv_h: 1, d: 2, window: Some(2), scale: 1.0, softcap: None },
+            // soft caps of the order of the scores (|u| <= D scale), so tanh bends them; the
+            // cap adds scale^3 |tanh'''| / c^2 <= 2 scale^3 / c^2 < 1.1 to the third derivative
+            AttnDims { b: 2, t: 5, h: 4, kv_h: 2, d: 3, window: None, scale: 0.6, softcap: Some(0.8) },
+            AttnDims { b: 1, t: 7, h: 3, kv_h: 1, d: 5, window: Some(3), scale: 0.8, softcap: Some(1.0) },
         ];
         for d in cases {
             let q = uniform(&mut rng, d.b * d.t * d.h * d.d, -1.0, 1.0);

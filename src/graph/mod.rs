@@ -18,6 +18,7 @@ pub use params::{Param, ParamId, ParamStore};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
+use crate::kernels::activation::Act;
 use crate::kernels::attention::AttnDims;
 use crate::kernels::elementwise;
 use std::sync::Arc;
@@ -121,8 +122,8 @@ pub(crate) enum Op {
     LayerNorm { eps: f32 },
     /// x W (+ bias); W stored transposed when `trans_w` (a tied LM head)
     Linear { trans_w: bool },
-    /// tanh GELU
-    Gelu,
+    /// an elementwise activation: tanh GELU, SiLU or soft-capping
+    Act { act: Act },
     /// causal self-attention over packed [q | k | v] rows
     AttentionPacked { dims: AttnDims },
     /// causal grouped-query self-attention over separate q (input 0), k (1), v (2)
@@ -152,7 +153,7 @@ impl Op {
             Op::Attention { .. } | Op::Glu { .. } => true,
             Op::LayerNorm { .. } => i < 2,
             Op::Linear { .. } => i < 2,
-            Op::Gelu | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
+            Op::Act { .. } | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
         }
     }
 }
@@ -276,7 +277,13 @@ impl Graph {
 
     pub fn gelu(&mut self, x: Var) -> Var {
         let s = self.shape(x).to_vec();
-        self.push(Op::Gelu, vec![x], s)
+        self.push(Op::Act { act: Act::Gelu }, vec![x], s)
+    }
+
+    /// `cap tanh(x / cap)` (Gemma's logit soft-capping).
+    pub fn softcap(&mut self, x: Var, cap: f32) -> Var {
+        let s = self.shape(x).to_vec();
+        self.push(Op::Act { act: Act::Softcap(cap) }, vec![x], s)
     }
 
     /// RMSNorm over groups of `w`'s length (the last dimension, or each head of (B*T, H*D) rows

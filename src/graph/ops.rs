@@ -6,11 +6,12 @@
 use super::{Device, Feed, Op, ParamId, ParamStore, Run, Value, Var};
 use crate::error::{Error, Result};
 use crate::gpu::Tensor;
+use crate::kernels::activation::{self, Act};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::cross_entropy::{self, Targets};
 use crate::kernels::embedding::{self, Ids};
 use crate::kernels::norm::{self, NormKind};
-use crate::kernels::{activation, elementwise, matmul, reduce, rope};
+use crate::kernels::{elementwise, matmul, reduce, rope};
 use kernels_ref as kr;
 
 /// The feed, uploaded for the device.
@@ -150,10 +151,12 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             let bias = node.inputs.get(2).map(|&b| value(run, store, b).cpu());
             kr::matmul_forward(out.cpu_mut(), x(0).cpu(), x(1).cpu(), bias, d);
         }
-        (Device::Gpu(g), Op::Gelu) => {
-            activation::act_forward(g, out.gpu(), x(0).gpu(), activation::Act::Gelu)?
-        }
-        (Device::Cpu, Op::Gelu) => kr::gelu_forward(out.cpu_mut(), x(0).cpu()),
+        (Device::Gpu(g), Op::Act { act }) => activation::act_forward(g, out.gpu(), x(0).gpu(), *act)?,
+        (Device::Cpu, Op::Act { act }) => match *act {
+            Act::Gelu => kr::gelu_forward(out.cpu_mut(), x(0).cpu()),
+            Act::Silu => kr::silu_forward(out.cpu_mut(), x(0).cpu()),
+            Act::Softcap(c) => kr::softcap_forward(out.cpu_mut(), x(0).cpu(), c),
+        },
         (Device::Gpu(g), Op::AttentionPacked { dims: d }) => {
             let probs = Tensor::empty(g, &[d.b * d.h * d.t, d.t], "attention probabilities")?;
             let (q, k, v) = packed(x(0).gpu(), d);
@@ -190,7 +193,7 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             kr::rope_forward(out.cpu_mut(), x(0).cpu(), &cos, &sin, *b, *t, *heads, *head_dim);
         }
         (Device::Gpu(g), Op::Glu { silu }) => {
-            let act = if *silu { activation::Act::Silu } else { activation::Act::Gelu };
+            let act = if *silu { Act::Silu } else { Act::Gelu };
             activation::glu_forward(g, out.gpu(), x(0).gpu(), x(1).gpu(), act)?;
         }
         (Device::Cpu, Op::Glu { silu }) => {
@@ -427,17 +430,16 @@ pub(crate) fn backward(
                     }
                     cpu_put(&mut g, fresh, acc);
                 }
-                (Device::Gpu(gpu), Op::Gelu) => activation::act_backward(
-                    gpu,
-                    g.gpu(),
-                    x(0).gpu(),
-                    dy().gpu(),
-                    activation::Act::Gelu,
-                    acc,
-                )?,
-                (Device::Cpu, Op::Gelu) => {
+                (Device::Gpu(gpu), Op::Act { act }) => {
+                    activation::act_backward(gpu, g.gpu(), x(0).gpu(), dy().gpu(), *act, acc)?
+                }
+                (Device::Cpu, Op::Act { act }) => {
                     let mut d = vec![0f32; in_shape.iter().product()];
-                    kr::gelu_backward(&mut d, x(0).cpu(), dy().cpu());
+                    match *act {
+                        Act::Gelu => kr::gelu_backward(&mut d, x(0).cpu(), dy().cpu()),
+                        Act::Silu => kr::silu_backward(&mut d, x(0).cpu(), dy().cpu()),
+                        Act::Softcap(c) => kr::softcap_backward(&mut d, x(0).cpu(), dy().cpu(), c),
+                    }
                     cpu_put(&mut g, d, acc);
                 }
                 (Device::Gpu(gpu), Op::AttentionPacked { dims: d }) => {
@@ -515,7 +517,7 @@ pub(crate) fn backward(
                     cpu_put(&mut g, d, acc);
                 }
                 (Device::Gpu(gpu), Op::Glu { silu }) => {
-                    let act = if *silu { activation::Act::Silu } else { activation::Act::Gelu };
+                    let act = if *silu { Act::Silu } else { Act::Gelu };
                     let (dgate, dup) = if j == 0 { (Some(g.gpu()), None) } else { (None, Some(g.gpu())) };
                     activation::glu_backward(gpu, dgate, dup, dy().gpu(), x(0).gpu(), x(1).gpu(), act, acc)?;
                 }

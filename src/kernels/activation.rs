@@ -1,9 +1,9 @@
 //! Activations and gated MLP units (`shaders/activation.wgsl`): GELU (tanh approximation),
-//! SiLU, SwiGLU = silu(gate) * up, GeGLU = gelu(gate) * up, forward and backward. Reference:
-//! `kernels_ref::{gelu,silu,swiglu,geglu}_*`.
+//! SiLU, soft-capping `c tanh(x / c)`, SwiGLU = silu(gate) * up, GeGLU = gelu(gate) * up,
+//! forward and backward. Reference: `kernels_ref::{gelu,silu,softcap,swiglu,geglu}_*`.
 
 use super::{check_len, u32_of};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Gpu, KernelKey, Tensor};
 
 #[repr(C)]
@@ -11,14 +11,28 @@ use crate::gpu::{Gpu, KernelKey, Tensor};
 struct Params {
     n: u32,
     flags: u32,
-    _pad: [u32; 2],
+    cap: f32,
+    _pad: u32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Act {
     /// tanh-approximated GELU (GPT-2 `gelu_new`, Gemma `gelu_pytorch_tanh`)
     Gelu,
     Silu,
+    /// `c tanh(x / c)` with cap `c > 0` (Gemma's logit soft-capping)
+    Softcap(f32),
+}
+
+impl Act {
+    /// The shader's `ACT` constant and its `cap` parameter.
+    fn code(self) -> (u32, f32) {
+        match self {
+            Act::Gelu => (0, 0.0),
+            Act::Silu => (1, 0.0),
+            Act::Softcap(c) => (2, c),
+        }
+    }
 }
 
 const WG: usize = 256;
@@ -31,8 +45,15 @@ fn run(
     n: usize,
     acc: bool,
 ) -> Result<()> {
-    let key = KernelKey::new("activation", entry).with("ACT", (act == Act::Silu) as u32);
-    let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, _pad: [0; 2] };
+    let (code, cap) = act.code();
+    if let Act::Softcap(c) = act {
+        if !(c > 0.0 && c.is_finite()) {
+            let detail = format!("the cap {c} is not a positive number");
+            return Err(Error::InvalidArgument { name: "softcap".into(), detail });
+        }
+    }
+    let key = KernelKey::new("activation", entry).with("ACT", code);
+    let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, cap, _pad: 0 };
     gpu.dispatch(&key, bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))
 }
 
@@ -56,6 +77,20 @@ pub fn act_backward(
     check_len("act_backward", "dy", dy.numel(), x.numel())?;
     let bufs = [Some(x.single("act")?), Some(dy.single("act")?), Some(dx.single("act")?)];
     run(gpu, "act_backward", act, &bufs, x.numel(), accumulate)
+}
+
+/// `y = act(y)` in place.
+pub fn act_inplace(gpu: &Gpu, y: &Tensor, act: Act) -> Result<()> {
+    let bufs = [None, None, Some(y.single("act")?)];
+    run(gpu, "act_inplace", act, &bufs, y.numel(), false)
+}
+
+/// `d = d * act'(x)` in place: the gradient `d` with respect to `act(x)` becomes the gradient
+/// with respect to `x`.
+pub fn act_grad_mul(gpu: &Gpu, d: &Tensor, x: &Tensor, act: Act) -> Result<()> {
+    check_len("act_grad_mul", "d", d.numel(), x.numel())?;
+    let bufs = [Some(x.single("act")?), None, Some(d.single("act")?)];
+    run(gpu, "act_grad_mul", act, &bufs, x.numel(), false)
 }
 
 /// `y = act(gate) * up` (SwiGLU with `Act::Silu`, GeGLU with `Act::Gelu`)

@@ -7,7 +7,11 @@
 //! their dK and dV contributions in a fixed order (no races, same result every run).
 //!   S = Q K^T;  P = softmax(scale * S, causal);  out = P V
 //!   dP = dout V^T;  dV = P^T dout;  dS = scale * P (dP - rowsum(dP P));  dQ = dS K;  dK = dS^T Q
+//! With a soft cap c the softmax reads Z = c tanh(U / c), U = scale * S (the matmul applies the
+//! scale), and dS gains the factor 1 - tanh^2(U / c). The backward recomputes U into dP's
+//! buffer once dP has been used, so capping costs a matmul but no memory.
 
+use super::activation::{act_grad_mul, act_inplace, Act};
 use super::matmul::{matmul_strided, Dims, View};
 use super::softmax::{softmax_backward, softmax_forward, Mask};
 use crate::error::{Error, Result};
@@ -56,6 +60,9 @@ fn check_dims(d: &AttnDims) -> Result<usize> {
             "attention",
             format!("{} heads are not a multiple of {} kv heads", d.h, d.kv_h),
         ));
+    }
+    if d.softcap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+        return Err(Error::shape("attention", format!("soft cap {:?} is not a positive number", d.softcap)));
     }
     if d.window == Some(0) {
         return Err(Error::shape(
@@ -114,12 +121,18 @@ pub fn attention_forward(
     super::check_len("attention", "probs", probs.numel(), d.b * d.h * d.t * d.t)?;
     let l = Layout { d, g };
     let scores = Tensor::empty(gpu, &[d.b * d.h * d.t, d.t], "attention scores")?;
-    let sb = one(&scores)?;
-    for j in 0..g {
-        let (c, a, b) = (l.scores(sb, j, false), l.qlike((qb, &q), j, false), l.kvlike((kb, &k), true));
-        matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.t, d.d), 1.0, false)?;
+    let mask = Mask::Causal { window: d.window };
+    match d.softcap {
+        None => {
+            raw_scores(gpu, &l, &scores, (qb, &q), (kb, &k), 1.0)?;
+            softmax_forward(gpu, probs, &scores, mask, d.scale)?;
+        }
+        Some(c) => {
+            raw_scores(gpu, &l, &scores, (qb, &q), (kb, &k), d.scale)?;
+            act_inplace(gpu, &scores, Act::Softcap(c))?;
+            softmax_forward(gpu, probs, &scores, mask, 1.0)?;
+        }
     }
-    softmax_forward(gpu, probs, &scores, Mask::Causal { window: d.window }, d.scale)?;
     let pb = one(probs)?;
     for j in 0..g {
         let (c, a, b) = (l.qlike((ob, &out), j, false), l.scores(pb, j, false), l.kvlike((vb, &v), false));
@@ -161,6 +174,10 @@ pub fn attention_backward(
     }
     let ds = Tensor::empty(gpu, &[d.b * d.h * d.t, d.t], "attention dS")?;
     softmax_backward(gpu, &ds, probs, &dp, d.scale)?;
+    if let Some(c) = d.softcap {
+        raw_scores(gpu, &l, &dp, (qb, &q), (kb, &k), d.scale)?; // dP is spent: U goes there
+        act_grad_mul(gpu, &ds, &dp, Act::Softcap(c))?;
+    }
     let dsb = one(&ds)?;
     for j in 0..g {
         // dQ = dS K ;  dK += dS^T Q
@@ -168,6 +185,23 @@ pub fn attention_backward(
         matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.d, d.t), 1.0, accumulate)?;
         let (c, a, b) = (l.kvlike((dkb, &dk), false), l.scores(dsb, j, true), l.qlike((qb, &q), j, false));
         matmul_strided(gpu, c, a, b, None, l.dims(d.t, d.d, d.t), 1.0, accumulate || j > 0)?;
+    }
+    Ok(())
+}
+
+/// `scores = alpha Q K^T` for every head, (B,H,T,T).
+fn raw_scores(
+    gpu: &Gpu,
+    l: &Layout,
+    scores: &Tensor,
+    q: (&wgpu::Buffer, &Heads),
+    k: (&wgpu::Buffer, &Heads),
+    alpha: f32,
+) -> Result<()> {
+    let sb = one(scores)?;
+    for j in 0..l.g {
+        let (c, a, b) = (l.scores(sb, j, false), l.qlike(q, j, false), l.kvlike(k, true));
+        matmul_strided(gpu, c, a, b, None, l.dims(l.d.t, l.d.t, l.d.d), alpha, false)?;
     }
     Ok(())
 }

@@ -222,12 +222,7 @@ impl Gpt2 {
     /// Record the graph up to the logits (inference: feed ids and positions, no targets).
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
-        if t > cfg.n_positions {
-            return Err(Error::InvalidArgument {
-                name: "sequence length".into(),
-                detail: format!("{t} is longer than the model's {} positions", cfg.n_positions),
-            });
-        }
+        super::check_sequence_length(t, cfg.n_positions)?;
         let (c, n) = (cfg.n_embd, b * t);
         let eps = cfg.layer_norm_epsilon;
         let mut g = Graph::new();
@@ -249,6 +244,7 @@ impl Gpt2 {
             d,
             window: None,
             scale: 1.0 / (d as f32).sqrt(),
+            softcap: None,
         };
         for blk in &self.blocks {
             let (w, bias) = (p(&mut g, blk.ln_1.0), p(&mut g, blk.ln_1.1));

@@ -181,12 +181,7 @@ impl Llama {
     /// Record the graph up to the logits for `b` sequences of `t` tokens.
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
-        if t > cfg.max_position_embeddings {
-            return Err(Error::InvalidArgument {
-                name: "sequence length".into(),
-                detail: format!("{t} is longer than the model's {} positions", cfg.max_position_embeddings),
-            });
-        }
+        super::check_sequence_length(t, cfg.max_position_embeddings)?;
         let (h, kv, d) = cfg.heads();
         let mut g = Graph::new();
         let tokens = g.id_list(cfg.vocab_size);
@@ -197,7 +192,8 @@ impl Llama {
         };
         let embed = p(&mut g, self.embed);
         let mut x = g.embedding(embed, tokens, b * t)?;
-        let dims = AttnDims { b, t, h, kv_h: kv, d, window: None, scale: 1.0 / (d as f32).sqrt() };
+        let dims =
+            AttnDims { b, t, h, kv_h: kv, d, window: None, scale: 1.0 / (d as f32).sqrt(), softcap: None };
         for layer in &self.layers {
             let w = p(&mut g, layer.input_norm);
             let hn = g.rmsnorm(x, w, cfg.rms_norm_eps, 0.0)?;

@@ -1,7 +1,7 @@
 //! Model families, one file each, configured from the checkpoint's `config.json` and loaded
 //! from Hugging Face `*.safetensors` by tensor name.
 
-pub mod gemma3;
+pub mod gemma;
 pub mod gpt2;
 pub mod llama;
 
@@ -121,7 +121,7 @@ pub enum Model {
     Gpt2(gpt2::Gpt2),
     /// Qwen2 and Llama-family checkpoints.
     Llama(llama::Llama),
-    Gemma3(gemma3::Gemma3),
+    Gemma(gemma::Gemma),
 }
 
 /// The values of one built training graph that callers read.
@@ -147,11 +147,11 @@ impl Model {
         match kind.as_str() {
             "gpt2" => gpt2::Gpt2::load(dir, dev).map(|(m, s)| (Model::Gpt2(m), s)),
             "qwen2" | "llama" => llama::Llama::load(dir, dev).map(|(m, s)| (Model::Llama(m), s)),
-            "gemma3_text" => gemma3::Gemma3::load(dir, dev).map(|(m, s)| (Model::Gemma3(m), s)),
+            "gemma3_text" | "gemma2" => gemma::Gemma::load(dir, dev).map(|(m, s)| (Model::Gemma(m), s)),
             _ => Err(Error::Checkpoint {
                 path: dir.join("config.json"),
                 detail: format!(
-                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: gpt2, qwen2, llama, gemma3_text",
+                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: gpt2, qwen2, llama, gemma3_text, gemma2",
                     header.model_type, header.architectures
                 ),
             }),
@@ -162,7 +162,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.cfg.vocab_size,
             Model::Llama(m) => m.cfg.vocab_size,
-            Model::Gemma3(m) => m.cfg.vocab_size,
+            Model::Gemma(m) => m.cfg.vocab_size,
         }
     }
 
@@ -170,7 +170,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.cfg.n_positions,
             Model::Llama(m) => m.cfg.max_position_embeddings,
-            Model::Gemma3(m) => m.cfg.max_position_embeddings,
+            Model::Gemma(m) => m.cfg.max_position_embeddings,
         }
     }
 
@@ -179,7 +179,7 @@ impl Model {
         match self {
             Model::Gpt2(m) => m.logits_graph(store, b, t),
             Model::Llama(m) => m.logits_graph(store, b, t),
-            Model::Gemma3(m) => m.logits_graph(store, b, t),
+            Model::Gemma(m) => m.logits_graph(store, b, t),
         }
     }
 
@@ -200,6 +200,17 @@ impl Model {
     pub fn inference_feed(ids: &[u32], b: usize, t: usize) -> Feed {
         gpt2::Gpt2::inference_feed(ids, b, t)
     }
+}
+
+/// A sequence of `t` tokens must fit the model's `max` positions.
+fn check_sequence_length(t: usize, max: usize) -> Result<()> {
+    if t > max {
+        return Err(Error::InvalidArgument {
+            name: "sequence length".into(),
+            detail: format!("{t} is longer than the model's {max} positions"),
+        });
+    }
+    Ok(())
 }
 
 /// Shapes of the benchmark presets: GPT-2 124M and 355M, a 2-layer GPT-2, and random models of
@@ -252,8 +263,8 @@ impl Model {
             "qwen2" | "llama" => {
                 (llama::Llama::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 1.0)
             }
-            "gemma3_text" => {
-                (gemma3::Gemma3::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 0.0)
+            "gemma3_text" | "gemma2" => {
+                (gemma::Gemma::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 0.0)
             }
             other => {
                 return Err(Error::InvalidArgument {
@@ -281,10 +292,9 @@ impl Model {
             "gpt2" => {
                 Model::Gpt2(gpt2::Gpt2::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
             }
-            "gemma3_text" => Model::Gemma3(gemma3::Gemma3::from_store(
-                serde_json::from_value(config).map_err(bad)?,
-                &store,
-            )?),
+            "gemma3_text" | "gemma2" => {
+                Model::Gemma(gemma::Gemma::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
+            }
             _ => {
                 Model::Llama(llama::Llama::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
             }

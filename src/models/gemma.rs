@@ -1,14 +1,20 @@
-//! Gemma 3 text models (270M, 1B) from a Hugging Face directory (`model_type` `gemma3_text`).
-//! What differs from the Llama block (see `llama.rs`):
+//! Gemma 3 text models (270M, 1B; `model_type` `gemma3_text`) and Gemma 2 (`gemma2`) from a
+//! Hugging Face directory. What differs from the Llama block (see `llama.rs`):
 //!
 //! - RMSNorm scales by `(1 + w)`; four norms per layer: before and after attention, before and
 //!   after the MLP (the "after" norms apply to the branch output, before the residual add)
-//! - q and k are RMS-normalised per head (`q_norm`, `k_norm`, weight of head_dim) before RoPE
 //! - GeGLU MLP (tanh GELU); embeddings multiplied by sqrt(hidden_size); tied LM head
 //! - layers alternate between sliding-window (local) and global attention as `layer_types`
-//!   says, each kind with its own RoPE base; attention scale `query_pre_attn_scalar^-0.5`
-//! - soft-capping of logits, where a config enables it, is refused for now (Gemma 3 ships
-//!   with it off)
+//!   says; attention scale `query_pre_attn_scalar^-0.5`
+//! - soft-capping `c tanh(x / c)` of the output logits (`final_logit_softcapping`) where the
+//!   config sets it (Gemma 2 ships with 30, Gemma 3 with null)
+//!
+//! Gemma 3 only: q and k are RMS-normalised per head (`q_norm`, `k_norm`, weight of head_dim)
+//! before RoPE, and local and global layers have their own RoPE bases.
+//! Gemma 2 only: the attention scores are soft-capped (`attn_logit_softcapping`, 50 as shipped;
+//! after the scale, before the mask). Gemma 3 replaced that cap by the q/k norms: transformers'
+//! Gemma 3 reads `attn_logit_softcapping` but never applies it, and neither does pockettune (it
+//! says so when a Gemma 3 config sets it), so that both compute the same model.
 
 use super::{read_config, SafetensorsFile};
 use crate::error::{Error, Result};
@@ -17,8 +23,19 @@ use crate::kernels::attention::AttnDims;
 use serde::Deserialize;
 use std::path::Path;
 
+/// Which Gemma generation a config describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum Generation {
+    #[serde(rename = "gemma2")]
+    Gemma2,
+    #[serde(rename = "gemma3_text")]
+    Gemma3,
+}
+
 #[derive(Clone, Debug, Deserialize)]
-pub struct Gemma3Config {
+pub struct GemmaConfig {
+    #[serde(rename = "model_type")]
+    pub generation: Generation,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -52,6 +69,16 @@ pub struct Gemma3Config {
     pub attn_logit_softcapping: Option<f64>,
     #[serde(default = "default_act")]
     pub hidden_activation: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_eps() -> f32 {
@@ -64,17 +91,27 @@ fn default_act() -> String {
     "gelu_pytorch_tanh".into()
 }
 
-impl Gemma3Config {
-    /// Whether layer `l` uses the sliding window.
+impl GemmaConfig {
+    /// Whether layer `l` uses the sliding window. Without `layer_types`, every
+    /// `sliding_window_pattern`-th layer is global (transformers' defaults: 6 for Gemma 3, 2
+    /// for Gemma 2).
     pub fn is_sliding(&self, l: usize) -> bool {
         match self.layer_types.get(l) {
             Some(t) => t == "sliding_attention",
-            None => self.sliding_window_pattern.is_some_and(|p| (l + 1) % p != 0),
+            None => {
+                let default = if self.generation == Generation::Gemma2 { 2 } else { 6 };
+                (l + 1) % self.sliding_window_pattern.unwrap_or(default) != 0
+            }
         }
     }
 
     /// RoPE base of a local (sliding) or global layer.
     pub fn theta(&self, sliding: bool) -> f64 {
+        if self.generation == Generation::Gemma2 {
+            // one base for every layer: rope_parameters.rope_theta (transformers 5) or rope_theta
+            let from_params = self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")?.as_f64());
+            return from_params.or(self.rope_theta).unwrap_or(10000.0);
+        }
         let kind = if sliding { "sliding_attention" } else { "full_attention" };
         let from_params =
             self.rope_parameters.as_ref().and_then(|p| p.get(kind)?.get("rope_theta")?.as_f64());
@@ -83,21 +120,52 @@ impl Gemma3Config {
         from_params.or(old).unwrap_or(10000.0)
     }
 
+    /// The cap of the attention scores this model applies (see the module notes).
+    pub fn attention_softcap(&self) -> Option<f32> {
+        match self.generation {
+            Generation::Gemma2 => self.attn_logit_softcapping.map(|c| c as f32),
+            Generation::Gemma3 => None,
+        }
+    }
+
     fn check(&self, dir: &Path) -> Result<()> {
         let bad = |detail: String| Err(Error::Checkpoint { path: dir.join("config.json"), detail });
-        if self.final_logit_softcapping.is_some() || self.attn_logit_softcapping.is_some() {
-            return bad("logit soft-capping is not supported yet".into());
+        for (name, cap) in [
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            // f32 is what the kernels use: the cap must stay positive there too
+            if cap.is_some_and(|c| !(c as f32 > 0.0 && (c as f32).is_finite())) {
+                return bad(format!("{name} {} is not a positive number (null turns it off)", cap.unwrap()));
+            }
         }
         if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return bad("rope_scaling is not supported yet".into());
         }
         if let Some(p) = &self.rope_parameters {
-            for kind in ["sliding_attention", "full_attention"] {
-                let t = p.get(kind).and_then(|k| k.get("rope_type")).and_then(|t| t.as_str());
-                if t.is_some_and(|t| t != "default") {
-                    return bad(format!("rope_type {t:?} for {kind} is not supported yet"));
+            let flat = p.get("rope_type").map(|t| ("all layers", t));
+            let kinds = ["sliding_attention", "full_attention"];
+            let per_kind = kinds.iter().filter_map(|&k| p.get(k)?.get("rope_type").map(|t| (k, t)));
+            for (kind, t) in flat.into_iter().chain(per_kind) {
+                if t.as_str() != Some("default") {
+                    return bad(format!(
+                        "rope_type {t} for {kind} is not supported yet (only the default RoPE)"
+                    ));
                 }
             }
+        }
+        if self.attention_bias {
+            return bad(
+                "attention_bias = true is not supported (Gemma checkpoints have no q/k/v/o bias)".into()
+            );
+        }
+        if !self.tie_word_embeddings {
+            return bad("tie_word_embeddings = false is not supported (Gemma ties its LM head)".into());
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return bad(
+                "use_bidirectional_attention = true is not supported (causal language models only)".into()
+            );
         }
         if !matches!(self.hidden_activation.as_str(), "gelu_pytorch_tanh" | "gelu_new") {
             return bad(format!(
@@ -119,8 +187,8 @@ struct Layer {
     k: ParamId,
     v: ParamId,
     o: ParamId,
-    q_norm: ParamId,
-    k_norm: ParamId,
+    /// Gemma 3 only
+    qk_norm: Option<(ParamId, ParamId)>,
     post_attn_norm: ParamId,
     pre_ff_norm: ParamId,
     gate: ParamId,
@@ -129,8 +197,8 @@ struct Layer {
     post_ff_norm: ParamId,
 }
 
-pub struct Gemma3 {
-    pub cfg: Gemma3Config,
+pub struct Gemma {
+    pub cfg: GemmaConfig,
     embed: ParamId,
     layers: Vec<Layer>,
     norm: ParamId,
@@ -152,8 +220,8 @@ const LAYER_TENSORS: &[&str] = &[
     "post_feedforward_layernorm.weight",
 ];
 
-impl Gemma3 {
-    pub fn param_shapes(cfg: &Gemma3Config) -> Vec<(String, Vec<usize>)> {
+impl Gemma {
+    pub fn param_shapes(cfg: &GemmaConfig) -> Vec<(String, Vec<usize>)> {
         let (c, f, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (h, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let shapes = [
@@ -174,6 +242,12 @@ impl Gemma3 {
         let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, c])];
         for l in 0..cfg.num_hidden_layers {
             for (name, shape) in LAYER_TENSORS.iter().zip(&shapes) {
+                if cfg.generation == Generation::Gemma2
+                    && name.starts_with("self_attn.")
+                    && name.contains("_norm")
+                {
+                    continue; // Gemma 2 has no q/k norms
+                }
                 out.push((format!("model.layers.{l}.{name}"), shape.clone()));
             }
         }
@@ -181,16 +255,23 @@ impl Gemma3 {
         out
     }
 
-    pub fn load(dir: &Path, dev: &Device) -> Result<(Gemma3, ParamStore)> {
-        let cfg: Gemma3Config = read_config(dir)?;
+    pub fn load(dir: &Path, dev: &Device) -> Result<(Gemma, ParamStore)> {
+        let cfg: GemmaConfig = read_config(dir)?;
         cfg.check(dir)?;
+        if let (Generation::Gemma3, Some(c)) = (cfg.generation, cfg.attn_logit_softcapping) {
+            eprintln!(
+                "note: {} sets attn_logit_softcapping = {c}; Gemma 3 does not apply it (transformers \
+                 neither), so it is ignored",
+                dir.join("config.json").display()
+            );
+        }
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
         Ok((Self::from_store(cfg, &store)?, store))
     }
 
     /// The model over parameters already in `store` (names as [`Self::param_shapes`] gives).
-    pub fn from_store(cfg: Gemma3Config, store: &ParamStore) -> Result<Gemma3> {
+    pub fn from_store(cfg: GemmaConfig, store: &ParamStore) -> Result<Gemma> {
         let missing = Self::param_shapes(&cfg).into_iter().find(|(n, _)| store.id(n).is_none());
         if let Some((name, _)) = missing {
             return Err(Error::InvalidArgument {
@@ -201,36 +282,31 @@ impl Gemma3 {
         let id = |name: &str| store.id(name).expect("checked above");
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
-                let t: Vec<ParamId> =
-                    LAYER_TENSORS.iter().map(|n| id(&format!("model.layers.{l}.{n}"))).collect();
+                let at = |n: &str| id(&format!("model.layers.{l}.{n}"));
+                let qk_norm = (cfg.generation == Generation::Gemma3)
+                    .then(|| (at("self_attn.q_norm.weight"), at("self_attn.k_norm.weight")));
                 Layer {
-                    input_norm: t[0],
-                    q: t[1],
-                    k: t[2],
-                    v: t[3],
-                    o: t[4],
-                    q_norm: t[5],
-                    k_norm: t[6],
-                    post_attn_norm: t[7],
-                    pre_ff_norm: t[8],
-                    gate: t[9],
-                    up: t[10],
-                    down: t[11],
-                    post_ff_norm: t[12],
+                    input_norm: at("input_layernorm.weight"),
+                    q: at("self_attn.q_proj.weight"),
+                    k: at("self_attn.k_proj.weight"),
+                    v: at("self_attn.v_proj.weight"),
+                    o: at("self_attn.o_proj.weight"),
+                    qk_norm,
+                    post_attn_norm: at("post_attention_layernorm.weight"),
+                    pre_ff_norm: at("pre_feedforward_layernorm.weight"),
+                    gate: at("mlp.gate_proj.weight"),
+                    up: at("mlp.up_proj.weight"),
+                    down: at("mlp.down_proj.weight"),
+                    post_ff_norm: at("post_feedforward_layernorm.weight"),
                 }
             })
             .collect();
-        Ok(Gemma3 { embed: id("model.embed_tokens.weight"), norm: id("model.norm.weight"), layers, cfg })
+        Ok(Gemma { embed: id("model.embed_tokens.weight"), norm: id("model.norm.weight"), layers, cfg })
     }
 
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
-        if t > cfg.max_position_embeddings {
-            return Err(Error::InvalidArgument {
-                name: "sequence length".into(),
-                detail: format!("{t} is longer than the model's {} positions", cfg.max_position_embeddings),
-            });
-        }
+        super::check_sequence_length(t, cfg.max_position_embeddings)?;
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps;
         let mut g = Graph::new();
@@ -251,14 +327,16 @@ impl Gemma3 {
         for (l, layer) in self.layers.iter().enumerate() {
             let sliding = cfg.is_sliding(l);
             let window = if sliding { cfg.sliding_window } else { None };
-            let dims = AttnDims { b, t, h, kv_h: kv, d, window, scale };
+            let dims = AttnDims { b, t, h, kv_h: kv, d, window, scale, softcap: cfg.attention_softcap() };
             let theta = cfg.theta(sliding);
             let hn = norm(&mut g, x, layer.input_norm)?;
             let q = proj(&mut g, hn, layer.q)?;
             let k = proj(&mut g, hn, layer.k)?;
             let v = proj(&mut g, hn, layer.v)?;
-            let q = norm(&mut g, q, layer.q_norm)?;
-            let k = norm(&mut g, k, layer.k_norm)?;
+            let (q, k) = match layer.qk_norm {
+                Some((qn, kn)) => (norm(&mut g, q, qn)?, norm(&mut g, k, kn)?),
+                None => (q, k),
+            };
             let q = g.rope(q, b, t, h, d, theta)?;
             let k = g.rope(k, b, t, kv, d, theta)?;
             let a = g.attention(q, k, v, dims)?;
@@ -276,6 +354,10 @@ impl Gemma3 {
         let x = norm(&mut g, x, self.norm)?;
         let head = p(&mut g, self.embed);
         let logits = g.linear(x, head, None, true)?;
+        let logits = match cfg.final_logit_softcapping {
+            Some(c) => g.softcap(logits, c as f32),
+            None => logits,
+        };
         Ok((g, logits))
     }
 }
