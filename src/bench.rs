@@ -154,8 +154,10 @@ pub struct StepResult {
     /// peak resident set size of the process after this device's run (lavapipe's "GPU"
     /// memory lives in the process too)
     pub peak_rss_bytes: Option<u64>,
-    /// bytes held in GPU buffers at the peak (None on the CPU path)
+    /// bytes held in GPU buffers at the peak, live or pooled for reuse (None on the CPU path)
     pub peak_gpu_bytes: Option<u64>,
+    /// bytes in GPU buffers in use by a tensor at the peak of a step (None on the CPU path)
+    pub peak_live_gpu_bytes: Option<u64>,
 }
 
 /// Time `steps` training steps (after one warm-up step) of a random model of `preset` (see
@@ -199,6 +201,9 @@ pub fn step_bench(
         run.loss(vars.loss)
     };
     one()?;
+    if let Device::Gpu(g) = dev {
+        g.reset_live_peak(); // the timed steps' peak, not the model's loading
+    }
     let start = Instant::now();
     for _ in 0..steps.max(1) {
         one()?;
@@ -211,6 +216,10 @@ pub fn step_bench(
         peak_rss_bytes: crate::train::rss().1,
         peak_gpu_bytes: match dev {
             Device::Gpu(g) => Some(g.bytes_allocated().1),
+            Device::Cpu => None,
+        },
+        peak_live_gpu_bytes: match dev {
+            Device::Gpu(g) => Some(g.bytes_live().1),
             Device::Cpu => None,
         },
     })

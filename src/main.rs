@@ -176,7 +176,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Time a GPT-2 full fine-tuning step (random weights) on the GPU and on the CPU path.
+    /// Time a fine-tuning step (full or LoRA) of a random model of a preset shape on the GPU and on
+    /// the CPU path, with peak memory.
     Step {
         #[command(flatten)]
         device: DeviceArgs,
@@ -687,20 +688,21 @@ fn bench_step(
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
     eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, random weights");
     eprintln!(
-        "{:<44} {:>10} {:>10} {:>14} {:>14}",
-        "device", "ms/step", "tokens/s", "peak RSS MiB", "peak GPU MiB"
+        "{:<44} {:>10} {:>10} {:>14} {:>14} {:>14}",
+        "device", "ms/step", "tokens/s", "peak RSS MiB", "GPU held MiB", "GPU live MiB"
     );
     let mut results = Vec::new();
     for d in devices {
         let r = pockettune::bench::step_bench(&d, name, lora, b, t, steps)?;
         let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(
-            "{:<44} {:>10.0} {:>10.1} {:>14} {:>14}",
+            "{:<44} {:>10.0} {:>10.1} {:>14} {:>14} {:>14}",
             r.device,
             r.ms_step,
             r.tokens_per_s,
             mib(r.peak_rss_bytes),
-            mib(r.peak_gpu_bytes)
+            mib(r.peak_gpu_bytes),
+            mib(r.peak_live_gpu_bytes)
         );
         results.push(r);
     }

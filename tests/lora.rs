@@ -197,3 +197,25 @@ fn write_pockettune_adapter_fixture() {
     )
     .unwrap();
 }
+
+/// Regression: base weights were loaded with a gradient buffer that LoRA then freed into the
+/// buffer pool, where nothing of their sizes reused it: a LoRA run held a whole extra model's
+/// worth of memory. Now gradients are made by the first backward pass that reaches them.
+#[test]
+fn a_lora_run_holds_no_base_gradients() {
+    if common::gpu().is_none() {
+        return;
+    }
+    // A device of its own, so that its byte counters see this test only.
+    let opts = pockettune::GpuOptions { device: None, profile: pockettune::Profile::Mobile };
+    let gpu = std::sync::Arc::new(pockettune::Gpu::new(&opts).unwrap());
+    let dev = Device::Gpu(gpu.clone());
+    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &dev).unwrap();
+    let weights: u64 = store.iter().map(|(_, p)| 4 * p.shape.iter().product::<usize>() as u64).sum();
+    pockettune::lora::load(&dir("gpt2-tiny-lora"), &model, &mut store).unwrap();
+    assert!(store.iter().all(|(_, p)| p.grad.is_none()), "no gradient before a backward pass");
+    let (held, live) = (gpu.bytes_allocated().0, gpu.bytes_live().0);
+    assert_eq!(held, live, "buffers freed while applying LoRA stay in the pool");
+    // weights + adapters, rounded to 256 bytes each: well under twice the weights
+    assert!(held < weights + weights / 2, "{held} bytes held for {weights} bytes of weights");
+}

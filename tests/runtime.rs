@@ -87,6 +87,48 @@ fn freed_buffers_are_reused() {
     assert!(gpu.bytes_allocated().0 <= before, "allocating a freed size again grew the pool");
 }
 
+/// Live bytes count what tensors use now; held bytes also count what the pool keeps for reuse.
+#[test]
+fn live_and_held_bytes() {
+    if common::gpu().is_none() {
+        return;
+    }
+    // A device of its own: the shared one's counters move with the other tests.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let (live0, held0) = (gpu.bytes_live().0, gpu.bytes_allocated().0);
+    let size = (1000 * 4u64).next_multiple_of(256); // the pool rounds to 256 bytes
+    let a = Tensor::empty(&gpu, &[1000], "a").unwrap();
+    let b = Tensor::empty(&gpu, &[1000], "b").unwrap();
+    assert_eq!(gpu.bytes_live().0, live0 + 2 * size);
+    assert_eq!(gpu.bytes_allocated().0, held0 + 2 * size);
+    drop((a, b));
+    assert_eq!(gpu.bytes_live(), (live0, live0 + 2 * size), "freed: live drops, its peak stays");
+    assert_eq!(gpu.bytes_allocated().0, held0 + 2 * size, "the pool keeps both buffers");
+    gpu.reset_live_peak();
+    let c = Tensor::empty(&gpu, &[1000], "c").unwrap();
+    assert_eq!(gpu.bytes_live(), (live0 + size, live0 + size), "a reused buffer is live again");
+    assert_eq!(gpu.bytes_allocated().0, held0 + 2 * size, "reuse allocates nothing");
+    drop(c);
+}
+
+/// Regression: uploads with no dispatch between them (loading a model) were never submitted
+/// until the first step, so wgpu held a staging copy of every weight: a second copy of the
+/// model in memory. Past 64 MiB of staged writes they are now submitted and waited for.
+#[test]
+fn uploads_are_submitted_in_bounded_batches() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let before = gpu.submissions();
+    let data = vec![1.5f32; 10 << 20]; // 40 MiB
+    let tensors: Vec<Tensor> =
+        (0..4).map(|_| Tensor::from_host(&gpu, &data, &[data.len()], "w").unwrap()).collect();
+    // 160 MiB staged in 40 MiB writes: a submission after the second and after the fourth
+    assert_eq!(gpu.submissions() - before, 2);
+    assert_eq!(tensors[3].to_host(&gpu).unwrap()[12345], 1.5);
+}
+
 /// Regression: `write` used to submit the pending encoder and queue the host write without
 /// holding the lock in between, so another thread's flush could take the encoder first and
 /// the write then ran before commands recorded earlier. Pooled (reused) buffers made results

@@ -75,7 +75,13 @@ struct Pending {
     /// Uniform buffers written for dispatches in this encoder; free again once it is submitted
     /// (queue writes are ordered after earlier submissions).
     uniforms: Vec<wgpu::Buffer>,
+    /// Bytes of host writes staged since the last submission (see [`Gpu::write`]).
+    staged: u64,
 }
+
+/// Staged host writes above this many bytes are submitted and waited for, so loading a model
+/// holds at most this much staging memory instead of a second copy of the weights.
+const STAGING_LIMIT: u64 = 64 << 20;
 
 /// A hook consulted before every submission: the place where a power policy (battery level,
 /// temperature) may sleep before more work reaches the GPU.
@@ -231,6 +237,14 @@ impl Gpu {
     /// Bytes currently held in GPU buffers (live and pooled), and the peak of that figure.
     pub fn bytes_allocated(&self) -> (u64, u64) {
         self.pool.bytes()
+    }
+    /// Bytes in GPU buffers that a tensor is using now (pooled ones not counted), and the peak
+    /// of that figure since the last [`Self::reset_live_peak`].
+    pub fn bytes_live(&self) -> (u64, u64) {
+        self.pool.live_bytes()
+    }
+    pub fn reset_live_peak(&self) {
+        self.pool.reset_live_peak()
     }
     pub fn submissions(&self) -> u64 {
         self.submissions.load(Ordering::Relaxed)
@@ -441,6 +455,7 @@ impl Gpu {
             gate.before_submit(dispatches);
         }
         self.queue.submit([encoder.finish()]);
+        pending.staged = 0; // a submission carries the staged writes with it
         self.submissions.fetch_add(1, Ordering::Relaxed);
         self.free_uniforms.lock().append(&mut pending.uniforms);
     }
@@ -482,10 +497,21 @@ impl Gpu {
 
     /// Copy host data into `dst` at byte offset `offset`. Recorded work is submitted first so
     /// that it reads the old contents, as program order says it should.
+    /// Staging memory is bounded: past [`STAGING_LIMIT`] bytes the writes are submitted and
+    /// waited for (wgpu keeps each write's staging copy until a submission completes).
     pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
         let mut pending = self.pending.lock();
         self.submit_locked(&mut pending);
         self.queue.write_buffer(dst, offset, data);
+        pending.staged += data.len() as u64;
+        if pending.staged >= STAGING_LIMIT {
+            self.queue.submit([]);
+            self.submissions.fetch_add(1, Ordering::Relaxed);
+            pending.staged = 0;
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
+        }
         drop(pending);
         self.check("upload")
     }

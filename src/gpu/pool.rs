@@ -1,6 +1,8 @@
 //! Storage buffers, pooled by size. Training allocates the same shapes every step, so a freed
 //! buffer is kept and handed out again for the next request of the same (256-byte rounded)
-//! size instead of going back to the driver. Bytes held are counted for the metrics.
+//! size instead of going back to the driver. Bytes held (live and pooled) and bytes live (in
+//! use by a tensor) are counted for the metrics: the first is what the driver gave out, the
+//! second what the computation needed.
 
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
@@ -12,15 +14,29 @@ pub(crate) struct Pool {
     free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// (bytes held now, peak bytes held)
     held: Mutex<(u64, u64)>,
+    /// (bytes live now, peak bytes live)
+    live: Mutex<(u64, u64)>,
 }
 
 impl Pool {
     pub fn new(device: wgpu::Device) -> Self {
-        Pool { device, free: Mutex::default(), held: Mutex::new((0, 0)) }
+        Pool { device, free: Mutex::default(), held: Mutex::new((0, 0)), live: Mutex::new((0, 0)) }
     }
 
+    /// (bytes held now, peak bytes held)
     pub fn bytes(&self) -> (u64, u64) {
         *self.held.lock()
+    }
+
+    /// (bytes live now, peak bytes live)
+    pub fn live_bytes(&self) -> (u64, u64) {
+        *self.live.lock()
+    }
+
+    /// Start the peak of live bytes again from the bytes live now.
+    pub fn reset_live_peak(&self) {
+        let mut live = self.live.lock();
+        live.1 = live.0;
     }
 
     pub fn get(self: &Arc<Self>, bytes: u64, what: &str) -> Result<GpuBuffer> {
@@ -49,6 +65,10 @@ impl Pool {
                 b
             }
         };
+        let mut live = self.live.lock();
+        live.0 += buffer.size();
+        live.1 = live.1.max(live.0);
+        drop(live);
         Ok(GpuBuffer { buffer: Some(buffer), bytes, pool: self.clone() })
     }
 
@@ -81,6 +101,7 @@ impl GpuBuffer {
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
+            self.pool.live.lock().0 -= b.size();
             self.pool.free.lock().entry(b.size()).or_default().push(b);
         }
     }

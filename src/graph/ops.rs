@@ -289,7 +289,7 @@ fn take_grad(
         return Ok(None);
     }
     Ok(match run.graph.nodes[v.0].op {
-        Op::Param(id) => store.get_mut(id).grad.take().map(|g| (Target::Param(id), g, true)),
+        Op::Param(id) => store.take_grad(id)?.map(|(g, acc)| (Target::Param(id), g, acc)),
         _ => Some(match grads[v.0].take() {
             Some(g) => (Target::Act(v.0), g, true),
             None => (Target::Act(v.0), Value::empty(&run.dev, &run.graph.shapes[v.0], "gradient")?, false),

@@ -33,7 +33,9 @@ pub struct Param {
     pub trainable: bool,
     pub location: Location,
     pub value: Value,
-    /// Gradient, accumulated over micro-batches until [`ParamStore::zero_grads`].
+    /// Gradient, accumulated over micro-batches until [`ParamStore::zero_grads`]; made by the
+    /// first backward pass that reaches the parameter (so a parameter frozen before training,
+    /// like a LoRA base weight, never has one).
     pub grad: Option<Value>,
     /// AdamW moments, created on the first step.
     moments: Option<(Value, Value)>,
@@ -75,13 +77,13 @@ impl ParamStore {
         &self.dev
     }
 
-    /// Add a parameter from host data. Trainable parameters get a zeroed gradient buffer.
+    /// Add a parameter from host data (no gradient buffer yet: see [`Param::grad`]).
     pub fn add(&mut self, name: &str, shape: &[usize], data: &[f32], trainable: bool) -> Result<ParamId> {
         if self.by_name.contains_key(name) {
             return Err(Error::InvalidArgument { name: name.into(), detail: "parameter added twice".into() });
         }
         let value = Value::from_host(&self.dev, data, shape, name)?;
-        let grad = if trainable { Some(Value::zeros(&self.dev, shape, name)?) } else { None };
+        let grad = None;
         let id = ParamId(self.params.len());
         self.params.push(Param {
             name: name.to_string(),
@@ -182,6 +184,17 @@ impl ParamStore {
         let v = Value::from_host(&self.dev, v, &p.shape, "adam v")?;
         p.moments = Some((m, v));
         Ok(())
+    }
+
+    /// The gradient buffer of a trainable parameter for a backward pass to add to (`true`), or
+    /// a new one to write (`false`); `None` for a frozen parameter.
+    pub(crate) fn take_grad(&mut self, id: ParamId) -> Result<Option<(Value, bool)>> {
+        let p = &mut self.params[id.0];
+        Ok(match p.grad.take() {
+            Some(g) => Some((g, true)),
+            None if p.trainable => Some((Value::empty(&self.dev, &p.shape, "gradient")?, false)),
+            None => None,
+        })
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
