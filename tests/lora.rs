@@ -120,6 +120,24 @@ fn an_adapter_for_another_base_is_refused() {
 }
 
 #[test]
+fn an_adapter_of_another_rank_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(dir("gpt2-tiny-lora").join(f), tmp.path().join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap();
+    assert!(config.contains("\"r\": 4,"), "the fixture adapter has rank 4");
+    std::fs::write(tmp.path().join("adapter_config.json"), config.replace("\"r\": 4,", "\"r\": 8,")).unwrap();
+    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &Device::Cpu).unwrap();
+    let err = pockettune::lora::load(tmp.path(), &model, &mut store).unwrap_err().to_string();
+    eprintln!("{err}");
+    assert!(
+        err.contains("adapter_model.safetensors") && err.contains("lora_B.weight") && err.contains("8"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_merged_export_gives_the_adapted_model_logits() {
     let tmp = tempfile::tempdir().unwrap();
     for base in ["gpt2-tiny", "gemma3-tiny"] {
