@@ -1,12 +1,13 @@
 //! Tensors above a phone's 128 MiB storage-binding limit: GPT-2's LM head (50257 x 768 f32 =
 //! 147 MiB) through the chunked matmul, logits of 700 x 50257 (134.7 MiB) through the chunked
-//! cross-entropy, and an elementwise op over more than 65535 workgroups. Mobile limits.
+//! cross-entropy and soft-capping, and an elementwise op over more than 65535 workgroups. Mobile
+//! limits.
 
 mod common;
 
 use kernels_ref as kr;
 use pockettune::gpu::Split;
-use pockettune::kernels::{elementwise, matmul};
+use pockettune::kernels::{activation, elementwise, matmul};
 use pockettune::{gradcheck, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -84,4 +85,41 @@ fn elementwise_over_more_than_65535_workgroups() {
     let mut want = vec![0f32; n];
     kr::add(&mut want, &a, &b);
     assert_eq!(out.to_host(gpu).unwrap(), want);
+}
+
+/// Soft-capping of chunked logits (Gemma 2's final cap on 700 x 50257 logits, 134.7 MiB), all
+/// four entry points, against the reference.
+#[test]
+fn softcap_above_binding_limit() {
+    let Some(gpu) = common::gpu() else { return };
+    let (n, v, cap) = (700, 50257, 3.0);
+    let mut rng = StdRng::seed_from_u64(4);
+    let x: Vec<f32> = uniform(&mut rng, n * v).iter().map(|x| 8.0 * x).collect();
+    let dy = uniform(&mut rng, n * v);
+    let (gx, gdy) = (
+        Tensor::from_host(gpu, &x, &[n, v], "logits").unwrap(),
+        Tensor::from_host(gpu, &dy, &[n, v], "dy").unwrap(),
+    );
+    assert!(gx.is_chunked(), "the logits must be stored in chunks under the mobile profile");
+    let (gy, gdx) = (Tensor::empty(gpu, &[n, v], "y").unwrap(), Tensor::empty(gpu, &[n, v], "dx").unwrap());
+    gy.fill(gpu, f32::NAN).unwrap();
+    gdx.fill(gpu, f32::NAN).unwrap();
+    let act = activation::Act::Softcap(cap);
+    activation::act_forward(gpu, &gy, &gx, act).unwrap();
+    activation::act_backward(gpu, &gdx, &gx, &gdy, act, false).unwrap();
+    let (mut y, mut dx) = (vec![0f32; n * v], vec![0f32; n * v]);
+    kr::softcap_forward(&mut y, &x, cap);
+    kr::softcap_backward(&mut dx, &x, &dy, cap);
+    let err_y = gradcheck::rel_err(&gy.to_host(gpu).unwrap(), &y);
+    let err_dx = gradcheck::rel_err(&gdx.to_host(gpu).unwrap(), &dx);
+    assert!(
+        err_y <= gradcheck::TOL && err_dx <= gradcheck::TOL,
+        "y rel err {err_y:e}, dx rel err {err_dx:e}"
+    );
+    // in place: x becomes y, dy becomes dx
+    activation::act_grad_mul(gpu, &gdy, &gx, act).unwrap();
+    activation::act_inplace(gpu, &gx, act).unwrap();
+    let err_y = gradcheck::rel_err(&gx.to_host(gpu).unwrap(), &y);
+    let err_dx = gradcheck::rel_err(&gdy.to_host(gpu).unwrap(), &dx);
+    assert!(err_y <= gradcheck::TOL && err_dx <= gradcheck::TOL, "in place: y {err_y:e}, dx {err_dx:e}");
 }

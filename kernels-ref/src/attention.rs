@@ -35,7 +35,12 @@ impl AttnDims {
             self.kv_h
         );
         assert!(self.window != Some(0), "{name}: a window of 0 hides every position");
-        assert!(self.softcap.is_none_or(|c| c > 0.0), "{name}: soft cap {:?} is not positive", self.softcap);
+        let positive = |c: f32| c > 0.0 && c.is_finite();
+        assert!(
+            self.softcap.is_none_or(positive),
+            "{name}: soft cap {:?} is not a positive number",
+            self.softcap
+        );
     }
 
     /// The score of a raw dot product `q·k`: `u = scale q·k`, soft-capped when a cap is set.
@@ -248,21 +253,27 @@ mod tests {
     #[test]
     fn gqa_equals_repeated_kv_and_masks_exactly() {
         let mut rng = rng(60);
-        for window in [None, Some(2), Some(4)] {
-            let d = AttnDims { b: 2, t: 7, h: 6, kv_h: 2, d: 3, window, scale: 0.7, softcap: Some(1.5) };
+        for (window, softcap) in
+            [(None, None), (Some(2), None), (Some(4), None), (None, Some(1.5)), (Some(2), Some(1.5))]
+        {
+            let d = AttnDims { b: 2, t: 7, h: 6, kv_h: 2, d: 3, window, scale: 0.7, softcap };
             let q = uniform(&mut rng, d.b * d.t * d.h * d.d, -2.0, 2.0);
             let k = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
             let v = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
             let (out, probs) = run(&q, &k, &v, d);
             let mha = AttnDims { kv_h: d.h, ..d };
             let (out_mha, probs_mha) = run(&q, &repeat_kv(&k, d), &repeat_kv(&v, d), mha);
-            assert_eq!(out, out_mha, "window {window:?}");
-            assert_eq!(probs, probs_mha, "window {window:?}");
+            assert_eq!(out, out_mha, "window {window:?} softcap {softcap:?}");
+            assert_eq!(probs, probs_mha, "window {window:?} softcap {softcap:?}");
             for (row, p) in probs.chunks(d.t).enumerate() {
                 let i = row % d.t;
                 for (j, &pj) in p.iter().enumerate() {
                     let visible = j <= i && window.is_none_or(|w| i - j < w);
-                    assert_eq!(pj > 0.0, visible, "row {row} j {j} window {window:?}: p {pj}");
+                    assert_eq!(
+                        pj > 0.0,
+                        visible,
+                        "row {row} j {j} window {window:?} softcap {softcap:?}: p {pj}"
+                    );
                 }
                 let s: f64 = p.iter().map(|&x| x as f64).sum();
                 assert!((s - 1.0).abs() < 1e-6, "row {row} sums to {s}");

@@ -280,10 +280,16 @@ impl Graph {
         self.push(Op::Act { act: Act::Gelu }, vec![x], s)
     }
 
-    /// `cap tanh(x / cap)` (Gemma's logit soft-capping).
-    pub fn softcap(&mut self, x: Var, cap: f32) -> Var {
+    /// `cap tanh(x / cap)` (Gemma's logit soft-capping); `cap` must be a positive number.
+    pub fn softcap(&mut self, x: Var, cap: f32) -> Result<Var> {
+        if !(cap > 0.0 && cap.is_finite()) {
+            return Err(Error::InvalidArgument {
+                name: "softcap".into(),
+                detail: format!("the cap {cap} is not a positive number"),
+            });
+        }
         let s = self.shape(x).to_vec();
-        self.push(Op::Act { act: Act::Softcap(cap) }, vec![x], s)
+        Ok(self.push(Op::Act { act: Act::Softcap(cap) }, vec![x], s))
     }
 
     /// RMSNorm over groups of `w`'s length (the last dimension, or each head of (B*T, H*D) rows

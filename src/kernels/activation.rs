@@ -2,6 +2,7 @@
 //! SiLU, soft-capping `c tanh(x / c)`, SwiGLU = silu(gate) * up, GeGLU = gelu(gate) * up,
 //! forward and backward. Reference: `kernels_ref::{gelu,silu,softcap,swiglu,geglu}_*`.
 
+use super::elementwise::same_layout;
 use super::{check_len, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, KernelKey, Tensor};
@@ -37,14 +38,10 @@ impl Act {
 
 const WG: usize = 256;
 
-fn run(
-    gpu: &Gpu,
-    entry: &'static str,
-    act: Act,
-    bufs: &[Option<&wgpu::Buffer>],
-    n: usize,
-    acc: bool,
-) -> Result<()> {
+/// One dispatch per chunk: `tensors[i]` is bound at `@binding(i + 1)` (`None` leaves it out);
+/// the tensors present must share one chunk layout (the logits that soft-capping reads are
+/// chunked above the binding limit).
+fn run(gpu: &Gpu, entry: &'static str, act: Act, tensors: &[Option<&Tensor>], acc: bool) -> Result<()> {
     let (code, cap) = act.code();
     if let Act::Softcap(c) = act {
         if !(c > 0.0 && c.is_finite()) {
@@ -53,15 +50,20 @@ fn run(
         }
     }
     let key = KernelKey::new("activation", entry).with("ACT", code);
-    let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, cap, _pad: 0 };
-    gpu.dispatch(&key, bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))
+    let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
+    for (bufs, n) in same_layout(entry, &present)? {
+        let mut chunk = bufs.into_iter();
+        let bufs: Vec<Option<&wgpu::Buffer>> = tensors.iter().map(|t| t.and_then(|_| chunk.next())).collect();
+        let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, cap, _pad: 0 };
+        gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))?;
+    }
+    Ok(())
 }
 
 /// `y = act(x)`
 pub fn act_forward(gpu: &Gpu, y: &Tensor, x: &Tensor, act: Act) -> Result<()> {
     check_len("act_forward", "y", y.numel(), x.numel())?;
-    let bufs = [Some(x.single("act")?), None, Some(y.single("act")?)];
-    run(gpu, "act_forward", act, &bufs, x.numel(), false)
+    run(gpu, "act_forward", act, &[Some(x), None, Some(y)], false)
 }
 
 /// `dx (+)= act'(x) * dy`
@@ -75,30 +77,26 @@ pub fn act_backward(
 ) -> Result<()> {
     check_len("act_backward", "dx", dx.numel(), x.numel())?;
     check_len("act_backward", "dy", dy.numel(), x.numel())?;
-    let bufs = [Some(x.single("act")?), Some(dy.single("act")?), Some(dx.single("act")?)];
-    run(gpu, "act_backward", act, &bufs, x.numel(), accumulate)
+    run(gpu, "act_backward", act, &[Some(x), Some(dy), Some(dx)], accumulate)
 }
 
 /// `y = act(y)` in place.
 pub fn act_inplace(gpu: &Gpu, y: &Tensor, act: Act) -> Result<()> {
-    let bufs = [None, None, Some(y.single("act")?)];
-    run(gpu, "act_inplace", act, &bufs, y.numel(), false)
+    run(gpu, "act_inplace", act, &[None, None, Some(y)], false)
 }
 
 /// `d = d * act'(x)` in place: the gradient `d` with respect to `act(x)` becomes the gradient
 /// with respect to `x`.
 pub fn act_grad_mul(gpu: &Gpu, d: &Tensor, x: &Tensor, act: Act) -> Result<()> {
     check_len("act_grad_mul", "d", d.numel(), x.numel())?;
-    let bufs = [Some(x.single("act")?), None, Some(d.single("act")?)];
-    run(gpu, "act_grad_mul", act, &bufs, x.numel(), false)
+    run(gpu, "act_grad_mul", act, &[Some(x), None, Some(d)], false)
 }
 
 /// `y = act(gate) * up` (SwiGLU with `Act::Silu`, GeGLU with `Act::Gelu`)
 pub fn glu_forward(gpu: &Gpu, y: &Tensor, gate: &Tensor, up: &Tensor, act: Act) -> Result<()> {
     check_len("glu_forward", "up", up.numel(), gate.numel())?;
     check_len("glu_forward", "y", y.numel(), gate.numel())?;
-    let bufs = [Some(gate.single("glu")?), Some(up.single("glu")?), Some(y.single("glu")?)];
-    run(gpu, "glu_forward", act, &bufs, gate.numel(), false)
+    run(gpu, "glu_forward", act, &[Some(gate), Some(up), Some(y)], false)
 }
 
 /// `dgate (+)= dy * up * act'(gate)`, `dup (+)= dy * act(gate)`, each optional.
@@ -115,16 +113,13 @@ pub fn glu_backward(
     let n = gate.numel();
     check_len("glu_backward", "dy", dy.numel(), n)?;
     check_len("glu_backward", "up", up.numel(), n)?;
-    let (gb, ub, dyb) = (gate.single("glu")?, up.single("glu")?, dy.single("glu")?);
     if let Some(dgate) = dgate {
         check_len("glu_backward", "dgate", dgate.numel(), n)?;
-        let bufs = [Some(gb), Some(ub), Some(dgate.single("glu")?), Some(dyb)];
-        run(gpu, "glu_backward_gate", act, &bufs, n, accumulate)?;
+        run(gpu, "glu_backward_gate", act, &[Some(gate), Some(up), Some(dgate), Some(dy)], accumulate)?;
     }
     if let Some(dup) = dup {
         check_len("glu_backward", "dup", dup.numel(), n)?;
-        let bufs = [Some(gb), Some(dyb), Some(dup.single("glu")?)];
-        run(gpu, "glu_backward_up", act, &bufs, n, accumulate)?;
+        run(gpu, "glu_backward_up", act, &[Some(gate), Some(dy), Some(dup)], accumulate)?;
     }
     Ok(())
 }

@@ -355,7 +355,7 @@ impl Gemma {
         let head = p(&mut g, self.embed);
         let logits = g.linear(x, head, None, true)?;
         let logits = match cfg.final_logit_softcapping {
-            Some(c) => g.softcap(logits, c as f32),
+            Some(c) => g.softcap(logits, c as f32)?,
             None => logits,
         };
         Ok((g, logits))
