@@ -89,6 +89,19 @@ fn act_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
+// softcap only: dx (+)= dy * (1 - (y / c)^2) from the output y = c tanh(x / c) (binding 1
+// holds y, binding 2 dy), so the input x need not be kept for the backward pass
+@compute @workgroup_size(WG)
+fn softcap_backward_from_output(@builtin(workgroup_id) wid: vec3<u32>,
+                                @builtin(num_workgroups) nwg: vec3<u32>,
+                                @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        let t = x[i] / p.cap;
+        put(i, u[i] * (1.0 - t * t));
+    }
+}
+
 // out = act(out)
 @compute @workgroup_size(WG)
 fn act_inplace(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

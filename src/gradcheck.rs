@@ -471,6 +471,12 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
         p.record("backward", &shape, "", &gdx, &dx)?;
         p.record("forward", &shape, "in place", &gy2, &y)?;
         p.record("backward", &shape, "in place", &gdx2, &dx)?;
+        if let Act::Softcap(c) = act {
+            // from the output y the forward computed, as the graph's backward does
+            let gdx3 = p.out(&[n])?;
+            activation::softcap_backward_from_output(p.gpu, &gdx3, &gy, &gdy, c, false)?;
+            p.record("backward", &shape, "from output", &gdx3, &dx)?;
+        }
     }
     Ok(())
 }

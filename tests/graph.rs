@@ -99,3 +99,51 @@ fn a_training_step_submits_nothing_until_the_loss_is_read() {
     run.loss(vars.loss).unwrap();
     assert_eq!(gpu.submissions(), before + 1, "reading the loss submits once");
 }
+
+/// Soft-capping's backward reads its output, not its input: the uncapped logits (vocabulary
+/// wide, the largest activation of a model) are freed as soon as the cap has run, and the
+/// capped ones after the last backward step that reads them.
+#[test]
+fn soft_capping_frees_the_uncapped_logits() {
+    use pockettune::graph::{Feed, Graph, ParamStore};
+    for dev in devices() {
+        let (n, c, v) = (6, 4, 5);
+        let mut store = ParamStore::new(dev.clone());
+        let w: Vec<f32> = (0..c * v).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let x: Vec<f32> = (0..n * c).map(|i| ((i * 5 % 9) as f32 - 4.0) / 2.0).collect();
+        let wid = store.add("w", &[c, v], &w, true).unwrap();
+        let xid = store.add("x", &[n, c], &x, false).unwrap();
+        let mut g = Graph::new();
+        let (wv, xv) = (g.param(&store, wid), g.param(&store, xid));
+        let logits = g.linear(xv, wv, None, false).unwrap();
+        let capped = g.softcap(logits, 2.0).unwrap();
+        let targets = g.target_list(v);
+        let loss = g.cross_entropy(capped, targets).unwrap();
+        let feed = Feed {
+            ids: vec![],
+            targets: vec![(0..n as i32).map(|i| i % v as i32).collect()],
+            dropout_seed: None,
+        };
+        let mut run = g.forward(&store, &feed, &[]).unwrap();
+        assert!(
+            run.read(logits).is_err(),
+            "{}: the uncapped logits are freed after the forward pass",
+            dev.name()
+        );
+        assert!(run.read(capped).is_ok(), "{}: the capped logits stay for the backward pass", dev.name());
+        run.backward(&mut store, loss, 1.0).unwrap();
+        assert!(run.read(capped).is_err(), "{}: and go after it", dev.name());
+        assert_eq!(run.live_values(), 1, "{}: only the loss remains", dev.name());
+        // the gradient through the cap, against the reference functions step by step
+        let (mut lg, mut y) = (vec![0f32; n * v], vec![0f32; n * v]);
+        let d = kernels_ref::MatmulDims { batch: 1, m: n, n: v, k: c, trans_a: false, trans_b: false };
+        kernels_ref::matmul_forward(&mut lg, &x, &w, None, d);
+        kernels_ref::softcap_forward(&mut y, &lg, 2.0);
+        let (mut dy, mut dl, mut dw) = (vec![0f32; n * v], vec![0f32; n * v], vec![0f32; c * v]);
+        kernels_ref::cross_entropy_backward(&mut dy, &y, &feed.targets[0], 1.0, n, v);
+        kernels_ref::softcap_backward(&mut dl, &lg, &dy, 2.0);
+        kernels_ref::matmul_backward(None, Some(&mut dw), None, &dl, &x, &w, d);
+        let got = store.get(wid).grad.as_ref().unwrap().to_host(&dev).unwrap();
+        assert!(rel_err(&got, &dw) <= 1e-5, "{}: dW rel err {:e}", dev.name(), rel_err(&got, &dw));
+    }
+}

@@ -114,6 +114,13 @@ pub fn softcap_backward(dx: &mut [f32], x: &[f32], dy: &[f32], cap: f32) {
     unary_backward("softcap_backward", dx, x, dy, |x| 1.0 - (x / c).tanh().powi(2));
 }
 
+/// `dx = dy (1 - (y / cap)^2)` from the output `y = cap tanh(x / cap)`: the same derivative
+/// as [`softcap_backward`], for a caller that keeps the output instead of the input.
+pub fn softcap_backward_from_output(dx: &mut [f32], y: &[f32], dy: &[f32], cap: f32) {
+    let c = cap as f64;
+    unary_backward("softcap_backward_from_output", dx, y, dy, |y| 1.0 - (y / c).powi(2));
+}
+
 /// `y = silu(gate) * up`.
 pub fn swiglu_forward(y: &mut [f32], gate: &[f32], up: &[f32]) {
     gated("swiglu_forward", y, gate, up, silu);
@@ -169,6 +176,9 @@ mod tests {
         let mut dx = [0.0; 2];
         softcap_backward(&mut dx, &[2.0, 0.0], &[1.0, 3.0], 2.0);
         assert_close("softcap'", &dx, &[0.419_974_3, 3.0], 1e-7);
+        // the same from the outputs 2 tanh(1) and 0
+        softcap_backward_from_output(&mut dx, &[1.523_188_3, 0.0], &[1.0, 3.0], 2.0);
+        assert_close("softcap' from y", &dx, &[0.419_974_3, 3.0], 1e-6);
     }
 
     // h = 1e-2 on inputs in [-3, 3]: truncation h^2/6 |f'''| with |f'''| < 2 for gelu and silu

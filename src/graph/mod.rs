@@ -147,6 +147,8 @@ impl Op {
     /// Whether the backward of this op reads the value of its input `i`.
     fn backward_reads(&self, i: usize) -> bool {
         match self {
+            // from its output instead: 1 - (y / c)^2, so the (often vocabulary-wide) input can go
+            Op::Act { act: Act::Softcap(_) } => false,
             Op::Param(_) | Op::Add | Op::Embedding { .. } | Op::Rope { .. } | Op::Scale { .. } => false,
             Op::Dropout { .. } => false,
             Op::RmsNorm { .. } => i < 2,
@@ -155,6 +157,11 @@ impl Op {
             Op::Linear { .. } => i < 2,
             Op::Act { .. } | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
         }
+    }
+
+    /// Whether the backward of this op reads its own output.
+    fn backward_reads_output(&self) -> bool {
+        matches!(self, Op::Act { act: Act::Softcap(_) })
     }
 }
 
@@ -401,13 +408,20 @@ impl Graph {
         let mut last_forward = vec![0usize; n];
         let mut needed_backward = vec![false; n];
         for (i, node) in self.nodes.iter().enumerate() {
+            needed_backward[i] |= self.requires_grad[i] && node.op.backward_reads_output();
             for (j, v) in node.inputs.iter().enumerate() {
                 last_forward[v.0] = i;
                 needed_backward[v.0] |= self.requires_grad[i] && node.op.backward_reads(j);
             }
         }
-        let mut run =
-            Run { graph: self, dev, fed, values: (0..n).map(|_| None).collect(), saved: Vec::new() };
+        let mut run = Run {
+            graph: self,
+            dev,
+            fed,
+            values: (0..n).map(|_| None).collect(),
+            saved: Vec::new(),
+            keep: keep.to_vec(),
+        };
         run.saved.resize_with(n, || None);
         for (i, node) in self.nodes.iter().enumerate() {
             if let Op::Param(_) = node.op {
@@ -452,6 +466,8 @@ pub struct Run<'g> {
     /// per node: what its backward needs beyond its inputs (norm statistics, attention
     /// probabilities, cross-entropy state)
     saved: Vec<Option<Value>>,
+    /// values the caller asked to keep (never freed by the backward pass either)
+    keep: Vec<Var>,
 }
 
 impl Run<'_> {
@@ -490,6 +506,9 @@ impl Run<'_> {
         // The earliest node whose backward reads each value: after it, the value can go.
         let mut first_backward = vec![usize::MAX; n];
         for (i, node) in g.nodes.iter().enumerate() {
+            if g.requires_grad[i] && node.op.backward_reads_output() {
+                first_backward[i] = first_backward[i].min(i);
+            }
             for (j, v) in node.inputs.iter().enumerate() {
                 if g.requires_grad[i] && node.op.backward_reads(j) {
                     first_backward[v.0] = first_backward[v.0].min(i);
@@ -508,8 +527,8 @@ impl Run<'_> {
             }
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             self.saved[i] = None;
-            for v in &node.inputs {
-                if first_backward[v.0] == i && *v != loss {
+            for v in node.inputs.iter().chain([Var(i)].iter()) {
+                if first_backward[v.0] == i && *v != loss && !self.keep.contains(v) {
                     self.values[v.0] = None;
                 }
             }

@@ -335,6 +335,8 @@ pub(crate) fn backward(
         {
             let x = |k: usize| value(run, store, node.inputs[k]);
             let dy = || dout.expect("every op but the loss gets an output gradient");
+            // this node's own value, for the ops whose backward reads it (`backward_reads_output`)
+            let output = || run.values[i].as_ref().expect("the executor keeps an output its backward reads");
             let saved = run.saved[i].as_ref();
             match (&dev, &node.op) {
                 (_, Op::Param(_)) => unreachable!(),
@@ -430,6 +432,10 @@ pub(crate) fn backward(
                     }
                     cpu_put(&mut g, fresh, acc);
                 }
+                (Device::Gpu(gpu), Op::Act { act: Act::Softcap(c) }) => {
+                    let y = output().gpu();
+                    activation::softcap_backward_from_output(gpu, g.gpu(), y, dy().gpu(), *c, acc)?
+                }
                 (Device::Gpu(gpu), Op::Act { act }) => {
                     activation::act_backward(gpu, g.gpu(), x(0).gpu(), dy().gpu(), *act, acc)?
                 }
@@ -438,7 +444,9 @@ pub(crate) fn backward(
                     match *act {
                         Act::Gelu => kr::gelu_backward(&mut d, x(0).cpu(), dy().cpu()),
                         Act::Silu => kr::silu_backward(&mut d, x(0).cpu(), dy().cpu()),
-                        Act::Softcap(c) => kr::softcap_backward(&mut d, x(0).cpu(), dy().cpu(), c),
+                        Act::Softcap(c) => {
+                            kr::softcap_backward_from_output(&mut d, output().cpu(), dy().cpu(), c)
+                        }
                     }
                     cpu_put(&mut g, d, acc);
                 }

@@ -80,6 +80,21 @@ pub fn act_backward(
     run(gpu, "act_backward", act, &[Some(x), Some(dy), Some(dx)], accumulate)
 }
 
+/// `dx (+)= dy (1 - (y / cap)^2)` from the output `y = cap tanh(x / cap)` of soft-capping.
+pub fn softcap_backward_from_output(
+    gpu: &Gpu,
+    dx: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    cap: f32,
+    accumulate: bool,
+) -> Result<()> {
+    check_len("softcap_backward_from_output", "dx", dx.numel(), y.numel())?;
+    check_len("softcap_backward_from_output", "dy", dy.numel(), y.numel())?;
+    let entry = "softcap_backward_from_output";
+    run(gpu, entry, Act::Softcap(cap), &[Some(y), Some(dy), Some(dx)], accumulate)
+}
+
 /// `y = act(y)` in place.
 pub fn act_inplace(gpu: &Gpu, y: &Tensor, act: Act) -> Result<()> {
     run(gpu, "act_inplace", act, &[None, None, Some(y)], false)
