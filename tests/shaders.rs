@@ -88,3 +88,18 @@ fn every_shader_validates_and_translates() {
         assert!(hlsl.contains("[numthreads("), "{name}.wgsl: HLSL has no compute entry point");
     }
 }
+
+/// The two matrix-product kernels are filled from one Rust `Params`: the generated subgroup
+/// kernel must carry matmul.wgsl's struct and bindings unchanged (regenerate it with
+/// `tools/gen_matmul_subgroup.py 64 4` after editing them).
+#[test]
+fn matmul_kernels_share_one_interface() {
+    let interface = |name: &str| {
+        let src = pockettune::shaders::source(name).expect("compiled in");
+        let start = src.find("struct Params {").expect("a Params struct");
+        let end_marker = "var<storage, read> bias: array<f32>;";
+        let end = src.find(end_marker).expect("a bias binding") + end_marker.len();
+        src[start..end].to_string()
+    };
+    assert_eq!(interface("matmul_subgroup"), interface("matmul"));
+}

@@ -5,6 +5,8 @@ WGSL has no way to size a function-local array by an override constant, and a pr
 indexed in a loop may live in memory on some drivers, so the accumulators are written out.
 Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS]   (ROWS a multiple of 8; COLS 1..4)
 """
+import os
+import re
 import sys
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 32
@@ -13,6 +15,12 @@ WG = 64
 assert ROWS % 8 == 0 and 1 <= COLS <= 4
 vec = "f32" if COLS == 1 else f"vec{COLS}<f32>"
 comp = ["x", "y", "z", "w"]
+
+# Params and bindings are matmul.wgsl's (the Rust side fills one Params for both kernels): taken
+# from there, so that the two cannot drift apart. WGSL has no includes.
+SHADERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shaders")
+with open(os.path.join(SHADERS, "matmul.wgsl")) as f:
+    INTERFACE = re.search(r"struct Params \{.*?var<storage, read> bias: array<f32>;", f.read(), re.S).group(0)
 
 out = []
 w = out.append
@@ -27,20 +35,7 @@ w(f"""// Matrix product for drivers with subgroups of at least 8 lanes (lavapipe
 // multiply-adds. (lavapipe turns every storage load into a per-lane scalar loop, so loads, not
 // arithmetic, set the speed there; a broadcast is a register shuffle.)
 
-struct Params {{
-    m: u32, n: u32, k: u32, flags: u32,        // flags: 1 = add bias, 2 = accumulate into C
-    a_off: u32, a_sm: u32, a_sk: u32, a_b1: u32,
-    a_b2: u32, b_off: u32, b_sk: u32, b_sn: u32,
-    b_b1: u32, b_b2: u32, c_off: u32, c_sm: u32,
-    c_b1: u32, c_b2: u32, nb2: u32, bias_off: u32,
-    alpha: f32, _pad0: u32, _pad1: u32, _pad2: u32,
-}}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
+{INTERFACE}
 
 @compute @workgroup_size({WG}, 1, 1)
 fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
@@ -93,4 +88,4 @@ fn store_one(c_base: u32, m: u32, n: u32, v0: f32) {
     }
     c[idx] = v;
 }""")
-open("shaders/matmul_subgroup.wgsl", "w").write("\n".join(out) + "\n")
+open(os.path.join(SHADERS, "matmul_subgroup.wgsl"), "w").write("\n".join(out) + "\n")
