@@ -304,6 +304,23 @@ fn put_grad(store: &mut ParamStore, grads: &mut [Option<Value>], target: Target,
     }
 }
 
+/// GPU gradients from a kernel that can only overwrite its output: straight into `dst` when it
+/// holds nothing yet, else into a fresh buffer that is then added to it.
+fn write_or_add(
+    gpu: &crate::gpu::Gpu,
+    dst: &Tensor,
+    accumulate: bool,
+    what: &str,
+    kernel: impl FnOnce(&Tensor) -> Result<()>,
+) -> Result<()> {
+    if !accumulate {
+        return kernel(dst);
+    }
+    let fresh = Tensor::empty(gpu, dst.shape(), what)?;
+    kernel(&fresh)?;
+    elementwise::axpby(gpu, dst, &fresh, 1.0, 1.0)
+}
+
 /// CPU gradients: the reference functions overwrite, so add a fresh result where needed.
 fn cpu_put(dst: &mut Value, fresh: Vec<f32>, accumulate: bool) {
     let d = dst.cpu_mut();
@@ -357,16 +374,12 @@ pub(crate) fn backward(
                     elementwise::axpby(gpu, g.gpu(), dy().gpu(), 1.0, if acc { 1.0 } else { 0.0 })?
                 }
                 (Device::Cpu, Op::Add) => cpu_put(&mut g, dy().cpu().to_vec(), acc),
-                (Device::Gpu(gpu), Op::Dropout { p, salt }) => {
-                    let fresh = Tensor::empty(gpu, &in_shape, "dropout gradient")?;
-                    match run.fed.dropout_seed() {
-                        Some(seed) => {
-                            elementwise::dropout(gpu, &fresh, dy().gpu(), *p, kr::hash32(seed ^ *salt))?
-                        }
-                        None => elementwise::axpby(gpu, &fresh, dy().gpu(), 1.0, 0.0)?,
-                    }
-                    elementwise::axpby(gpu, g.gpu(), &fresh, 1.0, if acc { 1.0 } else { 0.0 })?;
-                }
+                (Device::Gpu(gpu), Op::Dropout { p, salt }) => match run.fed.dropout_seed() {
+                    Some(seed) => write_or_add(gpu, g.gpu(), acc, "dropout gradient", |d| {
+                        elementwise::dropout(gpu, d, dy().gpu(), *p, kr::hash32(seed ^ *salt))
+                    })?,
+                    None => elementwise::axpby(gpu, g.gpu(), dy().gpu(), 1.0, if acc { 1.0 } else { 0.0 })?,
+                },
                 (Device::Cpu, Op::Dropout { p, salt }) => {
                     let mut d = dy().cpu().to_vec();
                     if let Some(seed) = run.fed.dropout_seed() {
@@ -510,13 +523,9 @@ pub(crate) fn backward(
                 (Device::Gpu(gpu), Op::Rope { b, t, heads, head_dim, theta }) => {
                     let positions: Vec<u32> = (0..*t as u32).collect();
                     let table = rope::RopeTable::new(gpu, &positions, *head_dim, *theta)?;
-                    if acc {
-                        let fresh = Tensor::empty(gpu, &in_shape, "rope gradient")?;
-                        rope::rope_backward(gpu, &fresh, dy().gpu(), &table, *b, *heads)?;
-                        elementwise::axpby(gpu, g.gpu(), &fresh, 1.0, 1.0)?;
-                    } else {
-                        rope::rope_backward(gpu, g.gpu(), dy().gpu(), &table, *b, *heads)?;
-                    }
+                    write_or_add(gpu, g.gpu(), acc, "rope gradient", |d| {
+                        rope::rope_backward(gpu, d, dy().gpu(), &table, *b, *heads)
+                    })?;
                 }
                 (Device::Cpu, Op::Rope { b, t, heads, head_dim, theta }) => {
                     let (cos, sin) = cpu_rope_table(*t, *head_dim, *theta);
@@ -543,27 +552,16 @@ pub(crate) fn backward(
                 (Device::Gpu(gpu), Op::CrossEntropy { targets }) => {
                     let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
                     let state = saved.expect("cross-entropy saves its state").gpu();
-                    if acc {
-                        let fresh = Tensor::empty(gpu, &in_shape, "dlogits")?;
+                    write_or_add(gpu, g.gpu(), acc, "dlogits", |d| {
                         cross_entropy::cross_entropy_backward(
                             gpu,
-                            &fresh,
+                            d,
                             x(0).gpu(),
                             state,
                             &fed[*targets],
                             scale,
-                        )?;
-                        elementwise::axpby(gpu, g.gpu(), &fresh, 1.0, 1.0)?;
-                    } else {
-                        cross_entropy::cross_entropy_backward(
-                            gpu,
-                            g.gpu(),
-                            x(0).gpu(),
-                            state,
-                            &fed[*targets],
-                            scale,
-                        )?;
-                    }
+                        )
+                    })?;
                 }
                 (Device::Cpu, Op::CrossEntropy { targets }) => {
                     let Fed::Cpu { targets: fed, .. } = &run.fed else { unreachable!() };
