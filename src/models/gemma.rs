@@ -204,6 +204,9 @@ pub struct Gemma {
     norm: ParamId,
 }
 
+/// Gemma 3's q and k norms (Gemma 2 has none).
+const QK_NORMS: [&str; 2] = ["self_attn.q_norm.weight", "self_attn.k_norm.weight"];
+
 const LAYER_TENSORS: &[&str] = &[
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
@@ -242,10 +245,7 @@ impl Gemma {
         let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, c])];
         for l in 0..cfg.num_hidden_layers {
             for (name, shape) in LAYER_TENSORS.iter().zip(&shapes) {
-                if cfg.generation == Generation::Gemma2
-                    && name.starts_with("self_attn.")
-                    && name.contains("_norm")
-                {
+                if cfg.generation == Generation::Gemma2 && QK_NORMS.contains(name) {
                     continue; // Gemma 2 has no q/k norms
                 }
                 out.push((format!("model.layers.{l}.{name}"), shape.clone()));
@@ -283,8 +283,8 @@ impl Gemma {
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| {
                 let at = |n: &str| id(&format!("model.layers.{l}.{n}"));
-                let qk_norm = (cfg.generation == Generation::Gemma3)
-                    .then(|| (at("self_attn.q_norm.weight"), at("self_attn.k_norm.weight")));
+                let qk_norm =
+                    (cfg.generation == Generation::Gemma3).then(|| (at(QK_NORMS[0]), at(QK_NORMS[1])));
                 Layer {
                     input_norm: at("input_layernorm.weight"),
                     q: at("self_attn.q_proj.weight"),

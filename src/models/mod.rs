@@ -139,19 +139,40 @@ struct Header {
     architectures: Vec<String>,
 }
 
+/// The model families, by `config.json`'s `model_type`.
+enum Family {
+    Gpt2,
+    /// Qwen2 and Llama
+    Llama,
+    /// Gemma 3 and Gemma 2
+    Gemma,
+}
+
+const SUPPORTED: &str = "gpt2, qwen2, llama, gemma3_text, gemma2";
+
+impl Family {
+    fn of(model_type: &str) -> Option<Family> {
+        match model_type {
+            "gpt2" => Some(Family::Gpt2),
+            "qwen2" | "llama" => Some(Family::Llama),
+            "gemma3_text" | "gemma2" => Some(Family::Gemma),
+            _ => None,
+        }
+    }
+}
+
 impl Model {
     /// Load a Hugging Face model directory of any supported architecture.
     pub fn load(dir: &Path, dev: &Device) -> Result<(Model, ParamStore)> {
         let header: Header = read_config(dir)?;
-        let kind = header.model_type.clone().unwrap_or_default();
-        match kind.as_str() {
-            "gpt2" => gpt2::Gpt2::load(dir, dev).map(|(m, s)| (Model::Gpt2(m), s)),
-            "qwen2" | "llama" => llama::Llama::load(dir, dev).map(|(m, s)| (Model::Llama(m), s)),
-            "gemma3_text" | "gemma2" => gemma::Gemma::load(dir, dev).map(|(m, s)| (Model::Gemma(m), s)),
-            _ => Err(Error::Checkpoint {
+        match Family::of(header.model_type.as_deref().unwrap_or_default()) {
+            Some(Family::Gpt2) => gpt2::Gpt2::load(dir, dev).map(|(m, s)| (Model::Gpt2(m), s)),
+            Some(Family::Llama) => llama::Llama::load(dir, dev).map(|(m, s)| (Model::Llama(m), s)),
+            Some(Family::Gemma) => gemma::Gemma::load(dir, dev).map(|(m, s)| (Model::Gemma(m), s)),
+            None => Err(Error::Checkpoint {
                 path: dir.join("config.json"),
                 detail: format!(
-                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: gpt2, qwen2, llama, gemma3_text, gemma2",
+                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: {SUPPORTED}",
                     header.model_type, header.architectures
                 ),
             }),
@@ -255,23 +276,31 @@ impl Model {
     pub fn random(config: serde_json::Value, dev: &Device, seed: u64) -> Result<(Model, ParamStore)> {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
-        let bad =
-            |e: serde_json::Error| Error::InvalidArgument { name: "config".into(), detail: e.to_string() };
+        enum Parsed {
+            Gpt2(gpt2::Gpt2Config),
+            Llama(llama::LlamaConfig),
+            Gemma(gemma::GemmaConfig),
+        }
+        fn parse<T: serde::de::DeserializeOwned>(config: serde_json::Value) -> Result<T> {
+            serde_json::from_value(config)
+                .map_err(|e| Error::InvalidArgument { name: "config".into(), detail: e.to_string() })
+        }
         let kind = config["model_type"].as_str().unwrap_or_default().to_string();
-        let (shapes, norm_value) = match kind.as_str() {
-            "gpt2" => (gpt2::Gpt2::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 1.0),
-            "qwen2" | "llama" => {
-                (llama::Llama::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 1.0)
-            }
-            "gemma3_text" | "gemma2" => {
-                (gemma::Gemma::param_shapes(&serde_json::from_value(config.clone()).map_err(bad)?), 0.0)
-            }
-            other => {
+        let parsed = match Family::of(&kind) {
+            Some(Family::Gpt2) => Parsed::Gpt2(parse(config)?),
+            Some(Family::Llama) => Parsed::Llama(parse(config)?),
+            Some(Family::Gemma) => Parsed::Gemma(parse(config)?),
+            None => {
                 return Err(Error::InvalidArgument {
                     name: "model_type".into(),
-                    detail: format!("{other:?}"),
+                    detail: format!("{kind:?}; supported: {SUPPORTED}"),
                 })
             }
+        };
+        let (shapes, norm_value) = match &parsed {
+            Parsed::Gpt2(c) => (gpt2::Gpt2::param_shapes(c), 1.0),
+            Parsed::Llama(c) => (llama::Llama::param_shapes(c), 1.0),
+            Parsed::Gemma(c) => (gemma::Gemma::param_shapes(c), 0.0),
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 0.02).expect("a valid standard deviation");
@@ -288,16 +317,10 @@ impl Model {
             };
             store.add(&name, &shape, &data, true)?;
         }
-        let model = match kind.as_str() {
-            "gpt2" => {
-                Model::Gpt2(gpt2::Gpt2::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
-            }
-            "gemma3_text" | "gemma2" => {
-                Model::Gemma(gemma::Gemma::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
-            }
-            _ => {
-                Model::Llama(llama::Llama::from_store(serde_json::from_value(config).map_err(bad)?, &store)?)
-            }
+        let model = match parsed {
+            Parsed::Gpt2(c) => Model::Gpt2(gpt2::Gpt2::from_store(c, &store)?),
+            Parsed::Llama(c) => Model::Llama(llama::Llama::from_store(c, &store)?),
+            Parsed::Gemma(c) => Model::Gemma(gemma::Gemma::from_store(c, &store)?),
         };
         Ok((model, store))
     }
