@@ -289,12 +289,7 @@ impl Graph {
 
     /// `cap tanh(x / cap)` (Gemma's logit soft-capping); `cap` must be a positive number.
     pub fn softcap(&mut self, x: Var, cap: f32) -> Result<Var> {
-        if !(cap > 0.0 && cap.is_finite()) {
-            return Err(Error::InvalidArgument {
-                name: "softcap".into(),
-                detail: format!("the cap {cap} is not a positive number"),
-            });
-        }
+        crate::kernels::activation::check_cap(cap)?;
         let s = self.shape(x).to_vec();
         Ok(self.push(Op::Act { act: Act::Softcap(cap) }, vec![x], s))
     }

@@ -38,16 +38,24 @@ impl Act {
 
 const WG: usize = 256;
 
+/// A soft cap must be a positive (finite) number: `c tanh(x / c)` is NaN or meaningless else.
+pub fn check_cap(c: f32) -> Result<()> {
+    if c > 0.0 && c.is_finite() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        name: "softcap".into(),
+        detail: format!("the cap {c} is not a positive number"),
+    })
+}
+
 /// One dispatch per chunk: `tensors[i]` is bound at `@binding(i + 1)` (`None` leaves it out);
 /// the tensors present must share one chunk layout (the logits that soft-capping reads are
 /// chunked above the binding limit).
 fn run(gpu: &Gpu, entry: &'static str, act: Act, tensors: &[Option<&Tensor>], acc: bool) -> Result<()> {
     let (code, cap) = act.code();
     if let Act::Softcap(c) = act {
-        if !(c > 0.0 && c.is_finite()) {
-            let detail = format!("the cap {c} is not a positive number");
-            return Err(Error::InvalidArgument { name: "softcap".into(), detail });
-        }
+        check_cap(c)?;
     }
     let key = KernelKey::new("activation", entry).with("ACT", code);
     let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();

@@ -61,8 +61,8 @@ fn check_dims(d: &AttnDims) -> Result<usize> {
             format!("{} heads are not a multiple of {} kv heads", d.h, d.kv_h),
         ));
     }
-    if d.softcap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-        return Err(Error::shape("attention", format!("soft cap {:?} is not a positive number", d.softcap)));
+    if let Some(c) = d.softcap {
+        super::activation::check_cap(c)?;
     }
     if d.window == Some(0) {
         return Err(Error::shape(
