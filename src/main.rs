@@ -69,8 +69,9 @@ enum Command {
         #[arg(long)]
         kernel: Vec<String>,
     },
-    /// Fine-tune a model (GPT-2, Qwen2, Llama family, Gemma 3 or Gemma 2) on text or JSONL data. Every option can also come from
-    /// `--config run.toml` (keys as the long option names; command-line options win).
+    /// Fine-tune a model (GPT-2, Qwen2, Llama family, Gemma 3 or Gemma 2) on text or JSONL data.
+    /// Every option can also come from `--config run.toml` (keys as the long option names;
+    /// command-line options win).
     Train {
         #[command(flatten)]
         opts: Box<pockettune::train::TrainOptions>,
