@@ -2,7 +2,8 @@
 //   gather:      out[i, :] = table[ids[i] - start, :]            for ids in this chunk
 //   scatter_add: dtable[id - start, :] += sum of dout[pos, :] over the positions of id
 // The backward is deterministic: the host sorts the batch's ids into a list per id
-// (`csr` = offsets then positions), and each invocation sums one (id, column) in position order.
+// (`csr` = offsets then positions), and each invocation sums one (id, column) in position order,
+// a span of positions per dispatch (loops stay short: see the loop limit in src/kernels).
 // csr layout (u32): [n_unique + 1 offsets][n_unique ids][N positions].
 
 struct Params {
@@ -12,8 +13,8 @@ struct Params {
     len: u32,        // rows in this chunk
     u0: u32,         // scatter: first unique id index in this chunk
     n_unique: u32,
-    _pad0: u32,
-    _pad1: u32,
+    k0: u32,         // scatter: this dispatch sums the positions k0..k1 of each id's list
+    k1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,7 +53,7 @@ fn scatter_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let id = ids[p.n_unique + 1u + u];
     let positions = 2u * p.n_unique + 1u;
     var s = 0.0;
-    for (var k = first; k < last; k++) {
+    for (var k = first + p.k0; k < min(last, first + p.k1); k++) {
         s += src[ids[positions + k] * p.dim + col];
     }
     let o = (id - p.start) * p.dim + col;

@@ -13,11 +13,11 @@ struct Params {
     rows: u32,
     cols: u32,
     flags: u32,   // 1 = accumulate into the output (dx or dw)
-    _pad: u32,
+    row0: u32,    // backward_dw: the rows row0..row1 are summed (a span per dispatch)
     eps: f32,
     shift: f32,   // 1.0 for Gemma's (1 + w), else 0.0
-    _pad1: u32,
-    _pad2: u32,
+    row1: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -114,7 +114,8 @@ fn norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     }
 }
 
-// binding 2 holds dy; binding 3 receives dw (cols). One invocation per column, rows in order.
+// binding 2 holds dy; binding 3 receives dw (cols). One invocation per column, rows row0..row1
+// in order.
 @compute @workgroup_size(WG)
 fn norm_backward_dw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -123,7 +124,7 @@ fn norm_backward_dw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         return;
     }
     var s = 0.0;
-    for (var r = 0u; r < p.rows; r++) {
+    for (var r = p.row0; r < p.row1; r++) {
         let i = r * p.cols + j;
         s += w[i] * (x[i] - stats[2u * r]) * stats[2u * r + 1u];
     }

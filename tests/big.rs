@@ -7,7 +7,7 @@ mod common;
 
 use kernels_ref as kr;
 use pockettune::gpu::Split;
-use pockettune::kernels::{activation, elementwise, matmul};
+use pockettune::kernels::{activation, elementwise, embedding, matmul, norm, reduce};
 use pockettune::{gradcheck, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -122,4 +122,98 @@ fn softcap_above_binding_limit() {
     let err_y = gradcheck::rel_err(&gx.to_host(gpu).unwrap(), &y);
     let err_dx = gradcheck::rel_err(&gdy.to_host(gpu).unwrap(), &dx);
     assert!(err_y <= gradcheck::TOL && err_dx <= gradcheck::TOL, "in place: y {err_y:e}, dx {err_dx:e}");
+}
+
+/// Regression: lavapipe (llvmpipe) ends every shader loop after 65,535 iterations in total per
+/// invocation, silently, so a matrix product whose inner dimension K passed 65,535 kept only
+/// the first 65,535 terms. The LM head's dX product (K = vocabulary) was wrong for every
+/// vocabulary above 65,535 (relative error 0.81 at Qwen2.5's 151,665), on both matmul kernels.
+#[test]
+fn lm_head_dx_lost_every_term_past_65535() {
+    let Some(gpu) = common::gpu() else { return };
+    let (m, c) = (32, 64);
+    for v in [65_535, 65_536, 70_000, 151_665, 262_144] {
+        let mut rng = StdRng::seed_from_u64(v as u64);
+        let (w, dy) = (uniform(&mut rng, v * c), uniform(&mut rng, m * v));
+        let x = uniform(&mut rng, m * c);
+        let (gw, gdy, gx) = (
+            Tensor::from_host(gpu, &w, &[v, c], "lm head").unwrap(),
+            Tensor::from_host(gpu, &dy, &[m, v], "dlogits").unwrap(),
+            Tensor::from_host(gpu, &x, &[m, c], "x").unwrap(),
+        );
+        let d = kr::MatmulDims { batch: 1, m, n: v, k: c, trans_a: false, trans_b: true };
+        let mut want = vec![0f32; m * c];
+        kr::matmul_backward(Some(&mut want), None, None, &dy, &x, &w, d);
+        for &kernel in gpu.matmul_kernels() {
+            let gdx = Tensor::empty(gpu, &[m, c], "dx").unwrap();
+            gdx.fill(gpu, f32::NAN).unwrap();
+            matmul::with_kernel(kernel, || {
+                matmul::matmul_backward(gpu, Some(&gdx), None, None, &gdy, &gx, &gw, false, true, false)
+            })
+            .unwrap();
+            let err = gradcheck::rel_err(&gdx.to_host(gpu).unwrap(), &want);
+            assert!(err <= gradcheck::TOL, "{kernel:?} vocabulary {v}: dX rel err {err:e}");
+        }
+    }
+}
+
+/// Regression (the same loop limit): sums over rows ran one loop iteration per row, so bias and
+/// norm-weight gradients over more than 65,535 rows (Gemma's q/k norms see batch x sequence x
+/// heads rows: 8 x 2048 x 4 = 65,536) kept only the first 65,535.
+#[test]
+fn column_sums_lost_rows_past_65535() {
+    let Some(gpu) = common::gpu() else { return };
+    let (rows, cols) = (70_001, 16);
+    let mut rng = StdRng::seed_from_u64(5);
+    let (x, w, dy) =
+        (uniform(&mut rng, rows * cols), uniform(&mut rng, cols), uniform(&mut rng, rows * cols));
+    let (gx, gw, gdy) = (
+        Tensor::from_host(gpu, &x, &[rows, cols], "x").unwrap(),
+        Tensor::from_host(gpu, &w, &[cols], "w").unwrap(),
+        Tensor::from_host(gpu, &dy, &[rows, cols], "dy").unwrap(),
+    );
+    let gsum = Tensor::empty(gpu, &[cols], "sum").unwrap();
+    gsum.fill(gpu, f32::NAN).unwrap();
+    reduce::sum_rows(gpu, &gsum, &gdy, false).unwrap();
+    let want: Vec<f32> =
+        (0..cols).map(|j| (0..rows).map(|r| dy[r * cols + j] as f64).sum::<f64>() as f32).collect();
+    let err = gradcheck::rel_err(&gsum.to_host(gpu).unwrap(), &want);
+    assert!(err <= gradcheck::TOL, "sum_rows rel err {err:e}");
+
+    let kind = norm::NormKind::Rms { gemma: true };
+    let (gy, gstats, gdw) = (
+        Tensor::empty(gpu, &[rows, cols], "y").unwrap(),
+        Tensor::empty(gpu, &[rows, 2], "stats").unwrap(),
+        Tensor::empty(gpu, &[cols], "dw").unwrap(),
+    );
+    gdw.fill(gpu, f32::NAN).unwrap();
+    norm::norm_forward(gpu, &gy, &gstats, &gx, &gw, None, kind, 1e-6).unwrap();
+    norm::norm_backward(gpu, None, Some(&gdw), None, &gdy, &gx, &gw, &gstats, kind, false).unwrap();
+    let (mut y, mut rstd) = (vec![0f32; rows * cols], vec![0f32; rows]);
+    let (mut dx, mut dw) = (vec![0f32; rows * cols], vec![0f32; cols]);
+    kr::rmsnorm_forward(&mut y, &mut rstd, &x, &w, rows, cols, 1e-6, 1.0);
+    kr::rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols, 1.0);
+    let err = gradcheck::rel_err(&gdw.to_host(gpu).unwrap(), &dw);
+    assert!(err <= gradcheck::TOL, "rmsnorm dw rel err {err:e}");
+}
+
+/// Regression (the same loop limit): the embedding backward summed all positions of one token
+/// id in one loop, so an id repeated more than 65,535 times in a batch (padding) lost the rest.
+#[test]
+fn embedding_grad_lost_positions_past_65535() {
+    let Some(gpu) = common::gpu() else { return };
+    let (n, vocab, dim) = (70_000, 50, 8);
+    let mut rng = StdRng::seed_from_u64(6);
+    let ids: Vec<u32> =
+        (0..n).map(|i| if i % 50 == 0 { rng.random_range(0..vocab as u32) } else { 0 }).collect();
+    let dout = uniform(&mut rng, n * dim);
+    let gids = embedding::Ids::new(gpu, &ids, vocab).unwrap();
+    let gdout = Tensor::from_host(gpu, &dout, &[n, dim], "dout").unwrap();
+    let gdt = Tensor::empty(gpu, &[vocab, dim], "dtable").unwrap();
+    gdt.fill(gpu, 0.0).unwrap();
+    embedding::embedding_backward(gpu, &gdt, &gdout, &gids).unwrap();
+    let mut want = vec![0f32; vocab * dim];
+    kr::embedding_backward(&mut want, &dout, &ids, dim);
+    let err = gradcheck::rel_err(&gdt.to_host(gpu).unwrap(), &want);
+    assert!(err <= gradcheck::TOL, "embedding backward rel err {err:e}");
 }

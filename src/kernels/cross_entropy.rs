@@ -81,6 +81,7 @@ fn pieces(logits: &Tensor) -> Vec<(usize, usize, usize, usize, usize)> {
 
 fn params(piece: (usize, usize, usize, usize, usize), first: bool, grad_scale: f32) -> Result<Params> {
     let (rows, ld, col0, ncols, row0) = piece;
+    super::check_trips("cross_entropy", ncols, WG as usize, 3)?;
     let u = |x: usize| u32_of(x, "cross_entropy");
     Ok(Params {
         rows: u(rows)?,

@@ -15,7 +15,8 @@ struct Params {
     len: u32,
     u0: u32,
     n_unique: u32,
-    _pad: [u32; 2],
+    k0: u32,
+    k1: u32,
 }
 
 const WG: usize = 256;
@@ -28,6 +29,8 @@ pub struct Ids {
     /// offsets (n_unique + 1), unique ids (sorted), positions grouped by id in position order
     csr: GpuBuffer,
     unique: Vec<u32>,
+    /// positions of the most frequent id (the scatter's loop length)
+    max_count: usize,
 }
 
 impl Ids {
@@ -50,6 +53,7 @@ impl Ids {
             }
         }
         offsets.push(order.len() as u32);
+        let max_count = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
         let csr: Vec<u32> = offsets.iter().chain(&unique).chain(&order).copied().collect();
         let upload = |data: &[u32], what: &str| -> Result<GpuBuffer> {
             let buf = gpu.alloc((data.len().max(1) * 4) as u64, what)?;
@@ -63,6 +67,7 @@ impl Ids {
             csr: upload(&csr, "token id lists")?,
             host: ids.to_vec(),
             unique,
+            max_count,
         })
     }
 
@@ -119,22 +124,27 @@ pub fn embedding_backward(gpu: &Gpu, dtable: &Tensor, dout: &Tensor, ids: &Ids) 
         let u0 = ids.unique.partition_point(|&id| (id as usize) < ch.start);
         let u1 = ids.unique.partition_point(|&id| (id as usize) < ch.start + ch.len);
         let n = (u1 - u0) * dim;
-        let p = Params {
-            n: u32_of(n, "embedding")?,
-            dim: u32_of(dim, "embedding")?,
-            start: u32_of(ch.start, "embedding")?,
-            len: u32_of(ch.len, "embedding")?,
-            u0: u32_of(u0, "embedding")?,
-            n_unique: u32_of(n_unique, "embedding")?,
-            _pad: [0; 2],
-        };
         let bufs = [Some(ids.csr.raw()), Some(db), Some(ch.buf.raw())];
-        gpu.dispatch(
-            &KernelKey::new("embedding", "scatter_add"),
-            &bufs,
-            bytemuck::bytes_of(&p),
-            gpu.grid(n, WG),
-        )?;
+        // An id repeated more than LOOP_SPAN times (padding in a long batch) is summed over
+        // several dispatches, each adding its span of positions.
+        for (k0, kl) in super::loop_spans(ids.max_count) {
+            let p = Params {
+                n: u32_of(n, "embedding")?,
+                dim: u32_of(dim, "embedding")?,
+                start: u32_of(ch.start, "embedding")?,
+                len: u32_of(ch.len, "embedding")?,
+                u0: u32_of(u0, "embedding")?,
+                n_unique: u32_of(n_unique, "embedding")?,
+                k0: u32_of(k0, "embedding")?,
+                k1: u32_of(k0 + kl, "embedding")?,
+            };
+            gpu.dispatch(
+                &KernelKey::new("embedding", "scatter_add"),
+                &bufs,
+                bytemuck::bytes_of(&p),
+                gpu.grid(n, WG),
+            )?;
+        }
     }
     Ok(())
 }

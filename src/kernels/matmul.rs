@@ -95,8 +95,43 @@ pub struct Dims {
     pub nb2: usize,
 }
 
-/// One dispatch: `C = alpha * A B (+ bias) (+ C if accumulate)` on views (`c.s_j` must be 1).
+/// `C = alpha * A B (+ bias) (+ C if accumulate)` on views (`c.s_j` must be 1): one dispatch
+/// per [`LOOP_SPAN`](super::LOOP_SPAN) of K, the pieces after the first adding into C (the K
+/// loop is the kernel's only data-dependent loop; see the loop limit in `kernels`).
 pub fn matmul_strided(
+    gpu: &Gpu,
+    c: View,
+    a: View,
+    b: View,
+    bias: Option<(&wgpu::Buffer, usize)>,
+    d: Dims,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    if d.k == 0 && d.m > 0 && d.n > 0 && d.nb1 > 0 && d.nb2 > 0 {
+        // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
+        return Err(Error::shape("matmul", "inner dimension K is 0"));
+    }
+    for (k0, kl) in super::loop_spans(d.k) {
+        let a = View { off: a.off + k0 * a.s_j, ..a };
+        let b = View { off: b.off + k0 * b.s_i, ..b };
+        let first = k0 == 0;
+        dispatch_piece(
+            gpu,
+            c,
+            a,
+            b,
+            bias.filter(|_| first),
+            Dims { k: kl, ..d },
+            alpha,
+            accumulate || !first,
+        )?;
+    }
+    Ok(())
+}
+
+/// One dispatch of [`matmul_strided`], K at most `LOOP_SPAN`.
+fn dispatch_piece(
     gpu: &Gpu,
     c: View,
     a: View,
@@ -111,10 +146,6 @@ pub fn matmul_strided(
     }
     if d.m == 0 || d.n == 0 || d.nb1 == 0 || d.nb2 == 0 {
         return Ok(());
-    }
-    if d.k == 0 {
-        // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
-        return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
     let u = |v: usize| u32_of(v, "matmul");
     let params = Params {

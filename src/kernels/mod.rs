@@ -5,6 +5,17 @@
 //!
 //! Phone GPUs allow four storage buffers per dispatch, so a backward pass that needs more
 //! inputs is split into several entry points (see `norm` and `activation`).
+//!
+//! No invocation may loop more than [`MAX_LOOP_TRIPS`] times, counting every loop it runs:
+//! llvmpipe (lavapipe, the CI driver) keeps one iteration counter per invocation, shared by all
+//! the loops of a shader, and leaves whatever loop it is in once that counter reaches 65,535,
+//! without an error (Mesa's `LP_MAX_TGSI_LOOP_ITERATIONS`). A loop whose trip count grows with
+//! the data (matmul's K, a column sum over rows, the positions of one token id) therefore runs
+//! over pieces of at most [`LOOP_SPAN`] trips, one dispatch per piece, each adding into the
+//! output; the rest of the allowance is left for the fixed loops around it (tree reductions,
+//! register tiles). Loops that stride by the workgroup size check their trip count with
+//! [`check_trips`]. Other drivers do not stop loops, but very long dispatches also trip the
+//! watchdogs of phone drivers, so the pieces are the same on every device.
 
 pub mod activation;
 pub mod attention;
@@ -19,6 +30,34 @@ pub mod rope;
 pub mod softmax;
 
 use crate::error::{Error, Result};
+
+/// Most loop iterations one invocation may run, all loops together (see the module comment).
+pub const MAX_LOOP_TRIPS: usize = 65_535;
+
+/// Most iterations of a data-dependent loop in one dispatch.
+pub const LOOP_SPAN: usize = 1 << 15;
+
+/// `0..total` cut into `(start, len)` pieces of at most [`LOOP_SPAN`], in order; one empty
+/// piece when `total` is 0, so that a kernel still writes its (empty-sum) output.
+pub(crate) fn loop_spans(total: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..total.max(1)).step_by(LOOP_SPAN).map(move |s| (s, LOOP_SPAN.min(total.saturating_sub(s))))
+}
+
+/// Refuse a dispatch whose invocations would loop `trips` times (a row of `cols` values
+/// walked by a workgroup of `wg`, `passes` times): past [`LOOP_SPAN`] a driver may stop the loop.
+pub(crate) fn check_trips(op: &str, cols: usize, wg: usize, passes: usize) -> Result<()> {
+    let trips = cols.div_ceil(wg) * passes;
+    if trips > LOOP_SPAN {
+        return Err(Error::shape(
+            op,
+            format!(
+                "a row of {cols} values needs {trips} loop iterations per invocation; kernels are \
+                 held to {LOOP_SPAN} (some drivers stop longer loops without an error)"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Element offsets and strides are passed to shaders as u32.
 pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {

@@ -15,11 +15,11 @@ struct Params {
     rows: u32,
     cols: u32,
     flags: u32,
-    _pad: u32,
+    row0: u32,
     eps: f32,
     shift: f32,
-    _pad1: u32,
-    _pad2: u32,
+    row1: u32,
+    _pad: u32,
 }
 
 const WG: u32 = 64;
@@ -65,6 +65,7 @@ fn dims(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
 }
 
 fn params((rows, cols): (usize, usize), kind: NormKind, eps: f32, accumulate: bool) -> Result<Params> {
+    super::check_trips("norm", cols, WG as usize, 3)?;
     Ok(Params {
         rows: u32_of(rows, "norm")?,
         cols: u32_of(cols, "norm")?,
@@ -124,12 +125,20 @@ pub fn norm_backward(
     if let Some(dw) = dw {
         check_len("norm_backward", "dw", dw.numel(), cols)?;
         let bufs = [Some(xb), Some(dyb), Some(dw.single("norm")?), Some(sb)];
-        gpu.dispatch(
-            &key("norm_backward_dw", kind),
-            &bufs,
-            bytemuck::bytes_of(&p),
-            gpu.grid(cols, WG as usize),
-        )?;
+        for (r0, rl) in super::loop_spans(rows) {
+            let p = Params {
+                row0: u32_of(r0, "norm_backward")?,
+                row1: u32_of(r0 + rl, "norm_backward")?,
+                flags: (accumulate || r0 > 0) as u32,
+                ..p
+            };
+            gpu.dispatch(
+                &key("norm_backward_dw", kind),
+                &bufs,
+                bytemuck::bytes_of(&p),
+                gpu.grid(cols, WG as usize),
+            )?;
+        }
     }
     if let Some(db) = db {
         reduce::sum_rows(gpu, db, dy, accumulate)?;

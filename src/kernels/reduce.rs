@@ -26,43 +26,15 @@ const PER_GROUP: usize = WG * 16;
 pub fn sum_rows(gpu: &Gpu, out: &Tensor, x: &Tensor, accumulate: bool) -> Result<()> {
     super::check_len("sum_rows", "out", out.numel(), x.cols())?;
     let ob = out.single("sum_rows")?;
-    let cols = x.cols();
     for (i, ch) in x.chunks().iter().enumerate() {
         match x.split() {
-            Split::Rows => {
-                let p = Params {
-                    rows: u32_of(ch.len, "sum_rows")?,
-                    cols: u32_of(cols, "sum_rows")?,
-                    flags: (accumulate || i > 0) as u32,
-                    ..Default::default()
-                };
-                let key = KernelKey::new("reduce", "sum_rows");
-                gpu.dispatch(
-                    &key,
-                    &[Some(ob), Some(ch.buf.raw())],
-                    bytemuck::bytes_of(&p),
-                    gpu.grid(cols, WG),
-                )?;
-            }
+            Split::Rows => sum_rows_chunk(gpu, ob, ch.buf.raw(), ch.len, x.cols(), accumulate || i > 0)?,
             Split::Cols => {
-                // A column chunk is a (rows, len) matrix whose sums land in out[start..].
-                // Bound as a separate output view is not possible without offsets, so sum into
-                // a temporary and copy.
+                // A column chunk is a (rows, len) matrix whose sums land in out[start..]: sum
+                // into a temporary (a binding has no offset) and copy.
                 let tmp = Tensor::empty(gpu, &[ch.len], "sum_rows chunk")?;
-                let p = Params {
-                    rows: u32_of(x.rows(), "sum_rows")?,
-                    cols: u32_of(ch.len, "sum_rows")?,
-                    flags: 0,
-                    ..Default::default()
-                };
-                let key = KernelKey::new("reduce", "sum_rows");
                 let tb = tmp.single("sum_rows")?;
-                gpu.dispatch(
-                    &key,
-                    &[Some(tb), Some(ch.buf.raw())],
-                    bytemuck::bytes_of(&p),
-                    gpu.grid(ch.len, WG),
-                )?;
+                sum_rows_chunk(gpu, tb, ch.buf.raw(), x.rows(), ch.len, false)?;
                 if accumulate {
                     let old = Tensor::empty(gpu, &[ch.len], "sum_rows old")?;
                     gpu.copy(ob, (ch.start * 4) as u64, old.single("sum_rows")?, 0, (ch.len * 4) as u64);
@@ -75,12 +47,36 @@ pub fn sum_rows(gpu: &Gpu, out: &Tensor, x: &Tensor, accumulate: bool) -> Result
     Ok(())
 }
 
+/// Column sums of a (rows, cols) matrix in one buffer, a span of rows per dispatch.
+fn sum_rows_chunk(
+    gpu: &Gpu,
+    out: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
+    for (r0, rl) in super::loop_spans(rows) {
+        let p = Params {
+            rows: u32_of(rl, "sum_rows")?,
+            cols: u32_of(cols, "sum_rows")?,
+            flags: (accumulate || r0 > 0) as u32,
+            x_off: u32_of(r0 * cols, "sum_rows")?,
+            ..Default::default()
+        };
+        let key = KernelKey::new("reduce", "sum_rows");
+        gpu.dispatch(&key, &[Some(out), Some(x)], bytemuck::bytes_of(&p), gpu.grid(cols, WG))?;
+    }
+    Ok(())
+}
+
 /// `acc[slot] += sum(x)` (or the sum of squares), computed on the GPU in a fixed order.
 pub fn sum_into(gpu: &Gpu, acc: &Tensor, slot: usize, x: &Tensor, squares: bool) -> Result<()> {
     let ab = acc.single("sum_into")?;
     for ch in x.chunks() {
         let n = ch.buf.bytes() as usize / 4;
         let groups = n.div_ceil(PER_GROUP).max(1);
+        super::check_trips("sum_into", groups, WG, 1)?;
         let partial = Tensor::empty(gpu, &[groups], "partial sums")?;
         let pb = partial.single("sum_into")?;
         let p = Params { n: u32_of(n, "sum_into")?, flags: squares as u32, ..Default::default() };

@@ -28,6 +28,7 @@ pub enum Mask {
 }
 
 fn params(rows: usize, cols: usize, mask: Mask, scale: f32) -> Result<Params> {
+    super::check_trips("softmax", cols, WG as usize, 3)?;
     let (causal, window) = match mask {
         Mask::None => (0, 0),
         Mask::Causal { window } => (1, u32_of(window.unwrap_or(0), "softmax window")?),
