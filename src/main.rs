@@ -226,12 +226,28 @@ enum BenchCommand {
     },
 }
 
-/// `train --config FILE`: the file's options go first on the command line, so that options
-/// given explicitly (later) override them.
+/// `train --config FILE` (or `--config=FILE`): the file's options go first on the command
+/// line, so that options given explicitly (later) override them. Each is passed as
+/// `--key=value`, so that a value starting with `-` stays a value.
 fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
-    let Some(pos) = args.iter().position(|a| a == "--config") else { return Ok(args) };
-    let path = args.get(pos + 1).context("--config needs a file name")?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    // Only `train` takes --config, right after the program name; anywhere else clap refuses it.
+    if args.get(1).map(String::as_str) != Some("train") {
+        return Ok(args);
+    }
+    let mut path = None;
+    for (i, a) in args.iter().enumerate().skip(2) {
+        if a == "--" {
+            break;
+        }
+        if a == "--config" {
+            path = Some(args.get(i + 1).context("--config needs a file name")?.clone());
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            anyhow::ensure!(!p.is_empty(), "--config= needs a file name");
+            path = Some(p.to_string());
+        }
+    }
+    let Some(path) = path else { return Ok(args) };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let table: toml::Table = toml::from_str(&text).with_context(|| format!("{path} is not valid TOML"))?;
     let mut from_file = Vec::new();
     for (key, value) in table {
@@ -239,15 +255,14 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
         match value {
             toml::Value::Boolean(true) => from_file.push(flag),
             toml::Value::Boolean(false) => {}
-            toml::Value::String(s) => from_file.extend([flag, s]),
-            toml::Value::Integer(_) | toml::Value::Float(_) => from_file.extend([flag, value.to_string()]),
+            toml::Value::String(s) => from_file.push(format!("{flag}={s}")),
+            toml::Value::Integer(_) | toml::Value::Float(_) => from_file.push(format!("{flag}={value}")),
             other => anyhow::bail!("{path}: option {key} = {other} is not a string, number or boolean"),
         }
     }
-    let sub = args.iter().position(|a| a == "train").context("--config applies to `train`")?;
-    let mut merged = args[..=sub].to_vec();
+    let mut merged = args[..2].to_vec();
     merged.extend(from_file);
-    merged.extend(args[sub + 1..].iter().cloned());
+    merged.extend(args[2..].iter().cloned());
     Ok(merged)
 }
 

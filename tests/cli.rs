@@ -47,6 +47,37 @@ fn train_options_come_from_a_toml_file_and_the_command_line_wins() {
     );
 }
 
+/// Regression: `--config=run.toml` (one argument) was not recognised, so the file was ignored
+/// and train failed for want of --model and --data.
+#[test]
+fn train_config_given_with_equals_sign_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::tiny_model_dir(&model, 3);
+    let data = tmp.path().join("data.txt");
+    std::fs::write(&data, "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20)).unwrap();
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ndata = {:?}\nout = {:?}\nsteps = 2\nbatch_size = 2\nseq_len = 16\ndevice = \"cpu\"\n",
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            tmp.path().join("out").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let o = bin().args(["train", &format!("--config={}", config.display()), "--json"]).output().unwrap();
+    assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(summary["steps"], 2, "steps from the file");
+
+    // A --config anywhere but after `train` is refused by clap, not read.
+    let o = bin().args(["eval", &format!("--config={}", config.display())]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unexpected argument '--config"));
+}
+
 #[test]
 fn errors_exit_nonzero_and_say_what_is_wrong() {
     let o = bin()
