@@ -64,6 +64,13 @@ pub enum Error {
 
     #[error("invalid argument {name}: {detail}")]
     InvalidArgument { name: String, detail: String },
+
+    #[error(
+        "the model's logits are not finite ({detail}): its weights hold NaN or infinite values, \
+         or overflow. Check the model with `pockettune eval`; a fine-tuning run that diverged \
+         needs a lower --lr"
+    )]
+    NonFiniteLogits { detail: String },
 }
 
 impl Error {

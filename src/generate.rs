@@ -3,7 +3,7 @@
 //! over the context (the last `n_positions` tokens), which is slow for long outputs.
 
 use crate::data::Tokenizer;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::ParamStore;
 use crate::models::Model;
 use rand::{Rng, SeedableRng};
@@ -19,11 +19,39 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// Pick the next token from `logits` (one row).
-pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
-    if s.temperature <= 0.0 {
+impl Sampling {
+    /// Refuse settings that sample nothing sensible (a NaN temperature made every probability
+    /// NaN and panicked).
+    pub fn check(&self) -> Result<()> {
+        let bad = |name: &str, detail: String| Err(Error::InvalidArgument { name: name.into(), detail });
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "--temperature",
+                format!("{} must be a finite number, 0 (greedy) or more", self.temperature),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("--top-p", format!("{} must be in (0, 1] (1 keeps every token)", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Pick the next token from `logits` (one row). Logits of -inf (tokens ruled out) are fine;
+/// NaN or +inf, or nothing above -inf, mean the model computed garbage: an error, not a pick.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> Result<u32> {
+    s.check()?;
+    let bad = logits.iter().position(|x| x.is_nan() || *x == f32::INFINITY);
+    if bad.is_some() || !logits.iter().any(|x| x.is_finite()) {
+        let detail = match bad {
+            Some(i) => format!("the logit of token {i} is {}", logits[i]),
+            None => format!("no finite logit among {}", logits.len()),
+        };
+        return Err(Error::NonFiniteLogits { detail });
+    }
+    if s.temperature == 0.0 {
         let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
-        return best.unwrap_or(0) as u32;
+        return Ok(best.unwrap_or(0) as u32);
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -49,11 +77,11 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     let mut r = rng.random_range(0.0..total);
     for (p, &i) in probs.iter().zip(&order) {
         if r < *p {
-            return i as u32;
+            return Ok(i as u32);
         }
         r -= p;
     }
-    *order.last().expect("at least one candidate") as u32
+    Ok(*order.last().expect("at least one candidate") as u32)
 }
 
 /// Continue `prompt` by up to `max_tokens` tokens (stopping at end-of-text); returns the text
@@ -66,6 +94,13 @@ pub fn generate(
     max_tokens: usize,
     s: &Sampling,
 ) -> Result<String> {
+    s.check()?;
+    if max_tokens == 0 {
+        return Err(Error::InvalidArgument {
+            name: "--max-tokens".into(),
+            detail: "0 generates nothing; it must be at least 1".into(),
+        });
+    }
     let mut ids = tok.encode(prompt)?;
     if ids.is_empty() {
         ids.push(tok.eot());
@@ -78,7 +113,7 @@ pub fn generate(
         let (graph, logits) = model.logits_graph(store, 1, ctx.len())?;
         let run = graph.forward(store, &Model::inference_feed(ctx, 1, ctx.len()), &[logits])?;
         let all = run.read(logits)?;
-        let next = sample(&all[all.len() - vocab..], s, &mut rng);
+        let next = sample(&all[all.len() - vocab..], s, &mut rng)?;
         if next == tok.eot() {
             break;
         }
@@ -95,7 +130,7 @@ mod tests {
     fn greedy_takes_the_largest_logit() {
         let s = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        assert_eq!(sample(&[0.1, 3.0, -1.0, 2.9], &s, &mut rng), 1);
+        assert_eq!(sample(&[0.1, 3.0, -1.0, 2.9], &s, &mut rng).unwrap(), 1);
     }
 
     #[test]
@@ -107,8 +142,49 @@ mod tests {
             Sampling { temperature: 1.0, top_k: 0, top_p: 1e-6, seed: 0 },
         ] {
             for _ in 0..20 {
-                assert_eq!(sample(&logits, &s, &mut rng), 2);
+                assert_eq!(sample(&logits, &s, &mut rng).unwrap(), 2);
             }
+        }
+    }
+
+    /// Regression: `generate --temperature nan` made every probability NaN and panicked in the
+    /// random draw; negative temperatures were silently greedy, top-p outside (0, 1] ignored.
+    #[test]
+    fn nan_or_negative_temperature_and_top_p_out_of_range_are_refused() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let ok = Sampling { temperature: 0.8, top_k: 0, top_p: 0.95, seed: 0 };
+        for (s, flag) in [
+            (Sampling { temperature: f32::NAN, ..ok.clone() }, "--temperature"),
+            (Sampling { temperature: -1.0, ..ok.clone() }, "--temperature"),
+            (Sampling { temperature: f32::INFINITY, ..ok.clone() }, "--temperature"),
+            (Sampling { top_p: 0.0, ..ok.clone() }, "--top-p"),
+            (Sampling { top_p: 1.5, ..ok.clone() }, "--top-p"),
+            (Sampling { top_p: f32::NAN, ..ok.clone() }, "--top-p"),
+        ] {
+            match sample(&[0.0, 1.0], &s, &mut rng) {
+                Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, flag, "{s:?}"),
+                other => panic!("{s:?}: expected an error about {flag}, got {other:?}"),
+            }
+        }
+        assert!(sample(&[0.0, 1.0], &ok, &mut rng).is_ok());
+    }
+
+    /// Regression: NaN (or +inf) logits panicked in the random draw.
+    #[test]
+    fn non_finite_logits_are_an_error_not_a_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        for temperature in [0.0, 0.8] {
+            let s = Sampling { temperature, top_k: 0, top_p: 0.9, seed: 0 };
+            for logits in
+                [vec![0.5, f32::NAN, 1.0], vec![f32::INFINITY, 0.0], vec![f32::NEG_INFINITY; 3], vec![]]
+            {
+                match sample(&logits, &s, &mut rng) {
+                    Err(Error::NonFiniteLogits { detail }) => assert!(!detail.is_empty()),
+                    other => panic!("{logits:?} at temperature {temperature}: {other:?}"),
+                }
+            }
+            // -inf marks a ruled-out token: the others are still sampled.
+            assert_eq!(sample(&[f32::NEG_INFINITY, 2.0], &s, &mut rng).unwrap(), 1);
         }
     }
 
@@ -118,7 +194,7 @@ mod tests {
         let s = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 };
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let n = 20000;
-        let ones = (0..n).filter(|_| sample(&[0.0, 3f32.ln()], &s, &mut rng) == 1).count();
+        let ones = (0..n).filter(|_| sample(&[0.0, 3f32.ln()], &s, &mut rng).unwrap() == 1).count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.02, "sampled {frac}");
     }

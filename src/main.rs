@@ -290,6 +290,11 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Info { device, json } => info(&device, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
         Command::Eval { model, adapter, data, batch_size, seq_len, max_batches, device, limits, json } => {
+            at_least_one(&[
+                ("--batch-size", batch_size),
+                ("--seq-len", seq_len),
+                ("--max-batches", max_batches.unwrap_or(1)),
+            ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
             run_eval(&dev, &model, adapter.as_deref(), &data, (batch_size, seq_len), max_batches, json)
         }
@@ -305,11 +310,13 @@ fn run(cli: Cli) -> Result<i32> {
             device,
             limits,
         } => {
+            let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
+            s.check()?;
+            at_least_one(&[("--max-tokens", max_tokens)])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
             let tok = pockettune::data::Tokenizer::load(&model.join("tokenizer.json"))?;
             let (gpt, store) = load_for_inference(&dev, &model, adapter.as_deref())?;
             tok.check_model_vocab(gpt.vocab_size())?;
-            let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
             let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;
             println!("{prompt}{text}");
             Ok(0)
@@ -335,10 +342,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Bench {
             what: BenchCommand::Step { device, json, preset, method, batch_size, seq_len, steps, no_cpu },
         } => {
+            at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
             let lora = method == pockettune::train::Method::Lora;
             bench_step(&device, json, &preset, lora, (batch_size, seq_len), steps, no_cpu)
         }
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
+            at_least_one(&[("--rows", rows)])?;
             bench_kernels(
                 &device,
                 json,
@@ -348,6 +357,17 @@ fn run(cli: Cli) -> Result<i32> {
                 matmul.as_deref(),
             )
         }
+    }
+}
+
+/// Options that must be at least 1 (a 0 divided by zero or made empty tensors).
+fn at_least_one(options: &[(&str, usize)]) -> pockettune::Result<()> {
+    match options.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(pockettune::Error::InvalidArgument {
+            name: name.to_string(),
+            detail: "0; it must be at least 1".into(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -622,7 +642,19 @@ fn run_eval(
     let tokens = Tokens::load(data, &tok)?;
     let (graph, vars) = gpt.graph(&store, batch, seq)?;
     let windows = tokens.windows(seq);
-    let batches = max_batches.unwrap_or(usize::MAX).min(windows / batch.max(1));
+    let batches = max_batches.unwrap_or(usize::MAX).min(windows / batch);
+    if batches == 0 {
+        return Err(pockettune::Error::Checkpoint {
+            path: data.to_path_buf(),
+            detail: format!(
+                "{} tokens make {windows} windows of {} tokens, fewer than one batch of {batch}; \
+                 add data or lower --batch-size / --seq-len",
+                tokens.ids.len(),
+                seq + 1
+            ),
+        }
+        .into());
+    }
     let loss = pockettune::train::evaluate(&graph, vars.loss, &store, &tokens, batch, seq, batches)?;
     let evaluated = batches * batch * seq;
     eprintln!(

@@ -78,6 +78,47 @@ fn train_config_given_with_equals_sign_is_read() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unexpected argument '--config"));
 }
 
+/// Regression: `eval --batch-size 0` divided by zero (a panic, exit 101) and `generate
+/// --temperature nan` panicked in the random draw; their siblings (zero sizes and counts,
+/// negative temperature, top-p outside (0, 1]) were taken as given. Each is now refused with
+/// exit 2 and a message naming the option, before any device or model is opened.
+#[test]
+fn zero_sizes_and_bad_sampling_settings_are_refused_naming_the_option() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::tiny_model_dir(&model, 3);
+    let data = tmp.path().join("data.txt");
+    std::fs::write(&data, "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20)).unwrap();
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let eval = ["eval", "--model", m, "--data", d, "--device", "cpu", "--seq-len", "16"];
+    let generate = ["generate", "--model", m, "--prompt", "ab", "--device", "cpu"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        ([&eval[..], &["--batch-size", "0"]].concat(), "--batch-size"),
+        ([&eval[..], &["--seq-len", "0"]].concat(), "--seq-len"),
+        ([&eval[..], &["--max-batches", "0"]].concat(), "--max-batches"),
+        ([&generate[..], &["--temperature", "nan"]].concat(), "--temperature"),
+        ([&generate[..], &["--temperature=-1"]].concat(), "--temperature"),
+        ([&generate[..], &["--top-p", "0"]].concat(), "--top-p"),
+        ([&generate[..], &["--top-p", "1.5"]].concat(), "--top-p"),
+        ([&generate[..], &["--max-tokens", "0"]].concat(), "--max-tokens"),
+        (vec!["bench", "step", "--preset", "tiny", "--batch-size", "0"], "--batch-size"),
+        (vec!["bench", "step", "--preset", "tiny", "--steps", "0"], "--steps"),
+        (vec!["bench", "kernels", "--rows", "0"], "--rows"),
+    ];
+    for (args, flag) in cases {
+        let o = bin().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&format!("error: invalid argument {flag}: ")), "{args:?}: {err}");
+    }
+
+    // Fewer windows than one batch: the error names the data file (it said "eval data").
+    let o = bin().args([&eval[..], &["--batch-size", "100"]].concat()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("{d}: ")) && err.contains("fewer than one batch of 100"), "{err}");
+}
+
 #[test]
 fn errors_exit_nonzero_and_say_what_is_wrong() {
     let o = bin()

@@ -128,8 +128,9 @@ impl GemmaConfig {
         }
     }
 
-    fn check(&self, dir: &Path) -> Result<()> {
-        let bad = |detail: String| Err(Error::Checkpoint { path: dir.join("config.json"), detail });
+    /// Refuse what pockettune does not compute, and sizes that describe no model.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let bad = |detail: String| Err(detail);
         for (name, cap) in [
             ("final_logit_softcapping", self.final_logit_softcapping),
             ("attn_logit_softcapping", self.attn_logit_softcapping),
@@ -173,11 +174,43 @@ impl GemmaConfig {
                 self.hidden_activation
             ));
         }
-        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        if kv == 0 || h % kv != 0 {
-            return bad(format!("{h} attention heads are not a multiple of {kv} key/value heads"));
+        let (h, kv, d) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        super::at_least_one(&[
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", h),
+            ("num_key_value_heads", kv),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            // null turns the window off; 0 would be a window of no token
+            ("sliding_window", self.sliding_window.unwrap_or(1)),
+            ("sliding_window_pattern", self.sliding_window_pattern.unwrap_or(1)),
+        ])?;
+        if h % kv != 0 {
+            return bad(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
         }
-        Ok(())
+        if d == 0 || d % 2 != 0 {
+            return bad(format!("head_dim {d} must be even and at least 2 (RoPE rotates pairs)"));
+        }
+        let kinds = ["sliding_attention", "full_attention"];
+        if let Some(t) = self.layer_types.iter().find(|t| !kinds.contains(&t.as_str())) {
+            return bad(format!("layer_types holds {t:?}; known: {kinds:?}"));
+        }
+        if !self.layer_types.is_empty() && self.layer_types.len() != self.num_hidden_layers {
+            return bad(format!(
+                "layer_types has {} entries for num_hidden_layers {}",
+                self.layer_types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        super::positive_number("rms_norm_eps", self.rms_norm_eps.into(), true)?;
+        super::positive_number("query_pre_attn_scalar", self.query_pre_attn_scalar, false)?;
+        super::positive_number("rope_theta", self.theta(false), false)?;
+        super::positive_number(
+            "rope_local_base_freq (the sliding layers' RoPE base)",
+            self.theta(true),
+            false,
+        )
     }
 }
 
@@ -257,7 +290,7 @@ impl Gemma {
 
     pub fn load(dir: &Path, dev: &Device) -> Result<(Gemma, ParamStore)> {
         let cfg: GemmaConfig = read_config(dir)?;
-        cfg.check(dir)?;
+        cfg.check().map_err(|detail| super::config_error(dir, detail))?;
         if let (Generation::Gemma3, Some(c)) = (cfg.generation, cfg.attn_logit_softcapping) {
             eprintln!(
                 "note: {} sets attn_logit_softcapping = {c}; Gemma 3 does not apply it (transformers \

@@ -41,21 +41,28 @@ fn default_act() -> String {
 }
 
 impl Gpt2Config {
-    fn check(&self, path: &Path) -> Result<()> {
-        let bad = |detail: String| Err(Error::Checkpoint { path: path.join("config.json"), detail });
+    /// Refuse what pockettune does not compute, and sizes that describe no model.
+    pub fn check(&self) -> std::result::Result<(), String> {
         if !matches!(self.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") {
-            return bad(format!(
+            return Err(format!(
                 "activation_function {:?} is not supported (the tanh GELU variants are)",
                 self.activation_function
             ));
         }
         if self.scale_attn_by_inverse_layer_idx || self.reorder_and_upcast_attn {
-            return bad("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported".into());
+            return Err("scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported".into());
         }
-        if self.n_head == 0 || self.n_embd % self.n_head != 0 {
-            return bad(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
+        super::at_least_one(&[
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+            ("n_positions", self.n_positions),
+            ("vocab_size", self.vocab_size),
+            ("n_inner", self.inner()),
+        ])?;
+        if self.n_embd % self.n_head != 0 {
+            return Err(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
         }
-        Ok(())
+        super::positive_number("layer_norm_epsilon", self.layer_norm_epsilon.into(), true)
     }
     pub fn inner(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
@@ -170,7 +177,7 @@ impl Gpt2 {
     /// Load `config.json` and `model.safetensors` from a Hugging Face model directory.
     pub fn load(dir: &Path, dev: &Device) -> Result<(Gpt2, ParamStore)> {
         let cfg: Gpt2Config = read_config(dir)?;
-        cfg.check(dir)?;
+        cfg.check().map_err(|detail| super::config_error(dir, detail))?;
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let prefixed = file.names().iter().any(|n| n.starts_with("transformer."));
         let key = |name: &str| if prefixed { format!("transformer.{name}") } else { name.to_string() };

@@ -54,9 +54,12 @@ fn default_act() -> String {
 }
 
 impl LlamaConfig {
+    /// (attention heads, key/value heads, head dimension); the head dimension is 0 when
+    /// neither `head_dim` nor the heads give one ([`Self::check`] refuses that).
     pub fn heads(&self) -> (usize, usize, usize) {
         let h = self.num_attention_heads;
-        (h, self.num_key_value_heads.unwrap_or(h), self.head_dim.unwrap_or(self.hidden_size / h))
+        let d = self.head_dim.unwrap_or_else(|| self.hidden_size.checked_div(h).unwrap_or(0));
+        (h, self.num_key_value_heads.unwrap_or(h), d)
     }
     /// RoPE base: `rope_theta`, else `rope_parameters.rope_theta`, else 10000.
     pub fn theta(&self) -> f64 {
@@ -67,23 +70,41 @@ impl LlamaConfig {
     fn qkv_bias(&self) -> bool {
         self.model_type == "qwen2" || self.attention_bias
     }
-    fn check(&self, dir: &Path) -> Result<()> {
-        let bad = |detail: String| Err(Error::Checkpoint { path: dir.join("config.json"), detail });
+    /// Refuse what pockettune does not compute, and sizes that describe no model.
+    pub fn check(&self) -> std::result::Result<(), String> {
         if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return bad("rope_scaling is not supported yet".into());
+            return Err("rope_scaling is not supported yet".into());
         }
         let rope_type = self.rope_parameters.as_ref().and_then(|p| p.get("rope_type")?.as_str());
         if rope_type.is_some_and(|t| t != "default") {
-            return bad(format!("rope_type {rope_type:?} is not supported yet (only the default RoPE)"));
+            return Err(format!("rope_type {rope_type:?} is not supported yet (only the default RoPE)"));
         }
         if self.hidden_act != "silu" {
-            return bad(format!("hidden_act {:?}: only silu (SwiGLU) is supported", self.hidden_act));
+            return Err(format!("hidden_act {:?}: only silu (SwiGLU) is supported", self.hidden_act));
         }
-        let (h, kv, _) = self.heads();
-        if kv == 0 || h % kv != 0 {
-            return bad(format!("{h} attention heads are not a multiple of {kv} key/value heads"));
+        let (h, kv, d) = self.heads();
+        super::at_least_one(&[
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", h),
+            ("num_key_value_heads", kv),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ])?;
+        if h % kv != 0 {
+            return Err(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
         }
-        Ok(())
+        if self.head_dim.is_none() && self.hidden_size % h != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {h} (and no head_dim is given)",
+                self.hidden_size
+            ));
+        }
+        if d == 0 || d % 2 != 0 {
+            return Err(format!("head_dim {d} must be even and at least 2 (RoPE rotates pairs)"));
+        }
+        super::positive_number("rms_norm_eps", self.rms_norm_eps.into(), true)?;
+        super::positive_number("rope_theta", self.theta(), false)
     }
 }
 
@@ -141,7 +162,7 @@ impl Llama {
     /// Load `config.json` and `model.safetensors` from a Hugging Face model directory.
     pub fn load(dir: &Path, dev: &Device) -> Result<(Llama, ParamStore)> {
         let cfg: LlamaConfig = read_config(dir)?;
-        cfg.check(dir)?;
+        cfg.check().map_err(|detail| super::config_error(dir, detail))?;
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
         Ok((Self::from_store(cfg, &store)?, store))

@@ -106,6 +106,31 @@ pub(crate) fn load_params(
     Ok(store)
 }
 
+/// The error for a `config.json` that parses but describes no valid model.
+fn config_error(dir: &Path, detail: String) -> Error {
+    Error::Checkpoint {
+        path: dir.join("config.json"),
+        detail: format!("{detail} (is this the config.json that came with the weights?)"),
+    }
+}
+
+/// Config fields that must be at least 1 (a zero would divide by zero or make empty tensors).
+fn at_least_one(fields: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((name, _)) => Err(format!("{name} is 0; it must be at least 1")),
+        None => Ok(()),
+    }
+}
+
+/// A config number that must be finite and positive (or, with `zero_ok`, zero).
+fn positive_number(name: &str, v: f64, zero_ok: bool) -> std::result::Result<(), String> {
+    if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) {
+        return Ok(());
+    }
+    let want = if zero_ok { "a finite number, 0 or more" } else { "a positive finite number" };
+    Err(format!("{name} is {v}; it must be {want}"))
+}
+
 /// Read and parse `config.json` of a model directory.
 pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join("config.json");
@@ -297,6 +322,12 @@ impl Model {
                 })
             }
         };
+        let checked = match &parsed {
+            Parsed::Gpt2(c) => c.check(),
+            Parsed::Llama(c) => c.check(),
+            Parsed::Gemma(c) => c.check(),
+        };
+        checked.map_err(|detail| Error::InvalidArgument { name: "config".into(), detail })?;
         let (shapes, norm_value) = match &parsed {
             Parsed::Gpt2(c) => (gpt2::Gpt2::param_shapes(c), 1.0),
             Parsed::Llama(c) => (llama::Llama::param_shapes(c), 1.0),
