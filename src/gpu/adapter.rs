@@ -118,7 +118,41 @@ pub fn instance() -> wgpu::Instance {
     if std::env::var_os("WGPU_BACKEND").is_none() {
         desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
     }
+    #[cfg(target_os = "linux")]
+    if desc.backends.contains(wgpu::Backends::VULKAN) && !desc.backends.contains(wgpu::Backends::GL) {
+        if let Some(instance) = vulkan_without_window_system(&desc) {
+            return instance;
+        }
+    }
     wgpu::Instance::new(desc)
+}
+
+/// A Vulkan instance without the X11 and Wayland surface extensions wgpu enables by default:
+/// we never present to a screen, and with them enabled Mesa's device-select layer connects to
+/// the Wayland and X servers each time GPUs are listed, which on a headless machine printed
+/// "error: XDG_RUNTIME_DIR is invalid or not set in the environment" (twice per listing)
+/// before any output of ours. wgpu-hal 30 uses these extensions only to create surfaces, and
+/// checks that they are enabled before it does. None when Vulkan cannot be loaded: then the
+/// ordinary path runs and reports it.
+#[cfg(target_os = "linux")]
+fn vulkan_without_window_system(desc: &wgpu::InstanceDescriptor) -> Option<wgpu::Instance> {
+    use wgpu::hal::vulkan;
+    let window_system = [c"VK_KHR_xlib_surface", c"VK_KHR_xcb_surface", c"VK_KHR_wayland_surface"];
+    let drop_window_system: Box<vulkan::CreateInstanceCallback> =
+        Box::new(move |args| args.extensions.retain(|e| !window_system.contains(e)));
+    let hal_desc = wgpu::hal::InstanceDescriptor {
+        name: "pockettune",
+        flags: desc.flags,
+        memory_budget_thresholds: desc.memory_budget_thresholds,
+        backend_options: desc.backend_options.clone(),
+        telemetry: None,
+        display: None,
+    };
+    // SAFETY: the callback only leaves out surface extensions, which wgpu-hal checks for before
+    // each use (surface creation); it turns no feature off and adds nothing.
+    let hal = unsafe { vulkan::Instance::init_with_callback(&hal_desc, Some(drop_window_system)) }.ok()?;
+    // SAFETY: `hal` was just created from a valid descriptor and is handed over whole.
+    Some(unsafe { wgpu::Instance::from_hal::<wgpu::hal::api::Vulkan>(hal) })
 }
 
 /// Every adapter the instance reports, in the order `--device N` indexes them.
