@@ -59,16 +59,38 @@ pub const KERNELS: &[&str] = &[
     "sgd",
 ];
 
+/// How far the self-test goes. Both tiers check every kernel on small, ragged shapes and across
+/// every boundary a kernel has (more than 65,535 workgroups in a dimension, rows, columns and
+/// inner dimensions past 65,535 loop iterations, K of 262,144 in matmul); `Full` adds the
+/// vocabulary-wide kernels at Gemma 3's real size (262,144 x 640 tensors, above the binding
+/// limit), which take most of its time and a few GB of memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    #[default]
+    Quick,
+    Full,
+}
+
+/// Gemma 3's vocabulary and hidden size: the largest tensors a supported model trains.
+pub const GEMMA3_VOCAB: usize = 262_144;
+pub const GEMMA3_270M_HIDDEN: usize = 640;
+
+/// Elementwise kernels run 256 invocations per workgroup: one element more than this needs a
+/// second grid dimension.
+const PAST_ONE_GRID_DIM: usize = 65_535 * 256 + 1;
+
 /// f32 kernels are held to `max |gpu - ref| <= TOL * max |ref|`.
 pub const TOL: f64 = 1e-4;
 
-/// Relative error of `gpu` against `reference`: infinite if any value is NaN or infinite.
+/// Relative error of `gpu` against `reference`: infinite if any value of either is NaN or
+/// infinite (`f64::max` would drop a NaN and let it pass).
 pub fn rel_err(gpu: &[f32], reference: &[f32]) -> f64 {
     assert_eq!(gpu.len(), reference.len(), "compared outputs differ in length");
     let mut diff = 0f64;
     let mut scale = 0f64;
     for (&g, &r) in gpu.iter().zip(reference) {
-        if !g.is_finite() {
+        if !g.is_finite() || !r.is_finite() {
             return f64::INFINITY;
         }
         diff = diff.max((g as f64 - r as f64).abs());
@@ -84,6 +106,7 @@ pub fn rel_err(gpu: &[f32], reference: &[f32]) -> f64 {
 /// Measurements of one kernel: (direction, shape, error) triples, folded into rows.
 struct Probe<'g> {
     gpu: &'g Gpu,
+    tier: Tier,
     rng: StdRng,
     /// (direction, shape, output, relative error)
     results: Vec<(&'static str, String, String, f64)>,
@@ -118,13 +141,26 @@ impl<'g> Probe<'g> {
         self.push(dir, shape, output, rel_err(&got, want));
         Ok(())
     }
+    fn full(&self) -> bool {
+        self.tier == Tier::Full
+    }
+    /// The sizes an elementwise kernel is checked at, as tensor shapes; the full tier adds
+    /// `vocab_wide`, the largest tensor the kernel meets in a Gemma 3 model, if it has one.
+    fn flat_shapes(&self, vocab_wide: Option<[usize; 2]>) -> Vec<Vec<usize>> {
+        let mut shapes: Vec<Vec<usize>> = [1, 7, 256, 1000, 70001].iter().map(|&n| vec![n]).collect();
+        shapes.push(vec![PAST_ONE_GRID_DIM]);
+        if let Some(dims) = vocab_wide.filter(|_| self.full()) {
+            shapes.push(dims.to_vec());
+        }
+        shapes
+    }
     fn push(&mut self, dir: &'static str, shape: &str, output: &str, err: f64) {
         self.results.push((dir, shape.to_string(), output.to_string(), err));
     }
 }
 
 /// Run the checks of one kernel family (a name from [`KERNELS`]).
-pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
+pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Vec<Row>> {
     let (name, tol) = match KERNELS.iter().find(|k| **k == kernel) {
         Some(&k) => (k, TOL),
         None => {
@@ -134,7 +170,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64) -> Result<Vec<Row>> {
             })
         }
     };
-    let mut p = Probe { gpu, rng: StdRng::seed_from_u64(seed), results: Vec::new() };
+    let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new() };
     // Kernels built on matrix products run once with each matmul kernel the device offers.
     let uses_matmul = name.starts_with("matmul") || name == "attention";
     let variants = if uses_matmul { gpu.matmul_kernels().to_vec() } else { vec![gpu.matmul_kernel()] };
@@ -209,10 +245,10 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
 }
 
 /// Every kernel in [`KERNELS`].
-pub fn check_all(gpu: &Gpu, seed: u64) -> Result<Vec<Row>> {
+pub fn check_all(gpu: &Gpu, seed: u64, tier: Tier) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for k in KERNELS {
-        rows.extend(check_kernel(gpu, k, seed)?);
+        rows.extend(check_kernel(gpu, k, seed, tier)?);
     }
     Ok(rows)
 }
@@ -228,11 +264,35 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (129, 7, 200),
 ];
 
+const ALL_TRANSPOSES: &[(bool, bool)] = &[(false, false), (false, true), (true, false), (true, true)];
+
+/// (M, N, K, transposes) at the kernels' limits: K past one dispatch's loop span (70,000, and
+/// Gemma 3's vocabulary as in the LM head's dX), M past it (dB's inner dimension is M), and M
+/// or N past 65,535 workgroups of the tiled kernel's 64-wide tile. A workgroup of lavapipe
+/// runs on one core, so the long and thin ones are costly there: fewer transposes for those.
+type Boundary = (usize, usize, usize, &'static [(bool, bool)]);
+const MATMUL_BOUNDARY_SHAPES: &[Boundary] = &[
+    (3, 5, 70_000, ALL_TRANSPOSES),
+    (2, 4, GEMMA3_VOCAB, &[(false, true)]),
+    (70_001, 3, 5, ALL_TRANSPOSES),
+    (1, 65_535 * 64 + 1, 1, &[(false, true)]),
+    (65_535 * 64 + 1, 1, 1, &[(true, false)]),
+];
+
+/// The longest inner dimension a model's product has (Gemma 3's vocabulary, in the LM head's dX).
+const MATMUL_LONGEST_SUM: usize = GEMMA3_VOCAB;
+
 fn check_matmul(p: &mut Probe) -> Result<()> {
-    let mut shapes = MATMUL_SHAPES.to_vec();
-    shapes.extend((0..3).map(|_| (p.size(150), p.size(150), p.size(150))));
-    for (i, &(m, n, k)) in shapes.iter().enumerate() {
-        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+    let mut shapes: Vec<Boundary> =
+        MATMUL_SHAPES.iter().map(|&(m, n, k)| (m, n, k, ALL_TRANSPOSES)).collect();
+    shapes.extend((0..3).map(|_| (p.size(150), p.size(150), p.size(150), ALL_TRANSPOSES)));
+    shapes.extend(MATMUL_BOUNDARY_SHAPES);
+    if p.full() {
+        // past 65,535 workgroups of the subgroup kernel's 256-wide tile
+        shapes.push((1, PAST_ONE_GRID_DIM, 1, &[(false, false)]));
+    }
+    for (i, &(m, n, k, transposes)) in shapes.iter().enumerate() {
+        for &(ta, tb) in transposes {
             let bias = i % 2 == 1;
             let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
             let shape = format!("{m}x{k}{}.{k}x{n}{}{}", t(ta), t(tb), if bias { "+b" } else { "" });
@@ -245,6 +305,10 @@ fn check_matmul(p: &mut Probe) -> Result<()> {
             let mut c = vec![0f32; m * n];
             kr::matmul_forward(&mut c, &a, &b, bias.then_some(&bv[..]), d);
             p.record("forward", &shape, "", &gc, &c)?;
+            if m.max(n) > MATMUL_LONGEST_SUM {
+                // the backward products would sum millions of terms, which no model does
+                continue;
+            }
 
             let dc = p.uniform(m * n);
             let gdc = p.up(&dc, &[m, n])?;
@@ -279,8 +343,34 @@ fn t(trans: bool) -> &'static str {
     }
 }
 
+/// The LM head of Gemma 3 270M at its real size, as the model runs it: hidden states (T, 640)
+/// times the (262,144 x 640) embedding, transposed, which is above the binding limit and so in
+/// chunks; logits, dX (K = 262,144) and dW.
+fn check_lm_head(p: &mut Probe, t: usize) -> Result<()> {
+    let (m, n, k) = (t, GEMMA3_VOCAB, GEMMA3_270M_HIDDEN);
+    let shape = format!("LM head {m}x{k}.({n}x{k})^T");
+    let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: false, trans_b: true };
+    let (x, w, dy) = (p.uniform(m * k), p.uniform(n * k), p.uniform(m * n));
+    let (gx, gw, gdy) = (p.up(&x, &[m, k])?, p.up(&w, &[n, k])?, p.up(&dy, &[m, n])?);
+    let gy = p.out(&[m, n])?;
+    matmul::matmul(p.gpu, &gy, &gx, &gw, None, false, true, false)?;
+    let mut y = vec![0f32; m * n];
+    kr::matmul_forward(&mut y, &x, &w, None, d);
+    p.record("forward", &shape, "logits", &gy, &y)?;
+    drop(y);
+    let (gdx, gdw) = (p.out(&[m, k])?, p.out(&[n, k])?);
+    matmul::matmul_backward(p.gpu, Some(&gdx), Some(&gdw), None, &gdy, &gx, &gw, false, true, false)?;
+    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+    kr::matmul_backward(Some(&mut dx), Some(&mut dw), None, &dy, &x, &w, d);
+    p.record("backward", &shape, "dX", &gdx, &dx)?;
+    p.record("backward", &shape, "dW", &gdw, &dw)
+}
+
 /// Operands split into small chunks, so the chunk walk runs on every shape it must handle.
 fn check_matmul_chunked(p: &mut Probe) -> Result<()> {
+    if p.full() {
+        check_lm_head(p, 16)?;
+    }
     let (m, n, k) = (23, 19, 17);
     let splits = [(Split::Rows, 5), (Split::Cols, 6), (Split::Rows, 100)];
     for (case, (ta, tb)) in
@@ -370,6 +460,8 @@ const ROW_SHAPES: &[(usize, usize)] = &[(1, 1), (1, 7), (3, 5), (17, 31), (64, 2
 fn check_softmax(p: &mut Probe) -> Result<()> {
     let mut shapes = ROW_SHAPES.to_vec();
     shapes.extend((0..2).map(|_| (p.size(100), p.size(600))));
+    // one workgroup per row: more than 65,535 rows need a second grid dimension
+    shapes.extend([(70_001, 3), (3, GEMMA3_VOCAB)]);
     for &(rows, cols) in &shapes {
         let shape = format!("{rows}x{cols}");
         let x: Vec<f32> = p.uniform(rows * cols).iter().map(|v| 8.0 * v).collect();
@@ -393,6 +485,8 @@ fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
     let eps = 1e-5;
     let mut shapes = vec![(1, 1), (1, 7), (3, 64), (17, 129), (8, 768), (33, 1000)];
     shapes.extend((0..2).map(|_| (p.size(50), p.size(1200))));
+    // past 65,535 rows (dw sums over rows; a row per workgroup) and a row of 65,537 values
+    shapes.extend([(70_001, 16), (2, 65_537)]);
     for &(rows, cols) in &shapes {
         let shape = format!("{rows}x{cols}");
         let x: Vec<f32> = p.uniform(rows * cols).iter().map(|v| 2.0 * v + 0.5).collect();
@@ -438,18 +532,19 @@ fn check_norm(p: &mut Probe, kind: NormKind) -> Result<()> {
     Ok(())
 }
 
-const FLAT_SIZES: &[usize] = &[1, 7, 256, 1000, 70001];
-
 fn check_act(p: &mut Probe, act: Act) -> Result<()> {
-    for &n in FLAT_SIZES {
-        let shape = n.to_string();
+    // soft-capping meets Gemma's logits: (tokens, vocabulary), above the binding limit
+    let logits = matches!(act, Act::Softcap(_)).then_some([128, GEMMA3_VOCAB]);
+    for dims in p.flat_shapes(logits) {
+        let n: usize = dims.iter().product();
+        let shape = format!("{dims:?}");
         let x: Vec<f32> = p.uniform(n).iter().map(|v| 6.0 * v).collect();
         let dy = p.uniform(n);
-        let (gx, gdy, gy, gdx) = (p.up(&x, &[n])?, p.up(&dy, &[n])?, p.out(&[n])?, p.out(&[n])?);
+        let (gx, gdy, gy, gdx) = (p.up(&x, &dims)?, p.up(&dy, &dims)?, p.out(&dims)?, p.out(&dims)?);
         activation::act_forward(p.gpu, &gy, &gx, act)?;
         activation::act_backward(p.gpu, &gdx, &gx, &gdy, act, false)?;
         // the in-place forms: y = act(y) and d = d * act'(x)
-        let (gy2, gdx2) = (p.up(&x, &[n])?, p.up(&dy, &[n])?);
+        let (gy2, gdx2) = (p.up(&x, &dims)?, p.up(&dy, &dims)?);
         activation::act_inplace(p.gpu, &gy2, act)?;
         activation::act_grad_mul(p.gpu, &gdx2, &gx, act)?;
         let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
@@ -473,7 +568,7 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
         p.record("backward", &shape, "in place", &gdx2, &dx)?;
         if let Act::Softcap(c) = act {
             // from the output y the forward computed, as the graph's backward does
-            let gdx3 = p.out(&[n])?;
+            let gdx3 = p.out(&dims)?;
             activation::softcap_backward_from_output(p.gpu, &gdx3, &gy, &gdy, c, false)?;
             p.record("backward", &shape, "from output", &gdx3, &dx)?;
         }
@@ -482,12 +577,13 @@ fn check_act(p: &mut Probe, act: Act) -> Result<()> {
 }
 
 fn check_glu(p: &mut Probe, act: Act) -> Result<()> {
-    for &n in FLAT_SIZES {
-        let shape = n.to_string();
+    for dims in p.flat_shapes(None) {
+        let n: usize = dims.iter().product();
+        let shape = format!("{dims:?}");
         let gate: Vec<f32> = p.uniform(n).iter().map(|v| 6.0 * v).collect();
         let (up, dy) = (p.uniform(n), p.uniform(n));
-        let (gg, gu, gdy) = (p.up(&gate, &[n])?, p.up(&up, &[n])?, p.up(&dy, &[n])?);
-        let (gy, gdg, gdu) = (p.out(&[n])?, p.out(&[n])?, p.out(&[n])?);
+        let (gg, gu, gdy) = (p.up(&gate, &dims)?, p.up(&up, &dims)?, p.up(&dy, &dims)?);
+        let (gy, gdg, gdu) = (p.out(&dims)?, p.out(&dims)?, p.out(&dims)?);
         activation::glu_forward(p.gpu, &gy, &gg, &gu, act)?;
         activation::glu_backward(p.gpu, Some(&gdg), Some(&gdu), &gdy, &gg, &gu, act, false)?;
         let (mut y, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
@@ -510,18 +606,36 @@ fn check_glu(p: &mut Probe, act: Act) -> Result<()> {
 }
 
 fn check_embedding(p: &mut Probe) -> Result<()> {
-    // (vocab, tokens, dim, rows per table chunk)
-    let mut cases =
-        vec![(1, 1, 1, 1), (7, 13, 5, 7), (50, 100, 33, 50), (50, 100, 33, 7), (1000, 257, 64, 300)];
+    // (vocab, tokens, dim, rows per table chunk (0: as the binding limit requires), share of
+    // the tokens that repeat id 0, in percent)
+    let mut cases = vec![
+        (1, 1, 1, 1, 0),
+        (7, 13, 5, 7, 0),
+        (50, 100, 33, 50, 0),
+        (50, 100, 33, 7, 0),
+        (1000, 257, 64, 300, 0),
+        // ids past 65,535; one id at more positions than one dispatch's loop span
+        (70_000, 257, 8, 30_000, 0),
+        (50, 70_001, 4, 0, 98),
+    ];
     for _ in 0..2 {
         let v = p.size(500);
-        cases.push((v, p.size(200), p.size(70), p.size(v)));
+        cases.push((v, p.size(200), p.size(70), p.size(v), 0));
     }
-    for &(v, n, c, chunk) in &cases {
-        let shape = format!("V{v} N{n} C{c} chunk{chunk}");
-        let ids: Vec<u32> = (0..n).map(|_| p.rng.random_range(0..v as u32)).collect();
+    if p.full() {
+        cases.push((GEMMA3_VOCAB, 512, GEMMA3_270M_HIDDEN, 0, 10));
+    }
+    for &(v, n, c, chunk, repeat) in &cases {
+        let shape = format!("V{v} N{n} C{c} chunk{chunk} repeat{repeat}%");
+        let ids: Vec<u32> = (0..n)
+            .map(|_| if p.rng.random_range(0..100) < repeat { 0 } else { p.rng.random_range(0..v as u32) })
+            .collect();
         let table = p.uniform(v * c);
-        let gt = Tensor::from_host_split(p.gpu, &table, &[v, c], Split::Rows, chunk, "table")?;
+        let split = |p: &Probe, data: &[f32], what| match chunk {
+            0 => Tensor::from_host(p.gpu, data, &[v, c], what),
+            _ => Tensor::from_host_split(p.gpu, data, &[v, c], Split::Rows, chunk, what),
+        };
+        let gt = split(p, &table, "table")?;
         let gids = embedding::Ids::new(p.gpu, &ids, v)?;
         let gout = p.out(&[n, c])?;
         embedding::embedding_forward(p.gpu, &gout, &gids, &gt)?;
@@ -531,7 +645,7 @@ fn check_embedding(p: &mut Probe) -> Result<()> {
 
         let dout = p.uniform(n * c);
         let gdout = p.up(&dout, &[n, c])?;
-        let gdt = Tensor::from_host_split(p.gpu, &vec![0.0; v * c], &[v, c], Split::Rows, chunk, "dtable")?;
+        let gdt = split(p, &vec![0.0; v * c], "dtable")?;
         embedding::embedding_backward(p.gpu, &gdt, &gdout, &gids)?;
         let mut dt = vec![0f32; v * c];
         kr::embedding_backward(&mut dt, &dout, &ids, c);
@@ -690,8 +804,19 @@ pub fn cross_entropy_case(
     let mut losses = vec![0f32; n];
     let mean = kr::cross_entropy_forward(&mut losses, logits, targets, n, v);
     let gpu_mean = reduce::sum(p_gpu, &glosses, false)? / gt.count().max(1) as f32;
-    let loss_err =
-        if mean.is_nan() { 0.0 } else { ((gpu_mean - mean) as f64).abs() / (mean as f64).abs().max(1e-30) };
+    let loss_err = if gt.count() == 0 {
+        // Every target ignored: the reference's mean is 0/0 (NaN, as PyTorch's); the engine
+        // reports 0 and gives no gradient.
+        if gpu_mean == 0.0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else if !(mean.is_finite() && gpu_mean.is_finite()) {
+        f64::INFINITY
+    } else {
+        ((gpu_mean - mean) as f64).abs() / (mean as f64).abs().max(1e-30)
+    };
     let losses_err = rel_err(&glosses.to_host(p_gpu)?, &losses);
 
     let dloss = 0.7;
@@ -717,6 +842,12 @@ fn check_cross_entropy(p: &mut Probe) -> Result<()> {
     ];
     let mut cases = cases.to_vec();
     cases.extend((0..2).map(|_| (p.size(40), p.size(3000), None)));
+    // a row per workgroup past 65,535 rows; Gemma 3's vocabulary
+    cases.extend([(70_001, 3, None), (4, GEMMA3_VOCAB, None)]);
+    if p.full() {
+        // logits above the binding limit, in the column chunks a chunked LM head writes
+        cases.push((128, GEMMA3_VOCAB, Some((Split::Cols, 52_428))));
+    }
     for &(n, v, split) in &cases {
         let shape = format!("N{n} V{v} {split:?}");
         let logits: Vec<f32> = p.uniform(n * v).iter().map(|x| 10.0 * x).collect();
@@ -732,21 +863,22 @@ fn check_cross_entropy(p: &mut Probe) -> Result<()> {
 }
 
 fn check_add(p: &mut Probe) -> Result<()> {
-    for &n in FLAT_SIZES {
+    for dims in p.flat_shapes(None) {
+        let n: usize = dims.iter().product();
         let (a, b) = (p.uniform(n), p.uniform(n));
-        let (ga, gb, gout) = (p.up(&a, &[n])?, p.up(&b, &[n])?, p.out(&[n])?);
+        let (ga, gb, gout) = (p.up(&a, &dims)?, p.up(&b, &dims)?, p.out(&dims)?);
         elementwise::add(p.gpu, &gout, &ga, &gb, 1.0, 1.0)?;
         let mut out = vec![0f32; n];
         kr::add(&mut out, &a, &b);
         p.record("forward", &n.to_string(), "add", &gout, &out)?;
-        let gs = p.out(&[n])?;
+        let gs = p.out(&dims)?;
         elementwise::axpby(p.gpu, &gs, &ga, 0.37, 0.0)?;
         kr::scale(&mut out, &a, 0.37);
         p.record("forward", &n.to_string(), "scale", &gs, &out)?;
         // Backward of out = a + b is the identity into both inputs; of scale, scaling dy.
         let dy = p.uniform(n);
-        let gdy = p.up(&dy, &[n])?;
-        let gda = p.out(&[n])?;
+        let gdy = p.up(&dy, &dims)?;
+        let gda = p.out(&dims)?;
         elementwise::axpby(p.gpu, &gda, &gdy, 0.37, 0.0)?;
         kr::scale(&mut out, &dy, 0.37);
         p.record("backward", &n.to_string(), "d scale", &gda, &out)?;
@@ -771,17 +903,24 @@ fn check_dropout(p: &mut Probe) -> Result<()> {
 }
 
 fn check_reduce(p: &mut Probe) -> Result<()> {
-    for &n in &[1usize, 7, 4096, 4097, 70001, 1 << 20] {
+    let mut sizes: Vec<Vec<usize>> =
+        [1usize, 7, 4096, 4097, 70001, 1 << 20].iter().map(|&n| vec![n]).collect();
+    if p.full() {
+        sizes.push(vec![GEMMA3_VOCAB, GEMMA3_270M_HIDDEN]);
+    }
+    for dims in sizes {
+        let n: usize = dims.iter().product();
         // Positive inputs: a sum of signed values can cancel to near zero, and the relative
         // error of a cancelled sum says nothing about the kernel.
         let x: Vec<f32> = p.uniform(n).iter().map(|v| v.abs()).collect();
-        let gx = p.up(&x, &[n])?;
+        let gx = p.up(&x, &dims)?;
         let s = reduce::sum(p.gpu, &gx, false)?;
         let ss = reduce::sum(p.gpu, &gx, true)?;
         p.push("forward", &n.to_string(), "sum", rel_err(&[s], &[kr::sum(&x) as f32]));
         p.push("forward", &n.to_string(), "sum_squares", rel_err(&[ss], &[kr::sum_squares(&x) as f32]));
     }
-    for &(rows, cols) in ROW_SHAPES {
+    // past 65,535 rows: the column sums run a span of rows per dispatch
+    for &(rows, cols) in ROW_SHAPES.iter().chain(&[(70_001, 3)]) {
         let x = p.uniform(rows * cols);
         let (gx, gout) = (p.up(&x, &[rows, cols])?, p.out(&[cols])?);
         reduce::sum_rows(p.gpu, &gout, &gx, false)?;
@@ -793,12 +932,16 @@ fn check_reduce(p: &mut Probe) -> Result<()> {
 }
 
 fn check_clip(p: &mut Probe) -> Result<()> {
-    for &(n1, n2, max_norm) in
-        &[(1usize, 1usize, 0.1f32), (1000, 70001, 1.0), (1000, 70001, 1e6), (7, 5000, 3.0)]
-    {
-        let shape = format!("{n1}+{n2} max_norm {max_norm}");
+    let mut cases = vec![(1usize, vec![1usize], 0.1f32), (1000, vec![70001], 1.0), (1000, vec![70001], 1e6)];
+    cases.push((7, vec![5000], 3.0));
+    if p.full() {
+        cases.push((1000, vec![GEMMA3_VOCAB, GEMMA3_270M_HIDDEN], 1.0));
+    }
+    for (n1, dims2, max_norm) in cases {
+        let n2: usize = dims2.iter().product();
+        let shape = format!("{n1}+{dims2:?} max_norm {max_norm}");
         let (mut a, mut b) = (p.uniform(n1), p.uniform(n2));
-        let (ga, gb) = (p.up(&a, &[n1])?, p.up(&b, &[n2])?);
+        let (ga, gb) = (p.up(&a, &[n1])?, p.up(&b, &dims2)?);
         let acc = reduce::clip_grad_norm(p.gpu, &[&ga, &gb], max_norm)?;
         let norm = kr::clip_grad_norm(&mut [&mut a, &mut b], max_norm);
         let got = acc.to_host(p.gpu)?;
@@ -811,13 +954,14 @@ fn check_clip(p: &mut Probe) -> Result<()> {
 
 fn check_adamw(p: &mut Probe) -> Result<()> {
     let opt = kr::AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    for &n in FLAT_SIZES {
+    for dims in p.flat_shapes(Some([GEMMA3_VOCAB, GEMMA3_270M_HIDDEN])) {
+        let n: usize = dims.iter().product();
         let mut w = p.uniform(n);
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
-        let (gw, gm, gv) = (p.up(&w, &[n])?, p.up(&m, &[n])?, p.up(&v, &[n])?);
+        let (gw, gm, gv) = (p.up(&w, &dims)?, p.up(&m, &dims)?, p.up(&v, &dims)?);
         for step in 1..=3 {
             let g = p.uniform(n);
-            let gg = p.up(&g, &[n])?;
+            let gg = p.up(&g, &dims)?;
             optim::adamw_step(p.gpu, &gw, &gg, &gm, &gv, opt, step)?;
             kr::adamw_step(&mut w, &g, &mut m, &mut v, opt, step);
         }
@@ -829,12 +973,29 @@ fn check_adamw(p: &mut Probe) -> Result<()> {
 }
 
 fn check_sgd(p: &mut Probe) -> Result<()> {
-    for &n in FLAT_SIZES {
+    for dims in p.flat_shapes(None) {
+        let n: usize = dims.iter().product();
         let (mut w, g) = (p.uniform(n), p.uniform(n));
-        let (gw, gg) = (p.up(&w, &[n])?, p.up(&g, &[n])?);
+        let (gw, gg) = (p.up(&w, &dims)?, p.up(&g, &dims)?);
         optim::sgd_step(p.gpu, &gw, &gg, 0.1, 0.01)?;
         kr::sgd_step(&mut w, &g, 0.1, 0.01);
         p.record("step", &n.to_string(), "params", &gw, &w)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rel_err;
+
+    /// Regression: `f64::max` drops NaN, so a NaN in the reference output used to pass.
+    #[test]
+    fn nan_or_inf_on_either_side_fails() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(rel_err(&[1.0, bad], &[1.0, 2.0]), f64::INFINITY, "{bad} in the GPU output");
+            assert_eq!(rel_err(&[1.0, 2.0], &[1.0, bad]), f64::INFINITY, "{bad} in the reference");
+        }
+        assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_err(&[1.0, 2.1], &[1.0, 2.0]) - 0.05).abs() < 1e-6);
+    }
 }

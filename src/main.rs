@@ -68,6 +68,11 @@ enum Command {
         /// Check only these kernels (repeatable). Known: see `--kernel list`.
         #[arg(long)]
         kernel: Vec<String>,
+        /// Also check the vocabulary-wide kernels at Gemma 3's real size (262,144 x 640
+        /// tensors above the binding limit; needs about 6 GB of memory). Without it the
+        /// check still crosses every size limit the kernels have, on smaller tensors.
+        #[arg(long)]
+        full: bool,
     },
     /// Fine-tune a model (GPT-2, Qwen2, Llama family, Gemma 3 or Gemma 2) on text or JSONL data.
     /// Every option can also come from `--config run.toml` (keys as the long option names;
@@ -321,7 +326,10 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{prompt}{text}");
             Ok(0)
         }
-        Command::Gradcheck { device, json, seed, kernel } => run_gradcheck(&device, json, seed, &kernel),
+        Command::Gradcheck { device, json, seed, kernel, full } => {
+            let tier = if full { gradcheck::Tier::Full } else { gradcheck::Tier::Quick };
+            run_gradcheck(&device, json, seed, &kernel, tier)
+        }
         Command::Init { preset, tokenizer, out, seed } => init_model(&preset, &tokenizer, &out, seed),
         Command::Export { model, adapter, merge, out } => {
             anyhow::ensure!(merge, "export writes merged models only: add --merge");
@@ -447,7 +455,13 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn run_gradcheck(dev: &DeviceArgs, json: bool, seed: u64, only: &[String]) -> Result<i32> {
+fn run_gradcheck(
+    dev: &DeviceArgs,
+    json: bool,
+    seed: u64,
+    only: &[String],
+    tier: gradcheck::Tier,
+) -> Result<i32> {
     if only.iter().any(|k| k == "list") {
         println!("{}", gradcheck::KERNELS.join("\n"));
         return Ok(0);
@@ -465,7 +479,7 @@ fn run_gradcheck(dev: &DeviceArgs, json: bool, seed: u64, only: &[String]) -> Re
     );
     let mut rows = Vec::new();
     for k in kernels {
-        for r in gradcheck::check_kernel(&gpu, k, seed)? {
+        for r in gradcheck::check_kernel(&gpu, k, seed, tier)? {
             eprintln!(
                 "{:<16} {:<9} {:>6} {:>12.2e} {:>9.0e}  {}",
                 r.kernel,
@@ -499,6 +513,7 @@ fn run_gradcheck(dev: &DeviceArgs, json: bool, seed: u64, only: &[String]) -> Re
             "device": gpu.summary(),
             "profile": gpu.profile(),
             "seed": seed,
+            "tier": tier,
             "seconds": secs,
             "passed": failed == 0,
             "rows": rows,

@@ -100,6 +100,33 @@ fn a_training_step_submits_nothing_until_the_loss_is_read() {
     assert_eq!(gpu.submissions(), before + 1, "reading the loss submits once");
 }
 
+/// Regression: every RoPE node uploaded its cos/sin table in the forward and again in the
+/// backward pass, and each upload submits the work recorded so far; the tables are made once
+/// per sequence length and device.
+#[test]
+fn rope_tables_are_uploaded_once_not_at_every_rope_node() {
+    let Some(_) = common::gpu() else { return };
+    let gpu = std::sync::Arc::new(pockettune::Gpu::new(&Default::default()).unwrap());
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny");
+    let dev = Device::Gpu(gpu.clone());
+    let (model, mut store) = pockettune::models::Model::load(&dir, &dev).unwrap();
+    let (b, t) = (2, 8);
+    let ids: Vec<u32> = (0..(b * t) as u32).map(|i| (i * 7) % model.vocab_size() as u32).collect();
+    let targets: Vec<i32> = ids.iter().map(|&i| ((i + 1) % model.vocab_size() as u32) as i32).collect();
+    let (graph, vars) = model.graph(&store, b, t).unwrap();
+    let feed = pockettune::models::Model::feed(&ids, &targets, b, t);
+    for step in 0..2 {
+        gpu.flush().unwrap();
+        let before = gpu.submissions();
+        let mut run = graph.forward(&store, &feed, &[]).unwrap();
+        run.backward(&mut store, vars.loss, 1.0).unwrap();
+        if step == 1 {
+            assert_eq!(gpu.submissions(), before, "a second step uploads no RoPE table");
+        }
+        run.loss(vars.loss).unwrap();
+    }
+}
+
 /// Soft-capping's backward reads its output, not its input: the uncapped logits (vocabulary
 /// wide, the largest activation of a model) are freed as soon as the cap has run, and the
 /// capped ones after the last backward step that reads them.

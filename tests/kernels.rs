@@ -7,7 +7,8 @@ use pockettune::gradcheck;
 
 fn check(kernel: &str) {
     let Some(gpu) = common::gpu() else { return };
-    let rows = gradcheck::check_kernel(gpu, kernel, 0x5eed).unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    let rows = gradcheck::check_kernel(gpu, kernel, 0x5eed, gradcheck::Tier::Quick)
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
     assert!(!rows.is_empty(), "{kernel}: no checks ran");
     for r in &rows {
         eprintln!(

@@ -110,6 +110,7 @@ pub struct Gpu {
     submissions: AtomicU64,
     matmul: Mutex<MatmulKernel>,
     matmul_kernels: Vec<MatmulKernel>,
+    constants: Mutex<HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 /// A compiled kernel and the layout of its bind group (fetched once, not per dispatch).
@@ -211,6 +212,7 @@ impl Gpu {
             submissions: AtomicU64::new(0),
             matmul: Mutex::new(matmul),
             matmul_kernels,
+            constants: Mutex::default(),
         })
     }
 
@@ -267,6 +269,23 @@ impl Gpu {
         }
         *self.matmul.lock() = kernel;
         Ok(())
+    }
+
+    /// A constant made once per device and `key` and shared after that (RoPE's cos/sin table
+    /// for one sequence length, say), so that a step uploads nothing that does not change.
+    pub fn constant<T: Send + Sync + 'static>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        if let Some(c) = self.constants.lock().get(key) {
+            if let Ok(c) = c.clone().downcast::<T>() {
+                return Ok(c);
+            }
+        }
+        let made = Arc::new(make()?);
+        self.constants.lock().insert(key.to_string(), made.clone());
+        Ok(made)
     }
 
     /// A small buffer to bind where a kernel's optional input (a bias, say) is switched off.

@@ -184,8 +184,7 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             saved = Some(Value::Cpu(rstd));
         }
         (Device::Gpu(g), Op::Rope { b, t, heads, head_dim, theta }) => {
-            let positions: Vec<u32> = (0..*t as u32).collect();
-            let table = rope::RopeTable::new(g, &positions, *head_dim, *theta)?;
+            let table = rope::RopeTable::for_sequence(g, *t, *head_dim, *theta)?;
             rope::rope_forward(g, out.gpu(), x(0).gpu(), &table, *b, *heads)?;
         }
         (Device::Cpu, Op::Rope { b, t, heads, head_dim, theta }) => {
@@ -521,8 +520,7 @@ pub(crate) fn backward(
                     cpu_put(&mut g, if j == 0 { dx } else { dw }, acc);
                 }
                 (Device::Gpu(gpu), Op::Rope { b, t, heads, head_dim, theta }) => {
-                    let positions: Vec<u32> = (0..*t as u32).collect();
-                    let table = rope::RopeTable::new(gpu, &positions, *head_dim, *theta)?;
+                    let table = rope::RopeTable::for_sequence(gpu, *t, *head_dim, *theta)?;
                     write_or_add(gpu, g.gpu(), acc, "rope gradient", |d| {
                         rope::rope_backward(gpu, d, dy().gpu(), &table, *b, *heads)
                     })?;

@@ -95,43 +95,11 @@ pub struct Dims {
     pub nb2: usize,
 }
 
-/// `C = alpha * A B (+ bias) (+ C if accumulate)` on views (`c.s_j` must be 1): one dispatch
-/// per [`LOOP_SPAN`](super::LOOP_SPAN) of K, the pieces after the first adding into C (the K
-/// loop is the kernel's only data-dependent loop; see the loop limit in `kernels`).
+/// `C = alpha * A B (+ bias) (+ C if accumulate)` on views (`c.s_j` must be 1). One dispatch per
+/// [`LOOP_SPAN`](super::LOOP_SPAN) of K (the kernel's only data-dependent loop; see the loop
+/// limit in `kernels`), the pieces after the first adding into C; M and N are cut where the
+/// grid would pass the device's workgroups per dimension.
 pub fn matmul_strided(
-    gpu: &Gpu,
-    c: View,
-    a: View,
-    b: View,
-    bias: Option<(&wgpu::Buffer, usize)>,
-    d: Dims,
-    alpha: f32,
-    accumulate: bool,
-) -> Result<()> {
-    if d.k == 0 && d.m > 0 && d.n > 0 && d.nb1 > 0 && d.nb2 > 0 {
-        // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
-        return Err(Error::shape("matmul", "inner dimension K is 0"));
-    }
-    for (k0, kl) in super::loop_spans(d.k) {
-        let a = View { off: a.off + k0 * a.s_j, ..a };
-        let b = View { off: b.off + k0 * b.s_i, ..b };
-        let first = k0 == 0;
-        dispatch_piece(
-            gpu,
-            c,
-            a,
-            b,
-            bias.filter(|_| first),
-            Dims { k: kl, ..d },
-            alpha,
-            accumulate || !first,
-        )?;
-    }
-    Ok(())
-}
-
-/// One dispatch of [`matmul_strided`], K at most `LOOP_SPAN`.
-fn dispatch_piece(
     gpu: &Gpu,
     c: View,
     a: View,
@@ -147,6 +115,50 @@ fn dispatch_piece(
     if d.m == 0 || d.n == 0 || d.nb1 == 0 || d.nb2 == 0 {
         return Ok(());
     }
+    if d.k == 0 {
+        // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
+        return Err(Error::shape("matmul", "inner dimension K is 0"));
+    }
+    let kernel = OVERRIDE.with(|o| o.get()).unwrap_or_else(|| gpu.matmul_kernel());
+    let (tile_m, tile_n) = match kernel {
+        MatmulKernel::Tiled => (TILE, TILE),
+        MatmulKernel::Subgroup => (SG_ROWS, SG_COLS),
+    };
+    let max = gpu.max_workgroups() as usize;
+    if d.nb1 * d.nb2 > max {
+        return Err(Error::shape(
+            "matmul",
+            format!("{} x {} batched products exceed {max} workgroups per dimension", d.nb1, d.nb2),
+        ));
+    }
+    for (m0, ml) in super::spans(d.m, max * tile_m) {
+        for (n0, nl) in super::spans(d.n, max * tile_n) {
+            for (k0, kl) in super::loop_spans(d.k) {
+                let a = View { off: a.off + m0 * a.s_i + k0 * a.s_j, ..a };
+                let b = View { off: b.off + k0 * b.s_i + n0 * b.s_j, ..b };
+                let c = View { off: c.off + m0 * c.s_i + n0, ..c };
+                let first = k0 == 0;
+                let bias = bias.filter(|_| first).map(|(buf, off)| (buf, off + n0));
+                let piece = Dims { m: ml, n: nl, k: kl, ..d };
+                dispatch_piece(gpu, kernel, c, a, b, bias, piece, alpha, accumulate || !first)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
+fn dispatch_piece(
+    gpu: &Gpu,
+    kernel: MatmulKernel,
+    c: View,
+    a: View,
+    b: View,
+    bias: Option<(&wgpu::Buffer, usize)>,
+    d: Dims,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
     let u = |v: usize| u32_of(v, "matmul");
     let params = Params {
         m: u(d.m)?,
@@ -172,7 +184,6 @@ fn dispatch_piece(
         alpha,
         _pad: [0; 3],
     };
-    let kernel = OVERRIDE.with(|o| o.get()).unwrap_or_else(|| gpu.matmul_kernel());
     let (key, groups) = match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), [d.n.div_ceil(TILE), d.m.div_ceil(TILE)]),
         MatmulKernel::Subgroup => (

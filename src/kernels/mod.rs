@@ -40,7 +40,14 @@ pub const LOOP_SPAN: usize = 1 << 15;
 /// `0..total` cut into `(start, len)` pieces of at most [`LOOP_SPAN`], in order; one empty
 /// piece when `total` is 0, so that a kernel still writes its (empty-sum) output.
 pub(crate) fn loop_spans(total: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..total.max(1)).step_by(LOOP_SPAN).map(move |s| (s, LOOP_SPAN.min(total.saturating_sub(s))))
+    spans(total, LOOP_SPAN)
+}
+
+/// `0..total` cut into `(start, len)` pieces of at most `span` (one empty piece when `total`
+/// is 0).
+pub(crate) fn spans(total: usize, span: usize) -> impl Iterator<Item = (usize, usize)> {
+    let span = span.max(1);
+    (0..total.max(1)).step_by(span).map(move |s| (s, span.min(total.saturating_sub(s))))
 }
 
 /// Refuse a dispatch whose invocations would loop `trips` times (a row of `cols` values

@@ -26,6 +26,19 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
+    /// The table for positions `0..t`, uploaded once per device and (t, head_dim, theta).
+    pub fn for_sequence(
+        gpu: &Gpu,
+        t: usize,
+        head_dim: usize,
+        theta: f64,
+    ) -> Result<std::sync::Arc<RopeTable>> {
+        gpu.constant(&format!("rope table t={t} head_dim={head_dim} theta={theta:e}"), || {
+            let positions: Vec<u32> = (0..t as u32).collect();
+            RopeTable::new(gpu, &positions, head_dim, theta)
+        })
+    }
+
     pub fn new(gpu: &Gpu, positions: &[u32], head_dim: usize, theta: f64) -> Result<RopeTable> {
         if head_dim % 2 != 0 {
             return Err(Error::shape("rope", format!("head_dim {head_dim} is odd")));
