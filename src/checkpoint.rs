@@ -1,15 +1,24 @@
-//! Checkpoints, written so that a crash, a full disk or a lost device never destroys one that
-//! was already written. Each checkpoint is a directory `OUT/step-NNNNNN/`:
+//! Checkpoints, written so that a crash, a kill, a full disk or a lost device never destroys one
+//! that was already written. Each checkpoint is a directory `OUT/step-NNNNNN/`:
 //!
 //! - `model.safetensors`, `config.json`, `tokenizer.json`: a Hugging Face model directory (load
 //!   it with `--model`, or with transformers); for LoRA runs `adapter_config.json` and
 //!   `adapter_model.safetensors` instead of the weights (a PEFT adapter on the base `--model`)
 //! - `optimizer.safetensors`: AdamW moments `m.<name>` and `v.<name>`
-//! - `state.json`: step, optimizer step, data position, seed
+//! - `state.json`: step, optimizer step, data position, seed, steps skipped
 //!
-//! Every file is written to a temporary name, fsynced and renamed; `OUT/latest` (the name of
-//! the newest complete checkpoint) is replaced the same way, last. A checkpoint is therefore
-//! either complete and named by `latest`, or ignored.
+//! Every file is written and fsynced into a temporary directory `OUT/.step-NNNNNN.tmp/`, which is
+//! then renamed to `step-NNNNNN`; `OUT/latest` (the name of the newest complete checkpoint) is
+//! replaced the same way, last. A `step-NNNNNN` directory is therefore always complete, and
+//! `latest` always names one; what an interrupted write leaves behind is a `.tmp` directory, which
+//! the next save clears (`tests/kill_resume.rs` kills training runs at random moments, inside
+//! checkpoint writes too, and checks this).
+//!
+//! A checkpoint is never written from a state with a non-finite weight or moment: `save` refuses
+//! with [`Error::NonFinite`], so the last good checkpoint stays the one `latest` names.
+//!
+//! Test hook: `POCKETTUNE_TEST_SLOW_CHECKPOINT_MS=N` sleeps N ms after each file of a checkpoint,
+//! so that a test can kill the process while a checkpoint is half written.
 
 use crate::error::{Error, Result};
 use crate::graph::ParamStore;
@@ -30,6 +39,9 @@ pub struct TrainState {
     pub batch_index: usize,
     pub seed: u64,
     pub tokens_seen: u64,
+    /// optimizer steps skipped for a non-finite loss or gradient norm (`--on-nan skip`)
+    #[serde(default)]
+    pub skipped_nan: usize,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -86,6 +98,7 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
 /// Write a checkpoint of `store` and `state` under `out`; returns its directory.
 /// `model_dir` provides config.json and tokenizer.json to copy beside the weights.
 /// With `lora`, only the adapter is written (PEFT files), not the frozen base weights.
+/// Refuses (writing nothing) when a trained weight or a moment is not finite.
 pub fn save(
     out: &Path,
     model_dir: &Path,
@@ -95,39 +108,103 @@ pub fn save(
 ) -> Result<PathBuf> {
     let name = format!("step-{:06}", state.step);
     let dir = out.join(&name);
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let dev = store.device();
     let mut weights = Vec::new();
     let mut moments = Vec::new();
     for (_, p) in store.iter() {
-        if lora.is_none() {
-            weights.push((p.name.clone(), p.shape.clone(), p.value.to_host(dev)?));
+        if lora.is_none() || p.trainable {
+            let w = p.value.to_host(dev)?;
+            check_finite(state, &format!("weight {}", p.name), &w)?;
+            if lora.is_none() {
+                weights.push((p.name.clone(), p.shape.clone(), w));
+            }
         }
         if let Some((m, v)) = p.moments() {
-            moments.push((format!("m.{}", p.name), p.shape.clone(), m.to_host(dev)?));
-            moments.push((format!("v.{}", p.name), p.shape.clone(), v.to_host(dev)?));
+            let (m, v) = (m.to_host(dev)?, v.to_host(dev)?);
+            check_finite(state, &format!("AdamW moment of {}", p.name), &m)?;
+            check_finite(state, &format!("AdamW moment of {}", p.name), &v)?;
+            moments.push((format!("m.{}", p.name), p.shape.clone(), m));
+            moments.push((format!("v.{}", p.name), p.shape.clone(), v));
         }
     }
+
+    // Debris of an interrupted write of this step is cleared first.
+    let tmp = out.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let pause = test_pause();
     match lora {
-        Some((model, opts)) => crate::lora::save(&dir, model, store, opts, model_dir)?,
+        Some((model, opts)) => crate::lora::save(&tmp, model, store, opts, model_dir)?,
         None => {
-            let path = dir.join("model.safetensors");
-            write_atomic(&path, &safetensors_bytes(&weights, &path)?)?;
+            let path = tmp.join("model.safetensors");
+            write_synced(&path, &safetensors_bytes(&weights, &path)?)?;
         }
     }
-    let path = dir.join("optimizer.safetensors");
-    write_atomic(&path, &safetensors_bytes(&moments, &path)?)?;
+    pause();
+    drop(weights);
+    let path = tmp.join("optimizer.safetensors");
+    write_synced(&path, &safetensors_bytes(&moments, &path)?)?;
+    pause();
     for f in ["config.json", "tokenizer.json"] {
         let src = model_dir.join(f);
         if src.exists() {
             let bytes = std::fs::read(&src).map_err(io(&src))?;
-            write_atomic(&dir.join(f), &bytes)?;
+            write_synced(&tmp.join(f), &bytes)?;
+            pause();
         }
     }
     let json = serde_json::to_vec_pretty(state).expect("state serialises");
-    write_atomic(&dir.join("state.json"), &json)?;
+    write_synced(&tmp.join("state.json"), &json)?;
+    sync_dir(&tmp);
+    pause();
+    // An older checkpoint of the same step (from a run resumed before it) is replaced; `latest`
+    // never names it here, since a run saves only steps after the one it resumed from.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    sync_dir(out);
+    pause();
     write_atomic(&out.join("latest"), name.as_bytes())?;
     Ok(dir)
+}
+
+fn check_finite(state: &TrainState, what: &str, values: &[f32]) -> Result<()> {
+    match values.iter().find(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(&value) => Err(Error::NonFinite {
+            step: state.step,
+            what: what.to_string(),
+            value,
+            detail: "so no checkpoint was written from this state".into(),
+        }),
+    }
+}
+
+/// Create `path` with `bytes` and fsync it (inside a temporary directory renamed as a whole).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn sync_dir(dir: &Path) {
+    // Not every platform can open a directory to fsync it; the rename is still atomic there.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The `POCKETTUNE_TEST_SLOW_CHECKPOINT_MS` pause between the files of a checkpoint.
+fn test_pause() -> impl Fn() {
+    let ms = std::env::var("POCKETTUNE_TEST_SLOW_CHECKPOINT_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    move || {
+        if let Some(ms) = ms {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
 }
 
 /// Restore optimizer moments and the training state from checkpoint `dir` into `store` (whose
@@ -157,23 +234,30 @@ pub fn restore(dir: &Path, store: &mut ParamStore) -> Result<TrainState> {
     Ok(state)
 }
 
-/// Delete all but the newest `keep` complete checkpoints under `out` (0 keeps all). The one
-/// `latest` names is never deleted.
+/// Delete all but the newest `keep` complete checkpoints under `out` (0 keeps all), and what
+/// interrupted writes left behind (`.step-NNNNNN.tmp` directories). The one `latest` names is
+/// never deleted.
 pub fn prune(out: &Path, keep: usize) -> Result<()> {
+    let current = latest(out)?;
+    let mut complete = Vec::new();
+    for entry in std::fs::read_dir(out).map_err(io(out))? {
+        let path = entry.map_err(io(out))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        if !path.is_dir() {
+            continue;
+        }
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        } else if name.starts_with("step-") && path.join("state.json").exists() {
+            complete.push(path);
+        }
+    }
     if keep == 0 {
         return Ok(());
     }
-    let current = latest(out)?;
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(out)
-        .map_err(io(out))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-"))
-        })
-        .collect();
-    dirs.sort();
-    let excess = dirs.len().saturating_sub(keep);
-    for dir in dirs.into_iter().take(excess) {
+    complete.sort();
+    let excess = complete.len().saturating_sub(keep);
+    for dir in complete.into_iter().take(excess) {
         if Some(&dir) != current.as_ref() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }

@@ -71,6 +71,13 @@ pub enum Error {
          needs a lower --lr"
     )]
     NonFiniteLogits { detail: String },
+
+    #[error(
+        "training stopped at step {step}: the {what} is {value}, not a finite number, {detail}. \
+         Lower --lr, clip gradients with --max-grad-norm, check the data, or pass --on-nan skip \
+         to skip such steps"
+    )]
+    NonFinite { step: usize, what: String, value: f32, detail: String },
 }
 
 impl Error {

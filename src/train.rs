@@ -2,6 +2,12 @@
 //! gradient accumulation and clipping, AdamW with a warmup + cosine schedule, held-out
 //! evaluation, atomic checkpoints, `--resume`, a metrics JSONL line per optimizer step and a
 //! progress bar (quiet when stderr is not a terminal).
+//!
+//! Resuming is exact: a run killed at any moment and continued with `--resume` gives the losses
+//! of an uninterrupted run step for step, on the same device with the same seed (the checkpoint
+//! holds weights, AdamW moments and the data position; `tests/kill_resume.rs` checks it with
+//! SIGKILL). A non-finite loss or gradient norm stops the run naming the step, or with
+//! `--on-nan skip` skips the update; no checkpoint is ever written from a non-finite state.
 
 use crate::checkpoint::{self, TrainState};
 use crate::data::{Batches, Tokenizer, Tokens};
@@ -9,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Profile};
 use crate::graph::{Device, ParamStore};
 use crate::kernels::optim::AdamW;
+use crate::kernels::{elementwise, reduce};
 use crate::models::Model;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -31,6 +38,18 @@ pub enum Schedule {
     Constant,
     /// Linear warmup, then cosine decay to 0 at the last step.
     Cosine,
+}
+
+/// What a step with a non-finite (NaN or infinite) loss or gradient norm does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNan {
+    /// Stop the run with an error naming the step; `latest` keeps naming the last good
+    /// checkpoint.
+    Stop,
+    /// Skip the update (weights and moments untouched, the batch consumed) and go on; skipped
+    /// steps are counted (`skipped_nan` in the metrics and the summary).
+    Skip,
 }
 
 /// Every option of `pockettune train` (each can also come from `--config run.toml`).
@@ -91,6 +110,10 @@ pub struct TrainOptions {
     /// Clip gradients to this global L2 norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
+    /// A NaN or infinite loss or gradient norm: stop the run, or skip the step.
+    #[arg(long, value_enum, default_value_t = OnNan::Stop)]
+    #[serde(default = "on_nan_default")]
+    pub on_nan: OnNan,
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -147,6 +170,13 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     pub tokens_seen: u64,
     pub seconds: f64,
+    /// steps skipped for a non-finite loss or gradient norm (`--on-nan skip`), resumed runs
+    /// included
+    pub skipped_nan: usize,
+}
+
+fn on_nan_default() -> OnNan {
+    OnNan::Stop
 }
 
 fn invalid(name: &str, detail: impl Into<String>) -> Error {
@@ -271,8 +301,15 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let mut batches = Batches::new(&data, o.batch_size, o.seq_len, o.shuffle, o.seed, &o.data)?;
     let total = o.steps.unwrap_or_else(|| (o.epochs * batches.per_epoch() / o.grad_accum).max(1));
 
-    let mut state =
-        TrainState { step: 0, adam_step: 0, epoch: 0, batch_index: 0, seed: o.seed, tokens_seen: 0 };
+    let mut state = TrainState {
+        step: 0,
+        adam_step: 0,
+        epoch: 0,
+        batch_index: 0,
+        seed: o.seed,
+        tokens_seen: 0,
+        skipped_nan: 0,
+    };
     if let Some(dir) = &resume_dir {
         state = checkpoint::restore(dir, &mut store)?;
         batches.seek(state.epoch, state.batch_index);
@@ -281,14 +318,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let (graph, vars) = model.graph(&store, o.batch_size, o.seq_len)?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), source: e })?;
     let metrics_path = o.metrics_out.clone().unwrap_or_else(|| o.out.join("metrics.jsonl"));
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::Io { path: metrics_path.clone(), source: e })?;
-    let mut log = |value: serde_json::Value| -> Result<()> {
-        writeln!(metrics, "{value}").map_err(|e| Error::Io { path: metrics_path.clone(), source: e })
-    };
+    let mut metrics = Metrics::open(&metrics_path, resume_dir.as_ref().map(|_| state.step))?;
 
     let bar =
         if progress { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
@@ -297,6 +327,13 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             .expect("valid template"),
     );
     bar.set_position(state.step as u64);
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let start = Instant::now();
     let mut losses = Vec::new();
     let mut last_checkpoint = resume_dir;
@@ -317,27 +354,39 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             loss_sum += run.loss(vars.loss)?;
         }
         let loss = loss_sum / o.grad_accum as f32;
-        if !loss.is_finite() {
-            return Err(invalid(
-                "training",
-                format!(
-                    "the loss is {loss} at step {}; lower --lr or check the data. The last good checkpoint is {}",
-                    state.step + 1,
-                    last_checkpoint.as_ref().map_or("none".into(), |p| p.display().to_string())
-                ),
-            ));
-        }
-        if o.max_grad_norm > 0.0 {
-            store.clip_grad_norm(o.max_grad_norm)?;
-        }
+        let grad_norm = if loss.is_finite() { clip_and_norm(&mut store, o.max_grad_norm)? } else { f32::NAN };
         let lr = learning_rate(o, state.step, total);
-        store.adamw_step(AdamW {
-            lr,
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-        })?;
+        let bad = [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, x)| !x.is_finite());
+        match (bad, o.on_nan) {
+            (None, _) => store.adamw_step(AdamW {
+                lr,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+            })?,
+            (Some((what, value)), OnNan::Stop) => {
+                bar.abandon();
+                let detail = match &last_checkpoint {
+                    Some(dir) => format!(
+                        "so no checkpoint was written from it; the last good checkpoint is {} (named by {}; \
+                         continue from it with --resume)",
+                        dir.display(),
+                        o.out.join("latest").display()
+                    ),
+                    None => "and no checkpoint had been written yet".to_string(),
+                };
+                return Err(Error::NonFinite { step: state.step + 1, what: what.into(), value, detail });
+            }
+            (Some((what, value)), OnNan::Skip) => {
+                state.skipped_nan += 1;
+                say(format!(
+                    "step {}: the {what} is {value}; update skipped (--on-nan skip, {} so far)",
+                    state.step + 1,
+                    state.skipped_nan
+                ));
+            }
+        }
         state.step += 1;
         state.adam_step = store.adam_step();
         state.epoch = batches.epoch;
@@ -350,11 +399,11 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             Device::Gpu(g) => Some(g.bytes_allocated().0),
             Device::Cpu => None,
         };
-        log(serde_json::json!({
+        metrics.log(serde_json::json!({
             "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens_seen,
             "ms_step": secs * 1e3, "tokens_per_s": tokens_per_step as f64 / secs,
             "rss_bytes": rss, "peak_rss_bytes": peak, "gpu_bytes": gpu_bytes,
-            "battery_pct": null, "throttle_ms": 0,
+            "battery_pct": null, "throttle_ms": 0, "grad_norm": grad_norm, "skipped_nan": state.skipped_nan,
         }))?;
         bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens_per_step as f64 / secs));
         bar.set_position(state.step as u64);
@@ -363,13 +412,9 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         if let Some(ev) = eval_tokens {
             if (o.eval_every > 0 && state.step % o.eval_every == 0) || last {
                 let l = evaluate(&graph, vars.loss, &store, ev, o.batch_size, o.seq_len, o.eval_batches)?;
-                log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
-                let line = format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp());
-                if bar.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    bar.println(line);
-                }
+                metrics
+                    .log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
+                say(format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp()));
                 eval_loss = Some(l);
             }
         }
@@ -380,6 +425,12 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
     }
     bar.finish_and_clear();
+    if state.skipped_nan > 0 {
+        eprintln!(
+            "{} of {} steps skipped for a non-finite loss or gradient norm (--on-nan skip)",
+            state.skipped_nan, state.step
+        );
+    }
     Ok(TrainSummary {
         steps: state.step,
         losses,
@@ -387,7 +438,92 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         checkpoint: last_checkpoint,
         tokens_seen: state.tokens_seen,
         seconds: start.elapsed().as_secs_f64(),
+        skipped_nan: state.skipped_nan,
     })
+}
+
+/// Clip the gradients to global L2 norm `max_norm` (0: no clipping) and return their norm before
+/// clipping, the value `--on-nan` checks. With clipping on it is the sum of squares clipping
+/// computes anyway; on the GPU it is read back (4 bytes, one wait per step, beside the loss's).
+/// With clipping off the same reduction runs alone: one pass over the gradients, little beside
+/// the forward and backward passes. A sum of squares beyond f32 (a norm above ~1.8e19) counts
+/// as infinite on both paths: on the GPU the sum is f32 (and would zero every gradient through
+/// the clip coefficient), and a gradient that large would overflow AdamW's second moment.
+fn clip_and_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
+    match store.device().clone() {
+        Device::Gpu(gpu) => {
+            let grads: Vec<&crate::gpu::Tensor> =
+                store.iter().filter_map(|(_, p)| p.grad.as_ref()).map(|g| g.gpu()).collect();
+            let acc = if max_norm > 0.0 {
+                reduce::clip_grad_norm(&gpu, &grads, max_norm)?
+            } else {
+                let acc = crate::gpu::Tensor::empty(&gpu, &[1], "grad norm")?;
+                elementwise::fill(&gpu, &acc, 0.0)?;
+                for g in &grads {
+                    reduce::sum_into(&gpu, &acc, 0, g, true)?;
+                }
+                acc
+            };
+            Ok(acc.to_host(&gpu)?[0].sqrt())
+        }
+        Device::Cpu => {
+            // The reference clip returns the same f64 sum; it is recomputed here because the
+            // store clips all gradients at once behind its own borrow.
+            let squares: f64 = store
+                .iter()
+                .filter_map(|(_, p)| p.grad.as_ref())
+                .map(|g| kernels_ref::sum_squares(g.cpu()))
+                .sum();
+            if max_norm > 0.0 {
+                store.clip_grad_norm(max_norm)?;
+            }
+            Ok(if (squares as f32).is_finite() { squares.sqrt() as f32 } else { f32::INFINITY })
+        }
+    }
+}
+
+/// The metrics JSONL file: one line per optimizer step and per evaluation. It holds the history
+/// of the run whose checkpoints are in OUT: a fresh run starts it empty; a resumed run drops the
+/// lines after its checkpoint's step (they were written before an interruption and are written
+/// again) and a last line cut short by a kill. Each line goes out in one write.
+struct Metrics {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn open(path: &Path, resumed_at: Option<usize>) -> Result<Metrics> {
+        let err = |e| Error::Io { path: path.to_path_buf(), source: e };
+        let file = match resumed_at {
+            None => std::fs::File::create(path).map_err(err)?,
+            Some(step) => {
+                // Only a regular file is rewritten (not, say, --metrics-out /dev/stdout).
+                if path.is_file() {
+                    let text = String::from_utf8_lossy(&std::fs::read(path).map_err(err)?).into_owned();
+                    let kept: String = text
+                        .split_inclusive('\n')
+                        .filter(|line| {
+                            line.ends_with('\n')
+                                && serde_json::from_str::<serde_json::Value>(line)
+                                    .ok()
+                                    .and_then(|v| v.get("step")?.as_u64())
+                                    .is_some_and(|s| s <= step as u64)
+                        })
+                        .collect();
+                    if kept.len() != text.len() {
+                        checkpoint::write_atomic(path, kept.as_bytes())?;
+                    }
+                }
+                std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?
+            }
+        };
+        Ok(Metrics { path: path.to_path_buf(), file })
+    }
+
+    fn log(&mut self, value: serde_json::Value) -> Result<()> {
+        let line = format!("{value}\n");
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::Io { path: self.path.clone(), source: e })
+    }
 }
 
 /// Mean loss over up to `max_batches` batches of `tokens` in order (forward only).
