@@ -117,3 +117,33 @@ pub fn fixture_adamw(dir: &std::path::Path) -> pockettune::kernels::optim::AdamW
         weight_decay: f(&cfg["weight_decay"]),
     }
 }
+
+/// A fixture tensor against ours, as `rel_err` (largest difference over the largest fixture
+/// value). At a real vocabulary (`tools/make_fixtures.py`, above BIG_VOCAB) the fixture keeps,
+/// of a tensor with a vocabulary axis (logits, embedding and LM-head gradients), only the rows
+/// listed in `vocab_rows`, with the whole tensor's sum of squares in `sumsq.<name>`: ours is
+/// then cut to the same rows, and the larger of that error and the sum of squares' relative
+/// error is returned.
+#[allow(dead_code)]
+pub fn fixture_err(ex: &pockettune::models::SafetensorsFile, name: &str, ours: &[f32]) -> f64 {
+    use pockettune::gradcheck::rel_err;
+    let (shape, want) = ex.get(name).unwrap().unwrap_or_else(|| panic!("fixture has no {name}"));
+    let Some((_, sumsq)) = ex.get(&format!("sumsq.{name}")).unwrap() else {
+        return rel_err(ours, &want);
+    };
+    let rows = ex.get("vocab_rows").unwrap().expect("a fixture with sums of squares lists vocab_rows").1;
+    let axis = shape.iter().position(|&d| d == rows.len()).expect("the fixture's vocabulary axis");
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let vocab = ours.len() / (outer * inner);
+    assert_eq!(outer * vocab * inner, ours.len(), "{name}: {} values for shape {shape:?}", ours.len());
+    let cut: Vec<f32> = (0..outer)
+        .flat_map(|o| {
+            rows.iter().flat_map(move |&r| (0..inner).map(move |i| (o * vocab + r as usize) * inner + i))
+        })
+        .map(|at| ours[at])
+        .collect();
+    let ss: f64 = ours.iter().map(|&x| x as f64 * x as f64).sum();
+    let want_ss = sumsq[0] as f64;
+    rel_err(&cut, &want).max(((ss - want_ss) / want_ss).abs())
+}
