@@ -32,8 +32,22 @@ impl Tokenizer {
         if !path.exists() {
             return Err(bad_data(path, "tokenizer.json not found (the model directory should contain it)"));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| bad_data(path, format!("not a readable tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+        // tokenizers 0.22 panics instead of failing on a JSON syntax error inside "decoder"
+        // (and on a bad Precompiled normalizer): check the syntax first, and turn any panic
+        // left into an error.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| bad_data(path, format!("not a readable tokenizer.json: not valid JSON: {e}")))?;
+        let inner = match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+            Ok(Ok(inner)) => inner,
+            Ok(Err(e)) => return Err(bad_data(path, format!("not a readable tokenizer.json: {e}"))),
+            Err(_) => {
+                return Err(bad_data(
+                    path,
+                    "not a readable tokenizer.json (the tokenizers library panicked on it)",
+                ))
+            }
+        };
         let eot = ["<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>"]
             .iter()
             .find_map(|t| inner.token_to_id(t))

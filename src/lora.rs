@@ -160,6 +160,15 @@ pub fn load(dir: &Path, model: &Model, store: &mut ParamStore) -> Result<LoraOpt
         path: cfg_path.clone(),
         detail: format!("not a PEFT LoRA config: {e}"),
     })?;
+    if cfg.r == 0 || !(0.0..1.0).contains(&cfg.lora_dropout) || !cfg.lora_alpha.is_finite() {
+        return Err(Error::Checkpoint {
+            path: cfg_path,
+            detail: format!(
+                "r {} must be at least 1, lora_dropout {} in [0, 1) and lora_alpha {} a finite number",
+                cfg.r, cfg.lora_dropout, cfg.lora_alpha
+            ),
+        });
+    }
     if cfg.use_rslora || cfg.use_dora {
         return Err(Error::Checkpoint {
             path: cfg_path,

@@ -113,3 +113,95 @@ fn gemma_sliding_window_zero_is_refused_before_the_cpu_path_runs() {
     let err = Model::random(config, &Device::Cpu, 0).err().expect("refused");
     assert!(err.to_string().contains("sliding_window is 0; it must be at least 1"), "{err}");
 }
+
+/// Regression (found by `tests/fuzz_readers.rs`): sizes far beyond any model overflowed in
+/// shape arithmetic (GPT-2's `4 * n_embd`, `3 * n_embd`; Llama's heads times head_dim) or listed
+/// tensors for billions of layers before the weights were opened.
+#[test]
+fn config_json_with_sizes_beyond_any_model_is_refused_naming_the_field() {
+    let huge = json!(u64::MAX);
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        ("gpt2-tiny", "n_embd", huge.clone(), "n_embd is 18446744073709551615"),
+        ("gpt2-tiny", "n_inner", huge.clone(), "n_inner is 18446744073709551615"),
+        ("gpt2-tiny", "n_layer", json!(1u64 << 40), "n_layer is 1099511627776"),
+        ("gpt2-tiny", "n_positions", huge.clone(), "n_positions is"),
+        ("qwen2-tiny", "head_dim", json!(1u64 << 62), "head_dim is 4611686018427387904"),
+        ("qwen2-tiny", "num_hidden_layers", huge.clone(), "num_hidden_layers is"),
+        ("llama-tiny", "intermediate_size", huge.clone(), "intermediate_size is"),
+        ("gemma3-tiny", "head_dim", json!(1u64 << 62), "head_dim is 4611686018427387904"),
+        ("gemma2-tiny", "vocab_size", huge.clone(), "vocab_size is"),
+        ("gemma3-tiny", "num_hidden_layers", json!(1u64 << 40), "num_hidden_layers is"),
+    ];
+    for (base, field, value, want) in cases {
+        let what = format!("{base} with {field} = {value}");
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.json"), spoiled(base, field, value).to_string()).unwrap();
+        match Model::load(tmp.path(), &Device::Cpu) {
+            Err(Error::Checkpoint { path, detail }) => {
+                assert_eq!(path, tmp.path().join("config.json"), "{what}: {detail}");
+                assert!(
+                    detail.contains(want) && detail.contains("more than any model has"),
+                    "{what}: {detail}"
+                );
+            }
+            Err(e) => panic!("{what}: expected a config.json error containing {want:?}, got: {e}"),
+            Ok(_) => panic!("{what}: loaded"),
+        }
+    }
+}
+
+/// Regression (found by `tests/fuzz_readers.rs`): tokenizers 0.22 panics ("Helper") on a JSON
+/// syntax error inside `decoder`, and ("Precompiled") on a Precompiled normalizer whose
+/// charsmap does not decode; both are now errors naming the file.
+#[test]
+fn damaged_tokenizer_json_is_an_error_naming_the_file_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    let cases = [
+        r#"{"added_tokens": [], "decoder": {"type": "ByteLevel", "trim"#.to_string()
+            + r#"null, "model": {"type": "BPE", "vocab": {}, "merges": []}}"#,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": {"type": "Precompiled", "precompiled_charsmap": "!not base64!"},
+            "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}"#
+            .to_string(),
+    ];
+    for text in cases {
+        std::fs::write(&path, &text).unwrap();
+        match pockettune::data::Tokenizer::load(&path) {
+            Err(Error::Checkpoint { path: p, detail }) => {
+                assert_eq!(p, path, "{detail}");
+                assert!(detail.contains("not a readable tokenizer.json"), "{detail}");
+            }
+            Err(e) => panic!("{text}: expected an error about the tokenizer.json, got: {e}"),
+            Ok(_) => panic!("{text}: loaded"),
+        }
+    }
+}
+
+/// Regression: an adapter_config.json with `r: 0`, a dropout outside [0, 1) or an infinite
+/// alpha was taken as given (rank 0 gave an infinite scale alpha / r).
+#[test]
+fn adapter_config_with_rank_zero_or_bad_dropout_is_refused_naming_the_file() {
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gpt2-tiny-lora").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for (field, value) in [("r", json!(0)), ("lora_dropout", json!(1.0)), ("lora_alpha", json!(1e39))] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut spoilt = config.clone();
+        spoilt[field] = value.clone();
+        std::fs::write(tmp.path().join("adapter_config.json"), spoilt.to_string()).unwrap();
+        let weights = "adapter_model.safetensors";
+        std::fs::copy(fixture("gpt2-tiny-lora").join(weights), tmp.path().join(weights)).unwrap();
+        let (model, mut store) = Model::load(&fixture("gpt2-tiny"), &Device::Cpu).unwrap();
+        match pockettune::lora::load(tmp.path(), &model, &mut store) {
+            Err(Error::Checkpoint { path, detail }) => {
+                assert_eq!(path, tmp.path().join("adapter_config.json"), "{field} = {value}: {detail}");
+                assert!(detail.contains("r ") && detail.contains("lora_dropout"), "{detail}");
+            }
+            Err(e) => panic!("{field} = {value}: expected an adapter_config.json error, got: {e}"),
+            Ok(_) => panic!("{field} = {value}: the adapter loaded"),
+        }
+    }
+}

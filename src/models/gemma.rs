@@ -186,6 +186,19 @@ impl GemmaConfig {
             ("sliding_window", self.sliding_window.unwrap_or(1)),
             ("sliding_window_pattern", self.sliding_window_pattern.unwrap_or(1)),
         ])?;
+        super::at_most(
+            super::MAX_WIDTH,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads", h),
+                ("num_key_value_heads", kv),
+                ("head_dim", d),
+                ("vocab_size", self.vocab_size),
+            ],
+        )?;
+        super::at_most(super::MAX_LAYERS, &[("num_hidden_layers", self.num_hidden_layers)])?;
+        super::at_most(super::MAX_POSITIONS, &[("max_position_embeddings", self.max_position_embeddings)])?;
         if h % kv != 0 {
             return bad(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
         }

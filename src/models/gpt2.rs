@@ -59,13 +59,18 @@ impl Gpt2Config {
             ("vocab_size", self.vocab_size),
             ("n_inner", self.inner()),
         ])?;
+        let widths = [("n_head", self.n_head), ("n_embd", self.n_embd), ("vocab_size", self.vocab_size)];
+        super::at_most(super::MAX_WIDTH, &widths)?;
+        super::at_most(super::MAX_WIDTH, &[("n_inner", self.inner())])?;
+        super::at_most(super::MAX_LAYERS, &[("n_layer", self.n_layer)])?;
+        super::at_most(super::MAX_POSITIONS, &[("n_positions", self.n_positions)])?;
         if self.n_embd % self.n_head != 0 {
             return Err(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
         }
         super::positive_number("layer_norm_epsilon", self.layer_norm_epsilon.into(), true)
     }
     pub fn inner(&self) -> usize {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
     /// GPT-2 124M.
     pub fn small() -> Self {

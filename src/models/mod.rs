@@ -122,6 +122,24 @@ fn at_least_one(fields: &[(&str, usize)]) -> std::result::Result<(), String> {
     }
 }
 
+/// Largest width (hidden, intermediate, heads, head size, vocabulary) a config may give: far
+/// above any real model, and small enough that shapes multiplying two or three of them cannot
+/// overflow.
+const MAX_WIDTH: usize = 1 << 24;
+/// Largest layer count (real models have up to a few hundred; each layer lists its tensors).
+const MAX_LAYERS: usize = 1 << 12;
+/// Largest position count (long-context models give about 10 million).
+const MAX_POSITIONS: usize = 1 << 30;
+
+/// Config fields that must not exceed `max` (a huge value overflowed in shape arithmetic, or
+/// listed tensors for billions of layers, before the weights were even opened).
+fn at_most(max: usize, fields: &[(&str, usize)]) -> std::result::Result<(), String> {
+    match fields.iter().find(|(_, v)| *v > max) {
+        Some((name, v)) => Err(format!("{name} is {v}, more than any model has (at most {max} here)")),
+        None => Ok(()),
+    }
+}
+
 /// A config number that must be finite and positive (or, with `zero_ok`, zero).
 fn positive_number(name: &str, v: f64, zero_ok: bool) -> std::result::Result<(), String> {
     if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) {
