@@ -870,18 +870,18 @@ fn check_add(p: &mut Probe) -> Result<()> {
         elementwise::add(p.gpu, &gout, &ga, &gb, 1.0, 1.0)?;
         let mut out = vec![0f32; n];
         kr::add(&mut out, &a, &b);
-        p.record("forward", &n.to_string(), "add", &gout, &out)?;
+        p.record("forward", &format!("{dims:?}"), "add", &gout, &out)?;
         let gs = p.out(&dims)?;
         elementwise::axpby(p.gpu, &gs, &ga, 0.37, 0.0)?;
         kr::scale(&mut out, &a, 0.37);
-        p.record("forward", &n.to_string(), "scale", &gs, &out)?;
+        p.record("forward", &format!("{dims:?}"), "scale", &gs, &out)?;
         // Backward of out = a + b is the identity into both inputs; of scale, scaling dy.
         let dy = p.uniform(n);
         let gdy = p.up(&dy, &dims)?;
         let gda = p.out(&dims)?;
         elementwise::axpby(p.gpu, &gda, &gdy, 0.37, 0.0)?;
         kr::scale(&mut out, &dy, 0.37);
-        p.record("backward", &n.to_string(), "d scale", &gda, &out)?;
+        p.record("backward", &format!("{dims:?}"), "d scale", &gda, &out)?;
     }
     Ok(())
 }
@@ -916,8 +916,8 @@ fn check_reduce(p: &mut Probe) -> Result<()> {
         let gx = p.up(&x, &dims)?;
         let s = reduce::sum(p.gpu, &gx, false)?;
         let ss = reduce::sum(p.gpu, &gx, true)?;
-        p.push("forward", &n.to_string(), "sum", rel_err(&[s], &[kr::sum(&x) as f32]));
-        p.push("forward", &n.to_string(), "sum_squares", rel_err(&[ss], &[kr::sum_squares(&x) as f32]));
+        p.push("forward", &format!("{dims:?}"), "sum", rel_err(&[s], &[kr::sum(&x) as f32]));
+        p.push("forward", &format!("{dims:?}"), "sum_squares", rel_err(&[ss], &[kr::sum_squares(&x) as f32]));
     }
     // past 65,535 rows: the column sums run a span of rows per dispatch
     for &(rows, cols) in ROW_SHAPES.iter().chain(&[(70_001, 3)]) {
@@ -965,9 +965,9 @@ fn check_adamw(p: &mut Probe) -> Result<()> {
             optim::adamw_step(p.gpu, &gw, &gg, &gm, &gv, opt, step)?;
             kr::adamw_step(&mut w, &g, &mut m, &mut v, opt, step);
         }
-        p.record("step", &n.to_string(), "params after 3 steps", &gw, &w)?;
-        p.record("step", &n.to_string(), "m", &gm, &m)?;
-        p.record("step", &n.to_string(), "v", &gv, &v)?;
+        p.record("step", &format!("{dims:?}"), "params after 3 steps", &gw, &w)?;
+        p.record("step", &format!("{dims:?}"), "m", &gm, &m)?;
+        p.record("step", &format!("{dims:?}"), "v", &gv, &v)?;
     }
     Ok(())
 }
@@ -979,7 +979,7 @@ fn check_sgd(p: &mut Probe) -> Result<()> {
         let (gw, gg) = (p.up(&w, &dims)?, p.up(&g, &dims)?);
         optim::sgd_step(p.gpu, &gw, &gg, 0.1, 0.01)?;
         kr::sgd_step(&mut w, &g, 0.1, 0.01);
-        p.record("step", &n.to_string(), "params", &gw, &w)?;
+        p.record("step", &format!("{dims:?}"), "params", &gw, &w)?;
     }
     Ok(())
 }

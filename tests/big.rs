@@ -217,3 +217,23 @@ fn embedding_grad_lost_positions_past_65535() {
     let err = gradcheck::rel_err(&gdt.to_host(gpu).unwrap(), &want);
     assert!(err <= gradcheck::TOL, "embedding backward rel err {err:e}");
 }
+
+/// The full tier of the self-test (`pockettune gradcheck --full`) on the kernels that walk the
+/// whole vocabulary, at Gemma 3's real size: the LM head in all three products, cross-entropy,
+/// soft-capping, embedding gather and scatter, AdamW, reductions and clipping over 262,144 x
+/// 640 tensors, above the binding limit.
+#[test]
+fn vocabulary_wide_kernels_at_gemma3_size() {
+    let Some(gpu) = common::gpu() else { return };
+    for kernel in
+        ["matmul_chunked", "cross_entropy", "softcap", "embedding", "adamw", "reduce", "clip_grad_norm"]
+    {
+        let rows = gradcheck::check_kernel(gpu, kernel, 0x5eed, gradcheck::Tier::Full).unwrap();
+        assert!(
+            rows.iter().any(|r| r.shapes.iter().any(|s| s.contains("262144"))),
+            "{kernel}: no shape at the vocabulary"
+        );
+        let failed: Vec<_> = rows.iter().filter(|r| !r.pass).collect();
+        assert!(failed.is_empty(), "{kernel} failed: {failed:#?}");
+    }
+}
