@@ -60,6 +60,11 @@ pub fn with_kernel<R>(kernel: MatmulKernel, f: impl FnOnce() -> R) -> R {
     result
 }
 
+/// The kernel the matrix products on this thread use now ([`with_kernel`]'s, else the device's).
+pub fn current_kernel(gpu: &Gpu) -> MatmulKernel {
+    OVERRIDE.with(|o| o.get()).unwrap_or_else(|| gpu.matmul_kernel())
+}
+
 /// A matrix inside one buffer: element `(i, j)` of batch `(b1, b2)` sits at
 /// `off + i * s_i + j * s_j + b1 * s_b1 + b2 * s_b2`.
 #[derive(Clone, Copy, Debug)]
@@ -119,7 +124,7 @@ pub fn matmul_strided(
         // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
         return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
-    let kernel = OVERRIDE.with(|o| o.get()).unwrap_or_else(|| gpu.matmul_kernel());
+    let kernel = current_kernel(gpu);
     let (tile_m, tile_n) = match kernel {
         MatmulKernel::Tiled => (TILE, TILE),
         MatmulKernel::Subgroup => (SG_ROWS, SG_COLS),
