@@ -69,7 +69,7 @@ enum Command {
         #[arg(long)]
         kernel: Vec<String>,
         /// Also check the vocabulary-wide kernels at Gemma 3's real size (262,144 x 640
-        /// tensors above the binding limit; needs about 6 GB of memory). Without it the
+        /// tensors above the binding limit; about 7.5 GB of memory). Without it the
         /// check still crosses every size limit the kernels have, on smaller tensors.
         #[arg(long)]
         full: bool,
