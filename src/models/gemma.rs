@@ -174,34 +174,22 @@ impl GemmaConfig {
                 self.hidden_activation
             ));
         }
-        let (h, kv, d) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
-        super::at_least_one(&[
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", h),
-            ("num_key_value_heads", kv),
-            ("vocab_size", self.vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
+        let d = self.head_dim;
+        let sizes = super::DecoderSizes {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: d,
+            vocab_size: self.vocab_size,
+            num_hidden_layers: self.num_hidden_layers,
+            max_position_embeddings: self.max_position_embeddings,
+        };
+        sizes.check(&[
             // null turns the window off; 0 would be a window of no token
             ("sliding_window", self.sliding_window.unwrap_or(1)),
             ("sliding_window_pattern", self.sliding_window_pattern.unwrap_or(1)),
         ])?;
-        super::at_most(
-            super::MAX_WIDTH,
-            &[
-                ("hidden_size", self.hidden_size),
-                ("intermediate_size", self.intermediate_size),
-                ("num_attention_heads", h),
-                ("num_key_value_heads", kv),
-                ("head_dim", d),
-                ("vocab_size", self.vocab_size),
-            ],
-        )?;
-        super::at_most(super::MAX_LAYERS, &[("num_hidden_layers", self.num_hidden_layers)])?;
-        super::at_most(super::MAX_POSITIONS, &[("max_position_embeddings", self.max_position_embeddings)])?;
-        if h % kv != 0 {
-            return bad(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
-        }
         if d == 0 || d % 2 != 0 {
             return bad(format!("head_dim {d} must be even and at least 2 (RoPE rotates pairs)"));
         }

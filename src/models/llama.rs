@@ -83,30 +83,17 @@ impl LlamaConfig {
             return Err(format!("hidden_act {:?}: only silu (SwiGLU) is supported", self.hidden_act));
         }
         let (h, kv, d) = self.heads();
-        super::at_least_one(&[
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", h),
-            ("num_key_value_heads", kv),
-            ("vocab_size", self.vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ])?;
-        super::at_most(
-            super::MAX_WIDTH,
-            &[
-                ("hidden_size", self.hidden_size),
-                ("intermediate_size", self.intermediate_size),
-                ("num_attention_heads", h),
-                ("num_key_value_heads", kv),
-                ("head_dim", d),
-                ("vocab_size", self.vocab_size),
-            ],
-        )?;
-        super::at_most(super::MAX_LAYERS, &[("num_hidden_layers", self.num_hidden_layers)])?;
-        super::at_most(super::MAX_POSITIONS, &[("max_position_embeddings", self.max_position_embeddings)])?;
-        if h % kv != 0 {
-            return Err(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
-        }
+        let sizes = super::DecoderSizes {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: h,
+            num_key_value_heads: kv,
+            head_dim: d,
+            vocab_size: self.vocab_size,
+            num_hidden_layers: self.num_hidden_layers,
+            max_position_embeddings: self.max_position_embeddings,
+        };
+        sizes.check(&[])?;
         if self.head_dim.is_none() && self.hidden_size % h != 0 {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {h} (and no head_dim is given)",

@@ -140,6 +140,54 @@ fn at_most(max: usize, fields: &[(&str, usize)]) -> std::result::Result<(), Stri
     }
 }
 
+/// The sizes of a RoPE decoder block (the Llama block and Gemma), as its `config.json` names
+/// them, checked alike for every family that has one.
+pub(crate) struct DecoderSizes {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl DecoderSizes {
+    /// None of them (nor any of `more`) 0, none beyond any model, query heads in whole groups
+    /// per key/value head. The head dimension's parity is the caller's last check.
+    pub(crate) fn check(&self, more: &[(&str, usize)]) -> std::result::Result<(), String> {
+        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        let mut nonzero = vec![
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", h),
+            ("num_key_value_heads", kv),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        nonzero.extend_from_slice(more);
+        at_least_one(&nonzero)?;
+        at_most(
+            MAX_WIDTH,
+            &[
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads", h),
+                ("num_key_value_heads", kv),
+                ("head_dim", self.head_dim),
+                ("vocab_size", self.vocab_size),
+            ],
+        )?;
+        at_most(MAX_LAYERS, &[("num_hidden_layers", self.num_hidden_layers)])?;
+        at_most(MAX_POSITIONS, &[("max_position_embeddings", self.max_position_embeddings)])?;
+        if h % kv != 0 {
+            return Err(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {kv}"));
+        }
+        Ok(())
+    }
+}
+
 /// A config number that must be finite and positive (or, with `zero_ok`, zero).
 fn positive_number(name: &str, v: f64, zero_ok: bool) -> std::result::Result<(), String> {
     if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) {
