@@ -127,17 +127,17 @@ pub fn embedding_backward(gpu: &Gpu, dtable: &Tensor, dout: &Tensor, ids: &Ids) 
         let bufs = [Some(ids.csr.raw()), Some(db), Some(ch.buf.raw())];
         // An id repeated more than LOOP_SPAN times (padding in a long batch) is summed over
         // several dispatches, each adding its span of positions.
+        let p = Params {
+            n: u32_of(n, "embedding")?,
+            dim: u32_of(dim, "embedding")?,
+            start: u32_of(ch.start, "embedding")?,
+            len: u32_of(ch.len, "embedding")?,
+            u0: u32_of(u0, "embedding")?,
+            n_unique: u32_of(n_unique, "embedding")?,
+            ..Default::default()
+        };
         for (k0, kl) in super::loop_spans(ids.max_count) {
-            let p = Params {
-                n: u32_of(n, "embedding")?,
-                dim: u32_of(dim, "embedding")?,
-                start: u32_of(ch.start, "embedding")?,
-                len: u32_of(ch.len, "embedding")?,
-                u0: u32_of(u0, "embedding")?,
-                n_unique: u32_of(n_unique, "embedding")?,
-                k0: u32_of(k0, "embedding")?,
-                k1: u32_of(k0 + kl, "embedding")?,
-            };
+            let p = Params { k0: u32_of(k0, "embedding")?, k1: u32_of(k0 + kl, "embedding")?, ..p };
             gpu.dispatch(
                 &KernelKey::new("embedding", "scatter_add"),
                 &bufs,

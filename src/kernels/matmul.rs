@@ -125,10 +125,7 @@ pub fn matmul_strided(
         return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
     let kernel = current_kernel(gpu);
-    let (tile_m, tile_n) = match kernel {
-        MatmulKernel::Tiled => (TILE, TILE),
-        MatmulKernel::Subgroup => (SG_ROWS, SG_COLS),
-    };
+    let (_, tile_m, tile_n) = entry(kernel);
     let max = gpu.max_workgroups() as usize;
     if d.nb1 * d.nb2 > max {
         return Err(Error::shape(
@@ -150,6 +147,14 @@ pub fn matmul_strided(
         }
     }
     Ok(())
+}
+
+/// A kernel's entry point and the (rows, columns) of C one workgroup computes.
+fn entry(kernel: MatmulKernel) -> (KernelKey, usize, usize) {
+    match kernel {
+        MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
+        MatmulKernel::Subgroup => (KernelKey::new("matmul_subgroup", "matmul_subgroup"), SG_ROWS, SG_COLS),
+    }
 }
 
 /// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
@@ -189,14 +194,8 @@ fn dispatch_piece(
         alpha,
         _pad: [0; 3],
     };
-    let (key, groups) = match kernel {
-        MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), [d.n.div_ceil(TILE), d.m.div_ceil(TILE)]),
-        MatmulKernel::Subgroup => (
-            KernelKey::new("matmul_subgroup", "matmul_subgroup"),
-            [d.n.div_ceil(SG_COLS), d.m.div_ceil(SG_ROWS)],
-        ),
-    };
-    let groups = [groups[0], groups[1], d.nb1 * d.nb2].map(|g| g as u32);
+    let (key, tile_m, tile_n) = entry(kernel);
+    let groups = [d.n.div_ceil(tile_n), d.m.div_ceil(tile_m), d.nb1 * d.nb2].map(|g| g as u32);
     gpu.dispatch(
         &key,
         &[Some(a.buf), Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))],
