@@ -12,6 +12,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("matmul", include_str!("../shaders/matmul.wgsl")),
     ("matmul_subgroup", include_str!("../shaders/matmul_subgroup.wgsl")),
     ("norm", include_str!("../shaders/norm.wgsl")),
+    ("quant", include_str!("../shaders/quant.wgsl")),
     ("reduce", include_str!("../shaders/reduce.wgsl")),
     ("rope", include_str!("../shaders/rope.wgsl")),
     ("softmax", include_str!("../shaders/softmax.wgsl")),

@@ -9,10 +9,12 @@
 
 pub mod adapter;
 mod pool;
+mod qtensor;
 mod tensor;
 
 pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
 pub use pool::GpuBuffer;
+pub use qtensor::QTensor;
 pub use tensor::{Chunk, Split, Tensor};
 
 use crate::error::{Error, Result};

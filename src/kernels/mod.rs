@@ -25,6 +25,7 @@ pub mod embedding;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
+pub mod quant;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
