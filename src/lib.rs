@@ -15,9 +15,11 @@ pub mod gradcheck;
 pub mod graph;
 pub mod kernels;
 pub mod lora;
+pub mod mmlu;
 pub mod models;
 pub mod shaders;
 pub mod train;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, MatmulKernel, Profile, Tensor};

@@ -9,15 +9,11 @@
 use super::{Device, Value};
 use crate::error::{Error, Result};
 use crate::kernels::optim::{self, AdamW};
+use kernels_ref::quant::GgmlType;
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ParamId(pub usize);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-}
 
 /// Where a parameter's authoritative copy lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +25,8 @@ pub enum Location {
 pub struct Param {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: DType,
+    /// Storage on the device: F32, or the packed format of a frozen base weight.
+    pub dtype: GgmlType,
     pub trainable: bool,
     pub location: Location,
     pub value: Value,
@@ -88,7 +85,7 @@ impl ParamStore {
         self.params.push(Param {
             name: name.to_string(),
             shape: shape.to_vec(),
-            dtype: DType::F32,
+            dtype: GgmlType::F32,
             trainable,
             location: Location::Resident,
             value,
@@ -97,6 +94,14 @@ impl ParamStore {
         });
         self.by_name.insert(name.to_string(), id);
         Ok(id)
+    }
+
+    /// Add a frozen parameter stored as `ty` (`bytes` as in the file).
+    pub fn add_packed(&mut self, name: &str, shape: &[usize], ty: GgmlType, bytes: &[u8]) -> Result<ParamId> {
+        // until the packed GPU storage lands: dequantized to f32
+        let mut data = vec![0f32; shape.iter().product()];
+        kernels_ref::quant::dequantize(ty, bytes, &mut data);
+        self.add(name, shape, &data, false)
     }
 
     /// Put a LoRA adapter on weight `base` (fan_in inputs, fan_out outputs) with A and B given

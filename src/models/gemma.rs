@@ -16,9 +16,8 @@
 //! Gemma 3 reads `attn_logit_softcapping` but never applies it, and neither does pockettune (it
 //! says so when a Gemma 3 config sets it), so that both compute the same model.
 
-use super::{read_config, SafetensorsFile};
 use crate::error::{Error, Result};
-use crate::graph::{Device, Graph, ParamId, ParamStore, Var};
+use crate::graph::{Graph, ParamId, ParamStore, Var};
 use crate::kernels::attention::AttnDims;
 use serde::Deserialize;
 use std::path::Path;
@@ -92,6 +91,17 @@ fn default_act() -> String {
 }
 
 impl GemmaConfig {
+    /// Gemma 3 checkpoints may carry Gemma 2's attention soft-cap, which Gemma 3 does not apply.
+    pub(crate) fn note_ignored_softcap(&self, path: &Path) {
+        if let (Generation::Gemma3, Some(c)) = (self.generation, self.attn_logit_softcapping) {
+            eprintln!(
+                "note: {} sets attn_logit_softcapping = {c}; Gemma 3 does not apply it (transformers \
+                 neither), so it is ignored",
+                path.join("config.json").display()
+            );
+        }
+    }
+
     /// Whether layer `l` uses the sliding window. Without `layer_types`, every
     /// `sliding_window_pattern`-th layer is global (transformers' defaults: 6 for Gemma 3, 2
     /// for Gemma 2).
@@ -287,21 +297,6 @@ impl Gemma {
         }
         out.push(("model.norm.weight".into(), vec![c]));
         out
-    }
-
-    pub fn load(dir: &Path, dev: &Device) -> Result<(Gemma, ParamStore)> {
-        let cfg: GemmaConfig = read_config(dir)?;
-        cfg.check().map_err(|detail| super::config_error(dir, detail))?;
-        if let (Generation::Gemma3, Some(c)) = (cfg.generation, cfg.attn_logit_softcapping) {
-            eprintln!(
-                "note: {} sets attn_logit_softcapping = {c}; Gemma 3 does not apply it (transformers \
-                 neither), so it is ignored",
-                dir.join("config.json").display()
-            );
-        }
-        let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
-        let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
-        Ok((Self::from_store(cfg, &store)?, store))
     }
 
     /// The model over parameters already in `store` (names as [`Self::param_shapes`] gives).

@@ -7,7 +7,6 @@
 //!   per layer: x += c_proj(attn(c_attn(ln_1(x))));  x += mlp.c_proj(gelu(c_fc(ln_2(x))))
 //!   logits = ln_f(x) wte^T;  loss = cross_entropy(logits, targets)
 
-use super::{read_config, SafetensorsFile};
 use crate::error::{Error, Result};
 use crate::graph::{Device, Feed, Graph, ParamId, ParamStore, Var};
 use crate::kernels::attention::AttnDims;
@@ -179,16 +178,12 @@ impl Gpt2 {
         Ok((Self::from_store(cfg, &store)?, store))
     }
 
-    /// Load `config.json` and `model.safetensors` from a Hugging Face model directory.
-    pub fn load(dir: &Path, dev: &Device) -> Result<(Gpt2, ParamStore)> {
-        let cfg: Gpt2Config = read_config(dir)?;
-        cfg.check().map_err(|detail| super::config_error(dir, detail))?;
-        let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
-        let prefixed = file.names().iter().any(|n| n.starts_with("transformer."));
-        let key = |name: &str| if prefixed { format!("transformer.{name}") } else { name.to_string() };
-        let store = super::load_params(&file, Self::param_shapes(&cfg), dev, key)?;
-        let model = Self::from_store(cfg, &store)?;
-        Ok((model, store))
+    /// Load a GPT-2 checkpoint (see [`super::Model::load`]).
+    pub fn load(path: &Path, dev: &Device) -> Result<(Gpt2, ParamStore)> {
+        match super::Model::load(path, dev)? {
+            (super::Model::Gpt2(m), store) => Ok((m, store)),
+            _ => Err(Error::Checkpoint { path: path.to_path_buf(), detail: "not a GPT-2 model".into() }),
+        }
     }
 
     /// The model over parameters already in `store` (names as [`Self::param_shapes`] gives).

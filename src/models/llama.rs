@@ -8,12 +8,10 @@
 //!              x += down_proj(silu(gate_proj(rmsnorm(x))) * up_proj(rmsnorm(x)))
 //!   logits = rmsnorm(x) W_lm^T, W_lm = lm_head.weight or embed_tokens.weight when tied
 
-use super::{read_config, SafetensorsFile};
 use crate::error::{Error, Result};
-use crate::graph::{Device, Graph, ParamId, ParamStore, Var};
+use crate::graph::{Graph, ParamId, ParamStore, Var};
 use crate::kernels::attention::AttnDims;
 use serde::Deserialize;
-use std::path::Path;
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 pub struct LlamaConfig {
@@ -157,15 +155,6 @@ impl Llama {
             out.push(("lm_head.weight".into(), vec![v, c]));
         }
         out
-    }
-
-    /// Load `config.json` and `model.safetensors` from a Hugging Face model directory.
-    pub fn load(dir: &Path, dev: &Device) -> Result<(Llama, ParamStore)> {
-        let cfg: LlamaConfig = read_config(dir)?;
-        cfg.check().map_err(|detail| super::config_error(dir, detail))?;
-        let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
-        let store = super::load_params(&file, Self::param_shapes(&cfg), dev, str::to_string)?;
-        Ok((Self::from_store(cfg, &store)?, store))
     }
 
     pub fn from_store(cfg: LlamaConfig, store: &ParamStore) -> Result<Llama> {

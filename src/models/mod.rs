@@ -1,9 +1,14 @@
-//! Model families, one file each, configured from the checkpoint's `config.json` and loaded
-//! from Hugging Face `*.safetensors` by tensor name.
+//! Model families, one file each, configured from the checkpoint's `config.json` (or a GGUF
+//! file's metadata, `gguf`) and loaded by Hugging Face tensor name from any weight source
+//! (`load`).
 
 pub mod gemma;
+pub mod gguf;
 pub mod gpt2;
 pub mod llama;
+mod load;
+
+pub use load::{open_source, LoadOptions};
 
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
@@ -74,6 +79,29 @@ impl SafetensorsFile {
         Ok(Some((view.shape().to_vec(), values)))
     }
 
+    /// The stored bytes of `name` (F32, F16 or BF16), if present.
+    pub fn stored(&self, name: &str) -> Result<Option<crate::weights::Stored<'_>>> {
+        use kernels_ref::quant::GgmlType;
+        let st = self.parsed()?;
+        let Ok(view) = st.tensor(name) else { return Ok(None) };
+        let ty = match view.dtype() {
+            Dtype::F32 => GgmlType::F32,
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::BF16,
+            other => {
+                return Err(Error::Checkpoint {
+                    path: self.path.clone(),
+                    detail: format!("tensor {name} has dtype {other:?}; F32, F16 and BF16 are supported"),
+                })
+            }
+        };
+        // the view borrows the parsed header; re-slice the same bytes from the map
+        let data = view.data();
+        let start = data.as_ptr() as usize - self.map.as_ptr() as usize;
+        let bytes = std::borrow::Cow::Borrowed(&self.map[start..start + data.len()]);
+        Ok(Some(crate::weights::Stored { shape: view.shape().to_vec(), ty, bytes }))
+    }
+
     /// Like [`Self::get`], for a tensor that must be there with `shape`.
     pub fn require(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         match self.get(name)? {
@@ -88,22 +116,6 @@ impl SafetensorsFile {
             Some((_, v)) => Ok(v),
         }
     }
-}
-
-/// A store of every `(name, shape)` read from `file`, trainable, where the file's key of
-/// `name` is `key(name)`.
-pub(crate) fn load_params(
-    file: &SafetensorsFile,
-    shapes: Vec<(String, Vec<usize>)>,
-    dev: &Device,
-    key: impl Fn(&str) -> String,
-) -> Result<ParamStore> {
-    let mut store = ParamStore::new(dev.clone());
-    for (name, shape) in shapes {
-        let data = file.require(&key(&name), &shape)?;
-        store.add(&name, &shape, &data, true)?;
-    }
-    Ok(store)
 }
 
 /// The error for a `config.json` that parses but describes no valid model.
@@ -222,14 +234,6 @@ pub struct Vars {
     pub loss: Var,
 }
 
-#[derive(serde::Deserialize)]
-struct Header {
-    #[serde(default)]
-    model_type: Option<String>,
-    #[serde(default)]
-    architectures: Vec<String>,
-}
-
 /// The model families, by `config.json`'s `model_type`.
 enum Family {
     Gpt2,
@@ -253,23 +257,6 @@ impl Family {
 }
 
 impl Model {
-    /// Load a Hugging Face model directory of any supported architecture.
-    pub fn load(dir: &Path, dev: &Device) -> Result<(Model, ParamStore)> {
-        let header: Header = read_config(dir)?;
-        match Family::of(header.model_type.as_deref().unwrap_or_default()) {
-            Some(Family::Gpt2) => gpt2::Gpt2::load(dir, dev).map(|(m, s)| (Model::Gpt2(m), s)),
-            Some(Family::Llama) => llama::Llama::load(dir, dev).map(|(m, s)| (Model::Llama(m), s)),
-            Some(Family::Gemma) => gemma::Gemma::load(dir, dev).map(|(m, s)| (Model::Gemma(m), s)),
-            None => Err(Error::Checkpoint {
-                path: dir.join("config.json"),
-                detail: format!(
-                    "unsupported architecture (model_type {:?}, architectures {:?}); supported: {SUPPORTED}",
-                    header.model_type, header.architectures
-                ),
-            }),
-        }
-    }
-
     pub fn vocab_size(&self) -> usize {
         match self {
             Model::Gpt2(m) => m.cfg.vocab_size,
@@ -365,35 +352,11 @@ impl Model {
     /// A randomly initialised model from a config (normal weights with std 0.02, norms at
     /// their identity: 1, or 0 for Gemma's `1 + w`).
     pub fn random(config: serde_json::Value, dev: &Device, seed: u64) -> Result<(Model, ParamStore)> {
+        use load::Parsed;
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
-        enum Parsed {
-            Gpt2(gpt2::Gpt2Config),
-            Llama(llama::LlamaConfig),
-            Gemma(gemma::GemmaConfig),
-        }
-        fn parse<T: serde::de::DeserializeOwned>(config: serde_json::Value) -> Result<T> {
-            serde_json::from_value(config)
-                .map_err(|e| Error::InvalidArgument { name: "config".into(), detail: e.to_string() })
-        }
-        let kind = config["model_type"].as_str().unwrap_or_default().to_string();
-        let parsed = match Family::of(&kind) {
-            Some(Family::Gpt2) => Parsed::Gpt2(parse(config)?),
-            Some(Family::Llama) => Parsed::Llama(parse(config)?),
-            Some(Family::Gemma) => Parsed::Gemma(parse(config)?),
-            None => {
-                return Err(Error::InvalidArgument {
-                    name: "model_type".into(),
-                    detail: format!("{kind:?}; supported: {SUPPORTED}"),
-                })
-            }
-        };
-        let checked = match &parsed {
-            Parsed::Gpt2(c) => c.check(),
-            Parsed::Llama(c) => c.check(),
-            Parsed::Gemma(c) => c.check(),
-        };
-        checked.map_err(|detail| Error::InvalidArgument { name: "config".into(), detail })?;
+        let parsed = Parsed::from_json(config)
+            .map_err(|detail| Error::InvalidArgument { name: "config".into(), detail })?;
         let (shapes, norm_value) = match &parsed {
             Parsed::Gpt2(c) => (gpt2::Gpt2::param_shapes(c), 1.0),
             Parsed::Llama(c) => (llama::Llama::param_shapes(c), 1.0),
@@ -414,11 +377,7 @@ impl Model {
             };
             store.add(&name, &shape, &data, true)?;
         }
-        let model = match parsed {
-            Parsed::Gpt2(c) => Model::Gpt2(gpt2::Gpt2::from_store(c, &store)?),
-            Parsed::Llama(c) => Model::Llama(llama::Llama::from_store(c, &store)?),
-            Parsed::Gemma(c) => Model::Gemma(gemma::Gemma::from_store(c, &store)?),
-        };
+        let model = parsed.build(&store)?;
         Ok((model, store))
     }
 }
