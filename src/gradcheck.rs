@@ -21,10 +21,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+mod quant;
+pub use quant::{QuantVocab, QUANT_TYPES, VOCAB_TABLES};
+
 /// One line of the report: one kernel in one direction over all the shapes tried.
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
-    pub kernel: &'static str,
+    /// The kernel family, or for the quantized-weight kernels the family and storage type
+    /// (`qmatmul Q4_K`).
+    pub kernel: String,
     pub direction: &'static str,
     pub shapes: Vec<String>,
     pub max_rel_err: f64,
@@ -57,6 +62,9 @@ pub const KERNELS: &[&str] = &[
     "clip_grad_norm",
     "adamw",
     "sgd",
+    "qmatmul",
+    "qmatmul_dx",
+    "qembedding",
 ];
 
 /// How far the self-test goes. Both tiers check every kernel on small, ragged shapes and across
@@ -108,8 +116,11 @@ struct Probe<'g> {
     gpu: &'g Gpu,
     tier: Tier,
     rng: StdRng,
-    /// (direction, shape, output, relative error)
-    results: Vec<(&'static str, String, String, f64)>,
+    /// (direction, shape, output, relative error, row label if not the family's name)
+    results: Vec<(&'static str, String, String, f64, Option<String>)>,
+    /// The row label results go to when it is not the family's name (the quantized-weight
+    /// kernels report one row per storage type).
+    label: Option<String>,
 }
 
 impl<'g> Probe<'g> {
@@ -155,7 +166,7 @@ impl<'g> Probe<'g> {
         shapes
     }
     fn push(&mut self, dir: &'static str, shape: &str, output: &str, err: f64) {
-        self.results.push((dir, shape.to_string(), output.to_string(), err));
+        self.results.push((dir, shape.to_string(), output.to_string(), err, self.label.clone()));
     }
 }
 
@@ -170,7 +181,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
             })
         }
     };
-    let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new() };
+    let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new(), label: None };
     // Kernels built on matrix products run once with each matmul kernel the device offers.
     let uses_matmul = name.starts_with("matmul") || name == "attention";
     let variants = if uses_matmul { gpu.matmul_kernels().to_vec() } else { vec![gpu.matmul_kernel()] };
@@ -186,9 +197,10 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     }
     gpu.sync()?;
     let mut rows: Vec<Row> = Vec::new();
-    for (dir, shape, output, err) in p.results {
+    for (dir, shape, output, err, label) in p.results {
         let at = if output.is_empty() { shape.clone() } else { format!("{shape} {output}") };
-        match rows.iter_mut().find(|r| r.direction == dir) {
+        let kernel = label.unwrap_or_else(|| name.to_string());
+        match rows.iter_mut().find(|r| r.direction == dir && r.kernel == kernel) {
             Some(row) => {
                 if !row.shapes.contains(&shape) {
                     row.shapes.push(shape);
@@ -199,7 +211,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
                 }
             }
             None => rows.push(Row {
-                kernel: name,
+                kernel,
                 direction: dir,
                 shapes: vec![shape],
                 max_rel_err: err,
@@ -240,6 +252,9 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "clip_grad_norm" => check_clip(p),
         "adamw" => check_adamw(p),
         "sgd" => check_sgd(p),
+        "qmatmul" => quant::check_qmatmul(p),
+        "qmatmul_dx" => quant::check_qmatmul_dx(p),
+        "qembedding" => quant::check_qembedding(p),
         _ => unreachable!("every name in KERNELS has a check"),
     }
 }

@@ -113,6 +113,18 @@ fn adamw() {
 fn sgd() {
     check("sgd");
 }
+#[test]
+fn qmatmul() {
+    check("qmatmul");
+}
+#[test]
+fn qmatmul_dx() {
+    check("qmatmul_dx");
+}
+#[test]
+fn qembedding() {
+    check("qembedding");
+}
 
 /// Every name the CLI can report has a test above (a new kernel must be added to both).
 #[test]
