@@ -84,6 +84,17 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> Result<u32> {
     Ok(*order.last().expect("at least one candidate") as u32)
 }
 
+/// The prompt as the model saw texts in training (see `data`): BOS first when the model wants
+/// one; an empty prompt without BOS starts after an end-of-text token, as a new document would.
+pub fn prompt_ids(tok: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = tok.bos().into_iter().collect();
+    ids.extend(tok.encode(prompt)?);
+    if ids.is_empty() {
+        ids.push(tok.eot());
+    }
+    Ok(ids)
+}
+
 /// Continue `prompt` by up to `max_tokens` tokens (stopping at end-of-text); returns the text
 /// generated after the prompt.
 pub fn generate(
@@ -101,10 +112,7 @@ pub fn generate(
             detail: "0 generates nothing; it must be at least 1".into(),
         });
     }
-    let mut ids = tok.encode(prompt)?;
-    if ids.is_empty() {
-        ids.push(tok.eot());
-    }
+    let mut ids = prompt_ids(tok, prompt)?;
     let start = ids.len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
     let vocab = model.vocab_size();

@@ -92,6 +92,10 @@ enum Command {
         /// Hugging Face model directory, or a checkpoint directory written by `train`.
         #[arg(long)]
         model: std::path::PathBuf,
+        /// Tokenizer to use instead of the model's (a tokenizer.json, or a GGUF file whose
+        /// tokenizer to take); by default `MODEL/tokenizer.json`, or the one a .gguf model carries.
+        #[arg(long)]
+        tokenizer: Option<std::path::PathBuf>,
         /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
@@ -119,6 +123,10 @@ enum Command {
         /// Hugging Face model directory, or a checkpoint directory written by `train`.
         #[arg(long)]
         model: std::path::PathBuf,
+        /// Tokenizer to use instead of the model's (a tokenizer.json, or a GGUF file whose
+        /// tokenizer to take); by default `MODEL/tokenizer.json`, or the one a .gguf model carries.
+        #[arg(long)]
+        tokenizer: Option<std::path::PathBuf>,
         /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
@@ -294,17 +302,37 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
-        Command::Eval { model, adapter, data, batch_size, seq_len, max_batches, device, limits, json } => {
+        Command::Eval {
+            model,
+            tokenizer,
+            adapter,
+            data,
+            batch_size,
+            seq_len,
+            max_batches,
+            device,
+            limits,
+            json,
+        } => {
             at_least_one(&[
                 ("--batch-size", batch_size),
                 ("--seq-len", seq_len),
                 ("--max-batches", max_batches.unwrap_or(1)),
             ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
-            run_eval(&dev, &model, adapter.as_deref(), &data, (batch_size, seq_len), max_batches, json)
+            run_eval(
+                &dev,
+                (&model, tokenizer.as_deref()),
+                adapter.as_deref(),
+                &data,
+                (batch_size, seq_len),
+                max_batches,
+                json,
+            )
         }
         Command::Generate {
             model,
+            tokenizer,
             adapter,
             prompt,
             max_tokens,
@@ -319,7 +347,7 @@ fn run(cli: Cli) -> Result<i32> {
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
-            let tok = pockettune::data::Tokenizer::load(&model.join("tokenizer.json"))?;
+            let tok = pockettune::data::Tokenizer::for_model(&model, tokenizer.as_deref())?;
             let (gpt, store) = load_for_inference(&dev, &model, adapter.as_deref())?;
             tok.check_model_vocab(gpt.vocab_size())?;
             let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;
@@ -643,7 +671,7 @@ fn load_for_inference(
 
 fn run_eval(
     dev: &pockettune::graph::Device,
-    model: &std::path::Path,
+    (model, tokenizer): (&std::path::Path, Option<&std::path::Path>),
     adapter: Option<&std::path::Path>,
     data: &std::path::Path,
     (batch, seq): (usize, usize),
@@ -651,7 +679,7 @@ fn run_eval(
     json: bool,
 ) -> Result<i32> {
     use pockettune::data::{Tokenizer, Tokens};
-    let tok = Tokenizer::load(&model.join("tokenizer.json"))?;
+    let tok = Tokenizer::for_model(model, tokenizer)?;
     let (gpt, store) = load_for_inference(dev, model, adapter)?;
     tok.check_model_vocab(gpt.vocab_size())?;
     let tokens = Tokens::load(data, &tok)?;

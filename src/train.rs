@@ -59,6 +59,11 @@ pub struct TrainOptions {
     /// GPT-2, Qwen2 or Llama-family model.
     #[arg(long)]
     pub model: PathBuf,
+    /// Tokenizer to use instead of the model's (a tokenizer.json, or a GGUF file whose tokenizer
+    /// to take); by default `MODEL/tokenizer.json`, or the tokenizer a .gguf model carries.
+    #[arg(long)]
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
     /// Training text: a file, a directory of .txt/.md/.jsonl files, or JSONL with
     /// {"text": ...} or {"prompt": ..., "completion": ...} lines.
     #[arg(long)]
@@ -248,7 +253,7 @@ fn validate(o: &TrainOptions) -> Result<()> {
 pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     validate(o)?;
     let dev = open_device(o.device.as_deref(), o.limits)?;
-    let tok = Tokenizer::load(&o.model.join("tokenizer.json"))?;
+    let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
     if o.resume && resume_dir.is_none() {
         return Err(invalid("--resume", format!("no checkpoint in {} (no `latest` file)", o.out.display())));

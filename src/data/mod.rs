@@ -1,91 +1,31 @@
 //! Training data: text and JSONL files into fixed-length windows of token ids.
 //!
 //! Convention (also in the README): each document is `tokenizer.encode(text)` with no special
-//! tokens added; documents are joined by the tokenizer's end-of-text token; training sequences
-//! are consecutive windows of `seq_len + 1` tokens starting every `seq_len` tokens (inputs and
-//! targets shifted by one, so every token is a target exactly once), in file order unless
-//! shuffled. Documents are a text file (one document), every `.txt`/`.md`/`.jsonl` file of a
-//! directory (sorted by name), or JSONL lines of `{"text": ...}` or
-//! `{"prompt": ..., "completion": ...}`; for the latter the loss is taken on the completion
-//! tokens (and the end-of-text after them) only.
+//! tokens added, preceded by the BOS token when the model wants one (Gemma: its tokenizer adds
+//! BOS to every text, so the model was trained on documents that start with it; BOS is an
+//! input, never a target); documents are joined by the tokenizer's end-of-text token (a GGUF
+//! file's EOS token); training sequences are consecutive windows of `seq_len + 1` tokens
+//! starting every `seq_len` tokens (inputs and targets shifted by one, so every token is a
+//! target exactly once), in file order unless shuffled. Documents are a text file (one
+//! document), every `.txt`/`.md`/`.jsonl` file of a directory (sorted by name), or JSONL lines
+//! of `{"text": ...}` or `{"prompt": ..., "completion": ...}`; for the latter the loss is taken
+//! on the completion tokens (and the end-of-text after them) only.
+
+mod gguf_tokenizer;
+mod tokenizer;
+
+pub use tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Target value that takes no loss (PyTorch's ignore_index).
 pub const IGNORE: i32 = -100;
 
-pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    eot: u32,
-    path: PathBuf,
-}
-
-fn bad_data(path: &Path, detail: impl Into<String>) -> Error {
+pub(crate) fn bad_data(path: &Path, detail: impl Into<String>) -> Error {
     Error::Checkpoint { path: path.to_path_buf(), detail: detail.into() }
-}
-
-impl Tokenizer {
-    pub fn load(path: &Path) -> Result<Tokenizer> {
-        if !path.exists() {
-            return Err(bad_data(path, "tokenizer.json not found (the model directory should contain it)"));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
-        // tokenizers 0.22 panics instead of failing on a JSON syntax error inside "decoder"
-        // (and on a bad Precompiled normalizer): check the syntax first, and turn any panic
-        // left into an error.
-        serde_json::from_str::<serde::de::IgnoredAny>(&text)
-            .map_err(|e| bad_data(path, format!("not a readable tokenizer.json: not valid JSON: {e}")))?;
-        let inner = match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
-            Ok(Ok(inner)) => inner,
-            Ok(Err(e)) => return Err(bad_data(path, format!("not a readable tokenizer.json: {e}"))),
-            Err(_) => {
-                return Err(bad_data(
-                    path,
-                    "not a readable tokenizer.json (the tokenizers library panicked on it)",
-                ))
-            }
-        };
-        let eot = ["<|endoftext|>", "<eos>", "</s>", "<|end_of_text|>"]
-            .iter()
-            .find_map(|t| inner.token_to_id(t))
-            .ok_or_else(|| {
-                bad_data(path, "no end-of-text token (<|endoftext|>, <eos>, </s>) in the vocabulary")
-            })?;
-        Ok(Tokenizer { inner, eot, path: path.to_path_buf() })
-    }
-    pub fn eot(&self) -> u32 {
-        self.eot
-    }
-    /// Vocabulary size including added tokens.
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| bad_data(&self.path, format!("encoding failed: {e}")))?;
-        Ok(enc.get_ids().to_vec())
-    }
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| bad_data(&self.path, format!("decoding failed: {e}")))
-    }
-    /// Refuse a tokenizer whose ids do not all fit the model's embedding.
-    pub fn check_model_vocab(&self, model_vocab: usize) -> Result<()> {
-        if self.vocab_size() > model_vocab {
-            return Err(bad_data(
-                &self.path,
-                format!(
-                    "the tokenizer has {} tokens but the model's vocabulary has {model_vocab}: they do not belong together",
-                    self.vocab_size()
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// A token stream and, per token, whether it counts as a target.
@@ -96,10 +36,21 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    fn push_doc(&mut self, eot: u32, ids: &[u32], counted: bool) {
-        if !self.ids.is_empty() {
-            self.ids.push(eot);
-            self.counts.push(counted);
+    fn push(&mut self, id: u32, counted: bool) {
+        self.ids.push(id);
+        self.counts.push(counted);
+    }
+
+    /// Append a document: the end-of-text token closing the one before (a target when that
+    /// document's last token was: after a completion or a text, not after a prompt), then BOS
+    /// when the model wants one (an input only: nothing predicts the start of a document),
+    /// then the document's tokens.
+    fn push_doc(&mut self, tok: &Tokenizer, ids: &[u32], counted: bool) {
+        if let Some(&last) = self.counts.last() {
+            self.push(tok.eot(), last);
+        }
+        if let Some(bos) = tok.bos() {
+            self.push(bos, false);
         }
         self.ids.extend_from_slice(ids);
         self.counts.extend(std::iter::repeat_n(counted, ids.len()));
@@ -136,13 +87,13 @@ impl Tokens {
                     match (v.get("text"), v.get("prompt"), v.get("completion")) {
                         (Some(t), _, _) => {
                             let t = t.as_str().ok_or_else(|| bad_data(f, format!("line {}: text is not a string", n + 1)))?;
-                            out.push_doc(tok.eot(), &tok.encode(t)?, true);
+                            out.push_doc(tok, &tok.encode(t)?, true);
                         }
                         (None, Some(p), Some(c)) => {
                             let (Some(p), Some(c)) = (p.as_str(), c.as_str()) else {
                                 return Err(bad_data(f, format!("line {}: prompt and completion must be strings", n + 1)));
                             };
-                            out.push_doc(tok.eot(), &tok.encode(p)?, false);
+                            out.push_doc(tok, &tok.encode(p)?, false);
                             // The completion continues the prompt: no separator between them.
                             let c_ids = tok.encode(c)?;
                             out.counts.extend(std::iter::repeat_n(true, c_ids.len()));
@@ -157,7 +108,7 @@ impl Tokens {
                     }
                 }
             } else {
-                out.push_doc(tok.eot(), &tok.encode(&text)?, true);
+                out.push_doc(tok, &tok.encode(&text)?, true);
             }
         }
         if out.ids.is_empty() {
