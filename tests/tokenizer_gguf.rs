@@ -274,7 +274,7 @@ fn random_tokenizer_metadata_never_panics() {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let pieces = ["a", "b", " ", "\u{2581}", "\n", "é", "中", "<", ">", "<0x61>", "<eos>", ""];
-    let mut word = |rng: &mut rand::rngs::StdRng| -> String {
+    let word = |rng: &mut rand::rngs::StdRng| -> String {
         (0..rng.random_range(0..4)).map(|_| pieces[rng.random_range(0..pieces.len())]).collect()
     };
     let mut built = 0;
