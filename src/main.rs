@@ -87,7 +87,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Loss and perplexity of a model on a text or JSONL data set.
+    /// Loss and perplexity of a model on a text or JSONL data set, or its MMLU accuracy (--mmlu).
+    #[command(group = clap::ArgGroup::new("eval_set").required(true).args(["data", "mmlu"]))]
     Eval {
         /// Hugging Face model directory, or a checkpoint directory written by `train`.
         #[arg(long)]
@@ -99,9 +100,31 @@ enum Command {
         /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
-        /// Text file, directory or JSONL (the same conventions as `train --data`).
+        /// Text file, directory or JSONL (the same conventions as `train --data`): loss and
+        /// perplexity. Either this or --mmlu.
         #[arg(long)]
-        data: std::path::PathBuf,
+        data: Option<std::path::PathBuf>,
+        /// MMLU accuracy instead, on the folder `tools/fetch_assets.sh` fetches (assets/mmlu:
+        /// <subject>/{dev,validation,test}/*.arrow), by lm-evaluation-harness's `mmlu` protocol:
+        /// its prompt, the first dev questions as examples, the answer letter of the highest
+        /// log-likelihood. Prompts longer than the model's positions lose their start, as in
+        /// lm-eval. With --json: per-subject and per-question results.
+        #[arg(long)]
+        mmlu: Option<std::path::PathBuf>,
+        /// MMLU: examples before each question, the first of the subject's dev split (at most 5;
+        /// default 5).
+        #[arg(long)]
+        mmlu_shots: Option<usize>,
+        /// MMLU: only these subjects, comma-separated (default: every one in the folder).
+        #[arg(long, value_delimiter = ',')]
+        mmlu_subjects: Option<Vec<String>>,
+        /// MMLU: the split whose questions are scored (default: test).
+        #[arg(long, value_enum)]
+        mmlu_split: Option<pockettune::mmlu::Split>,
+        /// MMLU: at most this many questions per subject (the first ones).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Sequences per forward pass (MMLU: prompts; fewer when their logits would pass 1 GiB).
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
         #[arg(long, default_value_t = 128)]
@@ -307,6 +330,11 @@ fn run(cli: Cli) -> Result<i32> {
             tokenizer,
             adapter,
             data,
+            mmlu,
+            mmlu_shots,
+            mmlu_subjects,
+            mmlu_split,
+            limit,
             batch_size,
             seq_len,
             max_batches,
@@ -318,8 +346,26 @@ fn run(cli: Cli) -> Result<i32> {
                 ("--batch-size", batch_size),
                 ("--seq-len", seq_len),
                 ("--max-batches", max_batches.unwrap_or(1)),
+                ("--limit", limit.unwrap_or(1)),
             ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            if let Some(dir) = mmlu {
+                let o = pockettune::mmlu::Options {
+                    shots: mmlu_shots.unwrap_or(5),
+                    subjects: mmlu_subjects,
+                    split: mmlu_split.unwrap_or(pockettune::mmlu::Split::Test),
+                    limit,
+                    batch_size,
+                };
+                return run_mmlu(&dev, (&model, tokenizer.as_deref()), adapter.as_deref(), &dir, &o, json);
+            }
+            let mmlu_only =
+                mmlu_shots.is_some() || mmlu_subjects.is_some() || mmlu_split.is_some() || limit.is_some();
+            anyhow::ensure!(
+                !mmlu_only,
+                "--mmlu-shots, --mmlu-subjects, --mmlu-split and --limit go with --mmlu"
+            );
+            let data = data.context("--data or --mmlu is needed")?;
             run_eval(
                 &dev,
                 (&model, tokenizer.as_deref()),
@@ -710,6 +756,41 @@ fn run_eval(
         print_json(
             &json!({"loss": loss, "perplexity": loss.exp(), "tokens": evaluated, "device": dev.name()}),
         )?;
+    }
+    Ok(0)
+}
+
+/// `eval --mmlu`: accuracy per subject on stderr, the whole report with `--json`.
+fn run_mmlu(
+    dev: &pockettune::graph::Device,
+    (model, tokenizer): (&std::path::Path, Option<&std::path::Path>),
+    adapter: Option<&std::path::Path>,
+    dir: &std::path::Path,
+    o: &pockettune::mmlu::Options,
+    json: bool,
+) -> Result<i32> {
+    use std::io::IsTerminal;
+    let tok = pockettune::data::Tokenizer::for_model(model, tokenizer)?;
+    let (gpt, store) = load_for_inference(dev, model, adapter)?;
+    tok.check_model_vocab(gpt.vocab_size())?;
+    let r = pockettune::mmlu::evaluate(&gpt, &store, &tok, dir, o, std::io::stderr().is_terminal())?;
+    eprintln!(
+        "MMLU {} split, {} shots: accuracy {:.4} over {} questions, {:.4} averaged over {} subjects \
+         ({} prompts cut to the model's {} positions; {} forward passes in {:.1} s on {})",
+        o.split.dir(),
+        o.shots,
+        r.micro_accuracy,
+        r.count,
+        r.macro_accuracy,
+        r.subjects.len(),
+        r.truncated,
+        gpt.max_positions(),
+        r.forward_passes,
+        r.seconds,
+        r.device
+    );
+    if json {
+        print_json(&serde_json::to_value(&r)?)?;
     }
     Ok(0)
 }

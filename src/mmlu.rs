@@ -312,11 +312,12 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result
     Ok(Request { context, continuation })
 }
 
-/// Log-likelihoods of a list of requests, and how many inputs were cut on the left to fit.
+/// Log-likelihoods of a list of requests, and which were cut on the left to fit.
 #[derive(Clone, Debug, Default)]
 pub struct Scores {
     pub loglikelihoods: Vec<f64>,
-    pub truncated: usize,
+    /// per request: whether its input lost its first tokens
+    pub truncated: Vec<bool>,
     pub forward_passes: usize,
 }
 
@@ -351,7 +352,7 @@ pub fn loglikelihoods(
     let mut index: HashMap<Vec<u32>, usize> = HashMap::new();
     // per request: (distinct input, position predicting the first continuation token)
     let mut plan = Vec::with_capacity(requests.len());
-    let mut truncated = 0;
+    let mut truncated = Vec::with_capacity(requests.len());
     for (n, r) in requests.iter().enumerate() {
         let cont = r.continuation.len();
         if cont == 0 || cont > max || r.context.is_empty() {
@@ -366,7 +367,7 @@ pub fn loglikelihoods(
         }
         let full: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
         let skip = full.len().saturating_sub(max + 1);
-        truncated += usize::from(skip > 0);
+        truncated.push(skip > 0);
         let input = full[skip..full.len() - 1].to_vec();
         if let Some(&t) = r.continuation.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::InvalidArgument {
@@ -467,7 +468,7 @@ pub struct Report {
     pub micro_accuracy: f64,
     pub correct: usize,
     pub count: usize,
-    /// prompts cut on the left to fit the model's positions
+    /// questions whose prompt was cut on the left to fit the model's positions
     pub truncated: usize,
     pub forward_passes: usize,
     pub seconds: f64,
@@ -557,7 +558,7 @@ pub fn evaluate(
             bar.set_position(base + n * done as u64 / all.max(1) as u64)
         })?;
         base += n;
-        truncated += scores.truncated;
+        truncated += scores.truncated.chunks(LETTERS.len()).filter(|q| q.contains(&true)).count();
         passes += scores.forward_passes;
         let mut results = Vec::with_capacity(questions.len());
         for (q, lls) in questions.iter().zip(scores.loglikelihoods.chunks(LETTERS.len())) {
