@@ -69,7 +69,11 @@ impl QTensor {
         let max_chunk = gpu.max_binding().min(u32::MAX as u64 - 3) as usize;
         let per_chunk = (max_chunk / row_bytes).min(max_rows.max(1));
         if per_chunk == 0 {
-            return Err(Error::TooLarge { what: what.to_string(), bytes: row_bytes as u64, limit: max_chunk as u64 });
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes: row_bytes as u64,
+                limit: max_chunk as u64,
+            });
         }
         let mut chunks = Vec::new();
         for start in (0..rows).step_by(per_chunk) {

@@ -34,19 +34,20 @@ pub const QUANT_TYPES: [GgmlType; 10] = [
     GgmlType::Q6_K,
 ];
 
-/// The full tier's tables above the binding limit: (type, rows, columns). Gemma 3's 262,144 x
-/// 640 embedding, tied to its LM head, in the types a 640-wide row allows; the K-quants need
-/// rows of a multiple of 256, so they get Llama 3.2 1B's 128,256 x 2048 table.
-pub const VOCAB_TABLES: [(GgmlType, usize, usize); 5] = [
-    (GgmlType::Q8_0, super::GEMMA3_VOCAB, super::GEMMA3_270M_HIDDEN),
-    (GgmlType::Q5_0, super::GEMMA3_VOCAB, super::GEMMA3_270M_HIDDEN),
-    (GgmlType::F16, super::GEMMA3_VOCAB, super::GEMMA3_270M_HIDDEN),
-    (GgmlType::Q4_K, 128_256, 2048),
-    (GgmlType::Q6_K, 128_256, 2048),
-];
+/// The full tier's tables above the binding limit, as tied embedding and LM head: (type, rows,
+/// columns). Gemma 3's 262,144 x 640 embedding in Q8_0; the K-quants need rows of a multiple of
+/// 256, so Q6_K gets Llama 3.2 1B's 128,256 x 2048 table. (tests/quant.rs adds F16 and Q4_K.)
+pub const VOCAB_TABLES: [(GgmlType, usize, usize); 2] =
+    [(GgmlType::Q8_0, super::GEMMA3_VOCAB, super::GEMMA3_270M_HIDDEN), (GgmlType::Q6_K, 128_256, 2048)];
 
 /// A random weight of `ty` on the GPU in chunks of at most `chunk` rows, and its values.
-fn weight(p: &mut Probe, ty: GgmlType, rows: usize, cols: usize, chunk: usize) -> Result<(QTensor, Vec<f32>)> {
+fn weight(
+    p: &mut Probe,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    chunk: usize,
+) -> Result<(QTensor, Vec<f32>)> {
     let bytes = random_blocks(ty, rows * cols, p.rng.random());
     let mut w = vec![0f32; rows * cols];
     dequantize(ty, &bytes, &mut w);
@@ -118,7 +119,11 @@ fn cases(p: &mut Probe, ty: GgmlType, dx: bool) -> Vec<Case> {
     });
     // a column chunk of x holds whole blocks of W
     let cols = qk.max(16);
-    cases.push(Case { a_split: Some((Split::Cols, cols)), c_split: Some((Split::Rows, 5)), ..plain(17, 70, k3, false) });
+    cases.push(Case {
+        a_split: Some((Split::Cols, cols)),
+        c_split: Some((Split::Rows, 5)),
+        ..plain(17, 70, k3, false)
+    });
     let k = if qk == 1 { p.size(100) } else { qk * p.size(4) };
     cases.push(plain(p.size(20), p.size(80), k, true));
     if dx {
@@ -161,8 +166,8 @@ pub(super) fn check_qmatmul(p: &mut Probe) -> Result<()> {
         if p.full() {
             for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
                 let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
-                let err = table.logits_err(p.gpu, 5, p.rng.random())?;
-                p.push("forward", &format!("LM head 5x{c}.({v}x{c} {t})^T"), "logits", err);
+                let err = table.logits_err(p.gpu, 3, p.rng.random())?;
+                p.push("forward", &format!("LM head 3x{c}.({v}x{c} {t})^T"), "logits", err);
             }
         }
     }
@@ -194,8 +199,8 @@ pub(super) fn check_qmatmul_dx(p: &mut Probe) -> Result<()> {
         if p.full() {
             for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
                 let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
-                let err = table.dx_err(p.gpu, 5, p.rng.random())?;
-                p.push("backward", &format!("LM head dX 5x{v}.({v}x{c} {t})"), "dX", err);
+                let err = table.dx_err(p.gpu, 3, p.rng.random())?;
+                p.push("backward", &format!("LM head dX 3x{v}.({v}x{c} {t})"), "dX", err);
             }
         }
     }
@@ -275,8 +280,13 @@ impl QuantVocab {
     pub fn gather_err(&self, gpu: &Gpu, n: usize, seed: u64) -> Result<f64> {
         let (v, c) = self.dims();
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
-        let mut ids: Vec<u32> =
-            self.table.chunks().iter().flat_map(|ch| [ch.start, ch.start + ch.len - 1]).map(|r| r as u32).collect();
+        let mut ids: Vec<u32> = self
+            .table
+            .chunks()
+            .iter()
+            .flat_map(|ch| [ch.start, ch.start + ch.len - 1])
+            .map(|r| r as u32)
+            .collect();
         while ids.len() < n {
             ids.push(rng.random_range(0..v as u32));
         }

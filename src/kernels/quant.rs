@@ -192,7 +192,12 @@ pub fn qmatmul(
                 };
                 let bias = bias_buf.unwrap_or(gpu.placeholder());
                 let groups = [nl.div_ceil(WG), ml.div_ceil(TM), 1].map(|g| g as u32);
-                gpu.dispatch(&key, &[Some(xb), Some(wb), Some(yb), Some(bias)], bytemuck::bytes_of(&p), groups)?;
+                gpu.dispatch(
+                    &key,
+                    &[Some(xb), Some(wb), Some(yb), Some(bias)],
+                    bytemuck::bytes_of(&p),
+                    groups,
+                )?;
             }
         }
     }
