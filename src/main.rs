@@ -697,13 +697,23 @@ fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> 
     Ok(0)
 }
 
+/// `--base-dtype` of eval and generate (POCKETTUNE_BASE_DTYPE until the flag lands).
+fn base_dtype() -> pockettune::weights::BaseDtype {
+    use clap::ValueEnum;
+    std::env::var("POCKETTUNE_BASE_DTYPE")
+        .ok()
+        .and_then(|v| pockettune::weights::BaseDtype::from_str(&v, true).ok())
+        .unwrap_or_default()
+}
+
 /// A model, optionally with a PEFT adapter, with every weight frozen (no gradient buffers).
 fn load_for_inference(
     dev: &pockettune::graph::Device,
     model: &std::path::Path,
     adapter: Option<&std::path::Path>,
 ) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore)> {
-    let (gpt, mut store) = pockettune::models::Model::load(model, dev)?;
+    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: base_dtype() };
+    let (gpt, mut store) = pockettune::models::Model::load_with(model, dev, &load)?;
     if let Some(dir) = adapter {
         let o = pockettune::lora::load(dir, &gpt, &mut store)?;
         eprintln!("adapter {}: LoRA rank {} on {}", dir.display(), o.rank, o.targets.join(","));

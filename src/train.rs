@@ -16,7 +16,8 @@ use crate::gpu::{Gpu, GpuOptions, Profile};
 use crate::graph::{Device, ParamStore};
 use crate::kernels::optim::AdamW;
 use crate::kernels::{elementwise, reduce};
-use crate::models::Model;
+use crate::models::{LoadOptions, Model};
+use crate::weights::BaseDtype;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,10 +56,26 @@ pub enum OnNan {
 /// Every option of `pockettune train` (each can also come from `--config run.toml`).
 #[derive(clap::Args, Clone, Debug, Serialize, Deserialize)]
 pub struct TrainOptions {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json) of a
-    /// GPT-2, Qwen2 or Llama-family model.
+    /// The model: a Hugging Face directory (config.json, model.safetensors or sharded
+    /// safetensors with model.safetensors.index.json, tokenizer.json) or a GGUF file (it carries
+    /// its config and tokenizer), of a GPT-2, Qwen2, Llama-family, Gemma 3 or Gemma 2 model.
+    /// Full fine-tuning of a quantized GGUF trains f32 weights dequantized from it; LoRA keeps
+    /// the base as stored (see --base-dtype).
     #[arg(long)]
     pub model: PathBuf,
+    /// Storage of the frozen base weights on the GPU with --method lora: `native` keeps them as
+    /// the file stores them (a Q4_K_M GGUF stays 4-5 bits per weight; kernels dequantize as they
+    /// read), `f16` stores 16-bit floats (halves an f32 checkpoint), `f32` dequantizes all.
+    /// Full fine-tuning always trains f32 weights.
+    #[arg(long, value_enum, default_value_t = BaseDtype::Native)]
+    #[serde(default)]
+    pub base_dtype: BaseDtype,
+    /// With --method lora: continue training this adapter (a PEFT adapter directory, or one
+    /// `pockettune train` wrote) instead of starting a new one; its rank, alpha, dropout and
+    /// targets come from its adapter_config.json.
+    #[arg(long)]
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
     /// Tokenizer to use instead of the model's (a tokenizer.json, or a GGUF file whose tokenizer
     /// to take); by default `MODEL/tokenizer.json`, or the tokenizer a .gguf model carries.
     #[arg(long)]
@@ -240,6 +257,9 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if o.batch_size == 0 || o.seq_len == 0 || o.grad_accum == 0 {
         return Err(invalid("--batch-size/--seq-len/--grad-accum", "must be at least 1"));
     }
+    if o.adapter.is_some() && o.method != Method::Lora {
+        return Err(invalid("--adapter", "continues a LoRA adapter: use it with --method lora"));
+    }
     if !(o.peak_lr().is_finite() && o.peak_lr() > 0.0) {
         return Err(invalid("--lr", format!("{} is not a positive learning rate", o.peak_lr())));
     }
@@ -264,12 +284,25 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         (Some(dir), Method::Full) => dir.clone(),
         _ => o.model.clone(),
     };
-    let (model, mut store) = Model::load(&weights_dir, &dev)?;
+    let load = LoadOptions { frozen: o.method == Method::Lora, base_dtype: o.base_dtype };
+    let (model, mut store) = Model::load_with(&weights_dir, &dev, &load)?;
     tok.check_model_vocab(model.vocab_size())?;
     let lora_opts = match o.method {
         Method::Full => None,
-        Method::Lora => Some(match &resume_dir {
-            Some(dir) => crate::lora::load(dir, &model, &mut store)?,
+        Method::Lora => Some(match resume_dir.as_ref().or(o.adapter.as_ref()) {
+            Some(dir) => {
+                let opts = crate::lora::load(dir, &model, &mut store)?;
+                if resume_dir.is_none() {
+                    eprintln!(
+                        "continuing adapter {}: LoRA rank {} on {}: {} trainable values",
+                        dir.display(),
+                        opts.rank,
+                        opts.targets.join(","),
+                        store.trainable_numel()
+                    );
+                }
+                opts
+            }
             None => {
                 let targets = if o.lora_targets.is_empty() {
                     crate::lora::default_targets(&model)

@@ -17,7 +17,7 @@ pub mod params;
 pub use params::{Param, ParamId, ParamStore};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{Gpu, QTensor, Tensor};
 use crate::kernels::activation::Act;
 use crate::kernels::attention::AttnDims;
 use crate::kernels::elementwise;
@@ -43,6 +43,9 @@ impl Device {
 /// A tensor's storage on one device (its shape is kept by whoever owns it).
 pub enum Value {
     Gpu(Tensor),
+    /// A frozen weight in its stored format (ggml blocks, f16 or bf16), read by the matmul and
+    /// embedding kernels as they go.
+    Packed(QTensor),
     Cpu(Vec<f32>),
 }
 
@@ -68,6 +71,7 @@ impl Value {
     pub fn fill(&mut self, dev: &Device, x: f32) -> Result<()> {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
+            (Value::Packed(_), _) => Err(packed_value()),
             (Value::Cpu(v), _) => {
                 v.fill(x);
                 Ok(())
@@ -78,6 +82,7 @@ impl Value {
     pub fn to_host(&self, dev: &Device) -> Result<Vec<f32>> {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => t.to_host(g),
+            (Value::Packed(q), Device::Gpu(g)) => q.to_host(g),
             (Value::Cpu(v), _) => Ok(v.clone()),
             _ => Err(wrong_device()),
         }
@@ -85,20 +90,28 @@ impl Value {
     pub(crate) fn gpu(&self) -> &Tensor {
         match self {
             Value::Gpu(t) => t,
+            Value::Packed(_) => panic!("a packed weight reached a kernel that reads only f32"),
             Value::Cpu(_) => panic!("a CPU value reached a GPU kernel"),
         }
     }
     pub(crate) fn cpu(&self) -> &[f32] {
         match self {
             Value::Cpu(v) => v,
-            Value::Gpu(_) => panic!("a GPU value reached a CPU kernel"),
+            _ => panic!("a GPU value reached a CPU kernel"),
         }
     }
     pub(crate) fn cpu_mut(&mut self) -> &mut Vec<f32> {
         match self {
             Value::Cpu(v) => v,
-            Value::Gpu(_) => panic!("a GPU value reached a CPU kernel"),
+            _ => panic!("a GPU value reached a CPU kernel"),
         }
+    }
+}
+
+fn packed_value() -> Error {
+    Error::Internal {
+        context: "graph".into(),
+        message: "a packed (frozen, quantized) weight cannot be written".into(),
     }
 }
 

@@ -11,7 +11,7 @@ use crate::kernels::attention::{self, Heads};
 use crate::kernels::cross_entropy::{self, Targets};
 use crate::kernels::embedding::{self, Ids};
 use crate::kernels::norm::{self, NormKind};
-use crate::kernels::{elementwise, matmul, reduce, rope};
+use crate::kernels::{elementwise, matmul, quant, reduce, rope};
 use kernels_ref as kr;
 
 /// The feed, uploaded for the device.
@@ -93,7 +93,10 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
         (_, Op::Param(_)) => unreachable!("parameters are not computed"),
         (Device::Gpu(g), Op::Embedding { ids }) => {
             let Fed::Gpu { ids: fed, .. } = &run.fed else { unreachable!() };
-            embedding::embedding_forward(g, out.gpu(), &fed[*ids], x(0).gpu())?;
+            match x(0) {
+                Value::Packed(table) => quant::qembedding_forward(g, out.gpu(), &fed[*ids], table)?,
+                table => embedding::embedding_forward(g, out.gpu(), &fed[*ids], table.gpu())?,
+            }
         }
         (Device::Cpu, Op::Embedding { ids }) => {
             let Fed::Cpu { ids: fed, .. } = &run.fed else { unreachable!() };
@@ -144,7 +147,13 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
         }
         (Device::Gpu(g), Op::Linear { trans_w }) => {
             let bias = node.inputs.get(2).map(|&b| value(run, store, b).gpu());
-            matmul::matmul(g, out.gpu(), x(0).gpu(), x(1).gpu(), bias, false, *trans_w, false)?;
+            match x(1) {
+                Value::Packed(w) => {
+                    packed_layout(*trans_w)?;
+                    quant::qmatmul(g, out.gpu(), x(0).gpu(), w, bias, false)?
+                }
+                w => matmul::matmul(g, out.gpu(), x(0).gpu(), w.gpu(), bias, false, *trans_w, false)?,
+            }
         }
         (Device::Cpu, Op::Linear { trans_w }) => {
             let d = linear_dims(&in_shape(0), &shape, *trans_w);
@@ -424,6 +433,20 @@ pub(crate) fn backward(
                     );
                     cpu_put(&mut g, [dx, dw, db].into_iter().nth(j.min(2)).expect("three outputs"), acc);
                 }
+                (Device::Gpu(gpu), Op::Linear { trans_w }) if matches!(x(1), Value::Packed(_)) => {
+                    let Value::Packed(w) = x(1) else { unreachable!() };
+                    packed_layout(*trans_w)?;
+                    match j {
+                        0 => quant::qmatmul_dx(gpu, g.gpu(), dy().gpu(), w, acc)?,
+                        2 => reduce::sum_rows(gpu, g.gpu(), dy().gpu(), acc)?,
+                        _ => {
+                            return Err(Error::Internal {
+                                context: "linear backward".into(),
+                                message: "a packed (frozen) weight was asked for a gradient".into(),
+                            })
+                        }
+                    }
+                }
                 (Device::Gpu(gpu), Op::Linear { trans_w }) => {
                     let (xs, w) = (x(0).gpu(), x(1).gpu());
                     let (da, dw, db) = match j {
@@ -648,4 +671,15 @@ fn attention_backward(
         }
     }
     Ok(())
+}
+
+/// Packed weights are read as Hugging Face Linear stores them, (out, in).
+fn packed_layout(trans_w: bool) -> Result<()> {
+    if trans_w {
+        return Ok(());
+    }
+    Err(Error::Internal {
+        context: "linear".into(),
+        message: "a packed weight is stored (in, out); only (out, in) weights are kept packed".into(),
+    })
 }

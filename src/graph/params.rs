@@ -80,7 +80,31 @@ impl ParamStore {
             return Err(Error::InvalidArgument { name: name.into(), detail: "parameter added twice".into() });
         }
         let value = Value::from_host(&self.dev, data, shape, name)?;
-        let grad = None;
+        self.add_value(name, shape, value, trainable)
+    }
+
+    /// Add a frozen parameter kept in its stored format `ty` (`bytes` as in the file). On the
+    /// CPU path it is dequantized to f32 (the reference computes in f32/f64 throughout).
+    pub fn add_packed(&mut self, name: &str, shape: &[usize], ty: GgmlType, bytes: &[u8]) -> Result<ParamId> {
+        let (value, dtype) = match &self.dev {
+            Device::Gpu(g) if ty != GgmlType::F32 => {
+                (Value::Packed(crate::gpu::QTensor::from_bytes(g, ty, bytes, shape, name)?), ty)
+            }
+            _ => {
+                let mut data = vec![0f32; shape.iter().product()];
+                kernels_ref::quant::dequantize(ty, bytes, &mut data);
+                (Value::from_host(&self.dev, &data, shape, name)?, GgmlType::F32)
+            }
+        };
+        let id = self.add_value(name, shape, value, false)?;
+        self.params[id.0].dtype = dtype;
+        Ok(id)
+    }
+
+    fn add_value(&mut self, name: &str, shape: &[usize], value: Value, trainable: bool) -> Result<ParamId> {
+        if self.by_name.contains_key(name) {
+            return Err(Error::InvalidArgument { name: name.into(), detail: "parameter added twice".into() });
+        }
         let id = ParamId(self.params.len());
         self.params.push(Param {
             name: name.to_string(),
@@ -89,19 +113,24 @@ impl ParamStore {
             trainable,
             location: Location::Resident,
             value,
-            grad,
+            grad: None,
             moments: None,
         });
         self.by_name.insert(name.to_string(), id);
         Ok(id)
     }
 
-    /// Add a frozen parameter stored as `ty` (`bytes` as in the file).
-    pub fn add_packed(&mut self, name: &str, shape: &[usize], ty: GgmlType, bytes: &[u8]) -> Result<ParamId> {
-        // until the packed GPU storage lands: dequantized to f32
-        let mut data = vec![0f32; shape.iter().product()];
-        kernels_ref::quant::dequantize(ty, bytes, &mut data);
-        self.add(name, shape, &data, false)
+    /// Device bytes held by parameter values, by storage type (a memory report).
+    pub fn value_bytes(&self) -> Vec<(GgmlType, u64)> {
+        let mut by: std::collections::BTreeMap<&str, (GgmlType, u64)> = Default::default();
+        for p in &self.params {
+            let bytes = match &p.value {
+                Value::Packed(q) => q.gpu_bytes(),
+                _ => 4 * p.shape.iter().product::<usize>() as u64,
+            };
+            by.entry(p.dtype.name()).or_insert((p.dtype, 0)).1 += bytes;
+        }
+        by.into_values().collect()
     }
 
     /// Put a LoRA adapter on weight `base` (fan_in inputs, fan_out outputs) with A and B given
@@ -141,6 +170,7 @@ impl ParamStore {
     pub fn set_value(&mut self, id: ParamId, data: &[f32]) -> Result<()> {
         let p = &mut self.params[id.0];
         p.value = Value::from_host(&self.dev, data, &p.shape, &p.name)?;
+        p.dtype = GgmlType::F32;
         Ok(())
     }
 

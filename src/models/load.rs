@@ -89,6 +89,8 @@ pub fn open_source(path: &Path) -> Result<(serde_json::Value, Source)> {
         });
     }
     let config: serde_json::Value = super::read_config(path)?;
+    // a config that describes no model is reported before the weights are opened
+    Parsed::from_json(config.clone()).map_err(|detail| super::config_error(path, detail))?;
     Ok((config, Source::Safetensors(Safetensors::open_dir(path)?)))
 }
 

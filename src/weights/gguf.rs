@@ -198,7 +198,7 @@ impl<'a> Cursor<'a> {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
                     4..=6 => 4,
-                    8 | 9 | 10..=12 => 8,
+                    8..=12 => 8,
                     t => return Err(format!("{} is an array of unknown value type {t}", what())),
                 };
                 let n = self.count(min, what)?;
