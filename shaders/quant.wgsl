@@ -1,7 +1,7 @@
 // Products and gathers through a frozen weight W kept in its stored GGUF format (F16, BF16 or a
 // ggml block type), dequantized as it is read:
-//   qmatmul:    y (M,N)  = x (M,K) . W^T (+ bias) (+ y)      one output column n, TM rows each
-//   qmatmul_dx: dx (M,K) = dy (M,N) . W (+ dx)               four columns k, TM rows each
+//   qmatmul:    y (M,N)  = x (M,K) . W^T (+ bias) (+ y)      TN columns n, TM rows each
+//   qmatmul_dx: dx (M,K) = dy (M,N) . W (+ dx)               TK columns k, TM rows each
 //   qgather:    out (n,C) = rows ids of W                    four columns of one row each
 // W is a chunk of whole rows, each row K/QK consecutive blocks of BLOCK_BYTES bytes, exactly the
 // bytes of the file, read as array<u32> through byte helpers (rows and blocks need not be
@@ -63,7 +63,9 @@ override SUB: u32 = 32u;          // elements per (scale, offset) pair; 4 for F1
 override HAS_MIN: bool = TYPE == Q4_1 || TYPE == Q5_1 || TYPE == Q4_K || TYPE == Q5_K;
 
 const WG: u32 = 64u;
-const TM: u32 = 4u;
+const TM: u32 = 4u;  // rows of the output per invocation (qmatmul, qmatmul_dx)
+const TN: u32 = 4u;  // columns of y per invocation (qmatmul)
+const TK: u32 = 8u;  // columns of dx per invocation (qmatmul_dx)
 const LANES = vec4<u32>(0u, 1u, 2u, 3u);
 
 // ---- reading bytes of W ----
@@ -239,91 +241,152 @@ fn store(idx: u32, v: f32) {
     }
 }
 
+// q[t] * (rows of x at column k + t), summed over t: one column of W against four rows of x.
+fn dot_q(q: vec4<f32>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(q.x), x0, fma(vec4<f32>(q.y), x1, fma(vec4<f32>(q.z), x2, vec4<f32>(q.w) * x3)));
+}
+
+// The quants of elements e..e+3 of the W row at byte `row`, `within` block `b`; a float-type row
+// whose K is not a multiple of 4 ends inside its last group, whose weights past K (span column
+// k) are zero.
+fn quants_masked(b: u32, within: u32, k: u32) -> vec4<f32> {
+    let q = quants4(b, within);
+    if (QK == 1u) {
+        return select(vec4<f32>(0.0), q, vec4<u32>(k) + LANES < vec4<u32>(p.k));
+    }
+    return q;
+}
+
+// One invocation: TM rows of y by TN columns n0 + j WG (strided, so that neighbouring
+// invocations write neighbouring columns). Each column of x is loaded once for the TN columns,
+// each group of 4 weights decoded once for the TM rows.
 @compute @workgroup_size(WG)
 fn qmatmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let n = wid.x * WG + lid.x;
-    if (n >= p.n) {
+    let n0 = wid.x * WG * TN + lid.x;
+    if (n0 >= p.n) {
         return;
     }
     let m0 = wid.y * TM;
     let xr = row_starts(p.x_off, p.x_ld, m0, p.m);
-    let row = p.w_off + n * p.w_ld;
-    var acc = vec4<f32>(0.0);
+    // columns past N decode the last row of W and are not stored
+    let rows = vec4<u32>(p.w_off) + min(vec4<u32>(n0) + LANES * WG, vec4<u32>(p.n - 1u)) * p.w_ld;
+    // acc_j: rows m0..m0+3 of column n0 + j WG
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     let nsub = (p.k + SUB - 1u) / SUB;
     for (var s = 0u; s < nsub; s++) {
         let e = p.w_k0 + s * SUB;
-        let b = row + (e / QK) * BLOCK_BYTES;
+        let boff = (e / QK) * BLOCK_BYTES;
         let within = e % QK;
-        let so = scale_offset(b, within / SUB);
-        var sq = vec4<f32>(0.0); // sum of q * x over the sub-block, per row of x
-        var sx = vec4<f32>(0.0); // sum of x, for the offset
+        let so0 = scale_offset(rows.x + boff, within / SUB);
+        let so1 = scale_offset(rows.y + boff, within / SUB);
+        let so2 = scale_offset(rows.z + boff, within / SUB);
+        let so3 = scale_offset(rows.w + boff, within / SUB);
+        // sums of q * x over the sub-block per column, and of x (for the offset)
+        var sq0 = vec4<f32>(0.0);
+        var sq1 = vec4<f32>(0.0);
+        var sq2 = vec4<f32>(0.0);
+        var sq3 = vec4<f32>(0.0);
+        var sx = vec4<f32>(0.0);
         for (var i = 0u; i < SUB; i += 4u) {
             let k = s * SUB + i;
-            var q = quants4(b, within + i);
-            // A float-type row of K not a multiple of 4 ends inside the last group: its
-            // weights past K are zero and x is read at a valid column.
+            // for float rows, F16 elements k..k+3 lie in four "blocks" of one element
+            let bi = (i / QK) * BLOCK_BYTES;
+            let wi = within + i % QK;
             let kk = min(vec4<u32>(k) + LANES, vec4<u32>(p.k - 1u));
-            if (QK == 1u) {
-                q = select(vec4<f32>(0.0), q, vec4<u32>(k) + LANES < vec4<u32>(p.k));
-            }
             let x0 = col4(xr, kk.x);
             let x1 = col4(xr, kk.y);
             let x2 = col4(xr, kk.z);
             let x3 = col4(xr, kk.w);
-            sq = fma(vec4<f32>(q.x), x0, sq);
-            sq = fma(vec4<f32>(q.y), x1, sq);
-            sq = fma(vec4<f32>(q.z), x2, sq);
-            sq = fma(vec4<f32>(q.w), x3, sq);
+            sq0 += dot_q(quants_masked(rows.x + boff + bi, wi, k), x0, x1, x2, x3);
+            sq1 += dot_q(quants_masked(rows.y + boff + bi, wi, k), x0, x1, x2, x3);
+            sq2 += dot_q(quants_masked(rows.z + boff + bi, wi, k), x0, x1, x2, x3);
+            sq3 += dot_q(quants_masked(rows.w + boff + bi, wi, k), x0, x1, x2, x3);
             if (HAS_MIN) {
                 sx += (x0 + x1) + (x2 + x3);
             }
         }
-        acc = fma(vec4<f32>(so.x), sq, acc);
+        acc0 = fma(vec4<f32>(so0.x), sq0, acc0);
+        acc1 = fma(vec4<f32>(so1.x), sq1, acc1);
+        acc2 = fma(vec4<f32>(so2.x), sq2, acc2);
+        acc3 = fma(vec4<f32>(so3.x), sq3, acc3);
         if (HAS_MIN) {
-            acc = fma(vec4<f32>(so.y), sx, acc);
+            acc0 = fma(vec4<f32>(so0.y), sx, acc0);
+            acc1 = fma(vec4<f32>(so1.y), sx, acc1);
+            acc2 = fma(vec4<f32>(so2.y), sx, acc2);
+            acc3 = fma(vec4<f32>(so3.y), sx, acc3);
         }
     }
-    var b = 0.0;
-    if ((p.flags & 1u) != 0u) {
-        b = bias[p.bias_off + n];
-    }
-    for (var r = 0u; r < TM; r++) {
-        if (m0 + r < p.m) {
-            store(p.y_off + (m0 + r) * p.y_ld + n, acc[r] + b);
+    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var j = 0u; j < TN; j++) {
+        let n = n0 + j * WG;
+        if (n < p.n) {
+            var b = 0.0;
+            if ((p.flags & 1u) != 0u) {
+                b = bias[p.bias_off + n];
+            }
+            for (var r = 0u; r < TM; r++) {
+                if (m0 + r < p.m) {
+                    store(p.y_off + (m0 + r) * p.y_ld + n, acc[j][r] + b);
+                }
+            }
         }
     }
 }
 
+// One invocation: TM rows of dx by TK = 8 consecutive columns, which lie in one sub-block of W
+// (k is a multiple of 8, SUB of 16 or 32), so each row n of W costs one scale decode.
 @compute @workgroup_size(WG)
 fn qmatmul_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let k = (wid.x * WG + lid.x) * 4u;
+    let k = (wid.x * WG + lid.x) * TK;
     if (k >= p.k) {
         return;
     }
     let m0 = wid.y * TM;
     let dyr = row_starts(p.x_off, p.x_ld, m0, p.m);
-    // rows m0..m0+3 of dx, each over columns k..k+3
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    let e = p.w_k0 + k;
+    let b0 = (e / QK) * BLOCK_BYTES;
+    let b1 = ((e + 4u) / QK) * BLOCK_BYTES;
+    let within0 = e % QK;
+    let within1 = (e + 4u) % QK;
+    // row r of dx over columns k..k+3 (lo) and k+4..k+7 (hi)
+    var lo0 = vec4<f32>(0.0);
+    var lo1 = vec4<f32>(0.0);
+    var lo2 = vec4<f32>(0.0);
+    var lo3 = vec4<f32>(0.0);
+    var hi0 = vec4<f32>(0.0);
+    var hi1 = vec4<f32>(0.0);
+    var hi2 = vec4<f32>(0.0);
+    var hi3 = vec4<f32>(0.0);
     var row = p.w_off;
     for (var n = 0u; n < p.n; n++) {
-        let wv = weights4(row, p.w_k0 + k);
+        let so = scale_offset(row + b0, within0 / SUB);
+        let w0 = fma(vec4<f32>(so.x), quants4(row + b0, within0), vec4<f32>(so.y));
+        let w1 = fma(vec4<f32>(so.x), quants4(row + b1, within1), vec4<f32>(so.y));
         let d = col4(dyr, n);
-        acc0 = fma(vec4<f32>(d.x), wv, acc0);
-        acc1 = fma(vec4<f32>(d.y), wv, acc1);
-        acc2 = fma(vec4<f32>(d.z), wv, acc2);
-        acc3 = fma(vec4<f32>(d.w), wv, acc3);
+        lo0 = fma(vec4<f32>(d.x), w0, lo0);
+        lo1 = fma(vec4<f32>(d.y), w0, lo1);
+        lo2 = fma(vec4<f32>(d.z), w0, lo2);
+        lo3 = fma(vec4<f32>(d.w), w0, lo3);
+        hi0 = fma(vec4<f32>(d.x), w1, hi0);
+        hi1 = fma(vec4<f32>(d.y), w1, hi1);
+        hi2 = fma(vec4<f32>(d.z), w1, hi2);
+        hi3 = fma(vec4<f32>(d.w), w1, hi3);
         row += p.w_ld;
     }
-    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    var lo = array<vec4<f32>, 4>(lo0, lo1, lo2, lo3);
+    var hi = array<vec4<f32>, 4>(hi0, hi1, hi2, hi3);
     for (var r = 0u; r < TM; r++) {
         if (m0 + r < p.m) {
             let base = p.y_off + (m0 + r) * p.y_ld + k;
             for (var t = 0u; t < 4u; t++) {
                 if (k + t < p.k) {
-                    store(base + t, acc[r][t]);
+                    store(base + t, lo[r][t]);
+                }
+                if (k + 4u + t < p.k) {
+                    store(base + 4u + t, hi[r][t]);
                 }
             }
         }

@@ -114,7 +114,8 @@ fn cases(p: &mut Probe, ty: GgmlType, dx: bool) -> Vec<Case> {
     cases.push(Case {
         w_chunk: 10,
         a_split: Some((Split::Rows, 3)),
-        c_split: Some((Split::Cols, 16)),
+        // (dx's column chunks start at multiples of 8 for a block type, anywhere for a float)
+        c_split: Some((Split::Cols, if qk == 1 { 5 } else { 16 })),
         ..plain(7, 33, k2, true)
     });
     // a column chunk of x holds whole blocks of W

@@ -39,11 +39,14 @@ struct Params {
     _pad: [u32; 3],
 }
 
-/// Invocations per workgroup, and rows of the output one invocation computes.
+/// Invocations per workgroup; rows of the output one invocation computes (both products);
+/// columns of y (`qmatmul`), of dx (`qmatmul_dx`) and of an embedding row (`qgather`) it
+/// computes.
 const WG: usize = 64;
 const TM: usize = 4;
-/// Columns of dx (and of an embedding row) one invocation computes.
-const TK: usize = 4;
+const TN: usize = 4;
+const TK: usize = 8;
+const TC: usize = 4;
 
 /// The pipeline of `entry` for weights stored as `ty`: the decoder is chosen by override
 /// constants, so the compiler keeps only that type's code.
@@ -153,7 +156,7 @@ pub fn qmatmul(
     let qk = w.ty().block_elems();
     let max = gpu.max_workgroups() as usize;
     let ms = cuts(m, &[starts(x, Split::Rows), starts(y, Split::Rows)].concat(), max * TM);
-    let ns = cuts(n, &[starts(y, Split::Cols), chunk_starts(w)].concat(), max * WG);
+    let ns = cuts(n, &[starts(y, Split::Cols), chunk_starts(w)].concat(), max * WG * TN);
     let ks = cuts(k, &starts(x, Split::Cols), super::LOOP_SPAN);
     if let Some(&(k0, _)) = ks.iter().find(|&&(k0, _)| k0 % qk != 0) {
         return Err(Error::shape(
@@ -191,7 +194,7 @@ pub fn qmatmul(
                     ..Default::default()
                 };
                 let bias = bias_buf.unwrap_or(gpu.placeholder());
-                let groups = [nl.div_ceil(WG), ml.div_ceil(TM), 1].map(|g| g as u32);
+                let groups = [nl.div_ceil(WG * TN), ml.div_ceil(TM), 1].map(|g| g as u32);
                 gpu.dispatch(
                     &key,
                     &[Some(xb), Some(wb), Some(yb), Some(bias)],
@@ -206,7 +209,7 @@ pub fn qmatmul(
 
 /// `dx (M,K) = dy (M,N) . W (+ dx if accumulate)`: the backward dX product of [`qmatmul`]
 /// through the frozen weight. dy and dx may be chunked; for a block type a column chunk of dx
-/// must start at a multiple of 4.
+/// must start at a multiple of 8.
 pub fn qmatmul_dx(gpu: &Gpu, dx: &Tensor, dy: &Tensor, w: &QTensor, accumulate: bool) -> Result<()> {
     let (m, n, k) = (dy.rows(), dy.cols(), w.cols());
     if w.rows() != n || dx.rows() != m || dx.cols() != k {
@@ -285,7 +288,7 @@ pub fn qembedding_forward(gpu: &Gpu, out: &Tensor, ids: &Ids, table: &QTensor) -
     gpu.write(idb.raw(), 0, bytemuck::cast_slice(ids.host()))?;
     let key = key("qgather", table.ty());
     let u = |v: usize| u32_of(v, "qembedding_forward");
-    let items = ids.len() * c.div_ceil(TK);
+    let items = ids.len() * c.div_ceil(TC);
     u(items)?;
     for ch in table.chunks() {
         let p = Params {
