@@ -15,6 +15,7 @@ pub mod gradcheck;
 pub mod graph;
 pub mod kernels;
 pub mod lora;
+pub mod lora_gguf;
 pub mod mmlu;
 pub mod models;
 pub mod shaders;

@@ -205,7 +205,7 @@ fn unpermute<'a>(file: &GgufFile, name: &str, stored: Stored<'a>, heads: usize) 
 
 /// What the converter did to a tensor, to undo on reading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Conversion {
+pub(crate) enum Conversion {
     None,
     NormMinusOne,
     Transpose,
@@ -214,7 +214,7 @@ enum Conversion {
 
 /// llama.cpp's name of Hugging Face tensor `hf` (as the family's `param_shapes` names it) in an
 /// `arch` file, and the conversion to undo.
-fn gguf_name(arch: &str, hf: &str) -> Option<(String, Conversion)> {
+pub(crate) fn gguf_name(arch: &str, hf: &str) -> Option<(String, Conversion)> {
     use Conversion::*;
     let gemma = arch.starts_with("gemma");
     let norm = if gemma { NormMinusOne } else { None };
