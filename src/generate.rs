@@ -118,10 +118,11 @@ pub fn generate(
     let vocab = model.vocab_size();
     for _ in 0..max_tokens {
         let ctx = &ids[ids.len().saturating_sub(model.max_positions())..];
-        let (graph, logits) = model.logits_graph(store, 1, ctx.len())?;
-        let run = graph.forward(store, &Model::inference_feed(ctx, 1, ctx.len()), &[logits])?;
-        let all = run.read(logits)?;
-        let next = sample(&all[all.len() - vocab..], s, &mut rng)?;
+        let t = ctx.len();
+        let (graph, logits) = model.logits_graph_rows(store, 1, t, 1)?;
+        let run = graph.forward(store, &Model::inference_feed_rows(ctx, 1, t, &[t as u32 - 1]), &[logits])?;
+        let last = run.read(logits)?;
+        let next = sample(&last[last.len() - vocab..], s, &mut rng)?;
         if next == tok.eot() {
             break;
         }

@@ -493,3 +493,31 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
         }
     }
 }
+
+/// The logits of chosen positions only (generation, MMLU) are those rows of the full logits,
+/// for every family, on the CPU path and the GPU.
+#[test]
+fn logits_of_chosen_rows_are_rows_of_the_full_logits() {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(common::gpu().map(|g| Device::Gpu(g.clone())));
+    for dev in &devices {
+        for name in FAMILIES {
+            let ex = expected(name);
+            let (model, store) = Model::load(&fixture(name), dev).unwrap();
+            let (graph, logits) = model.logits_graph(&store, ex.b, ex.t).unwrap();
+            let full = graph.forward(&store, &Model::inference_feed(&ex.ids, ex.b, ex.t), &[logits]).unwrap();
+            let full = full.read(logits).unwrap();
+            let rows = [ex.t as u32 - 1, 0, (ex.b * ex.t) as u32 - 1];
+            let (graph, picked) = model.logits_graph_rows(&store, ex.b, ex.t, rows.len()).unwrap();
+            let feed = Model::inference_feed_rows(&ex.ids, ex.b, ex.t, &rows);
+            let got = graph.forward(&store, &feed, &[picked]).unwrap().read(picked).unwrap();
+            let v = model.vocab_size();
+            for (i, &r) in rows.iter().enumerate() {
+                let want = &full[r as usize * v..(r as usize + 1) * v];
+                let worst =
+                    got[i * v..(i + 1) * v].iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-5, "{name} on {}: row {r} differs by {worst:e}", dev.name());
+            }
+        }
+    }
+}

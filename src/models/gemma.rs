@@ -334,6 +334,18 @@ impl Gemma {
     }
 
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
+        self.logits_graph_rows(store, b, t, None)
+    }
+
+    /// [`Self::logits_graph`] with the logits of only `rows` fed positions, when given (see
+    /// [`super::pick_rows`]).
+    pub fn logits_graph_rows(
+        &self,
+        store: &ParamStore,
+        b: usize,
+        t: usize,
+        rows: Option<usize>,
+    ) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
         super::check_sequence_length(t, cfg.max_position_embeddings)?;
         let (h, kv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
@@ -380,6 +392,7 @@ impl Gemma {
             let down = norm(&mut g, down, layer.post_ff_norm)?;
             x = g.add(x, down)?;
         }
+        let x = super::pick_rows(&mut g, x, rows, b * t)?;
         let x = norm(&mut g, x, self.norm)?;
         let head = p(&mut g, self.embed);
         let logits = g.linear(x, head, None, true)?;

@@ -228,6 +228,18 @@ impl Gpt2 {
 
     /// Record the graph up to the logits (inference: feed ids and positions, no targets).
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
+        self.logits_graph_rows(store, b, t, None)
+    }
+
+    /// [`Self::logits_graph`] with the logits of only `rows` fed positions, when given (see
+    /// [`super::pick_rows`]).
+    pub fn logits_graph_rows(
+        &self,
+        store: &ParamStore,
+        b: usize,
+        t: usize,
+        rows: Option<usize>,
+    ) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
         super::check_sequence_length(t, cfg.n_positions)?;
         let (c, n) = (cfg.n_embd, b * t);
@@ -267,6 +279,7 @@ impl Gpt2 {
             let h = g.linear_lora(store, h, blk.mlp_proj.0, Some(blk.mlp_proj.1), false)?;
             x = g.add(x, h)?;
         }
+        let x = super::pick_rows(&mut g, x, rows, b * t)?;
         let (w, bias) = (p(&mut g, self.ln_f.0), p(&mut g, self.ln_f.1));
         let x = g.layernorm(x, w, bias, eps)?;
         let logits = g.linear(x, wte, None, true)?;

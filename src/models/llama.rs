@@ -190,6 +190,18 @@ impl Llama {
 
     /// Record the graph up to the logits for `b` sequences of `t` tokens.
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
+        self.logits_graph_rows(store, b, t, None)
+    }
+
+    /// [`Self::logits_graph`] with the logits of only `rows` fed positions, when given (see
+    /// [`super::pick_rows`]).
+    pub fn logits_graph_rows(
+        &self,
+        store: &ParamStore,
+        b: usize,
+        t: usize,
+        rows: Option<usize>,
+    ) -> Result<(Graph, Var)> {
         let cfg = &self.cfg;
         super::check_sequence_length(t, cfg.max_position_embeddings)?;
         let (h, kv, d) = cfg.heads();
@@ -223,6 +235,7 @@ impl Llama {
             let down = linear(&mut g, m, (layer.down, None))?;
             x = g.add(x, down)?;
         }
+        let x = super::pick_rows(&mut g, x, rows, b * t)?;
         let w = p(&mut g, self.norm);
         let x = g.rmsnorm(x, w, cfg.rms_norm_eps, 0.0)?;
         let head = p(&mut g, self.lm_head);

@@ -282,6 +282,31 @@ impl Model {
         }
     }
 
+    /// The graph up to the logits of `rows` positions only (chosen at run time by the third
+    /// list of [`Self::inference_feed_rows`]): what generation and multiple-choice scoring
+    /// need, without the LM head's product and read-back over every position.
+    pub fn logits_graph_rows(
+        &self,
+        store: &ParamStore,
+        b: usize,
+        t: usize,
+        rows: usize,
+    ) -> Result<(Graph, Var)> {
+        match self {
+            Model::Gpt2(m) => m.logits_graph_rows(store, b, t, Some(rows)),
+            Model::Llama(m) => m.logits_graph_rows(store, b, t, Some(rows)),
+            Model::Gemma(m) => m.logits_graph_rows(store, b, t, Some(rows)),
+        }
+    }
+
+    /// The feed of [`Self::logits_graph_rows`]: `rows` are indices into the `b * t` positions
+    /// (row-major), e.g. `t - 1` for the last position of the first sequence.
+    pub fn inference_feed_rows(ids: &[u32], b: usize, t: usize, rows: &[u32]) -> Feed {
+        let mut feed = Self::inference_feed(ids, b, t);
+        feed.ids.push(rows.to_vec());
+        feed
+    }
+
     /// The training graph: logits and the mean cross-entropy against the fed targets.
     pub fn graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Vars)> {
         let (mut g, logits) = self.logits_graph(store, b, t)?;
@@ -298,6 +323,18 @@ impl Model {
     /// The feed of [`Self::logits_graph`].
     pub fn inference_feed(ids: &[u32], b: usize, t: usize) -> Feed {
         gpt2::Gpt2::inference_feed(ids, b, t)
+    }
+}
+
+/// Before the final norm, keep only `rows` of the `n` positions (picked by an id list fed at
+/// run time, gathered like embedding rows), when given.
+fn pick_rows(g: &mut Graph, x: Var, rows: Option<usize>, n: usize) -> Result<Var> {
+    match rows {
+        None => Ok(x),
+        Some(r) => {
+            let list = g.id_list(n);
+            g.embedding(x, list, r)
+        }
     }
 }
 
