@@ -158,6 +158,16 @@ pub struct StepResult {
     pub peak_gpu_bytes: Option<u64>,
     /// bytes in GPU buffers in use by a tensor at the peak of a step (None on the CPU path)
     pub peak_live_gpu_bytes: Option<u64>,
+    /// bytes of the weights by storage type (`F32`, `Q4_K`, ...), as held on the device
+    pub weight_bytes: Vec<(String, u64)>,
+}
+
+/// The model a step benchmark trains: a preset's shape with random weights, or a checkpoint
+/// (a Hugging Face directory or GGUF file) with its base stored as `base`.
+#[derive(Clone, Debug)]
+pub enum StepModel {
+    Preset(String),
+    File(std::path::PathBuf, crate::weights::BaseDtype),
 }
 
 /// Time `steps` training steps (after one warm-up step) of a random model of `preset` (see
@@ -165,7 +175,7 @@ pub struct StepResult {
 /// alpha 32, dropout 0.1 on every projection).
 pub fn step_bench(
     dev: &crate::graph::Device,
-    preset: &str,
+    what: &StepModel,
     lora: bool,
     b: usize,
     t: usize,
@@ -174,7 +184,13 @@ pub fn step_bench(
     use crate::graph::Device;
     use crate::kernels::optim::AdamW;
     use crate::models::Model;
-    let (model, mut store) = Model::random(crate::models::preset_config(preset)?, dev, 1)?;
+    let (model, mut store) = match what {
+        StepModel::Preset(name) => Model::random(crate::models::preset_config(name)?, dev, 1)?,
+        StepModel::File(path, base) => {
+            let load = crate::models::LoadOptions { frozen: lora, base_dtype: *base };
+            Model::load_with(path, dev, &load)?
+        }
+    };
     if lora {
         let opts = crate::lora::LoraOptions {
             rank: 8,
@@ -222,5 +238,6 @@ pub fn step_bench(
             Device::Gpu(g) => Some(g.bytes_live().1),
             Device::Cpu => None,
         },
+        weight_bytes: store.value_bytes().into_iter().map(|(ty, n)| (ty.name().to_string(), n)).collect(),
     })
 }

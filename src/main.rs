@@ -253,6 +253,13 @@ enum BenchCommand {
         /// (random weights of those shapes).
         #[arg(long, default_value = "gpt2")]
         preset: String,
+        /// A real model instead of a preset: a Hugging Face directory or a GGUF file.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// With --model and --method lora: storage of the frozen base on the GPU (native keeps
+        /// a quantized GGUF quantized).
+        #[arg(long, value_enum, default_value_t = pockettune::weights::BaseDtype::Native)]
+        base_dtype: pockettune::weights::BaseDtype,
         /// Full fine-tuning, or LoRA (rank 8, alpha 32, every projection).
         #[arg(long, value_enum, default_value_t = pockettune::train::Method::Full)]
         method: pockettune::train::Method,
@@ -475,11 +482,27 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Bench {
-            what: BenchCommand::Step { device, json, preset, method, batch_size, seq_len, steps, no_cpu },
+            what:
+                BenchCommand::Step {
+                    device,
+                    json,
+                    preset,
+                    model,
+                    base_dtype,
+                    method,
+                    batch_size,
+                    seq_len,
+                    steps,
+                    no_cpu,
+                },
         } => {
             at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
             let lora = method == pockettune::train::Method::Lora;
-            bench_step(&device, json, &preset, lora, (batch_size, seq_len), steps, no_cpu)
+            let what = match model {
+                Some(path) => pockettune::bench::StepModel::File(path, base_dtype),
+                None => pockettune::bench::StepModel::Preset(preset),
+            };
+            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, no_cpu)
         }
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             at_least_one(&[("--rows", rows)])?;
@@ -898,28 +921,38 @@ fn init_model(name: &str, tokenizer: &std::path::Path, out: &std::path::Path, se
 fn bench_step(
     dev: &DeviceArgs,
     json: bool,
-    name: &str,
+    what: &pockettune::bench::StepModel,
     lora: bool,
     (b, t): (usize, usize),
     steps: usize,
     no_cpu: bool,
 ) -> Result<i32> {
+    use pockettune::bench::StepModel;
     use pockettune::graph::Device;
-    pockettune::models::preset_config(name)?;
+    let (name, weights) = match what {
+        StepModel::Preset(name) => {
+            pockettune::models::preset_config(name)?;
+            (name.clone(), "random weights".to_string())
+        }
+        StepModel::File(path, base) => {
+            let base = if lora { format!("base {base:?}").to_lowercase() } else { "f32 weights".into() };
+            (path.display().to_string(), base)
+        }
+    };
     let gpu = std::sync::Arc::new(dev.open()?);
     let mut devices = vec![Device::Gpu(gpu)];
     if !no_cpu {
         devices.push(Device::Cpu);
     }
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
-    eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, random weights");
+    eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, {weights}");
     eprintln!(
         "{:<44} {:>10} {:>10} {:>14} {:>14} {:>14}",
         "device", "ms/step", "tokens/s", "peak RSS MiB", "GPU held MiB", "GPU live MiB"
     );
     let mut results = Vec::new();
     for d in devices {
-        let r = pockettune::bench::step_bench(&d, name, lora, b, t, steps)?;
+        let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps)?;
         let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(
             "{:<44} {:>10.0} {:>10.1} {:>14} {:>14} {:>14}",
@@ -930,6 +963,12 @@ fn bench_step(
             mib(r.peak_gpu_bytes),
             mib(r.peak_live_gpu_bytes)
         );
+        let held: Vec<String> = r
+            .weight_bytes
+            .iter()
+            .map(|(ty, n)| format!("{ty} {:.0} MiB", *n as f64 / (1 << 20) as f64))
+            .collect();
+        eprintln!("{:<44} weights held: {}", "", held.join(", "));
         results.push(r);
     }
     if results.len() == 2 {
@@ -937,7 +976,7 @@ fn bench_step(
     }
     if json {
         print_json(
-            &json!({"preset": name, "lora": lora, "batch_size": b, "seq_len": t, "results": results}),
+            &json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t, "results": results}),
         )?;
     }
     Ok(0)
