@@ -3,6 +3,7 @@
 //   qmatmul:    y (M,N)  = x (M,K) . W^T (+ bias) (+ y)      TN columns n, TM rows each
 //   qmatmul_dx: dx (M,K) = dy (M,N) . W (+ dx)               TK columns k, TM rows each
 //   qgather:    out (n,C) = rows ids of W                    four columns of one row each
+//   dequantize: out (R,K) = rows 0..R of W, as f32           one sub-block of one row each
 // W is a chunk of whole rows, each row K/QK consecutive blocks of BLOCK_BYTES bytes, exactly the
 // bytes of the file, read as array<u32> through byte helpers (rows and blocks need not be
 // 4-byte aligned: a Q4_0 block is 18 bytes). The layouts are ggml's (`block_*` in
@@ -18,13 +19,13 @@
 // qmatmul_dx) run over one span per dispatch; the host adds the spans (see src/kernels).
 
 struct Params {
-    m: u32,        // qmatmul, qmatmul_dx: rows of the output piece; qgather: ids
+    m: u32,        // qmatmul, qmatmul_dx: rows of the output piece; qgather: ids; dequantize: rows of W
     n: u32,        // qmatmul: columns of y; qmatmul_dx: rows of W summed here; qgather: table rows in this chunk
-    k: u32,        // qmatmul: K of this span; qmatmul_dx: columns of dx; qgather: C
+    k: u32,        // qmatmul: K of this span; qmatmul_dx: columns of dx; qgather, dequantize: C (K)
     flags: u32,    // 1 = add bias, 2 = accumulate into the output
     x_off: u32,    // qmatmul: x; qmatmul_dx: dy (element offset and row stride)
     x_ld: u32,
-    y_off: u32,    // qmatmul: y; qmatmul_dx: dx
+    y_off: u32,    // qmatmul: y; qmatmul_dx: dx; dequantize: out
     y_ld: u32,
     w_off: u32,    // byte offset of the first row of W used (within this chunk)
     w_ld: u32,     // bytes per row of W
@@ -411,6 +412,36 @@ fn qgather(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     for (var t = 0u; t < 4u; t++) {
         if (k + t < p.k) {
             y[pos * p.k + k + t] = v[t];
+        }
+    }
+}
+
+// One invocation: one sub-block (SUB elements; 4 for the float types) of one of the p.m rows of
+// W from byte p.w_off, written as f32 to rows of p.y_ld values from p.y_off: the scratch rows
+// that the f32 matmul reads in qmatmul's large-M variant. The same arithmetic as qgather
+// (scale * q + offset, kernels-ref's dequantize up to the one rounding a fused multiply-add
+// saves); the scale is decoded once per sub-block. No loop depends on the data.
+@compute @workgroup_size(WG)
+fn dequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
+    let subs = (p.k + SUB - 1u) / SUB;
+    if (i >= p.m * subs) {
+        return;
+    }
+    let r = i / subs;
+    let e = (i % subs) * SUB;
+    // the float types' SUB (4) elements are four one-element "blocks" from b on
+    let b = p.w_off + r * p.w_ld + (e / QK) * BLOCK_BYTES;
+    let within = e % QK;
+    let so = scale_offset(b, within / SUB);
+    let out = p.y_off + r * p.y_ld + e;
+    for (var t = 0u; t < SUB; t += 4u) {
+        let v = so.x * quants4(b, within + t) + so.y;
+        for (var j = 0u; j < 4u; j++) {
+            if (e + t + j < p.k) {
+                y[out + t + j] = v[j];
+            }
         }
     }
 }

@@ -1,18 +1,32 @@
 //! Products and gathers through a frozen weight stored as F16, BF16 or a ggml block type
-//! ([`QTensor`]), dequantized in the shader as it is read (`shaders/quant.wgsl`): the LoRA base
-//! and the `eval`/`generate` model stay in their file's format on the GPU.
+//! ([`QTensor`]): the LoRA base and the `eval`/`generate` model stay in their file's format on
+//! the GPU (`shaders/quant.wgsl` decodes them).
 //!
 //! - [`qmatmul`]: `y = x . W^T (+ bias)`, a linear layer's forward and a tied LM head.
 //! - [`qmatmul_dx`]: `dx = dy . W`, the gradient that flows back through the frozen weight
 //!   (W itself gets none).
 //! - [`qembedding_forward`]: rows of a packed embedding table.
+//! - [`qdequantize`]: rows of W as f32.
+//!
+//! The two products have two variants ([`QmatmulVariant`]). *Fused* kernels decode W inside
+//! the product; they need no memory beyond the packed weight and win for a few rows of x
+//! (generation, one position's logits). *Scratch* (module `scratch`) dequantizes a block of
+//! W's rows into a bounded f32 buffer and runs the f32 [`matmul`](super::matmul) on it, whichever
+//! kernel that picks; for training batches and eval it is several times faster on lavapipe,
+//! where the fused kernels' many byte loads per weight, repeated for every 4 rows of x, cost
+//! more than one decode per weight and an f32 product (docs/perf.md, "Quantized base on
+//! lavapipe"). [`QmatmulVariant::Auto`] picks by the rows of x: scratch from
+//! [`SCRATCH_MIN_ROWS`] on. `POCKETTUNE_QMATMUL=fused|scratch|auto` forces a choice for the
+//! process, [`with_variant`] for one thread (tests, gradcheck, benches).
 //!
 //! Reference: `kernels_ref::quant::dequantize` followed by `kernels_ref::matmul_forward` /
 //! `embedding_forward` (f64 accumulation). As in `matmul`, every operand may be chunked: the
-//! products are cut at every chunk boundary of x, y (dx, dy) and W, then into spans of at most
-//! [`LOOP_SPAN`](super::LOOP_SPAN) along the summed dimension (K for `qmatmul`, N for
+//! fused products are cut at every chunk boundary of x, y (dx, dy) and W, then into spans of at
+//! most [`LOOP_SPAN`](super::LOOP_SPAN) along the summed dimension (K for `qmatmul`, N for
 //! `qmatmul_dx`), one dispatch each, the later ones adding into the output, and into grids that
 //! fit the device's workgroups per dimension.
+
+mod scratch;
 
 use super::embedding::Ids;
 use super::u32_of;
@@ -51,17 +65,20 @@ const TC: usize = 4;
 /// The pipeline of `entry` for weights stored as `ty`: the decoder is chosen by override
 /// constants, so the compiler keeps only that type's code.
 fn key(entry: &'static str, ty: GgmlType) -> KernelKey {
-    // elements that share one (scale, offset): a block's sub-block, or a group of 4 floats
-    let sub = match ty {
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 4,
-        GgmlType::Q6_K => 16,
-        _ => 32,
-    };
     KernelKey::new("quant", entry)
         .with("TYPE", ty.id())
         .with("QK", ty.block_elems() as u32)
         .with("BLOCK_BYTES", ty.block_bytes() as u32)
-        .with("SUB", sub)
+        .with("SUB", sub_elems(ty) as u32)
+}
+
+/// Elements that share one (scale, offset): a block's sub-block, or a group of 4 floats.
+fn sub_elems(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 4,
+        GgmlType::Q6_K => 16,
+        _ => 32,
+    }
 }
 
 /// `0..extent` cut at the chunk starts of the tensors (and every `grid` elements after each
@@ -119,6 +136,100 @@ fn chunk_starts(w: &QTensor) -> Vec<usize> {
     w.chunks().iter().map(|c| c.start).collect()
 }
 
+/// How [`qmatmul`] and [`qmatmul_dx`] compute (module comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QmatmulVariant {
+    /// Decode W inside the product (`quant.wgsl`'s `qmatmul` / `qmatmul_dx`).
+    Fused,
+    /// Dequantize blocks of W's rows into an f32 scratch buffer of at most [`SCRATCH_BYTES`]
+    /// and run the f32 matmul on it.
+    Scratch,
+    /// Fused below [`SCRATCH_MIN_ROWS`] rows of x (of dy for `qmatmul_dx`), scratch from there.
+    Auto,
+}
+
+impl QmatmulVariant {
+    pub const ALL: [QmatmulVariant; 3] = [QmatmulVariant::Fused, QmatmulVariant::Scratch, QmatmulVariant::Auto];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QmatmulVariant::Fused => "fused",
+            QmatmulVariant::Scratch => "scratch",
+            QmatmulVariant::Auto => "auto",
+        }
+    }
+
+    /// The variant named `name` (`fused`, `scratch` or `auto`).
+    pub fn parse(name: &str) -> Result<QmatmulVariant> {
+        Self::ALL.into_iter().find(|v| v.name() == name).ok_or_else(|| Error::InvalidArgument {
+            name: QMATMUL_ENV.into(),
+            detail: format!("{name:?} is not a quantized-matmul variant: use fused, scratch or auto"),
+        })
+    }
+}
+
+/// Environment variable that forces a [`QmatmulVariant`] for the whole process.
+pub const QMATMUL_ENV: &str = "POCKETTUNE_QMATMUL";
+
+/// From this many rows of x (dy) on, [`QmatmulVariant::Auto`] takes the scratch variant.
+/// Measured on lavapipe at Gemma 3 270M's shapes in Q4_K, Q6_K and Q8_0 (docs/perf.md): the
+/// scratch variant pays one decode of W per call and then runs at the f32 matmul's speed,
+/// whose 64-row tiles are mostly idle for a handful of rows; the fused kernels cost the same
+/// per row of x at any M. Below 16 rows fused was faster or even; from 16 on scratch was
+/// (at 16 rows by 1.3-2x, at 128 rows by 4-9x).
+pub const SCRATCH_MIN_ROWS: usize = 16;
+
+/// Largest f32 scratch the scratch variant holds for a block of W's rows (also held below
+/// the device's binding limit): 32 MiB is 13,107 rows of Gemma 3's 640-wide LM head, a
+/// twentieth of it.
+pub const SCRATCH_BYTES: usize = 32 << 20;
+
+thread_local! {
+    static VARIANT: std::cell::Cell<Option<QmatmulVariant>> = const { std::cell::Cell::new(None) };
+    static SCRATCH_LIMIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with the quantized products on this thread computed by `variant` (tests, gradcheck
+/// and benches compare the variants this way without disturbing other threads).
+pub fn with_variant<R>(variant: QmatmulVariant, f: impl FnOnce() -> R) -> R {
+    let previous = VARIANT.with(|v| v.replace(Some(variant)));
+    let result = f();
+    VARIANT.with(|v| v.set(previous));
+    result
+}
+
+/// Run `f` with the scratch variant's buffer on this thread held to `bytes` (at least one row
+/// of W), so that tests walk W in several row blocks on small weights.
+pub fn with_scratch_limit<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let previous = SCRATCH_LIMIT.with(|v| v.replace(Some(bytes)));
+    let result = f();
+    SCRATCH_LIMIT.with(|v| v.set(previous));
+    result
+}
+
+/// The variant in force on this thread: [`with_variant`]'s, else `POCKETTUNE_QMATMUL`'s, else
+/// [`QmatmulVariant::Auto`].
+pub fn current_variant() -> Result<QmatmulVariant> {
+    static ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(v) = VARIANT.with(|v| v.get()) {
+        return Ok(v);
+    }
+    match ENV.get_or_init(|| std::env::var(QMATMUL_ENV).ok()) {
+        Some(name) => QmatmulVariant::parse(name),
+        None => Ok(QmatmulVariant::Auto),
+    }
+}
+
+/// Whether a product with `m` rows of x (dy) runs the scratch variant.
+fn use_scratch(m: usize) -> Result<bool> {
+    Ok(match current_variant()? {
+        QmatmulVariant::Fused => false,
+        QmatmulVariant::Scratch => true,
+        QmatmulVariant::Auto => m >= SCRATCH_MIN_ROWS,
+    })
+}
+
 /// `y (M,N) = x (M,K) . W^T (+ bias (N)) (+ y if accumulate)`, W a [`QTensor`] (N,K). x and y
 /// may be chunked by rows or columns (logits at a real vocabulary are); a column chunk of x
 /// must start on a block boundary of W.
@@ -150,15 +261,10 @@ pub fn qmatmul(
         Some(t) => Some(t.single("qmatmul bias")?),
         None => None,
     };
-    if m == 0 {
-        return Ok(());
-    }
+    // Both variants hold x's column chunks to W's blocks (the scratch one could do without),
+    // so that a layout works or fails the same whichever runs.
     let qk = w.ty().block_elems();
-    let max = gpu.max_workgroups() as usize;
-    let ms = cuts(m, &[starts(x, Split::Rows), starts(y, Split::Rows)].concat(), max * TM);
-    let ns = cuts(n, &[starts(y, Split::Cols), chunk_starts(w)].concat(), max * WG * TN);
-    let ks = cuts(k, &starts(x, Split::Cols), super::LOOP_SPAN);
-    if let Some(&(k0, _)) = ks.iter().find(|&&(k0, _)| k0 % qk != 0) {
+    if let Some(k0) = starts(x, Split::Cols).into_iter().find(|&k0| k0 % qk != 0) {
         return Err(Error::shape(
             "qmatmul",
             format!(
@@ -168,6 +274,30 @@ pub fn qmatmul(
             ),
         ));
     }
+    if m == 0 {
+        return Ok(());
+    }
+    if use_scratch(m)? {
+        scratch::qmatmul(gpu, y, x, w, bias_buf, accumulate)
+    } else {
+        qmatmul_fused(gpu, y, x, w, bias_buf, accumulate)
+    }
+}
+
+/// [`qmatmul`] by `quant.wgsl`'s fused kernel, the arguments checked.
+fn qmatmul_fused(
+    gpu: &Gpu,
+    y: &Tensor,
+    x: &Tensor,
+    w: &QTensor,
+    bias_buf: Option<&wgpu::Buffer>,
+    accumulate: bool,
+) -> Result<()> {
+    let (m, k, n) = (x.rows(), x.cols(), w.rows());
+    let max = gpu.max_workgroups() as usize;
+    let ms = cuts(m, &[starts(x, Split::Rows), starts(y, Split::Rows)].concat(), max * TM);
+    let ns = cuts(n, &[starts(y, Split::Cols), chunk_starts(w)].concat(), max * WG * TN);
+    let ks = cuts(k, &starts(x, Split::Cols), super::LOOP_SPAN);
     let key = key("qmatmul", w.ty());
     let u = |v: usize| u32_of(v, "qmatmul");
     for &(m0, ml) in &ms {
@@ -224,21 +354,32 @@ pub fn qmatmul_dx(gpu: &Gpu, dx: &Tensor, dy: &Tensor, w: &QTensor, accumulate: 
             ),
         ));
     }
-    if m == 0 {
-        return Ok(());
-    }
-    let max = gpu.max_workgroups() as usize;
-    let ms = cuts(m, &[starts(dx, Split::Rows), starts(dy, Split::Rows)].concat(), max * TM);
-    let ks = cuts(k, &starts(dx, Split::Cols), max * WG * TK);
-    let ns = cuts(n, &[starts(dy, Split::Cols), chunk_starts(w)].concat(), super::LOOP_SPAN);
+    // (as in qmatmul, both variants hold dx to the fused kernel's layout rule)
     if w.ty().is_quantized() {
-        if let Some(&(k0, _)) = ks.iter().find(|&&(k0, _)| k0 % TK != 0) {
+        if let Some(k0) = starts(dx, Split::Cols).into_iter().find(|&k0| k0 % TK != 0) {
             return Err(Error::shape(
                 "qmatmul_dx",
                 format!("dx is split by columns at column {k0}, not a multiple of {TK}; store dx by rows"),
             ));
         }
     }
+    if m == 0 {
+        return Ok(());
+    }
+    if use_scratch(m)? {
+        scratch::qmatmul_dx(gpu, dx, dy, w, accumulate)
+    } else {
+        qmatmul_dx_fused(gpu, dx, dy, w, accumulate)
+    }
+}
+
+/// [`qmatmul_dx`] by `quant.wgsl`'s fused kernel, the arguments checked.
+fn qmatmul_dx_fused(gpu: &Gpu, dx: &Tensor, dy: &Tensor, w: &QTensor, accumulate: bool) -> Result<()> {
+    let (m, n, k) = (dy.rows(), dy.cols(), w.cols());
+    let max = gpu.max_workgroups() as usize;
+    let ms = cuts(m, &[starts(dx, Split::Rows), starts(dy, Split::Rows)].concat(), max * TM);
+    let ks = cuts(k, &starts(dx, Split::Cols), max * WG * TK);
+    let ns = cuts(n, &[starts(dy, Split::Cols), chunk_starts(w)].concat(), super::LOOP_SPAN);
     let key = key("qmatmul_dx", w.ty());
     let u = |v: usize| u32_of(v, "qmatmul_dx");
     for &(m0, ml) in &ms {
@@ -265,6 +406,52 @@ pub fn qmatmul_dx(gpu: &Gpu, dx: &Tensor, dy: &Tensor, w: &QTensor, accumulate: 
                 gpu.dispatch(&key, &[Some(dyb), Some(wb), Some(dxb), None], bytemuck::bytes_of(&p), groups)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// `out (R, K)` = rows `row0..row0 + R` of W dequantized to f32 (`kernels_ref::quant::
+/// dequantize`'s values, up to the one rounding a fused multiply-add may save); `out` is one
+/// buffer. The scratch variant's decoder, public for its own test.
+pub fn qdequantize(gpu: &Gpu, out: &Tensor, w: &QTensor, row0: usize) -> Result<()> {
+    let (rows, k) = (out.rows(), w.cols());
+    if out.cols() != k || row0 + rows > w.rows() {
+        return Err(Error::shape(
+            "qdequantize",
+            format!(
+                "out is {rows}x{}, W ({}) is {}x{k}: rows {row0}..{} are not all in W, or the \
+                 widths differ",
+                out.cols(),
+                w.ty(),
+                w.rows(),
+                row0 + rows
+            ),
+        ));
+    }
+    dequantize_rows(gpu, out.single("qdequantize")?, 0, w, row0, rows)
+}
+
+/// Rows `row0..row0 + rows` of W as f32 into `out` from element `out_off` (rows of K values),
+/// one dispatch per chunk of W they touch.
+fn dequantize_rows(gpu: &Gpu, out: &wgpu::Buffer, out_off: usize, w: &QTensor, row0: usize, rows: usize) -> Result<()> {
+    let k = w.cols();
+    let key = key("dequantize", w.ty());
+    let u = |v: usize| u32_of(v, "qdequantize");
+    let points = [chunk_starts(w), vec![row0]].concat();
+    for (r0, rl) in cuts(row0 + rows, &points, usize::MAX).into_iter().filter(|&(r0, _)| r0 >= row0) {
+        let (wb, w_off) = w_row(w, r0);
+        let items = rl * k.div_ceil(sub_elems(w.ty()));
+        u(items)?;
+        let p = Params {
+            m: u(rl)?,
+            k: u(k)?,
+            y_off: u(out_off + (r0 - row0) * k)?,
+            y_ld: u(k)?,
+            w_off: u(w_off)?,
+            w_ld: u(w.row_bytes())?,
+            ..Default::default()
+        };
+        gpu.dispatch(&key, &[None, Some(wb), Some(out), None], bytemuck::bytes_of(&p), gpu.grid(items, WG))?;
     }
     Ok(())
 }
