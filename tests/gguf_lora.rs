@@ -296,3 +296,27 @@ fn bad_bases_and_adapters_are_refused_clearly() {
     let e = export_err(&gemma, &dir);
     assert!(e.contains(&format!("tensor {name} is not a LoRA factor")), "{e}");
 }
+
+#[test]
+fn cli_export_format_gguf_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.gguf");
+    std::fs::write(&base, base_gguf("gemma3-tiny", None)).unwrap();
+    let out = tmp.path().join("lora.gguf");
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"));
+        cmd.args(["export", "--format", "gguf-lora", "--model"]).arg(&base);
+        cmd.arg("--adapter").arg(fixture("gemma3-tiny-lora")).arg("--out").arg(&out).args(extra);
+        cmd.output().unwrap()
+    };
+    let o = run(&["--merge"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("drop --merge"));
+    assert!(!out.exists());
+    let o = run(&[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("gemma3 LoRA, 21 adapted tensors, rank 4, alpha 8"), "{stderr}");
+    let file = GgufFile::open(&out).unwrap();
+    assert_eq!(file.get("general.type"), Some(&MetaValue::Str("adapter".into())));
+    assert_eq!(file.tensors().len(), 42);
+}
