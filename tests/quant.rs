@@ -1,6 +1,8 @@
 //! A frozen weight kept on the GPU in its GGUF storage type (`QTensor`) and the kernels that
 //! dequantize it as they read (`kernels::quant`), under the mobile limits: hand-checked blocks,
-//! every type against kernels-ref on a layer-sized product, the tables of real vocabularies above
+//! every type against kernels-ref on a layer-sized product (both variants of the products: fused
+//! and scratch, the latter also walking W in several row blocks), the dequantizing kernel, the
+//! automatic choice between the variants, the tables of real vocabularies above
 //! the 128 MiB binding limit (Gemma 3's 262,144 x 640 in Q8_0 and F16; Q5_0's 110 MiB fit one
 //! binding; Llama 3.2 1B's 128,256 x 2048 in Q4_K and Q6_K, since K-quant rows are multiples of
 //! 256), and the errors a bad weight gets.
@@ -17,6 +19,7 @@ use kernels_ref as kr;
 use kernels_ref::quant::{dequantize, random_blocks, GgmlType};
 use pockettune::gpu::{QTensor, Split};
 use pockettune::gradcheck::{rel_err, QuantVocab, QUANT_TYPES};
+use pockettune::kernels::quant::{QmatmulVariant, SCRATCH_MIN_ROWS};
 use pockettune::kernels::{embedding, quant};
 use pockettune::{Error, Tensor};
 use rand::rngs::StdRng;
@@ -95,25 +98,49 @@ fn hand_made_blocks_decode_as_ggml_defines() {
         let gathered: Vec<f32> =
             ids.iter().flat_map(|&r| want[r as usize * cols..][..cols].to_vec()).collect();
         assert_eq!(out.to_host(gpu).unwrap(), gathered, "{ty}: gathered rows");
+        // every row dequantized
+        let all = Tensor::empty(gpu, &[rows, cols], "rows").unwrap();
+        quant::qdequantize(gpu, &all, &w, 0).unwrap();
+        assert_eq!(all.to_host(gpu).unwrap(), want, "{ty}: dequantized rows");
         // y = ones . W^T is each row's sum; dx = 2 . W (one row of dy) is twice the rows' sum
-        let ones = Tensor::from_host(gpu, &vec![1.0; cols], &[1, cols], "ones").unwrap();
-        let y = Tensor::empty(gpu, &[1, rows], "y").unwrap();
-        quant::qmatmul(gpu, &y, &ones, &w, None, false).unwrap();
-        let sums: Vec<f32> = want.chunks(cols).map(|r| r.iter().sum()).collect();
-        assert_eq!(y.to_host(gpu).unwrap(), sums, "{ty}: row sums");
-        let twos = Tensor::from_host(gpu, &vec![2.0; rows], &[1, rows], "dy").unwrap();
-        let dx = Tensor::empty(gpu, &[1, cols], "dx").unwrap();
-        quant::qmatmul_dx(gpu, &dx, &twos, &w, false).unwrap();
-        let cols_sum: Vec<f32> =
-            (0..cols).map(|j| (0..rows).map(|r| 2.0 * want[r * cols + j]).sum()).collect();
-        assert_eq!(dx.to_host(gpu).unwrap(), cols_sum, "{ty}: dx");
+        // (small multiples of 1/2: exact in any order of summation)
+        for variant in [QmatmulVariant::Fused, QmatmulVariant::Scratch] {
+            quant::with_variant(variant, || {
+                let ones = Tensor::from_host(gpu, &vec![1.0; cols], &[1, cols], "ones").unwrap();
+                let y = Tensor::empty(gpu, &[1, rows], "y").unwrap();
+                quant::qmatmul(gpu, &y, &ones, &w, None, false).unwrap();
+                let sums: Vec<f32> = want.chunks(cols).map(|r| r.iter().sum()).collect();
+                assert_eq!(y.to_host(gpu).unwrap(), sums, "{ty} {variant:?}: row sums");
+                let twos = Tensor::from_host(gpu, &vec![2.0; rows], &[1, rows], "dy").unwrap();
+                let dx = Tensor::empty(gpu, &[1, cols], "dx").unwrap();
+                quant::qmatmul_dx(gpu, &dx, &twos, &w, false).unwrap();
+                let cols_sum: Vec<f32> =
+                    (0..cols).map(|j| (0..rows).map(|r| 2.0 * want[r * cols + j]).sum()).collect();
+                assert_eq!(dx.to_host(gpu).unwrap(), cols_sum, "{ty} {variant:?}: dx");
+            });
+        }
     }
     // the sums the hand-made Q4_K block gives: 32 * (1 + 3.5 + 2 + 6.5 + 3 + 9.5 + 4 + 12.5)
     assert_eq!(hand_q4_k().1.iter().sum::<f32>(), 1344.0);
 }
 
+/// The ways the products are checked: each variant, and the scratch one with room for only 17
+/// of W's rows at a time (blocks that end inside W's chunks and the output's column chunks).
+fn variants(k: usize) -> [(QmatmulVariant, Option<usize>); 3] {
+    [(QmatmulVariant::Fused, None), (QmatmulVariant::Scratch, None), (QmatmulVariant::Scratch, Some(17 * k * 4))]
+}
+
+/// `f` under `variant`, with the scratch limited to `limit` bytes if given.
+fn under<R>(variant: QmatmulVariant, limit: Option<usize>, f: impl FnOnce() -> R) -> R {
+    quant::with_variant(variant, || match limit {
+        Some(bytes) => quant::with_scratch_limit(bytes, f),
+        None => f(),
+    })
+}
+
 /// Every storage type on a layer-sized product (37 tokens, 96 outputs, K = 768), W in three
-/// chunks, the logits-like output in column chunks: forward, dX, and the gather.
+/// chunks, the logits-like output in column chunks: forward (then added into), dX (then
+/// added into) under both variants, the dequantized rows, and the gather.
 #[test]
 fn every_type_against_the_reference() {
     let Some(gpu) = common::gpu() else { return };
@@ -131,27 +158,47 @@ fn every_type_against_the_reference() {
         let (x, bias, dy) = (uniform(&mut rng, m * k), uniform(&mut rng, n), uniform(&mut rng, m * n));
         let gx = Tensor::from_host(gpu, &x, &[m, k], "x").unwrap();
         let gbias = Tensor::from_host(gpu, &bias, &[n], "bias").unwrap();
-        let gy = Tensor::empty_split(gpu, &[m, n], Split::Cols, 50, "y").unwrap();
-        gy.fill(gpu, f32::NAN).unwrap();
-        quant::qmatmul(gpu, &gy, &gx, &w, Some(&gbias), false).unwrap();
+        let gdy = Tensor::from_host_split(gpu, &dy, &[m, n], Split::Cols, 50, "dy").unwrap();
         let mut y = vec![0f32; m * n];
         let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: false, trans_b: true };
         kr::matmul_forward(&mut y, &x, &wv, Some(&bias), d);
-        let err = rel_err(&gy.to_host(gpu).unwrap(), &y);
-        if err > tol(k) {
-            failures.push(format!("qmatmul {ty}: {err:e} > {:e}", tol(k)));
-        }
-
-        let gdy = Tensor::from_host_split(gpu, &dy, &[m, n], Split::Cols, 50, "dy").unwrap();
-        let gdx = Tensor::empty(gpu, &[m, k], "dx").unwrap();
-        gdx.fill(gpu, f32::NAN).unwrap();
-        quant::qmatmul_dx(gpu, &gdx, &gdy, &w, false).unwrap();
         let mut dx = vec![0f32; m * k];
         let d = kr::MatmulDims { batch: 1, m, n: k, k: n, trans_a: false, trans_b: false };
         kr::matmul_forward(&mut dx, &dy, &wv, None, d);
-        let err = rel_err(&gdx.to_host(gpu).unwrap(), &dx);
-        if err > tol(n) {
-            failures.push(format!("qmatmul_dx {ty}: {err:e} > {:e}", tol(n)));
+        let twice = |v: &[f32]| v.iter().map(|a| 2.0 * a).collect::<Vec<f32>>();
+
+        for (variant, limit) in variants(k) {
+            let name = format!("{ty} {variant:?}{}", limit.map(|_| " 17-row blocks").unwrap_or_default());
+            let mut check = |what: &str, got: &Tensor, want: &[f32], tol: f64| {
+                let err = rel_err(&got.to_host(gpu).unwrap(), want);
+                if err > tol {
+                    failures.push(format!("{what} {name}: {err:e} > {tol:e}"));
+                }
+            };
+            under(variant, limit, || {
+                let gy = Tensor::empty_split(gpu, &[m, n], Split::Cols, 50, "y").unwrap();
+                gy.fill(gpu, f32::NAN).unwrap();
+                quant::qmatmul(gpu, &gy, &gx, &w, Some(&gbias), false).unwrap();
+                check("qmatmul", &gy, &y, tol(k));
+                quant::qmatmul(gpu, &gy, &gx, &w, Some(&gbias), true).unwrap();
+                check("qmatmul accumulated", &gy, &twice(&y), tol(k));
+
+                let gdx = Tensor::empty(gpu, &[m, k], "dx").unwrap();
+                gdx.fill(gpu, f32::NAN).unwrap();
+                quant::qmatmul_dx(gpu, &gdx, &gdy, &w, false).unwrap();
+                check("qmatmul_dx", &gdx, &dx, tol(n));
+                quant::qmatmul_dx(gpu, &gdx, &gdy, &w, true).unwrap();
+                check("qmatmul_dx accumulated", &gdx, &twice(&dx), tol(n));
+            });
+        }
+
+        // rows 30..75 dequantized (across two chunk boundaries), as the reference decodes them
+        let rows = Tensor::empty(gpu, &[45, k], "rows").unwrap();
+        rows.fill(gpu, f32::NAN).unwrap();
+        quant::qdequantize(gpu, &rows, &w, 30).unwrap();
+        let err = rel_err(&rows.to_host(gpu).unwrap(), &wv[30 * k..75 * k]);
+        if err > f32::EPSILON as f64 {
+            failures.push(format!("qdequantize {ty}: {err:e} > {:e}", f32::EPSILON));
         }
 
         let ids: Vec<u32> = (0..64).map(|_| rng.random_range(0..n as u32)).collect();
@@ -169,9 +216,47 @@ fn every_type_against_the_reference() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// `Auto` runs the fused kernels below `SCRATCH_MIN_ROWS` rows of x and the scratch variant
+/// from there: its outputs equal, bit for bit, those of the variant it should have picked
+/// (the two sum in different orders, so they differ from each other in the last bits).
+/// Also: a bad `POCKETTUNE_QMATMUL` value is refused with the accepted ones.
+#[test]
+fn auto_picks_fused_for_few_rows_and_scratch_for_many() {
+    let Some(gpu) = common::gpu() else { return };
+    let (n, k) = (64, 512);
+    let mut rng = StdRng::seed_from_u64(11);
+    let bytes = random_blocks(GgmlType::Q4_K, n * k, 5);
+    let w = QTensor::from_bytes(gpu, GgmlType::Q4_K, &bytes, &[n, k], "W").unwrap();
+    for m in [SCRATCH_MIN_ROWS - 1, SCRATCH_MIN_ROWS] {
+        let x = Tensor::from_host(gpu, &uniform(&mut rng, m * k), &[m, k], "x").unwrap();
+        let dy = Tensor::from_host(gpu, &uniform(&mut rng, m * n), &[m, n], "dy").unwrap();
+        // (the scratch in blocks of 5 rows of W: dx's sum then adds partial sums, which the
+        // fused kernel does not, so that dx too tells the variants apart)
+        let run = |variant| {
+            under(variant, Some(5 * k * 4), || {
+                let y = Tensor::empty(gpu, &[m, n], "y").unwrap();
+                quant::qmatmul(gpu, &y, &x, &w, None, false).unwrap();
+                let dx = Tensor::empty(gpu, &[m, k], "dx").unwrap();
+                quant::qmatmul_dx(gpu, &dx, &dy, &w, false).unwrap();
+                (y.to_host(gpu).unwrap(), dx.to_host(gpu).unwrap())
+            })
+        };
+        let (fused, scratch, auto) =
+            (run(QmatmulVariant::Fused), run(QmatmulVariant::Scratch), run(QmatmulVariant::Auto));
+        assert!(fused.0 != scratch.0, "y: the variants must be told apart by their rounding");
+        assert!(fused.1 != scratch.1, "dx: the variants must be told apart by their rounding");
+        let want = if m < SCRATCH_MIN_ROWS { &fused } else { &scratch };
+        assert!(auto == *want, "auto at {m} rows is not the variant it should pick");
+    }
+    let err = QmatmulVariant::parse("fast").unwrap_err().to_string();
+    assert!(err.contains("POCKETTUNE_QMATMUL") && err.contains("fused, scratch or auto"), "{err}");
+}
+
 /// A tied embedding and LM head of a real vocabulary, above the binding limit: rows gathered
 /// from every chunk, logits `x (3, C) . E^T` in column chunks, and their dX
-/// `dlogits (3, V) . E` (a sum over the whole vocabulary).
+/// `dlogits (3, V) . E` (a sum over the whole vocabulary), by the fused kernels and by the
+/// scratch variant (W in blocks of 32 MiB of f32 that end inside the chunks of E and of the
+/// logits).
 fn vocab_table(ty: GgmlType, rows: usize, cols: usize) {
     let Some(gpu) = common::gpu() else { return };
     let t = QuantVocab::new(gpu, ty, rows, cols, 0x9e3).unwrap();
@@ -181,14 +266,17 @@ fn vocab_table(ty: GgmlType, rows: usize, cols: usize) {
     assert_eq!(t.table.chunks().len(), rows.div_ceil(rows_per_chunk), "{ty}: chunks of whole rows");
     let gather = t.gather_err(gpu, 256, 1).unwrap();
     assert!(gather <= f32::EPSILON as f64, "{ty} gather rel err {gather:e}");
-    let logits = t.logits_err(gpu, 3, 2).unwrap();
-    assert!(logits <= tol(cols), "{ty} logits rel err {logits:e} > {:e}", tol(cols));
-    let dx = t.dx_err(gpu, 3, 3).unwrap();
-    eprintln!(
-        "{ty} {rows}x{cols} in {} chunks: gather {gather:.1e}, logits {logits:.1e}, dX {dx:.1e}",
-        t.table.chunks().len()
-    );
-    assert!(dx <= tol(rows), "{ty} dX rel err {dx:e} > {:e}", tol(rows));
+    for variant in [QmatmulVariant::Fused, QmatmulVariant::Scratch] {
+        let (logits, dx) = quant::with_variant(variant, || {
+            (t.logits_err(gpu, 3, 2).unwrap(), t.dx_err(gpu, 3, 3).unwrap())
+        });
+        eprintln!(
+            "{ty} {rows}x{cols} in {} chunks, {variant:?}: gather {gather:.1e}, logits {logits:.1e}, dX {dx:.1e}",
+            t.table.chunks().len()
+        );
+        assert!(logits <= tol(cols), "{ty} {variant:?} logits rel err {logits:e} > {:e}", tol(cols));
+        assert!(dx <= tol(rows), "{ty} {variant:?} dX rel err {dx:e} > {:e}", tol(rows));
+    }
 }
 
 #[test]
@@ -247,14 +335,27 @@ fn bad_weights_get_clear_errors() {
     assert!(e.contains("F32"), "{e}");
 
     let w = QTensor::from_bytes(gpu, GgmlType::Q4_K, &bytes, &[2, 256], "w").unwrap();
-    let x = Tensor::from_host(gpu, &[0.0; 3 * 255], &[3, 255], "x").unwrap();
-    let y = Tensor::empty(gpu, &[3, 2], "y").unwrap();
-    let err = quant::qmatmul(gpu, &y, &x, &w, None, false).unwrap_err();
-    assert!(matches!(err, Error::Shape { .. }), "{err}");
-    // x split by columns inside a block of W
-    let x = Tensor::from_host_split(gpu, &[0.0; 3 * 256], &[3, 256], Split::Cols, 100, "x").unwrap();
-    let err = quant::qmatmul(gpu, &y, &x, &w, None, false).unwrap_err();
-    assert!(err.to_string().contains("inside a Q4_K block"), "{err}");
+    for variant in [QmatmulVariant::Fused, QmatmulVariant::Scratch] {
+        quant::with_variant(variant, || {
+            let x = Tensor::from_host(gpu, &[0.0; 3 * 255], &[3, 255], "x").unwrap();
+            let y = Tensor::empty(gpu, &[3, 2], "y").unwrap();
+            let err = quant::qmatmul(gpu, &y, &x, &w, None, false).unwrap_err();
+            assert!(matches!(err, Error::Shape { .. }), "{variant:?}: {err}");
+            // x split by columns inside a block of W
+            let x = Tensor::from_host_split(gpu, &[0.0; 3 * 256], &[3, 256], Split::Cols, 100, "x").unwrap();
+            let err = quant::qmatmul(gpu, &y, &x, &w, None, false).unwrap_err();
+            assert!(err.to_string().contains("inside a Q4_K block"), "{variant:?}: {err}");
+            // dx split by columns off a multiple of 8
+            let dy = Tensor::from_host(gpu, &[0.0; 3 * 2], &[3, 2], "dy").unwrap();
+            let dx = Tensor::empty_split(gpu, &[3, 256], Split::Cols, 100, "dx").unwrap();
+            let err = quant::qmatmul_dx(gpu, &dx, &dy, &w, false).unwrap_err();
+            assert!(err.to_string().contains("not a multiple of 8"), "{variant:?}: {err}");
+        });
+    }
+    // rows past W
+    let out = Tensor::empty(gpu, &[2, 256], "rows").unwrap();
+    let err = quant::qdequantize(gpu, &out, &w, 1).unwrap_err();
+    assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains("rows 1..3"), "{err}");
     // an id past the table (the ids were checked against a larger vocabulary)
     let ids = embedding::Ids::new(gpu, &[0, 5], 10).unwrap();
     let out = Tensor::empty(gpu, &[2, 256], "out").unwrap();
