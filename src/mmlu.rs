@@ -35,9 +35,9 @@ use std::path::{Path, PathBuf};
 /// The answer letters, in the order of `choices`.
 pub const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
-/// Values of one forward pass's logits read back at most (B x T x V floats, 1 GiB): with a
-/// 262,144-token vocabulary a long 5-shot prompt alone comes near it, so batches shrink to fit.
-const LOGITS_BUDGET: usize = 1 << 28;
+/// Values of one forward pass's activations at most (B x T x 4096 floats, 1 GiB): only the
+/// positions that predict an answer get logits, so the batch is bounded by the activations.
+const ACTIVATION_BUDGET: usize = 1 << 28;
 
 /// One MMLU question.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -336,8 +336,9 @@ fn log_prob(row: &[f32], token: u32) -> Result<f64> {
 
 /// The sum of the continuation tokens' log-softmax for every request. Requests with the same
 /// input (context + continuation minus its last token) share one forward pass; inputs are sorted
-/// by length, batched up to `batch` sequences (fewer when the logits would pass
-/// `LOGITS_BUDGET`), padded on the right, and read at their own positions. An input longer than
+/// by length, batched up to `batch` sequences (fewer when their activations would pass
+/// `ACTIVATION_BUDGET`), padded on the right, and the logits computed only at the positions that
+/// predict a continuation token. An input longer than
 /// the model's positions loses its first tokens, as in lm-eval. `progress(done, total)` is called
 /// after each forward pass, with counts of distinct inputs.
 pub fn loglikelihoods(
@@ -393,7 +394,7 @@ pub fn loglikelihoods(
     let (mut done, mut passes) = (0, 0);
     while done < order.len() {
         let t = inputs[order[done]].len();
-        let b = batch.min(LOGITS_BUDGET / (t * vocab)).clamp(1, order.len() - done);
+        let b = batch.min(ACTIVATION_BUDGET / (t * 4096)).clamp(1, order.len() - done);
         let chunk = &order[done..done + b];
         let mut ids = Vec::with_capacity(b * t);
         for &i in chunk {
@@ -401,14 +402,30 @@ pub fn loglikelihoods(
             // Right padding: causal attention keeps it out of every real position.
             ids.resize(ids.len() + t - inputs[i].len(), 0);
         }
-        let (graph, logits) = model.logits_graph(store, b, t)?;
-        let all = graph.forward(store, &Model::inference_feed(&ids, b, t), &[logits])?.read(logits)?;
+        // Only the positions that predict a continuation token get logits (the LM head over
+        // every position would cost up to B x T x vocabulary).
+        let mut rows: Vec<u32> = Vec::new();
+        let mut slot: HashMap<usize, usize> = HashMap::new();
+        for (row, &i) in chunk.iter().enumerate() {
+            for &r in &users[i] {
+                for j in 0..requests[r].continuation.len() {
+                    let at = row * t + plan[r].1 + j;
+                    slot.entry(at).or_insert_with(|| {
+                        rows.push(at as u32);
+                        rows.len() - 1
+                    });
+                }
+            }
+        }
+        let (graph, logits) = model.logits_graph_rows(store, b, t, rows.len())?;
+        let feed = Model::inference_feed_rows(&ids, b, t, &rows);
+        let all = graph.forward(store, &feed, &[logits])?.read(logits)?;
         for (row, &i) in chunk.iter().enumerate() {
             for &r in &users[i] {
                 let start = plan[r].1;
                 let mut sum = 0.0;
                 for (j, &token) in requests[r].continuation.iter().enumerate() {
-                    let at = (row * t + start + j) * vocab;
+                    let at = slot[&(row * t + start + j)] * vocab;
                     sum += log_prob(&all[at..at + vocab], token)?;
                 }
                 lls[r] = sum;
