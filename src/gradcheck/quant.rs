@@ -1,20 +1,23 @@
 //! The self-test of the quantized-weight kernels (`kernels::quant`): `qmatmul`, `qmatmul_dx` and
 //! `qembedding` for every storage type a frozen base can have, one report row per kernel and
-//! type (`qmatmul Q4_K`). The reference is kernels-ref's ggml dequantizer followed by its f64
-//! matrix product or a row copy.
+//! type (`qmatmul Q4_K`); the products run by both variants, the fused kernels (`qmatmul Q4_K`)
+//! and the scratch one with each matmul kernel (`qmatmul scratch Q4_K`). The reference is
+//! kernels-ref's ggml dequantizer followed by its f64 matrix product or a row copy.
 //!
 //! Tolerance: the crate's [`TOL`](super::TOL), `1e-4` of the largest reference value. The kernel
 //! sums `q * x` over a sub-block in f32 and scales once, so it differs from the reference by f32
 //! rounding alone, which grows like `sqrt(K)`: about `eps * sqrt(K) / 8` of the largest output for
 //! random data (eps = 2^-23: 1e-7 at K = 32, 8e-6 at K = 262,144, the longest sum a model has).
 //! A decoding mistake (one wrong bit of one field) moves values by far more than 1e-4. The
-//! gather decodes exactly as the reference does, up to the one rounding a fused multiply-add
-//! saves.
+//! gather (and the scratch variant's dequantizer) decodes exactly as the reference does, up to
+//! the one rounding a fused multiply-add saves; the scratch variant's f32 product rounds like
+//! the f32 matmul.
 
 use super::{rel_err, Probe};
 use crate::error::Result;
-use crate::gpu::{Gpu, QTensor, Split, Tensor};
-use crate::kernels::{embedding, quant, LOOP_SPAN};
+use crate::gpu::{Gpu, MatmulKernel, QTensor, Split, Tensor};
+use crate::kernels::quant::QmatmulVariant;
+use crate::kernels::{embedding, matmul, quant, LOOP_SPAN};
 use kernels_ref as kr;
 use kernels_ref::quant::{dequantize, random_blocks, GgmlType};
 use rand::Rng;
@@ -142,33 +145,74 @@ fn cases(p: &mut Probe, ty: GgmlType, dx: bool) -> Vec<Case> {
     cases
 }
 
+/// How the products are run: the fused kernels (rows `qmatmul Q4_K`), and the scratch variant
+/// with each matmul kernel the device offers (rows `qmatmul scratch Q4_K`, shapes tagged with
+/// the matmul kernel).
+fn variants(gpu: &Gpu) -> Vec<(QmatmulVariant, Option<MatmulKernel>)> {
+    let mut v = vec![(QmatmulVariant::Fused, None)];
+    v.extend(gpu.matmul_kernels().iter().map(|&k| (QmatmulVariant::Scratch, Some(k))));
+    v
+}
+
+fn label(op: &str, variant: QmatmulVariant, ty: GgmlType) -> String {
+    match variant {
+        QmatmulVariant::Scratch => format!("{op} scratch {ty}"),
+        _ => format!("{op} {ty}"),
+    }
+}
+
+/// `f` under `variant` (and the matmul `kernel`); for a case with W in chunks, the scratch
+/// variant holds 7 rows of W at a time, so that its row blocks end inside W's chunks and the
+/// output's column chunks.
+fn run<R>(variant: QmatmulVariant, kernel: Option<MatmulKernel>, c: &Case, f: impl FnOnce() -> R) -> R {
+    let limited = || match c.w_chunk {
+        usize::MAX => f(),
+        _ => quant::with_scratch_limit(7 * c.k * 4, f),
+    };
+    quant::with_variant(variant, || match kernel {
+        Some(k) => matmul::with_kernel(k, limited),
+        None => limited(),
+    })
+}
+
+/// The shape, tagged with the matmul kernel the scratch variant ran.
+fn tagged(shape: String, kernel: Option<MatmulKernel>) -> String {
+    match kernel {
+        Some(k) => format!("[{}] {shape}", format!("{k:?}").to_lowercase()),
+        None => shape,
+    }
+}
+
 pub(super) fn check_qmatmul(p: &mut Probe) -> Result<()> {
     for ty in QUANT_TYPES {
-        p.label = Some(format!("qmatmul {ty}"));
-        for (i, c) in cases(p, ty, false).into_iter().enumerate() {
-            let shape = shape(&c, ty, false);
-            let (w, wv) = weight(p, ty, c.n, c.k, c.w_chunk)?;
-            let (x, bias) = (p.uniform(c.m * c.k), p.uniform(c.n));
-            let (gx, gbias) = (upload(p, &x, &[c.m, c.k], c.a_split)?, p.up(&bias, &[c.n])?);
-            let gy = out(p, &[c.m, c.n], c.c_split)?;
-            let b = c.bias.then_some(&gbias);
-            quant::qmatmul(p.gpu, &gy, &gx, &w, b, false)?;
-            let d = kr::MatmulDims { batch: 1, m: c.m, n: c.n, k: c.k, trans_a: false, trans_b: true };
-            let mut y = vec![0f32; c.m * c.n];
-            kr::matmul_forward(&mut y, &x, &wv, c.bias.then_some(&bias[..]), d);
-            p.record("forward", &shape, "", &gy, &y)?;
-            if i == 2 {
-                // adding into y (the LoRA branch's output is added this way)
-                quant::qmatmul(p.gpu, &gy, &gx, &w, b, true)?;
-                let twice: Vec<f32> = y.iter().map(|v| 2.0 * v).collect();
-                p.record("forward", &shape, "accumulated", &gy, &twice)?;
+        for (variant, kernel) in variants(p.gpu) {
+            p.label = Some(label("qmatmul", variant, ty));
+            for (i, c) in cases(p, ty, false).into_iter().enumerate() {
+                let shape = tagged(shape(&c, ty, false), kernel);
+                let (w, wv) = weight(p, ty, c.n, c.k, c.w_chunk)?;
+                let (x, bias) = (p.uniform(c.m * c.k), p.uniform(c.n));
+                let (gx, gbias) = (upload(p, &x, &[c.m, c.k], c.a_split)?, p.up(&bias, &[c.n])?);
+                let gy = out(p, &[c.m, c.n], c.c_split)?;
+                let b = c.bias.then_some(&gbias);
+                run(variant, kernel, &c, || quant::qmatmul(p.gpu, &gy, &gx, &w, b, false))?;
+                let d = kr::MatmulDims { batch: 1, m: c.m, n: c.n, k: c.k, trans_a: false, trans_b: true };
+                let mut y = vec![0f32; c.m * c.n];
+                kr::matmul_forward(&mut y, &x, &wv, c.bias.then_some(&bias[..]), d);
+                p.record("forward", &shape, "", &gy, &y)?;
+                if i == 2 {
+                    // adding into y (the LoRA branch's output is added this way)
+                    run(variant, kernel, &c, || quant::qmatmul(p.gpu, &gy, &gx, &w, b, true))?;
+                    let twice: Vec<f32> = y.iter().map(|v| 2.0 * v).collect();
+                    p.record("forward", &shape, "accumulated", &gy, &twice)?;
+                }
             }
-        }
-        if p.full() {
-            for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
-                let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
-                let err = table.logits_err(p.gpu, 3, p.rng.random())?;
-                p.push("forward", &format!("LM head 3x{c}.({v}x{c} {t})^T"), "logits", err);
+            if p.full() && kernel.is_none_or(|k| k == p.gpu.matmul_kernel()) {
+                for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
+                    let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
+                    let seed = p.rng.random();
+                    let err = quant::with_variant(variant, || table.logits_err(p.gpu, 3, seed))?;
+                    p.push("forward", &format!("LM head 3x{c}.({v}x{c} {t})^T"), "logits", err);
+                }
             }
         }
     }
@@ -178,30 +222,33 @@ pub(super) fn check_qmatmul(p: &mut Probe) -> Result<()> {
 
 pub(super) fn check_qmatmul_dx(p: &mut Probe) -> Result<()> {
     for ty in QUANT_TYPES {
-        p.label = Some(format!("qmatmul_dx {ty}"));
-        for (i, c) in cases(p, ty, true).into_iter().enumerate() {
-            let shape = shape(&c, ty, true);
-            let (w, wv) = weight(p, ty, c.n, c.k, c.w_chunk)?;
-            let dy = p.uniform(c.m * c.n);
-            let gdy = upload(p, &dy, &[c.m, c.n], c.a_split)?;
-            let gdx = out(p, &[c.m, c.k], c.c_split)?;
-            quant::qmatmul_dx(p.gpu, &gdx, &gdy, &w, false)?;
-            let d = kr::MatmulDims { batch: 1, m: c.m, n: c.k, k: c.n, trans_a: false, trans_b: false };
-            let mut dx = vec![0f32; c.m * c.k];
-            kr::matmul_forward(&mut dx, &dy, &wv, None, d);
-            p.record("backward", &shape, "dX", &gdx, &dx)?;
-            if i == 2 {
-                // gradient accumulation over micro-batches
-                quant::qmatmul_dx(p.gpu, &gdx, &gdy, &w, true)?;
-                let twice: Vec<f32> = dx.iter().map(|v| 2.0 * v).collect();
-                p.record("backward", &shape, "dX accumulated", &gdx, &twice)?;
+        for (variant, kernel) in variants(p.gpu) {
+            p.label = Some(label("qmatmul_dx", variant, ty));
+            for (i, c) in cases(p, ty, true).into_iter().enumerate() {
+                let shape = tagged(shape(&c, ty, true), kernel);
+                let (w, wv) = weight(p, ty, c.n, c.k, c.w_chunk)?;
+                let dy = p.uniform(c.m * c.n);
+                let gdy = upload(p, &dy, &[c.m, c.n], c.a_split)?;
+                let gdx = out(p, &[c.m, c.k], c.c_split)?;
+                run(variant, kernel, &c, || quant::qmatmul_dx(p.gpu, &gdx, &gdy, &w, false))?;
+                let d = kr::MatmulDims { batch: 1, m: c.m, n: c.k, k: c.n, trans_a: false, trans_b: false };
+                let mut dx = vec![0f32; c.m * c.k];
+                kr::matmul_forward(&mut dx, &dy, &wv, None, d);
+                p.record("backward", &shape, "dX", &gdx, &dx)?;
+                if i == 2 {
+                    // gradient accumulation over micro-batches
+                    run(variant, kernel, &c, || quant::qmatmul_dx(p.gpu, &gdx, &gdy, &w, true))?;
+                    let twice: Vec<f32> = dx.iter().map(|v| 2.0 * v).collect();
+                    p.record("backward", &shape, "dX accumulated", &gdx, &twice)?;
+                }
             }
-        }
-        if p.full() {
-            for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
-                let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
-                let err = table.dx_err(p.gpu, 3, p.rng.random())?;
-                p.push("backward", &format!("LM head dX 3x{v}.({v}x{c} {t})"), "dX", err);
+            if p.full() && kernel.is_none_or(|k| k == p.gpu.matmul_kernel()) {
+                for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
+                    let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
+                    let seed = p.rng.random();
+                    let err = quant::with_variant(variant, || table.dx_err(p.gpu, 3, seed))?;
+                    p.push("backward", &format!("LM head dX 3x{v}.({v}x{c} {t})"), "dX", err);
+                }
             }
         }
     }
