@@ -249,7 +249,7 @@ pub fn merge(model: &Model, store: &mut ParamStore) -> Result<()> {
 
 /// Write `store` (adapters merged, see [`merge`]) as a Hugging Face model directory: weights
 /// under their checkpoint names in `model.safetensors`, with `config.json` and
-/// `tokenizer.json` copied from `base_dir`.
+/// `tokenizer.json` copied from `base_dir`, or made from a GGUF base's metadata.
 pub fn export_merged(out: &Path, base_dir: &Path, model: &Model, store: &ParamStore) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
     let dev = store.device();
@@ -263,6 +263,20 @@ pub fn export_merged(out: &Path, base_dir: &Path, model: &Model, store: &ParamSt
     }
     let path = out.join("model.safetensors");
     write_atomic(&path, &crate::checkpoint::safetensors_bytes(&tensors, &path)?)?;
+    if crate::weights::is_gguf(base_dir) {
+        // a GGUF base carries its config and tokenizer in its metadata
+        let (config, source) = crate::models::open_source(base_dir)?;
+        let crate::weights::Source::Gguf(file) = &source else { unreachable!("a GGUF path") };
+        let text = serde_json::to_string_pretty(&config).expect("a JSON value serializes");
+        write_atomic(&out.join("config.json"), text.as_bytes())?;
+        let tok = crate::data::Tokenizer::from_gguf(file)?;
+        let json = tok.inner().to_string(true).map_err(|e| Error::Checkpoint {
+            path: base_dir.to_path_buf(),
+            detail: format!("its tokenizer could not be written as tokenizer.json: {e}"),
+        })?;
+        write_atomic(&out.join("tokenizer.json"), json.as_bytes())?;
+        return Ok(());
+    }
     for f in ["config.json", "tokenizer.json"] {
         let src = base_dir.join(f);
         if src.exists() {

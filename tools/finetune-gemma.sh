@@ -24,7 +24,7 @@ PROMPT=$'KING HENRY.\nWhat says'
 ppl() { # [eval options] -> prints the held-out perplexity
     "$B" eval --model "$MODEL" --data "$RUN/heldout.txt" --batch-size 1 --seq-len "$SEQ" \
         --max-batches 4 --base-dtype "$BASE" --json "$@" 2>/dev/null |
-        python3 -c 'import json,sys; print(f"{json.load(sys.stdin)[\"perplexity\"]:.2f}")'
+        python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)["perplexity"])'
 }
 echo "== Gemma 3 270M ($MODEL, base $BASE), held-out Shakespeare, 4 x $SEQ tokens"
 before=$(ppl)

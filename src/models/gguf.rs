@@ -53,7 +53,7 @@ pub fn config(file: &GgufFile) -> Result<Value> {
     let vocab = embed.ne.get(1).copied().unwrap_or(0);
     let tied = file.tensor("output.weight").is_none();
     let (hidden, layers, ctx) = (int("embedding_length")?, int("block_count")?, int("context_length")?);
-    Ok(match arch.as_str() {
+    let mut cfg = match arch.as_str() {
         "gpt2" => json!({
             "model_type": "gpt2", "n_layer": layers, "n_head": int("attention.head_count")?,
             "n_embd": hidden, "n_positions": ctx, "vocab_size": vocab,
@@ -133,7 +133,16 @@ pub fn config(file: &GgufFile) -> Result<Value> {
                 ),
             ))
         }
-    })
+    };
+    let class = match arch.as_str() {
+        "gpt2" => "GPT2LMHeadModel",
+        "llama" => "LlamaForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        "gemma3" => "Gemma3ForCausalLM",
+        _ => "Gemma2ForCausalLM",
+    };
+    cfg["architectures"] = json!([class]);
+    Ok(cfg)
 }
 
 /// The tensor that the model calls `hf_name` (as the family's `param_shapes` names it, so
