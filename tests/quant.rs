@@ -127,7 +127,11 @@ fn hand_made_blocks_decode_as_ggml_defines() {
 /// The ways the products are checked: each variant, and the scratch one with room for only 17
 /// of W's rows at a time (blocks that end inside W's chunks and the output's column chunks).
 fn variants(k: usize) -> [(QmatmulVariant, Option<usize>); 3] {
-    [(QmatmulVariant::Fused, None), (QmatmulVariant::Scratch, None), (QmatmulVariant::Scratch, Some(17 * k * 4))]
+    [
+        (QmatmulVariant::Fused, None),
+        (QmatmulVariant::Scratch, None),
+        (QmatmulVariant::Scratch, Some(17 * k * 4)),
+    ]
 }
 
 /// `f` under `variant`, with the scratch limited to `limit` bytes if given.
@@ -267,9 +271,8 @@ fn vocab_table(ty: GgmlType, rows: usize, cols: usize) {
     let gather = t.gather_err(gpu, 256, 1).unwrap();
     assert!(gather <= f32::EPSILON as f64, "{ty} gather rel err {gather:e}");
     for variant in [QmatmulVariant::Fused, QmatmulVariant::Scratch] {
-        let (logits, dx) = quant::with_variant(variant, || {
-            (t.logits_err(gpu, 3, 2).unwrap(), t.dx_err(gpu, 3, 3).unwrap())
-        });
+        let (logits, dx) =
+            quant::with_variant(variant, || (t.logits_err(gpu, 3, 2).unwrap(), t.dx_err(gpu, 3, 3).unwrap()));
         eprintln!(
             "{ty} {rows}x{cols} in {} chunks, {variant:?}: gather {gather:.1e}, logits {logits:.1e}, dX {dx:.1e}",
             t.table.chunks().len()

@@ -150,7 +150,8 @@ pub enum QmatmulVariant {
 }
 
 impl QmatmulVariant {
-    pub const ALL: [QmatmulVariant; 3] = [QmatmulVariant::Fused, QmatmulVariant::Scratch, QmatmulVariant::Auto];
+    pub const ALL: [QmatmulVariant; 3] =
+        [QmatmulVariant::Fused, QmatmulVariant::Scratch, QmatmulVariant::Auto];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -173,12 +174,13 @@ impl QmatmulVariant {
 pub const QMATMUL_ENV: &str = "POCKETTUNE_QMATMUL";
 
 /// From this many rows of x (dy) on, [`QmatmulVariant::Auto`] takes the scratch variant.
-/// Measured on lavapipe at Gemma 3 270M's shapes in Q4_K, Q6_K and Q8_0 (docs/perf.md): the
-/// scratch variant pays one decode of W per call and then runs at the f32 matmul's speed,
-/// whose 64-row tiles are mostly idle for a handful of rows; the fused kernels cost the same
-/// per row of x at any M. Below 16 rows fused was faster or even; from 16 on scratch was
-/// (at 16 rows by 1.3-2x, at 128 rows by 4-9x).
-pub const SCRATCH_MIN_ROWS: usize = 16;
+/// Measured on lavapipe at Gemma 3 270M's shapes and types (`cargo bench --bench quant --
+/// --sweep`, docs/perf.md): the fused kernels cost the same per row of x from 4 rows on (one
+/// invocation computes 4), while the scratch variant pays one decode of W and a 64-row tile of
+/// the f32 matmul whatever the rows, so its speed grows with M up to 64. At 16 rows fused was
+/// still faster or even in 9 of 10 products; from 24 scratch was faster in all (1.0-2.3x), at
+/// 64 rows 2.6-4x.
+pub const SCRATCH_MIN_ROWS: usize = 24;
 
 /// Largest f32 scratch the scratch variant holds for a block of W's rows (also held below
 /// the device's binding limit): 32 MiB is 13,107 rows of Gemma 3's 640-wide LM head, a
@@ -433,7 +435,14 @@ pub fn qdequantize(gpu: &Gpu, out: &Tensor, w: &QTensor, row0: usize) -> Result<
 
 /// Rows `row0..row0 + rows` of W as f32 into `out` from element `out_off` (rows of K values),
 /// one dispatch per chunk of W they touch.
-fn dequantize_rows(gpu: &Gpu, out: &wgpu::Buffer, out_off: usize, w: &QTensor, row0: usize, rows: usize) -> Result<()> {
+fn dequantize_rows(
+    gpu: &Gpu,
+    out: &wgpu::Buffer,
+    out_off: usize,
+    w: &QTensor,
+    row0: usize,
+    rows: usize,
+) -> Result<()> {
     let k = w.cols();
     let key = key("dequantize", w.ty());
     let u = |v: usize| u32_of(v, "qdequantize");
