@@ -521,3 +521,58 @@ fn logits_of_chosen_rows_are_rows_of_the_full_logits() {
         }
     }
 }
+
+/// `export` (merged, Hugging Face format) from a GGUF base writes a directory that loads and
+/// computes what the base with its adapter computes.
+#[test]
+fn merged_export_from_a_gguf_base_loads_and_matches_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama-tiny", "gemma3-tiny"] {
+        let base = tmp.path().join(format!("{name}.gguf"));
+        std::fs::write(&base, convert(name, false)).unwrap();
+        let ex = expected(name);
+        let (model, mut store) = Model::load(&base, &Device::Cpu).unwrap();
+        let o = pockettune::lora::LoraOptions {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            targets: pockettune::lora::default_targets(&model),
+        };
+        pockettune::lora::apply(&model, &mut store, &o, 3).unwrap();
+        let bs: Vec<_> = store
+            .iter()
+            .filter(|(_, p)| p.name.ends_with("lora_B.weight"))
+            .map(|(id, p)| (id, p.shape.clone()))
+            .collect();
+        for (id, shape) in bs {
+            let v: Vec<f32> =
+                (0..shape.iter().product()).map(|i: usize| ((i * 13 % 7) as f32 - 3.0) * 0.05).collect();
+            store.set_value(id, &v).unwrap();
+        }
+        let adapter = tmp.path().join(format!("{name}-adapter"));
+        std::fs::create_dir_all(&adapter).unwrap();
+        pockettune::lora::save(&adapter, &model, &store, &o, &base).unwrap();
+        let logits = |store: &pockettune::graph::ParamStore, model: &Model| {
+            let (graph, l) = model.logits_graph(store, ex.b, ex.t).unwrap();
+            graph.forward(store, &Model::inference_feed(&ex.ids, ex.b, ex.t), &[l]).unwrap().read(l).unwrap()
+        };
+        let want = logits(&store, &model);
+        let out = tmp.path().join(format!("{name}-merged"));
+        let bin = env!("CARGO_BIN_EXE_pockettune");
+        let st = std::process::Command::new(bin)
+            .args(["export", "--model"])
+            .arg(&base)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{name}: export failed");
+        assert!(out.join("config.json").exists(), "{name}: no config.json");
+        let (merged, mstore) = Model::load(&out, &Device::Cpu).unwrap();
+        let got = logits(&mstore, &merged);
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{name}: merged logits differ by {worst:e}");
+    }
+}

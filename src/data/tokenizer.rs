@@ -67,6 +67,28 @@ impl Tokenizer {
         Ok(Tokenizer { inner: built.inner, eot: built.eos, bos: built.bos, path: file.path().to_path_buf() })
     }
 
+    /// This tokenizer as a Hugging Face tokenizer.json; one built from a GGUF file gets a
+    /// post-processor that adds its BOS, so that the file alone says a BOS is wanted (see
+    /// `added_bos`), as transformers' tokenizers of the same model do.
+    pub fn to_json(&self) -> Result<String> {
+        use tokenizers::processors::template::TemplateProcessing;
+        let mut inner = self.inner.clone();
+        if let (Some(bos), None) = (self.bos, inner.get_post_processor()) {
+            let token = inner.id_to_token(bos).unwrap_or_default();
+            let template = TemplateProcessing::builder()
+                .try_single(format!("{token}:0 $A:0"))
+                .and_then(|b| b.try_pair(format!("{token}:0 $A:0 {token}:1 $B:1")))
+                .map_err(|e| bad_data(&self.path, format!("BOS template: {e}")))?
+                .special_tokens(vec![(token, bos)])
+                .build()
+                .map_err(|e| bad_data(&self.path, format!("BOS template: {e}")))?;
+            inner.with_post_processor(Some(template));
+        }
+        inner
+            .to_string(true)
+            .map_err(|e| bad_data(&self.path, format!("cannot be written as tokenizer.json: {e}")))
+    }
+
     pub fn eot(&self) -> u32 {
         self.eot
     }
