@@ -45,7 +45,7 @@ pub struct TrainState {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |cause| Error::Io { path: path.to_path_buf(), cause }
 }
 
 /// Write `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
@@ -91,7 +91,7 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
             Ok(Some(dir))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io { path: marker, source: e }),
+        Err(e) => Err(Error::Io { path: marker, cause: e }),
     }
 }
 

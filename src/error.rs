@@ -52,12 +52,9 @@ pub enum Error {
     )]
     TooLarge { what: String, bytes: u64, limit: u64 },
 
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // the cause is in the message, not a `#[source]` (which `{:#}` would print a second time)
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
 
     #[error("{path}: {detail}")]
     Checkpoint { path: PathBuf, detail: String },

@@ -155,7 +155,7 @@ struct PeftConfig {
 pub fn load(dir: &Path, model: &Model, store: &mut ParamStore) -> Result<LoraOptions> {
     let cfg_path = dir.join("adapter_config.json");
     let text =
-        std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
+        std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), cause: e })?;
     let cfg: PeftConfig = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
         path: cfg_path.clone(),
         detail: format!("not a PEFT LoRA config: {e}"),
@@ -251,7 +251,7 @@ pub fn merge(model: &Model, store: &mut ParamStore) -> Result<()> {
 /// under their checkpoint names in `model.safetensors`, with `config.json` and
 /// `tokenizer.json` copied from `base_dir`, or made from a GGUF base's metadata.
 pub fn export_merged(out: &Path, base_dir: &Path, model: &Model, store: &ParamStore) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), source: e })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.to_path_buf(), cause: e })?;
     let dev = store.device();
     let mut tensors = Vec::new();
     for (_, p) in store.iter().filter(|(_, p)| !p.name.starts_with("base_model.model.")) {
@@ -278,7 +278,7 @@ pub fn export_merged(out: &Path, base_dir: &Path, model: &Model, store: &ParamSt
     for f in ["config.json", "tokenizer.json"] {
         let src = base_dir.join(f);
         if src.exists() {
-            let bytes = std::fs::read(&src).map_err(|e| Error::Io { path: src.clone(), source: e })?;
+            let bytes = std::fs::read(&src).map_err(|e| Error::Io { path: src.clone(), cause: e })?;
             write_atomic(&out.join(f), &bytes)?;
         }
     }

@@ -83,7 +83,7 @@ pub fn export(base: &Path, adapter_dir: &Path, out: &Path) -> Result<GgufLoraSum
     let file = GgufFile::open(base)?;
     let (writer, summary) = build(&file, adapter_dir)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), cause: e })?;
     }
     writer.write(out)?;
     Ok(summary)
@@ -225,7 +225,7 @@ pub fn build(base: &GgufFile, adapter_dir: &Path) -> Result<(GgufWriter, GgufLor
 /// express.
 fn read_config(dir: &Path) -> Result<f32> {
     let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { path: path.clone(), cause: e })?;
     let cfg: PeftLoraConfig =
         serde_json::from_str(&text).map_err(|e| bad(&path, format!("not a PEFT LoRA config: {e}")))?;
     if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {

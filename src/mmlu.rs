@@ -76,10 +76,10 @@ fn split_files(dir: &Path, subject: &str, split: &str) -> Result<Vec<PathBuf>> {
     if !folder.is_dir() {
         return Ok(Vec::new());
     }
-    let entries = std::fs::read_dir(&folder).map_err(|e| Error::Io { path: folder.clone(), source: e })?;
+    let entries = std::fs::read_dir(&folder).map_err(|e| Error::Io { path: folder.clone(), cause: e })?;
     let mut files = Vec::new();
     for e in entries {
-        let p = e.map_err(|e| Error::Io { path: folder.clone(), source: e })?.path();
+        let p = e.map_err(|e| Error::Io { path: folder.clone(), cause: e })?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with("data-") && name.ends_with(".arrow") {
             files.push(p);
@@ -97,10 +97,10 @@ pub fn subjects(dir: &Path, split: Split) -> Result<Vec<String>> {
             "no such MMLU directory (`tools/fetch_assets.sh` puts MMLU in assets/mmlu)",
         ));
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.into(), source: e })?;
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::Io { path: dir.into(), cause: e })?;
     let mut found = Vec::new();
     for e in entries {
-        let p = e.map_err(|e| Error::Io { path: dir.into(), source: e })?.path();
+        let p = e.map_err(|e| Error::Io { path: dir.into(), cause: e })?.path();
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else { continue };
         if p.is_dir() && !split_files(dir, name, split.dir())?.is_empty() {
             found.push(name.to_string());
@@ -139,7 +139,7 @@ pub fn read_split(dir: &Path, subject: &str, split: &str) -> Result<Vec<Question
 /// The questions of one Arrow IPC stream file. Every row must have a question, 4 choices and an
 /// answer in 0-3.
 pub fn read_arrow(path: &Path) -> Result<Vec<Question>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
     let unreadable = |e: String| {
         bad_file(
             path,

@@ -354,7 +354,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         eprintln!("resuming from {} at step {}", dir.display(), state.step);
     }
     let (graph, vars) = model.graph(&store, o.batch_size, o.seq_len)?;
-    std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), source: e })?;
+    std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), cause: e })?;
     let metrics_path = o.metrics_out.clone().unwrap_or_else(|| o.out.join("metrics.jsonl"));
     let mut metrics = Metrics::open(&metrics_path, resume_dir.as_ref().map(|_| state.step))?;
 
@@ -531,7 +531,7 @@ struct Metrics {
 
 impl Metrics {
     fn open(path: &Path, resumed_at: Option<usize>) -> Result<Metrics> {
-        let err = |e| Error::Io { path: path.to_path_buf(), source: e };
+        let err = |e| Error::Io { path: path.to_path_buf(), cause: e };
         let file = match resumed_at {
             None => std::fs::File::create(path).map_err(err)?,
             Some(step) => {
@@ -560,7 +560,7 @@ impl Metrics {
 
     fn log(&mut self, value: serde_json::Value) -> Result<()> {
         let line = format!("{value}\n");
-        self.file.write_all(line.as_bytes()).map_err(|e| Error::Io { path: self.path.clone(), source: e })
+        self.file.write_all(line.as_bytes()).map_err(|e| Error::Io { path: self.path.clone(), cause: e })
     }
 }
 

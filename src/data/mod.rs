@@ -60,9 +60,9 @@ impl Tokens {
     pub fn load(path: &Path, tok: &Tokenizer) -> Result<Tokens> {
         let mut files = Vec::new();
         if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+            let entries = std::fs::read_dir(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
             for e in entries {
-                let p = e.map_err(|e| Error::Io { path: path.into(), source: e })?.path();
+                let p = e.map_err(|e| Error::Io { path: path.into(), cause: e })?.path();
                 let ext = p.extension().and_then(|x| x.to_str()).unwrap_or("");
                 if p.is_file() && matches!(ext, "txt" | "md" | "jsonl") {
                     files.push(p);
@@ -79,7 +79,7 @@ impl Tokens {
         }
         let mut out = Tokens::default();
         for f in &files {
-            let text = std::fs::read_to_string(f).map_err(|e| Error::Io { path: f.clone(), source: e })?;
+            let text = std::fs::read_to_string(f).map_err(|e| Error::Io { path: f.clone(), cause: e })?;
             if f.extension().is_some_and(|e| e == "jsonl") {
                 for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                     let v: serde_json::Value = serde_json::from_str(line)

@@ -34,7 +34,7 @@ impl Tokenizer {
         if !path.exists() {
             return Err(bad_data(path, "tokenizer.json not found (the model directory should contain it)"));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.into(), cause: e })?;
         // tokenizers 0.22 panics instead of failing on a JSON syntax error inside "decoder"
         // (and on a bad Precompiled normalizer): check the syntax first, and turn any panic
         // left into an error.

@@ -15,7 +15,7 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), source }
+    Error::Io { path: path.to_path_buf(), cause: source }
 }
 
 /// A memory-mapped `.safetensors` file.

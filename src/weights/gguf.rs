@@ -219,11 +219,11 @@ impl<'a> Cursor<'a> {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file =
-            std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+            std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
         // SAFETY: opened read-only and not modified by this process while mapped; a concurrent
         // writer elsewhere is a user error we cannot rule out, as with any mmap.
         let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io { path: path.into(), source: e })?;
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io { path: path.into(), cause: e })?;
         Self::parse(path, map)
     }
 
@@ -481,9 +481,9 @@ impl GgufFile {
     /// Parse bytes already in memory (tests and fuzzing), as if read from `path`.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
         let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1))
-            .map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+            .map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
         map[..bytes.len()].copy_from_slice(bytes);
-        let map = map.make_read_only().map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+        let map = map.make_read_only().map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
         // an anonymous map is at least one byte; parse only what was given
         if bytes.is_empty() {
             return Err(Error::Checkpoint {

@@ -75,7 +75,7 @@ impl Safetensors {
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<Safetensors> {
         let bad = |detail: String| Error::Checkpoint { path: index_path.to_path_buf(), detail };
         let text = std::fs::read_to_string(index_path)
-            .map_err(|e| Error::Io { path: index_path.to_path_buf(), source: e })?;
+            .map_err(|e| Error::Io { path: index_path.to_path_buf(), cause: e })?;
         let idx: ShardIndex = serde_json::from_str(&text)
             .map_err(|e| bad(format!("not a readable safetensors index (expected a weight_map): {e}")))?;
         let mut shards: Vec<String> = idx.weight_map.values().cloned().collect();
