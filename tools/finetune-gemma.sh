@@ -4,7 +4,7 @@
 # the held-out perplexity and a sample, LoRA-fine-tune on the plays with the quantized base kept
 # quantized on the GPU, then measure both again.
 # Usage: bash tools/finetune-gemma.sh [extra train options, e.g. --steps 20 or --device cpu]
-# Environment: STEPS (default 8), SEQ (default 128), BASE_DTYPE (native|f16|f32, default native).
+# Environment: STEPS (default 6), SEQ (default 128), BASE_DTYPE (native|f16|f32, default native).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -13,7 +13,7 @@ cargo build --release --quiet
 B=./target/release/pockettune
 MODEL=assets/gemma3-270m/gemma-3-270m-Q4_K_M.gguf
 RUN=runs/gemma3-shakespeare
-STEPS=${STEPS:-8}
+STEPS=${STEPS:-6}
 SEQ=${SEQ:-128}
 BASE=${BASE_DTYPE:-native}
 rm -rf "$RUN" && mkdir -p "$RUN"
