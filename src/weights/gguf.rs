@@ -218,8 +218,7 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
+        let file = std::fs::File::open(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
         // SAFETY: opened read-only and not modified by this process while mapped; a concurrent
         // writer elsewhere is a user error we cannot rule out, as with any mmap.
         let map =
