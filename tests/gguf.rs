@@ -576,3 +576,51 @@ fn merged_export_from_a_gguf_base_loads_and_matches_the_adapter() {
         assert!(worst <= 1e-4, "{name}: merged logits differ by {worst:e}");
     }
 }
+
+/// A checkpoint split in several safetensors files (`model.safetensors.index.json`) loads as
+/// the single file does; an index that puts a tensor in the wrong shard is refused by name.
+#[test]
+fn sharded_safetensors_load_like_one_file() {
+    use safetensors::tensor::{serialize, Dtype, TensorView};
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "llama-tiny";
+    let st = SafetensorsFile::open(&fixture(name).join("model.safetensors")).unwrap();
+    let mut names = st.names();
+    names.sort();
+    let dir = tmp.path().join("sharded");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture(name).join("config.json"), dir.join("config.json")).unwrap();
+    let mut map = serde_json::Map::new();
+    let half = names.len() / 2;
+    for (i, part) in [&names[..half], &names[half..]].iter().enumerate() {
+        let shard = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = part
+            .iter()
+            .map(|n| {
+                let (shape, v) = st.get(n).unwrap().unwrap();
+                (n.clone(), shape, f32_bytes(&v))
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = data
+            .iter()
+            .map(|(n, shape, bytes)| (n.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap()))
+            .collect();
+        std::fs::write(dir.join(&shard), serialize(views, None).unwrap()).unwrap();
+        for n in part.iter() {
+            map.insert(n.clone(), Value::String(shard.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let ex = expected(name);
+    let (loss_one, logits_one) = forward(&fixture(name), &ex, &Device::Cpu);
+    let (loss, logits) = forward(&dir, &ex, &Device::Cpu);
+    assert_eq!((loss, logits), (loss_one, logits_one));
+    // a wrong shard in the index
+    let moved = names[0].clone();
+    map.insert(moved.clone(), Value::String("model-00002-of-00002.safetensors".into()));
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let e = Model::load(&dir, &Device::Cpu).err().expect("refused").to_string();
+    assert!(e.contains(&moved) && e.contains("index.json"), "{e}");
+}
