@@ -6,7 +6,8 @@
 //!
 //! Options (after `--`): `--rows 128,1024` (rows of x), `--sweep` (instead: fused against
 //! scratch at 1..64 rows, where the automatic choice switches), `--big` (also the fused
-//! kernels on the LM head at 1,024 rows, several minutes each on lavapipe), `--budget-ms N`
+//! kernels on the LM head at 1,024 rows, several minutes each on lavapipe), `--dequant` (instead:
+//! the scratch variant's dequantizer alone, values per second), `--budget-ms N`
 //! (least wall time per measurement after a one-row warm-up, default 300).
 //! `POCKETTUNE_DEVICE` picks the adapter.
 
@@ -33,12 +34,13 @@ const BIG_MACS: f64 = 50e9;
 struct Opts {
     rows: Vec<usize>,
     sweep: bool,
+    dequant: bool,
     big: bool,
     budget: Duration,
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { rows: vec![128, 1024], sweep: false, big: false, budget: Duration::from_millis(300) };
+    let mut o = Opts { rows: vec![128, 1024], sweep: false, dequant: false, big: false, budget: Duration::from_millis(300) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -52,6 +54,7 @@ fn opts() -> Opts {
                 o.budget = Duration::from_millis(args[i].parse().expect("--budget-ms takes a number"));
             }
             "--sweep" => o.sweep = true,
+            "--dequant" => o.dequant = true,
             "--big" => o.big = true,
             _ => {} // cargo bench passes --bench
         }
@@ -178,6 +181,19 @@ fn main() {
     let gpu = Gpu::new(&GpuOptions::default()).unwrap();
     eprintln!("device: {}; matmul kernel {:?}", gpu.summary(), gpu.matmul_kernel());
     println!("load average at start: {}", load());
+    if o.dequant {
+        println!("dequantize (qdequantize) the whole weight into f32, M values/s");
+        for &(layer, n, k, ty) in SHAPES {
+            let w = weight(&gpu, n, k, ty);
+            let per = ((32 << 20) / (4 * k)).min(n);
+            let out = Tensor::empty(&gpu, &[per, k], "rows").unwrap();
+            let all = || (0..n / per).try_for_each(|b| quant::qdequantize(&gpu, &out, &w.q, b * per));
+            let s = time(&gpu, o.budget, all, all);
+            println!("{layer:<20} {:<5} {:>10.1}", ty.name(), (n / per * per * k) as f64 / s / 1e6);
+        }
+        println!("load average at end: {}", load());
+        return;
+    }
     if o.sweep {
         println!("fused against scratch by rows of x, GMAC/s (scratch/fused > 1: scratch faster)");
         println!(
