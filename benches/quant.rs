@@ -40,7 +40,13 @@ struct Opts {
 }
 
 fn opts() -> Opts {
-    let mut o = Opts { rows: vec![128, 1024], sweep: false, dequant: false, big: false, budget: Duration::from_millis(300) };
+    let mut o = Opts {
+        rows: vec![128, 1024],
+        sweep: false,
+        dequant: false,
+        big: false,
+        budget: Duration::from_millis(300),
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {

@@ -300,7 +300,7 @@ fn qmatmul_fused(
     let ms = cuts(m, &[starts(x, Split::Rows), starts(y, Split::Rows)].concat(), max * TM);
     let ns = cuts(n, &[starts(y, Split::Cols), chunk_starts(w)].concat(), max * WG * TN);
     let ks = cuts(k, &starts(x, Split::Cols), super::LOOP_SPAN);
-    let key = key("qmatmul", w.ty());
+    let key = key("qmatmul", w.ty()).with("ONE_ROW", (m == 1) as u32);
     let u = |v: usize| u32_of(v, "qmatmul");
     for &(m0, ml) in &ms {
         for &(n0, nl) in &ns {
@@ -382,7 +382,7 @@ fn qmatmul_dx_fused(gpu: &Gpu, dx: &Tensor, dy: &Tensor, w: &QTensor, accumulate
     let ms = cuts(m, &[starts(dx, Split::Rows), starts(dy, Split::Rows)].concat(), max * TM);
     let ks = cuts(k, &starts(dx, Split::Cols), max * WG * TK);
     let ns = cuts(n, &[starts(dy, Split::Cols), chunk_starts(w)].concat(), super::LOOP_SPAN);
-    let key = key("qmatmul_dx", w.ty());
+    let key = key("qmatmul_dx", w.ty()).with("ONE_ROW", (m == 1) as u32);
     let u = |v: usize| u32_of(v, "qmatmul_dx");
     for &(m0, ml) in &ms {
         for &(k0, kl) in &ks {
