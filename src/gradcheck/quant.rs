@@ -83,8 +83,8 @@ fn out(p: &Probe, shape: &[usize], split: Option<(Split, usize)>) -> Result<Tens
     Ok(t)
 }
 
-/// One product's shapes: sizes, W rows per chunk, bias, and how the f32 operands are chunked
-/// (the input, then the output).
+/// One product's shapes: sizes, W rows per chunk, bias, how the f32 operands are chunked (the
+/// input, then the output), and the rows of W the scratch variant may hold at a time.
 struct Case {
     m: usize,
     n: usize,
@@ -93,6 +93,7 @@ struct Case {
     bias: bool,
     a_split: Option<(Split, usize)>,
     c_split: Option<(Split, usize)>,
+    scratch_rows: Option<usize>,
 }
 
 /// `MxK.(NxK TYPE)^T` for a product with W^T, `MxN.(NxK TYPE)` for one with W, then the
@@ -111,11 +112,22 @@ fn shape(c: &Case, ty: GgmlType, dx: bool) -> String {
 fn cases(p: &mut Probe, ty: GgmlType, dx: bool) -> Vec<Case> {
     let [k0, k1, k2, k3] = widths(ty);
     let qk = ty.block_elems();
-    let plain = |m, n, k, bias| Case { m, n, k, w_chunk: usize::MAX, bias, a_split: None, c_split: None };
+    let plain = |m, n, k, bias| Case {
+        m,
+        n,
+        k,
+        w_chunk: usize::MAX,
+        bias,
+        a_split: None,
+        c_split: None,
+        scratch_rows: None,
+    };
     let mut cases = vec![plain(1, 1, k0, false), plain(3, 5, k1, true)];
-    // W in chunks of 10 rows, the input by rows and the output by columns, and the other way.
+    // W in chunks of 10 rows, the input by rows and the output by columns, and the other way;
+    // the scratch variant's row blocks of 7 end inside W's chunks and the output's.
     cases.push(Case {
         w_chunk: 10,
+        scratch_rows: Some(7),
         a_split: Some((Split::Rows, 3)),
         // (dx's column chunks start at multiples of 8 for a block type, anywhere for a float)
         c_split: Some((Split::Cols, if qk == 1 { 5 } else { 16 })),
@@ -131,9 +143,11 @@ fn cases(p: &mut Probe, ty: GgmlType, dx: bool) -> Vec<Case> {
     let k = if qk == 1 { p.size(100) } else { qk * p.size(4) };
     cases.push(plain(p.size(20), p.size(80), k, true));
     if dx {
-        // N is dx's sum: past the loop span, and over W's chunks and dy's column chunks
+        // N is dx's sum: past the loop span, and over W's chunks and dy's column chunks (and
+        // the scratch variant's row blocks: 0, 7000, 14000, 20000, 27000, with dy's at 30000)
         cases.push(Case {
             w_chunk: 20_000,
+            scratch_rows: Some(7000),
             a_split: Some((Split::Cols, 30_000)),
             ..plain(2, LOOP_SPAN + 100, qk.max(5), false)
         });
@@ -161,13 +175,11 @@ fn label(op: &str, variant: QmatmulVariant, ty: GgmlType) -> String {
     }
 }
 
-/// `f` under `variant` (and the matmul `kernel`); for a case with W in chunks, the scratch
-/// variant holds 7 rows of W at a time, so that its row blocks end inside W's chunks and the
-/// output's column chunks.
+/// `f` under `variant` (and the matmul `kernel`), the scratch held to the case's rows of W.
 fn run<R>(variant: QmatmulVariant, kernel: Option<MatmulKernel>, c: &Case, f: impl FnOnce() -> R) -> R {
-    let limited = || match c.w_chunk {
-        usize::MAX => f(),
-        _ => quant::with_scratch_limit(7 * c.k * 4, f),
+    let limited = || match c.scratch_rows {
+        None => f(),
+        Some(rows) => quant::with_scratch_limit(rows * c.k * 4, f),
     };
     quant::with_variant(variant, || match kernel {
         Some(k) => matmul::with_kernel(k, limited),
