@@ -220,20 +220,15 @@ impl Gpt2 {
 
     /// Record the training graph for batches of `b` sequences of `t` tokens.
     pub fn graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Gpt2Vars)> {
-        let (mut g, logits) = self.logits_graph(store, b, t)?;
+        let (mut g, logits) = self.logits_graph(store, b, t, None)?;
         let targets = g.target_list(self.cfg.vocab_size);
         let loss = g.cross_entropy(logits, targets)?;
         Ok((g, Gpt2Vars { logits, loss }))
     }
 
     /// Record the graph up to the logits (inference: feed ids and positions, no targets).
-    pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
-        self.logits_graph_rows(store, b, t, None)
-    }
-
-    /// [`Self::logits_graph`] with the logits of only `rows` fed positions, when given (see
-    /// [`super::pick_rows`]).
-    pub fn logits_graph_rows(
+    /// With `rows`, the logits of only that many fed positions (see [`super::pick_rows`]).
+    pub fn logits_graph(
         &self,
         store: &ParamStore,
         b: usize,

@@ -189,13 +189,8 @@ impl Llama {
     }
 
     /// Record the graph up to the logits for `b` sequences of `t` tokens.
-    pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
-        self.logits_graph_rows(store, b, t, None)
-    }
-
-    /// [`Self::logits_graph`] with the logits of only `rows` fed positions, when given (see
-    /// [`super::pick_rows`]).
-    pub fn logits_graph_rows(
+    /// With `rows`, the logits of only that many fed positions (see [`super::pick_rows`]).
+    pub fn logits_graph(
         &self,
         store: &ParamStore,
         b: usize,

@@ -276,9 +276,9 @@ impl Model {
     /// The graph up to the logits, for `b` sequences of `t` tokens.
     pub fn logits_graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Var)> {
         match self {
-            Model::Gpt2(m) => m.logits_graph(store, b, t),
-            Model::Llama(m) => m.logits_graph(store, b, t),
-            Model::Gemma(m) => m.logits_graph(store, b, t),
+            Model::Gpt2(m) => m.logits_graph(store, b, t, None),
+            Model::Llama(m) => m.logits_graph(store, b, t, None),
+            Model::Gemma(m) => m.logits_graph(store, b, t, None),
         }
     }
 
@@ -293,9 +293,9 @@ impl Model {
         rows: usize,
     ) -> Result<(Graph, Var)> {
         match self {
-            Model::Gpt2(m) => m.logits_graph_rows(store, b, t, Some(rows)),
-            Model::Llama(m) => m.logits_graph_rows(store, b, t, Some(rows)),
-            Model::Gemma(m) => m.logits_graph_rows(store, b, t, Some(rows)),
+            Model::Gpt2(m) => m.logits_graph(store, b, t, Some(rows)),
+            Model::Llama(m) => m.logits_graph(store, b, t, Some(rows)),
+            Model::Gemma(m) => m.logits_graph(store, b, t, Some(rows)),
         }
     }
 
