@@ -54,10 +54,7 @@ thread_local! {
 /// Run `f` with every matrix product on this thread using `kernel` (gradcheck checks each
 /// kernel the device offers this way without disturbing other threads).
 pub fn with_kernel<R>(kernel: MatmulKernel, f: impl FnOnce() -> R) -> R {
-    let previous = OVERRIDE.with(|o| o.replace(Some(kernel)));
-    let result = f();
-    OVERRIDE.with(|o| o.set(previous));
-    result
+    super::with_override(&OVERRIDE, kernel, f)
 }
 
 /// The kernel the matrix products on this thread use now ([`with_kernel`]'s, else the device's).

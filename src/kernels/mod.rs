@@ -67,6 +67,19 @@ pub(crate) fn check_trips(op: &str, cols: usize, wg: usize, passes: usize) -> Re
     Ok(())
 }
 
+/// Run `f` with the thread-local override `key` set to `value`, then put back what was there
+/// (the kernel and variant choices that tests, gradcheck and benches force per thread).
+pub(crate) fn with_override<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Option<T>>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    let previous = key.with(|v| v.replace(Some(value)));
+    let result = f();
+    key.with(|v| v.set(previous));
+    result
+}
+
 /// Element offsets and strides are passed to shaders as u32.
 pub(crate) fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::shape(what, format!("{v} does not fit in 32 bits")))

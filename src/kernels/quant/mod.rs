@@ -195,19 +195,13 @@ thread_local! {
 /// Run `f` with the quantized products on this thread computed by `variant` (tests, gradcheck
 /// and benches compare the variants this way without disturbing other threads).
 pub fn with_variant<R>(variant: QmatmulVariant, f: impl FnOnce() -> R) -> R {
-    let previous = VARIANT.with(|v| v.replace(Some(variant)));
-    let result = f();
-    VARIANT.with(|v| v.set(previous));
-    result
+    super::with_override(&VARIANT, variant, f)
 }
 
 /// Run `f` with the scratch variant's buffer on this thread held to `bytes` (at least one row
 /// of W), so that tests walk W in several row blocks on small weights.
 pub fn with_scratch_limit<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
-    let previous = SCRATCH_LIMIT.with(|v| v.replace(Some(bytes)));
-    let result = f();
-    SCRATCH_LIMIT.with(|v| v.set(previous));
-    result
+    super::with_override(&SCRATCH_LIMIT, bytes, f)
 }
 
 /// The variant in force on this thread: [`with_variant`]'s, else `POCKETTUNE_QMATMUL`'s, else
