@@ -184,26 +184,7 @@ fn convert(name: &str, half: bool) -> Vec<u8> {
     w.to_bytes()
 }
 
-struct Expected {
-    file: SafetensorsFile,
-    ids: Vec<u32>,
-    targets: Vec<i32>,
-    b: usize,
-    t: usize,
-}
-
-fn expected(name: &str) -> Expected {
-    let file = SafetensorsFile::open(&fixture(name).join("expected.safetensors")).unwrap();
-    let (shape, ids) = file.get("input_ids").unwrap().unwrap();
-    let (_, targets) = file.get("targets").unwrap().unwrap();
-    Expected {
-        ids: ids.iter().map(|&x| x as u32).collect(),
-        targets: targets.iter().map(|&x| x as i32).collect(),
-        b: shape[0],
-        t: shape[1],
-        file,
-    }
-}
+use common::Expected;
 
 fn forward(path: &Path, ex: &Expected, dev: &Device) -> (f32, Vec<f32>) {
     let (model, store) = Model::load(path, dev).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -220,7 +201,7 @@ fn every_family_from_gguf_gives_transformers_logits() {
     for name in FAMILIES {
         let path = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&path, convert(name, false)).unwrap();
-        let ex = expected(name);
+        let ex = Expected::load(name);
         let (loss, logits) = forward(&path, &ex, &Device::Cpu);
         let want = ex.file.get("loss").unwrap().unwrap().1[0];
         assert!(((loss - want) / want).abs() <= 1e-5, "{name}: loss {loss} vs transformers {want}");
@@ -243,7 +224,7 @@ fn f16_matrices_in_gguf_load_as_their_f16_values() {
     for name in ["llama-tiny", "gemma3-tiny"] {
         let path = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&path, convert(name, true)).unwrap();
-        let ex = expected(name);
+        let ex = Expected::load(name);
         let (loss, _) = forward(&path, &ex, &Device::Cpu);
         let want = ex.file.get("loss").unwrap().unwrap().1[0];
         assert!(((loss - want) / want).abs() <= 1e-3, "{name}: f16 loss {loss} vs transformers {want}");
@@ -437,7 +418,7 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
     for name in ["llama-tiny", "gemma3-tiny"] {
         let path = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&path, convert(name, true)).unwrap();
-        let ex = expected(name);
+        let ex = Expected::load(name);
         let run = |base: BaseDtype| -> (f32, Vec<f32>, Vec<Vec<f32>>) {
             let load = LoadOptions { frozen: true, base_dtype: base };
             let (model, mut store): (Model, ParamStore) = Model::load_with(&path, &dev, &load).unwrap();
@@ -502,7 +483,7 @@ fn logits_of_chosen_rows_are_rows_of_the_full_logits() {
     devices.extend(common::gpu().map(|g| Device::Gpu(g.clone())));
     for dev in &devices {
         for name in FAMILIES {
-            let ex = expected(name);
+            let ex = Expected::load(name);
             let (model, store) = Model::load(&fixture(name), dev).unwrap();
             let (graph, logits) = model.logits_graph(&store, ex.b, ex.t).unwrap();
             let full = graph.forward(&store, &Model::inference_feed(&ex.ids, ex.b, ex.t), &[logits]).unwrap();
@@ -530,7 +511,7 @@ fn merged_export_from_a_gguf_base_loads_and_matches_the_adapter() {
     for name in ["llama-tiny", "gemma3-tiny"] {
         let base = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&base, convert(name, false)).unwrap();
-        let ex = expected(name);
+        let ex = Expected::load(name);
         let (model, mut store) = Model::load(&base, &Device::Cpu).unwrap();
         let o = pockettune::lora::LoraOptions {
             rank: 2,
@@ -612,7 +593,7 @@ fn sharded_safetensors_load_like_one_file() {
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    let ex = expected(name);
+    let ex = Expected::load(name);
     let (loss_one, logits_one) = forward(&fixture(name), &ex, &Device::Cpu);
     let (loss, logits) = forward(&dir, &ex, &Device::Cpu);
     assert_eq!((loss, logits), (loss_one, logits_one));

@@ -19,34 +19,8 @@ fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-struct Expected {
-    file: SafetensorsFile,
-    ids: Vec<u32>,
-    targets: Vec<i32>,
-    b: usize,
-    t: usize,
-}
-
-impl Expected {
-    fn load(name: &str) -> Expected {
-        let file = SafetensorsFile::open(&dir(name).join("expected.safetensors")).unwrap();
-        let (shape, ids) = file.get("input_ids").unwrap().unwrap();
-        let (_, targets) = file.get("targets").unwrap().unwrap();
-        Expected {
-            ids: ids.iter().map(|&x| x as u32).collect(),
-            targets: targets.iter().map(|&x| x as i32).collect(),
-            b: shape[0],
-            t: shape[1],
-            file,
-        }
-    }
-    fn tensor(&self, name: &str) -> Vec<f32> {
-        self.file.get(name).unwrap().unwrap_or_else(|| panic!("fixture has no {name}")).1
-    }
-}
-
 fn check(name: &str, dev: Device) {
-    let ex = Expected::load(name);
+    let ex = common::Expected::load(name);
     let (model, mut store) = Model::load(&dir(name), &dev).unwrap();
     let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
     let feed = Model::feed(&ex.ids, &ex.targets, ex.b, ex.t);
@@ -197,7 +171,7 @@ fn real_vocabulary_fixtures_cross_two_to_the_16_and_17() {
     for (name, vocab) in [("qwen2-tiny-vocab151936", 151_936), ("gemma3-tiny-vocab262144", 262_144)] {
         let (model, _) = Model::load(&dir(name), &Device::Cpu).unwrap();
         assert_eq!(model.vocab_size(), vocab, "{name}");
-        let ex = Expected::load(name);
+        let ex = common::Expected::load(name);
         let rows: Vec<u32> = ex.tensor("vocab_rows").iter().map(|&r| r as u32).collect();
         let targets: Vec<u32> = ex.targets.iter().filter(|&&t| t >= 0).map(|&t| t as u32).collect();
         for ids in [&ex.ids, &targets] {
@@ -223,7 +197,8 @@ fn soft_capping_changes_the_gemma3_fixture() {
     for name in wp.names() {
         assert_eq!(wp.get(&name).unwrap(), wc.get(&name).unwrap(), "{name} differs between the fixtures");
     }
-    let (plain, capped) = (Expected::load("gemma3-tiny"), Expected::load("gemma3-tiny-softcap"));
+    let (plain, capped) =
+        (common::Expected::load("gemma3-tiny"), common::Expected::load("gemma3-tiny-softcap"));
     assert_eq!(plain.ids, capped.ids);
     let err = rel_err(&capped.tensor("logits"), &plain.tensor("logits"));
     assert!(err > 0.05, "capping moved the logits by only {err:e} of their size");

@@ -147,3 +147,35 @@ pub fn fixture_err(ex: &pockettune::models::SafetensorsFile, name: &str, ours: &
     let want_ss = sumsq[0] as f64;
     rel_err(&cut, &want).max(((ss - want_ss) / want_ss).abs())
 }
+
+/// A PyTorch parity fixture's `expected.safetensors`: the batch (ids, targets, B, T) and the
+/// tensors transformers computed (logits, loss, gradients).
+#[allow(dead_code)]
+pub struct Expected {
+    pub file: pockettune::models::SafetensorsFile,
+    pub ids: Vec<u32>,
+    pub targets: Vec<i32>,
+    pub b: usize,
+    pub t: usize,
+}
+
+#[allow(dead_code)]
+impl Expected {
+    /// The fixture `tests/fixtures/<name>`.
+    pub fn load(name: &str) -> Expected {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let file = pockettune::models::SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
+        let (shape, ids) = file.get("input_ids").unwrap().unwrap();
+        let (_, targets) = file.get("targets").unwrap().unwrap();
+        Expected {
+            ids: ids.iter().map(|&x| x as u32).collect(),
+            targets: targets.iter().map(|&x| x as i32).collect(),
+            b: shape[0],
+            t: shape[1],
+            file,
+        }
+    }
+    pub fn tensor(&self, name: &str) -> Vec<f32> {
+        self.file.get(name).unwrap().unwrap_or_else(|| panic!("fixture has no {name}")).1
+    }
+}
