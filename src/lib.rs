@@ -16,6 +16,7 @@ pub mod graph;
 pub mod kernels;
 pub mod lora;
 pub mod lora_gguf;
+pub mod memory;
 pub mod mmlu;
 pub mod models;
 pub mod shaders;

@@ -181,6 +181,9 @@ pub struct TrainOptions {
     /// GPU limits profile.
     #[arg(long, value_enum, default_value_t = Profile::Mobile)]
     pub limits: Profile,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub memory: crate::memory::MemoryFlags,
 }
 
 /// What `train` reports at the end.
@@ -266,7 +269,7 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if !(0.0..1.0).contains(&o.eval_fraction) {
         return Err(invalid("--eval-fraction", "must be in [0, 1)"));
     }
-    Ok(())
+    crate::memory::validate(&o.memory)
 }
 
 /// Fine-tune; `progress` draws a progress bar on stderr (hidden when it is not a terminal).
@@ -353,7 +356,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         batches.seek(state.epoch, state.batch_index);
         eprintln!("resuming from {} at step {}", dir.display(), state.step);
     }
-    let (graph, vars) = model.graph(&store, o.batch_size, o.seq_len)?;
+    let (graph, vars) = model.graph_with(&store, o.batch_size, o.seq_len, o.memory.graph_options())?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), cause: e })?;
     let metrics_path = o.metrics_out.clone().unwrap_or_else(|| o.out.join("metrics.jsonl"));
     let mut metrics = Metrics::open(&metrics_path, resume_dir.as_ref().map(|_| state.step))?;

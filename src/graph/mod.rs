@@ -21,6 +21,7 @@ use crate::gpu::{Gpu, QTensor, Tensor};
 use crate::kernels::activation::Act;
 use crate::kernels::attention::AttnDims;
 use crate::kernels::elementwise;
+use crate::memory::GraphOptions;
 use std::sync::Arc;
 
 /// Where a graph runs.
@@ -203,11 +204,26 @@ pub struct Graph {
     id_lists: Vec<usize>,
     /// (vocabulary size) of each declared target list
     target_lists: Vec<usize>,
+    /// exact rewrites that trade compute for memory (see `crate::memory`)
+    options: GraphOptions,
 }
 
 impl Graph {
     pub fn new() -> Self {
         Graph::default()
+    }
+
+    /// A graph whose executor applies `options` (set them before recording the model).
+    pub fn with_options(options: GraphOptions) -> Self {
+        Graph { options, ..Graph::default() }
+    }
+
+    pub fn options(&self) -> GraphOptions {
+        self.options
+    }
+
+    pub fn set_options(&mut self, options: GraphOptions) {
+        self.options = options;
     }
 
     pub fn shape(&self, v: Var) -> &[usize] {

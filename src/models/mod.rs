@@ -218,6 +218,7 @@ pub fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
 }
 
 use crate::graph::{Device, Feed, Graph, ParamStore, Var};
+use crate::memory::GraphOptions;
 
 /// A model of any supported family, chosen by `config.json`.
 pub enum Model {
@@ -309,7 +310,19 @@ impl Model {
 
     /// The training graph: logits and the mean cross-entropy against the fed targets.
     pub fn graph(&self, store: &ParamStore, b: usize, t: usize) -> Result<(Graph, Vars)> {
+        self.graph_with(store, b, t, GraphOptions::default())
+    }
+
+    /// [`Self::graph`] with the memory options of `crate::memory` (exact rewrites).
+    pub fn graph_with(
+        &self,
+        store: &ParamStore,
+        b: usize,
+        t: usize,
+        options: GraphOptions,
+    ) -> Result<(Graph, Vars)> {
         let (mut g, logits) = self.logits_graph(store, b, t)?;
+        g.set_options(options);
         let targets = g.target_list(self.vocab_size());
         let loss = g.cross_entropy(logits, targets)?;
         Ok((g, Vars { logits, loss }))

@@ -1,0 +1,128 @@
+//! Memory: the options that trade compute or host memory for device memory, and (in
+//! `report`) what a step holds. Every option here is an exact rewrite of the step: with it on,
+//! the losses equal those with it off up to floating-point reassociation.
+//!
+//! - `--fused-loss`: the LM head and the cross-entropy walk the vocabulary in chunks, so the
+//!   (rows x vocabulary) logits and their gradient never exist whole (Cut Cross-Entropy's idea).
+//! - `--flash-attention`: attention that never stores the (B, H, T, T) probabilities and skips
+//!   blocks the causal or sliding-window mask hides (FlashAttention's idea).
+//! - `--checkpoint-activations`: each layer keeps its input only and is recomputed in the
+//!   backward pass.
+//! - `--memory-budget SIZE`: the GPU bytes the engine may hold.
+//! - `--optimizer-offload host|disk`: the AdamW moments live off the GPU.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// The options the graph executor reads (all off: the plain step).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphOptions {
+    pub fused_loss: bool,
+    pub flash_attention: bool,
+    pub checkpoint_activations: bool,
+}
+
+/// Where the AdamW moments live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerOffload {
+    /// On the GPU, next to the weights (the default).
+    #[default]
+    None,
+    /// In host memory; the update runs on the CPU threads.
+    Host,
+    /// In a memory-mapped file in the output directory; the update runs on the CPU threads.
+    Disk,
+}
+
+/// The memory flags that `train`, `eval`, `generate` and `bench step` share.
+#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MemoryFlags {
+    /// GPU bytes the engine may hold (e.g. 800M, 1.5G, 2GiB; plain numbers are bytes). Weights
+    /// not in use then stay in the memory-mapped checkpoint and are uploaded just before their
+    /// layer runs. A budget below what one layer needs is refused with the smallest one that works.
+    #[arg(long, value_parser = parse_size)]
+    #[serde(default)]
+    pub memory_budget: Option<u64>,
+    /// Keep the AdamW moments off the GPU: in host memory, or in a memory-mapped file.
+    #[arg(long, value_enum, default_value_t = OptimizerOffload::None)]
+    #[serde(default)]
+    pub optimizer_offload: OptimizerOffload,
+    /// Keep each layer's input only and recompute the layer during the backward pass.
+    #[arg(long)]
+    #[serde(default)]
+    pub checkpoint_activations: bool,
+    /// Fuse the LM head with the cross-entropy: the logits never exist whole.
+    #[arg(long)]
+    #[serde(default)]
+    pub fused_loss: bool,
+    /// Flash-style attention: no (B, H, T, T) probabilities are stored.
+    #[arg(long)]
+    #[serde(default)]
+    pub flash_attention: bool,
+}
+
+impl MemoryFlags {
+    pub fn graph_options(&self) -> GraphOptions {
+        GraphOptions {
+            fused_loss: self.fused_loss,
+            flash_attention: self.flash_attention,
+            checkpoint_activations: self.checkpoint_activations,
+        }
+    }
+}
+
+/// A size in bytes: `1234`, `800K`, `800M`, `1.5G`, `2GiB`, `512MB` (powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 800M, 1.5G, 2GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use K, M, G or T)")),
+    };
+    let bytes = x * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 {
+        return Err(format!("{s:?} is not a positive size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// `bytes` as MiB with one decimal, for messages.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+pub(crate) fn invalid(name: &str, detail: impl Into<String>) -> Error {
+    Error::InvalidArgument { name: name.into(), detail: detail.into() }
+}
+
+/// Checked before a run starts.
+pub fn validate(flags: &MemoryFlags) -> Result<()> {
+    if flags.memory_budget == Some(0) {
+        return Err(invalid("--memory-budget", "must be a positive size"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024() {
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("800M"), Ok(800 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("64 kb"), Ok(64 << 10));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}
