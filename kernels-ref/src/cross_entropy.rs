@@ -12,7 +12,7 @@ use rayon::prelude::*;
 pub const IGNORE_INDEX: i32 = -100;
 
 /// The row's target as an index, or `None` when ignored; panics on anything else out of range.
-fn target_index(name: &str, target: i32, v: usize) -> Option<usize> {
+pub(crate) fn target_index(name: &str, target: i32, v: usize) -> Option<usize> {
     if target == IGNORE_INDEX {
         return None;
     }
