@@ -13,7 +13,7 @@ mod qtensor;
 mod tensor;
 
 pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
-pub use pool::GpuBuffer;
+pub use pool::{Category, CategoryGuard, GpuBuffer};
 pub use qtensor::QTensor;
 pub use tensor::{Chunk, Split, Tensor};
 
@@ -247,8 +247,20 @@ impl Gpu {
     pub fn bytes_live(&self) -> (u64, u64) {
         self.pool.live_bytes()
     }
+    /// Start the peaks of live bytes (the total's and each category's) again from now.
     pub fn reset_live_peak(&self) {
         self.pool.reset_live_peak()
+    }
+    /// Live bytes by category: (category, bytes now, peak bytes since the last
+    /// [`Self::reset_live_peak`]), in [`Category::ALL`]'s order. Each category's peak is its
+    /// own, so the peaks may add up to more than the peak of the total.
+    pub fn bytes_by_category(&self) -> Vec<(Category, u64, u64)> {
+        self.pool.bytes_by_category()
+    }
+    /// Count the buffers this thread allocates as `category` until the guard drops:
+    /// `let _c = gpu.category(Category::Gradients);` (the same as [`Category::enter`]).
+    pub fn category(&self, category: Category) -> CategoryGuard {
+        category.enter()
     }
     pub fn submissions(&self) -> u64 {
         self.submissions.load(Ordering::Relaxed)

@@ -2,25 +2,119 @@
 //! buffer is kept and handed out again for the next request of the same (256-byte rounded)
 //! size instead of going back to the driver. Bytes held (live and pooled) and bytes live (in
 //! use by a tensor) are counted for the metrics: the first is what the driver gave out, the
-//! second what the computation needed.
+//! second what the computation needed. Live bytes are also counted by [`Category`] (weights,
+//! gradients, optimizer state, ...): each buffer records the category in force on its thread
+//! when it was handed out (see [`Category::enter`]), so that its release subtracts from the
+//! same one.
 
 use crate::error::{Error, Result};
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// What a GPU buffer is for, in the memory report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Parameter values (trained or frozen, f32 or packed).
+    Weights,
+    /// Parameter gradients.
+    Gradients,
+    /// AdamW moments.
+    OptimizerState,
+    /// Activations of the forward pass, what the backward pass saves (norm statistics,
+    /// attention probabilities) and the activations' gradients.
+    Activations,
+    /// The logits (the LM head's output, soft-capped or not), their gradient and the
+    /// cross-entropy's state and losses.
+    LogitsLoss,
+    /// Upload staging and dequantization scratch.
+    Staging,
+    /// Anything allocated outside a category scope (reduction partials, token ids, ...).
+    Other,
+}
+
+impl Category {
+    pub const ALL: [Category; 7] = [
+        Category::Weights,
+        Category::Gradients,
+        Category::OptimizerState,
+        Category::Activations,
+        Category::LogitsLoss,
+        Category::Staging,
+        Category::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Weights => "weights",
+            Category::Gradients => "gradients",
+            Category::OptimizerState => "optimizer state",
+            Category::Activations => "activations",
+            Category::LogitsLoss => "logits and loss",
+            Category::Staging => "staging",
+            Category::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Count buffers handed out on this thread as `self` until the guard drops (scopes nest:
+    /// the innermost wins, and dropping a guard restores the category before it). Per thread,
+    /// not per device, so that a thread uploading weights in the background does not relabel
+    /// what the step's thread allocates meanwhile.
+    pub fn enter(self) -> CategoryGuard {
+        CategoryGuard { previous: CURRENT.with(|c| c.replace(self)), _not_send: std::marker::PhantomData }
+    }
+
+    /// The category in force on this thread.
+    pub fn current() -> Category {
+        CURRENT.with(Cell::get)
+    }
+}
+
+thread_local! {
+    static CURRENT: Cell<Category> = const { Cell::new(Category::Other) };
+}
+
+/// Restores the previous category when dropped (see [`Category::enter`]).
+#[must_use = "the category applies until the guard is dropped"]
+pub struct CategoryGuard {
+    previous: Category,
+    /// stays on the thread whose category it changed
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for CategoryGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.previous));
+    }
+}
+
+/// Live bytes: the total and each category, now and at their peaks (each peak on its own: the
+/// categories need not peak at the same moment).
+#[derive(Clone, Copy, Debug, Default)]
+struct Live {
+    now: u64,
+    peak: u64,
+    by: [u64; Category::ALL.len()],
+    by_peak: [u64; Category::ALL.len()],
+}
 
 pub(crate) struct Pool {
     device: wgpu::Device,
     free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// (bytes held now, peak bytes held)
     held: Mutex<(u64, u64)>,
-    /// (bytes live now, peak bytes live)
-    live: Mutex<(u64, u64)>,
+    live: Mutex<Live>,
 }
 
 impl Pool {
     pub fn new(device: wgpu::Device) -> Self {
-        Pool { device, free: Mutex::default(), held: Mutex::new((0, 0)), live: Mutex::new((0, 0)) }
+        Pool { device, free: Mutex::default(), held: Mutex::new((0, 0)), live: Mutex::default() }
     }
 
     /// (bytes held now, peak bytes held)
@@ -30,13 +124,22 @@ impl Pool {
 
     /// (bytes live now, peak bytes live)
     pub fn live_bytes(&self) -> (u64, u64) {
-        *self.live.lock()
+        let live = self.live.lock();
+        (live.now, live.peak)
     }
 
-    /// Start the peak of live bytes again from the bytes live now.
+    /// (category, bytes live now, peak bytes live) for every category, in [`Category::ALL`]'s
+    /// order.
+    pub fn bytes_by_category(&self) -> Vec<(Category, u64, u64)> {
+        let live = *self.live.lock();
+        Category::ALL.iter().map(|&c| (c, live.by[c.index()], live.by_peak[c.index()])).collect()
+    }
+
+    /// Start the peaks of live bytes (the total and each category's) again from the bytes live now.
     pub fn reset_live_peak(&self) {
         let mut live = self.live.lock();
-        live.1 = live.0;
+        live.peak = live.now;
+        live.by_peak = live.by;
     }
 
     pub fn get(self: &Arc<Self>, bytes: u64, what: &str) -> Result<GpuBuffer> {
@@ -65,11 +168,15 @@ impl Pool {
                 b
             }
         };
+        let category = Category::current();
+        let (size, i) = (buffer.size(), category.index());
         let mut live = self.live.lock();
-        live.0 += buffer.size();
-        live.1 = live.1.max(live.0);
+        live.now += size;
+        live.peak = live.peak.max(live.now);
+        live.by[i] += size;
+        live.by_peak[i] = live.by_peak[i].max(live.by[i]);
         drop(live);
-        Ok(GpuBuffer { buffer: Some(buffer), bytes, pool: self.clone() })
+        Ok(GpuBuffer { buffer: Some(buffer), bytes, category, pool: self.clone() })
     }
 
     /// Give every pooled (unused) buffer back to the driver.
@@ -85,6 +192,8 @@ impl Pool {
 pub struct GpuBuffer {
     buffer: Option<wgpu::Buffer>,
     bytes: u64,
+    /// the category its bytes are counted in (the one in force when it was handed out)
+    category: Category,
     pool: Arc<Pool>,
 }
 
@@ -96,12 +205,19 @@ impl GpuBuffer {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+    /// The category this buffer's bytes are counted in.
+    pub fn category(&self) -> Category {
+        self.category
+    }
 }
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
-            self.pool.live.lock().0 -= b.size();
+            let mut live = self.pool.live.lock();
+            live.now -= b.size();
+            live.by[self.category.index()] -= b.size();
+            drop(live);
             self.pool.free.lock().entry(b.size()).or_default().push(b);
         }
     }
