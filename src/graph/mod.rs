@@ -206,6 +206,9 @@ pub struct Graph {
     target_lists: Vec<usize>,
     /// exact rewrites that trade compute for memory (see `crate::memory`)
     options: GraphOptions,
+    /// the input of each layer and the output of the last, in order: the segments that
+    /// activation checkpointing keeps one value of and recomputes
+    layer_inputs: Vec<Var>,
 }
 
 impl Graph {
@@ -224,6 +227,26 @@ impl Graph {
 
     pub fn set_options(&mut self, options: GraphOptions) {
         self.options = options;
+    }
+
+    /// Mark `x` as the input of the next layer (and, after the last layer, its output). With
+    /// activation checkpointing, the nodes between two marks form a segment whose values are
+    /// dropped after the forward pass and recomputed from the first mark in the backward pass.
+    pub fn mark_layer_input(&mut self, x: Var) {
+        if self.layer_inputs.last().is_none_or(|l| l.0 < x.0) {
+            self.layer_inputs.push(x);
+        }
+    }
+
+    /// Per node, the checkpointed segment it belongs to (none without checkpointing).
+    fn segments(&self) -> Vec<Option<usize>> {
+        let mut seg = vec![None; self.nodes.len()];
+        if self.options.checkpoint_activations {
+            for (k, w) in self.layer_inputs.windows(2).enumerate() {
+                seg[w[0].0 + 1..=w[1].0].iter_mut().for_each(|s| *s = Some(k));
+            }
+        }
+        seg
     }
 
     pub fn shape(&self, v: Var) -> &[usize] {
@@ -438,6 +461,19 @@ impl Graph {
                 needed_backward[v.0] |= self.requires_grad[i] && node.op.backward_reads(j);
             }
         }
+        // Checkpointing: a value whose every consumer lies in its own segment is recomputed
+        // in the backward pass instead of kept; the layer inputs (the marks) are kept.
+        let segment = self.segments();
+        let checkpointing = self.options.checkpoint_activations;
+        let mut recomputed = vec![false; n];
+        for (i, s) in segment.iter().enumerate() {
+            recomputed[i] = s.is_some() && !keep.contains(&Var(i));
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            for v in &node.inputs {
+                recomputed[v.0] &= segment[v.0] == segment[i];
+            }
+        }
         let mut run = Run {
             graph: self,
             dev,
@@ -445,20 +481,18 @@ impl Graph {
             values: (0..n).map(|_| None).collect(),
             saved: Vec::new(),
             keep: keep.to_vec(),
+            segment,
+            done_segments: Vec::new(),
         };
         run.saved.resize_with(n, || None);
-        for (i, node) in self.nodes.iter().enumerate() {
-            if let Op::Param(_) = node.op {
-                continue; // read from the store when used
-            }
-            let (value, saved) = ops::forward(&mut run, store, i)?;
-            run.values[i] = Some(value);
-            run.saved[i] = saved;
-            for v in &node.inputs {
-                let freeable = last_forward[v.0] == i && !needed_backward[v.0] && !keep.contains(v);
-                if freeable && !matches!(self.nodes[v.0].op, Op::Param(_)) {
-                    run.values[v.0] = None;
-                }
+        for i in 0..n {
+            // a layer input stays until its segment is recomputed
+            let needed = |v: usize| {
+                (needed_backward[v] && !recomputed[v]) || (checkpointing && self.layer_inputs.contains(&Var(v)))
+            };
+            run.forward_node(store, i, &last_forward, needed)?;
+            if run.segment[i].is_some() {
+                run.saved[i] = None; // made again when the segment is recomputed
             }
         }
         Ok(run)
@@ -492,6 +526,71 @@ pub struct Run<'g> {
     saved: Vec<Option<Value>>,
     /// values the caller asked to keep (never freed by the backward pass either)
     keep: Vec<Var>,
+    /// per node, its checkpointed segment (see [`Graph::mark_layer_input`])
+    segment: Vec<Option<usize>>,
+    /// segments recomputed by this backward pass so far
+    done_segments: Vec<usize>,
+}
+
+impl Run<'_> {
+    /// Compute node `i` and free the inputs whose last forward use it was, unless `needed`
+    /// (by a backward step) or kept.
+    fn forward_node(
+        &mut self,
+        store: &ParamStore,
+        i: usize,
+        last_forward: &[usize],
+        needed: impl Fn(usize) -> bool,
+    ) -> Result<()> {
+        let g = self.graph;
+        if let Op::Param(_) = g.nodes[i].op {
+            return Ok(()); // read from the store when used
+        }
+        let (value, saved) = ops::forward(self, store, i)?;
+        self.values[i] = Some(value);
+        self.saved[i] = saved;
+        for v in &g.nodes[i].inputs {
+            let freeable = last_forward[v.0] == i && !needed(v.0) && !self.keep.contains(v);
+            if freeable && !matches!(g.nodes[v.0].op, Op::Param(_)) {
+                self.values[v.0] = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run segment `k`'s forward pass again from its kept input, keeping what its backward
+    /// steps read (the values and saved state that checkpointing dropped).
+    fn recompute(&mut self, store: &ParamStore, k: usize) -> Result<()> {
+        let g = self.graph;
+        let (first, last) = (g.layer_inputs[k].0 + 1, g.layer_inputs[k + 1].0);
+        let mut last_forward = vec![0usize; g.nodes.len()];
+        for i in first..=last {
+            for v in &g.nodes[i].inputs {
+                last_forward[v.0] = i;
+            }
+        }
+        // what the segment's own backward steps read (later segments are done already)
+        let mut needed = vec![false; g.nodes.len()];
+        for j in first..=last {
+            let op = &g.nodes[j].op;
+            if g.requires_grad[j] {
+                needed[j] |= op.backward_reads_output();
+                for (idx, v) in g.nodes[j].inputs.iter().enumerate() {
+                    needed[v.0] |= op.backward_reads(idx);
+                }
+            }
+        }
+        for i in first..=last {
+            self.forward_node(store, i, &last_forward, |v| needed[v])?;
+        }
+        for i in first..=last {
+            if !needed[i] && !self.keep.contains(&Var(i)) {
+                self.values[i] = None; // e.g. the layer's output, made again only to feed others
+            }
+        }
+        self.done_segments.push(k);
+        Ok(())
+    }
 }
 
 impl Run<'_> {
@@ -548,6 +647,11 @@ impl Run<'_> {
             let dout = if i == loss.0 { None } else { grads[i].take() };
             if dout.is_none() && i != loss.0 {
                 continue; // does not reach the loss
+            }
+            if let Some(k) = self.segment[i] {
+                if !self.done_segments.contains(&k) {
+                    self.recompute(store, k)?;
+                }
             }
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             self.saved[i] = None;

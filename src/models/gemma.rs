@@ -361,6 +361,7 @@ impl Gemma {
         let mut x = g.scale(x, (cfg.hidden_size as f32).sqrt());
         let scale = cfg.query_pre_attn_scalar.powf(-0.5) as f32;
         for (l, layer) in self.layers.iter().enumerate() {
+            g.mark_layer_input(x);
             let sliding = cfg.is_sliding(l);
             let window = if sliding { cfg.sliding_window } else { None };
             let dims = AttnDims { b, t, h, kv_h: kv, d, window, scale, softcap: cfg.attention_softcap() };
@@ -387,6 +388,7 @@ impl Gemma {
             let down = norm(&mut g, down, layer.post_ff_norm)?;
             x = g.add(x, down)?;
         }
+        g.mark_layer_input(x); // the last layer's output closes its segment
         let x = super::pick_rows(&mut g, x, rows, b * t)?;
         let x = norm(&mut g, x, self.norm)?;
         let head = p(&mut g, self.embed);

@@ -261,6 +261,7 @@ impl Gpt2 {
             softcap: None,
         };
         for blk in &self.blocks {
+            g.mark_layer_input(x);
             let (w, bias) = (p(&mut g, blk.ln_1.0), p(&mut g, blk.ln_1.1));
             let h = g.layernorm(x, w, bias, eps)?;
             let qkv = g.linear_lora(store, h, blk.c_attn.0, Some(blk.c_attn.1), false)?;
@@ -274,6 +275,7 @@ impl Gpt2 {
             let h = g.linear_lora(store, h, blk.mlp_proj.0, Some(blk.mlp_proj.1), false)?;
             x = g.add(x, h)?;
         }
+        g.mark_layer_input(x); // the last layer's output closes its segment
         let x = super::pick_rows(&mut g, x, rows, b * t)?;
         let (w, bias) = (p(&mut g, self.ln_f.0), p(&mut g, self.ln_f.1));
         let x = g.layernorm(x, w, bias, eps)?;

@@ -212,6 +212,7 @@ impl Llama {
         let dims =
             AttnDims { b, t, h, kv_h: kv, d, window: None, scale: 1.0 / (d as f32).sqrt(), softcap: None };
         for layer in &self.layers {
+            g.mark_layer_input(x);
             let w = p(&mut g, layer.input_norm);
             let hn = g.rmsnorm(x, w, cfg.rms_norm_eps, 0.0)?;
             let q = linear(&mut g, hn, layer.q)?;
@@ -230,6 +231,7 @@ impl Llama {
             let down = linear(&mut g, m, (layer.down, None))?;
             x = g.add(x, down)?;
         }
+        g.mark_layer_input(x); // the last layer's output closes its segment
         let x = super::pick_rows(&mut g, x, rows, b * t)?;
         let w = p(&mut g, self.norm);
         let x = g.rmsnorm(x, w, cfg.rms_norm_eps, 0.0)?;
