@@ -9,6 +9,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("cross_entropy", include_str!("../shaders/cross_entropy.wgsl")),
     ("elementwise", include_str!("../shaders/elementwise.wgsl")),
     ("embedding", include_str!("../shaders/embedding.wgsl")),
+    ("flash_attention", include_str!("../shaders/flash_attention.wgsl")),
     ("matmul", include_str!("../shaders/matmul.wgsl")),
     ("matmul_subgroup", include_str!("../shaders/matmul_subgroup.wgsl")),
     ("norm", include_str!("../shaders/norm.wgsl")),

@@ -10,6 +10,11 @@
 //! `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_{h in group} Σ_i ds_ij q_i`,
 //! `dv_j = Σ_{h in group} Σ_i p_ij dout_i`. Each output row is written by one task that sums
 //! its terms in a fixed order, so results do not depend on the thread count.
+//!
+//! [`attention_forward_lse`] / [`attention_backward_lse`] are the flash-style twins (the GPU's
+//! `kernels::flash_attention`): they keep only `lse_i = log Σ_j exp(s_ij)` (B,H,T) and recompute
+//! `p_ij = exp(s_ij - lse_i)`, so no (B,H,T,T) tensor exists; the backward's row term is
+//! `D_i = Σ_j p_ij dp_ij` (FlashAttention-2).
 
 use rayon::prelude::*;
 
@@ -198,6 +203,138 @@ pub fn attention_backward(
     });
 }
 
+/// Keys per block of [`attention_forward_lse`]'s online softmax.
+pub const KEY_BLOCK: usize = 16;
+
+/// Flash-style forward: `out (B,T,H,D)` and the log-sum-exp `lse (B,H,T)` of each query row's
+/// scores, `lse_i = log Σ_j exp(s_ij)` over visible `j`; no (B,H,T,T) tensor. Each row walks its
+/// visible keys in blocks of [`KEY_BLOCK`] with the online softmax (running max `m`, running sum
+/// `l` and output rescaled by `exp(m_old - m_new)` when the max grows): a different algorithm
+/// from [`attention_forward`], with the same result up to rounding.
+pub fn attention_forward_lse(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], d: AttnDims) {
+    let f = "attention_forward_lse";
+    d.check(f);
+    let AttnDims { b, t, h, kv_h, d: hd, .. } = d;
+    assert!(hd > 0, "{f}: head dimension 0");
+    check_len(f, "out", out.len(), b * t * h * hd);
+    check_len(f, "lse", lse.len(), b * h * t);
+    check_len(f, "q", q.len(), b * t * h * hd);
+    check_len(f, "k", k.len(), b * t * kv_h * hd);
+    check_len(f, "v", v.len(), b * t * kv_h * hd);
+    let group = h / kv_h;
+    // out: one task per (b, i, h) row, which also yields that row's lse.
+    let lses: Vec<f32> = out
+        .par_chunks_mut(hd)
+        .enumerate()
+        .map(|(row, o)| {
+            let (bi, i, hi) = (row / (t * h), (row / h) % t, row % h);
+            let qi = &q[d.q_at(bi, i, hi)..][..hd];
+            let (mut m, mut l, mut acc) = (f64::NEG_INFINITY, 0.0f64, vec![0.0f64; hd]);
+            let vis = d.visible(i);
+            for j0 in vis.clone().step_by(KEY_BLOCK) {
+                let keys = j0..(j0 + KEY_BLOCK).min(vis.end);
+                let s: Vec<f64> =
+                    keys.clone().map(|j| d.score(dot(qi, &k[d.kv_at(bi, j, hi / group)..][..hd]))).collect();
+                let m_new = s.iter().cloned().fold(m, f64::max);
+                let rescale = (m - m_new).exp(); // 0 on the first block (m = -inf)
+                l *= rescale;
+                acc.iter_mut().for_each(|a| *a *= rescale);
+                for (j, &sj) in keys.zip(&s) {
+                    let e = (sj - m_new).exp();
+                    l += e;
+                    let vj = &v[d.kv_at(bi, j, hi / group)..][..hd];
+                    acc.iter_mut().zip(vj).for_each(|(a, &x)| *a += e * x as f64);
+                }
+                m = m_new;
+            }
+            o.iter_mut().zip(&acc).for_each(|(o, &a)| *o = (a / l) as f32);
+            (m + l.ln()) as f32
+        })
+        .collect();
+    for (row, &x) in lses.iter().enumerate() {
+        let (bi, i, hi) = (row / (t * h), (row / h) % t, row % h);
+        lse[(bi * h + hi) * t + i] = x;
+    }
+}
+
+/// Gradients of [`attention_forward_lse`] from the saved `lse (B,H,T)`: `p_ij = exp(s_ij -
+/// lse_i)` is recomputed where needed, `D_i = Σ_j p_ij dp_ij` once per row, then
+/// `ds_ij = p_ij (dp_ij - D_i) s'(u_ij)` as in [`attention_backward`]. `dq`, `dk`, `dv`
+/// overwritten; memory O(B H T), no (B,H,T,T) tensor.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_lse(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lse: &[f32],
+    d: AttnDims,
+) {
+    let f = "attention_backward_lse";
+    d.check(f);
+    let AttnDims { b, t, h, kv_h, d: hd, .. } = d;
+    assert!(hd > 0, "{f}: head dimension 0");
+    check_len(f, "dq", dq.len(), b * t * h * hd);
+    check_len(f, "dk", dk.len(), b * t * kv_h * hd);
+    check_len(f, "dv", dv.len(), b * t * kv_h * hd);
+    check_len(f, "dout", dout.len(), b * t * h * hd);
+    check_len(f, "q", q.len(), b * t * h * hd);
+    check_len(f, "k", k.len(), b * t * kv_h * hd);
+    check_len(f, "v", v.len(), b * t * kv_h * hd);
+    check_len(f, "lse", lse.len(), b * h * t);
+    let group = h / kv_h;
+    let scale = d.scale as f64;
+    // (p_ij, dp_ij, s'(u_ij)) for query (bi, hi, i) and key j.
+    let p_dp = |bi: usize, hi: usize, i: usize, j: usize| -> (f64, f64, f64) {
+        let (qi, kj) = (&q[d.q_at(bi, i, hi)..][..hd], &k[d.kv_at(bi, j, hi / group)..][..hd]);
+        let qk = dot(qi, kj);
+        let p = (d.score(qk) - lse[(bi * h + hi) * t + i] as f64).exp();
+        let dp = dot(&dout[d.q_at(bi, i, hi)..][..hd], &v[d.kv_at(bi, j, hi / group)..][..hd]);
+        (p, dp, d.score_grad(qk))
+    };
+    // D (B,H,T): one task per row.
+    let dsum: Vec<f64> = (0..b * h * t)
+        .into_par_iter()
+        .map(|row| {
+            let (bi, hi, i) = (row / (h * t), (row / t) % h, row % t);
+            d.visible(i).map(|j| p_dp(bi, hi, i, j)).map(|(p, dp, _)| p * dp).sum()
+        })
+        .collect();
+    let ds = |bi: usize, hi: usize, i: usize, j: usize| -> (f64, f64) {
+        let (p, dp, cap) = p_dp(bi, hi, i, j);
+        (p, p * (dp - dsum[(bi * h + hi) * t + i]) * cap)
+    };
+    // dq: one task per (b, i, h) row.
+    dq.par_chunks_mut(hd).enumerate().for_each(|(row, dq)| {
+        let (bi, i, hi) = (row / (t * h), (row / h) % t, row % h);
+        let mut acc = vec![0.0f64; hd];
+        for j in d.visible(i) {
+            let (_, s) = ds(bi, hi, i, j);
+            let kj = &k[d.kv_at(bi, j, hi / group)..][..hd];
+            acc.iter_mut().zip(kj).for_each(|(a, &x)| *a += s * x as f64);
+        }
+        dq.iter_mut().zip(&acc).for_each(|(o, &a)| *o = (scale * a) as f32);
+    });
+    // dk, dv: one task per (b, j, g) row over the group's heads and the queries that see j.
+    dk.par_chunks_mut(hd).zip(dv.par_chunks_mut(hd)).enumerate().for_each(|(row, (dk, dv))| {
+        let (bi, j, g) = (row / (t * kv_h), (row / kv_h) % t, row % kv_h);
+        let (mut sk, mut sv) = (vec![0.0f64; hd], vec![0.0f64; hd]);
+        for hi in g * group..(g + 1) * group {
+            for i in (j..t).filter(|&i| d.visible(i).contains(&j)) {
+                let (p, s) = ds(bi, hi, i, j);
+                let (qi, doi) = (&q[d.q_at(bi, i, hi)..][..hd], &dout[d.q_at(bi, i, hi)..][..hd]);
+                sk.iter_mut().zip(qi).for_each(|(a, &x)| *a += s * x as f64);
+                sv.iter_mut().zip(doi).for_each(|(a, &x)| *a += p * x as f64);
+            }
+        }
+        dk.iter_mut().zip(&sk).for_each(|(o, &a)| *o = (scale * a) as f32);
+        dv.iter_mut().zip(&sv).for_each(|(o, &a)| *o = a as f32);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +469,56 @@ mod tests {
             check_grad(&format!("dq {what}"), &q, &dq, h, atol, rtol, 40, &mut rng, |x| loss(x, &k, &v));
             check_grad(&format!("dk {what}"), &k, &dk, h, atol, rtol, 40, &mut rng, |x| loss(&q, x, &v));
             check_grad(&format!("dv {what}"), &v, &dv, h, atol, rtol, 40, &mut rng, |x| loss(&q, &k, x));
+        }
+    }
+
+    /// The lse twins equal the probability versions: same outputs and gradients, and `lse` is
+    /// the log-sum-exp of the visible scores. T = 40 spans several key blocks of 16, and
+    /// windows of 19 and 5 cut rows mid-block.
+    #[test]
+    fn lse_versions_equal_the_probability_versions() {
+        let mut rng = rng(62);
+        let cases = [
+            AttnDims { b: 1, t: 1, h: 1, kv_h: 1, d: 1, window: None, scale: 1.0, softcap: None },
+            AttnDims { b: 2, t: 40, h: 6, kv_h: 2, d: 5, window: None, scale: 0.45, softcap: None },
+            AttnDims { b: 1, t: 40, h: 3, kv_h: 1, d: 8, window: Some(19), scale: 0.35, softcap: None },
+            AttnDims { b: 2, t: 17, h: 2, kv_h: 2, d: 4, window: Some(5), scale: 0.5, softcap: Some(1.2) },
+            AttnDims { b: 1, t: 33, h: 4, kv_h: 1, d: 3, window: None, scale: 0.6, softcap: Some(0.8) },
+        ];
+        for d in cases {
+            let what = format!("{d:?}");
+            let q = uniform(&mut rng, d.b * d.t * d.h * d.d, -2.0, 2.0);
+            let k = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
+            let v = uniform(&mut rng, d.b * d.t * d.kv_h * d.d, -2.0, 2.0);
+            let w = uniform(&mut rng, q.len(), -1.0, 1.0);
+            let (out, probs) = run(&q, &k, &v, d);
+            let (mut out2, mut lse) = (vec![f32::NAN; out.len()], vec![f32::NAN; d.b * d.h * d.t]);
+            attention_forward_lse(&mut out2, &mut lse, &q, &k, &v, d);
+            // Both accumulate in f64 and round once to f32 (|out| <= max |v| = 2): a few ulps.
+            assert!(max_abs_diff(&out, &out2) <= 1e-6, "out {what}: {}", max_abs_diff(&out, &out2));
+            for (row, &l) in lse.iter().enumerate() {
+                let (bi, hi, i) = (row / (d.h * d.t), (row / d.t) % d.h, row % d.t);
+                let qi = &q[d.q_at(bi, i, hi)..][..d.d];
+                let direct: f64 = d
+                    .visible(i)
+                    .map(|j| d.score(dot(qi, &k[d.kv_at(bi, j, hi / (d.h / d.kv_h))..][..d.d])).exp())
+                    .sum::<f64>()
+                    .ln();
+                assert!((l as f64 - direct).abs() <= 1e-6 * direct.abs().max(1.0), "lse {what} row {row}");
+            }
+            let n = |len: usize| vec![f32::NAN; len];
+            let (mut dq, mut dk, mut dv) = (n(q.len()), n(k.len()), n(v.len()));
+            attention_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &probs, d);
+            let (mut dq2, mut dk2, mut dv2) = (n(q.len()), n(k.len()), n(v.len()));
+            attention_backward_lse(&mut dq2, &mut dk2, &mut dv2, &w, &q, &k, &v, &lse, d);
+            // attention_backward reads p rounded to f32 (relative 6e-8) and lse is f32 too
+            // (p = exp(s - lse) off by |lse| 6e-8 < 1e-6 relative); each gradient sums at most
+            // T * H / KVH = 120 terms of size < 2 * 2 * 4: < 120 * 16 * 1e-6 ~ 2e-3 in the worst
+            // case, ~1e-5 for random roundings; held to 1e-4.
+            for (name, a, b) in [("dq", &dq, &dq2), ("dk", &dk, &dk2), ("dv", &dv, &dv2)] {
+                let err = max_abs_diff(a, b);
+                assert!(err <= 1e-4, "{name} {what}: {err}");
+            }
         }
     }
 }

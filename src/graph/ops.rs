@@ -10,6 +10,7 @@ use crate::kernels::activation::{self, Act};
 use crate::kernels::attention::{self, Heads};
 use crate::kernels::cross_entropy::{self, Targets};
 use crate::kernels::embedding::{self, Ids};
+use crate::kernels::flash_attention;
 use crate::kernels::norm::{self, NormKind};
 use crate::kernels::{elementwise, matmul, quant, reduce, rope};
 use kernels_ref as kr;
@@ -167,16 +168,12 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             Act::Softcap(c) => kr::softcap_forward(out.cpu_mut(), x(0).cpu(), c),
         },
         (Device::Gpu(g), Op::AttentionPacked { dims: d }) => {
-            let probs = Tensor::empty(g, &[d.b * d.h * d.t, d.t], "attention probabilities")?;
             let (q, k, v) = packed(x(0).gpu(), d);
-            attention::attention_forward(g, Heads::dense(out.gpu(), d.h, d.d), &probs, q, k, v, *d)?;
-            saved = Some(Value::Gpu(probs));
+            saved = Some(attention_forward_gpu(g, flash_on(run), out.gpu(), q, k, v, d)?);
         }
         (Device::Cpu, Op::AttentionPacked { dims: d }) => {
             let (q, k, v) = unpack(x(0).cpu(), d);
-            let mut probs = vec![0f32; d.b * d.h * d.t * d.t];
-            kr::attention_forward(out.cpu_mut(), &mut probs, &q, &k, &v, *d);
-            saved = Some(Value::Cpu(probs));
+            saved = Some(attention_forward_cpu(flash_on(run), out.cpu_mut(), &q, &k, &v, d));
         }
         (Device::Gpu(g), Op::RmsNorm { eps, shift }) => {
             let rows = shape.iter().product::<usize>() / in_shape(1)[0];
@@ -212,19 +209,16 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             }
         }
         (Device::Gpu(g), Op::Attention { dims: d }) => {
-            let probs = Tensor::empty(g, &[d.b * d.h * d.t, d.t], "attention probabilities")?;
             let (q, k, v) = (
                 Heads::dense(x(0).gpu(), d.h, d.d),
                 Heads::dense(x(1).gpu(), d.kv_h, d.d),
                 Heads::dense(x(2).gpu(), d.kv_h, d.d),
             );
-            attention::attention_forward(g, Heads::dense(out.gpu(), d.h, d.d), &probs, q, k, v, *d)?;
-            saved = Some(Value::Gpu(probs));
+            saved = Some(attention_forward_gpu(g, flash_on(run), out.gpu(), q, k, v, d)?);
         }
         (Device::Cpu, Op::Attention { dims: d }) => {
-            let mut probs = vec![0f32; d.b * d.h * d.t * d.t];
-            kr::attention_forward(out.cpu_mut(), &mut probs, x(0).cpu(), x(1).cpu(), x(2).cpu(), *d);
-            saved = Some(Value::Cpu(probs));
+            let (q, k, v) = (x(0).cpu(), x(1).cpu(), x(2).cpu());
+            saved = Some(attention_forward_cpu(flash_on(run), out.cpu_mut(), q, k, v, d));
         }
         (Device::Gpu(g), Op::CrossEntropy { targets }) => {
             let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
@@ -486,18 +480,18 @@ pub(crate) fn backward(
                     cpu_put(&mut g, d, acc);
                 }
                 (Device::Gpu(gpu), Op::AttentionPacked { dims: d }) => {
-                    let probs = saved.expect("attention saves its probabilities").gpu();
+                    let saved = saved.expect("attention saves its probabilities or log-sum-exp").gpu();
                     let (q, k, v) = packed(x(0).gpu(), d);
                     let (dq, dk, dv) = packed(g.gpu(), d);
                     let dout = Heads::dense(dy().gpu(), d.h, d.d);
-                    attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, probs, *d, acc)?;
+                    let flash = flash_on(run);
+                    attention_backward_gpu(gpu, flash, [dq, dk, dv], dout, [q, k, v], saved, *d, acc)?;
                 }
                 (Device::Cpu, Op::AttentionPacked { dims: d }) => {
-                    let probs = saved.expect("attention saves its probabilities").cpu();
+                    let saved = saved.expect("attention saves its probabilities or log-sum-exp").cpu();
                     let (q, k, v) = unpack(x(0).cpu(), d);
-                    let (mut dq, mut dk, mut dv) =
-                        (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
-                    kr::attention_backward(&mut dq, &mut dk, &mut dv, dy().cpu(), &q, &k, &v, probs, *d);
+                    let (dq, dk, dv) =
+                        attention_backward_cpu(flash_on(run), dy().cpu(), [&q, &k, &v], saved, *d);
                     let (qw, kw) = (d.h * d.d, d.kv_h * d.d);
                     let fresh: Vec<f32> = (0..d.b * d.t)
                         .flat_map(|r| {
@@ -618,7 +612,8 @@ fn attention_backward(
         });
     }
     let x = |k: usize| value(run, store, node.inputs[k]);
-    let probs = run.saved[i].as_ref().expect("attention saves its probabilities");
+    let probs = run.saved[i].as_ref().expect("attention saves its probabilities or log-sum-exp");
+    let flash = flash_on(run);
     // The kernels take one accumulate flag; where the three differ, add fresh results instead.
     let acc_all = outs.iter().all(|o| o.2);
     let acc_none = outs.iter().all(|o| !o.2);
@@ -639,27 +634,15 @@ fn attention_backward(
             };
             let target = |k: usize| if direct { outs[k].1.gpu() } else { &fresh[k] };
             let (dq, dk, dv) = (qd(target(0)), kvd(target(1)), kvd(target(2)));
-            attention::attention_backward(
-                gpu,
-                dq,
-                dk,
-                dv,
-                qd(dout.gpu()),
-                xq,
-                xk,
-                xv,
-                probs.gpu(),
-                d,
-                acc_all,
-            )?;
+            let (dout, saved) = (qd(dout.gpu()), probs.gpu());
+            attention_backward_gpu(gpu, flash, [dq, dk, dv], dout, [xq, xk, xv], saved, d, acc_all)?;
             for (o, f) in outs.iter().zip(&fresh) {
                 elementwise::axpby(gpu, o.1.gpu(), f, 1.0, if o.2 { 1.0 } else { 0.0 })?;
             }
         }
         Device::Cpu => {
             let (q, k, v) = (x(0).cpu(), x(1).cpu(), x(2).cpu());
-            let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
-            kr::attention_backward(&mut dq, &mut dk, &mut dv, dout.cpu(), q, k, v, probs.cpu(), d);
+            let (dq, dk, dv) = attention_backward_cpu(flash, dout.cpu(), [q, k, v], probs.cpu(), d);
             for (o, fresh) in outs.iter_mut().zip([dq, dk, dv]) {
                 cpu_put(&mut o.1, fresh, o.2);
             }
@@ -671,6 +654,88 @@ fn attention_backward(
         }
     }
     Ok(())
+}
+
+/// Whether this graph's attention is the flash variant (`GraphOptions::flash_attention`).
+fn flash_on(run: &Run) -> bool {
+    run.graph.options().flash_attention
+}
+
+/// Attention forward on the GPU; returns what the backward needs: the (B,H,T,T) probabilities
+/// (composed kernel), or with `flash` only the (B,H,T) log-sum-exp.
+fn attention_forward_gpu(
+    g: &crate::gpu::Gpu,
+    flash: bool,
+    out: &Tensor,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    d: &attention::AttnDims,
+) -> Result<Value> {
+    let out = Heads::dense(out, d.h, d.d);
+    if flash {
+        let lse = Tensor::empty(g, &[d.b * d.h, d.t], "attention log-sum-exp")?;
+        flash_attention::flash_attention_forward(g, out, &lse, q, k, v, *d)?;
+        return Ok(Value::Gpu(lse));
+    }
+    let probs = Tensor::empty(g, &[d.b * d.h * d.t, d.t], "attention probabilities")?;
+    attention::attention_forward(g, out, &probs, q, k, v, *d)?;
+    Ok(Value::Gpu(probs))
+}
+
+/// [`attention_forward_gpu`] on the CPU reference path.
+fn attention_forward_cpu(
+    flash: bool,
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: &attention::AttnDims,
+) -> Value {
+    if flash {
+        let mut lse = vec![0f32; d.b * d.h * d.t];
+        kr::attention_forward_lse(out, &mut lse, q, k, v, *d);
+        return Value::Cpu(lse);
+    }
+    let mut probs = vec![0f32; d.b * d.h * d.t * d.t];
+    kr::attention_forward(out, &mut probs, q, k, v, *d);
+    Value::Cpu(probs)
+}
+
+/// Attention backward on the GPU from what [`attention_forward_gpu`] saved.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_gpu(
+    gpu: &crate::gpu::Gpu,
+    flash: bool,
+    [dq, dk, dv]: [Heads; 3],
+    dout: Heads,
+    [q, k, v]: [Heads; 3],
+    saved: &Tensor,
+    d: attention::AttnDims,
+    acc: bool,
+) -> Result<()> {
+    if flash {
+        flash_attention::flash_attention_backward(gpu, dq, dk, dv, dout, q, k, v, saved, d, acc)
+    } else {
+        attention::attention_backward(gpu, dq, dk, dv, dout, q, k, v, saved, d, acc)
+    }
+}
+
+/// Attention backward on the CPU reference path: fresh (dq, dk, dv).
+fn attention_backward_cpu(
+    flash: bool,
+    dout: &[f32],
+    [q, k, v]: [&[f32]; 3],
+    saved: &[f32],
+    d: attention::AttnDims,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    if flash {
+        kr::attention_backward_lse(&mut dq, &mut dk, &mut dv, dout, q, k, v, saved, d);
+    } else {
+        kr::attention_backward(&mut dq, &mut dk, &mut dv, dout, q, k, v, saved, d);
+    }
+    (dq, dk, dv)
 }
 
 /// Packed weights are read as Hugging Face Linear stores them, (out, in).

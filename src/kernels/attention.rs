@@ -36,7 +36,7 @@ impl<'t> Heads<'t> {
     pub fn packed(t: &'t Tensor, offset: usize, row_stride: usize) -> Self {
         Heads { t, offset, row_stride }
     }
-    fn check(&self, name: &str, rows: usize, width: usize) -> Result<&'t wgpu::Buffer> {
+    pub(crate) fn check(&self, name: &str, rows: usize, width: usize) -> Result<&'t wgpu::Buffer> {
         let need = if rows == 0 { 0 } else { self.offset + (rows - 1) * self.row_stride + width };
         if self.row_stride < width || self.t.numel() < need {
             return Err(Error::shape(
@@ -54,7 +54,7 @@ impl<'t> Heads<'t> {
 }
 
 /// The group size H / KVH, after checking the dimensions.
-fn check_dims(d: &AttnDims) -> Result<usize> {
+pub(crate) fn check_dims(d: &AttnDims) -> Result<usize> {
     if d.kv_h == 0 || d.h % d.kv_h != 0 {
         return Err(Error::shape(
             "attention",
