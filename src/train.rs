@@ -198,6 +198,8 @@ pub struct TrainSummary {
     /// steps skipped for a non-finite loss or gradient norm (`--on-nan skip`), resumed runs
     /// included
     pub skipped_nan: usize,
+    /// peak RSS (anonymous, file-backed) and GPU bytes of the run
+    pub memory: crate::memory::report::MemoryReport,
 }
 
 fn on_nan_default() -> OnNan {
@@ -275,6 +277,7 @@ fn validate(o: &TrainOptions) -> Result<()> {
 /// Fine-tune; `progress` draws a progress bar on stderr (hidden when it is not a terminal).
 pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     validate(o)?;
+    let rss_sampler = crate::memory::report::RssSampler::start(); // peak RSS by kind, for the report
     let dev = open_device(o.device.as_deref(), o.limits)?;
     let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
@@ -287,7 +290,11 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         (Some(dir), Method::Full) => dir.clone(),
         _ => o.model.clone(),
     };
-    let load = LoadOptions { frozen: o.method == Method::Lora, base_dtype: o.base_dtype };
+    let load = LoadOptions {
+        frozen: o.method == Method::Lora,
+        base_dtype: o.base_dtype,
+        stream: o.memory.memory_budget.is_some(),
+    };
     let (model, mut store) = Model::load_with(&weights_dir, &dev, &load)?;
     tok.check_model_vocab(model.vocab_size())?;
     let lora_opts = match o.method {
@@ -351,6 +358,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         tokens_seen: 0,
         skipped_nan: 0,
     };
+    store.set_optimizer_offload(o.memory.optimizer_offload, &o.out.join("optimizer-state.bin"))?;
     if let Some(dir) = &resume_dir {
         state = checkpoint::restore(dir, &mut store)?;
         batches.seek(state.epoch, state.batch_index);
@@ -480,6 +488,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         tokens_seen: state.tokens_seen,
         seconds: start.elapsed().as_secs_f64(),
         skipped_nan: state.skipped_nan,
+        memory: crate::memory::report::MemoryReport::for_device(&rss_sampler, &dev),
     })
 }
 
