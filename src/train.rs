@@ -290,11 +290,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         (Some(dir), Method::Full) => dir.clone(),
         _ => o.model.clone(),
     };
-    let load = LoadOptions {
-        frozen: o.method == Method::Lora,
-        base_dtype: o.base_dtype,
-        stream: o.memory.memory_budget.is_some(),
-    };
+    let load = LoadOptions { frozen: o.method == Method::Lora, base_dtype: o.base_dtype };
     let (model, mut store) = Model::load_with(&weights_dir, &dev, &load)?;
     tok.check_model_vocab(model.vocab_size())?;
     let lora_opts = match o.method {
@@ -358,7 +354,6 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         tokens_seen: 0,
         skipped_nan: 0,
     };
-    store.set_optimizer_offload(o.memory.optimizer_offload, &o.out.join("optimizer-state.bin"))?;
     if let Some(dir) = &resume_dir {
         state = checkpoint::restore(dir, &mut store)?;
         batches.seek(state.epoch, state.batch_index);

@@ -189,8 +189,8 @@ use common::Expected;
 fn forward(path: &Path, ex: &Expected, dev: &Device) -> (f32, Vec<f32>) {
     let (model, store) = Model::load(path, dev).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
-    let run = graph.forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), vars.logits.as_slice()).unwrap();
-    (run.loss(vars.loss).unwrap(), run.read(vars.logits.unwrap()).unwrap())
+    let run = graph.forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), &[vars.logits]).unwrap();
+    (run.loss(vars.loss).unwrap(), run.read(vars.logits).unwrap())
 }
 
 const FAMILIES: [&str; 5] = ["gpt2-tiny", "llama-tiny", "qwen2-tiny", "gemma3-tiny", "gemma2-tiny"];
@@ -420,7 +420,7 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
         std::fs::write(&path, convert(name, true)).unwrap();
         let ex = Expected::load(name);
         let run = |base: BaseDtype| -> (f32, Vec<f32>, Vec<Vec<f32>>) {
-            let load = LoadOptions { frozen: true, base_dtype: base, stream: false };
+            let load = LoadOptions { frozen: true, base_dtype: base };
             let (model, mut store): (Model, ParamStore) = Model::load_with(&path, &dev, &load).unwrap();
             let packed = store.iter().filter(|(_, p)| p.dtype != GgmlType::F32).count();
             assert_eq!(
@@ -448,9 +448,9 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
             }
             let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
             let mut r = graph
-                .forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), vars.logits.as_slice())
+                .forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), &[vars.logits])
                 .unwrap();
-            let (loss, logits) = (r.loss(vars.loss).unwrap(), r.read(vars.logits.unwrap()).unwrap());
+            let (loss, logits) = (r.loss(vars.loss).unwrap(), r.read(vars.logits).unwrap());
             r.backward(&mut store, vars.loss, 1.0).unwrap();
             let grads = store
                 .iter()

@@ -14,7 +14,6 @@
 mod category;
 mod ops;
 pub mod params;
-pub mod stream;
 
 pub use params::{Param, ParamId, ParamStore};
 
@@ -49,9 +48,6 @@ pub enum Value {
     /// A frozen weight in its stored format (ggml blocks, f16 or bf16), read by the matmul and
     /// embedding kernels as they go.
     Packed(QTensor),
-    /// A frozen weight left in the memory-mapped checkpoint; the executor uploads it for the
-    /// nodes that read it (`--memory-budget`, see [`stream`]).
-    Streamed(Arc<stream::StreamedWeight>),
     Cpu(Vec<f32>),
 }
 
@@ -77,7 +73,7 @@ impl Value {
     pub fn fill(&mut self, dev: &Device, x: f32) -> Result<()> {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
-            (Value::Packed(_) | Value::Streamed(_), _) => Err(packed_value()),
+            (Value::Packed(_), _) => Err(packed_value()),
             (Value::Cpu(v), _) => {
                 v.fill(x);
                 Ok(())
@@ -89,7 +85,6 @@ impl Value {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => t.to_host(g),
             (Value::Packed(q), Device::Gpu(g)) => q.to_host(g),
-            (Value::Streamed(w), _) => w.to_host(),
             (Value::Cpu(v), _) => Ok(v.clone()),
             _ => Err(wrong_device()),
         }
@@ -98,7 +93,6 @@ impl Value {
         match self {
             Value::Gpu(t) => t,
             Value::Packed(_) => panic!("a packed weight reached a kernel that reads only f32"),
-            Value::Streamed(_) => panic!("a streamed weight reached a kernel before its upload"),
             Value::Cpu(_) => panic!("a CPU value reached a GPU kernel"),
         }
     }
@@ -162,10 +156,6 @@ pub(crate) enum Op {
     Dropout { p: f32, salt: u32 },
     /// mean cross-entropy of logits against target list `targets` of the feed (a scalar)
     CrossEntropy { targets: usize },
-    /// mean cross-entropy of the logits `softcap(x W)` (input 0: x, 1: W; W stored transposed
-    /// when `trans_w`) against target list `targets`, the vocabulary walked in chunks so that
-    /// the logits never exist whole (`--fused-loss`; a scalar)
-    LinearCrossEntropy { targets: usize, trans_w: bool, softcap: Option<f32> },
 }
 
 impl Op {
@@ -181,8 +171,6 @@ impl Op {
             Op::LayerNorm { .. } => i < 2,
             Op::Linear { .. } => i < 2,
             Op::Act { .. } | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
-            // recomputes each chunk of the logits from x and W
-            Op::LinearCrossEntropy { .. } => true,
         }
     }
 
@@ -249,11 +237,6 @@ impl Graph {
         if self.layer_inputs.last().is_none_or(|l| l.0 < x.0) {
             self.layer_inputs.push(x);
         }
-    }
-
-    /// (first node, last node) of each layer, from the marks.
-    fn layer_ranges(&self) -> Vec<(usize, usize)> {
-        self.layer_inputs.windows(2).map(|w| (w[0].0 + 1, w[1].0)).collect()
     }
 
     /// Per node, the checkpointed segment it belongs to (none without checkpointing).
@@ -463,63 +446,6 @@ impl Graph {
         Ok(self.push(Op::CrossEntropy { targets }, vec![logits], vec![1]))
     }
 
-    /// Mean cross-entropy of `softcap(x W)` against target list `targets` without the logits
-    /// ever existing whole (`kernels::lm_head_loss`): x (n, C), W (C, V), or (V, C) when
-    /// `trans_w`; a scalar.
-    pub fn linear_cross_entropy(
-        &mut self,
-        x: Var,
-        w: Var,
-        trans_w: bool,
-        softcap: Option<f32>,
-        targets: usize,
-    ) -> Result<Var> {
-        let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
-        let (c, v) = match (sw.as_slice(), trans_w) {
-            ([c, v], false) => (*c, *v),
-            ([v, c], true) => (*c, *v),
-            _ => return Err(Error::shape("linear_cross_entropy", format!("weight {sw:?} is not a matrix"))),
-        };
-        let ok = sx.len() == 2 && sx[1] == c && self.target_lists.get(targets) == Some(&v);
-        self.check("linear_cross_entropy", ok, || {
-            format!("x {sx:?} . W {sw:?} (transposed: {trans_w}) against target list {targets}")
-        })?;
-        if let Some(cap) = softcap {
-            crate::kernels::activation::check_cap(cap)?;
-        }
-        Ok(self.push(Op::LinearCrossEntropy { targets, trans_w, softcap }, vec![x, w], vec![1]))
-    }
-
-    /// Replace the graph's tail `logits = x W` (then optionally `softcap(logits)`), which must be
-    /// its last nodes with `logits` the very last, by one [`Self::linear_cross_entropy`] against
-    /// `targets`: the same loss, the logits never stored. A head with a bias, or any other tail,
-    /// is refused (the caller keeps the plain cross-entropy).
-    pub fn fuse_linear_cross_entropy(&mut self, logits: Var, targets: usize) -> Result<Var> {
-        let refuse = |why: &str| Error::shape("fuse_linear_cross_entropy", why.to_string());
-        if logits.0 + 1 != self.nodes.len() {
-            return Err(refuse("the logits are not the graph's last node"));
-        }
-        let (head, softcap) = match self.nodes[logits.0].op {
-            Op::Act { act: Act::Softcap(c) } => (self.nodes[logits.0].inputs[0], Some(c)),
-            _ => (logits, None),
-        };
-        // everything after the head's product is the soft-cap, so nothing else reads the product
-        if head.0 + 1 + softcap.is_some() as usize != self.nodes.len() {
-            return Err(refuse("the LM head's product is not followed by the logits alone"));
-        }
-        let Op::Linear { trans_w } = self.nodes[head.0].op else {
-            return Err(refuse("the logits do not come from a linear LM head"));
-        };
-        let [x, w] = self.nodes[head.0].inputs[..] else {
-            return Err(refuse("the LM head has a bias"));
-        };
-        self.nodes.truncate(head.0);
-        self.shapes.truncate(head.0);
-        self.requires_grad.truncate(head.0);
-        self.layer_inputs.retain(|v| v.0 < head.0);
-        self.linear_cross_entropy(x, w, trans_w, softcap, targets)
-    }
-
     /// Run the forward pass. Values that the backward pass needs stay alive in the returned
     /// [`Run`]; the rest are freed as soon as their last consumer has run.
     pub fn forward<'g>(&'g self, store: &ParamStore, feed: &Feed, keep: &[Var]) -> Result<Run<'g>> {
@@ -549,11 +475,6 @@ impl Graph {
                 recomputed[v.0] &= segment[v.0] == segment[i];
             }
         }
-        let streaming = matches!(dev, Device::Gpu(_))
-            && store.iter().any(|(_, p)| matches!(p.value, Value::Streamed(_)));
-        let residency = streaming.then(|| {
-            stream::Residency::plan(self, store, &self.requires_grad, &self.layer_ranges(), checkpointing)
-        });
         let mut run = Run {
             graph: self,
             dev,
@@ -563,8 +484,6 @@ impl Graph {
             keep: keep.to_vec(),
             segment,
             done_segments: Vec::new(),
-            residency,
-            resident: stream::Resident::default(),
         };
         run.saved.resize_with(n, || None);
         for i in 0..n {
@@ -572,15 +491,9 @@ impl Graph {
             let needed = |v: usize| {
                 (needed_backward[v] && !recomputed[v]) || (checkpointing && self.layer_inputs.contains(&Var(v)))
             };
-            run.stream_in(store, i, true)?;
             run.forward_node(store, i, &last_forward, needed)?;
             if run.segment[i].is_some() {
                 run.saved[i] = None; // made again when the segment is recomputed
-            }
-            if let Some(r) = &run.residency {
-                let done: Vec<_> =
-                    r.forward_reads(i).iter().copied().filter(|&id| r.release_after(id, i, true)).collect();
-                done.into_iter().for_each(|id| run.resident.release(id));
             }
         }
         Ok(run)
@@ -618,30 +531,9 @@ pub struct Run<'g> {
     segment: Vec<Option<usize>>,
     /// segments recomputed by this backward pass so far
     done_segments: Vec<usize>,
-    /// when weights stream: their schedule, and the ones uploaded now
-    residency: Option<stream::Residency>,
-    resident: stream::Resident,
 }
 
 impl Run<'_> {
-    /// Upload the streamed weights node `i` reads (its forward step, or its backward step), and
-    /// those of the next layer in that direction when `i` opens a layer.
-    fn stream_in(&mut self, store: &ParamStore, i: usize, forward: bool) -> Result<()> {
-        let (Some(r), Device::Gpu(gpu)) = (&self.residency, &self.dev) else { return Ok(()) };
-        let now = if forward { r.forward_reads(i) } else { r.backward_reads(i) };
-        self.resident.ensure(gpu, store, now)?;
-        let opens = if forward { r.starts_layer(i) } else { r.ends_layer(i) };
-        if opens {
-            self.resident.ensure(gpu, store, r.next_layer(i, forward))?;
-        }
-        Ok(())
-    }
-
-    /// The uploaded copy of a streamed weight (for the ops).
-    pub(crate) fn resident(&self, id: ParamId) -> Option<&Value> {
-        self.resident.get(id)
-    }
-
     /// Compute node `i` and free the inputs whose last forward use it was, unless `needed`
     /// (by a backward step) or kept.
     fn forward_node(
@@ -690,19 +582,8 @@ impl Run<'_> {
                 }
             }
         }
-        let key = 2 * g.nodes.len() - 2 * last;
         for i in first..=last {
-            if let (Some(r), Device::Gpu(gpu)) = (&self.residency, &self.dev) {
-                self.resident.ensure(gpu, store, r.forward_reads(i))?;
-            }
             self.forward_node(store, i, &last_forward, |v| needed[v])?;
-        }
-        if let Some(r) = &self.residency {
-            let done: Vec<_> = (first..=last)
-                .flat_map(|i| r.forward_reads(i).iter().copied())
-                .filter(|&id| r.release_after(id, key, false))
-                .collect();
-            done.into_iter().for_each(|id| self.resident.release(id));
         }
         for i in first..=last {
             if !needed[i] && !self.keep.contains(&Var(i)) {
@@ -740,7 +621,7 @@ impl Run<'_> {
     /// accumulating). Parameter gradients are added to the store's gradient buffers.
     pub fn backward(&mut self, store: &mut ParamStore, loss: Var, scale: f32) -> Result<()> {
         let g = self.graph;
-        if !matches!(g.nodes[loss.0].op, Op::CrossEntropy { .. } | Op::LinearCrossEntropy { .. }) {
+        if !matches!(g.nodes[loss.0].op, Op::CrossEntropy { .. }) {
             return Err(Error::InvalidArgument {
                 name: "loss".into(),
                 detail: "backward starts at a cross-entropy".into(),
@@ -775,14 +656,7 @@ impl Run<'_> {
                 }
             }
             let _c = category::backward(g, i).enter();
-            self.stream_in(store, i, false)?;
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
-            if let Some(r) = &self.residency {
-                let key = r.key_backward(i);
-                let done: Vec<_> =
-                    r.backward_reads(i).iter().copied().filter(|&id| r.release_after(id, key, false)).collect();
-                done.into_iter().for_each(|id| self.resident.release(id));
-            }
             self.saved[i] = None;
             for v in node.inputs.iter().chain([Var(i)].iter()) {
                 if first_backward[v.0] == i && *v != loss && !self.keep.contains(v) {
