@@ -189,8 +189,8 @@ use common::Expected;
 fn forward(path: &Path, ex: &Expected, dev: &Device) -> (f32, Vec<f32>) {
     let (model, store) = Model::load(path, dev).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
-    let run = graph.forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), &[vars.logits]).unwrap();
-    (run.loss(vars.loss).unwrap(), run.read(vars.logits).unwrap())
+    let run = graph.forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), vars.logits.as_slice()).unwrap();
+    (run.loss(vars.loss).unwrap(), run.read(vars.logits.unwrap()).unwrap())
 }
 
 const FAMILIES: [&str; 5] = ["gpt2-tiny", "llama-tiny", "qwen2-tiny", "gemma3-tiny", "gemma2-tiny"];
@@ -448,9 +448,9 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
             }
             let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
             let mut r = graph
-                .forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), &[vars.logits])
+                .forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), vars.logits.as_slice())
                 .unwrap();
-            let (loss, logits) = (r.loss(vars.loss).unwrap(), r.read(vars.logits).unwrap());
+            let (loss, logits) = (r.loss(vars.loss).unwrap(), r.read(vars.logits.unwrap()).unwrap());
             r.backward(&mut store, vars.loss, 1.0).unwrap();
             let grads = store
                 .iter()

@@ -32,11 +32,11 @@ fn check(base: &str, dev: Device) {
     let opts = pockettune::lora::load(&adapter, &model, &mut store).unwrap();
     assert_eq!((opts.rank, opts.alpha, opts.dropout), (4, 8.0, 0.0));
     let (graph, vars) = model.graph(&store, b, t).unwrap();
-    let mut run = graph.forward(&store, &feed, &[vars.logits]).unwrap();
+    let mut run = graph.forward(&store, &feed, vars.logits.as_slice()).unwrap();
     let loss = run.loss(vars.loss).unwrap();
     let want = get("loss").1[0];
     assert!(((loss - want) / want).abs() <= 1e-5, "{name}: loss {loss} vs PEFT {want}");
-    let e = common::fixture_err(&ex, "logits", &run.read(vars.logits).unwrap());
+    let e = common::fixture_err(&ex, "logits", &run.read(vars.logits.unwrap()).unwrap());
     assert!(e <= 1e-4, "{name}: logits rel err {e:e}");
     run.backward(&mut store, vars.loss, 1.0).unwrap();
     let (mut adapters, mut worst) = (0, 0f64);
@@ -233,8 +233,8 @@ fn write_pockettune_adapter_fixture() {
     }
     std::fs::create_dir_all(&out).unwrap();
     pockettune::lora::save(&out, &model, &store, &opts, std::path::Path::new("../gpt2-tiny")).unwrap();
-    let run = graph.forward(&store, &feed, &[vars.logits]).unwrap();
-    let logits = run.read(vars.logits).unwrap();
+    let run = graph.forward(&store, &feed, vars.logits.as_slice()).unwrap();
+    let logits = run.read(vars.logits.unwrap()).unwrap();
     let view = safetensors::tensor::TensorView::new(
         safetensors::Dtype::F32,
         vec![b, t, logits.len() / (b * t)],

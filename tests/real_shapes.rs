@@ -195,8 +195,8 @@ fn run(config: &Value, dev: &Device, plan: Plan, mut grad: impl FnMut(usize, &st
     let mut feed = Model::feed(&ids, &targets, B, T);
     feed.dropout_seed = Some(11);
     let (graph, vars) = model.graph(&store, B, T).unwrap();
-    let mut run = graph.forward(&store, &feed, &[vars.logits]).unwrap();
-    let logits = run.read(vars.logits).unwrap();
+    let mut run = graph.forward(&store, &feed, vars.logits.as_slice()).unwrap();
+    let logits = run.read(vars.logits.unwrap()).unwrap();
     let loss = run.loss(vars.loss).unwrap();
     run.backward(&mut store, vars.loss, 1.0).unwrap();
     let mut i = 0;

@@ -176,9 +176,9 @@ fn window0(fx: &Fixture, dev: &Device) -> (Window0, f64, f64) {
     let want_ids: Vec<u32> = fx.tensor("input_ids").iter().map(|&x| x as u32).collect();
     assert_eq!(ids, want_ids, "{}: window 0 is the fixture's input_ids", fx.name);
     let (graph, vars) = model.graph(&store, 1, fx.t).unwrap();
-    let run = graph.forward(&store, &Model::feed(&ids, &targets, 1, fx.t), &[vars.logits]).unwrap();
+    let run = graph.forward(&store, &Model::feed(&ids, &targets, 1, fx.t), vars.logits.as_slice()).unwrap();
     let loss = run.loss(vars.loss).unwrap() as f64;
-    let logits = run.read(vars.logits).unwrap();
+    let logits = run.read(vars.logits.unwrap()).unwrap();
     let v = model.vocab_size();
     assert_eq!(logits.len(), fx.t * v);
     let row = |p: usize| &logits[p * v..(p + 1) * v];

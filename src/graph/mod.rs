@@ -11,7 +11,6 @@
 //!   the loss is read back only when asked for ([`Run::loss`]). Submissions pass the device's
 //!   submit gate, the one place where a power policy may hold work back.
 
-mod category;
 mod ops;
 pub mod params;
 
@@ -156,6 +155,10 @@ pub(crate) enum Op {
     Dropout { p: f32, salt: u32 },
     /// mean cross-entropy of logits against target list `targets` of the feed (a scalar)
     CrossEntropy { targets: usize },
+    /// mean cross-entropy of the logits `softcap(x W)` (input 0: x, 1: W; W stored transposed
+    /// when `trans_w`) against target list `targets`, the vocabulary walked in chunks so that
+    /// the logits never exist whole (`--fused-loss`; a scalar)
+    LinearCrossEntropy { targets: usize, trans_w: bool, softcap: Option<f32> },
 }
 
 impl Op {
@@ -171,6 +174,8 @@ impl Op {
             Op::LayerNorm { .. } => i < 2,
             Op::Linear { .. } => i < 2,
             Op::Act { .. } | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
+            // recomputes each chunk of the logits from x and W
+            Op::LinearCrossEntropy { .. } => true,
         }
     }
 
@@ -446,6 +451,63 @@ impl Graph {
         Ok(self.push(Op::CrossEntropy { targets }, vec![logits], vec![1]))
     }
 
+    /// Mean cross-entropy of `softcap(x W)` against target list `targets` without the logits
+    /// ever existing whole (`kernels::lm_head_loss`): x (n, C), W (C, V), or (V, C) when
+    /// `trans_w`; a scalar.
+    pub fn linear_cross_entropy(
+        &mut self,
+        x: Var,
+        w: Var,
+        trans_w: bool,
+        softcap: Option<f32>,
+        targets: usize,
+    ) -> Result<Var> {
+        let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
+        let (c, v) = match (sw.as_slice(), trans_w) {
+            ([c, v], false) => (*c, *v),
+            ([v, c], true) => (*c, *v),
+            _ => return Err(Error::shape("linear_cross_entropy", format!("weight {sw:?} is not a matrix"))),
+        };
+        let ok = sx.len() == 2 && sx[1] == c && self.target_lists.get(targets) == Some(&v);
+        self.check("linear_cross_entropy", ok, || {
+            format!("x {sx:?} . W {sw:?} (transposed: {trans_w}) against target list {targets}")
+        })?;
+        if let Some(cap) = softcap {
+            crate::kernels::activation::check_cap(cap)?;
+        }
+        Ok(self.push(Op::LinearCrossEntropy { targets, trans_w, softcap }, vec![x, w], vec![1]))
+    }
+
+    /// Replace the graph's tail `logits = x W` (then optionally `softcap(logits)`), which must be
+    /// its last nodes with `logits` the very last, by one [`Self::linear_cross_entropy`] against
+    /// `targets`: the same loss, the logits never stored. A head with a bias, or any other tail,
+    /// is refused (the caller keeps the plain cross-entropy).
+    pub fn fuse_linear_cross_entropy(&mut self, logits: Var, targets: usize) -> Result<Var> {
+        let refuse = |why: &str| Error::shape("fuse_linear_cross_entropy", why.to_string());
+        if logits.0 + 1 != self.nodes.len() {
+            return Err(refuse("the logits are not the graph's last node"));
+        }
+        let (head, softcap) = match self.nodes[logits.0].op {
+            Op::Act { act: Act::Softcap(c) } => (self.nodes[logits.0].inputs[0], Some(c)),
+            _ => (logits, None),
+        };
+        // everything after the head's product is the soft-cap, so nothing else reads the product
+        if head.0 + 1 + softcap.is_some() as usize != self.nodes.len() {
+            return Err(refuse("the LM head's product is not followed by the logits alone"));
+        }
+        let Op::Linear { trans_w } = self.nodes[head.0].op else {
+            return Err(refuse("the logits do not come from a linear LM head"));
+        };
+        let [x, w] = self.nodes[head.0].inputs[..] else {
+            return Err(refuse("the LM head has a bias"));
+        };
+        self.nodes.truncate(head.0);
+        self.shapes.truncate(head.0);
+        self.requires_grad.truncate(head.0);
+        self.layer_inputs.retain(|v| v.0 < head.0);
+        self.linear_cross_entropy(x, w, trans_w, softcap, targets)
+    }
+
     /// Run the forward pass. Values that the backward pass needs stay alive in the returned
     /// [`Run`]; the rest are freed as soon as their last consumer has run.
     pub fn forward<'g>(&'g self, store: &ParamStore, feed: &Feed, keep: &[Var]) -> Result<Run<'g>> {
@@ -547,7 +609,6 @@ impl Run<'_> {
         if let Op::Param(_) = g.nodes[i].op {
             return Ok(()); // read from the store when used
         }
-        let _c = category::forward(g, i).enter(); // memory report: what the buffers hold
         let (value, saved) = ops::forward(self, store, i)?;
         self.values[i] = Some(value);
         self.saved[i] = saved;
@@ -621,7 +682,7 @@ impl Run<'_> {
     /// accumulating). Parameter gradients are added to the store's gradient buffers.
     pub fn backward(&mut self, store: &mut ParamStore, loss: Var, scale: f32) -> Result<()> {
         let g = self.graph;
-        if !matches!(g.nodes[loss.0].op, Op::CrossEntropy { .. }) {
+        if !matches!(g.nodes[loss.0].op, Op::CrossEntropy { .. } | Op::LinearCrossEntropy { .. }) {
             return Err(Error::InvalidArgument {
                 name: "loss".into(),
                 detail: "backward starts at a cross-entropy".into(),
@@ -655,7 +716,6 @@ impl Run<'_> {
                     self.recompute(store, k)?;
                 }
             }
-            let _c = category::backward(g, i).enter();
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             self.saved[i] = None;
             for v in node.inputs.iter().chain([Var(i)].iter()) {

@@ -11,6 +11,7 @@ use crate::kernels::attention::{self, Heads};
 use crate::kernels::cross_entropy::{self, Targets};
 use crate::kernels::embedding::{self, Ids};
 use crate::kernels::flash_attention;
+use crate::kernels::lm_head_loss::{self, HeadWeight};
 use crate::kernels::norm::{self, NormKind};
 use crate::kernels::{elementwise, matmul, quant, reduce, rope};
 use kernels_ref as kr;
@@ -240,6 +241,19 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             let mut losses = vec![0f32; n];
             out.cpu_mut()[0] = kr::cross_entropy_forward(&mut losses, x(0).cpu(), &fed[*targets], n, v);
         }
+        (Device::Gpu(g), Op::LinearCrossEntropy { targets, trans_w, softcap }) => {
+            let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
+            let state = Tensor::empty(g, &[in_shape(0)[0], 4], "cross-entropy state")?;
+            let w = head_weight(x(1), *trans_w)?;
+            lm_head_loss::lm_head_loss_forward(g, out.gpu(), &state, x(0).gpu(), w, &fed[*targets], *softcap)?;
+            saved = Some(Value::Gpu(state));
+        }
+        (Device::Cpu, Op::LinearCrossEntropy { targets, trans_w, softcap }) => {
+            let Fed::Cpu { targets: fed, .. } = &run.fed else { unreachable!() };
+            let d = head_dims(&in_shape(0), &in_shape(1), *trans_w, *softcap);
+            let mut losses = vec![0f32; d.n];
+            out.cpu_mut()[0] = kr::linear_cross_entropy_forward(&mut losses, x(0).cpu(), x(1).cpu(), &fed[*targets], d);
+        }
     }
     Ok((out, saved))
 }
@@ -345,6 +359,9 @@ pub(crate) fn backward(
     let node = &graph.nodes[i];
     if let Op::Attention { dims } = node.op {
         return attention_backward(run, store, grads, i, dout.expect("attention is not the loss"), dims);
+    }
+    if let Op::LinearCrossEntropy { targets, trans_w, softcap } = node.op {
+        return linear_cross_entropy_backward(run, store, grads, i, targets, (trans_w, softcap), scale);
     }
     let dev = run.dev.clone();
     let shape = graph.shapes[i].clone();
@@ -564,6 +581,9 @@ pub(crate) fn backward(
                     cpu_put(&mut g, if j == 0 { dg } else { du }, acc);
                 }
                 (_, Op::Attention { .. }) => unreachable!("attention is handled by attention_backward"),
+                (_, Op::LinearCrossEntropy { .. }) => {
+                    unreachable!("the fused head + loss is handled by linear_cross_entropy_backward")
+                }
                 (Device::Gpu(gpu), Op::CrossEntropy { targets }) => {
                     let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
                     let state = saved.expect("cross-entropy saves its state").gpu();
@@ -736,6 +756,79 @@ fn attention_backward_cpu(
         kr::attention_backward(&mut dq, &mut dk, &mut dv, dout, q, k, v, saved, d);
     }
     (dq, dk, dv)
+}
+
+/// The LM head's weight of `Op::LinearCrossEntropy` for the GPU kernels.
+fn head_weight(w: &Value, trans_w: bool) -> Result<HeadWeight<'_>> {
+    Ok(match w {
+        Value::Packed(q) => {
+            packed_layout(trans_w)?;
+            HeadWeight::Packed(q)
+        }
+        w => HeadWeight::F32 { w: w.gpu(), trans_w },
+    })
+}
+
+/// Sizes of `Op::LinearCrossEntropy` for the reference functions.
+fn head_dims(x: &[usize], w: &[usize], trans_w: bool, softcap: Option<f32>) -> kr::HeadDims {
+    let v = if trans_w { w[0] } else { w[1] };
+    kr::HeadDims { n: x[0], c: x[1], v, trans_w, softcap }
+}
+
+/// The backward of `Op::LinearCrossEntropy` (the loss node): dx and, when W trains, dW in one
+/// walk over the vocabulary, which recomputes each chunk of the logits once for both.
+fn linear_cross_entropy_backward(
+    run: &mut Run,
+    store: &mut ParamStore,
+    grads: &mut [Option<Value>],
+    i: usize,
+    targets: usize,
+    (trans_w, softcap): (bool, Option<f32>),
+    scale: f32,
+) -> Result<()> {
+    let node = &run.graph.nodes[i];
+    let dev = run.dev.clone();
+    let mut dx = take_grad(run, store, grads, node.inputs[0])?;
+    let mut dw = take_grad(run, store, grads, node.inputs[1])?;
+    let x = |k: usize| value(run, store, node.inputs[k]);
+    match (&dev, &run.fed) {
+        (Device::Gpu(gpu), Fed::Gpu { targets: fed, .. }) => {
+            let state = run.saved[i].as_ref().expect("the fused loss saves its state").gpu();
+            lm_head_loss::lm_head_loss_backward(
+                gpu,
+                dx.as_ref().map(|(_, g, acc)| (g.gpu(), *acc)),
+                dw.as_ref().map(|(_, g, acc)| (g.gpu(), *acc)),
+                x(0).gpu(),
+                head_weight(x(1), trans_w)?,
+                state,
+                &fed[targets],
+                softcap,
+                scale,
+            )?;
+        }
+        (Device::Cpu, Fed::Cpu { targets: fed, .. }) => {
+            let shape = |k: usize| &run.graph.shapes[node.inputs[k].0];
+            let d = head_dims(shape(0), shape(1), trans_w, softcap);
+            let mut fdx = dx.as_ref().map(|_| vec![0f32; d.n * d.c]);
+            let mut fdw = dw.as_ref().map(|_| vec![0f32; d.v * d.c]);
+            let (x0, w) = (x(0).cpu(), x(1).cpu());
+            kr::linear_cross_entropy_backward(fdx.as_deref_mut(), fdw.as_deref_mut(), x0, w, &fed[targets], scale, d);
+            for (out, fresh) in [(&mut dx, fdx), (&mut dw, fdw)] {
+                if let (Some((_, g, acc)), Some(fresh)) = (out.as_mut(), fresh) {
+                    cpu_put(g, fresh, *acc);
+                }
+            }
+        }
+        _ => return Err(wrong_feed()),
+    }
+    for (target, g, _) in [dx, dw].into_iter().flatten() {
+        put_grad(store, grads, target, g);
+    }
+    Ok(())
+}
+
+fn wrong_feed() -> Error {
+    Error::Internal { context: "graph".into(), message: "the feed was uploaded for another device".into() }
 }
 
 /// Packed weights are read as Hugging Face Linear stores them, (out, in).

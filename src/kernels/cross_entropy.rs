@@ -60,6 +60,10 @@ impl Targets {
     pub fn is_empty(&self) -> bool {
         self.host.is_empty()
     }
+    /// The ids on the GPU (read by the fused LM head + loss, `lm_head_loss`).
+    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
+        self.buf.raw()
+    }
 }
 
 fn key(entry: &'static str) -> KernelKey {

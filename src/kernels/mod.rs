@@ -22,6 +22,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod lm_head_loss;
 pub mod flash_attention;
 pub mod matmul;
 pub mod norm;

@@ -231,7 +231,9 @@ pub enum Model {
 /// The values of one built training graph that callers read.
 #[derive(Clone, Copy, Debug)]
 pub struct Vars {
-    pub logits: Var,
+    /// `None` in a graph with the fused LM head + loss (`GraphOptions::fused_loss`), where the
+    /// logits never exist whole; [`Model::logits_graph`] gives them for eval and generation.
+    pub logits: Option<Var>,
     pub loss: Var,
 }
 
@@ -324,8 +326,13 @@ impl Model {
         let (mut g, logits) = self.logits_graph(store, b, t)?;
         g.set_options(options);
         let targets = g.target_list(self.vocab_size());
+        if options.fused_loss {
+            // the head's product (and Gemma's soft-cap) become one node that walks the vocabulary
+            let loss = g.fuse_linear_cross_entropy(logits, targets)?;
+            return Ok((g, Vars { logits: None, loss }));
+        }
         let loss = g.cross_entropy(logits, targets)?;
-        Ok((g, Vars { logits, loss }))
+        Ok((g, Vars { logits: Some(logits), loss }))
     }
 
     /// The feed of [`Self::graph`] (token ids row-major, targets with -100 for no loss).
