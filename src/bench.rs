@@ -4,6 +4,9 @@
 //! `kernels`: the matrix products of one GPT-2 124M training step at M = B*T = 512 rows, each
 //! forward product `Y = X W` with its two backward products `dX = dY W^T`, `dW = X^T dY`, on
 //! the GPU and on the CPU path (`kernels_ref::sgemm`, a maintained GEMM crate).
+//!
+//! `step`: one training step of a preset's shape (or a checkpoint) with the memory options of
+//! `crate::memory`, timed, with its memory report (`crate::memory::report`).
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
@@ -160,6 +163,9 @@ pub struct StepResult {
     pub peak_live_gpu_bytes: Option<u64>,
     /// bytes of the weights by storage type (`F32`, `Q4_K`, ...), as held on the device
     pub weight_bytes: Vec<(String, u64)>,
+    /// peak RSS by kind over this device's run (loading included) and the GPU pool's bytes,
+    /// live peaks over the timed steps only
+    pub memory: crate::memory::report::MemoryReport,
 }
 
 /// The model a step benchmark trains: a preset's shape with random weights, or a checkpoint
@@ -172,7 +178,8 @@ pub enum StepModel {
 
 /// Time `steps` training steps (after one warm-up step) of a random model of `preset` (see
 /// `models::preset_config`) at batch `b`, sequence `t`, fully fine-tuned or with LoRA (rank 8,
-/// alpha 32, dropout 0.1 on every projection).
+/// alpha 32, dropout 0.1 on every projection), the graph built with the options of `memory`.
+#[allow(clippy::too_many_arguments)]
 pub fn step_bench(
     dev: &crate::graph::Device,
     what: &StepModel,
@@ -180,10 +187,14 @@ pub fn step_bench(
     b: usize,
     t: usize,
     steps: usize,
+    memory: &crate::memory::MemoryFlags,
 ) -> Result<StepResult> {
     use crate::graph::Device;
     use crate::kernels::optim::AdamW;
+    use crate::memory::report::{MemoryReport, RssSampler};
     use crate::models::Model;
+    crate::memory::validate(memory)?;
+    let rss = RssSampler::start();
     let (model, mut store) = match what {
         StepModel::Preset(name) => Model::random(crate::models::preset_config(name)?, dev, 1)?,
         StepModel::File(path, base) => {
@@ -200,7 +211,7 @@ pub fn step_bench(
         };
         crate::lora::apply(&model, &mut store, &opts, 1)?;
     }
-    let (graph, vars) = model.graph(&store, b, t)?;
+    let (graph, vars) = model.graph_with(&store, b, t, memory.graph_options())?;
     let mut rng = StdRng::seed_from_u64(3);
     let vocab = model.vocab_size() as u32;
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
@@ -218,7 +229,7 @@ pub fn step_bench(
     };
     one()?;
     if let Device::Gpu(g) = dev {
-        g.reset_live_peak(); // the timed steps' peak, not the model's loading
+        g.reset_live_peak(); // the timed steps' peaks, not the model's loading
     }
     let start = Instant::now();
     for _ in 0..steps.max(1) {
@@ -239,5 +250,6 @@ pub fn step_bench(
             Device::Cpu => None,
         },
         weight_bytes: store.value_bytes().into_iter().map(|(ty, n)| (ty.name().to_string(), n)).collect(),
+        memory: MemoryReport::for_device(&rss, dev),
     })
 }

@@ -249,8 +249,8 @@ enum BenchCommand {
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,
-        /// Model: gpt2 (124M), gpt2-medium (355M), tiny (2 layers), qwen2.5-0.5b or gemma3-270m
-        /// (random weights of those shapes).
+        /// Model: gpt2 (124M), gpt2-medium (355M), tiny (2 layers), qwen2.5-0.5b, gemma3-270m,
+        /// gemma3-1b or smollm2-135m (random weights of those shapes).
         #[arg(long, default_value = "gpt2")]
         preset: String,
         /// A real model instead of a preset: a Hugging Face directory or a GGUF file.
@@ -273,6 +273,8 @@ enum BenchCommand {
         /// Skip the CPU path (it takes minutes at 124M).
         #[arg(long)]
         no_cpu: bool,
+        #[command(flatten)]
+        memory: pockettune::memory::MemoryFlags,
     },
     /// GFLOP/s of GPT-2 124M's training matmuls on the GPU next to the CPU path.
     Kernels {
@@ -494,6 +496,7 @@ fn run(cli: Cli) -> Result<i32> {
                     seq_len,
                     steps,
                     no_cpu,
+                    memory,
                 },
         } => {
             at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
@@ -502,7 +505,7 @@ fn run(cli: Cli) -> Result<i32> {
                 Some(path) => pockettune::bench::StepModel::File(path, base_dtype),
                 None => pockettune::bench::StepModel::Preset(preset),
             };
-            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, no_cpu)
+            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, no_cpu, &memory)
         }
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             at_least_one(&[("--rows", rows)])?;
@@ -767,6 +770,7 @@ fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> 
         summary.final_eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}")),
         summary.checkpoint.as_ref().map_or("none".into(), |p| p.display().to_string())
     );
+    eprintln!("memory:\n{}", summary.memory);
     if json {
         print_json(&serde_json::to_value(&summary)?)?;
     }
@@ -918,6 +922,7 @@ fn init_model(name: &str, tokenizer: &std::path::Path, out: &std::path::Path, se
     Ok(0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_step(
     dev: &DeviceArgs,
     json: bool,
@@ -926,6 +931,7 @@ fn bench_step(
     (b, t): (usize, usize),
     steps: usize,
     no_cpu: bool,
+    memory: &pockettune::memory::MemoryFlags,
 ) -> Result<i32> {
     use pockettune::bench::StepModel;
     use pockettune::graph::Device;
@@ -946,13 +952,14 @@ fn bench_step(
     }
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
     eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, {weights}");
+    eprintln!("memory options: {}", serde_json::to_string(memory)?);
     eprintln!(
         "{:<44} {:>10} {:>10} {:>14} {:>14} {:>14}",
         "device", "ms/step", "tokens/s", "peak RSS MiB", "GPU held MiB", "GPU live MiB"
     );
     let mut results = Vec::new();
     for d in devices {
-        let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps)?;
+        let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps, memory)?;
         let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(
             "{:<44} {:>10.0} {:>10.1} {:>14} {:>14} {:>14}",
@@ -969,6 +976,7 @@ fn bench_step(
             .map(|(ty, n)| format!("{ty} {:.0} MiB", *n as f64 / (1 << 20) as f64))
             .collect();
         eprintln!("{:<44} weights held: {}", "", held.join(", "));
+        eprintln!("memory ({}):\n{}", r.device, r.memory);
         results.push(r);
     }
     if results.len() == 2 {
@@ -976,7 +984,8 @@ fn bench_step(
     }
     if json {
         print_json(
-            &json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t, "results": results}),
+            &json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t,
+                "options": memory, "results": results}),
         )?;
     }
     Ok(0)

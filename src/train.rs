@@ -198,6 +198,8 @@ pub struct TrainSummary {
     /// steps skipped for a non-finite loss or gradient norm (`--on-nan skip`), resumed runs
     /// included
     pub skipped_nan: usize,
+    /// peak RSS (anonymous, file-backed) and GPU bytes of the run
+    pub memory: crate::memory::report::MemoryReport,
 }
 
 fn on_nan_default() -> OnNan {
@@ -275,6 +277,7 @@ fn validate(o: &TrainOptions) -> Result<()> {
 /// Fine-tune; `progress` draws a progress bar on stderr (hidden when it is not a terminal).
 pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     validate(o)?;
+    let rss_sampler = crate::memory::report::RssSampler::start(); // peak RSS by kind, for the report
     let dev = open_device(o.device.as_deref(), o.limits)?;
     let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
@@ -480,6 +483,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         tokens_seen: state.tokens_seen,
         seconds: start.elapsed().as_secs_f64(),
         skipped_nan: state.skipped_nan,
+        memory: crate::memory::report::MemoryReport::for_device(&rss_sampler, &dev),
     })
 }
 

@@ -11,6 +11,7 @@
 //!   the loss is read back only when asked for ([`Run::loss`]). Submissions pass the device's
 //!   submit gate, the one place where a power policy may hold work back.
 
+mod category;
 mod ops;
 pub mod params;
 
@@ -609,6 +610,7 @@ impl Run<'_> {
         if let Op::Param(_) = g.nodes[i].op {
             return Ok(()); // read from the store when used
         }
+        let _c = category::forward(g, i).enter(); // memory report: what the buffers hold
         let (value, saved) = ops::forward(self, store, i)?;
         self.values[i] = Some(value);
         self.saved[i] = saved;
@@ -716,6 +718,7 @@ impl Run<'_> {
                     self.recompute(store, k)?;
                 }
             }
+            let _c = category::backward(g, i).enter();
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             self.saved[i] = None;
             for v in node.inputs.iter().chain([Var(i)].iter()) {

@@ -79,6 +79,7 @@ impl ParamStore {
         if self.by_name.contains_key(name) {
             return Err(Error::InvalidArgument { name: name.into(), detail: "parameter added twice".into() });
         }
+        let _c = crate::gpu::Category::Weights.enter(); // memory report
         let value = Value::from_host(&self.dev, data, shape, name)?;
         self.add_value(name, shape, value, trainable)
     }
@@ -86,6 +87,7 @@ impl ParamStore {
     /// Add a frozen parameter kept in its stored format `ty` (`bytes` as in the file). On the
     /// CPU path it is dequantized to f32 (the reference computes in f32/f64 throughout).
     pub fn add_packed(&mut self, name: &str, shape: &[usize], ty: GgmlType, bytes: &[u8]) -> Result<ParamId> {
+        let _c = crate::gpu::Category::Weights.enter(); // memory report
         let (value, dtype) = match &self.dev {
             Device::Gpu(g) if ty != GgmlType::F32 => {
                 (Value::Packed(crate::gpu::QTensor::from_bytes(g, ty, bytes, shape, name)?), ty)
@@ -168,6 +170,7 @@ impl ParamStore {
 
     /// Replace a parameter's values.
     pub fn set_value(&mut self, id: ParamId, data: &[f32]) -> Result<()> {
+        let _c = crate::gpu::Category::Weights.enter(); // memory report
         let p = &mut self.params[id.0];
         p.value = Value::from_host(&self.dev, data, &p.shape, &p.name)?;
         p.dtype = GgmlType::F32;
@@ -215,6 +218,7 @@ impl ParamStore {
     /// Set a parameter's AdamW moments (restoring a checkpoint).
     pub fn set_moments(&mut self, id: ParamId, m: &[f32], v: &[f32]) -> Result<()> {
         let p = &mut self.params[id.0];
+        let _c = crate::gpu::Category::OptimizerState.enter(); // memory report
         let m = Value::from_host(&self.dev, m, &p.shape, "adam m")?;
         let v = Value::from_host(&self.dev, v, &p.shape, "adam v")?;
         p.moments = Some((m, v));
@@ -224,6 +228,7 @@ impl ParamStore {
     /// The gradient buffer of a trainable parameter for a backward pass to add to (`true`), or
     /// a new one to write (`false`); `None` for a frozen parameter.
     pub(crate) fn take_grad(&mut self, id: ParamId) -> Result<Option<(Value, bool)>> {
+        let _c = crate::gpu::Category::Gradients.enter(); // memory report
         let p = &mut self.params[id.0];
         Ok(match p.grad.take() {
             Some(g) => Some((g, true)),
@@ -267,6 +272,7 @@ impl ParamStore {
     pub fn adamw_step(&mut self, opt: AdamW) -> Result<()> {
         self.step += 1;
         let step = self.step;
+        let _c = crate::gpu::Category::OptimizerState.enter(); // memory report
         for p in &mut self.params {
             let Some(grad) = &p.grad else { continue };
             if p.moments.is_none() {

@@ -11,7 +11,6 @@
 //! - `--memory-budget SIZE`: the GPU bytes the engine may hold.
 //! - `--optimizer-offload host|disk`: the AdamW moments live off the GPU.
 
-pub mod offload;
 pub mod report;
 
 use crate::error::{Error, Result};

@@ -239,6 +239,14 @@ impl MemoryReport {
         Self::from_parts(ProcStatus::read().and_then(|s| s.hwm), &peaks, gpu.map(GpuMemory::of))
     }
 
+    /// [`Self::collect`] for a graph device (no GPU figures on the CPU path).
+    pub fn for_device(rss: &RssSampler, dev: &crate::graph::Device) -> MemoryReport {
+        match dev {
+            crate::graph::Device::Gpu(g) => Self::collect(rss, Some(g)),
+            crate::graph::Device::Cpu => Self::collect(rss, None),
+        }
+    }
+
     pub fn from_parts(hwm: Option<u64>, peaks: &RssPeaks, gpu: Option<GpuMemory>) -> MemoryReport {
         MemoryReport {
             peak_rss_bytes: hwm,

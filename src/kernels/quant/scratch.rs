@@ -34,6 +34,7 @@ fn blocks(gpu: &Gpu, w: &QTensor, what: &str) -> Result<(Vec<(usize, usize)>, Te
     let (n, k) = (w.rows(), w.cols());
     let blocks = cuts(n, &chunk_starts(w), block_rows(gpu, n, k));
     let rows = blocks.iter().map(|b| b.1).max().unwrap_or(1);
+    let _c = crate::gpu::Category::Staging.enter(); // memory report: dequantization scratch
     let scratch = Tensor::empty(gpu, &[rows, k], what)?;
     Ok((blocks, scratch))
 }
