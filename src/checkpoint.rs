@@ -111,7 +111,7 @@ pub fn save(
     let dev = store.device();
     let mut weights = Vec::new();
     let mut moments = Vec::new();
-    for (_, p) in store.iter() {
+    for (id, p) in store.iter() {
         if lora.is_none() || p.trainable {
             let w = p.value.to_host(dev)?;
             check_finite(state, &format!("weight {}", p.name), &w)?;
@@ -119,8 +119,8 @@ pub fn save(
                 weights.push((p.name.clone(), p.shape.clone(), w));
             }
         }
-        if let Some((m, v)) = p.moments() {
-            let (m, v) = (m.to_host(dev)?, v.to_host(dev)?);
+        // on the GPU or offloaded (`--optimizer-offload`), the same tensors in the file
+        if let Some((m, v)) = store.moments_to_host(id)? {
             check_finite(state, &format!("AdamW moment of {}", p.name), &m)?;
             check_finite(state, &format!("AdamW moment of {}", p.name), &v)?;
             moments.push((format!("m.{}", p.name), p.shape.clone(), m));

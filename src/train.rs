@@ -354,6 +354,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         tokens_seen: 0,
         skipped_nan: 0,
     };
+    store.set_optimizer_offload(o.memory.optimizer_offload, &o.out.join("optimizer-state.bin"))?;
     if let Some(dir) = &resume_dir {
         state = checkpoint::restore(dir, &mut store)?;
         batches.seek(state.epoch, state.batch_index);

@@ -9,6 +9,7 @@
 use super::{Device, Value};
 use crate::error::{Error, Result};
 use crate::kernels::optim::{self, AdamW};
+use crate::memory::{offload::Offload, OptimizerOffload};
 use kernels_ref::quant::GgmlType;
 use std::collections::HashMap;
 
@@ -63,11 +64,20 @@ pub struct ParamStore {
     by_name: HashMap<String, ParamId>,
     step: u32,
     lora: HashMap<ParamId, Lora>,
+    /// AdamW moments kept off the GPU (`--optimizer-offload`); `None`: next to the weights.
+    offload: Option<Offload>,
 }
 
 impl ParamStore {
     pub fn new(dev: Device) -> Self {
-        ParamStore { dev, params: Vec::new(), by_name: HashMap::new(), step: 0, lora: HashMap::new() }
+        ParamStore {
+            dev,
+            params: Vec::new(),
+            by_name: HashMap::new(),
+            step: 0,
+            lora: HashMap::new(),
+            offload: None,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -217,6 +227,9 @@ impl ParamStore {
     }
     /// Set a parameter's AdamW moments (restoring a checkpoint).
     pub fn set_moments(&mut self, id: ParamId, m: &[f32], v: &[f32]) -> Result<()> {
+        if let Some(off) = &mut self.offload {
+            return off.set_moments(&self.params, id, m, v);
+        }
         let p = &mut self.params[id.0];
         let _c = crate::gpu::Category::OptimizerState.enter(); // memory report
         let m = Value::from_host(&self.dev, m, &p.shape, "adam m")?;
@@ -268,11 +281,48 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Keep the AdamW moments where `mode` says (`path`: the file of `disk` mode, created now);
+    /// moments made already move there. See `memory::offload`.
+    pub fn set_optimizer_offload(&mut self, mode: OptimizerOffload, path: &std::path::Path) -> Result<()> {
+        let mut moved = Vec::new();
+        for id in (0..self.params.len()).map(ParamId) {
+            if let Some(mv) = self.moments_to_host(id)? {
+                moved.push((id, mv));
+            }
+            self.params[id.0].moments = None;
+        }
+        self.offload = None; // before a new one truncates the same file
+        self.offload = Offload::new(mode, path)?;
+        for (id, (m, v)) in moved {
+            self.set_moments(id, &m, &v)?;
+        }
+        Ok(())
+    }
+    /// The offloaded optimizer state, when `--optimizer-offload` is on.
+    pub fn optimizer_offload(&self) -> Option<&Offload> {
+        self.offload.as_ref()
+    }
+    pub fn optimizer_offload_mut(&mut self) -> Option<&mut Offload> {
+        self.offload.as_mut()
+    }
+    /// A trained parameter's AdamW moments (m, v) on the host, wherever they live, once made.
+    pub fn moments_to_host(&self, id: ParamId) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let p = &self.params[id.0];
+        if let Some(off) = &self.offload {
+            let moments = off.moments(id).filter(|_| p.trainable);
+            return Ok(moments.map(|(m, v)| (m.to_vec(), v.to_vec())));
+        }
+        p.moments().map(|(m, v)| Ok((m.to_host(&self.dev)?, v.to_host(&self.dev)?))).transpose()
+    }
+
     /// One AdamW step on every trainable parameter (moments created on the first call).
     pub fn adamw_step(&mut self, opt: AdamW) -> Result<()> {
         self.step += 1;
         let step = self.step;
         let _c = crate::gpu::Category::OptimizerState.enter(); // memory report
+        if let Some(off) = &mut self.offload {
+            return off.adamw_step(&self.dev, &mut self.params, opt, step);
+        }
         for p in &mut self.params {
             let Some(grad) = &p.grad else { continue };
             if p.moments.is_none() {

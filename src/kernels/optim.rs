@@ -1,6 +1,12 @@
 //! Optimizer steps over flat (possibly chunked) parameter buffers (`shaders/adamw.wgsl`):
 //! AdamW with decoupled weight decay and bias correction, as `torch.optim.AdamW`, and SGD.
 //! Reference: `kernels_ref::adamw_step`, `kernels_ref::sgd_step`.
+//!
+//! [`adamw_host`] is the shader's AdamW on the CPU threads, operation for operation in f32, for
+//! moments offloaded to host memory or a file (`--optimizer-offload`, `memory::offload`); both
+//! take their bias-correction constants from [`AdamConsts`], so the two differ only where the
+//! GPU rounds a division or a square root differently from IEEE f32 (WGSL allows it 2.5 ulp
+//! and an inverse square root) or fuses a multiply-add.
 
 use super::{elementwise::same_layout, u32_of};
 use crate::error::Result;
@@ -23,6 +29,23 @@ struct Params {
     _pad1: u32,
 }
 
+/// The per-step constants of AdamW's bias correction, computed in f64 and rounded once:
+/// `step_size = lr / (1 - b1^t)`, `sqrt_bc2 = sqrt(1 - b2^t)`.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamConsts {
+    pub step_size: f32,
+    pub sqrt_bc2: f32,
+}
+
+impl AdamConsts {
+    pub fn new(opt: AdamW, step: u32) -> AdamConsts {
+        let t = step.max(1) as i32;
+        let bc1 = 1.0 - (opt.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (opt.beta2 as f64).powi(t);
+        AdamConsts { step_size: (opt.lr as f64 / bc1) as f32, sqrt_bc2: bc2.sqrt() as f32 }
+    }
+}
+
 /// One AdamW step (`step` counts from 1) on `params` with `grads`, updating moments `m`, `v`.
 pub fn adamw_step(
     gpu: &Gpu,
@@ -33,9 +56,7 @@ pub fn adamw_step(
     opt: AdamW,
     step: u32,
 ) -> Result<()> {
-    let t = step.max(1) as i32;
-    let bc1 = 1.0 - (opt.beta1 as f64).powi(t);
-    let bc2 = 1.0 - (opt.beta2 as f64).powi(t);
+    let c = AdamConsts::new(opt, step);
     for (bufs, n) in same_layout("adamw", &[params, grads, m, v])? {
         let p = Params {
             n: u32_of(n, "adamw")?,
@@ -44,14 +65,46 @@ pub fn adamw_step(
             beta2: opt.beta2,
             eps: opt.eps,
             weight_decay: opt.weight_decay,
-            step_size: (opt.lr as f64 / bc1) as f32,
-            sqrt_bc2: bc2.sqrt() as f32,
+            step_size: c.step_size,
+            sqrt_bc2: c.sqrt_bc2,
             ..Default::default()
         };
         let b: Vec<_> = bufs.into_iter().map(Some).collect();
         gpu.dispatch(&KernelKey::new("adamw", "adamw"), &b, bytemuck::bytes_of(&p), gpu.grid(n, 256))?;
     }
     Ok(())
+}
+
+/// Elements per rayon task of [`adamw_host`]: large enough that scheduling costs nothing
+/// beside the arithmetic, small enough that a 2-core phone splits a LoRA adapter too.
+const HOST_TASK: usize = 1 << 14;
+
+/// `shaders/adamw.wgsl`'s `adamw` on the CPU threads (rayon), in f32 with the shader's order of
+/// operations, so that offloaded moments give the losses of on-GPU AdamW up to the GPU's own
+/// rounding: `w = p (1 - lr wd)`, `m = b1 m + (1 - b1) g`, `v = b2 v + ((1 - b2) g) g`,
+/// `p = w - (step_size m) / (sqrt(v) / sqrt_bc2 + eps)`.
+pub fn adamw_host(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], opt: AdamW, step: u32) {
+    use rayon::prelude::*;
+    let n = params.len();
+    assert!(grads.len() == n && m.len() == n && v.len() == n, "adamw_host: operand lengths differ");
+    let c = AdamConsts::new(opt, step);
+    let decay = 1.0 - opt.lr * opt.weight_decay;
+    params
+        .par_chunks_mut(HOST_TASK)
+        .zip(grads.par_chunks(HOST_TASK))
+        .zip(m.par_chunks_mut(HOST_TASK))
+        .zip(v.par_chunks_mut(HOST_TASK))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let g = g[i];
+                let w = p[i] * decay;
+                let mi = opt.beta1 * m[i] + (1.0 - opt.beta1) * g;
+                let vi = opt.beta2 * v[i] + (1.0 - opt.beta2) * g * g;
+                m[i] = mi;
+                v[i] = vi;
+                p[i] = w - c.step_size * mi / (vi.sqrt() / c.sqrt_bc2 + opt.eps);
+            }
+        });
 }
 
 /// `p -= lr * (g + weight_decay * p)`
