@@ -55,6 +55,7 @@ pub const KERNELS: &[&str] = &[
     "embedding",
     "rope",
     "attention",
+    "flash_attention",
     "cross_entropy",
     "add",
     "dropout",
@@ -183,7 +184,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     };
     let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new(), label: None };
     // Kernels built on matrix products run once with each matmul kernel the device offers.
-    let uses_matmul = name.starts_with("matmul") || name == "attention";
+    let uses_matmul = name.starts_with("matmul") || name.ends_with("attention");
     let variants = if uses_matmul { gpu.matmul_kernels().to_vec() } else { vec![gpu.matmul_kernel()] };
     for variant in variants {
         let first = p.results.len();
@@ -245,6 +246,7 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "embedding" => check_embedding(p),
         "rope" => check_rope(p),
         "attention" => check_attention(p),
+        "flash_attention" => check_flash_attention(p),
         "cross_entropy" => check_cross_entropy(p),
         "add" => check_add(p),
         "dropout" => check_dropout(p),
@@ -798,6 +800,86 @@ fn check_attention(p: &mut Probe) -> Result<()> {
             false,
         )?;
         p.record("backward", &shape, "packed dqkv", &gdqkv, &pack(&dq, &dk, &dv))?;
+    }
+    Ok(())
+}
+
+/// Flash attention (`kernels::flash_attention`) against the reference: the output and
+/// gradients against `kr::attention_forward` / `_backward`, the log-sum-exp against
+/// `kr::attention_forward_lse`. Each shape runs with the default query block and with blocks of
+/// 5 rows (several ragged blocks, windows cutting them), dense and with GPT-2's packed views.
+fn check_flash_attention(p: &mut Probe) -> Result<()> {
+    use crate::kernels::flash_attention as fa;
+    // (B, T, H, KVH, D, window, soft cap)
+    type Case = (usize, usize, usize, usize, usize, Option<usize>, Option<f32>);
+    let mut cases: Vec<Case> = vec![
+        (1, 1, 1, 1, 1, None, None),
+        (2, 7, 4, 2, 8, None, Some(0.5)),
+        (1, 13, 6, 2, 5, Some(4), None),
+        (1, 13, 6, 2, 5, Some(4), Some(1.0)),
+        (2, 33, 3, 3, 16, None, None),
+        (1, 70, 2, 1, 64, Some(16), None),
+    ];
+    for _ in 0..2 {
+        let kv_h = p.size(3);
+        let (b, t, h, d) = (p.size(2), p.size(40), kv_h * p.size(3), p.size(40));
+        let window = if p.rng.random_range(0..2) == 0 { None } else { Some(p.size(t)) };
+        let softcap = if p.rng.random_range(0..2) == 0 { None } else { Some(0.7) };
+        cases.push((b, t, h, kv_h, d, window, softcap));
+    }
+    for &(b, t, h, kv_h, d, window, softcap) in &cases {
+        let scale = 1.0 / (d as f32).sqrt();
+        let dims = attention::AttnDims { b, t, h, kv_h, d, window, scale, softcap };
+        let (nq, nk, np) = (b * t * h * d, b * t * kv_h * d, b * h * t * t);
+        let (q, k, v, dout) = (p.uniform(nq), p.uniform(nk), p.uniform(nk), p.uniform(nq));
+        let (mut out, mut probs, mut lse) = (vec![0f32; nq], vec![0f32; np], vec![0f32; b * h * t]);
+        kr::attention_forward(&mut out, &mut probs, &q, &k, &v, dims);
+        let mut out_lse = vec![0f32; nq];
+        kr::attention_forward_lse(&mut out_lse, &mut lse, &q, &k, &v, dims);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+        kr::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, dims);
+        let (qw, kw) = (h * d, kv_h * d);
+        let width = qw + 2 * kw;
+        let pack = |q: &[f32], k: &[f32], v: &[f32]| -> Vec<f32> {
+            (0..b * t)
+                .flat_map(|r| {
+                    [&q[r * qw..(r + 1) * qw], &k[r * kw..(r + 1) * kw], &v[r * kw..(r + 1) * kw]].concat()
+                })
+                .collect()
+        };
+        let (gq, gk, gv, gdo) = (p.up(&q, &[nq])?, p.up(&k, &[nk])?, p.up(&v, &[nk])?, p.up(&dout, &[nq])?);
+        let gqkv = p.up(&pack(&q, &k, &v), &[b * t, width])?;
+        for block in [None, Some(5)] {
+            let shape = format!(
+                "B{b} T{t} H{h} KV{kv_h} D{d} window {window:?} softcap {softcap:?} block {}",
+                block.map_or("auto".to_string(), |r| r.to_string())
+            );
+            let dense = |x, heads| Heads::dense(x, heads, d);
+            let views =
+                    |x| (Heads::packed(x, 0, width), Heads::packed(x, qw, width), Heads::packed(x, qw + kw, width));
+            let rows = block.unwrap_or_else(|| fa::block_rows(&dims));
+            let (gout, glse) = (p.out(&[nq])?, p.out(&[b * h, t])?);
+            let (gdq, gdk, gdv) = (p.out(&[nq])?, p.out(&[nk])?, p.out(&[nk])?);
+            let (gout2, glse2, gdqkv) = (p.out(&[nq])?, p.out(&[b * h, t])?, p.out(&[b * t, width])?);
+            fa::with_block_rows(rows, || -> Result<()> {
+                let (q, k, v) = (dense(&gq, h), dense(&gk, kv_h), dense(&gv, kv_h));
+                fa::flash_attention_forward(p.gpu, dense(&gout, h), &glse, q, k, v, dims)?;
+                let grads = (dense(&gdq, h), dense(&gdk, kv_h), dense(&gdv, kv_h));
+                let dout = dense(&gdo, h);
+                fa::flash_attention_backward(p.gpu, grads.0, grads.1, grads.2, dout, q, k, v, &glse, dims, false)?;
+                let (pq, pk, pv) = views(&gqkv);
+                fa::flash_attention_forward(p.gpu, dense(&gout2, h), &glse2, pq, pk, pv, dims)?;
+                let (dq2, dk2, dv2) = views(&gdqkv);
+                fa::flash_attention_backward(p.gpu, dq2, dk2, dv2, dout, pq, pk, pv, &glse2, dims, false)
+            })?;
+            p.record("forward", &shape, "", &gout, &out)?;
+            p.record("forward", &shape, "lse", &glse, &lse)?;
+            p.record("forward", &shape, "packed", &gout2, &out)?;
+            p.record("backward", &shape, "dq", &gdq, &dq)?;
+            p.record("backward", &shape, "dk", &gdk, &dk)?;
+            p.record("backward", &shape, "dv", &gdv, &dv)?;
+            p.record("backward", &shape, "packed dqkv", &gdqkv, &pack(&dq, &dk, &dv))?;
+        }
     }
     Ok(())
 }

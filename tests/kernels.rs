@@ -86,6 +86,10 @@ fn attention() {
     check("attention");
 }
 #[test]
+fn flash_attention() {
+    check("flash_attention");
+}
+#[test]
 fn cross_entropy() {
     check("cross_entropy");
 }
