@@ -66,6 +66,7 @@ pub const KERNELS: &[&str] = &[
     "qmatmul",
     "qmatmul_dx",
     "qembedding",
+    "lm_head_loss",
 ];
 
 /// How far the self-test goes. Both tiers check every kernel on small, ragged shapes and across
@@ -257,6 +258,7 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "qmatmul" => quant::check_qmatmul(p),
         "qmatmul_dx" => quant::check_qmatmul_dx(p),
         "qembedding" => quant::check_qembedding(p),
+        "lm_head_loss" => check_lm_head_loss(p),
         _ => unreachable!("every name in KERNELS has a check"),
     }
 }
@@ -958,6 +960,72 @@ fn check_cross_entropy(p: &mut Probe) -> Result<()> {
         p.push("forward", &shape, "mean loss", loss_err);
         p.push("forward", &shape, "losses", losses_err);
         p.push("backward", &shape, "dlogits", grad_err);
+    }
+    Ok(())
+}
+
+/// The fused LM head + cross-entropy (`kernels::lm_head_loss`) against
+/// `kr::linear_cross_entropy_*`: the mean loss, and dx and dW added to the values already there
+/// (as a tied embedding's gradient collects). Ragged shapes in forced ragged vocabulary chunks,
+/// both weight layouts, W chunked along either axis, soft-capping, past 65,536 columns in the
+/// kernel's own chunks; the full tier adds Gemma 3's head (262,144 x 640, above the binding).
+fn check_lm_head_loss(p: &mut Probe) -> Result<()> {
+    use crate::kernels::lm_head_loss::{self as lh, HeadWeight};
+    // (n, C, V, W stored (V, C), soft-cap, W's chunking, vocabulary columns per chunk)
+    type Case = (usize, usize, usize, bool, Option<f32>, Option<(Split, usize)>, Option<usize>);
+    let mut cases: Vec<Case> = vec![
+        (1, 1, 1, true, None, None, None),
+        (5, 7, 13, true, None, None, Some(4)),
+        (9, 33, 100, false, Some(2.0), None, Some(17)),
+        (17, 24, 300, true, Some(1.5), Some((Split::Rows, 37)), Some(64)),
+        (6, 40, 129, false, None, Some((Split::Rows, 16)), Some(50)),
+        (7, 20, 211, true, None, Some((Split::Cols, 8)), Some(30)),
+        (3, 8, 70_001, true, Some(30.0), None, None),
+    ];
+    cases.push((p.size(40), p.size(80), p.size(3000), true, Some(5.0), None, Some(p.size(500))));
+    if p.full() {
+        cases.push((4, GEMMA3_270M_HIDDEN, GEMMA3_VOCAB, true, Some(30.0), None, None));
+    }
+    for (n, c, v, trans_w, softcap, w_split, chunk) in cases {
+        let layout = if trans_w { "(V,C)" } else { "(C,V)" };
+        let shape = format!("N{n} C{c} V{v} W{layout} cap {softcap:?} {w_split:?} chunk {chunk:?}");
+        let (x, w) = (p.uniform(n * c), p.uniform(v * c));
+        let targets: Vec<i32> = (0..n)
+            .map(|i| if i % 4 == 3 { kr::IGNORE_INDEX } else { p.rng.random_range(0..v as i32) })
+            .collect();
+        let w_shape = if trans_w { [v, c] } else { [c, v] };
+        let (prior_dx, prior_dw) = (p.uniform(n * c), p.uniform(v * c));
+        let up = |data: &[f32]| match w_split {
+            Some((s, per)) => Tensor::from_host_split(p.gpu, data, &w_shape, s, per, "gradcheck input"),
+            None => p.up(data, &w_shape),
+        };
+        let (gx, gw, gdx, gdw) = (p.up(&x, &[n, c])?, up(&w)?, p.up(&prior_dx, &[n, c])?, up(&prior_dw)?);
+        let gt = cross_entropy::Targets::new(p.gpu, &targets, v)?;
+        let (loss, state) = (p.out(&[1])?, p.out(&[n, 4])?);
+        let hw = HeadWeight::F32 { w: &gw, trans_w };
+        let dloss = 0.7;
+        let go = || -> Result<()> {
+            lh::lm_head_loss_forward(p.gpu, &loss, &state, &gx, hw, &gt, softcap)?;
+            let (dx, dw) = (Some((&gdx, true)), Some((&gdw, true)));
+            lh::lm_head_loss_backward(p.gpu, dx, dw, &gx, hw, &state, &gt, softcap, dloss)
+        };
+        match chunk {
+            Some(cols) => lh::with_chunk_cols(cols, go)?,
+            None => go()?,
+        }
+        let d = kr::HeadDims { n, c, v, trans_w, softcap };
+        let mut losses = vec![0f32; n];
+        let want = kr::linear_cross_entropy_forward(&mut losses, &x, &w, &targets, d);
+        let (mut dx, mut dw) = (vec![0f32; n * c], vec![0f32; v * c]);
+        kr::linear_cross_entropy_backward(Some(&mut dx), Some(&mut dw), &x, &w, &targets, dloss, d);
+        let got = loss.to_host(p.gpu)?[0];
+        // relative to the loss, absolute below 1 (a vocabulary of 1 has loss 0)
+        let loss_err =
+            if got.is_finite() { (got - want).abs() as f64 / (want.abs() as f64).max(1.0) } else { f64::INFINITY };
+        p.push("forward", &shape, "mean loss", loss_err);
+        let plus = |prior: &[f32], g: &[f32]| prior.iter().zip(g).map(|(a, b)| a + b).collect::<Vec<f32>>();
+        p.record("backward", &shape, "dx", &gdx, &plus(&prior_dx, &dx))?;
+        p.record("backward", &shape, "dW", &gdw, &plus(&prior_dw, &dw))?;
     }
     Ok(())
 }

@@ -130,6 +130,11 @@ fn qembedding() {
     check("qembedding");
 }
 
+#[test]
+fn lm_head_loss() {
+    check("lm_head_loss");
+}
+
 /// Every name the CLI can report has a test above (a new kernel must be added to both).
 #[test]
 fn every_kernel_has_a_test() {
