@@ -198,7 +198,8 @@ pub fn step_bench(
     let (model, mut store) = match what {
         StepModel::Preset(name) => Model::random(crate::models::preset_config(name)?, dev, 1)?,
         StepModel::File(path, base) => {
-            let load = crate::models::LoadOptions { frozen: lora, base_dtype: *base };
+            let stream = memory.memory_budget.is_some();
+            let load = crate::models::LoadOptions { frozen: lora, base_dtype: *base, stream };
             Model::load_with(path, dev, &load)?
         }
     };

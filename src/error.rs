@@ -34,6 +34,13 @@ pub enum Error {
     OutOfMemory { context: String },
 
     #[error(
+        "--memory-budget {budget_mib}: {detail}. Give a budget of at least {needed_mib} for this model, \
+         batch and sequence, or lower the batch size or sequence length, or add --checkpoint-activations \
+         --fused-loss --flash-attention"
+    )]
+    MemoryBudget { budget_mib: String, needed_mib: String, detail: String },
+
+    #[error(
         "GPU device lost ({reason}): {message}. Checkpoints already written are kept; \
          restart with --resume. On phones this often means a buffer above the driver's \
          binding limit: run `pockettune gradcheck` to check the kernels on this device"

@@ -792,7 +792,7 @@ fn load_for_inference(
     spec: &ModelSpec,
 ) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore, pockettune::data::Tokenizer)> {
     let tok = pockettune::data::Tokenizer::for_model(spec.model, spec.tokenizer)?;
-    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: spec.base_dtype };
+    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: spec.base_dtype, stream: false };
     let (gpt, mut store) = pockettune::models::Model::load_with(spec.model, dev, &load)?;
     tok.check_model_vocab(gpt.vocab_size())?;
     if let Some(dir) = spec.adapter {

@@ -290,7 +290,11 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         (Some(dir), Method::Full) => dir.clone(),
         _ => o.model.clone(),
     };
-    let load = LoadOptions { frozen: o.method == Method::Lora, base_dtype: o.base_dtype };
+    let load = LoadOptions {
+        frozen: o.method == Method::Lora,
+        base_dtype: o.base_dtype,
+        stream: o.memory.memory_budget.is_some(),
+    };
     let (model, mut store) = Model::load_with(&weights_dir, &dev, &load)?;
     tok.check_model_vocab(model.vocab_size())?;
     let lora_opts = match o.method {

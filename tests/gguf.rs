@@ -420,7 +420,7 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
         std::fs::write(&path, convert(name, true)).unwrap();
         let ex = Expected::load(name);
         let run = |base: BaseDtype| -> (f32, Vec<f32>, Vec<Vec<f32>>) {
-            let load = LoadOptions { frozen: true, base_dtype: base };
+            let load = LoadOptions { frozen: true, base_dtype: base, stream: false };
             let (model, mut store): (Model, ParamStore) = Model::load_with(&path, &dev, &load).unwrap();
             let packed = store.iter().filter(|(_, p)| p.dtype != GgmlType::F32).count();
             assert_eq!(

@@ -105,7 +105,7 @@ impl Fixture {
     /// The base model frozen, its matrices kept in their stored formats on the GPU (on the CPU
     /// path `add_packed` dequantizes them to f32).
     fn base(&self, dev: &Device) -> (Model, ParamStore) {
-        let opts = LoadOptions { frozen: true, base_dtype: BaseDtype::Native };
+        let opts = LoadOptions { frozen: true, base_dtype: BaseDtype::Native, stream: false };
         Model::load_with(&self.gguf, dev, &opts).unwrap()
     }
 

@@ -79,6 +79,9 @@ struct Pending {
     uniforms: Vec<wgpu::Buffer>,
     /// Bytes of host writes staged since the last submission (see [`Gpu::write`]).
     staged: u64,
+    /// The staging ring: submissions that carried staged writes, with their bytes, oldest
+    /// first (wgpu frees a write's staging copy when its submission completes).
+    ring: std::collections::VecDeque<(wgpu::SubmissionIndex, u64)>,
 }
 
 /// Staged host writes above this many bytes are submitted and waited for, so loading a model
@@ -261,6 +264,14 @@ impl Gpu {
     /// `let _c = gpu.category(Category::Gradients);` (the same as [`Category::enter`]).
     pub fn category(&self, category: Category) -> CategoryGuard {
         category.enter()
+    }
+    /// Hold at most `budget` bytes of buffers (`--memory-budget`); an allocation past it fails
+    /// with [`Error::MemoryBudget`] after pooled buffers are given back.
+    pub fn set_memory_budget(&self, budget: Option<u64>) {
+        self.pool.set_budget(budget);
+    }
+    pub fn memory_budget(&self) -> Option<u64> {
+        self.pool.budget()
     }
     pub fn submissions(&self) -> u64 {
         self.submissions.load(Ordering::Relaxed)
@@ -487,8 +498,12 @@ impl Gpu {
         if let Some(gate) = self.gate.lock().clone() {
             gate.before_submit(dispatches);
         }
-        self.queue.submit([encoder.finish()]);
-        pending.staged = 0; // a submission carries the staged writes with it
+        let index = self.queue.submit([encoder.finish()]);
+        if pending.staged > 0 {
+            // a submission carries the staged writes with it
+            let staged = std::mem::take(&mut pending.staged);
+            pending.ring.push_back((index, staged));
+        }
         self.submissions.fetch_add(1, Ordering::Relaxed);
         self.free_uniforms.lock().append(&mut pending.uniforms);
     }
@@ -537,12 +552,19 @@ impl Gpu {
         self.submit_locked(&mut pending);
         self.queue.write_buffer(dst, offset, data);
         pending.staged += data.len() as u64;
-        if pending.staged >= STAGING_LIMIT {
-            self.queue.submit([]);
+        // A ring of two halves: a full half is submitted; past the limit, wait for the oldest
+        // half only, never for the GPU to go idle, so the next layer's upload overlaps this
+        // layer's work (streamed weights, `graph::stream`).
+        if pending.staged >= STAGING_LIMIT / 2 {
+            let index = self.queue.submit([]);
             self.submissions.fetch_add(1, Ordering::Relaxed);
-            pending.staged = 0;
+            let staged = std::mem::take(&mut pending.staged);
+            pending.ring.push_back((index, staged));
+        }
+        while pending.ring.iter().map(|r| r.1).sum::<u64>() > STAGING_LIMIT {
+            let (oldest, _) = pending.ring.pop_front().expect("a non-empty ring");
             self.device
-                .poll(wgpu::PollType::wait_indefinitely())
+                .poll(wgpu::PollType::Wait { submission_index: Some(oldest), timeout: None })
                 .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
         }
         drop(pending);

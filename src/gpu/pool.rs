@@ -110,11 +110,49 @@ pub(crate) struct Pool {
     /// (bytes held now, peak bytes held)
     held: Mutex<(u64, u64)>,
     live: Mutex<Live>,
+    /// `--memory-budget`: bytes held may not pass it
+    budget: Mutex<Option<u64>>,
 }
 
 impl Pool {
     pub fn new(device: wgpu::Device) -> Self {
-        Pool { device, free: Mutex::default(), held: Mutex::new((0, 0)), live: Mutex::default() }
+        Pool {
+            device,
+            free: Mutex::default(),
+            held: Mutex::new((0, 0)),
+            live: Mutex::default(),
+            budget: Mutex::new(None),
+        }
+    }
+
+    pub fn set_budget(&self, budget: Option<u64>) {
+        *self.budget.lock() = budget;
+    }
+    pub fn budget(&self) -> Option<u64> {
+        *self.budget.lock()
+    }
+
+    /// Under a budget, make room for `size` new bytes: give pooled buffers back to the driver,
+    /// and refuse if the live ones leave no room.
+    fn admit(&self, size: u64, what: &str) -> Result<()> {
+        let Some(budget) = self.budget() else { return Ok(()) };
+        if self.held.lock().0 + size <= budget {
+            return Ok(());
+        }
+        self.trim();
+        let held = self.held.lock().0;
+        if held + size <= budget {
+            return Ok(());
+        }
+        Err(Error::MemoryBudget {
+            budget_mib: crate::memory::mib(budget),
+            needed_mib: crate::memory::mib(held + size),
+            detail: format!(
+                "{} for {what} does not fit beside the {} the step holds",
+                crate::memory::mib(size),
+                crate::memory::mib(held)
+            ),
+        })
     }
 
     /// (bytes held now, peak bytes held)
@@ -148,6 +186,7 @@ impl Pool {
         let buffer = match reused {
             Some(b) => b,
             None => {
+                self.admit(size, what)?;
                 let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
                 let b = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(what),

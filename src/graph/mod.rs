@@ -14,6 +14,7 @@
 mod category;
 mod ops;
 pub mod params;
+pub mod stream;
 
 pub use params::{Param, ParamId, ParamStore};
 
@@ -48,6 +49,9 @@ pub enum Value {
     /// A frozen weight in its stored format (ggml blocks, f16 or bf16), read by the matmul and
     /// embedding kernels as they go.
     Packed(QTensor),
+    /// A frozen weight left in the memory-mapped checkpoint; the executor uploads it for the
+    /// nodes that read it (`--memory-budget`, see [`stream`]).
+    Streamed(Arc<stream::StreamedWeight>),
     Cpu(Vec<f32>),
 }
 
@@ -73,7 +77,7 @@ impl Value {
     pub fn fill(&mut self, dev: &Device, x: f32) -> Result<()> {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
-            (Value::Packed(_), _) => Err(packed_value()),
+            (Value::Packed(_) | Value::Streamed(_), _) => Err(packed_value()),
             (Value::Cpu(v), _) => {
                 v.fill(x);
                 Ok(())
@@ -85,6 +89,7 @@ impl Value {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => t.to_host(g),
             (Value::Packed(q), Device::Gpu(g)) => q.to_host(g),
+            (Value::Streamed(w), _) => w.to_host(),
             (Value::Cpu(v), _) => Ok(v.clone()),
             _ => Err(wrong_device()),
         }
@@ -93,6 +98,7 @@ impl Value {
         match self {
             Value::Gpu(t) => t,
             Value::Packed(_) => panic!("a packed weight reached a kernel that reads only f32"),
+            Value::Streamed(_) => panic!("a streamed weight reached a kernel before its upload"),
             Value::Cpu(_) => panic!("a CPU value reached a GPU kernel"),
         }
     }
@@ -243,6 +249,11 @@ impl Graph {
         if self.layer_inputs.last().is_none_or(|l| l.0 < x.0) {
             self.layer_inputs.push(x);
         }
+    }
+
+    /// (first node, last node) of each layer, from the marks.
+    fn layer_ranges(&self) -> Vec<(usize, usize)> {
+        self.layer_inputs.windows(2).map(|w| (w[0].0 + 1, w[1].0)).collect()
     }
 
     /// Per node, the checkpointed segment it belongs to (none without checkpointing).
@@ -538,6 +549,11 @@ impl Graph {
                 recomputed[v.0] &= segment[v.0] == segment[i];
             }
         }
+        let streaming = matches!(dev, Device::Gpu(_))
+            && store.iter().any(|(_, p)| matches!(p.value, Value::Streamed(_)));
+        let residency = streaming.then(|| {
+            stream::Residency::plan(self, store, &self.requires_grad, &self.layer_ranges(), checkpointing)
+        });
         let mut run = Run {
             graph: self,
             dev,
@@ -547,6 +563,8 @@ impl Graph {
             keep: keep.to_vec(),
             segment,
             done_segments: Vec::new(),
+            residency,
+            resident: stream::Resident::default(),
         };
         run.saved.resize_with(n, || None);
         for i in 0..n {
@@ -554,9 +572,15 @@ impl Graph {
             let needed = |v: usize| {
                 (needed_backward[v] && !recomputed[v]) || (checkpointing && self.layer_inputs.contains(&Var(v)))
             };
+            run.stream_in(store, i, true)?;
             run.forward_node(store, i, &last_forward, needed)?;
             if run.segment[i].is_some() {
                 run.saved[i] = None; // made again when the segment is recomputed
+            }
+            if let Some(r) = &run.residency {
+                let done: Vec<_> =
+                    r.forward_reads(i).iter().copied().filter(|&id| r.release_after(id, i, true)).collect();
+                done.into_iter().for_each(|id| run.resident.release(id));
             }
         }
         Ok(run)
@@ -594,9 +618,30 @@ pub struct Run<'g> {
     segment: Vec<Option<usize>>,
     /// segments recomputed by this backward pass so far
     done_segments: Vec<usize>,
+    /// when weights stream: their schedule, and the ones uploaded now
+    residency: Option<stream::Residency>,
+    resident: stream::Resident,
 }
 
 impl Run<'_> {
+    /// Upload the streamed weights node `i` reads (its forward step, or its backward step), and
+    /// those of the next layer in that direction when `i` opens a layer.
+    fn stream_in(&mut self, store: &ParamStore, i: usize, forward: bool) -> Result<()> {
+        let (Some(r), Device::Gpu(gpu)) = (&self.residency, &self.dev) else { return Ok(()) };
+        let now = if forward { r.forward_reads(i) } else { r.backward_reads(i) };
+        self.resident.ensure(gpu, store, now)?;
+        let opens = if forward { r.starts_layer(i) } else { r.ends_layer(i) };
+        if opens {
+            self.resident.ensure(gpu, store, r.next_layer(i, forward))?;
+        }
+        Ok(())
+    }
+
+    /// The uploaded copy of a streamed weight (for the ops).
+    pub(crate) fn resident(&self, id: ParamId) -> Option<&Value> {
+        self.resident.get(id)
+    }
+
     /// Compute node `i` and free the inputs whose last forward use it was, unless `needed`
     /// (by a backward step) or kept.
     fn forward_node(
@@ -645,8 +690,19 @@ impl Run<'_> {
                 }
             }
         }
+        let key = 2 * g.nodes.len() - 2 * last;
         for i in first..=last {
+            if let (Some(r), Device::Gpu(gpu)) = (&self.residency, &self.dev) {
+                self.resident.ensure(gpu, store, r.forward_reads(i))?;
+            }
             self.forward_node(store, i, &last_forward, |v| needed[v])?;
+        }
+        if let Some(r) = &self.residency {
+            let done: Vec<_> = (first..=last)
+                .flat_map(|i| r.forward_reads(i).iter().copied())
+                .filter(|&id| r.release_after(id, key, false))
+                .collect();
+            done.into_iter().for_each(|id| self.resident.release(id));
         }
         for i in first..=last {
             if !needed[i] && !self.keep.contains(&Var(i)) {
@@ -719,7 +775,14 @@ impl Run<'_> {
                 }
             }
             let _c = category::backward(g, i).enter();
+            self.stream_in(store, i, false)?;
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
+            if let Some(r) = &self.residency {
+                let key = r.key_backward(i);
+                let done: Vec<_> =
+                    r.backward_reads(i).iter().copied().filter(|&id| r.release_after(id, key, false)).collect();
+                done.into_iter().for_each(|id| self.resident.release(id));
+            }
             self.saved[i] = None;
             for v in node.inputs.iter().chain([Var(i)].iter()) {
                 if first_backward[v.0] == i && *v != loss && !self.keep.contains(v) {

@@ -78,7 +78,7 @@ impl Fed {
 /// The value of `v`: from the store for parameters, else from the run.
 fn value<'a>(run: &'a Run, store: &'a ParamStore, v: Var) -> &'a Value {
     match run.graph.nodes[v.0].op {
-        Op::Param(id) => &store.get(id).value,
+        Op::Param(id) => run.resident(id).unwrap_or(&store.get(id).value),
         _ => run.values[v.0].as_ref().expect("the executor keeps every value until its last use"),
     }
 }

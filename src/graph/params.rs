@@ -94,6 +94,15 @@ impl ParamStore {
         self.add_value(name, shape, value, trainable)
     }
 
+    /// Add a frozen weight left in its checkpoint file, uploaded by the executor when a node
+    /// reads it (`super::stream`).
+    pub fn add_streamed(&mut self, w: super::stream::StreamedWeight) -> Result<ParamId> {
+        let (name, shape, ty) = (w.name.clone(), w.shape.clone(), w.ty);
+        let id = self.add_value(&name, &shape, Value::Streamed(std::sync::Arc::new(w)), false)?;
+        self.params[id.0].dtype = ty;
+        Ok(id)
+    }
+
     /// Add a frozen parameter kept in its stored format `ty` (`bytes` as in the file). On the
     /// CPU path it is dequantized to f32 (the reference computes in f32/f64 throughout).
     pub fn add_packed(&mut self, name: &str, shape: &[usize], ty: GgmlType, bytes: &[u8]) -> Result<ParamId> {
@@ -138,6 +147,7 @@ impl ParamStore {
         for p in &self.params {
             let bytes = match &p.value {
                 Value::Packed(q) => q.gpu_bytes(),
+                Value::Streamed(_) => 0, // on the device only while a layer that reads it runs
                 _ => 4 * p.shape.iter().product::<usize>() as u64,
             };
             by.entry(p.dtype.name()).or_insert((p.dtype, 0)).1 += bytes;

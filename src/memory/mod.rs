@@ -11,6 +11,7 @@
 //! - `--memory-budget SIZE`: the GPU bytes the engine may hold.
 //! - `--optimizer-offload host|disk`: the AdamW moments live off the GPU.
 
+pub mod offload;
 pub mod report;
 
 use crate::error::{Error, Result};

@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 use crate::graph::{Device, ParamStore};
 use crate::weights::{self, BaseDtype, GgufFile, Safetensors, Source, Stored};
 use kernels_ref::quant::GgmlType;
+use crate::graph::stream::{DeviceForm, StreamedWeight};
 use std::path::Path;
+use std::sync::Arc;
 
 /// How a model's weights are loaded.
 #[derive(Clone, Copy, Debug, Default)]
@@ -18,6 +20,9 @@ pub struct LoadOptions {
     pub frozen: bool,
     /// Storage of frozen matrices on the GPU (f32 whenever weights are trained).
     pub base_dtype: BaseDtype,
+    /// Leave frozen matrices in the memory-mapped checkpoint, to be uploaded by the executor
+    /// just before the layer that reads them (`--memory-budget`; GPU only).
+    pub stream: bool,
 }
 
 /// A family's parsed config.
@@ -120,13 +125,10 @@ impl Model {
             Source::Gguf(_) => false,
         };
         let mut store = ParamStore::new(dev.clone());
+        let source = Arc::new(source);
+        let config = Arc::new(config);
         for (name, shape) in parsed.param_shapes() {
-            let stored = match &source {
-                Source::Safetensors(s) => {
-                    s.get(&if gpt2_prefix { format!("transformer.{name}") } else { name.clone() })?
-                }
-                Source::Gguf(g) => gguf::tensor(g, &config, &name)?,
-            };
+            let stored = stored_tensor(&source, &config, &name, gpt2_prefix)?;
             let Some(stored) = stored else {
                 return Err(Error::Checkpoint {
                     path: source.path(),
@@ -143,26 +145,59 @@ impl Model {
                 });
             }
             let packable = opts.frozen && shape.len() == 2 && !matches!(parsed, Parsed::Gpt2(_));
-            match storage(&stored, packable, opts.base_dtype) {
-                Some(GgmlType::F32) | None => {
-                    store.add(&name, &shape, &stored.to_f32(), !opts.frozen)?;
+            let ty = storage(&stored, packable, opts.base_dtype);
+            if opts.stream && opts.frozen && shape.len() == 2 && matches!(dev, Device::Gpu(_)) {
+                let (source, config, n) = (source.clone(), config.clone(), name.clone());
+                let base = opts.base_dtype;
+                let fetch = move || {
+                    let stored = stored_tensor(&source, &config, &n, gpt2_prefix)?
+                        .expect("a tensor found at load is found again");
+                    Ok(device_form(&stored, storage(&stored, packable, base)))
+                };
+                let w = StreamedWeight::new(&name, &shape, ty.unwrap_or(GgmlType::F32), fetch);
+                store.add_streamed(w)?;
+                continue;
+            }
+            match device_form(&stored, ty) {
+                DeviceForm::F32(values) => {
+                    store.add(&name, &shape, &values, !opts.frozen)?;
                 }
-                Some(ty) if ty == stored.ty => {
-                    store.add_packed(&name, &shape, ty, &stored.bytes)?;
-                }
-                Some(ty) => {
-                    let values = stored.to_f32();
-                    let bytes: Vec<u8> = match ty {
-                        GgmlType::F16 => {
-                            values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()
-                        }
-                        _ => unreachable!("storage() converts only to f16"),
-                    };
+                DeviceForm::Packed(ty, bytes) => {
                     store.add_packed(&name, &shape, ty, &bytes)?;
                 }
             }
         }
         Ok((parsed.build(&store)?, store))
+    }
+}
+
+/// Tensor `name` (as Hugging Face names it) of a source, converted to that layout.
+fn stored_tensor<'s>(
+    source: &'s Source,
+    config: &serde_json::Value,
+    name: &str,
+    gpt2_prefix: bool,
+) -> Result<Option<Stored<'s>>> {
+    match source {
+        Source::Safetensors(s) => s.get(&if gpt2_prefix { format!("transformer.{name}") } else { name.to_string() }),
+        Source::Gguf(g) => gguf::tensor(g, config, name),
+    }
+}
+
+/// A stored tensor as the device keeps it: f32, or packed as `ty` (converting to f16 where
+/// asked; other packed types are the file's own).
+fn device_form(stored: &Stored, ty: Option<GgmlType>) -> DeviceForm {
+    match ty {
+        Some(GgmlType::F32) | None => DeviceForm::F32(stored.to_f32()),
+        Some(ty) if ty == stored.ty => DeviceForm::Packed(ty, stored.bytes.to_vec()),
+        Some(ty) => {
+            let values = stored.to_f32();
+            let bytes: Vec<u8> = match ty {
+                GgmlType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+                _ => unreachable!("storage() converts only to f16"),
+            };
+            DeviceForm::Packed(ty, bytes)
+        }
     }
 }
 

@@ -370,7 +370,9 @@ fn check_sequence_length(t: usize, max: usize) -> Result<()> {
 }
 
 /// Shapes of the benchmark presets: GPT-2 124M and 355M, a 2-layer GPT-2, and random models of
-/// the Qwen2.5-0.5B and Gemma-3-270M shapes (as their published configs give them).
+/// the Qwen2.5-0.5B, Gemma-3-270M, Gemma-3-1B and SmolLM2-135M shapes (as their published
+/// configs give them; SmolLM2's checked against the metadata of its GGUF in assets/: 30 blocks,
+/// 576 wide, 1536 feed-forward, 9 heads, 3 key/value heads, rope base 1e5, no output.weight).
 pub fn preset_config(name: &str) -> Result<serde_json::Value> {
     Ok(match name {
         "gpt2" => serde_json::json!({"model_type": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768,
@@ -394,11 +396,25 @@ pub fn preset_config(name: &str) -> Result<serde_json::Value> {
             "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
             "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0})
         }
+        "gemma3-1b" => {
+            serde_json::json!({"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912,
+            "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "vocab_size": 262144, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0})
+        }
+        "smollm2-135m" => {
+            serde_json::json!({"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+            "tie_word_embeddings": true})
+        }
         other => {
             return Err(Error::InvalidArgument {
                 name: "preset".into(),
                 detail: format!(
-                    "unknown preset {other:?}: gpt2, gpt2-medium, tiny, qwen2.5-0.5b, gemma3-270m"
+                    "unknown preset {other:?}: gpt2, gpt2-medium, tiny, qwen2.5-0.5b, gemma3-270m, \
+                     gemma3-1b, smollm2-135m"
                 ),
             })
         }

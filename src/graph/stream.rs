@@ -1,0 +1,222 @@
+//! Streamed weights: a frozen weight that stays in the memory-mapped checkpoint (safetensors or
+//! GGUF, in its stored format) until a node that reads it is about to run. The executor
+//! ([`super::Run`]) uploads it then, ahead of use by one layer (the upload of layer l+1 is
+//! written while layer l's work runs on the GPU; see `Gpu::write`'s staging ring), and releases
+//! it after its last use in the forward pass; the backward pass streams it again, in reverse
+//! layer order, for the products that read it (dX = dY W^T).
+//!
+//! The schedule is fixed by the graph: each streamed parameter's uses are known before the step
+//! runs, as the (phase, order) of the forward steps, recomputations and backward steps that
+//! read it ([`Residency`]).
+
+use super::{Graph, Op, ParamId, ParamStore, Value};
+use crate::error::Result;
+use crate::gpu::{Gpu, QTensor, Tensor};
+use kernels_ref::quant::GgmlType;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A weight as the device stores it, fetched from the checkpoint.
+pub enum DeviceForm {
+    F32(Vec<f32>),
+    /// ggml blocks, f16 or bf16, read by the quantized kernels
+    Packed(GgmlType, Vec<u8>),
+}
+
+type Fetch = dyn Fn() -> Result<DeviceForm> + Send + Sync;
+
+/// A frozen weight that lives in the checkpoint file, not on the device.
+pub struct StreamedWeight {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// the storage type on the device once uploaded
+    pub ty: GgmlType,
+    /// device bytes once uploaded
+    pub bytes: u64,
+    fetch: Box<Fetch>,
+}
+
+impl StreamedWeight {
+    pub fn new(
+        name: &str,
+        shape: &[usize],
+        ty: GgmlType,
+        fetch: impl Fn() -> Result<DeviceForm> + Send + Sync + 'static,
+    ) -> Self {
+        let n: usize = shape.iter().product();
+        let bytes = match ty {
+            GgmlType::F32 => 4 * n as u64,
+            t => (n / t.block_elems() * t.block_bytes()) as u64,
+        };
+        StreamedWeight { name: name.into(), shape: shape.to_vec(), ty, bytes, fetch: Box::new(fetch) }
+    }
+
+    /// Read from the checkpoint and upload.
+    pub fn upload(&self, gpu: &Gpu) -> Result<Value> {
+        Ok(match (self.fetch)()? {
+            DeviceForm::F32(v) => Value::Gpu(Tensor::from_host(gpu, &v, &self.shape, &self.name)?),
+            DeviceForm::Packed(ty, b) => Value::Packed(QTensor::from_bytes(gpu, ty, &b, &self.shape, &self.name)?),
+        })
+    }
+
+    /// The values as f32, read from the checkpoint (exports and checks).
+    pub fn to_host(&self) -> Result<Vec<f32>> {
+        Ok(match (self.fetch)()? {
+            DeviceForm::F32(v) => v,
+            DeviceForm::Packed(ty, b) => {
+                let mut out = vec![0f32; self.shape.iter().product()];
+                kernels_ref::quant::dequantize(ty, &b, &mut out);
+                out
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for StreamedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamedWeight({} {:?} {})", self.name, self.shape, self.ty.name())
+    }
+}
+
+/// When in a step a streamed parameter is read. Events are ordered by a key: forward step i
+/// has key i; in the backward pass, a checkpointed segment's recomputation comes just before
+/// the backward step of its last node, and backward step i has key `2n - 2i + 1` (recompute of
+/// a segment ending at node e: `2n - 2e`).
+pub(super) struct Residency {
+    /// per node, the streamed parameters its forward step reads
+    forward_reads: HashMap<usize, Vec<ParamId>>,
+    /// per node, the streamed parameters its backward step reads
+    backward_reads: HashMap<usize, Vec<ParamId>>,
+    /// per streamed parameter, the key of its last use in the forward pass and in the whole step
+    last_forward: HashMap<ParamId, usize>,
+    last_use: HashMap<ParamId, usize>,
+    /// per layer segment (by the node where it starts), the streamed parameters it reads
+    segment_params: Vec<(usize, usize, Vec<ParamId>)>,
+    n: usize,
+}
+
+impl Residency {
+    /// The schedule of `graph`'s streamed parameters; `segments` are the layer ranges
+    /// (first node, last node), `recomputed` whether checkpointing recomputes them.
+    pub fn plan(
+        graph: &Graph,
+        store: &ParamStore,
+        requires_grad: &[bool],
+        segments: &[(usize, usize)],
+        recomputed: bool,
+    ) -> Self {
+        let n = graph.nodes.len();
+        let streamed = |v: usize| match graph.nodes[v].op {
+            Op::Param(id) if matches!(store.get(id).value, Value::Streamed(_)) => Some(id),
+            _ => None,
+        };
+        let mut r = Residency {
+            forward_reads: HashMap::new(),
+            backward_reads: HashMap::new(),
+            last_forward: HashMap::new(),
+            last_use: HashMap::new(),
+            segment_params: Vec::new(),
+            n,
+        };
+        let segment_end = |i: usize| segments.iter().find(|(a, b)| (*a..=*b).contains(&i)).map(|s| s.1);
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for (j, v) in node.inputs.iter().enumerate() {
+                let Some(id) = streamed(v.0) else { continue };
+                r.forward_reads.entry(i).or_default().push(id);
+                r.last_forward.insert(id, i);
+                let mut keys = vec![i];
+                if requires_grad[i] && node.op.backward_reads(j) {
+                    r.backward_reads.entry(i).or_default().push(id);
+                    keys.push(2 * n - 2 * i + 1);
+                }
+                if recomputed {
+                    if let Some(e) = segment_end(i) {
+                        keys.push(2 * n - 2 * e);
+                    }
+                }
+                let last = r.last_use.entry(id).or_insert(0);
+                *last = (*last).max(keys.into_iter().max().unwrap_or(0));
+            }
+        }
+        for &(a, b) in segments {
+            let mut ids: Vec<ParamId> = (a..=b).flat_map(|i| r.forward_reads.get(&i).cloned().unwrap_or_default()).collect();
+            ids.sort();
+            ids.dedup();
+            r.segment_params.push((a, b, ids));
+        }
+        r
+    }
+
+    pub fn forward_reads(&self, i: usize) -> &[ParamId] {
+        self.forward_reads.get(&i).map_or(&[], Vec::as_slice)
+    }
+    pub fn backward_reads(&self, i: usize) -> &[ParamId] {
+        self.backward_reads.get(&i).map_or(&[], Vec::as_slice)
+    }
+    /// Whether a parameter read at `key` can be released after it: no later use (in the forward
+    /// pass, a parameter read again in the backward pass is released too, and streamed again,
+    /// unless its next use is the backward step that follows the forward pass's end).
+    pub fn release_after(&self, id: ParamId, key: usize, forward: bool) -> bool {
+        let last = self.last_use[&id];
+        if forward {
+            self.last_forward[&id] == key && (last == key || key + 1 < self.tail_start())
+        } else {
+            last == key
+        }
+    }
+
+    /// Forward keys from here on run after the last layer (the final norm, the LM head and the
+    /// loss): what they read is needed again at once by the backward pass.
+    fn tail_start(&self) -> usize {
+        self.segment_params.last().map_or(0, |s| s.1 + 1)
+    }
+
+    /// The streamed parameters of the layer after the one containing node `i` (forward), or
+    /// before it (backward): what to upload ahead.
+    pub fn next_layer(&self, i: usize, forward: bool) -> &[ParamId] {
+        let Some(k) = self.segment_params.iter().position(|s| (s.0..=s.1).contains(&i)) else { return &[] };
+        let next = if forward { k + 1 } else { k.wrapping_sub(1) };
+        self.segment_params.get(next).map_or(&[], |s| s.2.as_slice())
+    }
+
+    /// Whether node `i` starts a layer segment.
+    pub fn starts_layer(&self, i: usize) -> bool {
+        self.segment_params.iter().any(|s| s.0 == i)
+    }
+    pub fn ends_layer(&self, i: usize) -> bool {
+        self.segment_params.iter().any(|s| s.1 == i)
+    }
+    pub fn key_backward(&self, i: usize) -> usize {
+        2 * self.n - 2 * i + 1
+    }
+}
+
+/// The uploaded copies of streamed parameters during one step.
+#[derive(Default)]
+pub(super) struct Resident {
+    values: HashMap<ParamId, Value>,
+}
+
+impl Resident {
+    pub fn get(&self, id: ParamId) -> Option<&Value> {
+        self.values.get(&id)
+    }
+
+    /// Upload `ids` that are not resident yet.
+    pub fn ensure(&mut self, gpu: &Arc<Gpu>, store: &ParamStore, ids: &[ParamId]) -> Result<()> {
+        for &id in ids {
+            if self.values.contains_key(&id) {
+                continue;
+            }
+            let Value::Streamed(w) = &store.get(id).value else { continue };
+            let _c = gpu.category(crate::gpu::Category::Weights);
+            let v = w.upload(gpu)?;
+            self.values.insert(id, v);
+        }
+        Ok(())
+    }
+
+    pub fn release(&mut self, id: ParamId) {
+        self.values.remove(&id);
+    }
+}
