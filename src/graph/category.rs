@@ -2,13 +2,14 @@
 //! backward steps are counted in. Parameters, their gradients and moments are labelled where
 //! the store makes them (`params.rs`); the executor labels the rest:
 //!
-//! - **logits and loss**: the loss node (a cross-entropy, or a scalar last node, which is how a
-//!   fused LM head + loss appears) and the logits, found structurally rather than by width:
-//!   the cross-entropy's input and, back from it through soft-capping, scaling and additions
-//!   (a LoRA on the LM head), the nodes that make it, down to and including the LM head's
-//!   product. A backward step is counted here when it is the loss's or when its first input is
-//!   a logits node, i.e. when it makes the gradient of the logits (vocabulary-wide); the LM
-//!   head's own backward makes the hidden state's gradient and is counted as activations.
+//! - **logits and loss**: the loss node (a cross-entropy, the fused LM head + cross-entropy of
+//!   `--fused-loss` with its per-chunk logits, or any scalar last node) and the logits, found
+//!   structurally rather than by width: the cross-entropy's input and, back from it through
+//!   soft-capping, scaling and additions (a LoRA on the LM head), the nodes that make it, down
+//!   to and including the LM head's product. A backward step is counted here when it is the
+//!   loss's or when its first input is a logits node, i.e. when it makes the gradient of the
+//!   logits (vocabulary-wide); the LM head's own backward makes the hidden state's gradient and
+//!   is counted as activations (the fused node's backward makes both, and counts both here).
 //! - **activations**: everything else, the saved state of the backward pass and the
 //!   activations' gradients included.
 
@@ -35,7 +36,8 @@ pub(super) fn backward(g: &Graph, i: usize) -> Category {
 }
 
 fn is_loss(g: &Graph, i: usize) -> bool {
-    matches!(g.nodes[i].op, Op::CrossEntropy { .. }) || (i + 1 == g.nodes.len() && g.shapes[i] == [1])
+    matches!(g.nodes[i].op, Op::CrossEntropy { .. } | Op::LinearCrossEntropy { .. })
+        || (i + 1 == g.nodes.len() && g.shapes[i] == [1])
 }
 
 /// The logits nodes of the graph's last cross-entropy (the loss is recorded last, so the
