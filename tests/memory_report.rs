@@ -120,6 +120,20 @@ fn a_training_step_labels_weights_gradients_moments_and_logits() {
     assert_eq!(now, 0, "the run is gone");
     assert!(peak > 0 && peak < logits, "activations peak {peak} (logits {logits})");
     assert_eq!(delta(Category::Staging), (0, 0), "f32 weights need no scratch");
+
+    // With --fused-loss the logits never exist whole: what is counted there is the fused node's
+    // vocabulary chunks and state, less than the logits themselves.
+    let options = pockettune::memory::GraphOptions { fused_loss: true, ..Default::default() };
+    let (graph, vars) = model.graph_with(&store, bs, t, options).unwrap();
+    gpu.reset_live_peak();
+    let before = cats(gpu)[&Category::LogitsLoss].0;
+    let mut run = graph.forward(&store, &feed, &[]).unwrap();
+    run.backward(&mut store, vars.loss, 1.0).unwrap();
+    drop(run);
+    gpu.sync().unwrap();
+    let (now, peak) = cats(gpu)[&Category::LogitsLoss];
+    assert_eq!(now, before);
+    assert!(peak > before && peak - before < logits, "fused: peak {peak}, logits {logits}");
 }
 
 fn bin() -> Command {
