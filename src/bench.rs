@@ -212,6 +212,9 @@ pub fn step_bench(
         };
         crate::lora::apply(&model, &mut store, &opts, 1)?;
     }
+    // --optimizer-offload disk: the moments' file goes to the temporary directory
+    let moments_file = std::env::temp_dir().join(format!("pockettune-bench-{}.moments", std::process::id()));
+    store.set_optimizer_offload(memory.optimizer_offload, &moments_file)?;
     let (graph, vars) = model.graph_with(&store, b, t, memory.graph_options())?;
     let mut rng = StdRng::seed_from_u64(3);
     let vocab = model.vocab_size() as u32;
@@ -237,6 +240,12 @@ pub fn step_bench(
         one()?;
     }
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let report = MemoryReport::for_device(&rss, dev);
+    let weight_bytes = store.value_bytes().into_iter().map(|(ty, n)| (ty.name().to_string(), n)).collect();
+    if memory.optimizer_offload == crate::memory::OptimizerOffload::Disk {
+        drop(store); // unmaps the moments' file
+        let _ = std::fs::remove_file(&moments_file);
+    }
     Ok(StepResult {
         device: dev.name(),
         ms_step: secs * 1e3,
@@ -250,7 +259,7 @@ pub fn step_bench(
             Device::Gpu(g) => Some(g.bytes_live().1),
             Device::Cpu => None,
         },
-        weight_bytes: store.value_bytes().into_iter().map(|(ty, n)| (ty.name().to_string(), n)).collect(),
-        memory: MemoryReport::for_device(&rss, dev),
+        weight_bytes,
+        memory: report,
     })
 }
