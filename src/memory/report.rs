@@ -208,7 +208,8 @@ impl GpuMemory {
     pub fn of(gpu: &Gpu) -> GpuMemory {
         let (held_bytes, peak_held_bytes) = gpu.bytes_allocated();
         let (live_bytes, peak_live_bytes) = gpu.bytes_live();
-        let mut m = GpuMemory { held_bytes, peak_held_bytes, live_bytes, peak_live_bytes, ..Default::default() };
+        let mut m =
+            GpuMemory { held_bytes, peak_held_bytes, live_bytes, peak_live_bytes, ..Default::default() };
         for (c, now, peak) in gpu.bytes_by_category() {
             *m.live_by_category.slot(c) = now;
             *m.peak_live_by_category.slot(c) = peak;
