@@ -194,6 +194,7 @@ pub fn step_bench(
     use crate::memory::report::{MemoryReport, RssSampler};
     use crate::models::Model;
     crate::memory::validate(memory)?;
+    crate::memory::apply_budget(dev, memory.memory_budget);
     let rss = RssSampler::start();
     let (model, mut store) = match what {
         StepModel::Preset(name) => Model::random(crate::models::preset_config(name)?, dev, 1)?,

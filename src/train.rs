@@ -279,6 +279,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     validate(o)?;
     let rss_sampler = crate::memory::report::RssSampler::start(); // peak RSS by kind, for the report
     let dev = open_device(o.device.as_deref(), o.limits)?;
+    crate::memory::apply_budget(&dev, o.memory.memory_budget);
     let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
     if o.resume && resume_dir.is_none() {

@@ -632,9 +632,14 @@ impl Run<'_> {
         self.resident.ensure(gpu, store, now)?;
         let opens = if forward { r.starts_layer(i) } else { r.ends_layer(i) };
         if opens {
-            self.resident.ensure(gpu, store, r.next_layer(i, forward))?;
+            self.resident.ensure(gpu, store, &r.ahead(i, forward))?;
         }
         Ok(())
+    }
+
+    /// How many streamed weights are uploaded now (none once the backward pass is done).
+    pub fn streamed_resident(&self) -> usize {
+        self.resident.len()
     }
 
     /// The uploaded copy of a streamed weight (for the ops).
@@ -690,7 +695,7 @@ impl Run<'_> {
                 }
             }
         }
-        let key = 2 * g.nodes.len() - 2 * last;
+        let key = stream::Residency::recompute_key(g.nodes.len(), last);
         for i in first..=last {
             if let (Some(r), Device::Gpu(gpu)) = (&self.residency, &self.dev) {
                 self.resident.ensure(gpu, store, r.forward_reads(i))?;
@@ -769,13 +774,13 @@ impl Run<'_> {
             if dout.is_none() && i != loss.0 {
                 continue; // does not reach the loss
             }
+            self.stream_in(store, i, false)?;
             if let Some(k) = self.segment[i] {
                 if !self.done_segments.contains(&k) {
                     self.recompute(store, k)?;
                 }
             }
             let _c = category::backward(g, i).enter();
-            self.stream_in(store, i, false)?;
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             if let Some(r) = &self.residency {
                 let key = r.key_backward(i);

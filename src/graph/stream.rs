@@ -79,9 +79,9 @@ impl std::fmt::Debug for StreamedWeight {
 }
 
 /// When in a step a streamed parameter is read. Events are ordered by a key: forward step i
-/// has key i; in the backward pass, a checkpointed segment's recomputation comes just before
-/// the backward step of its last node, and backward step i has key `2n - 2i + 1` (recompute of
-/// a segment ending at node e: `2n - 2e`).
+/// has key i (< n); in the backward pass, backward step i has key `3n - 2i + 1` (> n), and a
+/// checkpointed segment's recomputation comes just before the backward step of its last node
+/// e: key `3n - 2e`.
 pub(super) struct Residency {
     /// per node, the streamed parameters its forward step reads
     forward_reads: HashMap<usize, Vec<ParamId>>,
@@ -127,11 +127,11 @@ impl Residency {
                 let mut keys = vec![i];
                 if requires_grad[i] && node.op.backward_reads(j) {
                     r.backward_reads.entry(i).or_default().push(id);
-                    keys.push(2 * n - 2 * i + 1);
+                    keys.push(3 * n - 2 * i + 1);
                 }
                 if recomputed {
                     if let Some(e) = segment_end(i) {
-                        keys.push(2 * n - 2 * e);
+                        keys.push(Self::recompute_key(n, e));
                     }
                 }
                 let last = r.last_use.entry(id).or_insert(0);
@@ -155,28 +155,36 @@ impl Residency {
     }
     /// Whether a parameter read at `key` can be released after it: no later use (in the forward
     /// pass, a parameter read again in the backward pass is released too, and streamed again,
-    /// unless its next use is the backward step that follows the forward pass's end).
+    /// unless it belongs to the last layer or the head, which the backward pass starts with).
     pub fn release_after(&self, id: ParamId, key: usize, forward: bool) -> bool {
         let last = self.last_use[&id];
         if forward {
-            self.last_forward[&id] == key && (last == key || key + 1 < self.tail_start())
+            self.last_forward[&id] == key && (last == key || key < self.last_layer_start())
         } else {
             last == key
         }
     }
 
-    /// Forward keys from here on run after the last layer (the final norm, the LM head and the
-    /// loss): what they read is needed again at once by the backward pass.
-    fn tail_start(&self) -> usize {
-        self.segment_params.last().map_or(0, |s| s.1 + 1)
+    /// Forward keys from here on run in the last layer or after it (the final norm, the LM
+    /// head and the loss): what they read is needed again at once by the backward pass.
+    fn last_layer_start(&self) -> usize {
+        self.segment_params.last().map_or(0, |s| s.0)
     }
 
-    /// The streamed parameters of the layer after the one containing node `i` (forward), or
-    /// before it (backward): what to upload ahead.
-    pub fn next_layer(&self, i: usize, forward: bool) -> &[ParamId] {
-        let Some(k) = self.segment_params.iter().position(|s| (s.0..=s.1).contains(&i)) else { return &[] };
-        let next = if forward { k + 1 } else { k.wrapping_sub(1) };
-        self.segment_params.get(next).map_or(&[], |s| s.2.as_slice())
+    /// The streamed parameters to have resident when node `i` opens a layer: in the forward
+    /// pass the next layer's; in the backward pass this layer's and the one before it, those
+    /// that the backward pass (or a recomputation) still reads.
+    pub fn ahead(&self, i: usize, forward: bool) -> Vec<ParamId> {
+        let Some(k) = self.segment_params.iter().position(|s| (s.0..=s.1).contains(&i)) else { return vec![] };
+        let layers: Vec<usize> = if forward { vec![k + 1] } else { vec![k, k.wrapping_sub(1)] };
+        // the backward pass reaches this layer at this key (its recomputation, if any)
+        let floor = Self::recompute_key(self.n, self.segment_params[k].1);
+        layers
+            .into_iter()
+            .filter_map(|l| self.segment_params.get(l))
+            .flat_map(|s| s.2.iter().copied())
+            .filter(|id| forward || self.last_use[id] >= floor)
+            .collect()
     }
 
     /// Whether node `i` starts a layer segment.
@@ -187,7 +195,11 @@ impl Residency {
         self.segment_params.iter().any(|s| s.1 == i)
     }
     pub fn key_backward(&self, i: usize) -> usize {
-        2 * self.n - 2 * i + 1
+        3 * self.n - 2 * i + 1
+    }
+    /// The key of recomputing the segment that ends at node `e` (just before `e`'s backward).
+    pub fn recompute_key(n: usize, e: usize) -> usize {
+        3 * n - 2 * e
     }
 }
 
@@ -210,10 +222,17 @@ impl Resident {
             }
             let Value::Streamed(w) = &store.get(id).value else { continue };
             let _c = gpu.category(crate::gpu::Category::Weights);
-            let v = w.upload(gpu)?;
+                let v = w.upload(gpu)?;
             self.values.insert(id, v);
         }
         Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
     }
 
     pub fn release(&mut self, id: ParamId) {

@@ -105,6 +105,18 @@ pub(crate) fn invalid(name: &str, detail: impl Into<String>) -> Error {
     Error::InvalidArgument { name: name.into(), detail: detail.into() }
 }
 
+/// Hold the device to `budget` bytes (GPU only: the CPU path keeps everything in host memory,
+/// and says so).
+pub fn apply_budget(dev: &crate::graph::Device, budget: Option<u64>) {
+    match (dev, budget) {
+        (crate::graph::Device::Gpu(g), b) => g.set_memory_budget(b),
+        (crate::graph::Device::Cpu, Some(_)) => {
+            eprintln!("note: --memory-budget limits GPU memory; the CPU path keeps its weights in host memory")
+        }
+        (crate::graph::Device::Cpu, None) => {}
+    }
+}
+
 /// Checked before a run starts.
 pub fn validate(flags: &MemoryFlags) -> Result<()> {
     if flags.memory_budget == Some(0) {

@@ -7,6 +7,8 @@ pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 mod load;
+mod random;
+pub use random::write_random;
 
 pub use load::{open_source, LoadOptions};
 
