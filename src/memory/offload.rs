@@ -88,7 +88,8 @@ impl Offload {
             OptimizerOffload::Host => None,
             OptimizerOffload::Disk => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|e| disk_error(path, "create the directory of", e))?;
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| disk_error(path, "create the directory of", e))?;
                 }
                 let f = std::fs::File::options()
                     .read(true)
@@ -153,7 +154,8 @@ impl Offload {
                 f.flush().map_err(|e| disk_error(path, "fill", e))?;
                 // SAFETY: the file was created by us, truncated, and is not shared; nothing else
                 // maps or resizes it while this map lives.
-                let map = unsafe { memmap2::MmapMut::map_mut(&*f) }.map_err(|e| disk_error(path, "map", e))?;
+                let map =
+                    unsafe { memmap2::MmapMut::map_mut(&*f) }.map_err(|e| disk_error(path, "map", e))?;
                 Storage::Disk { map }
             }
             _ => Storage::Host(vec![0.0; total]),
@@ -187,7 +189,10 @@ impl Offload {
         let p = &params[id.0];
         let n: usize = p.shape.iter().product();
         if m.len() != n || v.len() != n {
-            return Err(Error::shape("set_moments", format!("{} holds {n} values, got {} and {}", p.name, m.len(), v.len())));
+            return Err(Error::shape(
+                "set_moments",
+                format!("{} holds {n} values, got {} and {}", p.name, m.len(), v.len()),
+            ));
         }
         let (dm, dv) = self.slices(id.0, &p.name, 0, n)?;
         dm.copy_from_slice(m);
@@ -196,7 +201,13 @@ impl Offload {
     }
 
     /// One AdamW step on every parameter with a gradient.
-    pub(crate) fn adamw_step(&mut self, dev: &Device, params: &mut [Param], opt: AdamW, step: u32) -> Result<()> {
+    pub(crate) fn adamw_step(
+        &mut self,
+        dev: &Device,
+        params: &mut [Param],
+        opt: AdamW,
+        step: u32,
+    ) -> Result<()> {
         self.ensure_layout(params)?;
         match dev {
             Device::Gpu(gpu) => self.step_gpu(gpu, params, opt, step),
@@ -218,7 +229,10 @@ impl Offload {
         for (i, p) in params.iter().enumerate() {
             let Some(grad) = &p.grad else { continue };
             let (Value::Gpu(w), Value::Gpu(g)) = (&p.value, grad) else {
-                return Err(Error::shape("adamw (offloaded)", format!("{} is not an f32 GPU tensor", p.name)));
+                return Err(Error::shape(
+                    "adamw (offloaded)",
+                    format!("{} is not an f32 GPU tensor", p.name),
+                ));
             };
             if w.is_chunked() && w.split() != Split::Rows {
                 // Column chunks are not in the parameter's element order, which checkpoints use.
@@ -309,7 +323,8 @@ impl Offload {
 
 /// Submit what is recorded, wait, and map the first `bytes` bytes of `staging` for reading.
 fn map_read(gpu: &Gpu, staging: &wgpu::Buffer, bytes: u64) -> Result<wgpu::BufferView> {
-    let internal = |message: String| Error::Internal { context: "optimizer offload read-back".into(), message };
+    let internal =
+        |message: String| Error::Internal { context: "optimizer offload read-back".into(), message };
     gpu.flush()?;
     let (tx, rx) = std::sync::mpsc::channel();
     staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
