@@ -286,7 +286,9 @@ fn whole_models_equal_the_plain_step_on_the_cpu() {
 
 /// One training step of a Gemma 3 270M-shaped model (18 layers, vocabulary 262,144) on a
 /// 2,048-token sequence with flash attention, under the mobile limits: the loss is finite and
-/// near ln(262,144) for random weights, and every gradient is finite. Slow on lavapipe; run with
+/// near ln(262,144) for random weights, and every gradient is finite. Slow on lavapipe (768 s on
+/// two shared cores, loss 12.61, peak live GPU bytes 7.1 GiB, 4 GiB of it the logits and their
+/// gradient, which `--fused-loss` removes); run with
 /// `cargo test --release --test flash_attention -- --ignored gemma3_270m_trains`.
 #[test]
 #[ignore]
