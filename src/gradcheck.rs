@@ -1020,8 +1020,11 @@ fn check_lm_head_loss(p: &mut Probe) -> Result<()> {
         kr::linear_cross_entropy_backward(Some(&mut dx), Some(&mut dw), &x, &w, &targets, dloss, d);
         let got = loss.to_host(p.gpu)?[0];
         // relative to the loss, absolute below 1 (a vocabulary of 1 has loss 0)
-        let loss_err =
-            if got.is_finite() { (got - want).abs() as f64 / (want.abs() as f64).max(1.0) } else { f64::INFINITY };
+        let loss_err = if got.is_finite() {
+            (got - want).abs() as f64 / (want.abs() as f64).max(1.0)
+        } else {
+            f64::INFINITY
+        };
         p.push("forward", &shape, "mean loss", loss_err);
         let plus = |prior: &[f32], g: &[f32]| prior.iter().zip(g).map(|(a, b)| a + b).collect::<Vec<f32>>();
         p.record("backward", &shape, "dx", &gdx, &plus(&prior_dx, &dx))?;

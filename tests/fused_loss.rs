@@ -70,9 +70,11 @@ fn run_case(gpu: &Gpu, case: Case, seed: u64) -> (f64, f64, f64) {
     let t = targets(&mut rng, n, v);
     let d = kr::HeadDims { n, c, v, trans_w, softcap };
     let w_shape = if trans_w { [v, c] } else { [c, v] };
-    let (gx, gw) = (upload(gpu, &x, &[n, c], x_rows.map(|r| (Split::Rows, r))), upload(gpu, &w, &w_shape, w_split));
+    let (gx, gw) =
+        (upload(gpu, &x, &[n, c], x_rows.map(|r| (Split::Rows, r))), upload(gpu, &w, &w_shape, w_split));
     let gt = Targets::new(gpu, &t, v).unwrap();
-    let (loss, state) = (Tensor::empty(gpu, &[1], "loss").unwrap(), Tensor::empty(gpu, &[n, 4], "state").unwrap());
+    let (loss, state) =
+        (Tensor::empty(gpu, &[1], "loss").unwrap(), Tensor::empty(gpu, &[n, 4], "state").unwrap());
     loss.fill(gpu, f32::NAN).unwrap();
     let hw = HeadWeight::F32 { w: &gw, trans_w };
     let (prior_dx, prior_dw) = (uniform(&mut rng, n * c, 0.01), uniform(&mut rng, v * c, 0.01));
@@ -124,7 +126,11 @@ fn gpu_equals_the_reference_on_ragged_shapes_and_chunkings() {
         case(9, 33, 100, false, Some(2.0), Some(17)),
         case(13, 70, 257, true, Some(1.5), Some(256)),
         // W (V, C) by rows (the vocabulary axis, as a big tied embedding is), x by rows
-        Case { w_split: Some((Split::Rows, 37)), x_rows: Some(5), ..case(17, 24, 300, true, Some(1.5), Some(64)) },
+        Case {
+            w_split: Some((Split::Rows, 37)),
+            x_rows: Some(5),
+            ..case(17, 24, 300, true, Some(1.5), Some(64))
+        },
         // W (C, V) by rows: the hidden axis, so each chunk's product sums over W's chunks
         Case { w_split: Some((Split::Rows, 16)), ..case(6, 40, 129, false, None, Some(50)) },
         // W (V, C) by columns (the hidden axis) and (C, V) by columns (the vocabulary axis)
@@ -159,7 +165,8 @@ fn every_target_ignored_gives_nan_loss_and_zero_gradient() {
     gdx.fill(gpu, f32::NAN).unwrap();
     let hw = HeadWeight::F32 { w: &gw, trans_w: true };
     lm_head_loss::lm_head_loss_forward(gpu, &loss, &state, &gx, hw, &gt, None).unwrap();
-    lm_head_loss::lm_head_loss_backward(gpu, Some((&gdx, false)), None, &gx, hw, &state, &gt, None, 1.0).unwrap();
+    lm_head_loss::lm_head_loss_backward(gpu, Some((&gdx, false)), None, &gx, hw, &state, &gt, None, 1.0)
+        .unwrap();
     assert!(loss.to_host(gpu).unwrap()[0].is_nan());
     assert_eq!(gdx.to_host(gpu).unwrap(), vec![0.0; n * c]);
 }
@@ -190,7 +197,17 @@ fn packed_head_weight_gives_dx_of_its_dequantized_values() {
         lm_head_loss::with_chunk_cols(128, || {
             let hw = HeadWeight::Packed(&q);
             lm_head_loss::lm_head_loss_forward(gpu, &loss, &state, &gx, hw, &gt, softcap)?;
-            lm_head_loss::lm_head_loss_backward(gpu, Some((&gdx, false)), None, &gx, hw, &state, &gt, softcap, 1.0)
+            lm_head_loss::lm_head_loss_backward(
+                gpu,
+                Some((&gdx, false)),
+                None,
+                &gx,
+                hw,
+                &state,
+                &gt,
+                softcap,
+                1.0,
+            )
         })
         .unwrap();
         let d = kr::HeadDims { n, c, v, trans_w: true, softcap };
@@ -200,7 +217,10 @@ fn packed_head_weight_gives_dx_of_its_dequantized_values() {
         kr::linear_cross_entropy_backward(Some(&mut dx), None, &x, &w, &t, 1.0, d);
         let loss_err = ((loss.to_host(gpu).unwrap()[0] - want) / want).abs() as f64; // ln 517 > 1
         let dx_err = gradcheck::rel_err(&gdx.to_host(gpu).unwrap(), &dx);
-        assert!(loss_err <= gradcheck::TOL && dx_err <= gradcheck::TOL, "{ty}: loss {loss_err:e}, dx {dx_err:e}");
+        assert!(
+            loss_err <= gradcheck::TOL && dx_err <= gradcheck::TOL,
+            "{ty}: loss {loss_err:e}, dx {dx_err:e}"
+        );
     }
 }
 
@@ -361,8 +381,11 @@ fn model_step(config: &serde_json::Value, dev: &Device, lora: bool, fused: bool)
         pockettune::lora::apply(&model, &mut store, &o, 5).unwrap();
         // LoRA's B starts at zero, which would leave A's gradient zero
         let mut rng = StdRng::seed_from_u64(23);
-        let bs: Vec<_> =
-            store.iter().filter(|(_, p)| p.name.contains("lora_B")).map(|(id, p)| (id, p.shape.clone())).collect();
+        let bs: Vec<_> = store
+            .iter()
+            .filter(|(_, p)| p.name.contains("lora_B"))
+            .map(|(id, p)| (id, p.shape.clone()))
+            .collect();
         for (id, shape) in bs {
             store.set_value(id, &uniform(&mut rng, shape.iter().product(), 0.1)).unwrap();
         }

@@ -125,7 +125,8 @@ pub fn linear_cross_entropy_backward(
     let count = kept.iter().flatten().count();
     let scale = if count == 0 { 0.0 } else { dloss as f64 / count as f64 };
     let rows: Vec<&[f32]> = x.chunks(d.c.max(1)).collect();
-    let lse: Vec<f64> = rows.par_iter().zip(&kept).map(|(xr, t)| t.map_or(0.0, |t| d.row_lse(xr, w, t).0)).collect();
+    let lse: Vec<f64> =
+        rows.par_iter().zip(&kept).map(|(xr, t)| t.map_or(0.0, |t| d.row_lse(xr, w, t).0)).collect();
     // g_iv, recomputed wherever it is used
     let grad = |i: usize, v: usize| -> f64 {
         let Some(t) = kept[i] else { return 0.0 };

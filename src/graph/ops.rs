@@ -245,14 +245,16 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             let Fed::Gpu { targets: fed, .. } = &run.fed else { unreachable!() };
             let state = Tensor::empty(g, &[in_shape(0)[0], 4], "cross-entropy state")?;
             let w = head_weight(x(1), *trans_w)?;
-            lm_head_loss::lm_head_loss_forward(g, out.gpu(), &state, x(0).gpu(), w, &fed[*targets], *softcap)?;
+            let fed = &fed[*targets];
+            lm_head_loss::lm_head_loss_forward(g, out.gpu(), &state, x(0).gpu(), w, fed, *softcap)?;
             saved = Some(Value::Gpu(state));
         }
         (Device::Cpu, Op::LinearCrossEntropy { targets, trans_w, softcap }) => {
             let Fed::Cpu { targets: fed, .. } = &run.fed else { unreachable!() };
             let d = head_dims(&in_shape(0), &in_shape(1), *trans_w, *softcap);
             let mut losses = vec![0f32; d.n];
-            out.cpu_mut()[0] = kr::linear_cross_entropy_forward(&mut losses, x(0).cpu(), x(1).cpu(), &fed[*targets], d);
+            out.cpu_mut()[0] =
+                kr::linear_cross_entropy_forward(&mut losses, x(0).cpu(), x(1).cpu(), &fed[*targets], d);
         }
     }
     Ok((out, saved))
@@ -812,7 +814,8 @@ fn linear_cross_entropy_backward(
             let mut fdx = dx.as_ref().map(|_| vec![0f32; d.n * d.c]);
             let mut fdw = dw.as_ref().map(|_| vec![0f32; d.v * d.c]);
             let (x0, w) = (x(0).cpu(), x(1).cpu());
-            kr::linear_cross_entropy_backward(fdx.as_deref_mut(), fdw.as_deref_mut(), x0, w, &fed[targets], scale, d);
+            let (dx0, dw0) = (fdx.as_deref_mut(), fdw.as_deref_mut());
+            kr::linear_cross_entropy_backward(dx0, dw0, x0, w, &fed[targets], scale, d);
             for (out, fresh) in [(&mut dx, fdx), (&mut dw, fdw)] {
                 if let (Some((_, g, acc)), Some(fresh)) = (out.as_mut(), fresh) {
                     cpu_put(g, fresh, *acc);

@@ -155,7 +155,10 @@ fn row_chunks<'t>(t: &'t Tensor, what: &str) -> Result<Vec<(&'t wgpu::Buffer, us
     match (t.chunks(), t.split()) {
         ([one], _) => Ok(vec![(one.buf.raw(), 0, t.rows())]),
         (chunks, Split::Rows) => Ok(chunks.iter().map(|c| (c.buf.raw(), c.start, c.len)).collect()),
-        _ => Err(Error::shape("lm_head_loss", format!("{what} {:?} is split by columns; store it by rows", t.shape()))),
+        _ => Err(Error::shape(
+            "lm_head_loss",
+            format!("{what} {:?} is split by columns; store it by rows", t.shape()),
+        )),
     }
 }
 
@@ -205,7 +208,14 @@ fn tr(v: View<'_>) -> View<'_> {
     View { s_i: v.s_j, s_j: v.s_i, ..v }
 }
 
-fn params(n: usize, vl: usize, v0: usize, first: bool, grad_scale: f32, softcap: Option<f32>) -> Result<Params> {
+fn params(
+    n: usize,
+    vl: usize,
+    v0: usize,
+    first: bool,
+    grad_scale: f32,
+    softcap: Option<f32>,
+) -> Result<Params> {
     super::check_trips("lm_head_loss", vl, WG as usize, 3)?;
     let u = |x: usize| u32_of(x, "lm_head_loss");
     Ok(Params {
@@ -220,7 +230,13 @@ fn params(n: usize, vl: usize, v0: usize, first: bool, grad_scale: f32, softcap:
     })
 }
 
-fn check(x: &Tensor, w: HeadWeight, state: &Tensor, targets: &Targets, softcap: Option<f32>) -> Result<(usize, usize, usize)> {
+fn check(
+    x: &Tensor,
+    w: HeadWeight,
+    state: &Tensor,
+    targets: &Targets,
+    softcap: Option<f32>,
+) -> Result<(usize, usize, usize)> {
     let (v, c) = w.dims();
     let n = x.rows();
     if x.cols() != c {
@@ -293,7 +309,10 @@ pub fn lm_head_loss_backward(
         (None, _) => None,
         (Some((t, acc)), HeadWeight::F32 { w, trans_w }) => {
             if t.shape() != w.shape() {
-                return Err(Error::shape("lm_head_loss", format!("dW {:?} for W {:?}", t.shape(), w.shape())));
+                return Err(Error::shape(
+                    "lm_head_loss",
+                    format!("dW {:?} for W {:?}", t.shape(), w.shape()),
+                ));
             }
             Some((t, acc, trans_w))
         }
@@ -304,6 +323,9 @@ pub fn lm_head_loss_backward(
             })
         }
     };
+    if dx.is_none() && dw.is_none() {
+        return Ok(());
+    }
     let stb = state.single("lm_head_loss")?;
     let tb = targets.buffer();
     let scale = if targets.count() == 0 { 0.0 } else { dloss / targets.count() as f32 };
@@ -314,7 +336,12 @@ pub fn lm_head_loss_backward(
         let ch = chunk_logits(gpu, x, w, &mut rows, v0, vl)?;
         let sb = ch.s.single("lm_head_loss")?;
         let p = params(n, vl, v0, false, scale, softcap)?;
-        gpu.dispatch(&key("head_grad"), &[Some(sb), Some(tb), Some(stb)], bytemuck::bytes_of(&p), gpu.grid(n, 1))?;
+        gpu.dispatch(
+            &key("head_grad"),
+            &[Some(sb), Some(tb), Some(stb)],
+            bytemuck::bytes_of(&p),
+            gpu.grid(n, 1),
+        )?;
         // dS now holds the chunk's dlogits.
         let ds = |r0: usize, b: &Block| View { off: r0 * vl + (b.v0 - v0), ..View::matrix(sb, 0, vl, false) };
         if let Some((dxt, acc)) = dx {
@@ -330,7 +357,10 @@ pub fn lm_head_loss_backward(
         if let Some((dwt, acc, trans_w)) = dw {
             for b in blocks(dwt, trans_w, v0, vl) {
                 for (i, &(xb, r0, rl)) in xrows.iter().enumerate() {
-                    let cv = View { s_i: if trans_w { b.s_v } else { b.s_c }, ..View::matrix(b.buf, b.off, 0, false) };
+                    let cv = View {
+                        s_i: if trans_w { b.s_v } else { b.s_c },
+                        ..View::matrix(b.buf, b.off, 0, false)
+                    };
                     let xv = View::matrix(xb, b.c0, c, false);
                     let dv = ds(r0, &b);
                     let accumulate = acc || i > 0;
