@@ -274,6 +274,30 @@ fn validate(o: &TrainOptions) -> Result<()> {
     crate::memory::validate(&o.memory)
 }
 
+/// Under `--memory-budget`, refuse before the first step a budget the step cannot run in,
+/// naming the smallest one that works; else say how much of it the step uses.
+fn plan_budget(
+    o: &TrainOptions,
+    dev: &Device,
+    graph: &crate::graph::Graph,
+    loss: crate::graph::Var,
+    store: &mut crate::graph::ParamStore,
+) -> Result<()> {
+    let Some(budget) = o.memory.memory_budget else { return Ok(()) };
+    let n = o.batch_size * o.seq_len;
+    let feed = Model::feed(&vec![0; n], &vec![0; n], o.batch_size, o.seq_len);
+    let needed = crate::memory::smallest_budget(dev, graph, loss, store, &feed, o.memory.optimizer_offload)?;
+    crate::memory::check_budget(Some(budget), needed, o.batch_size, o.seq_len)?;
+    if let Some(needed) = needed {
+        eprintln!(
+            "memory budget {}: a step holds at most {} (planned; frozen weights stream from the checkpoint)",
+            crate::memory::mib(budget),
+            crate::memory::mib(needed)
+        );
+    }
+    Ok(())
+}
+
 /// Fine-tune; `progress` draws a progress bar on stderr (hidden when it is not a terminal).
 pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     validate(o)?;
@@ -366,6 +390,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         eprintln!("resuming from {} at step {}", dir.display(), state.step);
     }
     let (graph, vars) = model.graph_with(&store, o.batch_size, o.seq_len, o.memory.graph_options())?;
+    plan_budget(o, &dev, &graph, vars.loss, &mut store)?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), cause: e })?;
     let metrics_path = o.metrics_out.clone().unwrap_or_else(|| o.out.join("metrics.jsonl"));
     let mut metrics = Metrics::open(&metrics_path, resume_dir.as_ref().map(|_| state.step))?;

@@ -118,3 +118,70 @@ fn a_budget_too_small_for_one_layer_is_a_clear_error() {
     assert!(matches!(err, Error::MemoryBudget { .. }), "{text}");
     assert!(text.contains("--memory-budget 0.1 MiB") && text.contains("at least"), "{text}");
 }
+
+/// The planned budget is the smallest that works: the step runs under it (holding at most it),
+/// and fails under one 256 bytes (one buffer granule) smaller.
+#[test]
+fn the_planned_budget_is_the_smallest_that_works() {
+    let Some(_) = common::gpu() else { return };
+    for (k, config) in configs().into_iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        pockettune::models::write_random(&config, tmp.path(), 11 + k as u64).unwrap();
+        for options in [GraphOptions::default(), GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true }] {
+            let mut needed = None;
+            for shortfall in [0u64, 256] {
+                let dev = device().unwrap();
+                let Device::Gpu(g) = &dev else { unreachable!() };
+                let load = LoadOptions { frozen: true, stream: true, ..Default::default() };
+                let (model, mut store) = Model::load_with(tmp.path(), &dev, &load).unwrap();
+                let o = LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(&model) };
+                lora::apply(&model, &mut store, &o, 5).unwrap();
+                let (b, t) = (2, 9);
+                let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
+                let ids: Vec<u32> = (0..b * t).map(|i| (i * 37 % 300) as u32).collect();
+                let targets: Vec<i32> = (0..b * t).map(|i| (i * 11 % 300) as i32).collect();
+                let mut feed = Model::feed(&ids, &targets, b, t);
+                feed.dropout_seed = Some(4);
+                let plan = pockettune::memory::smallest_budget(
+                    &dev,
+                    &graph,
+                    vars.loss,
+                    &mut store,
+                    &feed,
+                    pockettune::memory::OptimizerOffload::None,
+                )
+                .unwrap()
+                .expect("a GPU plan");
+                assert!(needed.is_none_or(|n| n == plan), "the plan is the same on every device");
+                needed = Some(plan);
+                let budget = plan - shortfall;
+                g.set_memory_budget(Some(budget));
+                let result = (|| -> pockettune::Result<()> {
+                    store.zero_grads()?;
+                    let mut run = graph.forward(&store, &feed, &[])?;
+                    run.backward(&mut store, vars.loss, 1.0)?;
+                    run.loss(vars.loss)?;
+                    drop(run);
+                    store.adamw_step(pockettune::kernels::optim::AdamW {
+                        lr: 1e-3,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        weight_decay: 0.0,
+                    })?;
+                    g.sync()
+                })();
+                let what = format!("config {k} {options:?}: budget {budget} (plan {plan})");
+                if shortfall == 0 {
+                    result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert!(g.bytes_allocated().1 <= budget, "{what}: held {}", g.bytes_allocated().1);
+                } else {
+                    let err = result.expect_err(&what);
+                    assert!(matches!(err, Error::MemoryBudget { .. }), "{what}: {err}");
+                    let refused = pockettune::memory::check_budget(Some(budget), Some(plan), b, t).unwrap_err();
+                    assert!(refused.to_string().contains(&pockettune::memory::mib(plan)), "{refused}");
+                }
+            }
+        }
+    }
+}

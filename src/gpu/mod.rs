@@ -265,6 +265,31 @@ impl Gpu {
     pub fn category(&self, category: Category) -> CategoryGuard {
         category.enter()
     }
+    /// Whether a planning step is running ([`Self::plan`]).
+    pub fn planning(&self) -> bool {
+        self.pool.planning()
+    }
+
+    /// Run `f` as a planning step: every buffer it asks for is counted (live bytes, by
+    /// category, and their peaks) but not created, and no kernel runs; reads return zeros.
+    /// Returns the peak of live bytes during `f`, the bytes already live included: the smallest
+    /// `--memory-budget` under which `f` runs (the pool gives pooled buffers back before it
+    /// refuses, so at every allocation the bytes held can be the bytes live).
+    pub fn plan<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, u64)> {
+        self.flush()?;
+        let budget = self.memory_budget();
+        self.pool.set_budget(None);
+        let saved = self.pool.live_bytes();
+        self.pool.reset_live_peak();
+        self.pool.set_planning(true);
+        let out = f();
+        self.pool.set_planning(false);
+        self.pool.set_budget(budget);
+        let peak = self.pool.live_bytes().1;
+        self.pool.restore_live_peak(saved.1);
+        Ok((out?, peak))
+    }
+
     /// Hold at most `budget` bytes of buffers (`--memory-budget`); an allocation past it fails
     /// with [`Error::MemoryBudget`] after pooled buffers are given back.
     pub fn set_memory_budget(&self, budget: Option<u64>) {
@@ -308,7 +333,13 @@ impl Gpu {
                 return Ok(c);
             }
         }
-        let made = Arc::new(make()?);
+        // Made for real even in a planning step: it is kept, so the step after the plan finds
+        // it, and the plan counts it as that step will (live from here on).
+        let planning = self.pool.planning();
+        self.pool.set_planning(false);
+        let made = make();
+        self.pool.set_planning(planning);
+        let made = Arc::new(made?);
         self.constants.lock().insert(key.to_string(), made.clone());
         Ok(made)
     }
@@ -426,7 +457,7 @@ impl Gpu {
         params: &[u8],
         groups: [u32; 3],
     ) -> Result<()> {
-        if groups.contains(&0) {
+        if groups.contains(&0) || self.pool.planning() {
             return Ok(());
         }
         let max = self.max_workgroups();
@@ -473,6 +504,9 @@ impl Gpu {
 
     /// Record a buffer-to-buffer copy into the pending encoder.
     pub fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, bytes: u64) {
+        if self.pool.planning() {
+            return;
+        }
         let mut pending = self.pending.lock();
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
@@ -548,6 +582,9 @@ impl Gpu {
     /// Staging memory is bounded: past [`STAGING_LIMIT`] bytes the writes are submitted and
     /// waited for (wgpu keeps each write's staging copy until a submission completes).
     pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        if self.pool.planning() {
+            return Ok(());
+        }
         let mut pending = self.pending.lock();
         self.submit_locked(&mut pending);
         self.queue.write_buffer(dst, offset, data);
@@ -573,8 +610,8 @@ impl Gpu {
 
     /// Read `bytes` bytes of `src` from `offset` back to the host (waits for the GPU).
     pub fn read_bytes(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
-        if bytes == 0 {
-            return Ok(Vec::new());
+        if bytes == 0 || self.pool.planning() {
+            return Ok(vec![0; bytes as usize]);
         }
         // A separate MAP_READ buffer: storage buffers cannot be mapped on most GPUs.
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {

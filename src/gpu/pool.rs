@@ -112,17 +112,35 @@ pub(crate) struct Pool {
     live: Mutex<Live>,
     /// `--memory-budget`: bytes held may not pass it
     budget: Mutex<Option<u64>>,
+    /// A planning step (see `Gpu::plan`): buffers are counted, not created; all share `stand_in`.
+    planning: std::sync::atomic::AtomicBool,
+    stand_in: wgpu::Buffer,
 }
 
 impl Pool {
     pub fn new(device: wgpu::Device) -> Self {
+        let stand_in = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("planning stand-in"),
+            size: 256,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Pool {
             device,
+            stand_in,
+            planning: Default::default(),
             free: Mutex::default(),
             held: Mutex::new((0, 0)),
             live: Mutex::default(),
             budget: Mutex::new(None),
         }
+    }
+
+    pub fn set_planning(&self, on: bool) {
+        self.planning.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn planning(&self) -> bool {
+        self.planning.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn set_budget(&self, budget: Option<u64>) {
@@ -173,6 +191,13 @@ impl Pool {
         Category::ALL.iter().map(|&c| (c, live.by[c.index()], live.by_peak[c.index()])).collect()
     }
 
+    /// Put the peak of live bytes back to `peak` (or the bytes live now, if more): after a
+    /// planning step, whose peak is not the run's.
+    pub fn restore_live_peak(&self, peak: u64) {
+        let mut live = self.live.lock();
+        live.peak = peak.max(live.now);
+    }
+
     /// Start the peaks of live bytes (the total and each category's) again from the bytes live now.
     pub fn reset_live_peak(&self) {
         let mut live = self.live.lock();
@@ -182,6 +207,9 @@ impl Pool {
 
     pub fn get(self: &Arc<Self>, bytes: u64, what: &str) -> Result<GpuBuffer> {
         let size = bytes.max(4).next_multiple_of(256);
+        if self.planning() {
+            return Ok(self.hand_out(self.stand_in.clone(), size, bytes, true));
+        }
         let reused = self.free.lock().get_mut(&size).and_then(Vec::pop);
         let buffer = match reused {
             Some(b) => b,
@@ -207,15 +235,20 @@ impl Pool {
                 b
             }
         };
+        Ok(self.hand_out(buffer, size, bytes, false))
+    }
+
+    /// Count `size` bytes live in the current category and wrap the buffer.
+    fn hand_out(self: &Arc<Self>, buffer: wgpu::Buffer, size: u64, bytes: u64, planned: bool) -> GpuBuffer {
         let category = Category::current();
-        let (size, i) = (buffer.size(), category.index());
+        let i = category.index();
         let mut live = self.live.lock();
         live.now += size;
         live.peak = live.peak.max(live.now);
         live.by[i] += size;
         live.by_peak[i] = live.by_peak[i].max(live.by[i]);
         drop(live);
-        Ok(GpuBuffer { buffer: Some(buffer), bytes, category, pool: self.clone() })
+        GpuBuffer { buffer: Some(buffer), size, bytes, planned, category, pool: self.clone() }
     }
 
     /// Give every pooled (unused) buffer back to the driver.
@@ -230,6 +263,10 @@ impl Pool {
 /// A storage buffer that returns to its pool when dropped.
 pub struct GpuBuffer {
     buffer: Option<wgpu::Buffer>,
+    /// bytes counted live (the buffer's size, or what it stands for in a planning step)
+    size: u64,
+    /// a planning step's stand-in: counted, never pooled
+    planned: bool,
     bytes: u64,
     /// the category its bytes are counted in (the one in force when it was handed out)
     category: Category,
@@ -254,10 +291,12 @@ impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(b) = self.buffer.take() {
             let mut live = self.pool.live.lock();
-            live.now -= b.size();
-            live.by[self.category.index()] -= b.size();
+            live.now -= self.size;
+            live.by[self.category.index()] -= self.size;
             drop(live);
-            self.pool.free.lock().entry(b.size()).or_default().push(b);
+            if !self.planned {
+                self.pool.free.lock().entry(b.size()).or_default().push(b);
+            }
         }
     }
 }

@@ -260,6 +260,16 @@ impl ParamStore {
         })
     }
 
+    /// Release every gradient buffer (after a planning step, whose buffers only stood in).
+    pub fn clear_grads(&mut self) {
+        self.params.iter_mut().for_each(|p| p.grad = None);
+    }
+
+    /// Whether any parameter has a gradient buffer yet.
+    pub fn has_grads(&self) -> bool {
+        self.params.iter().any(|p| p.grad.is_some())
+    }
+
     pub fn zero_grads(&mut self) -> Result<()> {
         for p in &mut self.params {
             if let Some(g) = &mut p.grad {

@@ -59,6 +59,14 @@ impl StreamedWeight {
         })
     }
 
+    /// Buffers of the uploaded size, left unwritten (a planning step: `Gpu::plan`).
+    fn stand_in(&self, gpu: &Gpu) -> Result<Value> {
+        Ok(match self.ty {
+            GgmlType::F32 => Value::Gpu(Tensor::empty(gpu, &self.shape, &self.name)?),
+            ty => Value::Packed(QTensor::from_bytes(gpu, ty, &vec![0; self.bytes as usize], &self.shape, &self.name)?),
+        })
+    }
+
     /// The values as f32, read from the checkpoint (exports and checks).
     pub fn to_host(&self) -> Result<Vec<f32>> {
         Ok(match (self.fetch)()? {
@@ -222,7 +230,7 @@ impl Resident {
             }
             let Value::Streamed(w) = &store.get(id).value else { continue };
             let _c = gpu.category(crate::gpu::Category::Weights);
-                let v = w.upload(gpu)?;
+                let v = if gpu.planning() { w.stand_in(gpu)? } else { w.upload(gpu)? };
             self.values.insert(id, v);
         }
         Ok(())
@@ -230,9 +238,6 @@ impl Resident {
 
     pub fn len(&self) -> usize {
         self.values.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
     }
 
     pub fn release(&mut self, id: ParamId) {

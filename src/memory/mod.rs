@@ -117,6 +117,57 @@ pub fn apply_budget(dev: &crate::graph::Device, budget: Option<u64>) {
     }
 }
 
+/// The smallest `--memory-budget` under which one training step of `graph` runs on `dev`
+/// (None on the CPU path), found by a planning step (`Gpu::plan`): the executor runs the
+/// forward and backward passes with every buffer counted and none created, and the AdamW
+/// moments that the first update makes are added to the bytes live at the end. Exact for the
+/// executor's own buffers, which are the ones the budget counts. Call it before the first step
+/// (no gradient buffer may exist yet: those of the plan are released).
+pub fn smallest_budget(
+    dev: &crate::graph::Device,
+    graph: &crate::graph::Graph,
+    loss: crate::graph::Var,
+    store: &mut crate::graph::ParamStore,
+    feed: &crate::graph::Feed,
+    offload: OptimizerOffload,
+) -> Result<Option<u64>> {
+    let crate::graph::Device::Gpu(gpu) = dev else { return Ok(None) };
+    if store.has_grads() {
+        return Err(invalid("memory plan", "plan before the first step, while no gradient exists"));
+    }
+    let moments: u64 = store
+        .iter()
+        .filter(|(_, p)| p.trainable && p.moments().is_none())
+        .map(|(_, p)| 8 * p.shape.iter().product::<usize>() as u64)
+        .sum();
+    let moments = if offload == OptimizerOffload::None { moments } else { 0 };
+    let planned = gpu.plan(|| {
+        let mut run = graph.forward(store, feed, &[])?;
+        run.backward(store, loss, 1.0)?;
+        drop(run);
+        Ok(gpu.bytes_live().0)
+    });
+    store.clear_grads();
+    let (end, peak) = planned?;
+    Ok(Some(peak.max(end + moments)))
+}
+
+/// Refuse a budget below what the step needs, before it runs.
+pub fn check_budget(budget: Option<u64>, needed: Option<u64>, b: usize, t: usize) -> Result<()> {
+    match (budget, needed) {
+        (Some(budget), Some(needed)) if needed > budget => Err(Error::MemoryBudget {
+            budget_mib: mib(budget),
+            needed_mib: mib(needed),
+            detail: format!(
+                "one training step at batch {b} x sequence {t} holds {} at its peak (planned: weights \
+                 streamed a layer ahead, activations, gradients, optimizer state)",
+                mib(needed)
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Checked before a run starts.
 pub fn validate(flags: &MemoryFlags) -> Result<()> {
     if flags.memory_budget == Some(0) {
