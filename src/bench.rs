@@ -166,6 +166,8 @@ pub struct StepResult {
     /// peak RSS by kind over this device's run (loading included) and the GPU pool's bytes,
     /// live peaks over the timed steps only
     pub memory: crate::memory::report::MemoryReport,
+    /// the smallest --memory-budget this step runs under (planned; None on the CPU path)
+    pub smallest_budget: Option<u64>,
 }
 
 /// The model a step benchmark trains: a preset's shape with random weights, or a checkpoint
@@ -196,10 +198,20 @@ pub fn step_bench(
     crate::memory::validate(memory)?;
     crate::memory::apply_budget(dev, memory.memory_budget);
     let rss = RssSampler::start();
+    let stream = memory.memory_budget.is_some();
     let (model, mut store) = match what {
+        // streamed weights come from a file: the preset's random weights are written once
+        StepModel::Preset(name) if stream && lora => {
+            let dir = std::env::temp_dir().join(format!("pockettune-preset-{name}"));
+            if !dir.join("model.safetensors").exists() {
+                eprintln!("writing {name}'s random weights to {} (once) to stream them from disk", dir.display());
+                crate::models::write_random(&crate::models::preset_config(name)?, &dir, 1)?;
+            }
+            let load = crate::models::LoadOptions { frozen: true, stream, ..Default::default() };
+            Model::load_with(&dir, dev, &load)?
+        }
         StepModel::Preset(name) => Model::random(crate::models::preset_config(name)?, dev, 1)?,
         StepModel::File(path, base) => {
-            let stream = memory.memory_budget.is_some();
             let load = crate::models::LoadOptions { frozen: lora, base_dtype: *base, stream };
             Model::load_with(path, dev, &load)?
         }
@@ -223,6 +235,9 @@ pub fn step_bench(
     let targets: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let mut feed = Model::feed(&ids, &targets, b, t);
     feed.dropout_seed = Some(1);
+    let smallest_budget =
+        crate::memory::smallest_budget(dev, &graph, vars.loss, &mut store, &feed, memory.optimizer_offload)?;
+    crate::memory::check_budget(memory.memory_budget, smallest_budget, b, t)?;
     let opt = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     let mut one = || -> Result<f32> {
         store.zero_grads()?;
@@ -262,5 +277,6 @@ pub fn step_bench(
         },
         weight_bytes,
         memory: report,
+        smallest_budget,
     })
 }

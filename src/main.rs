@@ -151,6 +151,10 @@ enum Command {
         device: Option<String>,
         #[arg(long, value_enum, default_value_t = Profile::Mobile)]
         limits: Profile,
+        /// --memory-budget streams the frozen weights from the checkpoint; --fused-loss and
+        /// --flash-attention apply to the loss of --data.
+        #[command(flatten)]
+        memory: pockettune::memory::MemoryFlags,
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,
@@ -193,6 +197,9 @@ enum Command {
         device: Option<String>,
         #[arg(long, value_enum, default_value_t = Profile::Mobile)]
         limits: Profile,
+        /// --memory-budget streams the frozen weights from the checkpoint.
+        #[command(flatten)]
+        memory: pockettune::memory::MemoryFlags,
     },
     /// Export a LoRA adapter: merged into its base model as a Hugging Face model directory
     /// (`--format hf`), or as a GGUF LoRA file that llama.cpp applies over the base GGUF
@@ -273,6 +280,11 @@ enum BenchCommand {
         /// Skip the CPU path (it takes minutes at 124M).
         #[arg(long)]
         no_cpu: bool,
+        /// Plan the step instead of running it: every GPU buffer is counted and none is made,
+        /// no kernel runs; the memory report is the step's (instant, and exact for the engine's
+        /// buffers; RSS and time are then meaningless). GPU only.
+        #[arg(long)]
+        plan: bool,
         #[command(flatten)]
         memory: pockettune::memory::MemoryFlags,
     },
@@ -379,6 +391,7 @@ fn run(cli: Cli) -> Result<i32> {
             device,
             limits,
             json,
+            memory,
         } => {
             at_least_one(&[
                 ("--batch-size", batch_size),
@@ -400,6 +413,7 @@ fn run(cli: Cli) -> Result<i32> {
                     tokenizer: tokenizer.as_deref(),
                     adapter: adapter.as_deref(),
                     base_dtype,
+                    memory: &memory,
                 };
                 return run_mmlu(&dev, &spec, &dir, &o, json);
             }
@@ -415,6 +429,7 @@ fn run(cli: Cli) -> Result<i32> {
                 tokenizer: tokenizer.as_deref(),
                 adapter: adapter.as_deref(),
                 base_dtype,
+                memory: &memory,
             };
             run_eval(&dev, &spec, &data, (batch_size, seq_len), max_batches, json)
         }
@@ -431,6 +446,7 @@ fn run(cli: Cli) -> Result<i32> {
             seed,
             device,
             limits,
+            memory,
         } => {
             let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
             s.check()?;
@@ -441,6 +457,7 @@ fn run(cli: Cli) -> Result<i32> {
                 tokenizer: tokenizer.as_deref(),
                 adapter: adapter.as_deref(),
                 base_dtype,
+                memory: &memory,
             };
             let (gpt, store, tok) = load_for_inference(&dev, &spec)?;
             let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;
@@ -497,6 +514,7 @@ fn run(cli: Cli) -> Result<i32> {
                     steps,
                     no_cpu,
                     memory,
+                    plan,
                 },
         } => {
             at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
@@ -505,7 +523,7 @@ fn run(cli: Cli) -> Result<i32> {
                 Some(path) => pockettune::bench::StepModel::File(path, base_dtype),
                 None => pockettune::bench::StepModel::Preset(preset),
             };
-            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, no_cpu, &memory)
+            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, (no_cpu, plan), &memory)
         }
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             at_least_one(&[("--rows", rows)])?;
@@ -783,6 +801,7 @@ struct ModelSpec<'a> {
     tokenizer: Option<&'a std::path::Path>,
     adapter: Option<&'a std::path::Path>,
     base_dtype: pockettune::weights::BaseDtype,
+    memory: &'a pockettune::memory::MemoryFlags,
 }
 
 /// A model, optionally with a PEFT adapter, with every weight frozen (no gradient buffers,
@@ -792,7 +811,10 @@ fn load_for_inference(
     spec: &ModelSpec,
 ) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore, pockettune::data::Tokenizer)> {
     let tok = pockettune::data::Tokenizer::for_model(spec.model, spec.tokenizer)?;
-    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: spec.base_dtype, stream: false };
+    pockettune::memory::validate(spec.memory)?;
+    pockettune::memory::apply_budget(dev, spec.memory.memory_budget);
+    let stream = spec.memory.memory_budget.is_some();
+    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: spec.base_dtype, stream };
     let (gpt, mut store) = pockettune::models::Model::load_with(spec.model, dev, &load)?;
     tok.check_model_vocab(gpt.vocab_size())?;
     if let Some(dir) = spec.adapter {
@@ -813,7 +835,7 @@ fn run_eval(
     use pockettune::data::Tokens;
     let (gpt, store, tok) = load_for_inference(dev, spec)?;
     let tokens = Tokens::load(data, &tok)?;
-    let (graph, vars) = gpt.graph(&store, batch, seq)?;
+    let (graph, vars) = gpt.graph_with(&store, batch, seq, spec.memory.graph_options())?;
     let windows = tokens.windows(seq);
     let batches = max_batches.unwrap_or(usize::MAX).min(windows / batch);
     if batches == 0 {
@@ -930,7 +952,7 @@ fn bench_step(
     lora: bool,
     (b, t): (usize, usize),
     steps: usize,
-    no_cpu: bool,
+    (no_cpu, plan): (bool, bool),
     memory: &pockettune::memory::MemoryFlags,
 ) -> Result<i32> {
     use pockettune::bench::StepModel;
@@ -946,8 +968,12 @@ fn bench_step(
         }
     };
     let gpu = std::sync::Arc::new(dev.open()?);
+    if plan {
+        eprintln!("planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not");
+        gpu.set_planning(true);
+    }
     let mut devices = vec![Device::Gpu(gpu)];
-    if !no_cpu {
+    if !no_cpu && !plan {
         devices.push(Device::Cpu);
     }
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
@@ -976,6 +1002,9 @@ fn bench_step(
             .map(|(ty, n)| format!("{ty} {:.0} MiB", *n as f64 / (1 << 20) as f64))
             .collect();
         eprintln!("{:<44} weights held: {}", "", held.join(", "));
+        if let Some(n) = r.smallest_budget {
+            eprintln!("{:<44} smallest --memory-budget for this step (planned): {}", "", mib(Some(n)));
+        }
         eprintln!("memory ({}):\n{}", r.device, r.memory);
         results.push(r);
     }

@@ -265,6 +265,12 @@ impl Gpu {
     pub fn category(&self, category: Category) -> CategoryGuard {
         category.enter()
     }
+    /// Count buffers without creating them and run no kernel from now on (`bench step --plan`:
+    /// the memory report of a step without computing it). See [`Self::plan`].
+    pub fn set_planning(&self, on: bool) {
+        self.pool.set_planning(on);
+    }
+
     /// Whether a planning step is running ([`Self::plan`]).
     pub fn planning(&self) -> bool {
         self.pool.planning()
@@ -281,9 +287,10 @@ impl Gpu {
         self.pool.set_budget(None);
         let saved = self.pool.live_bytes();
         self.pool.reset_live_peak();
+        let outer = self.pool.planning();
         self.pool.set_planning(true);
         let out = f();
-        self.pool.set_planning(false);
+        self.pool.set_planning(outer);
         self.pool.set_budget(budget);
         let peak = self.pool.live_bytes().1;
         self.pool.restore_live_peak(saved.1);

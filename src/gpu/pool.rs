@@ -208,6 +208,10 @@ impl Pool {
     pub fn get(self: &Arc<Self>, bytes: u64, what: &str) -> Result<GpuBuffer> {
         let size = bytes.max(4).next_multiple_of(256);
         if self.planning() {
+            let mut held = self.held.lock();
+            held.0 += size; // a plan holds exactly what is live
+            held.1 = held.1.max(held.0);
+            drop(held);
             return Ok(self.hand_out(self.stand_in.clone(), size, bytes, true));
         }
         let reused = self.free.lock().get_mut(&size).and_then(Vec::pop);
@@ -294,7 +298,9 @@ impl Drop for GpuBuffer {
             live.now -= self.size;
             live.by[self.category.index()] -= self.size;
             drop(live);
-            if !self.planned {
+            if self.planned {
+                self.pool.held.lock().0 -= self.size;
+            } else {
                 self.pool.free.lock().entry(b.size()).or_default().push(b);
             }
         }

@@ -709,9 +709,9 @@ impl Run<'_> {
                 .collect();
             done.into_iter().for_each(|id| self.resident.release(id));
         }
-        for i in first..=last {
+        for (i, value) in self.values.iter_mut().enumerate().take(last + 1).skip(first) {
             if !needed[i] && !self.keep.contains(&Var(i)) {
-                self.values[i] = None; // e.g. the layer's output, made again only to feed others
+                *value = None; // e.g. the layer's output, made again only to feed others
             }
         }
         self.done_segments.push(k);
