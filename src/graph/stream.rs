@@ -12,6 +12,7 @@
 use super::{Graph, Op, ParamId, ParamStore, Value};
 use crate::error::Result;
 use crate::gpu::{Gpu, QTensor, Tensor};
+use crate::weights::Stored;
 use kernels_ref::quant::GgmlType;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +24,13 @@ pub enum DeviceForm {
     Packed(GgmlType, Vec<u8>),
 }
 
-type Fetch = dyn Fn() -> Result<DeviceForm> + Send + Sync;
+/// What to do with a weight's bytes, borrowed from the checkpoint's map: `(stored, device type)`
+/// where the device type is None for f32.
+pub type Visit<'v> = &'v mut dyn FnMut(&Stored, Option<GgmlType>) -> Result<Value>;
+
+/// Finds the weight in the checkpoint and hands its bytes to the visitor (then lets the map's
+/// pages go: a weight read once per pass need not stay in the process's memory).
+type Fetch = dyn Fn(Visit) -> Result<Value> + Send + Sync;
 
 /// A frozen weight that lives in the checkpoint file, not on the device.
 pub struct StreamedWeight {
@@ -41,7 +48,7 @@ impl StreamedWeight {
         name: &str,
         shape: &[usize],
         ty: GgmlType,
-        fetch: impl Fn() -> Result<DeviceForm> + Send + Sync + 'static,
+        fetch: impl Fn(Visit) -> Result<Value> + Send + Sync + 'static,
     ) -> Self {
         let n: usize = shape.iter().product();
         let bytes = match ty {
@@ -51,11 +58,23 @@ impl StreamedWeight {
         StreamedWeight { name: name.into(), shape: shape.to_vec(), ty, bytes, fetch: Box::new(fetch) }
     }
 
-    /// Read from the checkpoint and upload.
+    /// Read from the checkpoint and upload: f32 bytes straight from the map (no host copy when
+    /// they are aligned), a packed type as stored, anything else converted.
     pub fn upload(&self, gpu: &Gpu) -> Result<Value> {
-        Ok(match (self.fetch)()? {
-            DeviceForm::F32(v) => Value::Gpu(Tensor::from_host(gpu, &v, &self.shape, &self.name)?),
-            DeviceForm::Packed(ty, b) => Value::Packed(QTensor::from_bytes(gpu, ty, &b, &self.shape, &self.name)?),
+        let (shape, name) = (&self.shape, &self.name);
+        (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>| {
+            Ok(match (ty, stored.ty) {
+                (None | Some(GgmlType::F32), GgmlType::F32) => match bytemuck::try_cast_slice::<u8, f32>(&stored.bytes) {
+                    Ok(values) => Value::Gpu(Tensor::from_host(gpu, values, shape, name)?),
+                    Err(_) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
+                },
+                (None | Some(GgmlType::F32), _) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
+                (Some(t), s) if t == s => Value::Packed(QTensor::from_bytes(gpu, t, &stored.bytes, shape, name)?),
+                (Some(t), _) => match crate::models::device_form(stored, Some(t)) {
+                    DeviceForm::Packed(t, b) => Value::Packed(QTensor::from_bytes(gpu, t, &b, shape, name)?),
+                    DeviceForm::F32(v) => Value::Gpu(Tensor::from_host(gpu, &v, shape, name)?),
+                },
+            })
         })
     }
 
@@ -69,14 +88,20 @@ impl StreamedWeight {
 
     /// The values as f32, read from the checkpoint (exports and checks).
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        Ok(match (self.fetch)()? {
-            DeviceForm::F32(v) => v,
-            DeviceForm::Packed(ty, b) => {
-                let mut out = vec![0f32; self.shape.iter().product()];
-                kernels_ref::quant::dequantize(ty, &b, &mut out);
-                out
-            }
-        })
+        let host = (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>| {
+            Ok(match crate::models::device_form(stored, ty) {
+                DeviceForm::F32(v) => Value::Cpu(v),
+                DeviceForm::Packed(t, b) => {
+                    let mut out = vec![0f32; self.shape.iter().product()];
+                    kernels_ref::quant::dequantize(t, &b, &mut out);
+                    Value::Cpu(out)
+                }
+            })
+        })?;
+        match host {
+            Value::Cpu(v) => Ok(v),
+            _ => unreachable!("the visitor above makes host values"),
+        }
     }
 }
 

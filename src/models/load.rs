@@ -149,10 +149,12 @@ impl Model {
             if opts.stream && opts.frozen && shape.len() == 2 && matches!(dev, Device::Gpu(_)) {
                 let (source, config, n) = (source.clone(), config.clone(), name.clone());
                 let base = opts.base_dtype;
-                let fetch = move || {
+                let fetch = move |visit: crate::graph::stream::Visit| {
                     let stored = stored_tensor(&source, &config, &n, gpt2_prefix)?
                         .expect("a tensor found at load is found again");
-                    Ok(device_form(&stored, storage(&stored, packable, base)))
+                    let value = visit(&stored, storage(&stored, packable, base));
+                    source.release_pages(&stored.bytes);
+                    value
                 };
                 let w = StreamedWeight::new(&name, &shape, ty.unwrap_or(GgmlType::F32), fetch);
                 store.add_streamed(w)?;
@@ -186,7 +188,7 @@ fn stored_tensor<'s>(
 
 /// A stored tensor as the device keeps it: f32, or packed as `ty` (converting to f16 where
 /// asked; other packed types are the file's own).
-fn device_form(stored: &Stored, ty: Option<GgmlType>) -> DeviceForm {
+pub fn device_form(stored: &Stored, ty: Option<GgmlType>) -> DeviceForm {
     match ty {
         Some(GgmlType::F32) | None => DeviceForm::F32(stored.to_f32()),
         Some(ty) if ty == stored.ty => DeviceForm::Packed(ty, stored.bytes.to_vec()),

@@ -10,7 +10,7 @@ mod load;
 mod random;
 pub use random::write_random;
 
-pub use load::{open_source, LoadOptions};
+pub use load::{device_form, open_source, LoadOptions};
 
 use crate::error::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
@@ -50,6 +50,12 @@ impl SafetensorsFile {
 
     pub fn names(&self) -> Vec<String> {
         self.parsed().map(|s| s.names().into_iter().map(str::to_string).collect()).unwrap_or_default()
+    }
+
+    /// Drop the map's pages under `bytes` from this process (they stay in the page cache); a
+    /// no-op for bytes outside this file's map.
+    pub fn release_pages(&self, bytes: &[u8]) {
+        crate::weights::release_pages(&self.map, bytes);
     }
 
     /// Shape and values (as f32) of `name`, if present. F32, F16 and BF16 are read.

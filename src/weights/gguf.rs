@@ -363,6 +363,10 @@ impl GgufFile {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
     /// The stored bytes of a tensor.
+    /// See [`crate::weights::release_pages`].
+    pub fn release_pages(&self, bytes: &[u8]) {
+        super::release_pages(&self.map, bytes);
+    }
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         &self.map[t.start..t.start + t.len]
     }

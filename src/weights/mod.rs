@@ -129,7 +129,36 @@ pub enum Source {
     Gguf(GgufFile),
 }
 
+/// Drop the pages of `map` under `bytes` (a slice of it) from this process's resident set:
+/// a streamed weight is read once per pass, and its pages, left mapped, would count in the
+/// process's memory until the kernel reclaims them. They stay in the page cache, so the next
+/// read is a copy, not a disk read. Bytes outside `map` (a converted copy) are left alone.
+pub fn release_pages(map: &memmap2::Mmap, bytes: &[u8]) {
+    let (start, base) = (bytes.as_ptr() as usize, map.as_ptr() as usize);
+    if bytes.is_empty() || start < base || start + bytes.len() > base + map.len() {
+        return;
+    }
+    // whole pages inside the slice only (a neighbour's bytes may share the edge pages)
+    let page = 4096;
+    let first = (start - base).next_multiple_of(page);
+    let end = (start - base + bytes.len()) / page * page;
+    #[cfg(unix)]
+    if end > first {
+        // SAFETY: the map is read-only and shared with the file; DONTNEED only drops this
+        // process's page-table entries, and later reads fault the same bytes back in.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
+    }
+}
+
 impl Source {
+    /// See [`release_pages`].
+    pub fn release_pages(&self, bytes: &[u8]) {
+        match self {
+            Source::Safetensors(s) => s.files.iter().for_each(|f| f.release_pages(bytes)),
+            Source::Gguf(g) => g.release_pages(bytes),
+        }
+    }
+
     pub fn path(&self) -> PathBuf {
         match self {
             Source::Safetensors(s) => s.path().to_path_buf(),
