@@ -26,7 +26,9 @@ pub enum DeviceForm {
 
 /// What to do with a weight's bytes, borrowed from the checkpoint's map: `(stored, device type)`
 /// where the device type is None for f32.
-pub type Visit<'v> = &'v mut dyn FnMut(&Stored, Option<GgmlType>) -> Result<Value>;
+/// where the device type is None for f32, and a function that lets the map's pages under some
+/// of those bytes go once they are copied.
+pub type Visit<'v> = &'v mut dyn FnMut(&Stored, Option<GgmlType>, &dyn Fn(&[u8])) -> Result<Value>;
 
 /// Finds the weight in the checkpoint and hands its bytes to the visitor (then lets the map's
 /// pages go: a weight read once per pass need not stay in the process's memory).
@@ -62,10 +64,10 @@ impl StreamedWeight {
     /// they are aligned), a packed type as stored, anything else converted.
     pub fn upload(&self, gpu: &Gpu) -> Result<Value> {
         let (shape, name) = (&self.shape, &self.name);
-        (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>| {
+        (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>, release: &dyn Fn(&[u8])| {
             Ok(match (ty, stored.ty) {
                 (None | Some(GgmlType::F32), GgmlType::F32) => match bytemuck::try_cast_slice::<u8, f32>(&stored.bytes) {
-                    Ok(values) => Value::Gpu(Tensor::from_host(gpu, values, shape, name)?),
+                    Ok(values) => Value::Gpu(upload_f32(gpu, values, shape, name, release)?),
                     Err(_) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
                 },
                 (None | Some(GgmlType::F32), _) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
@@ -88,7 +90,7 @@ impl StreamedWeight {
 
     /// The values as f32, read from the checkpoint (exports and checks).
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        let host = (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>| {
+        let host = (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>, _: &dyn Fn(&[u8])| {
             Ok(match crate::models::device_form(stored, ty) {
                 DeviceForm::F32(v) => Value::Cpu(v),
                 DeviceForm::Packed(t, b) => {
@@ -103,6 +105,28 @@ impl StreamedWeight {
             _ => unreachable!("the visitor above makes host values"),
         }
     }
+}
+
+/// Upload f32 values read from the map in pieces of at most 16 MiB, letting each piece's pages
+/// go once it is staged: a weight larger than the staging ring (Gemma's 1.2 GB embedding) then
+/// never has all its pages resident at once.
+fn upload_f32(gpu: &Gpu, values: &[f32], shape: &[usize], name: &str, release: &dyn Fn(&[u8])) -> Result<Tensor> {
+    const PIECE: usize = 4 << 20; // values
+    let t = Tensor::empty(gpu, shape, name)?;
+    if t.split() != crate::gpu::Split::Rows {
+        t.write(gpu, values)?;
+        release(bytemuck::cast_slice(values));
+        return Ok(t);
+    }
+    let cols = t.cols();
+    for c in t.chunks() {
+        let part = &values[c.start * cols..(c.start + c.len) * cols];
+        for (k, piece) in part.chunks(PIECE).enumerate() {
+            gpu.write(c.buf.raw(), (k * PIECE * 4) as u64, bytemuck::cast_slice(piece))?;
+            release(bytemuck::cast_slice(piece));
+        }
+    }
+    Ok(t)
 }
 
 impl std::fmt::Debug for StreamedWeight {

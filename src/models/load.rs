@@ -152,7 +152,7 @@ impl Model {
                 let fetch = move |visit: crate::graph::stream::Visit| {
                     let stored = stored_tensor(&source, &config, &n, gpt2_prefix)?
                         .expect("a tensor found at load is found again");
-                    let value = visit(&stored, storage(&stored, packable, base));
+                    let value = visit(&stored, storage(&stored, packable, base), &|b| source.release_pages(b));
                     source.release_pages(&stored.bytes);
                     value
                 };
