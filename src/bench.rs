@@ -237,7 +237,7 @@ pub fn step_bench(
     feed.dropout_seed = Some(1);
     let smallest_budget =
         crate::memory::smallest_budget(dev, &graph, vars.loss, &mut store, &feed, memory.optimizer_offload)?;
-    crate::memory::check_budget(memory.memory_budget, smallest_budget, b, t)?;
+    crate::memory::check_budget(memory.memory_budget, smallest_budget, b, t, memory)?;
     let opt = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
     let mut one = || -> Result<f32> {
         store.zero_grads()?;

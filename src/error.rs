@@ -33,12 +33,8 @@ pub enum Error {
     )]
     OutOfMemory { context: String },
 
-    #[error(
-        "--memory-budget {budget_mib}: {detail}. Give a budget of at least {needed_mib} for this model, \
-         batch and sequence, or lower the batch size or sequence length, or add --checkpoint-activations \
-         --fused-loss --flash-attention"
-    )]
-    MemoryBudget { budget_mib: String, needed_mib: String, detail: String },
+    #[error("--memory-budget {budget_mib}: {detail}. {hint}")]
+    MemoryBudget { budget_mib: String, needed_mib: String, detail: String, hint: String },
 
     #[error(
         "GPU device lost ({reason}): {message}. Checkpoints already written are kept; \

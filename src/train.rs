@@ -287,7 +287,7 @@ fn plan_budget(
     let n = o.batch_size * o.seq_len;
     let feed = Model::feed(&vec![0; n], &vec![0; n], o.batch_size, o.seq_len);
     let needed = crate::memory::smallest_budget(dev, graph, loss, store, &feed, o.memory.optimizer_offload)?;
-    crate::memory::check_budget(Some(budget), needed, o.batch_size, o.seq_len)?;
+    crate::memory::check_budget(Some(budget), needed, o.batch_size, o.seq_len, &o.memory)?;
     if let Some(needed) = needed {
         eprintln!(
             "memory budget {}: a step holds at most {} (planned; frozen weights stream from the checkpoint)",

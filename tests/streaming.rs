@@ -116,7 +116,7 @@ fn a_budget_too_small_for_one_layer_is_a_clear_error() {
     let err = lora_step(tmp.path(), &dev, true, GraphOptions::default()).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::MemoryBudget { .. }), "{text}");
-    assert!(text.contains("--memory-budget 0.1 MiB") && text.contains("at least"), "{text}");
+    assert!(text.contains("--memory-budget 0.1 MiB") && text.contains("needs at least"), "{text}");
 }
 
 /// The planned budget is the smallest that works: the step runs under it (holding at most it),
@@ -178,7 +178,8 @@ fn the_planned_budget_is_the_smallest_that_works() {
                 } else {
                     let err = result.expect_err(&what);
                     assert!(matches!(err, Error::MemoryBudget { .. }), "{what}: {err}");
-                    let refused = pockettune::memory::check_budget(Some(budget), Some(plan), b, t).unwrap_err();
+                    let flags = pockettune::memory::MemoryFlags::default();
+                    let refused = pockettune::memory::check_budget(Some(budget), Some(plan), b, t, &flags).unwrap_err();
                     assert!(refused.to_string().contains(&pockettune::memory::mib(plan)), "{refused}");
                 }
             }

@@ -166,9 +166,14 @@ impl Pool {
             budget_mib: crate::memory::mib(budget),
             needed_mib: crate::memory::mib(held + size),
             detail: format!(
-                "{} for {what} does not fit beside the {} the step holds",
+                "{} for {what} does not fit beside the {} the engine holds",
                 crate::memory::mib(size),
                 crate::memory::mib(held)
+            ),
+            hint: format!(
+                "It needs at least {}; `pockettune bench step --plan` with the same model and options \
+                 gives the smallest budget that works",
+                crate::memory::mib(held + size)
             ),
         })
     }

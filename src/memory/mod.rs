@@ -152,20 +152,38 @@ pub fn smallest_budget(
     Ok(Some(peak.max(end + moments)))
 }
 
-/// Refuse a budget below what the step needs, before it runs.
-pub fn check_budget(budget: Option<u64>, needed: Option<u64>, b: usize, t: usize) -> Result<()> {
-    match (budget, needed) {
-        (Some(budget), Some(needed)) if needed > budget => Err(Error::MemoryBudget {
-            budget_mib: mib(budget),
-            needed_mib: mib(needed),
-            detail: format!(
-                "one training step at batch {b} x sequence {t} holds {} at its peak (planned: weights \
-                 streamed a layer ahead, activations, gradients, optimizer state)",
-                mib(needed)
-            ),
-        }),
-        _ => Ok(()),
+/// Refuse a budget below what the step needs, before it runs, naming the smallest that works
+/// and the options that would lower it.
+pub fn check_budget(budget: Option<u64>, needed: Option<u64>, b: usize, t: usize, flags: &MemoryFlags) -> Result<()> {
+    let (Some(budget), Some(needed)) = (budget, needed) else { return Ok(()) };
+    if needed <= budget {
+        return Ok(());
     }
+    let off: Vec<&str> = [
+        (flags.fused_loss, "--fused-loss"),
+        (flags.flash_attention, "--flash-attention"),
+        (flags.checkpoint_activations, "--checkpoint-activations"),
+        (flags.optimizer_offload != OptimizerOffload::None, "--optimizer-offload host"),
+    ]
+    .iter()
+    .filter(|(on, _)| !on)
+    .map(|(_, f)| *f)
+    .collect();
+    let lower = if off.is_empty() { String::new() } else { format!(", or add {}", off.join(" ")) };
+    Err(Error::MemoryBudget {
+        budget_mib: mib(budget),
+        needed_mib: mib(needed),
+        detail: format!(
+            "one training step at batch {b} x sequence {t} holds {} at its peak (planned: weights streamed \
+             a layer ahead, activations, gradients, optimizer state)",
+            mib(needed)
+        ),
+        hint: format!(
+            "The smallest budget that works for this model, batch and sequence is {}; give at least that, \
+             or lower the batch size or sequence length{lower}",
+            mib(needed)
+        ),
+    })
 }
 
 /// Checked before a run starts.
