@@ -204,7 +204,10 @@ pub fn step_bench(
         StepModel::Preset(name) if stream && lora => {
             let dir = std::env::temp_dir().join(format!("pockettune-preset-{name}"));
             if !dir.join("model.safetensors").exists() {
-                eprintln!("writing {name}'s random weights to {} (once) to stream them from disk", dir.display());
+                eprintln!(
+                    "writing {name}'s random weights to {} (once) to stream them from disk",
+                    dir.display()
+                );
                 crate::models::write_random(&crate::models::preset_config(name)?, &dir, 1)?;
             }
             let load = crate::models::LoadOptions { frozen: true, stream, ..Default::default() };

@@ -857,8 +857,9 @@ fn check_flash_attention(p: &mut Probe) -> Result<()> {
                 block.map_or("auto".to_string(), |r| r.to_string())
             );
             let dense = |x, heads| Heads::dense(x, heads, d);
-            let views =
-                    |x| (Heads::packed(x, 0, width), Heads::packed(x, qw, width), Heads::packed(x, qw + kw, width));
+            let views = |x| {
+                (Heads::packed(x, 0, width), Heads::packed(x, qw, width), Heads::packed(x, qw + kw, width))
+            };
             let rows = block.unwrap_or_else(|| fa::block_rows(&dims));
             let (gout, glse) = (p.out(&[nq])?, p.out(&[b * h, t])?);
             let (gdq, gdk, gdv) = (p.out(&[nq])?, p.out(&[nk])?, p.out(&[nk])?);
@@ -868,7 +869,9 @@ fn check_flash_attention(p: &mut Probe) -> Result<()> {
                 fa::flash_attention_forward(p.gpu, dense(&gout, h), &glse, q, k, v, dims)?;
                 let grads = (dense(&gdq, h), dense(&gdk, kv_h), dense(&gdv, kv_h));
                 let dout = dense(&gdo, h);
-                fa::flash_attention_backward(p.gpu, grads.0, grads.1, grads.2, dout, q, k, v, &glse, dims, false)?;
+                fa::flash_attention_backward(
+                    p.gpu, grads.0, grads.1, grads.2, dout, q, k, v, &glse, dims, false,
+                )?;
                 let (pq, pk, pv) = views(&gqkv);
                 fa::flash_attention_forward(p.gpu, dense(&gout2, h), &glse2, pq, pk, pv, dims)?;
                 let (dq2, dk2, dv2) = views(&gdqkv);

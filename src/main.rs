@@ -1012,10 +1012,8 @@ fn bench_step(
         eprintln!("GPU / CPU speed: {:.2}x", results[1].ms_step / results[0].ms_step);
     }
     if json {
-        print_json(
-            &json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t,
-                "options": memory, "results": results}),
-        )?;
+        print_json(&json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t,
+                "options": memory, "results": results}))?;
     }
     Ok(0)
 }

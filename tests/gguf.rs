@@ -189,7 +189,9 @@ use common::Expected;
 fn forward(path: &Path, ex: &Expected, dev: &Device) -> (f32, Vec<f32>) {
     let (model, store) = Model::load(path, dev).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (graph, vars) = model.graph(&store, ex.b, ex.t).unwrap();
-    let run = graph.forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), vars.logits.as_slice()).unwrap();
+    let run = graph
+        .forward(&store, &Model::feed(&ex.ids, &ex.targets, ex.b, ex.t), vars.logits.as_slice())
+        .unwrap();
     (run.loss(vars.loss).unwrap(), run.read(vars.logits.unwrap()).unwrap())
 }
 

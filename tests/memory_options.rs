@@ -98,8 +98,11 @@ fn step(
 /// LoRA's B starts at zero, which would leave A's gradient zero: give it values.
 fn nonzero_lora_b(store: &mut ParamStore) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
-    let bs: Vec<_> =
-        store.iter().filter(|(_, p)| p.name.contains("lora_B")).map(|(id, p)| (id, p.shape.clone())).collect();
+    let bs: Vec<_> = store
+        .iter()
+        .filter(|(_, p)| p.name.contains("lora_B"))
+        .map(|(id, p)| (id, p.shape.clone()))
+        .collect();
     for (id, shape) in bs {
         let data: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-0.1f32..0.1)).collect();
         store.set_value(id, &data).unwrap();

@@ -34,7 +34,12 @@ fn configs() -> Vec<serde_json::Value> {
 }
 
 /// Loss and adapter gradients of one LoRA step of the model in `dir`.
-fn lora_step(dir: &Path, dev: &Device, stream: bool, options: GraphOptions) -> pockettune::Result<(f32, Vec<Vec<f32>>)> {
+fn lora_step(
+    dir: &Path,
+    dev: &Device,
+    stream: bool,
+    options: GraphOptions,
+) -> pockettune::Result<(f32, Vec<Vec<f32>>)> {
     let load = LoadOptions { frozen: true, stream, ..Default::default() };
     let (model, mut store) = Model::load_with(dir, dev, &load)?;
     let o = LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(&model) };
@@ -60,10 +65,14 @@ fn lora_step(dir: &Path, dev: &Device, stream: bool, options: GraphOptions) -> p
 }
 
 fn nonzero_b(store: &mut ParamStore) -> pockettune::Result<()> {
-    let bs: Vec<_> =
-        store.iter().filter(|(_, p)| p.name.contains("lora_B")).map(|(id, p)| (id, p.shape.clone())).collect();
+    let bs: Vec<_> = store
+        .iter()
+        .filter(|(_, p)| p.name.contains("lora_B"))
+        .map(|(id, p)| (id, p.shape.clone()))
+        .collect();
     for (k, (id, shape)) in bs.into_iter().enumerate() {
-        let data: Vec<f32> = (0..shape.iter().product()).map(|i| ((i * 7 + k) % 13) as f32 * 0.01 - 0.06).collect();
+        let data: Vec<f32> =
+            (0..shape.iter().product()).map(|i| ((i * 7 + k) % 13) as f32 * 0.01 - 0.06).collect();
         store.set_value(id, &data)?;
     }
     Ok(())
@@ -127,14 +136,18 @@ fn the_planned_budget_is_the_smallest_that_works() {
     for (k, config) in configs().into_iter().enumerate() {
         let tmp = tempfile::tempdir().unwrap();
         pockettune::models::write_random(&config, tmp.path(), 11 + k as u64).unwrap();
-        for options in [GraphOptions::default(), GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true }] {
+        for options in [
+            GraphOptions::default(),
+            GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
+        ] {
             let mut needed = None;
             for shortfall in [0u64, 256] {
                 let dev = device().unwrap();
                 let Device::Gpu(g) = &dev else { unreachable!() };
                 let load = LoadOptions { frozen: true, stream: true, ..Default::default() };
                 let (model, mut store) = Model::load_with(tmp.path(), &dev, &load).unwrap();
-                let o = LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(&model) };
+                let o =
+                    LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(&model) };
                 lora::apply(&model, &mut store, &o, 5).unwrap();
                 let (b, t) = (2, 9);
                 let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
@@ -179,7 +192,8 @@ fn the_planned_budget_is_the_smallest_that_works() {
                     let err = result.expect_err(&what);
                     assert!(matches!(err, Error::MemoryBudget { .. }), "{what}: {err}");
                     let flags = pockettune::memory::MemoryFlags::default();
-                    let refused = pockettune::memory::check_budget(Some(budget), Some(plan), b, t, &flags).unwrap_err();
+                    let refused =
+                        pockettune::memory::check_budget(Some(budget), Some(plan), b, t, &flags).unwrap_err();
                     assert!(refused.to_string().contains(&pockettune::memory::mib(plan)), "{refused}");
                 }
             }

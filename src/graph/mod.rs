@@ -549,8 +549,8 @@ impl Graph {
                 recomputed[v.0] &= segment[v.0] == segment[i];
             }
         }
-        let streaming = matches!(dev, Device::Gpu(_))
-            && store.iter().any(|(_, p)| matches!(p.value, Value::Streamed(_)));
+        let streaming =
+            matches!(dev, Device::Gpu(_)) && store.iter().any(|(_, p)| matches!(p.value, Value::Streamed(_)));
         let residency = streaming.then(|| {
             stream::Residency::plan(self, store, &self.requires_grad, &self.layer_ranges(), checkpointing)
         });
@@ -570,7 +570,8 @@ impl Graph {
         for i in 0..n {
             // a layer input stays until its segment is recomputed
             let needed = |v: usize| {
-                (needed_backward[v] && !recomputed[v]) || (checkpointing && self.layer_inputs.contains(&Var(v)))
+                (needed_backward[v] && !recomputed[v])
+                    || (checkpointing && self.layer_inputs.contains(&Var(v)))
             };
             run.stream_in(store, i, true)?;
             run.forward_node(store, i, &last_forward, needed)?;
@@ -784,8 +785,12 @@ impl Run<'_> {
             ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
             if let Some(r) = &self.residency {
                 let key = r.key_backward(i);
-                let done: Vec<_> =
-                    r.backward_reads(i).iter().copied().filter(|&id| r.release_after(id, key, false)).collect();
+                let done: Vec<_> = r
+                    .backward_reads(i)
+                    .iter()
+                    .copied()
+                    .filter(|&id| r.release_after(id, key, false))
+                    .collect();
                 done.into_iter().for_each(|id| self.resident.release(id));
             }
             self.saved[i] = None;

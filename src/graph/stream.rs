@@ -66,12 +66,18 @@ impl StreamedWeight {
         let (shape, name) = (&self.shape, &self.name);
         (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>, release: &dyn Fn(&[u8])| {
             Ok(match (ty, stored.ty) {
-                (None | Some(GgmlType::F32), GgmlType::F32) => match bytemuck::try_cast_slice::<u8, f32>(&stored.bytes) {
-                    Ok(values) => Value::Gpu(upload_f32(gpu, values, shape, name, release)?),
-                    Err(_) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
-                },
-                (None | Some(GgmlType::F32), _) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
-                (Some(t), s) if t == s => Value::Packed(QTensor::from_bytes(gpu, t, &stored.bytes, shape, name)?),
+                (None | Some(GgmlType::F32), GgmlType::F32) => {
+                    match bytemuck::try_cast_slice::<u8, f32>(&stored.bytes) {
+                        Ok(values) => Value::Gpu(upload_f32(gpu, values, shape, name, release)?),
+                        Err(_) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
+                    }
+                }
+                (None | Some(GgmlType::F32), _) => {
+                    Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?)
+                }
+                (Some(t), s) if t == s => {
+                    Value::Packed(QTensor::from_bytes(gpu, t, &stored.bytes, shape, name)?)
+                }
                 (Some(t), _) => match crate::models::device_form(stored, Some(t)) {
                     DeviceForm::Packed(t, b) => Value::Packed(QTensor::from_bytes(gpu, t, &b, shape, name)?),
                     DeviceForm::F32(v) => Value::Gpu(Tensor::from_host(gpu, &v, shape, name)?),
@@ -84,7 +90,13 @@ impl StreamedWeight {
     fn stand_in(&self, gpu: &Gpu) -> Result<Value> {
         Ok(match self.ty {
             GgmlType::F32 => Value::Gpu(Tensor::empty(gpu, &self.shape, &self.name)?),
-            ty => Value::Packed(QTensor::from_bytes(gpu, ty, &vec![0; self.bytes as usize], &self.shape, &self.name)?),
+            ty => Value::Packed(QTensor::from_bytes(
+                gpu,
+                ty,
+                &vec![0; self.bytes as usize],
+                &self.shape,
+                &self.name,
+            )?),
         })
     }
 
@@ -110,7 +122,13 @@ impl StreamedWeight {
 /// Upload f32 values read from the map in pieces of at most 16 MiB, letting each piece's pages
 /// go once it is staged: a weight larger than the staging ring (Gemma's 1.2 GB embedding) then
 /// never has all its pages resident at once.
-fn upload_f32(gpu: &Gpu, values: &[f32], shape: &[usize], name: &str, release: &dyn Fn(&[u8])) -> Result<Tensor> {
+fn upload_f32(
+    gpu: &Gpu,
+    values: &[f32],
+    shape: &[usize],
+    name: &str,
+    release: &dyn Fn(&[u8]),
+) -> Result<Tensor> {
     const PIECE: usize = 4 << 20; // values
     let t = Tensor::empty(gpu, shape, name)?;
     if t.split() != crate::gpu::Split::Rows {
@@ -196,7 +214,8 @@ impl Residency {
             }
         }
         for &(a, b) in segments {
-            let mut ids: Vec<ParamId> = (a..=b).flat_map(|i| r.forward_reads.get(&i).cloned().unwrap_or_default()).collect();
+            let mut ids: Vec<ParamId> =
+                (a..=b).flat_map(|i| r.forward_reads.get(&i).cloned().unwrap_or_default()).collect();
             ids.sort();
             ids.dedup();
             r.segment_params.push((a, b, ids));
@@ -232,7 +251,9 @@ impl Residency {
     /// pass the next layer's; in the backward pass this layer's and the one before it, those
     /// that the backward pass (or a recomputation) still reads.
     pub fn ahead(&self, i: usize, forward: bool) -> Vec<ParamId> {
-        let Some(k) = self.segment_params.iter().position(|s| (s.0..=s.1).contains(&i)) else { return vec![] };
+        let Some(k) = self.segment_params.iter().position(|s| (s.0..=s.1).contains(&i)) else {
+            return vec![];
+        };
         let layers: Vec<usize> = if forward { vec![k + 1] } else { vec![k, k.wrapping_sub(1)] };
         // the backward pass reaches this layer at this key (its recomputation, if any)
         let floor = Self::recompute_key(self.n, self.segment_params[k].1);
@@ -279,7 +300,7 @@ impl Resident {
             }
             let Value::Streamed(w) = &store.get(id).value else { continue };
             let _c = gpu.category(crate::gpu::Category::Weights);
-                let v = if gpu.planning() { w.stand_in(gpu)? } else { w.upload(gpu)? };
+            let v = if gpu.planning() { w.stand_in(gpu)? } else { w.upload(gpu)? };
             self.values.insert(id, v);
         }
         Ok(())

@@ -111,7 +111,9 @@ pub fn apply_budget(dev: &crate::graph::Device, budget: Option<u64>) {
     match (dev, budget) {
         (crate::graph::Device::Gpu(g), b) => g.set_memory_budget(b),
         (crate::graph::Device::Cpu, Some(_)) => {
-            eprintln!("note: --memory-budget limits GPU memory; the CPU path keeps its weights in host memory")
+            eprintln!(
+                "note: --memory-budget limits GPU memory; the CPU path keeps its weights in host memory"
+            )
         }
         (crate::graph::Device::Cpu, None) => {}
     }
@@ -154,7 +156,13 @@ pub fn smallest_budget(
 
 /// Refuse a budget below what the step needs, before it runs, naming the smallest that works
 /// and the options that would lower it.
-pub fn check_budget(budget: Option<u64>, needed: Option<u64>, b: usize, t: usize, flags: &MemoryFlags) -> Result<()> {
+pub fn check_budget(
+    budget: Option<u64>,
+    needed: Option<u64>,
+    b: usize,
+    t: usize,
+    flags: &MemoryFlags,
+) -> Result<()> {
     let (Some(budget), Some(needed)) = (budget, needed) else { return Ok(()) };
     if needed <= budget {
         return Ok(());

@@ -6,10 +6,10 @@
 
 use super::{gemma, gguf, gpt2, llama, Model};
 use crate::error::{Error, Result};
+use crate::graph::stream::{DeviceForm, StreamedWeight};
 use crate::graph::{Device, ParamStore};
 use crate::weights::{self, BaseDtype, GgufFile, Safetensors, Source, Stored};
 use kernels_ref::quant::GgmlType;
-use crate::graph::stream::{DeviceForm, StreamedWeight};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -152,7 +152,8 @@ impl Model {
                 let fetch = move |visit: crate::graph::stream::Visit| {
                     let stored = stored_tensor(&source, &config, &n, gpt2_prefix)?
                         .expect("a tensor found at load is found again");
-                    let value = visit(&stored, storage(&stored, packable, base), &|b| source.release_pages(b));
+                    let value =
+                        visit(&stored, storage(&stored, packable, base), &|b| source.release_pages(b));
                     source.release_pages(&stored.bytes);
                     value
                 };
@@ -181,7 +182,9 @@ fn stored_tensor<'s>(
     gpt2_prefix: bool,
 ) -> Result<Option<Stored<'s>>> {
     match source {
-        Source::Safetensors(s) => s.get(&if gpt2_prefix { format!("transformer.{name}") } else { name.to_string() }),
+        Source::Safetensors(s) => {
+            s.get(&if gpt2_prefix { format!("transformer.{name}") } else { name.to_string() })
+        }
         Source::Gguf(g) => gguf::tensor(g, config, name),
     }
 }

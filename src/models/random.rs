@@ -74,9 +74,9 @@ pub fn write_random(config: &serde_json::Value, dir: &Path, seed: u64) -> Result
         })
         .collect();
     let file = dir.join("model.safetensors");
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &file).map_err(|e| {
-        Error::Checkpoint { path: file.clone(), detail: format!("writing random weights: {e}") }
-    })?;
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), None, &file).map_err(
+        |e| Error::Checkpoint { path: file.clone(), detail: format!("writing random weights: {e}") },
+    )?;
     let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(config).expect("a JSON value serializes");
     std::fs::write(&config_path, text).map_err(io(&config_path))
