@@ -274,6 +274,40 @@ fn validate(o: &TrainOptions) -> Result<()> {
     crate::memory::validate(&o.memory)
 }
 
+/// A device's memory ran out, or the device was lost, during step `step`: say which
+/// checkpoint is intact and how to continue from it.
+fn note_checkpoint(e: Error, step: usize, last: &Option<std::path::PathBuf>) -> Error {
+    let note = match last {
+        Some(dir) => format!(
+            " (at step {step}; the last checkpoint, {}, is intact: continue from it with --resume)",
+            dir.display()
+        ),
+        None => format!(" (at step {step}; no checkpoint had been written yet)"),
+    };
+    match e {
+        Error::MemoryBudget { budget_mib, needed_mib, detail, hint } => {
+            Error::MemoryBudget { budget_mib, needed_mib, detail: detail + &note, hint }
+        }
+        Error::OutOfMemory { context } => Error::OutOfMemory { context: context + &note },
+        Error::DeviceLost { reason, message } => Error::DeviceLost { reason, message: message + &note },
+        other => other,
+    }
+}
+
+/// `POCKETTUNE_TEST_BUDGET_AT_STEP=N:BYTES` (tests only): before step N + 1, hold the device to
+/// BYTES, so that a run can be made to run out of memory in the middle.
+fn test_budget_hook(dev: &Device, step: usize) {
+    let Ok(spec) = std::env::var("POCKETTUNE_TEST_BUDGET_AT_STEP") else { return };
+    let parsed =
+        spec.split_once(':').and_then(|(n, b)| Some((n.parse::<usize>().ok()?, b.parse::<u64>().ok()?)));
+    if let (Some((n, bytes)), Device::Gpu(g)) = (parsed, dev) {
+        if n == step {
+            g.set_memory_budget(Some(bytes));
+            g.trim(); // pooled buffers go, so the step must ask for new ones
+        }
+    }
+}
+
 /// Under `--memory-budget`, refuse before the first step a budget the step cannot run in,
 /// naming the smallest one that works; else say how much of it the step uses.
 fn plan_budget(
@@ -417,6 +451,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let tokens_per_step = (o.batch_size * o.seq_len * o.grad_accum) as u64;
     while state.step < total {
         let t0 = Instant::now();
+        test_budget_hook(&dev, state.step);
         store.zero_grads()?;
         let mut loss_sum = 0.0;
         for micro in 0..o.grad_accum {
@@ -424,22 +459,27 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             let mut feed = Model::feed(&ids, &targets, o.batch_size, o.seq_len);
             let salt = (state.step * o.grad_accum + micro) as u64;
             feed.dropout_seed = Some(kernels_ref::hash32((o.seed ^ salt.wrapping_mul(0x9e37_79b9)) as u32));
-            let mut run = graph.forward(&store, &feed, &[])?;
-            run.backward(&mut store, vars.loss, 1.0 / o.grad_accum as f32)?;
-            loss_sum += run.loss(vars.loss)?;
+            let at = |e| note_checkpoint(e, state.step + 1, &last_checkpoint);
+            let mut run = graph.forward(&store, &feed, &[]).map_err(at)?;
+            run.backward(&mut store, vars.loss, 1.0 / o.grad_accum as f32).map_err(at)?;
+            loss_sum += run.loss(vars.loss).map_err(at)?;
         }
         let loss = loss_sum / o.grad_accum as f32;
-        let grad_norm = if loss.is_finite() { clip_and_norm(&mut store, o.max_grad_norm)? } else { f32::NAN };
+        let at = |e| note_checkpoint(e, state.step + 1, &last_checkpoint);
+        let grad_norm =
+            if loss.is_finite() { clip_and_norm(&mut store, o.max_grad_norm).map_err(at)? } else { f32::NAN };
         let lr = learning_rate(o, state.step, total);
         let bad = [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, x)| !x.is_finite());
         match (bad, o.on_nan) {
-            (None, _) => store.adamw_step(AdamW {
-                lr,
-                beta1: o.beta1,
-                beta2: o.beta2,
-                eps: o.eps,
-                weight_decay: o.weight_decay,
-            })?,
+            (None, _) => store
+                .adamw_step(AdamW {
+                    lr,
+                    beta1: o.beta1,
+                    beta2: o.beta2,
+                    eps: o.eps,
+                    weight_decay: o.weight_decay,
+                })
+                .map_err(at)?,
             (Some((what, value)), OnNan::Stop) => {
                 bar.abandon();
                 let detail = match &last_checkpoint {

@@ -200,3 +200,37 @@ fn the_planned_budget_is_the_smallest_that_works() {
         }
     }
 }
+
+/// Running out of device memory in the middle of a run is a clear error that names the intact
+/// checkpoint, which a resumed run (with room again) continues from.
+#[test]
+fn running_out_mid_run_keeps_the_last_checkpoint_and_says_so() {
+    let Some(_) = common::gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data, out) = (tmp.path().join("model"), tmp.path().join("data.txt"), tmp.path().join("out"));
+    common::tiny_model_dir(&model, 3);
+    std::fs::write(&data, "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20)).unwrap();
+    let train = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"));
+        cmd.args(["train", "--model"]).arg(&model).arg("--data").arg(&data).arg("--out").arg(&out);
+        cmd.args(["--steps", "4", "--save-every", "1", "--batch-size", "2", "--seq-len", "16"]).args(extra);
+        if let Some(spec) = env {
+            cmd.env("POCKETTUNE_TEST_BUDGET_AT_STEP", spec);
+        }
+        cmd.output().unwrap()
+    };
+    // before step 3 the device is held to 4 KiB: the step's first buffer does not fit
+    let failed = train(&[], Some("2:4096"));
+    let text = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{text}");
+    assert!(text.contains("--memory-budget 0.0 MiB") && text.contains("at step 3"), "{text}");
+    assert!(
+        text.contains("step-000002") && text.contains("is intact") && text.contains("--resume"),
+        "{text}"
+    );
+    let latest = std::fs::read_to_string(out.join("latest")).unwrap();
+    assert_eq!(latest.trim(), "step-000002");
+    let resumed = train(&["--resume"], None);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap().trim(), "step-000004");
+}
