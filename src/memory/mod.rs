@@ -119,10 +119,10 @@ pub fn apply_budget(dev: &crate::graph::Device, budget: Option<u64>) {
     }
 }
 
-/// The smallest `--memory-budget` under which one training step of `graph` runs on `dev`
-/// (None on the CPU path), found by a planning step (`Gpu::plan`): the executor runs the
-/// forward and backward passes with every buffer counted and none created, and the AdamW
-/// moments that the first update makes are added to the bytes live at the end. Exact for the
+/// The smallest `--memory-budget` under which training steps of `graph` run on `dev` (None on
+/// the CPU path), found by planning (`Gpu::plan`): the executor runs two steps' forward and
+/// backward passes and the clipping with every buffer counted and none created, and the AdamW
+/// moments that the first update makes are added to the second step's peak. Exact for the
 /// executor's own buffers, which are the ones the budget counts. Call it before the first step
 /// (no gradient buffer may exist yet: those of the plan are released).
 pub fn smallest_budget(
@@ -143,15 +143,24 @@ pub fn smallest_budget(
         .map(|(_, p)| 8 * p.shape.iter().product::<usize>() as u64)
         .sum();
     let moments = if offload == OptimizerOffload::None { moments } else { 0 };
+    // Two steps: the first makes the gradient buffers as its backward pass reaches them; from
+    // the second on they exist for the whole step, and so do the moments the first update made.
     let planned = gpu.plan(|| {
-        let mut run = graph.forward(store, feed, &[])?;
-        run.backward(store, loss, 1.0)?;
-        drop(run);
-        Ok(gpu.bytes_live().0)
+        let mut step = |store: &mut crate::graph::ParamStore| -> Result<()> {
+            let mut run = graph.forward(store, feed, &[])?;
+            run.backward(store, loss, 1.0)?;
+            drop(run);
+            store.clip_grad_norm(1.0)
+        };
+        step(store)?;
+        let first = gpu.bytes_live().1;
+        gpu.reset_live_peak();
+        step(store)?;
+        Ok((first, gpu.bytes_live().1))
     });
     store.clear_grads();
-    let (end, peak) = planned?;
-    Ok(Some(peak.max(end + moments)))
+    let ((first, later), _) = planned?;
+    Ok(Some(first.max(later + moments)))
 }
 
 /// Refuse a budget below what the step needs, before it runs, naming the smallest that works
