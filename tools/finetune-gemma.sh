@@ -23,7 +23,7 @@ head -c 1500000 assets/shakespeare/plays.txt | tail -c 24000 > "$RUN/heldout.txt
 PROMPT=$'KING HENRY.\nWhat says'
 ppl() { # [eval options] -> prints the held-out perplexity
     "$B" eval --model "$MODEL" --data "$RUN/heldout.txt" --batch-size 1 --seq-len "$SEQ" \
-        --max-batches 4 --base-dtype "$BASE" --json "$@" 2>/dev/null |
+        --max-batches 4 --base-dtype "$BASE" --fused-loss --json "$@" 2>/dev/null |
         python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)["perplexity"])'
 }
 echo "== Gemma 3 270M ($MODEL, base $BASE), held-out Shakespeare, 4 x $SEQ tokens"
@@ -34,7 +34,7 @@ echo "== sample before:"
 echo "== LoRA fine-tuning, $STEPS steps of 1 x $SEQ tokens"
 "$B" train --model "$MODEL" --method lora --base-dtype "$BASE" --data "$RUN/train.txt" \
     --steps "$STEPS" --batch-size 1 --seq-len "$SEQ" --lr 2e-3 --warmup 1 --lora-dropout 0 \
-    --save-every "$STEPS" --out "$RUN/lora" "$@"
+    --fused-loss --save-every "$STEPS" --out "$RUN/lora" "$@"
 ADAPTER="$RUN/lora/$(cat "$RUN/lora/latest")"
 after=$(ppl --adapter "$ADAPTER")
 echo "== sample after:"

@@ -146,7 +146,7 @@ pub fn smallest_budget(
     // Two steps: the first makes the gradient buffers as its backward pass reaches them; from
     // the second on they exist for the whole step, and so do the moments the first update made.
     let planned = gpu.plan(|| {
-        let mut step = |store: &mut crate::graph::ParamStore| -> Result<()> {
+        let step = |store: &mut crate::graph::ParamStore| -> Result<()> {
             let mut run = graph.forward(store, feed, &[])?;
             run.backward(store, loss, 1.0)?;
             drop(run);
