@@ -41,9 +41,10 @@ pub enum OptimizerOffload {
 /// The memory flags that `train`, `eval`, `generate` and `bench step` share.
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MemoryFlags {
-    /// GPU bytes the engine may hold (e.g. 800M, 1.5G, 2GiB; plain numbers are bytes). Weights
-    /// not in use then stay in the memory-mapped checkpoint and are uploaded just before their
-    /// layer runs. A budget below what one layer needs is refused with the smallest one that works.
+    /// GPU bytes the engine may hold (e.g. 800M, 1.5G, 2GiB; plain numbers are bytes). Frozen
+    /// weights (LoRA's base, eval, generate) then stay in the memory-mapped checkpoint and are
+    /// uploaded just before their layer runs; trained weights stay resident. A budget below what
+    /// a step needs is refused before training with the smallest one that works.
     #[arg(long, value_parser = parse_size)]
     #[serde(default)]
     pub memory_budget: Option<u64>,
