@@ -18,7 +18,6 @@ use pockettune::graph::Device;
 use pockettune::kernels::attention::{self, AttnDims, Heads};
 use pockettune::kernels::flash_attention as fa;
 use pockettune::memory::GraphOptions;
-use pockettune::models::Model;
 use pockettune::{Gpu, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -190,87 +189,13 @@ fn gemma3_270m_shapes_at_2048_tokens() {
 /// parameter gradient, each family, GPU and CPU. T = 24 with 5-row query blocks on the GPU
 /// (five blocks, the last ragged; Gemma's windows of 3 and 4 leave most key blocks out) and the
 /// reference's 16-key blocks on the CPU.
-fn configs() -> Vec<(&'static str, serde_json::Value)> {
-    vec![
-        (
-            "gpt2",
-            serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32,
-                "n_positions": 32, "vocab_size": 97}),
-        ),
-        (
-            "qwen2",
-            serde_json::json!({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101,
-                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "tie_word_embeddings": true}),
-        ),
-        (
-            "llama",
-            serde_json::json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 40,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 89,
-                "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                "tie_word_embeddings": false}),
-        ),
-        (
-            "gemma3",
-            serde_json::json!({"model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 48,
-                "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                "vocab_size": 113, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-                "query_pre_attn_scalar": 16, "sliding_window": 3, "sliding_window_pattern": 2,
-                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0}),
-        ),
-        (
-            "gemma2",
-            serde_json::json!({"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 48,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                "vocab_size": 103, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-                "query_pre_attn_scalar": 16, "sliding_window": 4, "attn_logit_softcapping": 50.0}),
-        ),
-    ]
-}
-
-type Step = (f32, Vec<(String, Vec<f32>)>);
-
-fn model_step(config: &serde_json::Value, dev: &Device, options: GraphOptions, b: usize, t: usize) -> Step {
-    let (model, mut store) = Model::random(config.clone(), dev, 7).unwrap();
-    let vocab = model.vocab_size();
-    let mut rng = StdRng::seed_from_u64(19);
-    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
-    let targets: Vec<i32> = (0..b * t).map(|_| rng.random_range(0..vocab as i32)).collect();
-    let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
-    let feed = Model::feed(&ids, &targets, b, t);
-    store.zero_grads().unwrap();
-    let mut run = graph.forward(&store, &feed, &[]).unwrap();
-    run.backward(&mut store, vars.loss, 1.0).unwrap();
-    let loss = run.loss(vars.loss).unwrap();
-    drop(run);
-    let grads = store
-        .iter()
-        .filter(|(_, p)| p.trainable)
-        .map(|(_, p)| (p.name.clone(), p.grad.as_ref().unwrap().to_host(dev).unwrap()))
-        .collect();
-    (loss, grads)
-}
-
-fn compare_steps(what: &str, plain: &Step, flash: &Step) {
-    let tol = 2e-5 * plain.0.abs().max(1.0);
-    assert!((plain.0 - flash.0).abs() <= tol, "{what}: loss {} vs {}", plain.0, flash.0);
-    for ((name, x), (_, y)) in plain.1.iter().zip(&flash.1) {
-        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "{what}: {name} has a zero gradient");
-        for (i, (p, q)) in x.iter().zip(y).enumerate() {
-            assert!((p - q).abs() <= 1e-4 * scale, "{what}: {name}[{i}] {p} vs {q} (largest {scale})");
-        }
-    }
-}
-
 fn whole_models(dev: &Device, label: &str) {
     let flash = GraphOptions { flash_attention: true, ..GraphOptions::default() };
     let (b, t) = (2, 24);
-    for (family, config) in configs() {
-        let plain = model_step(&config, dev, GraphOptions::default(), b, t);
-        let with = fa::with_block_rows(5, || model_step(&config, dev, flash, b, t));
-        compare_steps(&format!("{label} {family}"), &plain, &with);
+    for (family, config) in common::family_configs() {
+        let plain = common::model_step(&config, dev, false, GraphOptions::default(), (b, t));
+        let with = fa::with_block_rows(5, || common::model_step(&config, dev, false, flash, (b, t)));
+        common::compare_steps(&format!("{label} {family}"), &plain, &with, false);
     }
 }
 
@@ -299,7 +224,7 @@ fn gemma3_270m_trains_on_2048_tokens() {
     let config = pockettune::models::preset_config("gemma3-270m").unwrap();
     let flash = GraphOptions { flash_attention: true, ..GraphOptions::default() };
     let start = std::time::Instant::now();
-    let (loss, grads) = model_step(&config, &dev, flash, 1, 2048);
+    let (loss, grads) = common::model_step(&config, &dev, false, flash, (1, 2048));
     let (_, peak) = gpu.bytes_live();
     eprintln!(
         "gemma3-270m, T 2048, flash: loss {loss}, {:.1} s, peak live {} MiB",

@@ -25,7 +25,6 @@ use pockettune::graph::{Device, Feed, Graph, ParamStore};
 use pockettune::kernels::cross_entropy::Targets;
 use pockettune::kernels::lm_head_loss::{self, HeadWeight};
 use pockettune::memory::GraphOptions;
-use pockettune::models::Model;
 use pockettune::{gradcheck, Gpu, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -286,20 +285,6 @@ fn head_graph_step(
     (l, grads)
 }
 
-type Step = (f32, Vec<(String, Vec<f32>)>);
-
-fn compare(what: &str, a: &Step, b: &Step) {
-    assert!((a.0 - b.0).abs() <= 2e-5 * a.0.abs().max(1.0), "{what}: loss {} vs {}", a.0, b.0);
-    assert_eq!(a.1.len(), b.1.len(), "{what}: trainable tensors");
-    for ((name, x), (_, y)) in a.1.iter().zip(&b.1) {
-        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!(scale > 0.0, "{what}: {name} has a zero gradient (the test would not see a difference)");
-        for (i, (p, q)) in x.iter().zip(y).enumerate() {
-            assert!((p - q).abs() <= 1e-4 * scale, "{what}: {name}[{i}] {p} vs {q} (largest {scale})");
-        }
-    }
-}
-
 fn check_head_graphs(dev: &Device, label: &str) {
     let shapes = [
         (5, 8, 37, true, None, false),
@@ -311,7 +296,7 @@ fn check_head_graphs(dev: &Device, label: &str) {
         let plain = head_graph_step(dev, shape, false);
         // ragged chunks of 10 columns (the GPU; the CPU path ignores the chunking)
         let fused = lm_head_loss::with_chunk_cols(10, || head_graph_step(dev, shape, true));
-        compare(&format!("{label} {shape:?}"), &plain, &fused);
+        common::compare_steps(&format!("{label} {shape:?}"), &plain, &fused, false);
     }
 }
 
@@ -340,83 +325,14 @@ fn fusing_refuses_a_tail_that_is_not_a_head() {
     assert!(err.contains("linear LM head"), "{err}");
 }
 
-fn model_configs() -> Vec<(&'static str, serde_json::Value)> {
-    vec![
-        (
-            "gpt2",
-            serde_json::json!({"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 16,
-                "n_positions": 16, "vocab_size": 71}),
-        ),
-        (
-            "qwen2 (tied)",
-            serde_json::json!({"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 24,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 67,
-                "max_position_embeddings": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "tie_word_embeddings": true}),
-        ),
-        (
-            "llama (untied)",
-            serde_json::json!({"model_type": "llama", "hidden_size": 16, "intermediate_size": 20,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 59,
-                "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                "tie_word_embeddings": false}),
-        ),
-        (
-            "gemma3 (soft-capped)",
-            serde_json::json!({"model_type": "gemma3_text", "hidden_size": 16, "intermediate_size": 24,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
-                "vocab_size": 73, "max_position_embeddings": 32, "rms_norm_eps": 1e-6,
-                "query_pre_attn_scalar": 8, "sliding_window": 3, "sliding_window_pattern": 2,
-                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "final_logit_softcapping": 3.0}),
-        ),
-    ]
-}
-
-/// One step of a random model: the loss and every trainable parameter's gradient.
-fn model_step(config: &serde_json::Value, dev: &Device, lora: bool, fused: bool) -> Step {
-    let (model, mut store) = Model::random(config.clone(), dev, 3).unwrap();
-    if lora {
-        let targets = pockettune::lora::default_targets(&model);
-        let o = pockettune::lora::LoraOptions { rank: 2, alpha: 4.0, dropout: 0.0, targets };
-        pockettune::lora::apply(&model, &mut store, &o, 5).unwrap();
-        // LoRA's B starts at zero, which would leave A's gradient zero
-        let mut rng = StdRng::seed_from_u64(23);
-        let bs: Vec<_> = store
-            .iter()
-            .filter(|(_, p)| p.name.contains("lora_B"))
-            .map(|(id, p)| (id, p.shape.clone()))
-            .collect();
-        for (id, shape) in bs {
-            store.set_value(id, &uniform(&mut rng, shape.iter().product(), 0.1)).unwrap();
-        }
-    }
-    let (b, t) = (2, 5);
-    let vocab = model.vocab_size();
-    let mut rng = StdRng::seed_from_u64(17);
-    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
-    let tg = targets(&mut rng, b * t, vocab);
-    let options = GraphOptions { fused_loss: fused, ..GraphOptions::default() };
-    let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
-    assert_eq!(vars.logits.is_none(), fused, "the fused graph has no logits");
-    store.zero_grads().unwrap();
-    let mut run = graph.forward(&store, &Model::feed(&ids, &tg, b, t), &[]).unwrap();
-    run.backward(&mut store, vars.loss, 1.0).unwrap();
-    let loss = run.loss(vars.loss).unwrap();
-    drop(run);
-    let grads = store
-        .iter()
-        .filter(|(_, p)| p.trainable)
-        .map(|(_, p)| (p.name.clone(), p.grad.as_ref().unwrap().to_host(dev).unwrap()))
-        .collect();
-    (loss, grads)
-}
-
 fn check_models(dev: &Device, label: &str) {
-    for (family, config) in model_configs() {
+    let fused = GraphOptions { fused_loss: true, ..GraphOptions::default() };
+    for (family, config) in common::family_configs() {
         for lora in [false, true] {
-            let plain = model_step(&config, dev, lora, false);
-            let fused = lm_head_loss::with_chunk_cols(16, || model_step(&config, dev, lora, true));
-            compare(&format!("{label} {family} lora={lora}"), &plain, &fused);
+            let step = |o| common::model_step(&config, dev, lora, o, (2, 5));
+            let plain = step(GraphOptions::default());
+            let with = lm_head_loss::with_chunk_cols(16, || step(fused));
+            common::compare_steps(&format!("{label} {family} lora={lora}"), &plain, &with, false);
         }
     }
 }

@@ -179,3 +179,124 @@ impl Expected {
         self.file.get(name).unwrap().unwrap_or_else(|| panic!("fixture has no {name}")).1
     }
 }
+
+/// Tiny configs of every family, each feature the memory options touch switched on somewhere:
+/// GPT-2 (packed q|k|v), Qwen2 (tied head, GQA), Llama (untied head), Gemma 3 (sliding window,
+/// a strong final soft-cap of 3 so its derivative matters) and Gemma 2 (attention soft-cap).
+#[allow(dead_code)]
+pub fn family_configs() -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        (
+            "gpt2",
+            serde_json::json!({"model_type": "gpt2", "n_layer": 3, "n_head": 2, "n_embd": 32,
+                "n_positions": 32, "vocab_size": 97}),
+        ),
+        (
+            "qwen2",
+            serde_json::json!({"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 101,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "tie_word_embeddings": true}),
+        ),
+        (
+            "llama",
+            serde_json::json!({"model_type": "llama", "hidden_size": 32, "intermediate_size": 40,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 89,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "tie_word_embeddings": false}),
+        ),
+        (
+            "gemma3",
+            serde_json::json!({"model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                "vocab_size": 113, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+                "query_pre_attn_scalar": 16, "sliding_window": 3, "sliding_window_pattern": 2,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "final_logit_softcapping": 3.0}),
+        ),
+        (
+            "gemma2",
+            serde_json::json!({"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 48,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                "vocab_size": 103, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+                "query_pre_attn_scalar": 16, "sliding_window": 4, "final_logit_softcapping": 30.0,
+                "attn_logit_softcapping": 50.0}),
+        ),
+    ]
+}
+
+/// A step's loss and every trainable parameter's gradient (by name, in store order).
+#[allow(dead_code)]
+pub type Step = (f32, Vec<(String, Vec<f32>)>);
+
+/// One training step of a random model of `config` at `b` x `t` with the graph built with
+/// `options`: full fine-tuning, or LoRA (rank 4, dropout 0.25, B made non-zero so that A's
+/// gradient is not zero). Random ids, one ignored target, dropout on.
+#[allow(dead_code)]
+pub fn model_step(
+    config: &serde_json::Value,
+    dev: &pockettune::graph::Device,
+    lora: bool,
+    options: pockettune::memory::GraphOptions,
+    (b, t): (usize, usize),
+) -> Step {
+    use pockettune::models::Model;
+    use rand::{Rng, SeedableRng};
+    let (model, mut store) = Model::random(config.clone(), dev, 3).unwrap();
+    if lora {
+        let targets = pockettune::lora::default_targets(&model);
+        let o = pockettune::lora::LoraOptions { rank: 4, alpha: 8.0, dropout: 0.25, targets };
+        pockettune::lora::apply(&model, &mut store, &o, 5).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let bs: Vec<_> = store
+            .iter()
+            .filter(|(_, p)| p.name.contains("lora_B"))
+            .map(|(id, p)| (id, p.shape.clone()))
+            .collect();
+        for (id, shape) in bs {
+            let data: Vec<f32> =
+                (0..shape.iter().product()).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+            store.set_value(id, &data).unwrap();
+        }
+    }
+    let vocab = model.vocab_size();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let mut targets: Vec<i32> = (0..b * t).map(|_| rng.random_range(0..vocab as i32)).collect();
+    targets[b * t / 2] = -100;
+    let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
+    assert_eq!(vars.logits.is_none(), options.fused_loss, "the fused graph has no logits");
+    let mut feed = Model::feed(&ids, &targets, b, t);
+    feed.dropout_seed = Some(99);
+    store.zero_grads().unwrap();
+    let mut run = graph.forward(&store, &feed, &[]).unwrap();
+    run.backward(&mut store, vars.loss, 1.0).unwrap();
+    let loss = run.loss(vars.loss).unwrap();
+    drop(run);
+    let grads = store
+        .iter()
+        .filter(|(_, p)| p.trainable)
+        .map(|(_, p)| {
+            let g = p.grad.as_ref().unwrap_or_else(|| panic!("{} has no gradient", p.name));
+            (p.name.clone(), g.to_host(dev).unwrap())
+        })
+        .collect();
+    (loss, grads)
+}
+
+/// Two steps agree: bit for bit when `exact`, else within float32 reassociation (2e-5 relative
+/// on the loss, 1e-4 of each gradient's largest entry). Every gradient must be non-zero, or the
+/// comparison could not see a difference.
+#[allow(dead_code)]
+pub fn compare_steps(what: &str, a: &Step, b: &Step, exact: bool) {
+    let loss_tol = if exact { 0.0 } else { 2e-5 * a.0.abs().max(1.0) };
+    assert!((a.0 - b.0).abs() <= loss_tol, "{what}: loss {} vs {}", a.0, b.0);
+    assert_eq!(a.1.len(), b.1.len(), "{what}: trainable tensors");
+    for ((name, x), (_, y)) in a.1.iter().zip(&b.1) {
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0, "{what}: {name} has a zero gradient (the test would not see a difference)");
+        let tol = if exact { 0.0 } else { 1e-4 * scale };
+        for (i, (p, q)) in x.iter().zip(y).enumerate() {
+            assert!((p - q).abs() <= tol, "{what}: {name}[{i}] {p} vs {q} (tolerance {tol})");
+        }
+    }
+}
