@@ -15,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Profile};
 use crate::graph::{Device, ParamStore};
 use crate::kernels::optim::AdamW;
-use crate::kernels::{elementwise, reduce};
 use crate::models::{LoadOptions, Model};
 use crate::weights::BaseDtype;
 use serde::{Deserialize, Serialize};
@@ -321,10 +320,20 @@ fn plan_budget(
     let n = o.batch_size * o.seq_len;
     let feed = Model::feed(&vec![0; n], &vec![0; n], o.batch_size, o.seq_len);
     let needed = crate::memory::smallest_budget(dev, graph, loss, store, &feed, o.memory.optimizer_offload)?;
-    crate::memory::check_budget(Some(budget), needed, o.batch_size, o.seq_len, &o.memory)?;
+    let mut flags = o.memory.clone();
+    if store.has_host_params() && flags.optimizer_offload == crate::memory::OptimizerOffload::None {
+        // trained weights on the host keep their moments there whatever the flag says
+        flags.optimizer_offload = crate::memory::OptimizerOffload::Host;
+    }
+    crate::memory::check_budget(Some(budget), needed, o.batch_size, o.seq_len, &flags)?;
     if let Some(needed) = needed {
+        let how = if store.has_host_params() {
+            "trained weights stream from host memory; gradients and the AdamW update are gathered there"
+        } else {
+            "frozen weights stream from the checkpoint"
+        };
         eprintln!(
-            "memory budget {}: a step holds at most {} (planned; frozen weights stream from the checkpoint)",
+            "memory budget {}: a step holds at most {} (planned; {how})",
             crate::memory::mib(budget),
             crate::memory::mib(needed)
         );
@@ -467,7 +476,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         let loss = loss_sum / o.grad_accum as f32;
         let at = |e| note_checkpoint(e, state.step + 1, &last_checkpoint);
         let grad_norm =
-            if loss.is_finite() { clip_and_norm(&mut store, o.max_grad_norm).map_err(at)? } else { f32::NAN };
+            if loss.is_finite() { store.clip_grad_norm(o.max_grad_norm).map_err(at)? } else { f32::NAN };
         let lr = learning_rate(o, state.step, total);
         let bad = [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, x)| !x.is_finite());
         match (bad, o.on_nan) {
@@ -556,46 +565,6 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         skipped_nan: state.skipped_nan,
         memory: crate::memory::report::MemoryReport::for_device(&rss_sampler, &dev),
     })
-}
-
-/// Clip the gradients to global L2 norm `max_norm` (0: no clipping) and return their norm before
-/// clipping, the value `--on-nan` checks. With clipping on it is the sum of squares clipping
-/// computes anyway; on the GPU it is read back (4 bytes, one wait per step, beside the loss's).
-/// With clipping off the same reduction runs alone: one pass over the gradients, little beside
-/// the forward and backward passes. A sum of squares beyond f32 (a norm above ~1.8e19) counts
-/// as infinite on both paths: on the GPU the sum is f32 (and would zero every gradient through
-/// the clip coefficient), and a gradient that large would overflow AdamW's second moment.
-fn clip_and_norm(store: &mut ParamStore, max_norm: f32) -> Result<f32> {
-    match store.device().clone() {
-        Device::Gpu(gpu) => {
-            let grads: Vec<&crate::gpu::Tensor> =
-                store.iter().filter_map(|(_, p)| p.grad.as_ref()).map(|g| g.gpu()).collect();
-            let acc = if max_norm > 0.0 {
-                reduce::clip_grad_norm(&gpu, &grads, max_norm)?
-            } else {
-                let acc = crate::gpu::Tensor::empty(&gpu, &[1], "grad norm")?;
-                elementwise::fill(&gpu, &acc, 0.0)?;
-                for g in &grads {
-                    reduce::sum_into(&gpu, &acc, 0, g, true)?;
-                }
-                acc
-            };
-            Ok(acc.to_host(&gpu)?[0].sqrt())
-        }
-        Device::Cpu => {
-            // The reference clip returns the same f64 sum; it is recomputed here because the
-            // store clips all gradients at once behind its own borrow.
-            let squares: f64 = store
-                .iter()
-                .filter_map(|(_, p)| p.grad.as_ref())
-                .map(|g| kernels_ref::sum_squares(g.cpu()))
-                .sum();
-            if max_norm > 0.0 {
-                store.clip_grad_norm(max_norm)?;
-            }
-            Ok(if (squares as f32).is_finite() { squares.sqrt() as f32 } else { f32::INFINITY })
-        }
-    }
 }
 
 /// The metrics JSONL file: one line per optimizer step and per evaluation. It holds the history

@@ -52,6 +52,8 @@ pub enum Value {
     /// A frozen weight left in the memory-mapped checkpoint; the executor uploads it for the
     /// nodes that read it (`--memory-budget`, see [`stream`]).
     Streamed(Arc<stream::StreamedWeight>),
+    /// Host memory: every value on the CPU path; on a GPU run, a trained weight kept on the host
+    /// and streamed like the above (`params::Location::Host`), or its gradient.
     Cpu(Vec<f32>),
 }
 
@@ -549,8 +551,7 @@ impl Graph {
                 recomputed[v.0] &= segment[v.0] == segment[i];
             }
         }
-        let streaming =
-            matches!(dev, Device::Gpu(_)) && store.iter().any(|(_, p)| matches!(p.value, Value::Streamed(_)));
+        let streaming = matches!(dev, Device::Gpu(_)) && store.iter().any(|(_, p)| p.streams());
         let residency = streaming.then(|| {
             stream::Residency::plan(self, store, &self.requires_grad, &self.layer_ranges(), checkpointing)
         });
@@ -766,6 +767,10 @@ impl Run<'_> {
             }
         }
         let mut grads: Vec<Option<Value>> = (0..n).map(|_| None).collect();
+        // Gradients of parameters on the host go there as the pass leaves each layer.
+        let layers = g.layer_ranges();
+        let layer_of = |i: usize| layers.iter().position(|&(a, b)| (a..=b).contains(&i));
+        let mut layer = None;
         for i in (0..=loss.0).rev() {
             let node = &g.nodes[i];
             if !g.requires_grad[i] || matches!(node.op, Op::Param(_)) {
@@ -774,6 +779,10 @@ impl Run<'_> {
             let dout = if i == loss.0 { None } else { grads[i].take() };
             if dout.is_none() && i != loss.0 {
                 continue; // does not reach the loss
+            }
+            if layer_of(i) != layer {
+                store.flush_grads()?;
+                layer = layer_of(i);
             }
             self.stream_in(store, i, false)?;
             if let Some(k) = self.segment[i] {
@@ -800,6 +809,6 @@ impl Run<'_> {
                 }
             }
         }
-        Ok(())
+        store.flush_grads()
     }
 }

@@ -317,7 +317,7 @@ fn take_grad(
 
 fn put_grad(store: &mut ParamStore, grads: &mut [Option<Value>], target: Target, g: Value) {
     match target {
-        Target::Param(id) => store.get_mut(id).grad = Some(g),
+        Target::Param(id) => store.put_grad(id, g),
         Target::Act(i) => grads[i] = Some(g),
     }
 }

@@ -3,12 +3,22 @@
 //! moments (llm.c's layout, one entry per tensor), so the optimizer is one loop over it.
 //!
 //! Frozen parameters (LoRA's base weights) get no gradient buffer and no optimizer state.
-//! Everything is resident on the device today; `Location` is where memory-mapped, streamed
-//! shards will be described.
+//!
+//! Where a parameter lives ([`Location`]): resident on the device, or (full fine-tuning under
+//! `--memory-budget`) on the host. A parameter on the host is uploaded by the executor for the
+//! layer that reads it, as a streamed frozen weight is (`super::stream`); the gradient its
+//! layer's backward steps make on the device is added into a host buffer when the backward pass
+//! leaves that layer ("gradients streamed out", [`ParamStore::flush_grads`]), and the update
+//! runs on the host with the moments there too (`memory::offload`). The device then holds one
+//! or two layers' weights and gradients at a time, and global-norm clipping stays exact: every
+//! gradient is complete, on the host or the device, before the norm is taken
+//! ([`ParamStore::clip_grad_norm`]).
 
 use super::{Device, Value};
 use crate::error::{Error, Result};
+use crate::gpu::Tensor;
 use crate::kernels::optim::{self, AdamW};
+use crate::kernels::reduce;
 use crate::memory::{offload::Offload, OptimizerOffload};
 use kernels_ref::quant::GgmlType;
 use std::collections::HashMap;
@@ -19,8 +29,11 @@ pub struct ParamId(pub usize);
 /// Where a parameter's authoritative copy lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
-    /// In a device buffer for the whole run.
+    /// In a device buffer for the whole run (or in host memory on the CPU path).
     Resident,
+    /// A trained weight in host memory on a GPU run (`Value::Cpu`), uploaded for the layer that
+    /// reads it; its gradient is gathered on the host.
+    Host,
 }
 
 pub struct Param {
@@ -37,12 +50,24 @@ pub struct Param {
     pub grad: Option<Value>,
     /// AdamW moments, created on the first step.
     moments: Option<(Value, Value)>,
+    /// A parameter on the host: the device gradient its layer's backward steps are adding to,
+    /// until [`ParamStore::flush_grads`] adds it into `grad` (which is then on the host).
+    pending: Option<Value>,
 }
 
 impl Param {
     /// AdamW moments (m, v), once the first step has made them.
     pub fn moments(&self) -> Option<(&Value, &Value)> {
         self.moments.as_ref().map(|(m, v)| (m, v))
+    }
+    /// A trained weight kept in host memory on a GPU run (see [`Location::Host`]).
+    pub fn on_host(&self) -> bool {
+        self.location == Location::Host
+    }
+    /// Whether the executor uploads this parameter for the nodes that read it (a frozen weight
+    /// left in its checkpoint, or a trained weight on the host).
+    pub fn streams(&self) -> bool {
+        self.on_host() || matches!(self.value, Value::Streamed(_))
     }
 }
 
@@ -94,6 +119,22 @@ impl ParamStore {
         self.add_value(name, shape, value, trainable)
     }
 
+    /// Add a trained parameter kept in host memory and uploaded by the executor for the layer
+    /// that reads it (full fine-tuning under `--memory-budget`; see [`Location::Host`]). On the
+    /// CPU path every parameter is in host memory anyway: this is [`ParamStore::add`].
+    pub fn add_host(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> Result<ParamId> {
+        if matches!(self.dev, Device::Cpu) {
+            return self.add(name, shape, &data, true);
+        }
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(Error::shape("add_host", format!("{name}: {n} values expected, got {}", data.len())));
+        }
+        let id = self.add_value(name, shape, Value::Cpu(data), true)?;
+        self.params[id.0].location = Location::Host;
+        Ok(id)
+    }
+
     /// Add a frozen weight left in its checkpoint file, uploaded by the executor when a node
     /// reads it (`super::stream`).
     pub fn add_streamed(&mut self, w: super::stream::StreamedWeight) -> Result<ParamId> {
@@ -136,6 +177,7 @@ impl ParamStore {
             value,
             grad: None,
             moments: None,
+            pending: None,
         });
         self.by_name.insert(name.to_string(), id);
         Ok(id)
@@ -147,7 +189,9 @@ impl ParamStore {
         for p in &self.params {
             let bytes = match &p.value {
                 Value::Packed(q) => q.gpu_bytes(),
-                Value::Streamed(_) => 0, // on the device only while a layer that reads it runs
+                // on the device only while a layer that reads it runs
+                Value::Streamed(_) => 0,
+                _ if p.on_host() => 0,
                 _ => 4 * p.shape.iter().product::<usize>() as u64,
             };
             by.entry(p.dtype.name()).or_insert((p.dtype, 0)).1 += bytes;
@@ -192,7 +236,11 @@ impl ParamStore {
     pub fn set_value(&mut self, id: ParamId, data: &[f32]) -> Result<()> {
         let _c = crate::gpu::Category::Weights.enter(); // memory report
         let p = &mut self.params[id.0];
-        p.value = Value::from_host(&self.dev, data, &p.shape, &p.name)?;
+        p.value = if p.on_host() {
+            Value::Cpu(data.to_vec())
+        } else {
+            Value::from_host(&self.dev, data, &p.shape, &p.name)?
+        };
         p.dtype = GgmlType::F32;
         Ok(())
     }
@@ -225,6 +273,7 @@ impl ParamStore {
         let p = &mut self.params[id.0];
         p.trainable = false;
         p.grad = None;
+        p.pending = None;
         p.moments = None;
     }
 
@@ -237,6 +286,7 @@ impl ParamStore {
     }
     /// Set a parameter's AdamW moments (restoring a checkpoint).
     pub fn set_moments(&mut self, id: ParamId, m: &[f32], v: &[f32]) -> Result<()> {
+        self.host_moments_offloaded()?;
         if let Some(off) = &mut self.offload {
             return off.set_moments(&self.params, id, m, v);
         }
@@ -253,16 +303,54 @@ impl ParamStore {
     pub(crate) fn take_grad(&mut self, id: ParamId) -> Result<Option<(Value, bool)>> {
         let _c = crate::gpu::Category::Gradients.enter(); // memory report
         let p = &mut self.params[id.0];
-        Ok(match p.grad.take() {
+        let slot = if p.on_host() { &mut p.pending } else { &mut p.grad };
+        Ok(match slot.take() {
             Some(g) => Some((g, true)),
             None if p.trainable => Some((Value::empty(&self.dev, &p.shape, "gradient")?, false)),
             None => None,
         })
     }
 
+    /// Give back the gradient buffer [`Self::take_grad`] handed out, now written.
+    pub(crate) fn put_grad(&mut self, id: ParamId, g: Value) {
+        let p = &mut self.params[id.0];
+        if p.on_host() {
+            p.pending = Some(g);
+        } else {
+            p.grad = Some(g);
+        }
+    }
+
+    /// Add the device gradients of parameters on the host into their host gradients, and
+    /// release the device buffers (the backward pass calls it as it leaves each layer, and at
+    /// its end). In a planning step (`Gpu::plan`) the stand-in buffers are only released.
+    pub fn flush_grads(&mut self) -> Result<()> {
+        let Device::Gpu(gpu) = &self.dev else { return Ok(()) };
+        for p in self.params.iter_mut().filter(|p| p.pending.is_some()) {
+            let Some(Value::Gpu(g)) = p.pending.take() else { continue };
+            if gpu.planning() {
+                continue;
+            }
+            let part = g.to_host(gpu)?;
+            match &mut p.grad {
+                Some(Value::Cpu(acc)) => acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b),
+                _ => p.grad = Some(Value::Cpu(part)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any parameter lives on the host ([`Location::Host`]).
+    pub fn has_host_params(&self) -> bool {
+        self.params.iter().any(Param::on_host)
+    }
+
     /// Release every gradient buffer (after a planning step, whose buffers only stood in).
     pub fn clear_grads(&mut self) {
-        self.params.iter_mut().for_each(|p| p.grad = None);
+        self.params.iter_mut().for_each(|p| {
+            p.grad = None;
+            p.pending = None;
+        });
     }
 
     /// Whether any parameter has a gradient buffer yet.
@@ -279,31 +367,94 @@ impl ParamStore {
         Ok(())
     }
 
-    /// Scale all gradients so that their global L2 norm is at most `max_norm`, as
-    /// `torch.nn.utils.clip_grad_norm_` does (on the GPU without a read-back).
-    pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<()> {
-        match &self.dev {
-            Device::Gpu(g) => {
-                let grads: Vec<&crate::gpu::Tensor> =
+    /// Scale all gradients so that their global L2 norm is at most `max_norm` (0: leave them),
+    /// as `torch.nn.utils.clip_grad_norm_` does, and return that norm before clipping (the
+    /// value `--on-nan` checks; on the GPU one 4-byte read-back, beside the loss's).
+    ///
+    /// Gradients of parameters on the host (full fine-tuning under `--memory-budget`) are whole
+    /// on the host by now, so the norm stays exact: their sum of squares (f64) is added to the
+    /// device gradients' (read back), and one coefficient scales both, as torch computes it.
+    /// A sum of squares beyond f32 (a norm above ~1.8e19) counts as infinite on every path: on
+    /// the GPU the sum is f32 (and would zero every gradient through the coefficient), and a
+    /// gradient that large would overflow AdamW's second moment.
+    pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<f32> {
+        let host_squares: Option<f64> = self.has_host_params().then(|| {
+            self.params
+                .iter()
+                .filter(|p| p.on_host())
+                .filter_map(|p| p.grad.as_ref())
+                .map(|g| kernels_ref::sum_squares(g.cpu()))
+                .sum()
+        });
+        let finite =
+            |squares: f64| if (squares as f32).is_finite() { squares.sqrt() as f32 } else { f32::INFINITY };
+        match (&self.dev, host_squares) {
+            (Device::Gpu(g), None) => {
+                let grads: Vec<&Tensor> =
                     self.params.iter().filter_map(|p| p.grad.as_ref()).map(Value::gpu).collect();
-                crate::kernels::reduce::clip_grad_norm(g, &grads, max_norm)?;
+                let acc = if max_norm > 0.0 {
+                    reduce::clip_grad_norm(g, &grads, max_norm)?
+                } else {
+                    reduce::sum_squares(g, &grads)?
+                };
+                Ok(acc.to_host(g)?[0].sqrt())
             }
-            Device::Cpu => {
+            (Device::Gpu(g), Some(host)) => {
+                let on_device: Vec<&Tensor> = self
+                    .params
+                    .iter()
+                    .filter(|p| !p.on_host())
+                    .filter_map(|p| p.grad.as_ref())
+                    .map(Value::gpu)
+                    .collect();
+                let device = if on_device.is_empty() {
+                    0.0
+                } else {
+                    reduce::sum_squares(g, &on_device)?.to_host(g)?[0]
+                };
+                let squares = host + device as f64;
+                let coef = max_norm as f64 / (squares.sqrt() + 1e-6);
+                if max_norm > 0.0 && coef < 1.0 {
+                    if !on_device.is_empty() {
+                        let acc = Tensor::from_host(g, &[device, coef as f32], &[2], "grad norm")?;
+                        for t in &on_device {
+                            crate::kernels::elementwise::scale_by(g, t, &acc, 1)?;
+                        }
+                    }
+                    for p in self.params.iter_mut().filter(|p| p.on_host()) {
+                        if let Some(grad) = &mut p.grad {
+                            use rayon::prelude::*; // as kernels_ref::clip_grad_norm scales
+                            grad.cpu_mut().par_iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+                        }
+                    }
+                }
+                Ok(finite(squares))
+            }
+            (Device::Cpu, _) => {
                 let mut grads: Vec<&mut [f32]> = self
                     .params
                     .iter_mut()
                     .filter_map(|p| p.grad.as_mut())
                     .map(|g| g.cpu_mut().as_mut_slice())
                     .collect();
-                kernels_ref::clip_grad_norm(&mut grads, max_norm);
+                let squares: f64 = grads.iter().map(|g| kernels_ref::sum_squares(g)).sum();
+                if max_norm > 0.0 {
+                    kernels_ref::clip_grad_norm(&mut grads, max_norm);
+                }
+                Ok(finite(squares))
             }
         }
-        Ok(())
     }
 
     /// Keep the AdamW moments where `mode` says (`path`: the file of `disk` mode, created now);
     /// moments made already move there. See `memory::offload`.
+    /// Parameters on the host keep their moments on the host whatever `mode` says (`none`
+    /// means `host` then).
     pub fn set_optimizer_offload(&mut self, mode: OptimizerOffload, path: &std::path::Path) -> Result<()> {
+        let mode = match mode {
+            OptimizerOffload::None if self.has_host_params() => OptimizerOffload::Host,
+            m => m,
+        };
         let mut moved = Vec::new();
         for id in (0..self.params.len()).map(ParamId) {
             if let Some(mv) = self.moments_to_host(id)? {
@@ -335,11 +486,20 @@ impl ParamStore {
         p.moments().map(|(m, v)| Ok((m.to_host(&self.dev)?, v.to_host(&self.dev)?))).transpose()
     }
 
+    /// Parameters on the host have their moments on the host: host offload unless set already.
+    fn host_moments_offloaded(&mut self) -> Result<()> {
+        if self.offload.is_none() && self.has_host_params() {
+            self.offload = Offload::new(OptimizerOffload::Host, std::path::Path::new(""))?;
+        }
+        Ok(())
+    }
+
     /// One AdamW step on every trainable parameter (moments created on the first call).
     pub fn adamw_step(&mut self, opt: AdamW) -> Result<()> {
         self.step += 1;
         let step = self.step;
         let _c = crate::gpu::Category::OptimizerState.enter(); // memory report
+        self.host_moments_offloaded()?;
         if let Some(off) = &mut self.offload {
             return off.adamw_step(&self.dev, &mut self.params, opt, step);
         }

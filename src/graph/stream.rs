@@ -1,5 +1,6 @@
 //! Streamed weights: a frozen weight that stays in the memory-mapped checkpoint (safetensors or
-//! GGUF, in its stored format) until a node that reads it is about to run. The executor
+//! GGUF, in its stored format), or a trained weight kept in host memory (`params::Location::Host`),
+//! until a node that reads it is about to run. The executor
 //! ([`super::Run`]) uploads it then, ahead of use by one layer (the upload of layer l+1 is
 //! written while layer l's work runs on the GPU; see `Gpu::write`'s staging ring), and releases
 //! it after its last use in the forward pass; the backward pass streams it again, in reverse
@@ -182,7 +183,7 @@ impl Residency {
     ) -> Self {
         let n = graph.nodes.len();
         let streamed = |v: usize| match graph.nodes[v].op {
-            Op::Param(id) if matches!(store.get(id).value, Value::Streamed(_)) => Some(id),
+            Op::Param(id) if store.get(id).streams() => Some(id),
             _ => None,
         };
         let mut r = Residency {
@@ -298,9 +299,16 @@ impl Resident {
             if self.values.contains_key(&id) {
                 continue;
             }
-            let Value::Streamed(w) = &store.get(id).value else { continue };
+            let p = store.get(id);
             let _c = gpu.category(crate::gpu::Category::Weights);
-            let v = if gpu.planning() { w.stand_in(gpu)? } else { w.upload(gpu)? };
+            let v = match &p.value {
+                Value::Streamed(w) if gpu.planning() => w.stand_in(gpu)?,
+                Value::Streamed(w) => w.upload(gpu)?,
+                // a trained weight on the host (`params::Location::Host`)
+                Value::Cpu(_) if gpu.planning() => Value::Gpu(Tensor::empty(gpu, &p.shape, &p.name)?),
+                Value::Cpu(host) => Value::Gpu(Tensor::from_host(gpu, host, &p.shape, &p.name)?),
+                _ => continue,
+            };
             self.values.insert(id, v);
         }
         Ok(())

@@ -101,16 +101,23 @@ pub fn sum(gpu: &Gpu, x: &Tensor, squares: bool) -> Result<f32> {
     Ok(acc.to_host(gpu)?[0])
 }
 
-/// Clip gradients by their global L2 norm as `torch.nn.utils.clip_grad_norm_` does, entirely on
-/// the GPU. Returns a 2-element tensor (sum of squares, clip coefficient) to read when the
-/// norm is wanted.
-pub fn clip_grad_norm(gpu: &Gpu, grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
-    // Zeroed by a dispatch, not uploaded, so that clipping adds nothing to read back or wait for.
+/// The sum of the squares of all `grads` into slot 0 of a new 2-element tensor (read it when
+/// the norm is wanted), with no clipping.
+pub fn sum_squares(gpu: &Gpu, grads: &[&Tensor]) -> Result<Tensor> {
     let acc = Tensor::empty(gpu, &[2], "grad norm")?;
     elementwise::fill(gpu, &acc, 0.0)?;
     for g in grads {
         sum_into(gpu, &acc, 0, g, true)?;
     }
+    Ok(acc)
+}
+
+/// Clip gradients by their global L2 norm as `torch.nn.utils.clip_grad_norm_` does, entirely on
+/// the GPU. Returns a 2-element tensor (sum of squares, clip coefficient) to read when the
+/// norm is wanted.
+pub fn clip_grad_norm(gpu: &Gpu, grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
+    // Zeroed by a dispatch, not uploaded, so that clipping adds nothing to read back or wait for.
+    let acc = sum_squares(gpu, grads)?;
     let p = Params { max_norm, ..Default::default() };
     gpu.dispatch(
         &KernelKey::new("reduce", "clip_coef"),

@@ -41,9 +41,10 @@ pub enum OptimizerOffload {
 /// The memory flags that `train`, `eval`, `generate` and `bench step` share.
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MemoryFlags {
-    /// GPU bytes the engine may hold (e.g. 800M, 1.5G, 2GiB; plain numbers are bytes). Frozen
-    /// weights (LoRA's base, eval, generate) then stay in the memory-mapped checkpoint and are
-    /// uploaded just before their layer runs; trained weights stay resident. A budget below what
+    /// GPU bytes the engine may hold (e.g. 800M, 1.5G, 2GiB; plain numbers are bytes). Weights
+    /// are then uploaded just before their layer runs: frozen ones (LoRA's base, eval, generate)
+    /// from the memory-mapped checkpoint; in full fine-tuning, trained ones from host memory,
+    /// with their gradients gathered and the AdamW update done on the host. A budget below what
     /// a step needs is refused before training with the smallest one that works.
     #[arg(long, value_parser = parse_size)]
     #[serde(default)]
@@ -140,7 +141,7 @@ pub fn smallest_budget(
     }
     let moments: u64 = store
         .iter()
-        .filter(|(_, p)| p.trainable && p.moments().is_none())
+        .filter(|(_, p)| p.trainable && !p.on_host() && p.moments().is_none())
         .map(|(_, p)| 8 * p.shape.iter().product::<usize>() as u64)
         .sum();
     let moments = if offload == OptimizerOffload::None { moments } else { 0 };
@@ -151,7 +152,7 @@ pub fn smallest_budget(
             let mut run = graph.forward(store, feed, &[])?;
             run.backward(store, loss, 1.0)?;
             drop(run);
-            store.clip_grad_norm(1.0)
+            store.clip_grad_norm(1.0).map(|_| ())
         };
         step(store)?;
         let first = gpu.bytes_live().1;

@@ -210,7 +210,10 @@ impl Offload {
     ) -> Result<()> {
         self.ensure_layout(params)?;
         match dev {
-            Device::Gpu(gpu) => self.step_gpu(gpu, params, opt, step),
+            Device::Gpu(gpu) => {
+                self.step_gpu(gpu, params, opt, step)?;
+                self.step_host(params, opt, step)
+            }
             Device::Cpu => {
                 for (i, p) in params.iter_mut().enumerate() {
                     let Param { value, grad: Some(grad), name, shape, .. } = p else { continue };
@@ -223,11 +226,29 @@ impl Offload {
         }
     }
 
+    /// Parameters on the host (full fine-tuning under a budget): value, gradient and moments
+    /// are all here, so the update is [`adamw_host`] in place.
+    fn step_host(&mut self, params: &mut [Param], opt: AdamW, step: u32) -> Result<()> {
+        for (i, p) in params.iter_mut().enumerate() {
+            let on_host = p.on_host();
+            let Param { value: Value::Cpu(w), grad: Some(Value::Cpu(g)), name, .. } = p else { continue };
+            if !on_host {
+                continue;
+            }
+            let (m, v) = self.slices(i, name, 0, w.len())?;
+            adamw_host(w, g, m, v, opt, step);
+        }
+        Ok(())
+    }
+
     fn step_gpu(&mut self, gpu: &Gpu, params: &[Param], opt: AdamW, step: u32) -> Result<()> {
         // (parameter, chunk, first element in the chunk, elements, first element in the parameter)
         let mut pieces = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let Some(grad) = &p.grad else { continue };
+            if p.on_host() {
+                continue; // `step_host`
+            }
             let (Value::Gpu(w), Value::Gpu(g)) = (&p.value, grad) else {
                 return Err(Error::shape(
                     "adamw (offloaded)",

@@ -20,8 +20,9 @@ pub struct LoadOptions {
     pub frozen: bool,
     /// Storage of frozen matrices on the GPU (f32 whenever weights are trained).
     pub base_dtype: BaseDtype,
-    /// Leave frozen matrices in the memory-mapped checkpoint, to be uploaded by the executor
-    /// just before the layer that reads them (`--memory-budget`; GPU only).
+    /// Leave frozen matrices in the memory-mapped checkpoint, and keep trained weights in host
+    /// memory, to be uploaded by the executor just before the layer that reads them
+    /// (`--memory-budget`; GPU only).
     pub stream: bool,
 }
 
@@ -162,6 +163,10 @@ impl Model {
                 continue;
             }
             match device_form(&stored, ty) {
+                // full fine-tuning under a budget: trained weights live on the host
+                DeviceForm::F32(values) if opts.stream && !opts.frozen => {
+                    store.add_host(&name, &shape, values)?;
+                }
                 DeviceForm::F32(values) => {
                     store.add(&name, &shape, &values, !opts.frozen)?;
                 }
