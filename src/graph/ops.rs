@@ -97,6 +97,8 @@ pub(crate) fn forward(run: &mut Run, store: &ParamStore, i: usize) -> Result<(Va
             let Fed::Gpu { ids: fed, .. } = &run.fed else { unreachable!() };
             match x(0) {
                 Value::Packed(table) => quant::qembedding_forward(g, out.gpu(), &fed[*ids], table)?,
+                // a streamed table: only the looked-up rows are read, on the host
+                Value::Streamed(table) => out.gpu().write(g, &table.gather_rows(fed[*ids].host())?)?,
                 table => embedding::embedding_forward(g, out.gpu(), &fed[*ids], table.gpu())?,
             }
         }
@@ -766,6 +768,11 @@ fn head_weight(w: &Value, trans_w: bool) -> Result<HeadWeight<'_>> {
         Value::Packed(q) => {
             packed_layout(trans_w)?;
             HeadWeight::Packed(q)
+        }
+        // a streamed head: the walk uploads each vocabulary chunk's rows (`stream::Residency::by_rows`)
+        Value::Streamed(s) => {
+            packed_layout(trans_w)?;
+            HeadWeight::Rows(s.as_ref())
         }
         w => HeadWeight::F32 { w: w.gpu(), trans_w },
     })

@@ -66,25 +66,41 @@ impl StreamedWeight {
     pub fn upload(&self, gpu: &Gpu) -> Result<Value> {
         let (shape, name) = (&self.shape, &self.name);
         (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>, release: &dyn Fn(&[u8])| {
-            Ok(match (ty, stored.ty) {
-                (None | Some(GgmlType::F32), GgmlType::F32) => {
-                    match bytemuck::try_cast_slice::<u8, f32>(&stored.bytes) {
-                        Ok(values) => Value::Gpu(upload_f32(gpu, values, shape, name, release)?),
-                        Err(_) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
-                    }
-                }
-                (None | Some(GgmlType::F32), _) => {
-                    Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?)
-                }
-                (Some(t), s) if t == s => {
-                    Value::Packed(QTensor::from_bytes(gpu, t, &stored.bytes, shape, name)?)
-                }
-                (Some(t), _) => match crate::models::device_form(stored, Some(t)) {
-                    DeviceForm::Packed(t, b) => Value::Packed(QTensor::from_bytes(gpu, t, &b, shape, name)?),
-                    DeviceForm::F32(v) => Value::Gpu(Tensor::from_host(gpu, &v, shape, name)?),
-                },
-            })
+            to_device(gpu, stored, ty, shape, name, release)
         })
+    }
+
+    /// Rows `v0..v0 + vl` of the (rows, columns) weight, uploaded as [`Self::upload`] would
+    /// upload the whole: the fused LM head walks a streamed head this way, a vocabulary chunk at
+    /// a time, so the whole table is never on the device.
+    pub fn upload_rows(&self, gpu: &Gpu, v0: usize, vl: usize) -> Result<Value> {
+        let _c = gpu.category(crate::gpu::Category::Weights);
+        let shape = [vl, self.shape[1]];
+        let name = format!("{} rows {v0}..{}", self.name, v0 + vl);
+        if gpu.planning() {
+            let part =
+                StreamedWeight::new(&name, &shape, self.ty, |_| unreachable!("a stand-in is not read"));
+            return part.stand_in(gpu);
+        }
+        (self.fetch)(&mut |stored: &Stored, ty: Option<GgmlType>, release: &dyn Fn(&[u8])| {
+            let part = rows_of(stored, v0, vl);
+            to_device(gpu, &part, ty, &shape, &name, release)
+        })
+    }
+
+    /// The rows `ids` of the (rows, columns) weight as f32 on the host, `ids.len()` x columns
+    /// (a look-up into a streamed embedding table: only the rows asked for are read).
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let c = self.shape[1];
+        let mut out = vec![0f32; ids.len() * c];
+        (self.fetch)(&mut |stored: &Stored, _: Option<GgmlType>, _: &dyn Fn(&[u8])| {
+            for (row, &id) in out.chunks_mut(c).zip(ids) {
+                let one = rows_of(stored, id as usize, 1);
+                kernels_ref::quant::dequantize(one.ty, &one.bytes, row);
+            }
+            Ok(Value::Cpu(Vec::new()))
+        })?;
+        Ok(out)
     }
 
     /// Buffers of the uploaded size, left unwritten (a planning step: `Gpu::plan`).
@@ -120,6 +136,43 @@ impl StreamedWeight {
     }
 }
 
+/// `stored` on the device as `ty` says (None: f32).
+fn to_device(
+    gpu: &Gpu,
+    stored: &Stored,
+    ty: Option<GgmlType>,
+    shape: &[usize],
+    name: &str,
+    release: &dyn Fn(&[u8]),
+) -> Result<Value> {
+    Ok(match (ty, stored.ty) {
+        (None | Some(GgmlType::F32), GgmlType::F32) => {
+            match bytemuck::try_cast_slice::<u8, f32>(&stored.bytes) {
+                Ok(values) => Value::Gpu(upload_f32(gpu, values, shape, name, release)?),
+                Err(_) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
+            }
+        }
+        (None | Some(GgmlType::F32), _) => Value::Gpu(Tensor::from_host(gpu, &stored.to_f32(), shape, name)?),
+        (Some(t), s) if t == s => Value::Packed(QTensor::from_bytes(gpu, t, &stored.bytes, shape, name)?),
+        (Some(t), _) => match crate::models::device_form(stored, Some(t)) {
+            DeviceForm::Packed(t, b) => Value::Packed(QTensor::from_bytes(gpu, t, &b, shape, name)?),
+            DeviceForm::F32(v) => Value::Gpu(Tensor::from_host(gpu, &v, shape, name)?),
+        },
+    })
+}
+
+/// Rows `r0..r0 + n` of a stored (rows, columns) tensor, borrowed (a row is a whole number of
+/// blocks in every stored type: ggml's rule).
+fn rows_of<'s>(stored: &'s Stored, r0: usize, n: usize) -> Stored<'s> {
+    let cols = stored.shape[1];
+    let row = cols / stored.ty.block_elems() * stored.ty.block_bytes();
+    Stored {
+        shape: vec![n, cols],
+        ty: stored.ty,
+        bytes: std::borrow::Cow::Borrowed(&stored.bytes[r0 * row..(r0 + n) * row]),
+    }
+}
+
 /// Upload f32 values read from the map in pieces of at most 16 MiB, letting each piece's pages
 /// go once it is staged: a weight larger than the staging ring (Gemma's 1.2 GB embedding) then
 /// never has all its pages resident at once.
@@ -146,6 +199,20 @@ fn upload_f32(
         }
     }
     Ok(t)
+}
+
+impl crate::kernels::lm_head_loss::HeadRows for StreamedWeight {
+    fn dims(&self) -> (usize, usize) {
+        (self.shape[0], self.shape[1])
+    }
+    fn rows(&self, gpu: &Gpu, v0: usize, vl: usize) -> Result<crate::kernels::lm_head_loss::DeviceRows> {
+        use crate::kernels::lm_head_loss::DeviceRows;
+        Ok(match self.upload_rows(gpu, v0, vl)? {
+            Value::Gpu(t) => DeviceRows::F32(t),
+            Value::Packed(q) => DeviceRows::Packed(q),
+            _ => unreachable!("an upload makes device values"),
+        })
+    }
 }
 
 impl std::fmt::Debug for StreamedWeight {
@@ -198,6 +265,9 @@ impl Residency {
         for (i, node) in graph.nodes.iter().enumerate() {
             for (j, v) in node.inputs.iter().enumerate() {
                 let Some(id) = streamed(v.0) else { continue };
+                if Self::by_rows(node, j, store.get(id)) {
+                    continue; // the op reads the rows it needs itself
+                }
                 r.forward_reads.entry(i).or_default().push(id);
                 r.last_forward.insert(id, i);
                 let mut keys = vec![i];
@@ -222,6 +292,19 @@ impl Residency {
             r.segment_params.push((a, b, ids));
         }
         r
+    }
+
+    /// Whether input `j` of `node` is a frozen streamed weight that the op reads by rows from
+    /// the checkpoint, never whole: an embedding table (the looked-up rows are gathered on the
+    /// host) and the fused LM head (a vocabulary chunk's rows at a time). Then the whole weight
+    /// is never uploaded, which matters most for a tied 262,144-row table.
+    pub fn by_rows(node: &super::Node, j: usize, p: &super::Param) -> bool {
+        let frozen_streamed = matches!(p.value, Value::Streamed(_));
+        match node.op {
+            Op::Embedding { .. } => frozen_streamed && j == 0,
+            Op::LinearCrossEntropy { trans_w: true, .. } => frozen_streamed && j == 1,
+            _ => false,
+        }
     }
 
     pub fn forward_reads(&self, i: usize) -> &[ParamId] {

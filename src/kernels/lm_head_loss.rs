@@ -63,6 +63,23 @@ pub enum HeadWeight<'a> {
     F32 { w: &'a Tensor, trans_w: bool },
     /// A frozen weight in its stored format, (V, C).
     Packed(&'a QTensor),
+    /// A frozen (V, C) weight not on the device: each vocabulary chunk's rows are uploaded when
+    /// the walk reaches them (a streamed weight under `--memory-budget`).
+    Rows(&'a dyn HeadRows),
+}
+
+/// A frozen (V, C) head that hands out vocabulary rows on the device on demand.
+pub trait HeadRows {
+    /// (vocabulary, hidden size)
+    fn dims(&self) -> (usize, usize);
+    /// Rows `v0..v0 + vl`, (vl, C), in f32 or in their stored format.
+    fn rows(&self, gpu: &Gpu, v0: usize, vl: usize) -> Result<DeviceRows>;
+}
+
+/// Rows of a head on the device.
+pub enum DeviceRows {
+    F32(Tensor),
+    Packed(QTensor),
 }
 
 impl HeadWeight<'_> {
@@ -72,7 +89,13 @@ impl HeadWeight<'_> {
             HeadWeight::F32 { w, trans_w: true } => (w.rows(), w.cols()),
             HeadWeight::F32 { w, trans_w: false } => (w.cols(), w.rows()),
             HeadWeight::Packed(q) => (q.rows(), q.cols()),
+            HeadWeight::Rows(r) => r.dims(),
         }
+    }
+    /// Whether each chunk's rows are first made into an f32 scratch buffer (dequantized or
+    /// uploaded), which the chunk size leaves room for.
+    fn rows_scratch(&self) -> bool {
+        !matches!(self, HeadWeight::F32 { .. })
     }
 }
 
@@ -189,6 +212,18 @@ fn chunk_logits<'a>(
             let t = rows.insert(t);
             vec![Block { buf: t.single("lm_head_loss")?, off: 0, s_v: c, s_c: 1, v0, vl, c0: 0, cl: c }]
         }
+        HeadWeight::Rows(r) => {
+            let t = match r.rows(gpu, v0, vl)? {
+                DeviceRows::F32(t) => t,
+                DeviceRows::Packed(q) => {
+                    let t = Tensor::empty(gpu, &[vl, c], "lm head dequantized rows")?;
+                    quant::qdequantize(gpu, &t, &q, 0)?;
+                    t
+                }
+            };
+            let t = rows.insert(t);
+            vec![Block { buf: t.single("lm_head_loss")?, off: 0, s_v: c, s_c: 1, v0, vl, c0: 0, cl: c }]
+        }
     };
     let sb = s.single("lm_head_loss")?;
     for b in &blocks {
@@ -265,7 +300,7 @@ pub fn lm_head_loss_forward(
     super::check_len("lm_head_loss", "loss", loss.numel(), 1)?;
     let stb = state.single("lm_head_loss")?;
     let tb = targets.buffer();
-    let cols = chunk_cols(gpu, n, c, v, matches!(w, HeadWeight::Packed(_)))?;
+    let cols = chunk_cols(gpu, n, c, v, w.rows_scratch())?;
     for (v0, vl) in super::spans(v, cols) {
         let mut rows = None;
         let ch = chunk_logits(gpu, x, w, &mut rows, v0, vl)?;
@@ -316,10 +351,10 @@ pub fn lm_head_loss_backward(
             }
             Some((t, acc, trans_w))
         }
-        (Some(_), HeadWeight::Packed(_)) => {
+        (Some(_), HeadWeight::Packed(_) | HeadWeight::Rows(_)) => {
             return Err(Error::Internal {
                 context: "lm_head_loss backward".into(),
-                message: "a packed (frozen) head weight was asked for a gradient".into(),
+                message: "a packed or streamed (frozen) head weight was asked for a gradient".into(),
             })
         }
     };
@@ -330,7 +365,7 @@ pub fn lm_head_loss_backward(
     let tb = targets.buffer();
     let scale = if targets.count() == 0 { 0.0 } else { dloss / targets.count() as f32 };
     let xrows = row_chunks(x, "x")?;
-    let cols = chunk_cols(gpu, n, c, v, matches!(w, HeadWeight::Packed(_)))?;
+    let cols = chunk_cols(gpu, n, c, v, w.rows_scratch())?;
     for (v0, vl) in super::spans(v, cols) {
         let mut rows = None;
         let ch = chunk_logits(gpu, x, w, &mut rows, v0, vl)?;
