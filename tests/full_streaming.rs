@@ -272,3 +272,46 @@ fn full_fine_tuning_just_below_its_plan_is_refused() {
     .expect_err("a budget below the plan");
     assert!(matches!(err, Error::MemoryBudget { .. }), "{err}");
 }
+
+/// `train --method full --memory-budget`: a run taken back to its step-2 checkpoint and
+/// resumed gives the uninterrupted run's losses bit for bit (the host weights and moments are
+/// checkpointed and restored), and both give the resident run's losses to reassociation (the
+/// default clipping at 1.0 takes the norm in f64 on the host).
+#[test]
+fn train_under_a_budget_resumes_exactly_and_matches_the_resident_run() {
+    let Some(_) = common::gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = (tmp.path().join("model"), tmp.path().join("data.txt"));
+    common::tiny_model_dir(&model, 5);
+    std::fs::write(&data, "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20)).unwrap();
+    let train = |out: &str, steps: &str, extra: &[&str]| -> Vec<f32> {
+        let out = tmp.path().join(out);
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"));
+        cmd.args(["train", "--method", "full", "--model"]).arg(&model).arg("--data").arg(&data);
+        cmd.arg("--out").arg(&out).args(["--steps", steps, "--save-every", "2", "--batch-size", "2"]);
+        cmd.args(["--seq-len", "16", "--lr", "0.01"]).args(extra);
+        let o = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{text}");
+        if extra.contains(&"--memory-budget") && !extra.contains(&"--resume") {
+            assert!(text.contains("trained weights stream from host memory"), "{text}");
+        }
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["loss"].as_f64().map(|x| x as f32))
+            .collect()
+    };
+    let budget = ["--memory-budget", "64M"];
+    let whole = train("whole", "4", &budget);
+    // interrupted after step 2: point `latest` back at that checkpoint and resume
+    std::fs::write(tmp.path().join("whole/latest"), "step-000002\n").unwrap();
+    let resumed = train("whole", "4", &[&budget[..], &["--resume"]].concat());
+    let resident = train("resident", "4", &[]);
+    assert_eq!(whole.len(), 4);
+    assert_eq!(whole, resumed, "interrupted and resumed under the budget");
+    for (b, r) in whole.iter().zip(&resident) {
+        assert!(((b - r) / r).abs() <= 1e-5, "under the budget {b}, resident {r}");
+    }
+}
