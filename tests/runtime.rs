@@ -166,3 +166,38 @@ fn device_loss_is_a_typed_error() {
     assert!(matches!(err, Error::DeviceLost { .. }), "{err}");
     assert!(err.to_string().contains("--resume"), "the error says how to go on: {err}");
 }
+
+/// While a submit gate is installed (a power policy), the work of a step goes out in
+/// submissions of at most `GATED_BATCH` dispatches, each announced to the gate, so the gate can
+/// hold back a long step; without one, the same work stays in one pending submission.
+#[test]
+fn a_submit_gate_sees_the_work_in_bounded_batches() {
+    use pockettune::gpu::{SubmitGate, GATED_BATCH};
+    use std::sync::{Arc, Mutex};
+    struct Count(Mutex<Vec<usize>>);
+    impl SubmitGate for Count {
+        fn before_submit(&self, dispatches: usize) {
+            self.0.lock().unwrap().push(dispatches);
+        }
+    }
+    let Some(_) = common::gpu() else { return };
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let x = Tensor::from_host(&gpu, &[1.0; 64], &[64], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 64], &[64], "y").unwrap();
+    let n = 3 * GATED_BATCH + 5;
+    let before = gpu.submissions();
+    for _ in 0..n {
+        elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    }
+    assert_eq!(gpu.submissions(), before, "no gate: recorded, not submitted");
+    gpu.flush().unwrap();
+    let gate = Arc::new(Count(Mutex::new(Vec::new())));
+    gpu.set_submit_gate(Some(gate.clone()));
+    for _ in 0..n {
+        elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    }
+    gpu.flush().unwrap();
+    let seen = gate.0.lock().unwrap().clone();
+    assert_eq!(seen, vec![GATED_BATCH, GATED_BATCH, GATED_BATCH, 5], "batches the gate saw");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![2.0; 64]);
+}

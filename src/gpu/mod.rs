@@ -89,10 +89,17 @@ struct Pending {
 const STAGING_LIMIT: u64 = 64 << 20;
 
 /// A hook consulted before every submission: the place where a power policy (battery level,
-/// temperature) may sleep before more work reaches the GPU.
+/// temperature) may sleep before more work reaches the GPU. While a gate is installed, the
+/// work recorded in a step goes out in submissions of at most [`GATED_BATCH`] dispatches, so
+/// that one long step (a slow phone GPU, a large model) is held back too, not only the gaps
+/// between steps.
 pub trait SubmitGate: Send + Sync {
     fn before_submit(&self, dispatches: usize);
 }
+
+/// Most dispatches in one submission while a [`SubmitGate`] is installed (without one, a step
+/// is recorded into as few submissions as its reads and writes allow).
+pub const GATED_BATCH: usize = 64;
 
 pub struct Gpu {
     pub(crate) device: wgpu::Device,
@@ -506,6 +513,9 @@ impl Gpu {
         }
         pending.dispatches += 1;
         pending.uniforms.push(uniform);
+        if pending.dispatches >= GATED_BATCH && self.gate.lock().is_some() {
+            self.submit_locked(&mut pending);
+        }
         Ok(())
     }
 
