@@ -78,6 +78,10 @@ pub enum Error {
          to skip such steps"
     )]
     NonFinite { step: usize, what: String, value: f32, detail: String },
+
+    /// `pockettune report`: a metrics file that cannot be read or drawn.
+    #[error("{path}: {detail}")]
+    Report { path: PathBuf, detail: String },
 }
 
 impl Error {

@@ -244,6 +244,23 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Draw a run's metrics as pictures: loss and eval loss, tokens/s, battery, temperature,
+    /// throttled and paused time, power; each over steps and over wall time. Writes one file
+    /// per panel and overview.svg (or .png); panels with no data are left out. Prints the
+    /// paths written.
+    Report {
+        /// The run's --out directory (its metrics.jsonl is read), or a metrics JSONL file.
+        run: std::path::PathBuf,
+        /// Directory for the pictures (default: report/ beside the metrics file).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// svg (text as <text>, any viewer) or png (rasterised with the embedded DejaVu Sans).
+        #[arg(long, value_enum, default_value_t = pockettune::report::Format::Svg)]
+        format: pockettune::report::Format,
+        /// Print one JSON document on stdout: the files and the run's summary figures.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -373,6 +390,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
+        Command::Report { run, out, format, json } => report(&run, out, format, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
         Command::Eval {
             model,
@@ -537,6 +555,42 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
     }
+}
+
+/// `pockettune report`: paths on stdout (or the JSON summary), notes and figures on stderr.
+fn report(
+    run: &std::path::Path,
+    out: Option<std::path::PathBuf>,
+    format: pockettune::report::Format,
+    json: bool,
+) -> Result<i32> {
+    let metrics = pockettune::report::metrics_path(run)?;
+    let out = out.unwrap_or_else(|| metrics.parent().unwrap_or(std::path::Path::new(".")).join("report"));
+    let summary = pockettune::report::draw(&metrics, &out, format)?;
+    for note in &summary.notes {
+        eprintln!("note: {note}");
+    }
+    let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.2}{unit}"));
+    eprintln!(
+        "{} steps ({}..{}), {:.0} s; final loss {}, best eval loss {}; throttled {}, paused {}, battery used {}",
+        summary.steps,
+        summary.first_step,
+        summary.last_step,
+        summary.duration_s,
+        opt(summary.final_loss, ""),
+        opt(summary.best_eval_loss, ""),
+        opt(summary.throttled_s, " s"),
+        opt(summary.paused_s, " s"),
+        opt(summary.battery_used_pct, " %"),
+    );
+    if json {
+        print_json(&serde_json::to_value(&summary)?)?;
+    } else {
+        for file in &summary.files {
+            println!("{}", file.display());
+        }
+    }
+    Ok(0)
 }
 
 /// Options that must be at least 1 (a 0 divided by zero or made empty tensors).
