@@ -82,6 +82,19 @@ pub enum Error {
     /// `pockettune report`: a metrics file that cannot be read or drawn.
     #[error("{path}: {detail}")]
     Report { path: PathBuf, detail: String },
+
+    /// A power source that cannot be read, or a trace file with a mistake (`detail` names the line).
+    #[error("power source {path}: {detail}")]
+    PowerSource { path: PathBuf, detail: String },
+
+    /// `--on-critical stop`: the run stopped on a critical battery after writing a checkpoint
+    /// (the command line exits with status 3).
+    #[error(
+        "training stopped before step {step}: {reason} (--on-critical stop). The checkpoint {} \
+         holds every step so far: charge the device, then run the same command with --resume",
+        checkpoint.display()
+    )]
+    PowerStop { step: u64, reason: String, checkpoint: PathBuf },
 }
 
 impl Error {

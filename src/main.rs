@@ -239,6 +239,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// What the power source reads now: battery percent, charging, temperature and power, and
+    /// which files (or other origin) each came from.
+    Power {
+        /// auto (sysfs where a battery exists, else none), sysfs[:ROOT], trace:FILE,
+        /// simulate[:PARAMS] or none, as `train --power-source`.
+        #[arg(long, default_value = "auto")]
+        power_source: String,
+        /// The optimizer step to read at (a trace's rows depend on it).
+        #[arg(long, default_value_t = 1)]
+        step: u64,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks, each with a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -390,6 +404,7 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
+        Command::Power { power_source, step, json } => power(&power_source, step, json),
         Command::Report { run, out, format, json } => report(&run, out, format, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
         Command::Eval {
@@ -676,6 +691,30 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
             "matmul_kernel": gpu.matmul_kernel(),
             "matmul_kernels": gpu.matmul_kernels(),
         }))?;
+    }
+    Ok(0)
+}
+
+/// `pockettune power`: one reading of the source, with where each value came from.
+fn power(spec: &str, step: u64, json: bool) -> Result<i32> {
+    use pockettune::power::SourceSpec;
+    let mut source = SourceSpec::parse(spec)?.open()?;
+    let r = source.read(step)?;
+    let show = |field: &str, value: Option<String>| {
+        let origin = r.origin(field).map(|o| format!("  from {o}")).unwrap_or_default();
+        let label = format!("{field}:");
+        let line = format!("{label:<9} {:<10}{origin}", value.unwrap_or_else(|| "unknown".into()));
+        eprintln!("{}", line.trim_end());
+    };
+    eprintln!("source:   {}", source.describe());
+    show("percent", r.percent.map(|p| format!("{p} %")));
+    show("charging", r.charging.map(|c| if c { "yes" } else { "no" }.to_string()));
+    show("temp_c", r.temp_c.map(|t| format!("{t} °C")));
+    show("power_w", r.power_w.map(|w| format!("{w:.2} W")));
+    if json {
+        let mut doc = serde_json::to_value(&r)?;
+        doc["source"] = json!(source.describe());
+        print_json(&doc)?;
     }
     Ok(0)
 }
