@@ -19,6 +19,7 @@ pub mod lora_gguf;
 pub mod memory;
 pub mod mmlu;
 pub mod models;
+pub mod report;
 pub mod power;
 pub mod report;
 pub mod shaders;

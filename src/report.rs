@@ -7,8 +7,10 @@
 //! `eval_loss`). Each panel is one quantity drawn twice, side by side: over optimizer steps
 //! (what the model saw) and over wall time (what the user waited through; a throttled or paused
 //! stretch shows as steps spread out in time). Panels: loss with eval loss, tokens/s, battery
-//! percent with the charging stretches shaded, temperature, throttled and paused seconds per
-//! step, and power. A panel whose every value is null or absent (a desktop run has no battery)
+//! percent with the charging stretches shaded, temperature, the running totals of throttled and
+//! paused seconds (over time, their slope is the share of the wall time lost to each), and power.
+//! The summary adds the run's figures: final and best eval loss, throttled and paused seconds,
+//! battery percentage points drained (falls only, as the power module counts them) and energy. A panel whose every value is null or absent (a desktop run has no battery)
 //! is left out with a note rather than drawn empty.
 //!
 //! Time is `elapsed_s` where the line has it (wall seconds since the run started, throttling
@@ -70,6 +72,8 @@ pub struct ReportSummary {
     /// Percentage points drained: the sum of every fall between two readings, so that charging
     /// in between does not hide what the run used.
     pub battery_used_pct: Option<f64>,
+    /// Sum of the steps' `energy_j` (null when no step reports it).
+    pub energy_j: Option<f64>,
     /// Lines skipped and panels left out, in words.
     pub notes: Vec<String>,
 }
@@ -363,9 +367,9 @@ pub fn draw(metrics: &Path, out: &Path, format: Format) -> Result<ReportSummary>
 
 fn summarize(run: Run, files: Vec<PathBuf>, kept: &[Panel], skipped: Vec<String>) -> ReportSummary {
     let col = |key: &str| run.steps.iter().filter_map(|l| l.num(key)).collect::<Vec<f64>>();
-    let sum_s = |key: &str| {
+    let sum = |key: &str| {
         let v = col(key);
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / 1e3)
+        (!v.is_empty()).then(|| v.iter().sum::<f64>())
     };
     let battery = col("battery_pct");
     let best = run.evals.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1));
@@ -381,10 +385,11 @@ fn summarize(run: Run, files: Vec<PathBuf>, kept: &[Panel], skipped: Vec<String>
         best_eval_step: best.map(|b| b.0),
         duration_s: run.steps.iter().map(|l| l.time_s).fold(0.0, f64::max),
         time_source: run.time_source.clone(),
-        throttled_s: sum_s("throttle_ms"),
-        paused_s: sum_s("paused_ms"),
+        throttled_s: sum("throttle_ms").map(|ms| ms / 1e3),
+        paused_s: sum("paused_ms").map(|ms| ms / 1e3),
         battery_start_pct: battery.first().copied(),
         battery_end_pct: battery.last().copied(),
+        energy_j: sum("energy_j"),
         battery_used_pct: (!battery.is_empty())
             .then(|| battery.windows(2).map(|w| (w[0] - w[1]).max(0.0)).sum()),
         notes: run.notes,

@@ -249,7 +249,7 @@ fn time_without_elapsed_s_is_summed_and_a_restarted_clock_continues() {
     assert_eq!(s.duration_s, 5.0);
     // No battery, temperature, pauses or power in such a file; throttle_ms 0 is data.
     assert_eq!(s.skipped_panels, ["battery", "temperature", "power"]);
-    assert_eq!(s.paused_s, None);
+    assert_eq!((s.paused_s, s.energy_j), (None, None));
     assert_eq!(s.throttled_s, Some(1.0));
 
     // A resumed run's clock starts again at 0: its times continue from the last one seen.
@@ -258,11 +258,20 @@ fn time_without_elapsed_s_is_summed_and_a_restarted_clock_continues() {
     let lines: String = elapsed
         .iter()
         .enumerate()
-        .map(|(i, e)| format!("{{\"step\":{},\"loss\":2.0,\"elapsed_s\":{e}}}\n", i + 1))
+        .map(|(i, e)| {
+            format!(
+                "{{\"step\":{},\"loss\":2.0,\"elapsed_s\":{e},\"power_w\":2.5,\"energy_j\":2.5}}\n",
+                i + 1
+            )
+        })
         .collect();
     std::fs::write(&resumed, lines).unwrap();
     let times: Vec<f64> = read_metrics(&resumed).unwrap().steps.iter().map(|l| l.time_s).collect();
     assert_eq!(times, [1.0, 2.0, 3.0, 3.5, 4.5]);
+    // Its power is known: the power panel is drawn and the energy summed (5 x 2.5 J).
+    let s = draw(&resumed, &dir.path().join("r2"), Format::Svg).unwrap();
+    assert_eq!(s.panels, ["loss", "power"]);
+    assert_eq!(s.energy_j, Some(12.5));
 }
 
 fn report_error(metrics: &Path) -> String {
