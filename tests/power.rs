@@ -490,7 +490,7 @@ fn simulate_parameters_are_checked() {
         ("start", "not key=value"),
         ("charging=maybe", "use true or false"),
     ] {
-        let msg = SimParams::parse(spec).err().expect(spec).to_string();
+        let msg = SimParams::parse(spec).expect_err(spec).to_string();
         assert!(msg.contains(says), "{spec}: {msg}");
     }
     let p = SimParams::parse("start=70, plug_after=inf ,temp=40").unwrap();
@@ -836,6 +836,43 @@ fn monitor_throttle_time_is_the_gate_plus_the_between_steps_sleep() {
     assert_eq!((p.throttle_ms, p.duty), (30.0, 0.5));
     let t = m.totals();
     assert_eq!((t.throttled_s, t.steps_throttled), (0.03, 1));
+}
+
+/// On a real device: a throttled step's work reaches the GPU through the gate in batches, and
+/// the step as a whole sleeps what its busy time owes at duty 0.5.
+#[test]
+fn a_throttled_gpu_step_goes_through_the_gate() {
+    use pockettune::gpu::GATED_BATCH;
+    use pockettune::{Gpu, GpuOptions, Profile, Tensor};
+    let gpu = match Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }) {
+        Ok(g) => g,
+        Err(e) if std::env::var_os("CI").is_none() => return eprintln!("no GPU, skipped: {e}"),
+        Err(e) => panic!("CI is set and no GPU adapter could be opened: {e}"),
+    };
+    let text = "step,percent,charging,temp_c\n1,50,false,\n";
+    let source = TraceSource::from_rows(
+        Path::new("t.csv"),
+        pockettune::power::parse_trace(Path::new("t.csv"), text).unwrap(),
+    );
+    let clock = Arc::new(pockettune::power::SystemClock::new());
+    let mut m = PowerMonitor::with_source(Box::new(source), &PowerFlags::default(), clock).unwrap();
+    let x = Tensor::from_host(&gpu, &[1.0; 4096], &[4096], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 4096], &[4096], "y").unwrap();
+    gpu.sync().unwrap();
+    assert_eq!(duty(&m.before_step(1)), 0.5);
+    gpu.set_submit_gate(m.gate_for_step());
+    for _ in 0..3 * GATED_BATCH + 5 {
+        pockettune::kernels::elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    }
+    gpu.sync().unwrap();
+    let slept = m.sleep_between_steps();
+    let busy = m.throttle().busy();
+    gpu.set_submit_gate(None);
+    assert_eq!(m.throttle().submissions(), 4, "three full batches and the rest");
+    assert!(busy > Duration::ZERO);
+    assert!(slept + Duration::from_micros(1) >= busy, "slept {slept:?} for busy {busy:?}");
+    assert!(slept <= busy + ms(50.0), "slept {slept:?} for busy {busy:?}");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![2.0; 4096]);
 }
 
 // ---------------------------------------------------------------- the shipped example
