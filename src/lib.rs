@@ -19,7 +19,6 @@ pub mod lora_gguf;
 pub mod memory;
 pub mod mmlu;
 pub mod models;
-pub mod report;
 pub mod power;
 pub mod report;
 pub mod shaders;

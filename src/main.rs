@@ -404,7 +404,6 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
-        Command::Report { run, out, format, json } => report(&run, out, format, json),
         Command::Power { power_source, step, json } => power(&power_source, step, json),
         Command::Report { run, out, format, json } => report(&run, out, format, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
@@ -571,42 +570,6 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
     }
-}
-
-/// `pockettune report`: paths on stdout (or the JSON summary), notes and figures on stderr.
-fn report(
-    run: &std::path::Path,
-    out: Option<std::path::PathBuf>,
-    format: pockettune::report::Format,
-    json: bool,
-) -> Result<i32> {
-    let metrics = pockettune::report::metrics_path(run)?;
-    let out = out.unwrap_or_else(|| metrics.parent().unwrap_or(std::path::Path::new(".")).join("report"));
-    let summary = pockettune::report::draw(&metrics, &out, format)?;
-    for note in &summary.notes {
-        eprintln!("note: {note}");
-    }
-    let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| format!("{v:.2}{unit}"));
-    eprintln!(
-        "{} steps ({}..{}), {:.0} s; final loss {}, best eval loss {}; throttled {}, paused {}, battery used {}",
-        summary.steps,
-        summary.first_step,
-        summary.last_step,
-        summary.duration_s,
-        opt(summary.final_loss, ""),
-        opt(summary.best_eval_loss, ""),
-        opt(summary.throttled_s, " s"),
-        opt(summary.paused_s, " s"),
-        opt(summary.battery_used_pct, " %"),
-    );
-    if json {
-        print_json(&serde_json::to_value(&summary)?)?;
-    } else {
-        for file in &summary.files {
-            println!("{}", file.display());
-        }
-    }
-    Ok(0)
 }
 
 /// `pockettune report`: paths on stdout (or the JSON summary), notes and figures on stderr.
