@@ -95,6 +95,11 @@ pub fn latest(out: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// The directory name of the checkpoint after `step` optimizer steps.
+pub fn dir_name(step: usize) -> String {
+    format!("step-{step:06}")
+}
+
 /// Write a checkpoint of `store` and `state` under `out`; returns its directory.
 /// `model_dir` provides config.json and tokenizer.json to copy beside the weights.
 /// With `lora`, only the adapter is written (PEFT files), not the frozen base weights.
@@ -106,7 +111,7 @@ pub fn save(
     state: &TrainState,
     lora: Option<(&crate::models::Model, &crate::lora::LoraOptions)>,
 ) -> Result<PathBuf> {
-    let name = format!("step-{:06}", state.step);
+    let name = dir_name(state.step);
     let dir = out.join(&name);
     let dev = store.device();
     let mut weights = Vec::new();

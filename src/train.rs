@@ -183,6 +183,10 @@ pub struct TrainOptions {
     #[command(flatten)]
     #[serde(flatten)]
     pub memory: crate::memory::MemoryFlags,
+    /// The power source and policies (battery threshold, heat, critical battery, charging only).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub power: crate::power::PowerFlags,
 }
 
 /// What `train` reports at the end.
@@ -199,6 +203,8 @@ pub struct TrainSummary {
     pub skipped_nan: usize,
     /// peak RSS (anonymous, file-backed) and GPU bytes of the run
     pub memory: crate::memory::report::MemoryReport,
+    /// energy, battery and the time throttled or paused (`--power-source`)
+    pub power: crate::power::PowerTotals,
 }
 
 fn on_nan_default() -> OnNan {
@@ -344,6 +350,8 @@ fn plan_budget(
 /// Fine-tune; `progress` draws a progress bar on stderr (hidden when it is not a terminal).
 pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     validate(o)?;
+    // every power misconfiguration and an unreadable source fail here, before loading
+    let mut power = crate::power::PowerMonitor::new(&o.power)?;
     let rss_sampler = crate::memory::report::RssSampler::start(); // peak RSS by kind, for the report
     let dev = open_device(o.device.as_deref(), o.limits)?;
     crate::memory::apply_budget(&dev, o.memory.memory_budget);
@@ -458,7 +466,19 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let mut eval_loss = None;
     let eval_tokens = eval.as_ref();
     let tokens_per_step = (o.batch_size * o.seq_len * o.grad_accum) as u64;
+    if power.source_name() != "none" {
+        say(format!("power: {}", power.source_name()));
+    }
     while state.step < total {
+        // The power policy: run (perhaps throttled), or checkpoint and pause or stop.
+        let save = |state: &TrainState| {
+            let lora = lora_opts.as_ref().map(|l| (&model, l));
+            checkpoint::save(&o.out, &o.model, &store, state, lora)
+        };
+        let paused_ms = power_before_step(&mut power, &state, &mut last_checkpoint, save, &say, &bar)?;
+        if let Device::Gpu(g) = &dev {
+            g.set_submit_gate(power.gate_for_step());
+        }
         let t0 = Instant::now();
         test_budget_hook(&dev, state.step);
         store.zero_grads()?;
@@ -517,7 +537,9 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         state.batch_index = batches.index;
         state.tokens_seen += tokens_per_step;
         losses.push(loss);
+        power.sleep_between_steps(); // the rest of a throttled step's duty cycle
         let secs = t0.elapsed().as_secs_f64();
+        let p = power.after_step(state.step as u64, secs, tokens_per_step);
         let (rss, peak) = rss();
         let gpu_bytes = match &dev {
             Device::Gpu(g) => Some(g.bytes_allocated().0),
@@ -527,7 +549,10 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens_seen,
             "ms_step": secs * 1e3, "tokens_per_s": tokens_per_step as f64 / secs,
             "rss_bytes": rss, "peak_rss_bytes": peak, "gpu_bytes": gpu_bytes,
-            "battery_pct": null, "throttle_ms": 0, "grad_norm": grad_norm, "skipped_nan": state.skipped_nan,
+            "battery_pct": p.battery_pct, "charging": p.charging, "temp_c": p.temp_c, "power_w": p.power_w,
+            "energy_j": p.energy_j, "throttle_ms": p.throttle_ms, "duty": p.duty, "paused_ms": paused_ms,
+            "elapsed_s": start.elapsed().as_secs_f64(),
+            "grad_norm": grad_norm, "skipped_nan": state.skipped_nan,
         }))?;
         bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens_per_step as f64 / secs));
         bar.set_position(state.step as u64);
@@ -564,7 +589,59 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         seconds: start.elapsed().as_secs_f64(),
         skipped_nan: state.skipped_nan,
         memory: crate::memory::report::MemoryReport::for_device(&rss_sampler, &dev),
+        power: power.totals(),
     })
+}
+
+/// Ask the power policy whether the next step may run (`crate::power`). On a pause or a stop a
+/// checkpoint of the steps so far is written first (unless the last one holds them already),
+/// so that a run killed while it waits, or stopped, loses nothing; a pause then waits, polling
+/// the source, until the policy lets the step run. Returns the milliseconds paused.
+fn power_before_step(
+    power: &mut crate::power::PowerMonitor,
+    state: &TrainState,
+    last_checkpoint: &mut Option<PathBuf>,
+    save: impl Fn(&TrainState) -> Result<PathBuf>,
+    say: &impl Fn(String),
+    bar: &indicatif::ProgressBar,
+) -> Result<f64> {
+    use crate::power::Decision;
+    let step = state.step as u64 + 1;
+    let mut decision = power.before_step(step);
+    let checkpoint = |last: &mut Option<PathBuf>| -> Result<PathBuf> {
+        let holds_this_step = last.as_ref().is_some_and(|d| d.ends_with(checkpoint::dir_name(state.step)));
+        if state.step > 0 && !holds_this_step {
+            *last = Some(save(state)?);
+        }
+        Ok(last.clone().unwrap_or_default())
+    };
+    let mut paused_ms = 0.0;
+    if let Decision::Pause { reason } = &decision {
+        let dir = checkpoint(last_checkpoint)?;
+        let saved =
+            if state.step > 0 { format!("checkpoint {} written; ", dir.display()) } else { String::new() };
+        say(format!("step {step}: paused: {reason} ({saved}waiting, reading the power source)"));
+        let t0 = Instant::now();
+        decision = power.wait_while_paused(step, |r, waited| {
+            bar.set_message(format!(
+                "paused {:.0} s: battery {}, charging {}",
+                waited.as_secs_f64(),
+                r.percent.map_or("?".into(), |p| format!("{p:.0} %")),
+                r.charging.map_or("?".into(), |c| c.to_string())
+            ))
+        });
+        paused_ms = t0.elapsed().as_secs_f64() * 1e3;
+        say(format!("step {step}: resumed after {:.1} s", paused_ms / 1e3));
+    }
+    if let Some(line) = power.take_notice() {
+        say(format!("step {step}: {line}"));
+    }
+    if let Decision::Stop { reason } = decision {
+        bar.abandon();
+        let dir = checkpoint(last_checkpoint)?;
+        return Err(Error::PowerStop { step, reason, checkpoint: dir });
+    }
+    Ok(paused_ms)
 }
 
 /// The metrics JSONL file: one line per optimizer step and per evaluation. It holds the history

@@ -90,9 +90,9 @@ const STAGING_LIMIT: u64 = 64 << 20;
 
 /// A hook consulted before every submission: the place where a power policy (battery level,
 /// temperature) may sleep before more work reaches the GPU. While a gate is installed, the
-/// work recorded in a step goes out in submissions of at most [`GATED_BATCH`] dispatches, so
-/// that one long step (a slow phone GPU, a large model) is held back too, not only the gaps
-/// between steps.
+/// work recorded in a step goes out in submissions of at most [`GATED_BATCH`] dispatches, each
+/// waited for before the next, so that one long step (a slow phone GPU, a large model) is held
+/// back too, not only the gaps between steps.
 pub trait SubmitGate: Send + Sync {
     fn before_submit(&self, dispatches: usize);
 }
@@ -546,10 +546,19 @@ impl Gpu {
             return;
         };
         let dispatches = std::mem::take(&mut pending.dispatches);
-        if let Some(gate) = self.gate.lock().clone() {
+        let gate = self.gate.lock().clone();
+        if let Some(gate) = &gate {
             gate.before_submit(dispatches);
         }
         let index = self.queue.submit([encoder.finish()]);
+        if gate.is_some() {
+            // Gated (throttled): each batch finishes before the next is recorded, so the gate's
+            // host clock measures the GPU's work, and a long step is spread out, not queued at
+            // once with its whole throttle owed at its end.
+            let _ = self
+                .device
+                .poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: None });
+        }
         if pending.staged > 0 {
             // a submission carries the staged writes with it
             let staged = std::mem::take(&mut pending.staged);

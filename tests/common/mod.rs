@@ -4,6 +4,7 @@
 use pockettune::{Gpu, GpuOptions, Profile};
 use std::sync::{Arc, OnceLock};
 
+#[allow(dead_code)]
 pub fn gpu() -> Option<&'static Arc<Gpu>> {
     static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
     GPU.get_or_init(|| {
