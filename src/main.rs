@@ -38,10 +38,7 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     fn open(&self) -> Result<Gpu> {
-        let gpu = Gpu::new(&GpuOptions {
-            device: self.device.clone(),
-            profile: self.limits,
-        })?;
+        let gpu = Gpu::new(&GpuOptions { device: self.device.clone(), profile: self.limits })?;
         eprintln!("device: {} ({} limits)", gpu.summary(), gpu.profile());
         Ok(gpu)
     }
@@ -359,11 +356,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
             break;
         }
         if a == "--config" {
-            path = Some(
-                args.get(i + 1)
-                    .context("--config needs a file name")?
-                    .clone(),
-            );
+            path = Some(args.get(i + 1).context("--config needs a file name")?.clone());
         } else if let Some(p) = a.strip_prefix("--config=") {
             anyhow::ensure!(!p.is_empty(), "--config= needs a file name");
             path = Some(p.to_string());
@@ -371,8 +364,7 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
     }
     let Some(path) = path else { return Ok(args) };
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{path} is not valid TOML"))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{path} is not valid TOML"))?;
     let mut from_file = Vec::new();
     for (key, value) in table {
         let flag = format!("--{}", key.replace('_', "-"));
@@ -380,12 +372,8 @@ fn with_config_file(args: Vec<String>) -> Result<Vec<String>> {
             toml::Value::Boolean(true) => from_file.push(flag),
             toml::Value::Boolean(false) => {}
             toml::Value::String(s) => from_file.push(format!("{flag}={s}")),
-            toml::Value::Integer(_) | toml::Value::Float(_) => {
-                from_file.push(format!("{flag}={value}"))
-            }
-            other => {
-                anyhow::bail!("{path}: option {key} = {other} is not a string, number or boolean")
-            }
+            toml::Value::Integer(_) | toml::Value::Float(_) => from_file.push(format!("{flag}={value}")),
+            other => anyhow::bail!("{path}: option {key} = {other} is not a string, number or boolean"),
         }
     }
     let mut merged = args[..2].to_vec();
@@ -416,17 +404,8 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Info { device, json } => info(&device, json),
-        Command::Power {
-            power_source,
-            step,
-            json,
-        } => power(&power_source, step, json),
-        Command::Report {
-            run,
-            out,
-            format,
-            json,
-        } => report(&run, out, format, json),
+        Command::Power { power_source, step, json } => power(&power_source, step, json),
+        Command::Report { run, out, format, json } => report(&run, out, format, json),
         Command::Train { opts, json, .. } => run_train(&opts, json),
         Command::Eval {
             model,
@@ -471,10 +450,8 @@ fn run(cli: Cli) -> Result<i32> {
                 };
                 return run_mmlu(&dev, &spec, &dir, &o, json);
             }
-            let mmlu_only = mmlu_shots.is_some()
-                || mmlu_subjects.is_some()
-                || mmlu_split.is_some()
-                || limit.is_some();
+            let mmlu_only =
+                mmlu_shots.is_some() || mmlu_subjects.is_some() || mmlu_split.is_some() || limit.is_some();
             anyhow::ensure!(
                 !mmlu_only,
                 "--mmlu-shots, --mmlu-subjects, --mmlu-split and --limit go with --mmlu"
@@ -504,12 +481,7 @@ fn run(cli: Cli) -> Result<i32> {
             limits,
             memory,
         } => {
-            let s = pockettune::generate::Sampling {
-                temperature,
-                top_k,
-                top_p,
-                seed,
-            };
+            let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
@@ -525,37 +497,13 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{prompt}{text}");
             Ok(0)
         }
-        Command::Gradcheck {
-            device,
-            json,
-            seed,
-            kernel,
-            full,
-        } => {
-            let tier = if full {
-                gradcheck::Tier::Full
-            } else {
-                gradcheck::Tier::Quick
-            };
+        Command::Gradcheck { device, json, seed, kernel, full } => {
+            let tier = if full { gradcheck::Tier::Full } else { gradcheck::Tier::Quick };
             run_gradcheck(&device, json, seed, &kernel, tier)
         }
-        Command::Init {
-            preset,
-            tokenizer,
-            out,
-            seed,
-        } => init_model(&preset, &tokenizer, &out, seed),
-        Command::Export {
-            model,
-            adapter,
-            format: ExportFormat::GgufLora,
-            merge,
-            out,
-        } => {
-            anyhow::ensure!(
-                !merge,
-                "--format gguf-lora writes the adapter unmerged: drop --merge"
-            );
+        Command::Init { preset, tokenizer, out, seed } => init_model(&preset, &tokenizer, &out, seed),
+        Command::Export { model, adapter, format: ExportFormat::GgufLora, merge, out } => {
+            anyhow::ensure!(!merge, "--format gguf-lora writes the adapter unmerged: drop --merge");
             let s = pockettune::lora_gguf::export(&model, &adapter, &out)?;
             eprintln!(
                 "wrote {}: {} LoRA, {} adapted tensors, rank {}{}, alpha {} (llama.cpp: -m {} --lora {})",
@@ -570,13 +518,7 @@ fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
-        Command::Export {
-            model,
-            adapter,
-            format: ExportFormat::Hf,
-            merge: _,
-            out,
-        } => {
+        Command::Export { model, adapter, format: ExportFormat::Hf, merge: _, out } => {
             let dev = pockettune::graph::Device::Cpu;
             let (m, mut store) = pockettune::models::Model::load(&model, &dev)?;
             let o = pockettune::lora::load(&adapter, &m, &mut store)?;
@@ -608,38 +550,15 @@ fn run(cli: Cli) -> Result<i32> {
                     plan,
                 },
         } => {
-            at_least_one(&[
-                ("--batch-size", batch_size),
-                ("--seq-len", seq_len),
-                ("--steps", steps),
-            ])?;
+            at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
             let lora = method == pockettune::train::Method::Lora;
             let what = match model {
                 Some(path) => pockettune::bench::StepModel::File(path, base_dtype),
                 None => pockettune::bench::StepModel::Preset(preset),
             };
-            bench_step(
-                &device,
-                json,
-                &what,
-                lora,
-                (batch_size, seq_len),
-                steps,
-                (no_cpu, plan),
-                &memory,
-            )
+            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, (no_cpu, plan), &memory)
         }
-        Command::Bench {
-            what:
-                BenchCommand::Kernels {
-                    device,
-                    json,
-                    rows,
-                    budget_ms,
-                    layer,
-                    matmul,
-                },
-        } => {
+        Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             at_least_one(&[("--rows", rows)])?;
             bench_kernels(
                 &device,
@@ -661,12 +580,7 @@ fn report(
     json: bool,
 ) -> Result<i32> {
     let metrics = pockettune::report::metrics_path(run)?;
-    let out = out.unwrap_or_else(|| {
-        metrics
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("report")
-    });
+    let out = out.unwrap_or_else(|| metrics.parent().unwrap_or(std::path::Path::new(".")).join("report"));
     let summary = pockettune::report::draw(&metrics, &out, format)?;
     for note in &summary.notes {
         eprintln!("note: {note}");
@@ -729,11 +643,7 @@ fn kernel_name(k: MatmulKernel) -> String {
 }
 
 fn kernel_list(gpu: &Gpu) -> String {
-    gpu.matmul_kernels()
-        .iter()
-        .map(|&k| kernel_name(k))
-        .collect::<Vec<_>>()
-        .join(", ")
+    gpu.matmul_kernels().iter().map(|&k| kernel_name(k)).collect::<Vec<_>>().join(", ")
 }
 
 fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
@@ -761,11 +671,7 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
         }
     );
     eprintln!("features: {}", features_line(chosen));
-    eprintln!(
-        "matmul:   {} (available: {})",
-        kernel_name(gpu.matmul_kernel()),
-        kernel_list(&gpu)
-    );
+    eprintln!("matmul:   {} (available: {})", kernel_name(gpu.matmul_kernel()), kernel_list(&gpu));
     eprintln!("limits:   {:<40} {:>12} {:>12}", "", "in use", "adapter");
     for ((name, used), (_, offered)) in profile_limits.iter().zip(&adapter_limits) {
         eprintln!("          {name:<40} {used:>12} {offered:>12}");
@@ -775,10 +681,7 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
             .iter()
             .zip(&adapter_limits)
             .map(|((name, used), (_, offered))| {
-                (
-                    name.to_string(),
-                    json!({"in_use": used, "adapter": offered}),
-                )
+                (name.to_string(), json!({"in_use": used, "adapter": offered}))
             })
             .collect();
         print_json(&json!({
@@ -799,23 +702,14 @@ fn power(spec: &str, step: u64, json: bool) -> Result<i32> {
     let mut source = SourceSpec::parse(spec)?.open()?;
     let r = source.read(step)?;
     let show = |field: &str, value: Option<String>| {
-        let origin = r
-            .origin(field)
-            .map(|o| format!("  from {o}"))
-            .unwrap_or_default();
+        let origin = r.origin(field).map(|o| format!("  from {o}")).unwrap_or_default();
         let label = format!("{field}:");
-        let line = format!(
-            "{label:<9} {:<10}{origin}",
-            value.unwrap_or_else(|| "unknown".into())
-        );
+        let line = format!("{label:<9} {:<10}{origin}", value.unwrap_or_else(|| "unknown".into()));
         eprintln!("{}", line.trim_end());
     };
     eprintln!("source:   {}", source.describe());
     show("percent", r.percent.map(|p| format!("{p} %")));
-    show(
-        "charging",
-        r.charging.map(|c| if c { "yes" } else { "no" }.to_string()),
-    );
+    show("charging", r.charging.map(|c| if c { "yes" } else { "no" }.to_string()));
     show("temp_c", r.temp_c.map(|t| format!("{t} °C")));
     show("power_w", r.power_w.map(|w| format!("{w:.2} W")));
     if json {
@@ -837,20 +731,11 @@ fn run_gradcheck(
         println!("{}", gradcheck::KERNELS.join("\n"));
         return Ok(0);
     }
-    if let Some(bad) = only
-        .iter()
-        .find(|k| !gradcheck::KERNELS.contains(&k.as_str()))
-    {
-        anyhow::bail!(
-            "unknown kernel {bad:?}; known: {} (or `list`)",
-            gradcheck::KERNELS.join(", ")
-        );
+    if let Some(bad) = only.iter().find(|k| !gradcheck::KERNELS.contains(&k.as_str())) {
+        anyhow::bail!("unknown kernel {bad:?}; known: {} (or `list`)", gradcheck::KERNELS.join(", "));
     }
-    let kernels: Vec<&str> = if only.is_empty() {
-        gradcheck::KERNELS.to_vec()
-    } else {
-        only.iter().map(String::as_str).collect()
-    };
+    let kernels: Vec<&str> =
+        if only.is_empty() { gradcheck::KERNELS.to_vec() } else { only.iter().map(String::as_str).collect() };
     let gpu = dev.open()?;
     let start = Instant::now();
     eprintln!(
@@ -867,11 +752,7 @@ fn run_gradcheck(
                 r.shapes.len(),
                 r.max_rel_err,
                 r.tolerance,
-                if r.pass {
-                    "pass".to_string()
-                } else {
-                    format!("FAIL (worst at {})", r.worst_shape)
-                }
+                if r.pass { "pass".to_string() } else { format!("FAIL (worst at {})", r.worst_shape) }
             );
             rows.push(r);
         }
@@ -918,27 +799,15 @@ fn bench_kernels(
     let kernels: Vec<MatmulKernel> = match matmul {
         None => vec![gpu.matmul_kernel()],
         Some("all") => gpu.matmul_kernels().to_vec(),
-        Some(name) => match gpu
-            .matmul_kernels()
-            .iter()
-            .find(|&&k| kernel_name(k) == name)
-        {
+        Some(name) => match gpu.matmul_kernels().iter().find(|&&k| kernel_name(k) == name) {
             Some(&k) => vec![k],
-            None => anyhow::bail!(
-                "--matmul {name}: this device offers {} (or `all`)",
-                kernel_list(&gpu)
-            ),
+            None => anyhow::bail!("--matmul {name}: this device offers {} (or `all`)", kernel_list(&gpu)),
         },
     };
-    let cases: Vec<_> = bench::gpt2_cases(rows)
-        .into_iter()
-        .filter(|c| layer.is_none_or(|l| c.layer.contains(l)))
-        .collect();
+    let cases: Vec<_> =
+        bench::gpt2_cases(rows).into_iter().filter(|c| layer.is_none_or(|l| c.layer.contains(l))).collect();
     if cases.is_empty() {
-        anyhow::bail!(
-            "no GPT-2 layer matches --layer {:?}",
-            layer.unwrap_or_default()
-        );
+        anyhow::bail!("no GPT-2 layer matches --layer {:?}", layer.unwrap_or_default());
     }
     let threads = rayon::current_num_threads();
     eprintln!(
@@ -965,10 +834,7 @@ fn bench_kernels(
                 r.ratio
             );
         })?;
-        let (g, c) = (
-            bench::overall(&results, |r| r.gpu_gflops),
-            bench::overall(&results, |r| r.cpu_gflops),
-        );
+        let (g, c) = (bench::overall(&results, |r| r.gpu_gflops), bench::overall(&results, |r| r.cpu_gflops));
         eprintln!(
             "{:<22} {:<13} {:>20} {:>10.2} {:>10.2} {:>9.3}",
             "all (time-weighted)",
@@ -1021,22 +887,16 @@ fn run_train(opts: &pockettune::train::TrainOptions, json: bool) -> Result<i32> 
         "{} steps in {:.1} s, loss {first:.4} -> {last:.4}{}; checkpoint {}",
         summary.steps,
         summary.seconds,
-        summary
-            .final_eval_loss
-            .map_or(String::new(), |l| format!(", eval loss {l:.4}")),
-        summary
-            .checkpoint
-            .as_ref()
-            .map_or("none".into(), |p| p.display().to_string())
+        summary.final_eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}")),
+        summary.checkpoint.as_ref().map_or("none".into(), |p| p.display().to_string())
     );
     eprintln!("memory:\n{}", summary.memory);
     let p = &summary.power;
     if p.source != "none" {
-        let opt = |x: Option<f64>, unit: &str| {
-            x.map_or("unknown".to_string(), |v| format!("{v:.1} {unit}"))
-        };
+        let opt = |x: Option<f64>, unit: &str| x.map_or("unknown".to_string(), |v| format!("{v:.1} {unit}"));
         eprintln!(
-            "power ({}): energy {}, {} per 1,000 tokens; battery {} used; throttled {:.1} s over {} steps, paused {:.1} s ({} pauses){}",
+            "power ({}): energy {}, {} per 1,000 tokens; battery {} used; throttled {:.1} s over {} steps, \
+             paused {:.1} s ({} pauses){}",
             p.source,
             opt(p.energy_j, "J"),
             opt(p.energy_j_per_1k_tokens, "J"),
@@ -1068,30 +928,17 @@ struct ModelSpec<'a> {
 fn load_for_inference(
     dev: &pockettune::graph::Device,
     spec: &ModelSpec,
-) -> Result<(
-    pockettune::models::Model,
-    pockettune::graph::ParamStore,
-    pockettune::data::Tokenizer,
-)> {
+) -> Result<(pockettune::models::Model, pockettune::graph::ParamStore, pockettune::data::Tokenizer)> {
     let tok = pockettune::data::Tokenizer::for_model(spec.model, spec.tokenizer)?;
     pockettune::memory::validate(spec.memory)?;
     pockettune::memory::apply_budget(dev, spec.memory.memory_budget);
     let stream = spec.memory.memory_budget.is_some();
-    let load = pockettune::models::LoadOptions {
-        frozen: true,
-        base_dtype: spec.base_dtype,
-        stream,
-    };
+    let load = pockettune::models::LoadOptions { frozen: true, base_dtype: spec.base_dtype, stream };
     let (gpt, mut store) = pockettune::models::Model::load_with(spec.model, dev, &load)?;
     tok.check_model_vocab(gpt.vocab_size())?;
     if let Some(dir) = spec.adapter {
         let o = pockettune::lora::load(dir, &gpt, &mut store)?;
-        eprintln!(
-            "adapter {}: LoRA rank {} on {}",
-            dir.display(),
-            o.rank,
-            o.targets.join(",")
-        );
+        eprintln!("adapter {}: LoRA rank {} on {}", dir.display(), o.rank, o.targets.join(","));
     }
     Ok((gpt, store, tok))
 }
@@ -1122,8 +969,7 @@ fn run_eval(
         }
         .into());
     }
-    let loss =
-        pockettune::train::evaluate(&graph, vars.loss, &store, &tokens, batch, seq, batches)?;
+    let loss = pockettune::train::evaluate(&graph, vars.loss, &store, &tokens, batch, seq, batches)?;
     let evaluated = batches * batch * seq;
     eprintln!(
         "{}: loss {loss:.4}, perplexity {:.2} over {evaluated} tokens ({batches} batches of {batch} x {seq}) on {}",
@@ -1149,8 +995,7 @@ fn run_mmlu(
 ) -> Result<i32> {
     use std::io::IsTerminal;
     let (gpt, store, tok) = load_for_inference(dev, spec)?;
-    let r =
-        pockettune::mmlu::evaluate(&gpt, &store, &tok, dir, o, std::io::stderr().is_terminal())?;
+    let r = pockettune::mmlu::evaluate(&gpt, &store, &tok, dir, o, std::io::stderr().is_terminal())?;
     eprintln!(
         "MMLU {} split, {} shots: accuracy {:.4} over {} questions, {:.4} averaged over {} subjects \
          ({} prompts cut to the model's {} positions; {} forward passes in {:.1} s on {})",
@@ -1177,23 +1022,12 @@ fn preset(name: &str) -> Result<pockettune::models::gpt2::Gpt2Config> {
     Ok(match name {
         "gpt2" => Gpt2Config::small(),
         "gpt2-medium" => Gpt2::medium_config(),
-        "tiny" => Gpt2Config {
-            n_layer: 2,
-            n_head: 4,
-            n_embd: 64,
-            n_positions: 256,
-            ..Gpt2Config::small()
-        },
+        "tiny" => Gpt2Config { n_layer: 2, n_head: 4, n_embd: 64, n_positions: 256, ..Gpt2Config::small() },
         other => anyhow::bail!("unknown preset {other:?}: gpt2, gpt2-medium or tiny"),
     })
 }
 
-fn init_model(
-    name: &str,
-    tokenizer: &std::path::Path,
-    out: &std::path::Path,
-    seed: u64,
-) -> Result<i32> {
+fn init_model(name: &str, tokenizer: &std::path::Path, out: &std::path::Path, seed: u64) -> Result<i32> {
     use pockettune::checkpoint::write_atomic;
     use pockettune::models::gpt2::Gpt2;
     let tok = pockettune::data::Tokenizer::load(tokenizer)?;
@@ -1204,10 +1038,7 @@ fn init_model(
     config["architectures"] = json!(["GPT2LMHeadModel"]);
     config["model_type"] = json!("gpt2");
     config["tie_word_embeddings"] = json!(true);
-    write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     let weights = Gpt2::random_weights(&cfg, seed);
     let views: Vec<(String, safetensors::tensor::TensorView)> = weights
         .iter()
@@ -1220,15 +1051,9 @@ fn init_model(
             (n.clone(), view.expect("shape and data agree"))
         })
         .collect();
-    write_atomic(
-        &out.join("model.safetensors"),
-        &safetensors::serialize(views, None)?,
-    )?;
+    write_atomic(&out.join("model.safetensors"), &safetensors::serialize(views, None)?)?;
     write_atomic(&out.join("tokenizer.json"), &std::fs::read(tokenizer)?)?;
-    let params: usize = weights
-        .iter()
-        .map(|(_, s, _)| s.iter().product::<usize>())
-        .sum();
+    let params: usize = weights.iter().map(|(_, s, _)| s.iter().product::<usize>()).sum();
     eprintln!(
         "wrote a random {name} ({:.1} M parameters, vocabulary {}) to {}",
         params as f64 / 1e6,
@@ -1257,30 +1082,20 @@ fn bench_step(
             (name.clone(), "random weights".to_string())
         }
         StepModel::File(path, base) => {
-            let base = if lora {
-                format!("base {base:?}").to_lowercase()
-            } else {
-                "f32 weights".into()
-            };
+            let base = if lora { format!("base {base:?}").to_lowercase() } else { "f32 weights".into() };
             (path.display().to_string(), base)
         }
     };
     let gpu = std::sync::Arc::new(dev.open()?);
     if plan {
-        eprintln!(
-            "planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not"
-        );
+        eprintln!("planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not");
         gpu.set_planning(true);
     }
     let mut devices = vec![Device::Gpu(gpu)];
     if !no_cpu && !plan {
         devices.push(Device::Cpu);
     }
-    let method = if lora {
-        "LoRA (rank 8, every projection)"
-    } else {
-        "full"
-    };
+    let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
     eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, {weights}");
     eprintln!("memory options: {}", serde_json::to_string(memory)?);
     eprintln!(
@@ -1290,11 +1105,7 @@ fn bench_step(
     let mut results = Vec::new();
     for d in devices {
         let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps, memory)?;
-        let mib = |x: Option<u64>| {
-            x.map_or("-".into(), |v| {
-                format!("{:.0}", v as f64 / (1 << 20) as f64)
-            })
-        };
+        let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(
             "{:<44} {:>10.0} {:>10.1} {:>14} {:>14} {:>14}",
             r.device,
@@ -1311,26 +1122,17 @@ fn bench_step(
             .collect();
         eprintln!("{:<44} weights held: {}", "", held.join(", "));
         if let Some(n) = r.smallest_budget {
-            eprintln!(
-                "{:<44} smallest --memory-budget for this step (planned): {}",
-                "",
-                mib(Some(n))
-            );
+            eprintln!("{:<44} smallest --memory-budget for this step (planned): {}", "", mib(Some(n)));
         }
         eprintln!("memory ({}):\n{}", r.device, r.memory);
         results.push(r);
     }
     if results.len() == 2 {
-        eprintln!(
-            "GPU / CPU speed: {:.2}x",
-            results[1].ms_step / results[0].ms_step
-        );
+        eprintln!("GPU / CPU speed: {:.2}x", results[1].ms_step / results[0].ms_step);
     }
     if json {
-        print_json(
-            &json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t,
-                "options": memory, "results": results}),
-        )?;
+        print_json(&json!({"model": name, "weights": weights, "lora": lora, "batch_size": b, "seq_len": t,
+                "options": memory, "results": results}))?;
     }
     Ok(0)
 }
