@@ -526,14 +526,16 @@ fn draw_chart<DB: DrawingBackend>(
 
     let mut labels = 0;
     if panel.shade_charging {
-        // Each charging step's stretch of x: from the previous step's x to its own.
+        // Each charging step's stretch of x: over steps, half a step either side; over time,
+        // from the previous step's end to its own (when it ran).
         let mut prev = x0;
         let mut bands = Vec::new();
         for l in &run.steps {
             let x = x_of(&(l.step as f64, l.time_s, None));
-            let start = if axis == Axis::Steps { x - 0.5 } else { prev };
+            let (start, end) = if axis == Axis::Steps { (x - 0.5, x + 0.5) } else { (prev, x) };
             if l.fields.get("charging").and_then(Value::as_bool) == Some(true) {
-                bands.push(Rectangle::new([(start.max(x0), y0), (x.min(x1), y1)], GREEN.mix(0.15).filled()));
+                bands
+                    .push(Rectangle::new([(start.max(x0), y0), (end.min(x1), y1)], GREEN.mix(0.15).filled()));
             }
             prev = x;
         }

@@ -104,6 +104,23 @@ fn circles(svg: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The charging bands of an SVG: green rectangles taller than a legend sample, as (x, width),
+/// sorted by x.
+fn bands(svg: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    let num = |n: &roxmltree::Node, a: &str| n.attribute(a).unwrap().parse::<f64>().unwrap();
+    let mut b: Vec<(f64, f64)> = doc
+        .descendants()
+        .filter(|n| {
+            n.has_tag_name("rect") && n.attribute("fill") == Some("#2CA02C") && num(n, "height") > 100.0
+        })
+        .map(|n| (num(&n, "x"), num(&n, "width")))
+        .collect();
+    b.sort_by(|p, q| p.0.total_cmp(&q.0));
+    b
+}
+
 fn sizes(lines: &[Vec<(f64, f64)>]) -> Vec<usize> {
     let mut s: Vec<usize> = lines.iter().map(Vec::len).collect();
     s.sort();
@@ -184,6 +201,18 @@ fn svg_report_draws_every_panel_with_data_and_the_right_points() {
     let battery = out.join("battery.svg");
     assert_eq!(sizes(&lines(&battery)), [3, 3, 8, 8]);
     assert!(texts(&battery).iter().any(|x| x == "charging"));
+    // The shading (the chart-high green rectangles) covers steps 9 and 10 without a gap: over
+    // steps 8.5..10.5, over time from step 8's end to step 10's (34.75 s .. 36.25 s).
+    let (left, right): (Vec<_>, Vec<_>) = bands(&battery).into_iter().partition(|b| b.0 < 640.0);
+    assert_eq!((left.len(), right.len()), (2, 2), "{left:?} {right:?}");
+    for b in [&left, &right] {
+        assert!((b[0].0 + b[0].1 - b[1].0).abs() <= 1.0, "gap between the bands: {b:?}");
+    }
+    let step_px = (steps[11].0 - steps[0].0) / 11.0;
+    assert!((left[1].0 + left[1].1 - left[0].0 - 2.0 * step_px).abs() <= 2.0, "{left:?}, {step_px}");
+    let second_px = (time[11].0 - time[0].0) / (37.75 - 0.5);
+    assert!((right[0].0 - time[7].0).abs() <= 1.0, "{right:?} {time:?}");
+    assert!((right[1].0 + right[1].1 - right[0].0 - 1.5 * second_px).abs() <= 2.0, "{right:?}");
 
     assert_eq!(sizes(&lines(&out.join("temperature.svg"))), [12, 12]);
     // Throttled and paused running totals, two legend samples per chart.
