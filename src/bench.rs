@@ -175,7 +175,17 @@ pub struct StepResult {
 #[derive(Clone, Debug)]
 pub enum StepModel {
     Preset(String),
+    /// A preset's shape written once as a quantized GGUF (`crate::models::write_random_gguf`)
+    /// and loaded as a frozen base kept in its stored format (LoRA only).
+    PresetGguf(String, crate::models::PresetQuant),
     File(std::path::PathBuf, crate::weights::BaseDtype),
+}
+
+impl StepModel {
+    /// Where a quantized preset's GGUF is written (once) and read from.
+    pub fn preset_gguf_path(name: &str, quant: crate::models::PresetQuant) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("pockettune-preset-{name}-{}.gguf", quant.name()))
+    }
 }
 
 /// Time `steps` training steps (after one warm-up step) of a random model of `preset` (see
@@ -214,6 +224,27 @@ pub fn step_bench(
             Model::load_with(&dir, dev, &load)?
         }
         StepModel::Preset(name) => Model::random(crate::models::preset_config(name)?, dev, 1)?,
+        StepModel::PresetGguf(name, quant) => {
+            if !lora {
+                return Err(crate::Error::InvalidArgument {
+                    name: "--preset-quant".into(),
+                    detail: "a quantized base is frozen: use it with --method lora".into(),
+                });
+            }
+            let path = StepModel::preset_gguf_path(name, *quant);
+            if !path.exists() {
+                eprintln!(
+                    "writing {name}'s random weights as {} to {} (once; run again to measure without \
+                     the writing)",
+                    quant.name(),
+                    path.display()
+                );
+                crate::models::write_random_gguf(&crate::models::preset_config(name)?, &path, 1, *quant)?;
+            }
+            let base = crate::weights::BaseDtype::Native;
+            let load = crate::models::LoadOptions { frozen: true, base_dtype: base, stream };
+            Model::load_with(&path, dev, &load)?
+        }
         StepModel::File(path, base) => {
             let load = crate::models::LoadOptions { frozen: lora, base_dtype: *base, stream };
             Model::load_with(path, dev, &load)?

@@ -291,6 +291,11 @@ enum BenchCommand {
         /// gemma3-1b or smollm2-135m (random weights of those shapes).
         #[arg(long, default_value = "gpt2")]
         preset: String,
+        /// With --method lora: the preset's base quantized (q4_k_m: llama.cpp's Q4_K_M mix, Q5_0
+        /// and Q8_0 where rows are not whole 256-blocks), written once as a GGUF file to the
+        /// temporary directory and kept quantized on the GPU (streamed under --memory-budget).
+        #[arg(long, value_enum, conflicts_with = "model")]
+        preset_quant: Option<pockettune::models::PresetQuant>,
         /// A real model instead of a preset: a Hugging Face directory or a GGUF file.
         #[arg(long)]
         model: Option<std::path::PathBuf>,
@@ -539,6 +544,7 @@ fn run(cli: Cli) -> Result<i32> {
                     device,
                     json,
                     preset,
+                    preset_quant,
                     model,
                     base_dtype,
                     method,
@@ -552,9 +558,10 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
             let lora = method == pockettune::train::Method::Lora;
-            let what = match model {
-                Some(path) => pockettune::bench::StepModel::File(path, base_dtype),
-                None => pockettune::bench::StepModel::Preset(preset),
+            let what = match (model, preset_quant) {
+                (Some(path), _) => pockettune::bench::StepModel::File(path, base_dtype),
+                (None, Some(quant)) => pockettune::bench::StepModel::PresetGguf(preset, quant),
+                (None, None) => pockettune::bench::StepModel::Preset(preset),
             };
             bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, (no_cpu, plan), &memory)
         }
@@ -1080,6 +1087,10 @@ fn bench_step(
         StepModel::Preset(name) => {
             pockettune::models::preset_config(name)?;
             (name.clone(), "random weights".to_string())
+        }
+        StepModel::PresetGguf(name, quant) => {
+            pockettune::models::preset_config(name)?;
+            (name.clone(), format!("random weights, base {} (GGUF)", quant.name()))
         }
         StepModel::File(path, base) => {
             let base = if lora { format!("base {base:?}").to_lowercase() } else { "f32 weights".into() };

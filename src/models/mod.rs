@@ -8,7 +8,7 @@ pub mod gpt2;
 pub mod llama;
 mod load;
 mod random;
-pub use random::write_random;
+pub use random::{write_random, write_random_gguf, PresetQuant};
 
 pub use load::{device_form, open_source, LoadOptions};
 
