@@ -117,9 +117,8 @@ impl PresetQuant {
     pub fn storage(self, name: &str, shape: &[usize], layers: usize, tied: bool) -> GgmlType {
         let [_, cols] = shape[..] else { return GgmlType::F32 };
         // llama.cpp's `use_more_bits`: the first and last eighth, and every third layer between
-        let more_bits = |i: usize| {
-            i < layers / 8 || i >= 7 * layers / 8 || (i >= layers / 8 && (i - layers / 8) % 3 == 2)
-        };
+        // (past the first clause i >= layers / 8, so the subtraction cannot wrap)
+        let more_bits = |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
         let layer =
             name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(i, _)| i.parse().ok());
         let wanted = match (name, layer) {
