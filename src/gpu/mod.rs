@@ -152,7 +152,15 @@ impl Gpu {
             required_features: adapter.features() & wgpu::Features::SUBGROUP,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            memory_hints: wgpu::MemoryHints::Performance,
+            // Under the mobile profile memory is the constraint: the driver's allocator then
+            // carves buffers out of 8-64 MiB blocks instead of 128-256 MiB ones. Where device
+            // memory is host memory (phones, lavapipe) each block's pages stay resident while any
+            // buffer lives in it, so large blocks held a Gemma 3 1B LoRA step at ~1.3 GB of
+            // mostly empty blocks for 460 MiB of buffers (docs/perf.md).
+            memory_hints: match opts.profile {
+                Profile::Mobile => wgpu::MemoryHints::MemoryUsage,
+                Profile::Adapter => wgpu::MemoryHints::Performance,
+            },
             trace: wgpu::Trace::Off,
         };
         let (device, queue) =
