@@ -14,6 +14,7 @@
 use super::load::Parsed;
 use super::{gemma, gpt2, llama};
 use crate::error::{Error, Result};
+use crate::weights::gguf::GgufWriter;
 use crate::weights::MetaValue;
 use kernels_ref::quant::GgmlType;
 use safetensors::tensor::View;
@@ -284,51 +285,6 @@ fn tokenizer_metadata(n: usize) -> Vec<(String, MetaValue)> {
     ]
 }
 
-/// GGUF's encoding of a value (little-endian; strings and arrays length-prefixed with a u64).
-fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
-    match v {
-        MetaValue::U8(x) => out.push(*x),
-        MetaValue::I8(x) => out.extend(x.to_le_bytes()),
-        MetaValue::U16(x) => out.extend(x.to_le_bytes()),
-        MetaValue::I16(x) => out.extend(x.to_le_bytes()),
-        MetaValue::U32(x) => out.extend(x.to_le_bytes()),
-        MetaValue::I32(x) => out.extend(x.to_le_bytes()),
-        MetaValue::U64(x) => out.extend(x.to_le_bytes()),
-        MetaValue::I64(x) => out.extend(x.to_le_bytes()),
-        MetaValue::F32(x) => out.extend(x.to_le_bytes()),
-        MetaValue::F64(x) => out.extend(x.to_le_bytes()),
-        MetaValue::Bool(x) => out.push(u8::from(*x)),
-        MetaValue::Str(s) => {
-            out.extend((s.len() as u64).to_le_bytes());
-            out.extend(s.as_bytes());
-        }
-        MetaValue::Array(items) => {
-            out.extend(items.first().map_or(4, type_id).to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            items.iter().for_each(|i| put_value(out, i));
-        }
-    }
-}
-
-/// GGUF's value type ids.
-fn type_id(v: &MetaValue) -> u32 {
-    match v {
-        MetaValue::U8(_) => 0,
-        MetaValue::I8(_) => 1,
-        MetaValue::U16(_) => 2,
-        MetaValue::I16(_) => 3,
-        MetaValue::U32(_) => 4,
-        MetaValue::I32(_) => 5,
-        MetaValue::F32(_) => 6,
-        MetaValue::Bool(_) => 7,
-        MetaValue::Str(_) => 8,
-        MetaValue::Array(_) => 9,
-        MetaValue::U64(_) => 10,
-        MetaValue::I64(_) => 11,
-        MetaValue::F64(_) => 12,
-    }
-}
-
 /// Write a random model of `config` as a GGUF file at `path`, its matrices stored as `quant`
 /// says (see [`PresetQuant::storage`]). The file appears whole or not at all (written beside
 /// and renamed).
@@ -374,13 +330,13 @@ pub fn write_random_gguf(
     head.extend((tensors.len() as u64).to_le_bytes());
     head.extend((metadata.len() as u64).to_le_bytes());
     for (k, v) in &metadata {
-        put_value(&mut head, &MetaValue::Str(k.clone()));
-        head.extend(type_id(v).to_le_bytes());
-        put_value(&mut head, v);
+        GgufWriter::put_value(&mut head, &MetaValue::Str(k.clone()));
+        head.extend(GgufWriter::type_id(v).to_le_bytes());
+        GgufWriter::put_value(&mut head, v);
     }
     let mut offset = 0usize;
     for t in &tensors {
-        put_value(&mut head, &MetaValue::Str(t.name.clone()));
+        GgufWriter::put_value(&mut head, &MetaValue::Str(t.name.clone()));
         head.extend((t.shape.len() as u32).to_le_bytes());
         t.shape.iter().rev().for_each(|d| head.extend((*d as u64).to_le_bytes())); // innermost first
         head.extend(t.ty.id().to_le_bytes());

@@ -400,7 +400,9 @@ impl GgufWriter {
         self.tensors.push((name.to_string(), shape.to_vec(), ty, bytes));
         self
     }
-    fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
+    /// GGUF's encoding of a value (little-endian; strings and arrays length-prefixed with a
+    /// u64); also used by `models::write_random_gguf`, which writes piece by piece.
+    pub(crate) fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
         match v {
             MetaValue::U8(x) => out.push(*x),
             MetaValue::I8(x) => out.push(*x as u8),
@@ -427,7 +429,8 @@ impl GgufWriter {
             }
         }
     }
-    fn type_id(v: &MetaValue) -> u32 {
+    /// GGUF's value type ids.
+    pub(crate) fn type_id(v: &MetaValue) -> u32 {
         match v {
             MetaValue::U8(_) => 0,
             MetaValue::I8(_) => 1,
