@@ -18,15 +18,8 @@ mod common;
 use pockettune::graph::{Device, ParamStore};
 use pockettune::memory::{GraphOptions, OptimizerOffload};
 use pockettune::models::{LoadOptions, Model};
-use pockettune::{Error, Gpu, GpuOptions, Profile};
+use pockettune::Error;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-fn device() -> Option<Device> {
-    common::gpu()?; // fails in CI without an adapter, skips elsewhere
-    let g = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).expect("a second device");
-    Some(Device::Gpu(Arc::new(g)))
-}
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -134,7 +127,7 @@ fn clipped_steps_match_pytorch_on_the_cpu_path() {
 
 #[test]
 fn clipped_steps_match_pytorch_on_the_gpu() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = common::own_gpu_device() else { return };
     for name in ["gpt2-tiny", "gemma3-tiny"] {
         check_clipped(name, &dev, false);
     }
@@ -144,7 +137,7 @@ fn clipped_steps_match_pytorch_on_the_gpu() {
 #[test]
 fn full_fine_tuning_under_a_budget_below_the_weights_matches_pytorch_with_clipping() {
     for name in ["gpt2-tiny", "gemma3-tiny"] {
-        let Some(dev) = device() else { return };
+        let Some(dev) = common::own_gpu_device() else { return };
         check_clipped(name, &dev, true);
     }
 }
@@ -182,7 +175,7 @@ fn compare_with_resident(what: &str, config: &serde_json::Value, seed: u64) -> V
         // reassociation). Clipped, the host takes the norm in f64 and the GPU in f32, so the
         // losses and norms agree to reassociation (1e-5 relative).
         let what = format!("{what} {options:?}");
-        let dev = || device().unwrap();
+        let dev = || common::own_gpu_device().unwrap();
         let resident = run(tmp.path(), &dev(), false, options, &batches, (b, t), 3, 0.0).unwrap();
         let host = run(tmp.path(), &dev(), true, options, &batches, (b, t), 3, 0.0).unwrap();
         assert_eq!(host.losses, resident.losses, "{what}: unclipped losses");
@@ -239,7 +232,7 @@ fn full_fine_tuning_runs_under_a_budget_below_half_the_weights() {
 /// Under the plan less one buffer granule the full fine-tuning step is refused (`MemoryBudget`).
 #[test]
 fn full_fine_tuning_just_below_its_plan_is_refused() {
-    let Some(dev) = device() else { return };
+    let Some(dev) = common::own_gpu_device() else { return };
     let Device::Gpu(g) = &dev else { unreachable!() };
     let dir = fixture("gemma3-tiny");
     let ex = common::Expected::load("gemma3-tiny");

@@ -77,10 +77,6 @@ fn check(base: &str, dev: Device) {
     eprintln!("{name}: logits rel err {e:e}, {adapters} adapter gradients worst {worst:e}, AdamW losses worst {worst_step:e}");
 }
 
-fn gpu() -> Option<Device> {
-    common::gpu().map(|g| Device::Gpu(g.clone()))
-}
-
 #[test]
 fn peft_gpt2_adapter_matches_on_the_cpu_path() {
     check("gpt2-tiny", Device::Cpu);
@@ -88,7 +84,7 @@ fn peft_gpt2_adapter_matches_on_the_cpu_path() {
 
 #[test]
 fn peft_gpt2_adapter_matches_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gpt2-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("gpt2-tiny", d));
 }
 
 #[test]
@@ -98,7 +94,7 @@ fn peft_gemma3_adapter_matches_on_the_cpu_path() {
 
 #[test]
 fn peft_gemma3_adapter_matches_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gemma3-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("gemma3-tiny", d));
 }
 
 // Regression (issue 8): the LM head's dX product, over the vocabulary, lost every term past
@@ -111,7 +107,7 @@ fn peft_qwen2_adapter_at_the_qwen25_vocabulary_matches_on_the_cpu_path() {
 
 #[test]
 fn peft_qwen2_adapter_at_the_qwen25_vocabulary_matches_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("qwen2-tiny-vocab151936", d));
+    common::gpu_device().into_iter().for_each(|d| check("qwen2-tiny-vocab151936", d));
 }
 
 #[test]
@@ -121,7 +117,7 @@ fn peft_gemma3_adapter_at_its_262144_vocabulary_matches_on_the_cpu_path() {
 
 #[test]
 fn peft_gemma3_adapter_at_its_262144_vocabulary_matches_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gemma3-tiny-vocab262144", d));
+    common::gpu_device().into_iter().for_each(|d| check("gemma3-tiny-vocab262144", d));
 }
 
 #[test]

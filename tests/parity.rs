@@ -99,11 +99,7 @@ fn every_family_matches_pytorch_with_every_memory_option_on_the_cpu_path() {
 
 #[test]
 fn every_family_matches_pytorch_with_every_memory_option_on_the_gpu() {
-    gpu().into_iter().for_each(|d| FAMILIES.iter().for_each(|f| check_with(f, d.clone(), ALL_OPTIONS)));
-}
-
-fn gpu() -> Option<Device> {
-    common::gpu().map(|g| Device::Gpu(g.clone()))
+    common::gpu_device().into_iter().for_each(|d| FAMILIES.iter().for_each(|f| check_with(f, d.clone(), ALL_OPTIONS)));
 }
 
 #[test]
@@ -113,7 +109,7 @@ fn gpt2_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn gpt2_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gpt2-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("gpt2-tiny", d));
 }
 
 #[test]
@@ -123,7 +119,7 @@ fn qwen2_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn qwen2_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("qwen2-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("qwen2-tiny", d));
 }
 
 #[test]
@@ -133,7 +129,7 @@ fn llama_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn llama_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("llama-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("llama-tiny", d));
 }
 
 #[test]
@@ -143,7 +139,7 @@ fn gemma3_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn gemma3_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gemma3-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("gemma3-tiny", d));
 }
 
 #[test]
@@ -153,7 +149,7 @@ fn gemma2_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn gemma2_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gemma2-tiny", d));
+    common::gpu_device().into_iter().for_each(|d| check("gemma2-tiny", d));
 }
 
 #[test]
@@ -163,7 +159,7 @@ fn gemma3_with_soft_capping_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn gemma3_with_soft_capping_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gemma3-tiny-softcap", d));
+    common::gpu_device().into_iter().for_each(|d| check("gemma3-tiny-softcap", d));
 }
 
 // Regression (issue 8): on lavapipe the LM head's dX product, whose inner dimension is the
@@ -176,7 +172,7 @@ fn qwen2_at_the_qwen25_vocabulary_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn qwen2_at_the_qwen25_vocabulary_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("qwen2-tiny-vocab151936", d));
+    common::gpu_device().into_iter().for_each(|d| check("qwen2-tiny-vocab151936", d));
 }
 
 #[test]
@@ -186,7 +182,7 @@ fn gemma3_at_its_262144_vocabulary_matches_pytorch_on_the_cpu_path() {
 
 #[test]
 fn gemma3_at_its_262144_vocabulary_matches_pytorch_on_the_gpu() {
-    gpu().into_iter().for_each(|d| check("gemma3-tiny-vocab262144", d));
+    common::gpu_device().into_iter().for_each(|d| check("gemma3-tiny-vocab262144", d));
 }
 
 /// The real-vocabulary fixtures reach what they are for: the real row counts, input and target

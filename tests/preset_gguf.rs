@@ -15,9 +15,7 @@ use pockettune::lora::{self, LoraOptions};
 use pockettune::memory::GraphOptions;
 use pockettune::models::{write_random_gguf, LoadOptions, Model, PresetQuant};
 use pockettune::weights::{BaseDtype, GgufFile};
-use pockettune::{Gpu, GpuOptions, Profile};
 use std::path::Path;
-use std::sync::Arc;
 
 /// Tied Gemma 3, 6 layers: llama.cpp's "more bits" layers of 6 are 2 and 5 (every third from
 /// the first eighth, 0, and the last eighth, 5..). Rows of 256 elements (Q4_K/Q6_K fit) but for
@@ -153,12 +151,6 @@ fn gpt2_is_refused_by_name() {
     assert!(!tmp.path().join("m.gguf").exists());
 }
 
-fn device() -> Option<Device> {
-    common::gpu()?; // fails in CI without an adapter, skips elsewhere
-    let g = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).expect("a second device");
-    Some(Device::Gpu(Arc::new(g)))
-}
-
 /// Loss and adapter gradients of one LoRA step; under `budget` (the planned smallest when 0)
 /// the frozen base streams. Returns the budget used.
 fn lora_step(
@@ -232,11 +224,11 @@ fn a_lora_step_on_the_quantized_base_under_a_budget_equals_the_resident_step() {
             GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
         ] {
             let what = format!("{} {options:?}", config["model_type"]);
-            let resident_dev = device().unwrap();
+            let resident_dev = common::own_gpu_device().unwrap();
             let resident = lora_step(&path, &resident_dev, None, options);
             let Device::Gpu(rg) = &resident_dev else { unreachable!() };
             let resident_peak = rg.bytes_allocated().1;
-            let dev = device().unwrap();
+            let dev = common::own_gpu_device().unwrap();
             let streamed = lora_step(&path, &dev, Some(0), options);
             let Device::Gpu(g) = &dev else { unreachable!() };
             let (budget, peak) = (streamed.2, g.bytes_allocated().1);

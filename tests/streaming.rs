@@ -11,15 +11,8 @@ use pockettune::graph::{Device, ParamStore};
 use pockettune::lora::{self, LoraOptions};
 use pockettune::memory::GraphOptions;
 use pockettune::models::{LoadOptions, Model};
-use pockettune::{Error, Gpu, GpuOptions, Profile};
+use pockettune::Error;
 use std::path::Path;
-use std::sync::Arc;
-
-fn device() -> Option<Device> {
-    common::gpu()?; // fails in CI without an adapter, skips elsewhere
-    let g = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).expect("a second device");
-    Some(Device::Gpu(Arc::new(g)))
-}
 
 fn configs() -> Vec<serde_json::Value> {
     vec![
@@ -94,12 +87,12 @@ fn a_budget_smaller_than_the_weights_streams_them_and_gives_the_same_step() {
             GraphOptions::default(),
             GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
         ] {
-            let resident_dev = device().unwrap();
+            let resident_dev = common::own_gpu_device().unwrap();
             let resident = lora_step(tmp.path(), &resident_dev, false, options).unwrap();
             let Device::Gpu(rg) = &resident_dev else { unreachable!() };
             let resident_peak = rg.bytes_allocated().1;
 
-            let dev = device().unwrap();
+            let dev = common::own_gpu_device().unwrap();
             let Device::Gpu(g) = &dev else { unreachable!() };
             let budget = weights * 3 / 5;
             g.set_memory_budget(Some(budget));
@@ -119,7 +112,7 @@ fn a_budget_too_small_for_one_layer_is_a_clear_error() {
     let config = &configs()[0];
     let tmp = tempfile::tempdir().unwrap();
     pockettune::models::write_random(config, tmp.path(), 3).unwrap();
-    let dev = device().unwrap();
+    let dev = common::own_gpu_device().unwrap();
     let Device::Gpu(g) = &dev else { unreachable!() };
     g.set_memory_budget(Some(64 << 10));
     let err = lora_step(tmp.path(), &dev, true, GraphOptions::default()).unwrap_err();
@@ -142,7 +135,7 @@ fn the_planned_budget_is_the_smallest_that_works() {
         ] {
             let mut needed = None;
             for shortfall in [0u64, 256] {
-                let dev = device().unwrap();
+                let dev = common::own_gpu_device().unwrap();
                 let Device::Gpu(g) = &dev else { unreachable!() };
                 let load = LoadOptions { frozen: true, stream: true, ..Default::default() };
                 let (model, mut store) = Model::load_with(tmp.path(), &dev, &load).unwrap();
@@ -265,8 +258,8 @@ fn a_large_vocabulary_streams_by_rows_under_a_quarter_of_the_weights() {
         pockettune::models::write_random(config, tmp.path(), 40 + k as u64).unwrap();
         let weights = weight_bytes(config);
         let table = 4 * vocab as u64 * 64;
-        let resident = lora_step(tmp.path(), &device().unwrap(), false, options).unwrap();
-        let dev = device().unwrap();
+        let resident = lora_step(tmp.path(), &common::own_gpu_device().unwrap(), false, options).unwrap();
+        let dev = common::own_gpu_device().unwrap();
         let Device::Gpu(g) = &dev else { unreachable!() };
         let budget = weights / 4;
         g.set_memory_budget(Some(budget));

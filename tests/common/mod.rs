@@ -1,6 +1,7 @@
 //! Shared by the GPU test files: one device per test binary, opened under the mobile profile.
 //! Without an adapter the GPU tests fail in CI (`CI` set) and say why they skip elsewhere.
 
+use pockettune::graph::Device;
 use pockettune::{Gpu, GpuOptions, Profile};
 use std::sync::{Arc, OnceLock};
 
@@ -24,6 +25,21 @@ pub fn gpu() -> Option<&'static Arc<Gpu>> {
         }
     })
     .as_ref()
+}
+
+/// The shared device as the graph's [`Device`].
+#[allow(dead_code)]
+pub fn gpu_device() -> Option<Device> {
+    gpu().map(|g| Device::Gpu(g.clone()))
+}
+
+/// A device of the test's own, opened where the shared one opens (so it fails in CI without
+/// an adapter too): a memory budget or a peak counter set on it stays out of other tests.
+#[allow(dead_code)]
+pub fn own_gpu_device() -> Option<Device> {
+    gpu()?;
+    let g = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).expect("a second device");
+    Some(Device::Gpu(Arc::new(g)))
 }
 
 /// GPT-2's byte-to-character table (printable bytes stand for themselves, the rest are moved
