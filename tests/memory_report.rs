@@ -77,6 +77,25 @@ fn category_counters_follow_scopes_exactly() {
 }
 
 #[test]
+fn the_driver_allocator_figures_cover_the_pools_buffers() {
+    let Some(gpu) = common::gpu() else { return };
+    let _one = SERIAL.lock();
+    // A fresh size, so the pool cannot hand back a buffer it made before.
+    let bytes = (24 << 20) + 4096 * 7;
+    let b = gpu.alloc(bytes, "driver figures").unwrap();
+    let d = gpu.driver_bytes().expect("Vulkan's allocator keeps a report");
+    // Everything the pool holds, this buffer included, was carved out of the allocator's
+    // blocks, which hold at least what was carved out of them.
+    assert!(d.allocated >= gpu.bytes_allocated().0, "{d:?}");
+    assert!(d.allocated >= bytes && d.reserved >= d.allocated, "{d:?}");
+    assert!(d.peak_allocated >= d.allocated && d.peak_reserved >= d.reserved, "{d:?}");
+    // The mobile profile's blocks are small: a buffer this large has its own allocation, so
+    // the reserve does not run more than a few blocks past what is in use.
+    assert!(d.reserved - d.allocated <= 64 << 20, "{d:?}");
+    drop(b);
+}
+
+#[test]
 fn a_training_step_labels_weights_gradients_moments_and_logits() {
     use pockettune::graph::Device;
     use pockettune::kernels::optim::AdamW;
@@ -173,6 +192,10 @@ fn bench_step_json_carries_the_memory_report() {
     assert!(lora > 0 && at("optimizer_state") == 2 * lora && at("weights") > 10 * lora, "{g}");
     assert!(at("logits_and_loss") >= 2 * 16 * 50257 * 4, "{g}");
     assert!(err.contains("logits and loss") && err.contains("peak RSS"), "the table on stderr: {err}");
+    let d = &g["driver"];
+    assert!(d["peak_reserved"].as_u64().unwrap() >= d["peak_allocated"].as_u64().unwrap(), "{g}");
+    assert!(d["peak_allocated"].as_u64().unwrap() >= g["peak_held_bytes"].as_u64().unwrap(), "{g}");
+    assert!(err.contains("driver reserved"), "the table on stderr: {err}");
 }
 
 #[test]

@@ -99,7 +99,9 @@ fn every_family_matches_pytorch_with_every_memory_option_on_the_cpu_path() {
 
 #[test]
 fn every_family_matches_pytorch_with_every_memory_option_on_the_gpu() {
-    common::gpu_device().into_iter().for_each(|d| FAMILIES.iter().for_each(|f| check_with(f, d.clone(), ALL_OPTIONS)));
+    common::gpu_device()
+        .into_iter()
+        .for_each(|d| FAMILIES.iter().for_each(|f| check_with(f, d.clone(), ALL_OPTIONS)));
 }
 
 #[test]

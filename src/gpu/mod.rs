@@ -97,6 +97,9 @@ pub trait SubmitGate: Send + Sync {
     fn before_submit(&self, dispatches: usize);
 }
 
+/// The device memory allocator's block size under the mobile profile (see `Gpu::new`).
+const MOBILE_BLOCK: std::ops::Range<u64> = (8 << 20)..(8 << 20);
+
 /// Most dispatches in one submission while a [`SubmitGate`] is installed (without one, a step
 /// is recorded into as few submissions as its reads and writes allow).
 pub const GATED_BATCH: usize = 64;
@@ -120,9 +123,22 @@ pub struct Gpu {
     dummy: wgpu::Buffer,
     gate: Mutex<Option<Arc<dyn SubmitGate>>>,
     submissions: AtomicU64,
+    /// The driver allocator's own figures (see [`Gpu::driver_bytes`]).
+    driver: Mutex<DriverBytes>,
     matmul: Mutex<MatmulKernel>,
     matmul_kernels: Vec<MatmulKernel>,
     constants: Mutex<HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>,
+}
+
+/// The device memory allocator's bytes now and at their peaks since the device opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DriverBytes {
+    /// carved out for buffers
+    pub allocated: u64,
+    pub peak_allocated: u64,
+    /// taken from the driver in blocks (allocated plus the blocks' free space)
+    pub reserved: u64,
+    pub peak_reserved: u64,
 }
 
 /// A compiled kernel and the layout of its bind group (fetched once, not per dispatch).
@@ -152,13 +168,19 @@ impl Gpu {
             required_features: adapter.features() & wgpu::Features::SUBGROUP,
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
-            // Under the mobile profile memory is the constraint: the driver's allocator then
-            // carves buffers out of 8-64 MiB blocks instead of 128-256 MiB ones. Where device
-            // memory is host memory (phones, lavapipe) each block's pages stay resident while any
-            // buffer lives in it, so large blocks held a Gemma 3 1B LoRA step at ~1.3 GB of
-            // mostly empty blocks for 460 MiB of buffers (docs/perf.md).
+            // Under the mobile profile memory is the constraint. Where device memory is host
+            // memory (phones, lavapipe) each of the allocator's blocks stays resident while any
+            // buffer lives in it: 128-256 MiB blocks (Performance) held a Gemma 3 1B LoRA step
+            // at ~1.3 GB of mostly empty blocks for 460 MiB of buffers, and MemoryUsage's 8-64
+            // MiB blocks still reserved 188 MiB for 128 MiB of buffers (docs/perf.md). Blocks of
+            // 8 MiB (4 MiB for host-visible memory, which is all of lavapipe's) give every
+            // larger buffer its own allocation, returned to the driver when the buffer goes:
+            // 141 MiB reserved for the same 128. The pool reuses buffers, so the extra driver
+            // allocations are few.
             memory_hints: match opts.profile {
-                Profile::Mobile => wgpu::MemoryHints::MemoryUsage,
+                Profile::Mobile => {
+                    wgpu::MemoryHints::Manual { suballocated_device_memory_block_size: MOBILE_BLOCK }
+                }
                 Profile::Adapter => wgpu::MemoryHints::Performance,
             },
             trace: wgpu::Trace::Off,
@@ -230,6 +252,7 @@ impl Gpu {
             dummy,
             gate: Mutex::new(None),
             submissions: AtomicU64::new(0),
+            driver: Mutex::default(),
             matmul: Mutex::new(matmul),
             matmul_kernels,
             constants: Mutex::default(),
@@ -256,6 +279,27 @@ impl Gpu {
     pub fn max_workgroups(&self) -> u32 {
         self.limits.max_compute_workgroups_per_dimension
     }
+    /// The device memory allocator's figures, sampled when a buffer is made and when writes
+    /// are staged: what it has carved out for buffers (the pool's and wgpu's own staging copies
+    /// of uploads) and what it has reserved from the driver in blocks. `None` where the backend
+    /// keeps no such report. Where device memory is host memory (phones, lavapipe) the reserved
+    /// bytes are resident, so this accounts for the RSS the pool's figures do not explain.
+    pub fn driver_bytes(&self) -> Option<DriverBytes> {
+        self.sample_driver();
+        let d = *self.driver.lock();
+        (d.peak_reserved > 0).then_some(d)
+    }
+
+    fn sample_driver(&self) {
+        if let Some(r) = self.device.generate_allocator_report() {
+            let mut d = self.driver.lock();
+            d.allocated = r.total_allocated_bytes;
+            d.reserved = r.total_reserved_bytes;
+            d.peak_allocated = d.peak_allocated.max(d.allocated);
+            d.peak_reserved = d.peak_reserved.max(d.reserved);
+        }
+    }
+
     /// Bytes currently held in GPU buffers (live and pooled), and the peak of that figure.
     pub fn bytes_allocated(&self) -> (u64, u64) {
         self.pool.bytes()
@@ -392,7 +436,13 @@ impl Gpu {
         if bytes > limit {
             return Err(Error::TooLarge { what: what.to_string(), bytes, limit });
         }
-        self.pool.get(bytes, what)
+        let before = self.pool.bytes().0;
+        let buffer = self.pool.get(bytes, what)?;
+        if self.pool.bytes().0 > before && !self.pool.planning() {
+            // a new buffer (not one from the pool): the allocator's figures may have moved
+            self.sample_driver();
+        }
+        Ok(buffer)
     }
 
     fn module(&self, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {
@@ -627,6 +677,7 @@ impl Gpu {
         // half only, never for the GPU to go idle, so the next layer's upload overlaps this
         // layer's work (streamed weights, `graph::stream`).
         if pending.staged >= STAGING_LIMIT / 2 {
+            self.sample_driver(); // the staging copies are at their most now
             let index = self.queue.submit([]);
             self.submissions.fetch_add(1, Ordering::Relaxed);
             let staged = std::mem::take(&mut pending.staged);

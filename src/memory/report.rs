@@ -202,14 +202,23 @@ pub struct GpuMemory {
     /// each category's own peak since the last `reset_live_peak` (they need not coincide, so
     /// they may add up to more than `peak_live_bytes`)
     pub peak_live_by_category: CategoryBytes,
+    /// the device memory allocator's own figures: the pool's buffers plus wgpu's staging
+    /// copies of uploads, and the blocks reserved for them (None where the backend has none)
+    pub driver: Option<crate::gpu::DriverBytes>,
 }
 
 impl GpuMemory {
     pub fn of(gpu: &Gpu) -> GpuMemory {
         let (held_bytes, peak_held_bytes) = gpu.bytes_allocated();
         let (live_bytes, peak_live_bytes) = gpu.bytes_live();
-        let mut m =
-            GpuMemory { held_bytes, peak_held_bytes, live_bytes, peak_live_bytes, ..Default::default() };
+        let mut m = GpuMemory {
+            held_bytes,
+            peak_held_bytes,
+            live_bytes,
+            peak_live_bytes,
+            driver: gpu.driver_bytes(),
+            ..Default::default()
+        };
         for (c, now, peak) in gpu.bytes_by_category() {
             *m.live_by_category.slot(c) = now;
             *m.peak_live_by_category.slot(c) = peak;
@@ -289,6 +298,11 @@ impl std::fmt::Display for MemoryReport {
         for c in Category::ALL {
             let (now, peak) = (g.live_by_category.get(c), g.peak_live_by_category.get(c));
             write!(f, "\n  {:<16} {:>12} {:>12}", c.name(), mib(now), mib(peak))?;
+        }
+        if let Some(d) = &g.driver {
+            let (now, peak) = (mib(d.allocated), mib(d.peak_allocated));
+            write!(f, "\n{:<18} {:>12} {:>12}", "driver allocated", now, peak)?;
+            write!(f, "\n{:<18} {:>12} {:>12}", "driver reserved", mib(d.reserved), mib(d.peak_reserved))?;
         }
         Ok(())
     }
