@@ -191,7 +191,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
         let first = p.results.len();
         matmul::with_kernel(variant, || run_check(&mut p, name))?;
         if uses_matmul {
-            let tag = format!("{variant:?}").to_lowercase();
+            let tag = variant.name();
             for r in &mut p.results[first..] {
                 r.1 = format!("[{tag}] {}", r.1);
             }

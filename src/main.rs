@@ -340,8 +340,10 @@ enum BenchCommand {
         /// Only layers whose name contains this text (e.g. `c_fc`, `lm_head`).
         #[arg(long)]
         layer: Option<String>,
-        /// Matmul kernel to measure: the device's default, `tiled`, `subgroup`, or `all` (one
-        /// column each). `POCKETTUNE_MATMUL` sets the default.
+        /// Matmul kernel to measure: the device's choice (`POCKETTUNE_MATMUL`, else the
+        /// autotune's), `tiled`, `subgroup`, `staged` (its first tile), a staged tile as
+        /// `staged-BMxBNxBK-TMxTN` (e.g. `staged-128x128x8-8x8`; `info` lists the offered
+        /// ones), or `all` (one table each, then a summary side by side).
         #[arg(long)]
         matmul: Option<String>,
     },
@@ -407,6 +409,11 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    // The commands that run real work pick their matmul kernel by autotune (see
+    // `kernels::matmul_tune`; POCKETTUNE_MATMUL_AUTOTUNE=off switches it off).
+    if matches!(cli.command, Command::Train { .. } | Command::Bench { .. }) {
+        pockettune::kernels::matmul_tune::set_default_on(true);
+    }
     match cli.command {
         Command::Info { device, json } => info(&device, json),
         Command::Power { power_source, step, json } => power(&power_source, step, json),
@@ -646,7 +653,7 @@ fn features_line(a: &AdapterSummary) -> String {
 }
 
 fn kernel_name(k: MatmulKernel) -> String {
-    format!("{k:?}").to_lowercase()
+    k.name()
 }
 
 fn kernel_list(gpu: &Gpu) -> String {
@@ -804,12 +811,14 @@ fn bench_kernels(
 ) -> Result<i32> {
     let gpu = dev.open()?;
     let kernels: Vec<MatmulKernel> = match matmul {
-        None => vec![gpu.matmul_kernel()],
+        None => vec![pockettune::kernels::matmul_tune::tune_and_report(&gpu)?],
         Some("all") => gpu.matmul_kernels().to_vec(),
-        Some(name) => match gpu.matmul_kernels().iter().find(|&&k| kernel_name(k) == name) {
-            Some(&k) => vec![k],
-            None => anyhow::bail!("--matmul {name}: this device offers {} (or `all`)", kernel_list(&gpu)),
-        },
+        Some(name) => {
+            let kernel = MatmulKernel::parse(name)
+                .with_context(|| format!("--matmul: this device offers {} (or `all`)", kernel_list(&gpu)))?;
+            gpu.set_matmul_kernel(kernel).context("--matmul")?;
+            vec![kernel]
+        }
     };
     let cases: Vec<_> =
         bench::gpt2_cases(rows).into_iter().filter(|c| layer.is_none_or(|l| c.layer.contains(l))).collect();
@@ -821,7 +830,8 @@ fn bench_kernels(
         "GPT-2 124M training matmuls, M = {rows} rows; CPU path: matrixmultiply sgemm on {threads} threads"
     );
     let mut all = serde_json::Map::new();
-    for kernel in kernels {
+    let mut totals = Vec::new();
+    for &kernel in &kernels {
         gpu.set_matmul_kernel(kernel)?;
         eprintln!("GPU matmul kernel: {}", kernel_name(kernel));
         eprintln!(
@@ -855,6 +865,15 @@ fn bench_kernels(
             kernel_name(kernel),
             json!({"results": results, "total": {"gpu_gflops": g, "cpu_gflops": c, "ratio": g / c}}),
         );
+        totals.push((kernel, g, c));
+    }
+    if totals.len() > 1 {
+        // the CPU path was measured beside each kernel: the spread of its figures is the noise
+        eprintln!("side by side (time-weighted over the products):");
+        eprintln!("{:<26} {:>10} {:>10} {:>9}", "GPU kernel", "GPU GF/s", "CPU GF/s", "GPU/CPU");
+        for (kernel, g, c) in totals {
+            eprintln!("{:<26} {:>10.2} {:>10.2} {:>9.3}", kernel_name(kernel), g, c, g / c);
+        }
     }
     if json {
         print_json(&json!({
@@ -1101,6 +1120,8 @@ fn bench_step(
     if plan {
         eprintln!("planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not");
         gpu.set_planning(true);
+    } else {
+        pockettune::kernels::matmul_tune::tune_and_report(&gpu)?;
     }
     let mut devices = vec![Device::Gpu(gpu)];
     if !no_cpu && !plan {
