@@ -8,9 +8,9 @@
 //! ([`set_default_on`]); the library alone (tests, other programs) does not tune unless
 //! `POCKETTUNE_MATMUL_AUTOTUNE=on` asks. `POCKETTUNE_MATMUL_AUTOTUNE=off` switches it off,
 //! `=fresh` measures again and rewrites the entry; `POCKETTUNE_MATMUL` forces a kernel and skips
-//! it; a planning step (no kernel runs) never tunes. The cache lives in
-//! `$XDG_CACHE_HOME/pockettune/matmul.json`, else `$HOME/.cache/pockettune/matmul.json`; a
-//! cache that cannot be read or parsed is ignored with a warning and written anew.
+//! it; a planning step (no kernel runs) never tunes. The cache is `matmul.json` in
+//! `$POCKETTUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/pockettune`, else `$HOME/.cache/pockettune`;
+//! a cache that cannot be read or parsed is ignored with a warning and written anew.
 
 use super::matmul;
 use crate::error::{Error, Result};
@@ -72,13 +72,20 @@ pub enum Source {
     Measured { timings: Vec<(MatmulKernel, f64)>, cache: Option<PathBuf> },
 }
 
-/// The cache file under `$XDG_CACHE_HOME` or `$HOME/.cache`, if either is set.
+/// Environment variable: the directory of the cache file (before the XDG default).
+pub const CACHE_DIR_ENV: &str = "POCKETTUNE_CACHE_DIR";
+
+/// The cache file: in `$POCKETTUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/pockettune`, else
+/// `$HOME/.cache/pockettune`; None if none of them is set.
 pub fn default_cache_path() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").filter(|v| !v.is_empty())?).join(".cache"),
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let dir = match (var(CACHE_DIR_ENV), var("XDG_CACHE_HOME"), var("HOME")) {
+        (Some(dir), _, _) => dir,
+        (None, Some(xdg), _) => xdg.join("pockettune"),
+        (None, None, Some(home)) => home.join(".cache").join("pockettune"),
+        (None, None, None) => return None,
     };
-    Some(base.join("pockettune").join("matmul.json"))
+    Some(dir.join("matmul.json"))
 }
 
 /// The cache key of this device: adapter, backend, driver and its version, limits profile and
@@ -145,22 +152,30 @@ impl Cache {
     }
 }
 
-/// The products timed: (M, N, K, A transposed, B transposed), a 768-wide layer at 128 rows:
-/// forward `X W`, `dX = dY W^T` and `dW = X^T dY`. Small enough that all kernels are timed in
-/// about a second on lavapipe.
-const SHAPES: &[(usize, usize, usize, bool, bool)] =
-    &[(128, 768, 768, false, false), (128, 768, 768, false, true), (768, 768, 128, true, false)];
+/// The products timed, in units of the layer width and row count: forward `X W`,
+/// `dX = dY W^T` and `dW = X^T dY` of one square layer, as (M, N, K, A transposed, B
+/// transposed).
+fn products(rows: usize, width: usize) -> [(usize, usize, usize, bool, bool); 3] {
+    [(rows, width, width, false, false), (rows, width, width, false, true), (width, width, rows, true, false)]
+}
 
-/// Milliseconds per round of [`SHAPES`] for each of `kernels` (best of a few runs, each run
-/// several rounds when one round is too short to time).
-pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Vec<(MatmulKernel, f64)>> {
-    let mut operands = Vec::new();
-    for (i, &(m, n, k, ta, tb)) in SHAPES.iter().enumerate() {
+/// The small set (64 rows of a 384-wide layer, 57 MFLOP a round) keeps the whole tune near a
+/// second on lavapipe; a device that runs it in under [`FAST_ROUND_MS`] is timed on the large
+/// set (512 rows, 1536 wide), where tile shapes that only pay off on large products show it.
+const SMALL: (usize, usize) = (64, 384);
+const LARGE: (usize, usize) = (512, 1536);
+const FAST_ROUND_MS: f64 = 1.0;
+
+type Operands = Vec<(Tensor, Tensor, Tensor, bool, bool)>;
+
+fn operands(gpu: &Gpu, (rows, width): (usize, usize)) -> Result<Operands> {
+    let mut ops = Vec::new();
+    for (i, (m, n, k, ta, tb)) in products(rows, width).into_iter().enumerate() {
         let a: Vec<f32> = (0..m * k).map(|j| ((j * 7 + i) % 13) as f32 / 13.0 - 0.5).collect();
         let b: Vec<f32> = (0..k * n).map(|j| ((j * 5 + i) % 11) as f32 / 11.0 - 0.5).collect();
         let sa = if ta { [k, m] } else { [m, k] };
         let sb = if tb { [n, k] } else { [k, n] };
-        operands.push((
+        ops.push((
             Tensor::from_host(gpu, &a, &sa, "autotune A")?,
             Tensor::from_host(gpu, &b, &sb, "autotune B")?,
             Tensor::empty(gpu, &[m, n], "autotune C")?,
@@ -168,33 +183,50 @@ pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Vec<(MatmulKernel,
             tb,
         ));
     }
-    let round = || -> Result<()> {
-        for (a, b, c, ta, tb) in &operands {
-            matmul::matmul(gpu, c, a, b, None, *ta, *tb, false)?;
+    Ok(ops)
+}
+
+fn round(gpu: &Gpu, ops: &Operands) -> Result<()> {
+    for (a, b, c, ta, tb) in ops {
+        matmul::matmul(gpu, c, a, b, None, *ta, *tb, false)?;
+    }
+    Ok(())
+}
+
+/// Milliseconds per round of `ops` with the current kernel: the best of `runs`, each of as
+/// many rounds as make it long enough to time on a fast GPU.
+fn time_rounds(gpu: &Gpu, ops: &Operands, runs: usize) -> Result<f64> {
+    let mut reps = 1;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs {
+        let start = Instant::now();
+        for _ in 0..reps {
+            round(gpu, ops)?;
         }
-        Ok(())
-    };
+        gpu.sync()?;
+        let secs = start.elapsed().as_secs_f64();
+        best = best.min(secs * 1e3 / reps as f64);
+        if secs < 2e-3 && reps < 64 {
+            reps *= 8;
+        }
+    }
+    Ok(best)
+}
+
+/// Milliseconds per round of the tuning products for each of `kernels` (best of two runs).
+pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Vec<(MatmulKernel, f64)>> {
+    // Pipelines are compiled on a tiny round first, so that compiling is not timed.
+    let tiny = operands(gpu, (4, 4))?;
+    for &kernel in kernels {
+        matmul::with_kernel(kernel, || round(gpu, &tiny))?;
+    }
+    gpu.sync()?;
+    let small = operands(gpu, SMALL)?;
+    let probe = time_rounds(gpu, &small, 1)?;
+    let ops = if probe < FAST_ROUND_MS { operands(gpu, LARGE)? } else { small };
     let mut timings = Vec::new();
     for &kernel in kernels {
-        let ms = matmul::with_kernel(kernel, || -> Result<f64> {
-            round()?; // compiles the pipelines
-            gpu.sync()?;
-            let mut reps = 1;
-            let mut best = f64::INFINITY;
-            for _ in 0..3 {
-                let start = Instant::now();
-                for _ in 0..reps {
-                    round()?;
-                }
-                gpu.sync()?;
-                let secs = start.elapsed().as_secs_f64();
-                best = best.min(secs * 1e3 / reps as f64);
-                if secs < 2e-3 && reps < 64 {
-                    reps *= 8; // too short to time on a fast GPU: more rounds per run
-                }
-            }
-            Ok(best)
-        })?;
+        let ms = matmul::with_kernel(kernel, || time_rounds(gpu, &ops, 2))?;
         timings.push((kernel, ms));
     }
     Ok(timings)
