@@ -409,3 +409,23 @@ pub fn matmul_backward(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::STAGED_TILES;
+
+    /// Every staged tile's K span keeps an invocation under the loop limit, counting every
+    /// loop, and cuts K at multiples of 4 (the next piece's operands stay 16-byte aligned).
+    #[test]
+    fn staged_k_spans_stay_under_the_loop_limit() {
+        for &t in STAGED_TILES {
+            let span = k_span(MatmulKernel::Staged(t));
+            let steps = span / t.bk as usize;
+            assert_eq!(span % t.bk as usize, 0);
+            assert_eq!(span % 4, 0);
+            assert!(steps * staged_step_trips(t) + staged_fixed_trips(t) <= crate::kernels::MAX_LOOP_TRIPS);
+            assert!(span >= 1024, "{t:?}: a span of {span} would cut GPT-2's products into many dispatches");
+        }
+    }
+}
