@@ -411,8 +411,11 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     // The commands that run real work pick their matmul kernel by autotune (see
     // `kernels::matmul_tune`; POCKETTUNE_MATMUL_AUTOTUNE=off switches it off).
-    if matches!(cli.command, Command::Train { .. } | Command::Bench { .. }) {
-        pockettune::kernels::matmul_tune::set_default_on(true);
+    use pockettune::kernels::matmul_tune::{set_default, Mode};
+    match cli.command {
+        Command::Train { .. } | Command::Bench { .. } => set_default(Mode::On),
+        Command::Eval { .. } | Command::Generate { .. } => set_default(Mode::Cached),
+        _ => {}
     }
     match cli.command {
         Command::Info { device, json } => info(&device, json),
@@ -445,6 +448,9 @@ fn run(cli: Cli) -> Result<i32> {
                 ("--limit", limit.unwrap_or(1)),
             ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            if let pockettune::graph::Device::Gpu(gpu) = &dev {
+                pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
+            }
             if let Some(dir) = mmlu {
                 let o = pockettune::mmlu::Options {
                     shots: mmlu_shots.unwrap_or(5),
@@ -497,6 +503,9 @@ fn run(cli: Cli) -> Result<i32> {
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            if let pockettune::graph::Device::Gpu(gpu) = &dev {
+                pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
+            }
             let spec = ModelSpec {
                 model: &model,
                 tokenizer: tokenizer.as_deref(),

@@ -30,9 +30,12 @@ fn choice_is_measured_cached_and_keyed_by_device() {
         return;
     }
 
-    // off: the default kernel, nothing written
+    // off, or cached-only with nothing cached (eval, generate): the default kernel, nothing
+    // written
     let (kernel, source) = tune(gpu, Mode::Off, Some(&path)).unwrap();
     assert_eq!((kernel, source), (before, Source::Default));
+    let (kernel, source) = tune(gpu, Mode::Cached, Some(&path)).unwrap();
+    assert_eq!((kernel, source), (before, Source::NotTuned));
     assert!(!path.exists());
 
     // first use: every kernel timed, the fastest chosen and written under this device's key
@@ -62,6 +65,9 @@ fn choice_is_measured_cached_and_keyed_by_device() {
     let (kernel, source) = tune(gpu, Mode::On, Some(&path)).unwrap();
     assert_eq!((kernel, source), (MatmulKernel::Tiled, Source::Cached(path.clone())));
     assert_eq!(gpu.matmul_kernel(), MatmulKernel::Tiled);
+    gpu.set_matmul_kernel(before).unwrap();
+    let (kernel, source) = tune(gpu, Mode::Cached, Some(&path)).unwrap();
+    assert_eq!((kernel, source), (MatmulKernel::Tiled, Source::Cached(path.clone())));
 
     // `fresh` measures again and replaces this device's entry, keeping the other's
     let (kernel, source) = tune(gpu, Mode::Fresh, Some(&path)).unwrap();

@@ -4,9 +4,9 @@
 //! in a JSON file under the user's cache directory, keyed by adapter, driver, limits profile and
 //! pockettune version, so later runs on the same device start at once.
 //!
-//! When it runs: `pockettune train` and `bench` switch it on for the process
-//! ([`set_default_on`]); the library alone (tests, other programs) does not tune unless
-//! `POCKETTUNE_MATMUL_AUTOTUNE=on` asks. `POCKETTUNE_MATMUL_AUTOTUNE=off` switches it off,
+//! When it runs: `pockettune train` and `bench` switch it on for the process ([`set_default`]),
+//! `eval` and `generate` use a cached choice but do not measure; the library alone (tests,
+//! other programs) does not tune unless `POCKETTUNE_MATMUL_AUTOTUNE=on` asks. `POCKETTUNE_MATMUL_AUTOTUNE=off` switches it off,
 //! `=fresh` measures again and rewrites the entry; `POCKETTUNE_MATMUL` forces a kernel and skips
 //! it; a planning step (no kernel runs) never tunes. The cache is `matmul.json` in
 //! `$POCKETTUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/pockettune`, else `$HOME/.cache/pockettune`;
@@ -18,7 +18,7 @@ use crate::gpu::{Gpu, MatmulKernel, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Instant;
 
 /// Environment variable: `on`, `off` or `fresh` (see the module comment).
@@ -29,24 +29,39 @@ pub const AUTOTUNE_ENV: &str = "POCKETTUNE_MATMUL_AUTOTUNE";
 pub enum Mode {
     /// Keep the device's default kernel.
     Off,
+    /// Use the cached choice if there is one, else the default; never measure.
+    Cached,
     /// Use the cached choice, or measure and cache one.
     On,
     /// Measure even if a choice is cached, and replace it.
     Fresh,
 }
 
-static DEFAULT_ON: AtomicBool = AtomicBool::new(false);
+/// The process default as a number (0 off, 1 cached, 2 on), for an atomic.
+static DEFAULT: AtomicU8 = AtomicU8::new(0);
 
-/// Tune when the environment does not say otherwise (the CLI's `train` and `bench`).
-pub fn set_default_on(on: bool) {
-    DEFAULT_ON.store(on, Ordering::Relaxed);
+/// The mode when the environment does not set one (the CLI: `On` for `train` and `bench`,
+/// `Cached` for `eval` and `generate`; `Off` otherwise).
+pub fn set_default(mode: Mode) {
+    DEFAULT.store(
+        match mode {
+            Mode::Off | Mode::Fresh => 0,
+            Mode::Cached => 1,
+            Mode::On => 2,
+        },
+        Ordering::Relaxed,
+    );
 }
 
 impl Mode {
     /// [`AUTOTUNE_ENV`]'s mode, else the process default.
     pub fn from_env() -> Result<Mode> {
         match std::env::var(AUTOTUNE_ENV).ok().as_deref().map(str::trim) {
-            None | Some("") => Ok(if DEFAULT_ON.load(Ordering::Relaxed) { Mode::On } else { Mode::Off }),
+            None | Some("") => Ok(match DEFAULT.load(Ordering::Relaxed) {
+                2 => Mode::On,
+                1 => Mode::Cached,
+                _ => Mode::Off,
+            }),
             Some("on" | "1") => Ok(Mode::On),
             Some("off" | "0") => Ok(Mode::Off),
             Some("fresh") => Ok(Mode::Fresh),
@@ -65,6 +80,8 @@ pub enum Source {
     Forced,
     /// The autotune is off (or a planning step): the device's default.
     Default,
+    /// Nothing cached for this device and measuring not asked for: the device's default.
+    NotTuned,
     /// Read from the cache file.
     Cached(PathBuf),
     /// Measured now: (kernel, milliseconds per round of the tuning products); written to the
@@ -243,7 +260,7 @@ pub fn tune(gpu: &Gpu, mode: Mode, cache: Option<&Path>) -> Result<(MatmulKernel
     }
     let key = cache_key(gpu);
     let mut stored = cache.map(Cache::load).unwrap_or_default();
-    if mode == Mode::On {
+    if matches!(mode, Mode::On | Mode::Cached) {
         let usable = stored
             .entries
             .get(&key)
@@ -252,6 +269,9 @@ pub fn tune(gpu: &Gpu, mode: Mode, cache: Option<&Path>) -> Result<(MatmulKernel
         if let (Some(kernel), Some(path)) = (usable, cache) {
             return Ok((kernel, Source::Cached(path.to_path_buf())));
         }
+    }
+    if mode == Mode::Cached {
+        return Ok((gpu.matmul_kernel(), Source::NotTuned));
     }
     let timings = measure(gpu, gpu.matmul_kernels())?;
     let (best, _) = *timings.iter().min_by(|x, y| x.1.total_cmp(&y.1)).expect("at least two kernels");
@@ -286,6 +306,7 @@ pub fn describe(source: &Source) -> String {
     match source {
         Source::Forced => format!("forced by {}", crate::gpu::MATMUL_ENV),
         Source::Default => format!("device default; autotune off ({AUTOTUNE_ENV})"),
+        Source::NotTuned => "device default; not autotuned on this device yet (train and bench do)".into(),
         Source::Cached(path) => format!("autotuned earlier, cached in {}", path.display()),
         Source::Measured { timings, cache } => {
             let times: Vec<String> =
