@@ -16,7 +16,15 @@ use std::time::{Duration, Instant};
     about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute",
     long_about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute.\n\n\
                   Start with `pockettune info` (which GPU is used, with which limits) and \
-                  `pockettune gradcheck` (do this device's kernels compute right?)."
+                  `pockettune gradcheck` (do this device's kernels compute right?).",
+    after_long_help = "Matrix-product kernel: `train` and `bench` time the kernels the device offers \
+                       (`info` lists them) at first use and cache the fastest per adapter and \
+                       driver in matmul.json under $POCKETTUNE_CACHE_DIR, else \
+                       $XDG_CACHE_HOME/pockettune, else ~/.cache/pockettune; `eval` and \
+                       `generate` use the cached choice. POCKETTUNE_MATMUL=NAME forces a kernel \
+                       (tiled, subgroup, staged or staged-BMxBNxBK-TMxTN); \
+                       POCKETTUNE_MATMUL_AUTOTUNE=off keeps the device default, =fresh measures \
+                       again."
 )]
 struct Cli {
     #[command(subcommand)]
