@@ -422,7 +422,7 @@ fn run(cli: Cli) -> Result<i32> {
     use pockettune::kernels::matmul_tune::{set_default, Mode};
     match cli.command {
         Command::Train { .. } | Command::Bench { .. } => set_default(Mode::On),
-        Command::Eval { .. } | Command::Generate { .. } => set_default(Mode::Cached),
+        Command::Info { .. } | Command::Eval { .. } | Command::Generate { .. } => set_default(Mode::Cached),
         _ => {}
     }
     match cli.command {
@@ -689,6 +689,12 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
         eprintln!("  {a}");
     }
     let gpu = dev.open().context("opening the chosen adapter")?;
+    // the kernel `train` would use: the cached autotune choice if there is one
+    let (_, matmul_source) = pockettune::kernels::matmul_tune::tune(
+        &gpu,
+        pockettune::kernels::matmul_tune::Mode::from_env()?,
+        pockettune::kernels::matmul_tune::default_cache_path().as_deref(),
+    )?;
     let chosen = gpu.summary();
     let profile_limits = adapter::limit_rows(gpu.limits());
     let adapter_limits = adapter::limit_rows(gpu.adapter_limits());
@@ -702,7 +708,12 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
         }
     );
     eprintln!("features: {}", features_line(chosen));
-    eprintln!("matmul:   {} (available: {})", kernel_name(gpu.matmul_kernel()), kernel_list(&gpu));
+    eprintln!(
+        "matmul:   {} ({}; available: {})",
+        kernel_name(gpu.matmul_kernel()),
+        pockettune::kernels::matmul_tune::describe(&matmul_source),
+        kernel_list(&gpu)
+    );
     eprintln!("limits:   {:<40} {:>12} {:>12}", "", "in use", "adapter");
     for ((name, used), (_, offered)) in profile_limits.iter().zip(&adapter_limits) {
         eprintln!("          {name:<40} {used:>12} {offered:>12}");
