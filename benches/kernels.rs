@@ -10,7 +10,7 @@ fn main() -> pockettune::Result<()> {
     eprintln!("device: {}", gpu.summary());
     for &kernel in gpu.matmul_kernels() {
         gpu.set_matmul_kernel(kernel)?;
-        println!("matmul kernel {kernel:?}");
+        println!("matmul kernel {}", kernel.name());
         println!("{:<22} {:<13} {:>10} {:>10} {:>8}", "layer", "product", "GPU GF/s", "CPU GF/s", "GPU/CPU");
         let results = bench::matmul_bench(&gpu, &bench::gpt2_cases(512), Duration::from_millis(500), |r| {
             println!(

@@ -185,7 +185,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 fn main() {
     let o = opts();
     let gpu = Gpu::new(&GpuOptions::default()).unwrap();
-    eprintln!("device: {}; matmul kernel {:?}", gpu.summary(), gpu.matmul_kernel());
+    eprintln!("device: {}; matmul kernel {}", gpu.summary(), gpu.matmul_kernel().name());
     println!("load average at start: {}", load());
     if o.dequant {
         println!("dequantize (qdequantize) the whole weight into f32, M values/s");

@@ -191,7 +191,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
         let first = p.results.len();
         matmul::with_kernel(variant, || run_check(&mut p, name))?;
         if uses_matmul {
-            let tag = format!("{variant:?}").to_lowercase();
+            let tag = variant.name();
             for r in &mut p.results[first..] {
                 r.1 = format!("[{tag}] {}", r.1);
             }
@@ -473,6 +473,39 @@ fn check_matmul_batched(p: &mut Probe) -> Result<()> {
             let shape = format!("{batch}x({m}x{k}{}.{k}x{n}{})", t(ta), t(tb));
             p.record("forward", &shape, "", &gc, &c)?;
         }
+    }
+    check_matmul_padded(p)
+}
+
+/// Sub-matrices of wider rows whose starts are 16-byte aligned (leading dimension 12) and
+/// whose extents are ragged: the staged kernel loads these by vec4 and meets a partial group
+/// of four at every edge, along M, N and K.
+fn check_matmul_padded(p: &mut Probe) -> Result<()> {
+    let (batch, m, n, k, ld) = (2, 9, 10, 7, 12);
+    // the (rows, cols) block of each batch of a (batch * rows, ld) matrix, packed
+    let packed = |full: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+        let mut out = Vec::with_capacity(batch * rows * cols);
+        for r in 0..batch * rows {
+            out.extend_from_slice(&full[r * ld..r * ld + cols]);
+        }
+        out
+    };
+    for &(ta, tb) in ALL_TRANSPOSES {
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let (a_full, b_full) = (p.uniform(batch * ar * ld), p.uniform(batch * br * ld));
+        let (ga, gb) = (p.up(&a_full, &[a_full.len()])?, p.up(&b_full, &[b_full.len()])?);
+        let gc = p.out(&[batch * m * ld])?;
+        let av = View::matrix(ga.single("A")?, 0, ld, ta).batched(ar * ld, 0);
+        let bv = View::matrix(gb.single("B")?, 0, ld, tb).batched(br * ld, 0);
+        let cv = View::matrix(gc.single("C")?, 0, ld, false).batched(m * ld, 0);
+        matmul::matmul_strided(p.gpu, cv, av, bv, None, Dims { m, n, k, nb1: batch, nb2: 1 }, 1.0, false)?;
+        let d = kr::MatmulDims { batch, m, n, k, trans_a: ta, trans_b: tb };
+        let mut c = vec![0f32; batch * m * n];
+        kr::matmul_forward(&mut c, &packed(&a_full, ar, ac), &packed(&b_full, br, bc), None, d);
+        let got = packed(&gc.to_host(p.gpu)?, m, n);
+        let shape = format!("{batch}x({m}x{k}{}.{k}x{n}{}) in rows of {ld}", t(ta), t(tb));
+        p.push("forward", &shape, "", rel_err(&got, &c));
     }
     Ok(())
 }

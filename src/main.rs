@@ -16,7 +16,15 @@ use std::time::{Duration, Instant};
     about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute",
     long_about = "Fine-tune language models on phone and desktop GPUs through Vulkan compute.\n\n\
                   Start with `pockettune info` (which GPU is used, with which limits) and \
-                  `pockettune gradcheck` (do this device's kernels compute right?)."
+                  `pockettune gradcheck` (do this device's kernels compute right?).",
+    after_long_help = "Matrix-product kernel: `train` and `bench` time the kernels the device offers \
+                       (`info` lists them) at first use and cache the fastest per adapter and \
+                       driver in matmul.json under $POCKETTUNE_CACHE_DIR, else \
+                       $XDG_CACHE_HOME/pockettune, else ~/.cache/pockettune; `eval` and \
+                       `generate` use the cached choice. POCKETTUNE_MATMUL=NAME forces a kernel \
+                       (tiled, subgroup, staged or staged-BMxBNxBK-TMxTN); \
+                       POCKETTUNE_MATMUL_AUTOTUNE=off keeps the device default, =fresh measures \
+                       again."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -340,8 +348,10 @@ enum BenchCommand {
         /// Only layers whose name contains this text (e.g. `c_fc`, `lm_head`).
         #[arg(long)]
         layer: Option<String>,
-        /// Matmul kernel to measure: the device's default, `tiled`, `subgroup`, or `all` (one
-        /// column each). `POCKETTUNE_MATMUL` sets the default.
+        /// Matmul kernel to measure: the device's choice (`POCKETTUNE_MATMUL`, else the
+        /// autotune's), `tiled`, `subgroup`, `staged` (its first tile), a staged tile as
+        /// `staged-BMxBNxBK-TMxTN` (e.g. `staged-128x128x8-8x8`; `info` lists the offered
+        /// ones), or `all` (one table each, then a summary side by side).
         #[arg(long)]
         matmul: Option<String>,
     },
@@ -407,6 +417,14 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    // The commands that run real work pick their matmul kernel by autotune (see
+    // `kernels::matmul_tune`; POCKETTUNE_MATMUL_AUTOTUNE=off switches it off).
+    use pockettune::kernels::matmul_tune::{set_default, Mode};
+    match cli.command {
+        Command::Train { .. } | Command::Bench { .. } => set_default(Mode::On),
+        Command::Info { .. } | Command::Eval { .. } | Command::Generate { .. } => set_default(Mode::Cached),
+        _ => {}
+    }
     match cli.command {
         Command::Info { device, json } => info(&device, json),
         Command::Power { power_source, step, json } => power(&power_source, step, json),
@@ -438,6 +456,9 @@ fn run(cli: Cli) -> Result<i32> {
                 ("--limit", limit.unwrap_or(1)),
             ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            if let pockettune::graph::Device::Gpu(gpu) = &dev {
+                pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
+            }
             if let Some(dir) = mmlu {
                 let o = pockettune::mmlu::Options {
                     shots: mmlu_shots.unwrap_or(5),
@@ -490,6 +511,9 @@ fn run(cli: Cli) -> Result<i32> {
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
+            if let pockettune::graph::Device::Gpu(gpu) = &dev {
+                pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
+            }
             let spec = ModelSpec {
                 model: &model,
                 tokenizer: tokenizer.as_deref(),
@@ -646,7 +670,7 @@ fn features_line(a: &AdapterSummary) -> String {
 }
 
 fn kernel_name(k: MatmulKernel) -> String {
-    format!("{k:?}").to_lowercase()
+    k.name()
 }
 
 fn kernel_list(gpu: &Gpu) -> String {
@@ -665,6 +689,12 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
         eprintln!("  {a}");
     }
     let gpu = dev.open().context("opening the chosen adapter")?;
+    // the kernel `train` would use: the cached autotune choice if there is one
+    let (_, matmul_source) = pockettune::kernels::matmul_tune::tune(
+        &gpu,
+        pockettune::kernels::matmul_tune::Mode::from_env()?,
+        pockettune::kernels::matmul_tune::default_cache_path().as_deref(),
+    )?;
     let chosen = gpu.summary();
     let profile_limits = adapter::limit_rows(gpu.limits());
     let adapter_limits = adapter::limit_rows(gpu.adapter_limits());
@@ -678,7 +708,12 @@ fn info(dev: &DeviceArgs, json: bool) -> Result<i32> {
         }
     );
     eprintln!("features: {}", features_line(chosen));
-    eprintln!("matmul:   {} (available: {})", kernel_name(gpu.matmul_kernel()), kernel_list(&gpu));
+    eprintln!(
+        "matmul:   {} ({}; available: {})",
+        kernel_name(gpu.matmul_kernel()),
+        pockettune::kernels::matmul_tune::describe(&matmul_source),
+        kernel_list(&gpu)
+    );
     eprintln!("limits:   {:<40} {:>12} {:>12}", "", "in use", "adapter");
     for ((name, used), (_, offered)) in profile_limits.iter().zip(&adapter_limits) {
         eprintln!("          {name:<40} {used:>12} {offered:>12}");
@@ -804,12 +839,14 @@ fn bench_kernels(
 ) -> Result<i32> {
     let gpu = dev.open()?;
     let kernels: Vec<MatmulKernel> = match matmul {
-        None => vec![gpu.matmul_kernel()],
+        None => vec![pockettune::kernels::matmul_tune::tune_and_report(&gpu)?],
         Some("all") => gpu.matmul_kernels().to_vec(),
-        Some(name) => match gpu.matmul_kernels().iter().find(|&&k| kernel_name(k) == name) {
-            Some(&k) => vec![k],
-            None => anyhow::bail!("--matmul {name}: this device offers {} (or `all`)", kernel_list(&gpu)),
-        },
+        Some(name) => {
+            let kernel = MatmulKernel::parse(name)
+                .with_context(|| format!("--matmul: this device offers {} (or `all`)", kernel_list(&gpu)))?;
+            gpu.set_matmul_kernel(kernel).context("--matmul")?;
+            vec![kernel]
+        }
     };
     let cases: Vec<_> =
         bench::gpt2_cases(rows).into_iter().filter(|c| layer.is_none_or(|l| c.layer.contains(l))).collect();
@@ -821,7 +858,8 @@ fn bench_kernels(
         "GPT-2 124M training matmuls, M = {rows} rows; CPU path: matrixmultiply sgemm on {threads} threads"
     );
     let mut all = serde_json::Map::new();
-    for kernel in kernels {
+    let mut totals = Vec::new();
+    for &kernel in &kernels {
         gpu.set_matmul_kernel(kernel)?;
         eprintln!("GPU matmul kernel: {}", kernel_name(kernel));
         eprintln!(
@@ -855,6 +893,15 @@ fn bench_kernels(
             kernel_name(kernel),
             json!({"results": results, "total": {"gpu_gflops": g, "cpu_gflops": c, "ratio": g / c}}),
         );
+        totals.push((kernel, g, c));
+    }
+    if totals.len() > 1 {
+        // the CPU path was measured beside each kernel: the spread of its figures is the noise
+        eprintln!("side by side (time-weighted over the products):");
+        eprintln!("{:<26} {:>10} {:>10} {:>9}", "GPU kernel", "GPU GF/s", "CPU GF/s", "GPU/CPU");
+        for (kernel, g, c) in totals {
+            eprintln!("{:<26} {:>10.2} {:>10.2} {:>9.3}", kernel_name(kernel), g, c, g / c);
+        }
     }
     if json {
         print_json(&json!({
@@ -1101,6 +1148,8 @@ fn bench_step(
     if plan {
         eprintln!("planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not");
         gpu.set_planning(true);
+    } else {
+        pockettune::kernels::matmul_tune::tune_and_report(&gpu)?;
     }
     let mut devices = vec![Device::Gpu(gpu)];
     if !no_cpu && !plan {

@@ -354,6 +354,9 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let mut power = crate::power::PowerMonitor::new(&o.power)?;
     let rss_sampler = crate::memory::report::RssSampler::start(); // peak RSS by kind, for the report
     let dev = open_device(o.device.as_deref(), o.limits)?;
+    if let Device::Gpu(gpu) = &dev {
+        crate::kernels::matmul_tune::tune_and_report(gpu)?;
+    }
     crate::memory::apply_budget(&dev, o.memory.memory_budget);
     let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };

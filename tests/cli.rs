@@ -6,7 +6,10 @@ mod common;
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pockettune"))
+    // no matmul autotune: tests neither read nor write the user's cache
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pockettune"));
+    cmd.env("POCKETTUNE_MATMUL_AUTOTUNE", "off");
+    cmd
 }
 
 #[test]

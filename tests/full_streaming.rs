@@ -280,6 +280,7 @@ fn train_under_a_budget_resumes_exactly_and_matches_the_resident_run() {
     let train = |out: &str, steps: &str, extra: &[&str]| -> Vec<f32> {
         let out = tmp.path().join(out);
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"));
+        cmd.env("POCKETTUNE_MATMUL_AUTOTUNE", "off"); // the user's cache stays untouched
         cmd.args(["train", "--method", "full", "--model"]).arg(&model).arg("--data").arg(&data);
         cmd.arg("--out").arg(&out).args(["--steps", steps, "--save-every", "2", "--batch-size", "2"]);
         cmd.args(["--seq-len", "16", "--lr", "0.01"]).args(extra);

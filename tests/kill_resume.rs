@@ -47,6 +47,7 @@ fn setup() -> Setup {
 /// `pockettune train` on the setup, stderr to `log`.
 fn train(s: &Setup, out: &Path, device: &str, resume: bool, log: &Path) -> Child {
     let mut cmd = Command::new(BIN);
+    cmd.env("POCKETTUNE_MATMUL_AUTOTUNE", "off"); // the user's cache stays untouched
     cmd.arg("train").args(["--model", s.model.to_str().unwrap(), "--data", s.data.to_str().unwrap()]);
     cmd.args(["--out", out.to_str().unwrap(), "--device", device]);
     cmd.args(["--steps", "12", "--batch-size", "2", "--seq-len", "16", "--grad-accum", "2"]);

@@ -156,7 +156,10 @@ fn a_training_step_labels_weights_gradients_moments_and_logits() {
 }
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pockettune"))
+    // no matmul autotune: tests neither read nor write the user's cache
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pockettune"));
+    cmd.env("POCKETTUNE_MATMUL_AUTOTUNE", "off");
+    cmd
 }
 
 #[test]

@@ -89,9 +89,10 @@ fn every_shader_validates_and_translates() {
     }
 }
 
-/// The two matrix-product kernels are filled from one Rust `Params`: the generated subgroup
+/// The matrix-product kernels are filled from one Rust `Params`: the generated subgroup
 /// kernel must carry matmul.wgsl's struct and bindings unchanged (regenerate it with
-/// `tools/gen_matmul_subgroup.py 64 4` after editing them).
+/// `tools/gen_matmul_subgroup.py 64 4` after editing them), and the staged kernel the same
+/// struct and binding slots, with A and B read as vec4 arrays.
 #[test]
 fn matmul_kernels_share_one_interface() {
     let interface = |name: &str| {
@@ -102,4 +103,8 @@ fn matmul_kernels_share_one_interface() {
         src[start..end].to_string()
     };
     assert_eq!(interface("matmul_subgroup"), interface("matmul"));
+    let vec4_operands = interface("matmul")
+        .replace("var<storage, read> a: array<f32>;", "var<storage, read> a: array<vec4<f32>>;")
+        .replace("var<storage, read> b: array<f32>;", "var<storage, read> b: array<vec4<f32>>;");
+    assert_eq!(interface("matmul_staged"), vec4_operands);
 }

@@ -209,6 +209,7 @@ fn running_out_mid_run_keeps_the_last_checkpoint_and_says_so() {
     std::fs::write(&data, "a b c d e f g h i j k l m n o p q r s t u v w x y z ".repeat(20)).unwrap();
     let train = |extra: &[&str], env: Option<&str>| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"));
+        cmd.env("POCKETTUNE_MATMUL_AUTOTUNE", "off"); // the user's cache stays untouched
         cmd.args(["train", "--model"]).arg(&model).arg("--data").arg(&data).arg("--out").arg(&out);
         cmd.args(["--steps", "4", "--save-every", "1", "--batch-size", "2", "--seq-len", "16"]).args(extra);
         if let Some(spec) = env {

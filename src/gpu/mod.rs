@@ -8,11 +8,13 @@
 //! panic: they are captured and returned as [`Error`] at the next synchronisation point.
 
 pub mod adapter;
+mod matmul_kernel;
 mod pool;
 mod qtensor;
 mod tensor;
 
 pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
+pub use matmul_kernel::{MatmulKernel, StagedTile, MATMUL_ENV, STAGED_TILES};
 pub use pool::{Category, CategoryGuard, GpuBuffer};
 pub use qtensor::QTensor;
 pub use tensor::{Chunk, Split, Tensor};
@@ -23,19 +25,6 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// The matrix-product kernel in use (see `kernels::matmul`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MatmulKernel {
-    /// 4x4 register tile per invocation; needs no optional feature.
-    Tiled,
-    /// Loads of A shared across subgroups of at least 8 lanes by broadcast.
-    Subgroup,
-}
-
-/// Environment variable that forces a matmul kernel (`tiled` or `subgroup`).
-pub const MATMUL_ENV: &str = "POCKETTUNE_MATMUL";
 
 /// How to open a device.
 #[derive(Clone, Debug, Default)]
@@ -208,25 +197,11 @@ impl Gpu {
             *lost_sink.lock() = Some((format!("{reason:?}"), message));
         });
 
-        // The subgroup kernel broadcasts from lanes 0..8, so it needs subgroups of 8 or more.
-        let mut matmul_kernels = vec![MatmulKernel::Tiled];
-        if device.features().contains(wgpu::Features::SUBGROUP) && summary.subgroup_size[0] >= 8 {
-            matmul_kernels.push(MatmulKernel::Subgroup);
-        }
-        let matmul = match std::env::var(MATMUL_ENV).ok().as_deref() {
-            Some("tiled") => MatmulKernel::Tiled,
-            Some("subgroup") if matmul_kernels.contains(&MatmulKernel::Subgroup) => MatmulKernel::Subgroup,
-            Some(other) => {
-                return Err(Error::InvalidArgument {
-                    name: MATMUL_ENV.into(),
-                    detail: format!(
-                        "{other:?} is not one of this device's matmul kernels {:?}",
-                        matmul_kernels.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>()
-                    ),
-                })
-            }
-            None => *matmul_kernels.last().expect("tiled is always there"),
-        };
+        let subgroups_of_8 =
+            device.features().contains(wgpu::Features::SUBGROUP) && summary.subgroup_size[0] >= 8;
+        let matmul_kernels = MatmulKernel::available(subgroups_of_8, &limits);
+        let matmul = MatmulKernel::from_env(&matmul_kernels, &limits)?
+            .unwrap_or_else(|| MatmulKernel::default_of(&matmul_kernels));
 
         let dummy = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("unused binding"),
@@ -375,16 +350,16 @@ impl Gpu {
     pub fn matmul_kernels(&self) -> &[MatmulKernel] {
         &self.matmul_kernels
     }
-    /// Switch the matrix-product kernel (gradcheck runs each; benchmarks compare them).
+    /// Switch the matrix-product kernel (gradcheck runs each; benchmarks compare them; the
+    /// autotune sets its pick). A staged tile outside the offered list is allowed if it fits.
     pub fn set_matmul_kernel(&self, kernel: MatmulKernel) -> Result<()> {
-        if !self.matmul_kernels.contains(&kernel) {
-            return Err(Error::InvalidArgument {
-                name: "matmul kernel".into(),
-                detail: format!("{kernel:?} needs subgroups of at least 8 lanes, which this device lacks"),
-            });
-        }
+        MatmulKernel::check_on(kernel, &self.matmul_kernels, &self.limits)?;
         *self.matmul.lock() = kernel;
         Ok(())
+    }
+    /// Whether `POCKETTUNE_MATMUL` chose the kernel (the autotune then leaves it alone).
+    pub fn matmul_forced(&self) -> bool {
+        std::env::var_os(MATMUL_ENV).is_some()
     }
 
     /// A constant made once per device and `key` and shared after that (RoPE's cos/sin table

@@ -190,7 +190,7 @@ fn run<R>(variant: QmatmulVariant, kernel: Option<MatmulKernel>, c: &Case, f: im
 /// The shape, tagged with the matmul kernel the scratch variant ran.
 fn tagged(shape: String, kernel: Option<MatmulKernel>) -> String {
     match kernel {
-        Some(k) => format!("[{}] {shape}", format!("{k:?}").to_lowercase()),
+        Some(k) => format!("[{}] {shape}", k.name()),
         None => shape,
     }
 }

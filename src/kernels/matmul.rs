@@ -6,14 +6,16 @@
 //! into single buffers, and pieces after the first along K accumulate into C. The caller sees
 //! one matrix product.
 //!
-//! Two kernels compute each piece ([`MatmulKernel`], chosen per device): `matmul.wgsl`, a
-//! 4x4 register tile per invocation that needs nothing optional, and `matmul_subgroup.wgsl`,
-//! which shares loads of A across a subgroup by broadcast (4x faster on lavapipe; see
-//! docs/perf.md).
+//! Three kernels compute each piece ([`MatmulKernel`], chosen per device, see `matmul_tune`):
+//! `matmul.wgsl`, a 4x4 register tile per invocation that needs nothing optional,
+//! `matmul_subgroup.wgsl`, which shares loads of A across a subgroup by broadcast (4x faster on
+//! lavapipe; see docs/perf.md), and `matmul_staged.wgsl`, which stages tiles of A and B in
+//! workgroup memory with register blocks per invocation, in several tile configurations
+//! ([`StagedTile`]): the classic GPU matrix product, for GPUs where barriers are cheap.
 
 use super::u32_of;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, KernelKey, MatmulKernel, Split, Tensor};
+use crate::gpu::{Gpu, KernelKey, MatmulKernel, Split, StagedTile, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -98,9 +100,9 @@ pub struct Dims {
 }
 
 /// `C = alpha * A B (+ bias) (+ C if accumulate)` on views (`c.s_j` must be 1). One dispatch per
-/// [`LOOP_SPAN`](super::LOOP_SPAN) of K (the kernel's only data-dependent loop; see the loop
-/// limit in `kernels`), the pieces after the first adding into C; M and N are cut where the
-/// grid would pass the device's workgroups per dimension.
+/// [`k_span`] of K (the kernels' only data-dependent loop; see the loop limit in `kernels`), the
+/// pieces after the first adding into C; M and N are cut where the grid would pass the device's
+/// workgroups per dimension.
 pub fn matmul_strided(
     gpu: &Gpu,
     c: View,
@@ -132,7 +134,7 @@ pub fn matmul_strided(
     }
     for (m0, ml) in super::spans(d.m, max * tile_m) {
         for (n0, nl) in super::spans(d.n, max * tile_n) {
-            for (k0, kl) in super::loop_spans(d.k) {
+            for (k0, kl) in super::spans(d.k, k_span(kernel)) {
                 let a = View { off: a.off + m0 * a.s_i + k0 * a.s_j, ..a };
                 let b = View { off: b.off + k0 * b.s_i + n0 * b.s_j, ..b };
                 let c = View { off: c.off + m0 * c.s_i + n0, ..c };
@@ -151,7 +153,47 @@ fn entry(kernel: MatmulKernel) -> (KernelKey, usize, usize) {
     match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
         MatmulKernel::Subgroup => (KernelKey::new("matmul_subgroup", "matmul_subgroup"), SG_ROWS, SG_COLS),
+        MatmulKernel::Staged(t) => (
+            KernelKey::new("matmul_staged", "matmul_staged")
+                .with("WG_M", t.wg_m)
+                .with("WG_N", t.wg_n)
+                .with("TM", t.tm)
+                .with("TN", t.tn)
+                .with("BK", t.bk),
+            t.bm() as usize,
+            t.bn() as usize,
+        ),
     }
+}
+
+/// Most of K one dispatch of `kernel` sums over. The register-tile kernels loop once per k:
+/// [`LOOP_SPAN`](super::LOOP_SPAN). The staged kernel loops once per K step of `bk`, and inside
+/// each step over its loads and its register block; every one of those loops is counted
+/// (a driver that unrolls them counts fewer), with the loops before and after the K steps.
+pub fn k_span(kernel: MatmulKernel) -> usize {
+    match kernel {
+        MatmulKernel::Tiled | MatmulKernel::Subgroup => super::LOOP_SPAN,
+        MatmulKernel::Staged(t) => {
+            let steps = (super::MAX_LOOP_TRIPS - staged_fixed_trips(t)) / staged_step_trips(t);
+            steps * t.bk as usize
+        }
+    }
+}
+
+/// Loop trips of one K step of the staged kernel: the step itself; per vec4 copied, the copy
+/// loop, up to 4 element loads and 4 scattered stores; per k, the k loop, the loads of the
+/// register rows and columns and the product's two nested loops.
+fn staged_step_trips(t: StagedTile) -> usize {
+    let (la, lb) = t.loads_per_step();
+    let (g, h) = ((t.tm / 4) as usize, (t.tn / 4) as usize);
+    1 + 9 * (la + lb) as usize + t.bk as usize * (1 + g + h + g * (1 + h))
+}
+
+/// Loop trips outside the K steps: zeroing the accumulators, storing the block (per row, its
+/// vec4s, 4 elements each).
+fn staged_fixed_trips(t: StagedTile) -> usize {
+    let (tm, h) = (t.tm as usize, (t.tn / 4) as usize);
+    tm * h + tm * (1 + h * (1 + 4))
 }
 
 /// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
@@ -366,4 +408,24 @@ pub fn matmul_backward(
         super::reduce::sum_rows(gpu, dbias, dc, accumulate)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::STAGED_TILES;
+
+    /// Every staged tile's K span keeps an invocation under the loop limit, counting every
+    /// loop, and cuts K at multiples of 4 (the next piece's operands stay 16-byte aligned).
+    #[test]
+    fn staged_k_spans_stay_under_the_loop_limit() {
+        for &t in STAGED_TILES {
+            let span = k_span(MatmulKernel::Staged(t));
+            let steps = span / t.bk as usize;
+            assert_eq!(span % t.bk as usize, 0);
+            assert_eq!(span % 4, 0);
+            assert!(steps * staged_step_trips(t) + staged_fixed_trips(t) <= crate::kernels::MAX_LOOP_TRIPS);
+            assert!(span >= 1024, "{t:?}: a span of {span} would cut GPT-2's products into many dispatches");
+        }
+    }
 }

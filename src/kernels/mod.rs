@@ -25,6 +25,7 @@ pub mod embedding;
 pub mod flash_attention;
 pub mod lm_head_loss;
 pub mod matmul;
+pub mod matmul_tune;
 pub mod norm;
 pub mod optim;
 pub mod quant;
