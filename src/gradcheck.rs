@@ -7,7 +7,7 @@
 //! before each GPU run, so an element the kernel forgot to write fails the check.
 
 use crate::error::Result;
-use crate::gpu::{Gpu, Split, Tensor};
+use crate::gpu::{Gpu, MatmulKernel, Split, Tensor};
 use crate::kernels::{
     activation::{self, Act},
     attention::{self, Heads},
@@ -184,9 +184,16 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
         }
     };
     let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new(), label: None };
-    // Kernels built on matrix products run once with each matmul kernel the device offers.
+    // Kernels built on matrix products run with several matmul kernels the device offers.
+    // (Every tile for the matmul checks themselves; one kernel per shader for attention.)
     let uses_matmul = name.starts_with("matmul") || name.ends_with("attention");
-    let variants = if uses_matmul { gpu.matmul_kernels().to_vec() } else { vec![gpu.matmul_kernel()] };
+    let variants = if name.starts_with("matmul") {
+        gpu.matmul_kernels().to_vec()
+    } else if uses_matmul {
+        MatmulKernel::one_per_shader(gpu.matmul_kernels())
+    } else {
+        vec![gpu.matmul_kernel()]
+    };
     for variant in variants {
         let first = p.results.len();
         matmul::with_kernel(variant, || run_check(&mut p, name))?;

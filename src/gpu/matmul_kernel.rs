@@ -148,6 +148,20 @@ impl MatmulKernel {
         kernels
     }
 
+    /// One kernel per shader, the first staged tile standing for the others: enough for the
+    /// checks of kernels built on matrix products (attention, the quantized products' scratch
+    /// path), since a tile configuration changes only the product, which the matmul checks run
+    /// with every tile. Keeps those checks' time from growing with the list of tiles.
+    pub fn one_per_shader(kernels: &[MatmulKernel]) -> Vec<MatmulKernel> {
+        let mut out: Vec<MatmulKernel> = Vec::new();
+        for &k in kernels {
+            if !out.iter().any(|o| std::mem::discriminant(o) == std::mem::discriminant(&k)) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
     /// The kernel used when nothing forces one and no autotune ran: the subgroup kernel where
     /// it exists (the fastest on lavapipe, docs/perf.md), else the tiled one.
     pub fn default_of(available: &[MatmulKernel]) -> MatmulKernel {

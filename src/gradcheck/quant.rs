@@ -1,7 +1,7 @@
 //! The self-test of the quantized-weight kernels (`kernels::quant`): `qmatmul`, `qmatmul_dx` and
 //! `qembedding` for every storage type a frozen base can have, one report row per kernel and
 //! type (`qmatmul Q4_K`); the products run by both variants, the fused kernels (`qmatmul Q4_K`)
-//! and the scratch one with each matmul kernel (`qmatmul scratch Q4_K`). The reference is
+//! and the scratch one with one matmul kernel per shader (`qmatmul scratch Q4_K`). The reference is
 //! kernels-ref's ggml dequantizer followed by its f64 matrix product or a row copy.
 //!
 //! Tolerance: the crate's [`TOL`](super::TOL), `1e-4` of the largest reference value. The kernel
@@ -160,11 +160,12 @@ fn cases(p: &mut Probe, ty: GgmlType, dx: bool) -> Vec<Case> {
 }
 
 /// How the products are run: the fused kernels (rows `qmatmul Q4_K`), and the scratch variant
-/// with each matmul kernel the device offers (rows `qmatmul scratch Q4_K`, shapes tagged with
+/// with one matmul kernel per shader (rows `qmatmul scratch Q4_K`, shapes tagged with
 /// the matmul kernel).
 fn variants(gpu: &Gpu) -> Vec<(QmatmulVariant, Option<MatmulKernel>)> {
     let mut v = vec![(QmatmulVariant::Fused, None)];
-    v.extend(gpu.matmul_kernels().iter().map(|&k| (QmatmulVariant::Scratch, Some(k))));
+    let kernels = MatmulKernel::one_per_shader(gpu.matmul_kernels());
+    v.extend(kernels.into_iter().map(|k| (QmatmulVariant::Scratch, Some(k))));
     v
 }
 
