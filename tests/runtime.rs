@@ -201,3 +201,37 @@ fn a_submit_gate_sees_the_work_in_bounded_batches() {
     assert_eq!(seen, vec![GATED_BATCH, GATED_BATCH, GATED_BATCH, 5], "batches the gate saw");
     assert_eq!(y.to_host(&gpu).unwrap(), vec![2.0; 64]);
 }
+
+/// `Gpu::stats` counts the host's side of the work: a tensor split into chunks costs one
+/// dispatch per chunk, recorded work stays pending until something needs a number, and each
+/// chunk read back is one submission and one wait for the GPU.
+#[test]
+fn stats_count_dispatches_submissions_and_waits() {
+    use pockettune::gpu::Split;
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the shared one's counters move with the other tests.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let (rows, cols, per_chunk) = (10, 4, 3);
+    let chunks = 4; // rows 0-2, 3-5, 6-8 and 9
+    let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+    let x = Tensor::from_host_split(&gpu, &data, &[rows, cols], Split::Rows, per_chunk, "x").unwrap();
+    let y =
+        Tensor::from_host_split(&gpu, &vec![0.0; rows * cols], &[rows, cols], Split::Rows, per_chunk, "y")
+            .unwrap();
+    let calls = 5;
+    let before = gpu.stats();
+    for _ in 0..calls {
+        elementwise::axpby(&gpu, &y, &x, 1.0, 1.0).unwrap(); // y += x
+    }
+    let recorded = gpu.stats().since(&before);
+    assert_eq!(recorded.dispatches, calls * chunks, "one dispatch per chunk and call");
+    assert_eq!(recorded.submissions, 0, "recorded, not yet submitted");
+    assert!(recorded.record_ns > 0);
+
+    let got = y.to_host(&gpu).unwrap();
+    let read = gpu.stats().since(&before);
+    assert_eq!(got, data.iter().map(|v| calls as f32 * v).collect::<Vec<_>>());
+    assert_eq!(read.dispatches, calls * chunks, "reading dispatches nothing");
+    assert_eq!(read.submissions, chunks, "the first read carries the dispatches; one copy each after it");
+    assert!(read.waits >= chunks && read.wait_ns > 0, "each read waits for the GPU: {read:?}");
+}

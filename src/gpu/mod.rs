@@ -10,18 +10,19 @@
 pub mod adapter;
 mod pool;
 mod qtensor;
+mod stats;
 mod tensor;
 
 pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
 pub use pool::{Category, CategoryGuard, GpuBuffer};
 pub use qtensor::QTensor;
+pub use stats::GpuStats;
 pub use tensor::{Chunk, Split, Tensor};
 
 use crate::error::{Error, Result};
 use crate::shaders;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The matrix-product kernel in use (see `kernels::matmul`).
@@ -119,7 +120,7 @@ pub struct Gpu {
     lost: Arc<Mutex<Option<(String, String)>>>,
     dummy: wgpu::Buffer,
     gate: Mutex<Option<Arc<dyn SubmitGate>>>,
-    submissions: AtomicU64,
+    stats: Arc<stats::Counters>,
     matmul: Mutex<MatmulKernel>,
     matmul_kernels: Vec<MatmulKernel>,
     constants: Mutex<HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>,
@@ -212,8 +213,9 @@ impl Gpu {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let stats = Arc::new(stats::Counters::default());
         Ok(Gpu {
-            pool: Arc::new(pool::Pool::new(device.clone())),
+            pool: Arc::new(pool::Pool::new(device.clone(), stats.clone())),
             device,
             queue,
             summary,
@@ -229,7 +231,7 @@ impl Gpu {
             lost,
             dummy,
             gate: Mutex::new(None),
-            submissions: AtomicU64::new(0),
+            stats,
             matmul: Mutex::new(matmul),
             matmul_kernels,
             constants: Mutex::default(),
@@ -321,7 +323,24 @@ impl Gpu {
         self.pool.budget()
     }
     pub fn submissions(&self) -> u64 {
-        self.submissions.load(Ordering::Relaxed)
+        self.stats.snapshot().submissions
+    }
+    /// Dispatches, submissions and the host's recording and waiting time since the device was
+    /// opened; subtract two snapshots ([`GpuStats::since`]) for the work in between.
+    pub fn stats(&self) -> GpuStats {
+        self.stats.snapshot()
+    }
+    /// Block until the GPU has finished `submission` (everything submitted when `None`),
+    /// counted as host-wait time in [`Self::stats`].
+    pub(crate) fn wait_for(&self, submission: Option<wgpu::SubmissionIndex>, context: &str) -> Result<()> {
+        let poll = match submission {
+            Some(index) => wgpu::PollType::Wait { submission_index: Some(index), timeout: None },
+            None => wgpu::PollType::wait_indefinitely(),
+        };
+        self.stats
+            .wait(|| self.device.poll(poll))
+            .map(|_| ())
+            .map_err(|e| Error::Internal { context: context.into(), message: e.to_string() })
     }
     /// The matrix-product kernel in use.
     pub fn matmul_kernel(&self) -> MatmulKernel {
@@ -410,7 +429,7 @@ impl Gpu {
             label: Some(shader),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = self.stats.wait(|| pollster::block_on(scope.pop())) {
             return Err(self.scope_error(format!("shader {shader}.wgsl"), e));
         }
         let module = Arc::new(module);
@@ -447,7 +466,7 @@ impl Gpu {
             },
             cache: None,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = self.stats.wait(|| pollster::block_on(scope.pop())) {
             return Err(self.scope_error(format!("pipeline {label}"), e));
         }
         let layout = pipeline.get_bind_group_layout(0);
@@ -489,6 +508,7 @@ impl Gpu {
                 message: format!("dispatch {groups:?} exceeds {max} workgroups per dimension"),
             });
         }
+        let start = std::time::Instant::now();
         let pipeline = self.pipeline(key)?;
         let uniform = self.uniform(params);
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
@@ -503,7 +523,7 @@ impl Gpu {
             layout: &pipeline.layout,
             entries: &entries,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = self.stats.wait(|| pollster::block_on(scope.pop())) {
             return Err(self.scope_error(key.label(), e));
         }
         let mut pending = self.pending.lock();
@@ -521,6 +541,7 @@ impl Gpu {
         }
         pending.dispatches += 1;
         pending.uniforms.push(uniform);
+        self.stats.dispatch(start);
         if pending.dispatches >= GATED_BATCH && self.gate.lock().is_some() {
             self.submit_locked(&mut pending);
         }
@@ -563,25 +584,21 @@ impl Gpu {
             // Gated (throttled): each batch finishes before the next is recorded, so the gate's
             // host clock measures the GPU's work, and a long step is spread out, not queued at
             // once with its whole throttle owed at its end.
-            let _ = self
-                .device
-                .poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: None });
+            let _ = self.wait_for(Some(index.clone()), "submit");
         }
         if pending.staged > 0 {
             // a submission carries the staged writes with it
             let staged = std::mem::take(&mut pending.staged);
             pending.ring.push_back((index, staged));
         }
-        self.submissions.fetch_add(1, Ordering::Relaxed);
+        self.stats.submission();
         self.free_uniforms.lock().append(&mut pending.uniforms);
     }
 
     /// Wait until the GPU has finished everything submitted.
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
+        self.wait_for(None, "poll")?;
         self.check("wait")
     }
 
@@ -628,15 +645,13 @@ impl Gpu {
         // layer's work (streamed weights, `graph::stream`).
         if pending.staged >= STAGING_LIMIT / 2 {
             let index = self.queue.submit([]);
-            self.submissions.fetch_add(1, Ordering::Relaxed);
+            self.stats.submission();
             let staged = std::mem::take(&mut pending.staged);
             pending.ring.push_back((index, staged));
         }
         while pending.ring.iter().map(|r| r.1).sum::<u64>() > STAGING_LIMIT {
             let (oldest, _) = pending.ring.pop_front().expect("a non-empty ring");
-            self.device
-                .poll(wgpu::PollType::Wait { submission_index: Some(oldest), timeout: None })
-                .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
+            self.wait_for(Some(oldest), "poll")?;
         }
         drop(pending);
         self.check("upload")
@@ -660,9 +675,7 @@ impl Gpu {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Internal { context: "read-back".into(), message: e.to_string() })?;
+        self.wait_for(None, "read-back")?;
         self.check("read-back")?;
         match rx.recv() {
             Ok(Ok(())) => {}

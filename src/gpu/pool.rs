@@ -106,6 +106,8 @@ struct Live {
 
 pub(crate) struct Pool {
     device: wgpu::Device,
+    /// the device's counters: an allocation's out-of-memory check is a blocking pop
+    stats: Arc<super::stats::Counters>,
     free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     /// (bytes held now, peak bytes held)
     held: Mutex<(u64, u64)>,
@@ -118,7 +120,7 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub fn new(device: wgpu::Device) -> Self {
+    pub fn new(device: wgpu::Device, stats: Arc<super::stats::Counters>) -> Self {
         let stand_in = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("planning stand-in"),
             size: 256,
@@ -127,6 +129,7 @@ impl Pool {
         });
         Pool {
             device,
+            stats,
             stand_in,
             planning: Default::default(),
             free: Mutex::default(),
@@ -233,7 +236,7 @@ impl Pool {
                         | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 });
-                if pollster::block_on(scope.pop()).is_some() {
+                if self.stats.wait(|| pollster::block_on(scope.pop())).is_some() {
                     return Err(Error::OutOfMemory {
                         context: format!("allocating {size} bytes for {what}"),
                     });
