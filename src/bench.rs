@@ -182,7 +182,7 @@ pub struct PerStep {
     pub waits: f64,
     /// milliseconds blocked in those calls
     pub host_wait_ms: f64,
-    /// milliseconds spent recording dispatches
+    /// milliseconds spent recording dispatches and encoding submissions
     pub record_ms: f64,
 }
 

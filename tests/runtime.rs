@@ -235,3 +235,43 @@ fn stats_count_dispatches_submissions_and_waits() {
     assert_eq!(read.submissions, chunks, "the first read carries the dispatches; one copy each after it");
     assert!(read.waits >= chunks && read.wait_ns > 0, "each read waits for the GPU: {read:?}");
 }
+
+/// Errors are checked per submission, not by a blocking error-scope pop per dispatch: a
+/// dispatch with a binding left out is recorded without a wait, and the submission that
+/// carries it fails with a validation error that names the kernel.
+#[test]
+fn a_bad_dispatch_fails_its_submission_naming_the_kernel() {
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the error must not reach another test's submission.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 64], &[64], "y").unwrap();
+    let key = KernelKey::new("elementwise", "axpby");
+    gpu.pipeline(&key).unwrap(); // compiled (and its error scope popped) before counting
+    let before = gpu.stats();
+    // elementwise.wgsl's Params: n = 64, the other seven fields zero
+    let params: Vec<u8> = [64u32, 0, 0, 0, 0, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    // axpby reads binding 2: leaving it out is a bind group that does not match the layout
+    let out = [Some(y.chunks()[0].buf.raw())];
+    gpu.dispatch(&key, &out, &params, [1, 1, 1]).expect("recorded; the error comes at the submission");
+    assert_eq!(gpu.stats().since(&before).waits, 0, "no blocking pop per dispatch");
+    let err = gpu.flush().unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err}");
+    assert!(err.to_string().contains("elementwise::axpby"), "the error names the kernel: {err}");
+    // The device goes on: the next submission is checked on its own.
+    let x = Tensor::from_host(&gpu, &[1.5; 64], &[64], "x").unwrap();
+    elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![3.0; 64]);
+
+    // An error only the submission finds (one buffer bound read-write and read-only in one
+    // dispatch) names the kernels that submission carried.
+    elementwise::fill(&gpu, &x, 1.0).unwrap();
+    elementwise::axpby(&gpu, &y, &y, 2.0, 0.0).unwrap();
+    let err = gpu.flush().unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err}");
+    let Error::Validation { context, .. } = &err else { unreachable!() };
+    assert!(
+        context.contains("elementwise::axpby") && context.contains("elementwise::fill"),
+        "the error names the submission's kernels: {err}"
+    );
+    gpu.sync().expect("checked once, the error is not reported again");
+}

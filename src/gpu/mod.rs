@@ -75,6 +75,9 @@ impl KernelKey {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
+    /// (shader, entry point) of each dispatch in this encoder, to say which kernels a failed
+    /// submission carried (errors are checked per submission, see [`Gpu::check`]).
+    kernels: Vec<(&'static str, &'static str)>,
     /// Uniform buffers written for dispatches in this encoder; free again once it is submitted
     /// (queue writes are ordered after earlier submissions).
     uniforms: Vec<wgpu::Buffer>,
@@ -117,6 +120,8 @@ pub struct Gpu {
     pending: Mutex<Pending>,
     free_uniforms: Mutex<Vec<wgpu::Buffer>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Kernels submitted since the last [`Gpu::check`]: where an error it finds came from.
+    unchecked: Mutex<std::collections::BTreeSet<(&'static str, &'static str)>>,
     lost: Arc<Mutex<Option<(String, String)>>>,
     dummy: wgpu::Buffer,
     gate: Mutex<Option<Arc<dyn SubmitGate>>>,
@@ -228,6 +233,7 @@ impl Gpu {
             pending: Mutex::default(),
             free_uniforms: Mutex::default(),
             errors,
+            unchecked: Mutex::default(),
             lost,
             dummy,
             gate: Mutex::new(None),
@@ -517,22 +523,22 @@ impl Gpu {
                 entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
             }
         }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // No error scope of its own: popping one per dispatch blocked the host on the driver
+        // every time. A bad bind group is reported through the device's error sink, labelled
+        // with the kernel, and becomes an `Error` at the submission's check (`Self::flush`).
+        let label = key.label();
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
+            label: Some(&label),
             layout: &pipeline.layout,
             entries: &entries,
         });
-        if let Some(e) = self.stats.wait(|| pollster::block_on(scope.pop())) {
-            return Err(self.scope_error(key.label(), e));
-        }
         let mut pending = self.pending.lock();
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(&key.label()),
+                label: Some(&label),
                 timestamp_writes: None,
             });
             pass.set_pipeline(&pipeline.pipeline);
@@ -540,6 +546,7 @@ impl Gpu {
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         pending.dispatches += 1;
+        pending.kernels.push((key.shader, key.entry));
         pending.uniforms.push(uniform);
         self.stats.dispatch(start);
         if pending.dispatches >= GATED_BATCH && self.gate.lock().is_some() {
@@ -579,7 +586,11 @@ impl Gpu {
         if let Some(gate) = &gate {
             gate.before_submit(dispatches);
         }
+        self.unchecked.lock().extend(pending.kernels.drain(..));
+        // wgpu encodes a recorded pass into driver commands at `finish`: recording time too
+        let start = std::time::Instant::now();
         let index = self.queue.submit([encoder.finish()]);
+        self.stats.record(start);
         if gate.is_some() {
             // Gated (throttled): each batch finishes before the next is recorded, so the gate's
             // host clock measures the GPU's work, and a long step is spread out, not queued at
@@ -602,16 +613,28 @@ impl Gpu {
         self.check("wait")
     }
 
-    /// Turn errors captured since the last check into an [`Error`].
+    /// Turn errors captured since the last check into an [`Error`]. Dispatches have no error
+    /// scope of their own (a blocking pop each): what went wrong in a submission is found
+    /// here, after it, and the error names the kernels submitted since the last check beside
+    /// wgpu's message (which names a bad bind group's kernel by its label).
     pub fn check(&self, context: &str) -> Result<()> {
+        let kernels = std::mem::take(&mut *self.unchecked.lock());
         if let Some(lost) = self.lost_error() {
             return Err(lost);
         }
         let errors = std::mem::take(&mut *self.errors.lock());
+        let context = match kernels.len() {
+            0 => context.to_string(),
+            n => {
+                let names: Vec<String> = kernels.iter().take(16).map(|(s, e)| format!("{s}::{e}")).collect();
+                let more = if n > 16 { format!(" and {} more", n - 16) } else { String::new() };
+                format!("{context} (kernels submitted since the last check: {}{more})", names.join(", "))
+            }
+        };
         match errors.first() {
             None => Ok(()),
-            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory { context: context.into() }),
-            Some(_) => Err(Error::Validation { context: context.into(), message: errors.join("\n") }),
+            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory { context }),
+            Some(_) => Err(Error::Validation { context, message: errors.join("\n") }),
         }
     }
 

@@ -24,6 +24,10 @@ impl Counters {
         self.dispatches.fetch_add(1, Ordering::Relaxed);
         self.record_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+    /// Host time spent recording (a dispatch's or a submission's encoding) since `since`.
+    pub fn record(&self, since: Instant) {
+        self.record_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
     pub fn submission(&self) {
         self.submissions.fetch_add(1, Ordering::Relaxed);
     }
@@ -58,7 +62,8 @@ pub struct GpuStats {
     pub waits: u64,
     /// Nanoseconds the host spent in those blocking calls.
     pub wait_ns: u64,
-    /// Nanoseconds the host spent recording dispatches (uniform write, bind group, pass).
+    /// Nanoseconds the host spent recording dispatches (uniform write, bind group, pass) and
+    /// encoding them into submissions.
     pub record_ns: u64,
 }
 
