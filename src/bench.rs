@@ -177,6 +177,8 @@ pub struct StepResult {
 #[derive(Clone, Debug, Serialize)]
 pub struct PerStep {
     pub dispatches: f64,
+    /// bind groups created (the rest were reused)
+    pub bind_groups: f64,
     pub submissions: f64,
     /// blocking calls (polls that wait, read-backs, error-scope pops)
     pub waits: f64,
@@ -192,6 +194,7 @@ impl PerStep {
         let n = steps.max(1) as f64;
         PerStep {
             dispatches: stats.dispatches as f64 / n,
+            bind_groups: stats.bind_groups as f64 / n,
             submissions: stats.submissions as f64 / n,
             waits: stats.waits as f64 / n,
             host_wait_ms: stats.wait_ns as f64 / 1e6 / n,

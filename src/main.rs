@@ -1134,9 +1134,9 @@ fn bench_step(
         eprintln!("{:<44} weights held: {}", "", held.join(", "));
         if let Some(p) = &r.per_step {
             eprintln!(
-                "{:<44} per step: {:.0} dispatches, {:.1} submissions, {:.1} waits, host wait {:.1} ms, \
+                "{:<44} per step: {:.0} dispatches ({:.0} new bind groups), {:.1} submissions, {:.1} waits, host wait {:.1} ms, \
                  recording {:.1} ms",
-                "", p.dispatches, p.submissions, p.waits, p.host_wait_ms, p.record_ms
+                "", p.dispatches, p.bind_groups, p.submissions, p.waits, p.host_wait_ms, p.record_ms
             );
         }
         if let Some(n) = r.smallest_budget {

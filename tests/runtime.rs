@@ -275,3 +275,66 @@ fn a_bad_dispatch_fails_its_submission_naming_the_kernel() {
     );
     gpu.sync().expect("checked once, the error is not reported again");
 }
+
+/// Bind groups are made once and found again when a submission repeats the dispatches of an
+/// earlier one on the same buffers; the parameters still change with every dispatch. 300
+/// dispatches fill more than one segment of the uniform ring (256 slots each).
+#[test]
+fn repeated_dispatches_reuse_bind_groups_with_fresh_parameters() {
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the shared one's counters move with the other tests.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let x = Tensor::from_host(&gpu, &[1.0; 64], &[64], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 64], &[64], "y").unwrap();
+    let n = 300;
+    let round = |scale: f32| {
+        let before = gpu.stats();
+        for k in 1..=n {
+            elementwise::axpby(&gpu, &y, &x, scale * k as f32, 1.0).unwrap(); // y += scale k x
+        }
+        gpu.flush().unwrap();
+        gpu.stats().since(&before)
+    };
+    let sum = (n * (n + 1) / 2) as f32; // exact in f32
+    let first = round(1.0);
+    assert_eq!(first.dispatches, n as u64);
+    assert_eq!(first.bind_groups, n as u64, "each slot of a new submission binds anew");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![sum; 64]);
+    let again = round(2.0);
+    assert_eq!(again.dispatches, n as u64);
+    assert_eq!(again.bind_groups, 0, "the same dispatches in the same slots: every bind group reused");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![3.0 * sum; 64], "each dispatch read its own new parameters");
+}
+
+/// A cached bind group holds its buffers: the cache is emptied whenever the pool gives buffers
+/// back to the driver, so it never keeps memory that the pool no longer counts, and a buffer
+/// made after that is bound anew.
+#[test]
+fn trimming_the_pool_drops_the_cached_bind_groups() {
+    let Some(_) = common::gpu() else { return };
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let held0 = gpu.bytes_allocated().0;
+    let x = Tensor::from_host(&gpu, &[1.0; 1000], &[1000], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 1000], &[1000], "y").unwrap();
+    elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    gpu.sync().unwrap();
+    assert_eq!(gpu.cached_bind_groups(), 1);
+    drop((x, y));
+    gpu.trim();
+    assert_eq!(gpu.cached_bind_groups(), 0, "trim drops the bind groups that hold the freed buffers");
+    assert_eq!(gpu.bytes_allocated().0, held0, "the pool holds nothing of them");
+
+    let before = gpu.stats();
+    let x = Tensor::from_host(&gpu, &[1.0; 1000], &[1000], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 1000], &[1000], "y").unwrap();
+    elementwise::axpby(&gpu, &y, &x, 3.0, 0.0).unwrap();
+    assert_eq!(gpu.stats().since(&before).bind_groups, 1, "new buffers, a new bind group");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![3.0; 1000]);
+
+    // Under a memory budget the pool trims by itself to make room: the cache goes with it.
+    drop((x, y));
+    gpu.set_memory_budget(Some(gpu.bytes_allocated().0 + 1024));
+    let z = Tensor::empty(&gpu, &[2000], "z").unwrap();
+    assert_eq!(gpu.cached_bind_groups(), 0, "the budget's trim dropped the cache too");
+    drop(z);
+}

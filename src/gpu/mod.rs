@@ -8,6 +8,7 @@
 //! panic: they are captured and returned as [`Error`] at the next synchronisation point.
 
 pub mod adapter;
+mod binds;
 mod pool;
 mod qtensor;
 mod stats;
@@ -75,12 +76,11 @@ impl KernelKey {
 struct Pending {
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
+    /// The parameters of this encoder's dispatches, slot by slot (see [`binds`]).
+    uniforms: binds::UniformRing,
     /// (shader, entry point) of each dispatch in this encoder, to say which kernels a failed
     /// submission carried (errors are checked per submission, see [`Gpu::check`]).
     kernels: Vec<(&'static str, &'static str)>,
-    /// Uniform buffers written for dispatches in this encoder; free again once it is submitted
-    /// (queue writes are ordered after earlier submissions).
-    uniforms: Vec<wgpu::Buffer>,
     /// Bytes of host writes staged since the last submission (see [`Gpu::write`]).
     staged: u64,
     /// The staging ring: submissions that carried staged writes, with their bytes, oldest
@@ -118,7 +118,7 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<KernelKey, Arc<Pipeline>>>,
     pool: Arc<pool::Pool>,
     pending: Mutex<Pending>,
-    free_uniforms: Mutex<Vec<wgpu::Buffer>>,
+    binds: Arc<binds::BindCache>,
     errors: Arc<Mutex<Vec<String>>>,
     /// Kernels submitted since the last [`Gpu::check`]: where an error it finds came from.
     unchecked: Mutex<std::collections::BTreeSet<(&'static str, &'static str)>>,
@@ -137,9 +137,6 @@ pub struct Pipeline {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
 }
-
-/// Largest uniform struct a kernel may pass (bytes).
-const UNIFORM_SIZE: u64 = 256;
 
 impl Gpu {
     /// Open the adapter chosen by `opts` with the limits of its profile.
@@ -219,8 +216,9 @@ impl Gpu {
             mapped_at_creation: false,
         });
         let stats = Arc::new(stats::Counters::default());
+        let binds = Arc::new(binds::BindCache::default());
         Ok(Gpu {
-            pool: Arc::new(pool::Pool::new(device.clone(), stats.clone())),
+            pool: Arc::new(pool::Pool::new(device.clone(), stats.clone(), binds.clone())),
             device,
             queue,
             summary,
@@ -231,7 +229,7 @@ impl Gpu {
             extra_sources: Mutex::default(),
             pipelines: Mutex::default(),
             pending: Mutex::default(),
-            free_uniforms: Mutex::default(),
+            binds,
             errors,
             unchecked: Mutex::default(),
             lost,
@@ -395,7 +393,12 @@ impl Gpu {
     pub fn placeholder(&self) -> &wgpu::Buffer {
         &self.dummy
     }
-    /// Give pooled, unused buffers back to the driver.
+    /// Bind groups kept for reuse (see `binds`); none after [`Self::trim`].
+    pub fn cached_bind_groups(&self) -> usize {
+        self.binds.len()
+    }
+    /// Give pooled, unused buffers back to the driver (and the cached bind groups that hold
+    /// them).
     pub fn trim(&self) {
         self.pool.trim();
     }
@@ -446,6 +449,7 @@ impl Gpu {
     /// Make WGSL source available under `name` for [`KernelKey`]s (kernel variants on trial;
     /// the shipped kernels are compiled in from `shaders/`).
     pub fn register_shader(&self, name: &'static str, source: impl Into<String>) {
+        self.binds.clear(); // holds the pipelines it was made for
         self.modules.lock().remove(name);
         self.pipelines.lock().retain(|k, _| k.shader != name);
         self.extra_sources.lock().insert(name, source.into());
@@ -481,20 +485,6 @@ impl Gpu {
         Ok(pipeline)
     }
 
-    fn uniform(&self, params: &[u8]) -> wgpu::Buffer {
-        assert!(params.len() as u64 <= UNIFORM_SIZE, "uniform struct larger than {UNIFORM_SIZE} bytes");
-        let buf = self.free_uniforms.lock().pop().unwrap_or_else(|| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size: UNIFORM_SIZE,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        });
-        self.queue.write_buffer(&buf, 0, params);
-        buf
-    }
-
     /// Record one dispatch. `buffers[i]` is bound at `@binding(i + 1)`, the uniform `params`
     /// at `@binding(0)`. `None` leaves a binding out, for entry points that do not use it.
     pub fn dispatch(
@@ -516,23 +506,54 @@ impl Gpu {
         }
         let start = std::time::Instant::now();
         let pipeline = self.pipeline(key)?;
-        let uniform = self.uniform(params);
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        for (i, b) in buffers.iter().enumerate() {
-            if let Some(b) = b {
-                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
-            }
-        }
-        // No error scope of its own: popping one per dispatch blocked the host on the driver
-        // every time. A bad bind group is reported through the device's error sink, labelled
-        // with the kernel, and becomes an `Error` at the submission's check (`Self::flush`).
         let label = key.label();
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&label),
-            layout: &pipeline.layout,
-            entries: &entries,
-        });
         let mut pending = self.pending.lock();
+        let slot = pending.dispatches as u64;
+        let (uniform, offset) = pending.uniforms.push(&self.device, slot, params);
+        // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
+        // cache before it gives any back (see `binds`).
+        let cacheable = buffers.iter().flatten().all(|b| *b == &self.dummy || self.pool.knows(b));
+        let bind_key = cacheable.then(|| binds::BindKey {
+            pipeline: pipeline.pipeline.clone(),
+            slot,
+            buffers: buffers.iter().map(|b| b.cloned()).collect(),
+        });
+        let bind_group = match bind_key.as_ref().and_then(|k| self.binds.get(k)) {
+            Some(group) => group,
+            None => {
+                let size = wgpu::BufferSize::new(binds::SLOT);
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &uniform,
+                        offset,
+                        size,
+                    }),
+                }];
+                for (i, b) in buffers.iter().enumerate() {
+                    if let Some(b) = b {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32 + 1,
+                            resource: b.as_entire_binding(),
+                        });
+                    }
+                }
+                // No error scope of its own: popping one per dispatch blocked the host on the
+                // driver every time. A bad bind group is reported through the device's error
+                // sink, labelled with the kernel, and becomes an `Error` at the submission's
+                // check (`Self::check`).
+                let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&label),
+                    layout: &pipeline.layout,
+                    entries: &entries,
+                });
+                self.stats.bind_group();
+                if let Some(k) = bind_key {
+                    self.binds.insert(k, group.clone());
+                }
+                group
+            }
+        };
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
@@ -547,7 +568,6 @@ impl Gpu {
         }
         pending.dispatches += 1;
         pending.kernels.push((key.shader, key.entry));
-        pending.uniforms.push(uniform);
         self.stats.dispatch(start);
         if pending.dispatches >= GATED_BATCH && self.gate.lock().is_some() {
             self.submit_locked(&mut pending);
@@ -589,6 +609,7 @@ impl Gpu {
         self.unchecked.lock().extend(pending.kernels.drain(..));
         // wgpu encodes a recorded pass into driver commands at `finish`: recording time too
         let start = std::time::Instant::now();
+        pending.uniforms.upload(&self.queue);
         let index = self.queue.submit([encoder.finish()]);
         self.stats.record(start);
         if gate.is_some() {
@@ -603,7 +624,6 @@ impl Gpu {
             pending.ring.push_back((index, staged));
         }
         self.stats.submission();
-        self.free_uniforms.lock().append(&mut pending.uniforms);
     }
 
     /// Wait until the GPU has finished everything submitted.

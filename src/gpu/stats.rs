@@ -13,6 +13,7 @@ use std::time::Instant;
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     dispatches: AtomicU64,
+    bind_groups: AtomicU64,
     submissions: AtomicU64,
     waits: AtomicU64,
     wait_ns: AtomicU64,
@@ -28,6 +29,9 @@ impl Counters {
     pub fn record(&self, since: Instant) {
         self.record_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+    pub fn bind_group(&self) {
+        self.bind_groups.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn submission(&self) {
         self.submissions.fetch_add(1, Ordering::Relaxed);
     }
@@ -42,6 +46,7 @@ impl Counters {
     pub fn snapshot(&self) -> GpuStats {
         GpuStats {
             dispatches: self.dispatches.load(Ordering::Relaxed),
+            bind_groups: self.bind_groups.load(Ordering::Relaxed),
             submissions: self.submissions.load(Ordering::Relaxed),
             waits: self.waits.load(Ordering::Relaxed),
             wait_ns: self.wait_ns.load(Ordering::Relaxed),
@@ -56,6 +61,8 @@ impl Counters {
 pub struct GpuStats {
     /// Kernel dispatches recorded (dispatches of zero workgroups and planning steps excluded).
     pub dispatches: u64,
+    /// Bind groups created for them (the others were found in the cache, `super::binds`).
+    pub bind_groups: u64,
     /// Command buffers handed to the queue (uploads that went out on their own included).
     pub submissions: u64,
     /// Blocking calls: polls that wait for a submission, read-backs, error-scope pops.
@@ -72,6 +79,7 @@ impl GpuStats {
     pub fn since(&self, earlier: &GpuStats) -> GpuStats {
         GpuStats {
             dispatches: self.dispatches - earlier.dispatches,
+            bind_groups: self.bind_groups - earlier.bind_groups,
             submissions: self.submissions - earlier.submissions,
             waits: self.waits - earlier.waits,
             wait_ns: self.wait_ns - earlier.wait_ns,
