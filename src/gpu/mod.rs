@@ -3,9 +3,12 @@
 //! Kernels do not talk to wgpu directly. They call [`Gpu::dispatch`] with a [`KernelKey`]
 //! (shader file, entry point, override constants: the key doubles as the debug label), the
 //! storage buffers in binding order, and a `#[repr(C)]` uniform struct. Dispatches are recorded
-//! into one pending command encoder and submitted together when somebody needs a number
-//! ([`Gpu::read`]), writes a buffer from the host, or calls [`Gpu::flush`]. wgpu errors never
-//! panic: they are captured and returned as [`Error`] at the next synchronisation point.
+//! into one compute pass of one pending command encoder and submitted together when somebody
+//! needs a number ([`Gpu::read_bytes`]), writes a buffer from the host, or calls
+//! [`Gpu::flush`]. Their uniforms and bind groups are reused from step to step (`binds`). wgpu
+//! errors never panic: they are captured and returned as [`Error`] at the next check, once per
+//! submission, naming the kernels it carried. [`Gpu::stats`] counts dispatches, submissions and
+//! the host's recording and waiting time (`bench step` prints them per step).
 
 pub mod adapter;
 mod binds;
@@ -74,6 +77,10 @@ impl KernelKey {
 
 #[derive(Default)]
 struct Pending {
+    /// The compute pass open on `encoder`: a submission's dispatches share one pass (wgpu
+    /// orders each dispatch after the ones before it that it depends on), ended by a copy or
+    /// the submission. Declared before `encoder` so that it ends first when dropped.
+    pass: Option<wgpu::ComputePass<'static>>,
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
     /// The parameters of this encoder's dispatches, slot by slot (see [`binds`]).
@@ -554,18 +561,20 @@ impl Gpu {
                 group
             }
         };
-        let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(&label),
+        if pending.pass.is_none() {
+            let encoder = pending.encoder.get_or_insert_with(|| {
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+            });
+            let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline.pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            pending.pass = Some(pass.forget_lifetime());
         }
+        let pass = pending.pass.as_mut().expect("opened above");
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         pending.dispatches += 1;
         pending.kernels.push((key.shader, key.entry));
         self.stats.dispatch(start);
@@ -581,6 +590,7 @@ impl Gpu {
             return;
         }
         let mut pending = self.pending.lock();
+        pending.pass = None; // a copy ends the open compute pass
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
@@ -598,6 +608,7 @@ impl Gpu {
     /// Submit while holding the pending lock, so that no host write can be queued between
     /// taking the encoder and submitting it (it would run before commands recorded earlier).
     fn submit_locked(&self, pending: &mut Pending) {
+        pending.pass = None; // ends the pass, so that the encoder can finish
         let Some(encoder) = pending.encoder.take() else {
             return;
         };
