@@ -168,6 +168,39 @@ pub struct StepResult {
     pub memory: crate::memory::report::MemoryReport,
     /// the smallest --memory-budget this step runs under (planned; None on the CPU path)
     pub smallest_budget: Option<u64>,
+    /// the host's side of one timed step, averaged over the timed steps (None on the CPU path)
+    pub per_step: Option<PerStep>,
+}
+
+/// Dispatches, submissions and host time of one step: a GPU step is fast when it is few
+/// submissions and little waiting (see `crate::gpu::GpuStats`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PerStep {
+    pub dispatches: f64,
+    /// bind groups created (the rest were reused)
+    pub bind_groups: f64,
+    pub submissions: f64,
+    /// blocking calls (polls that wait, read-backs, error-scope pops)
+    pub waits: f64,
+    /// milliseconds blocked in those calls
+    pub host_wait_ms: f64,
+    /// milliseconds spent recording dispatches and encoding submissions
+    pub record_ms: f64,
+}
+
+impl PerStep {
+    /// `stats` over `steps` steps.
+    pub fn new(stats: &crate::gpu::GpuStats, steps: usize) -> PerStep {
+        let n = steps.max(1) as f64;
+        PerStep {
+            dispatches: stats.dispatches as f64 / n,
+            bind_groups: stats.bind_groups as f64 / n,
+            submissions: stats.submissions as f64 / n,
+            waits: stats.waits as f64 / n,
+            host_wait_ms: stats.wait_ns as f64 / 1e6 / n,
+            record_ms: stats.record_ns as f64 / 1e6 / n,
+        }
+    }
 }
 
 /// The model a step benchmark trains: a preset's shape with random weights, or a checkpoint
@@ -285,11 +318,17 @@ pub fn step_bench(
     if let Device::Gpu(g) = dev {
         g.reset_live_peak(); // the timed steps' peaks, not the model's loading
     }
+    let stats = |dev: &Device| match dev {
+        Device::Gpu(g) => Some(g.stats()),
+        Device::Cpu => None,
+    };
+    let before = stats(dev);
     let start = Instant::now();
     for _ in 0..steps.max(1) {
         one()?;
     }
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let per_step = stats(dev).zip(before).map(|(after, before)| PerStep::new(&after.since(&before), steps));
     let report = MemoryReport::for_device(&rss, dev);
     let weight_bytes = store.value_bytes().into_iter().map(|(ty, n)| (ty.name().to_string(), n)).collect();
     if memory.optimizer_offload == crate::memory::OptimizerOffload::Disk {
@@ -312,5 +351,6 @@ pub fn step_bench(
         weight_bytes,
         memory: report,
         smallest_budget,
+        per_step,
     })
 }

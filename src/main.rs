@@ -1181,6 +1181,13 @@ fn bench_step(
             .map(|(ty, n)| format!("{ty} {:.0} MiB", *n as f64 / (1 << 20) as f64))
             .collect();
         eprintln!("{:<44} weights held: {}", "", held.join(", "));
+        if let Some(p) = &r.per_step {
+            eprintln!(
+                "{:<44} per step: {:.0} dispatches ({:.0} new bind groups), {:.1} submissions, {:.1} waits, host wait {:.1} ms, \
+                 recording {:.1} ms",
+                "", p.dispatches, p.bind_groups, p.submissions, p.waits, p.host_wait_ms, p.record_ms
+            );
+        }
         if let Some(n) = r.smallest_budget {
             eprintln!("{:<44} smallest --memory-budget for this step (planned): {}", "", mib(Some(n)));
         }

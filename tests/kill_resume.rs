@@ -74,7 +74,7 @@ fn metrics(out: &Path) -> Vec<serde_json::Value> {
             let mut v: serde_json::Value =
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("metrics line {l:?}: {e}"));
             let o = v.as_object_mut().unwrap();
-            for k in ["ms_step", "tokens_per_s", "rss_bytes", "peak_rss_bytes", "gpu_bytes"] {
+            for k in ["ms_step", "tokens_per_s", "rss_bytes", "peak_rss_bytes", "gpu_bytes", "elapsed_s"] {
                 o.remove(k);
             }
             v

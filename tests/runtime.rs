@@ -201,3 +201,140 @@ fn a_submit_gate_sees_the_work_in_bounded_batches() {
     assert_eq!(seen, vec![GATED_BATCH, GATED_BATCH, GATED_BATCH, 5], "batches the gate saw");
     assert_eq!(y.to_host(&gpu).unwrap(), vec![2.0; 64]);
 }
+
+/// `Gpu::stats` counts the host's side of the work: a tensor split into chunks costs one
+/// dispatch per chunk, recorded work stays pending until something needs a number, and each
+/// chunk read back is one submission and one wait for the GPU.
+#[test]
+fn stats_count_dispatches_submissions_and_waits() {
+    use pockettune::gpu::Split;
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the shared one's counters move with the other tests.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let (rows, cols, per_chunk) = (10, 4, 3);
+    let chunks = 4; // rows 0-2, 3-5, 6-8 and 9
+    let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+    let x = Tensor::from_host_split(&gpu, &data, &[rows, cols], Split::Rows, per_chunk, "x").unwrap();
+    let y =
+        Tensor::from_host_split(&gpu, &vec![0.0; rows * cols], &[rows, cols], Split::Rows, per_chunk, "y")
+            .unwrap();
+    let calls = 5;
+    let before = gpu.stats();
+    for _ in 0..calls {
+        elementwise::axpby(&gpu, &y, &x, 1.0, 1.0).unwrap(); // y += x
+    }
+    let recorded = gpu.stats().since(&before);
+    assert_eq!(recorded.dispatches, calls * chunks, "one dispatch per chunk and call");
+    assert_eq!(recorded.submissions, 0, "recorded, not yet submitted");
+    assert!(recorded.record_ns > 0);
+
+    let got = y.to_host(&gpu).unwrap();
+    let read = gpu.stats().since(&before);
+    assert_eq!(got, data.iter().map(|v| calls as f32 * v).collect::<Vec<_>>());
+    assert_eq!(read.dispatches, calls * chunks, "reading dispatches nothing");
+    assert_eq!(read.submissions, chunks, "the first read carries the dispatches; one copy each after it");
+    assert!(read.waits >= chunks && read.wait_ns > 0, "each read waits for the GPU: {read:?}");
+}
+
+/// Errors are checked per submission, not by a blocking error-scope pop per dispatch: a
+/// dispatch with a binding left out is recorded without a wait, and the submission that
+/// carries it fails with a validation error that names the kernel.
+#[test]
+fn a_bad_dispatch_fails_its_submission_naming_the_kernel() {
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the error must not reach another test's submission.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 64], &[64], "y").unwrap();
+    let key = KernelKey::new("elementwise", "axpby");
+    gpu.pipeline(&key).unwrap(); // compiled (and its error scope popped) before counting
+    let before = gpu.stats();
+    // elementwise.wgsl's Params: n = 64, the other seven fields zero
+    let params: Vec<u8> = [64u32, 0, 0, 0, 0, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    // axpby reads binding 2: leaving it out is a bind group that does not match the layout
+    let out = [Some(y.chunks()[0].buf.raw())];
+    gpu.dispatch(&key, &out, &params, [1, 1, 1]).expect("recorded; the error comes at the submission");
+    assert_eq!(gpu.stats().since(&before).waits, 0, "no blocking pop per dispatch");
+    let err = gpu.flush().unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err}");
+    assert!(err.to_string().contains("elementwise::axpby"), "the error names the kernel: {err}");
+    // The device goes on: the next submission is checked on its own.
+    let x = Tensor::from_host(&gpu, &[1.5; 64], &[64], "x").unwrap();
+    elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![3.0; 64]);
+
+    // An error only the submission finds (one buffer bound read-write and read-only in one
+    // dispatch) names the kernels that submission carried.
+    elementwise::fill(&gpu, &x, 1.0).unwrap();
+    elementwise::axpby(&gpu, &y, &y, 2.0, 0.0).unwrap();
+    let err = gpu.flush().unwrap_err();
+    assert!(matches!(err, Error::Validation { .. }), "{err}");
+    let Error::Validation { context, .. } = &err else { unreachable!() };
+    assert!(
+        context.contains("elementwise::axpby") && context.contains("elementwise::fill"),
+        "the error names the submission's kernels: {err}"
+    );
+    gpu.sync().expect("checked once, the error is not reported again");
+}
+
+/// Bind groups are made once and found again when a submission repeats the dispatches of an
+/// earlier one on the same buffers; the parameters still change with every dispatch. 300
+/// dispatches fill more than one segment of the uniform ring (256 slots each).
+#[test]
+fn repeated_dispatches_reuse_bind_groups_with_fresh_parameters() {
+    let Some(_) = common::gpu() else { return };
+    // A device of its own: the shared one's counters move with the other tests.
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let x = Tensor::from_host(&gpu, &[1.0; 64], &[64], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 64], &[64], "y").unwrap();
+    let n = 300;
+    let round = |scale: f32| {
+        let before = gpu.stats();
+        for k in 1..=n {
+            elementwise::axpby(&gpu, &y, &x, scale * k as f32, 1.0).unwrap(); // y += scale k x
+        }
+        gpu.flush().unwrap();
+        gpu.stats().since(&before)
+    };
+    let sum = (n * (n + 1) / 2) as f32; // exact in f32
+    let first = round(1.0);
+    assert_eq!(first.dispatches, n as u64);
+    assert_eq!(first.bind_groups, n as u64, "each slot of a new submission binds anew");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![sum; 64]);
+    let again = round(2.0);
+    assert_eq!(again.dispatches, n as u64);
+    assert_eq!(again.bind_groups, 0, "the same dispatches in the same slots: every bind group reused");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![3.0 * sum; 64], "each dispatch read its own new parameters");
+}
+
+/// A cached bind group holds its buffers: the cache is emptied whenever the pool gives buffers
+/// back to the driver, so it never keeps memory that the pool no longer counts, and a buffer
+/// made after that is bound anew.
+#[test]
+fn trimming_the_pool_drops_the_cached_bind_groups() {
+    let Some(_) = common::gpu() else { return };
+    let gpu = Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap();
+    let held0 = gpu.bytes_allocated().0;
+    let x = Tensor::from_host(&gpu, &[1.0; 1000], &[1000], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 1000], &[1000], "y").unwrap();
+    elementwise::axpby(&gpu, &y, &x, 2.0, 0.0).unwrap();
+    gpu.sync().unwrap();
+    assert_eq!(gpu.cached_bind_groups(), 1);
+    drop((x, y));
+    gpu.trim();
+    assert_eq!(gpu.cached_bind_groups(), 0, "trim drops the bind groups that hold the freed buffers");
+    assert_eq!(gpu.bytes_allocated().0, held0, "the pool holds nothing of them");
+
+    let before = gpu.stats();
+    let x = Tensor::from_host(&gpu, &[1.0; 1000], &[1000], "x").unwrap();
+    let y = Tensor::from_host(&gpu, &[0.0; 1000], &[1000], "y").unwrap();
+    elementwise::axpby(&gpu, &y, &x, 3.0, 0.0).unwrap();
+    assert_eq!(gpu.stats().since(&before).bind_groups, 1, "new buffers, a new bind group");
+    assert_eq!(y.to_host(&gpu).unwrap(), vec![3.0; 1000]);
+
+    // Under a memory budget the pool trims by itself to make room: the cache goes with it.
+    drop((x, y));
+    gpu.set_memory_budget(Some(gpu.bytes_allocated().0 + 1024));
+    let z = Tensor::empty(&gpu, &[2000], "z").unwrap();
+    assert_eq!(gpu.cached_bind_groups(), 0, "the budget's trim dropped the cache too");
+    drop(z);
+}

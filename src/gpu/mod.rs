@@ -3,27 +3,32 @@
 //! Kernels do not talk to wgpu directly. They call [`Gpu::dispatch`] with a [`KernelKey`]
 //! (shader file, entry point, override constants: the key doubles as the debug label), the
 //! storage buffers in binding order, and a `#[repr(C)]` uniform struct. Dispatches are recorded
-//! into one pending command encoder and submitted together when somebody needs a number
-//! ([`Gpu::read`]), writes a buffer from the host, or calls [`Gpu::flush`]. wgpu errors never
-//! panic: they are captured and returned as [`Error`] at the next synchronisation point.
+//! into one compute pass of one pending command encoder and submitted together when somebody
+//! needs a number ([`Gpu::read_bytes`]), writes a buffer from the host, or calls
+//! [`Gpu::flush`]. Their uniforms and bind groups are reused from step to step (`binds`). wgpu
+//! errors never panic: they are captured and returned as [`Error`] at the next check, once per
+//! submission, naming the kernels it carried. [`Gpu::stats`] counts dispatches, submissions and
+//! the host's recording and waiting time (`bench step` prints them per step).
 
 pub mod adapter;
+mod binds;
 mod matmul_kernel;
 mod pool;
 mod qtensor;
+mod stats;
 mod tensor;
 
 pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
 pub use matmul_kernel::{MatmulKernel, StagedTile, MATMUL_ENV, STAGED_TILES};
 pub use pool::{Category, CategoryGuard, GpuBuffer};
 pub use qtensor::QTensor;
+pub use stats::GpuStats;
 pub use tensor::{Chunk, Split, Tensor};
 
 use crate::error::{Error, Result};
 use crate::shaders;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// How to open a device.
@@ -61,11 +66,17 @@ impl KernelKey {
 
 #[derive(Default)]
 struct Pending {
+    /// The compute pass open on `encoder`: a submission's dispatches share one pass (wgpu
+    /// orders each dispatch after the ones before it that it depends on), ended by a copy or
+    /// the submission. Declared before `encoder` so that it ends first when dropped.
+    pass: Option<wgpu::ComputePass<'static>>,
     encoder: Option<wgpu::CommandEncoder>,
     dispatches: usize,
-    /// Uniform buffers written for dispatches in this encoder; free again once it is submitted
-    /// (queue writes are ordered after earlier submissions).
-    uniforms: Vec<wgpu::Buffer>,
+    /// The parameters of this encoder's dispatches, slot by slot (see [`binds`]).
+    uniforms: binds::UniformRing,
+    /// (shader, entry point) of each dispatch in this encoder, to say which kernels a failed
+    /// submission carried (errors are checked per submission, see [`Gpu::check`]).
+    kernels: Vec<(&'static str, &'static str)>,
     /// Bytes of host writes staged since the last submission (see [`Gpu::write`]).
     staged: u64,
     /// The staging ring: submissions that carried staged writes, with their bytes, oldest
@@ -106,12 +117,14 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<KernelKey, Arc<Pipeline>>>,
     pool: Arc<pool::Pool>,
     pending: Mutex<Pending>,
-    free_uniforms: Mutex<Vec<wgpu::Buffer>>,
+    binds: Arc<binds::BindCache>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Kernels submitted since the last [`Gpu::check`]: where an error it finds came from.
+    unchecked: Mutex<std::collections::BTreeSet<(&'static str, &'static str)>>,
     lost: Arc<Mutex<Option<(String, String)>>>,
     dummy: wgpu::Buffer,
     gate: Mutex<Option<Arc<dyn SubmitGate>>>,
-    submissions: AtomicU64,
+    stats: Arc<stats::Counters>,
     /// The driver allocator's own figures (see [`Gpu::driver_bytes`]).
     driver: Mutex<DriverBytes>,
     matmul: Mutex<MatmulKernel>,
@@ -136,9 +149,6 @@ pub struct Pipeline {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
 }
-
-/// Largest uniform struct a kernel may pass (bytes).
-const UNIFORM_SIZE: u64 = 256;
 
 impl Gpu {
     /// Open the adapter chosen by `opts` with the limits of its profile.
@@ -209,8 +219,10 @@ impl Gpu {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let stats = Arc::new(stats::Counters::default());
+        let binds = Arc::new(binds::BindCache::default());
         Ok(Gpu {
-            pool: Arc::new(pool::Pool::new(device.clone())),
+            pool: Arc::new(pool::Pool::new(device.clone(), stats.clone(), binds.clone())),
             device,
             queue,
             summary,
@@ -221,12 +233,13 @@ impl Gpu {
             extra_sources: Mutex::default(),
             pipelines: Mutex::default(),
             pending: Mutex::default(),
-            free_uniforms: Mutex::default(),
+            binds,
             errors,
+            unchecked: Mutex::default(),
             lost,
             dummy,
             gate: Mutex::new(None),
-            submissions: AtomicU64::new(0),
+            stats,
             driver: Mutex::default(),
             matmul: Mutex::new(matmul),
             matmul_kernels,
@@ -340,7 +353,24 @@ impl Gpu {
         self.pool.budget()
     }
     pub fn submissions(&self) -> u64 {
-        self.submissions.load(Ordering::Relaxed)
+        self.stats.snapshot().submissions
+    }
+    /// Dispatches, submissions and the host's recording and waiting time since the device was
+    /// opened; subtract two snapshots ([`GpuStats::since`]) for the work in between.
+    pub fn stats(&self) -> GpuStats {
+        self.stats.snapshot()
+    }
+    /// Block until the GPU has finished `submission` (everything submitted when `None`),
+    /// counted as host-wait time in [`Self::stats`].
+    pub(crate) fn wait_for(&self, submission: Option<wgpu::SubmissionIndex>, context: &str) -> Result<()> {
+        let poll = match submission {
+            Some(index) => wgpu::PollType::Wait { submission_index: Some(index), timeout: None },
+            None => wgpu::PollType::wait_indefinitely(),
+        };
+        self.stats
+            .wait(|| self.device.poll(poll))
+            .map(|_| ())
+            .map_err(|e| Error::Internal { context: context.into(), message: e.to_string() })
     }
     /// The matrix-product kernel in use.
     pub fn matmul_kernel(&self) -> MatmulKernel {
@@ -389,7 +419,12 @@ impl Gpu {
     pub fn placeholder(&self) -> &wgpu::Buffer {
         &self.dummy
     }
-    /// Give pooled, unused buffers back to the driver.
+    /// Bind groups kept for reuse (see `binds`); none after [`Self::trim`].
+    pub fn cached_bind_groups(&self) -> usize {
+        self.binds.len()
+    }
+    /// Give pooled, unused buffers back to the driver (and the cached bind groups that hold
+    /// them).
     pub fn trim(&self) {
         self.pool.trim();
     }
@@ -435,7 +470,7 @@ impl Gpu {
             label: Some(shader),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = self.stats.wait(|| pollster::block_on(scope.pop())) {
             return Err(self.scope_error(format!("shader {shader}.wgsl"), e));
         }
         let module = Arc::new(module);
@@ -446,6 +481,7 @@ impl Gpu {
     /// Make WGSL source available under `name` for [`KernelKey`]s (kernel variants on trial;
     /// the shipped kernels are compiled in from `shaders/`).
     pub fn register_shader(&self, name: &'static str, source: impl Into<String>) {
+        self.binds.clear(); // holds the pipelines it was made for
         self.modules.lock().remove(name);
         self.pipelines.lock().retain(|k, _| k.shader != name);
         self.extra_sources.lock().insert(name, source.into());
@@ -472,27 +508,13 @@ impl Gpu {
             },
             cache: None,
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = self.stats.wait(|| pollster::block_on(scope.pop())) {
             return Err(self.scope_error(format!("pipeline {label}"), e));
         }
         let layout = pipeline.get_bind_group_layout(0);
         let pipeline = Arc::new(Pipeline { pipeline, layout });
         self.pipelines.lock().insert(key.clone(), pipeline.clone());
         Ok(pipeline)
-    }
-
-    fn uniform(&self, params: &[u8]) -> wgpu::Buffer {
-        assert!(params.len() as u64 <= UNIFORM_SIZE, "uniform struct larger than {UNIFORM_SIZE} bytes");
-        let buf = self.free_uniforms.lock().pop().unwrap_or_else(|| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size: UNIFORM_SIZE,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        });
-        self.queue.write_buffer(&buf, 0, params);
-        buf
     }
 
     /// Record one dispatch. `buffers[i]` is bound at `@binding(i + 1)`, the uniform `params`
@@ -514,38 +536,73 @@ impl Gpu {
                 message: format!("dispatch {groups:?} exceeds {max} workgroups per dimension"),
             });
         }
+        let start = std::time::Instant::now();
         let pipeline = self.pipeline(key)?;
-        let uniform = self.uniform(params);
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        for (i, b) in buffers.iter().enumerate() {
-            if let Some(b) = b {
-                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
-            }
-        }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.layout,
-            entries: &entries,
-        });
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(self.scope_error(key.label(), e));
-        }
+        let label = key.label();
         let mut pending = self.pending.lock();
-        let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        let slot = pending.dispatches as u64;
+        let (uniform, offset) = pending.uniforms.push(&self.device, slot, params);
+        // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
+        // cache before it gives any back (see `binds`).
+        let cacheable = buffers.iter().flatten().all(|b| *b == &self.dummy || self.pool.knows(b));
+        let bind_key = cacheable.then(|| binds::BindKey {
+            pipeline: pipeline.pipeline.clone(),
+            slot,
+            buffers: buffers.iter().map(|b| b.cloned()).collect(),
         });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(&key.label()),
+        let bind_group = match bind_key.as_ref().and_then(|k| self.binds.get(k)) {
+            Some(group) => group,
+            None => {
+                let size = wgpu::BufferSize::new(binds::SLOT);
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &uniform,
+                        offset,
+                        size,
+                    }),
+                }];
+                for (i, b) in buffers.iter().enumerate() {
+                    if let Some(b) = b {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32 + 1,
+                            resource: b.as_entire_binding(),
+                        });
+                    }
+                }
+                // No error scope of its own: popping one per dispatch blocked the host on the
+                // driver every time. A bad bind group is reported through the device's error
+                // sink, labelled with the kernel, and becomes an `Error` at the submission's
+                // check (`Self::check`).
+                let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&label),
+                    layout: &pipeline.layout,
+                    entries: &entries,
+                });
+                self.stats.bind_group();
+                if let Some(k) = bind_key {
+                    self.binds.insert(k, group.clone());
+                }
+                group
+            }
+        };
+        if pending.pass.is_none() {
+            let encoder = pending.encoder.get_or_insert_with(|| {
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+            });
+            let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("step"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline.pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            pending.pass = Some(pass.forget_lifetime());
         }
+        let pass = pending.pass.as_mut().expect("opened above");
+        pass.set_pipeline(&pipeline.pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         pending.dispatches += 1;
-        pending.uniforms.push(uniform);
+        pending.kernels.push((key.shader, key.entry));
+        self.stats.dispatch(start);
         if pending.dispatches >= GATED_BATCH && self.gate.lock().is_some() {
             self.submit_locked(&mut pending);
         }
@@ -558,6 +615,7 @@ impl Gpu {
             return;
         }
         let mut pending = self.pending.lock();
+        pending.pass = None; // a copy ends the open compute pass
         let encoder = pending.encoder.get_or_insert_with(|| {
             self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
         });
@@ -575,6 +633,7 @@ impl Gpu {
     /// Submit while holding the pending lock, so that no host write can be queued between
     /// taking the encoder and submitting it (it would run before commands recorded earlier).
     fn submit_locked(&self, pending: &mut Pending) {
+        pending.pass = None; // ends the pass, so that the encoder can finish
         let Some(encoder) = pending.encoder.take() else {
             return;
         };
@@ -583,43 +642,55 @@ impl Gpu {
         if let Some(gate) = &gate {
             gate.before_submit(dispatches);
         }
+        self.unchecked.lock().extend(pending.kernels.drain(..));
+        // wgpu encodes a recorded pass into driver commands at `finish`: recording time too
+        let start = std::time::Instant::now();
+        pending.uniforms.upload(&self.queue);
         let index = self.queue.submit([encoder.finish()]);
+        self.stats.record(start);
         if gate.is_some() {
             // Gated (throttled): each batch finishes before the next is recorded, so the gate's
             // host clock measures the GPU's work, and a long step is spread out, not queued at
             // once with its whole throttle owed at its end.
-            let _ = self
-                .device
-                .poll(wgpu::PollType::Wait { submission_index: Some(index.clone()), timeout: None });
+            let _ = self.wait_for(Some(index.clone()), "submit");
         }
         if pending.staged > 0 {
             // a submission carries the staged writes with it
             let staged = std::mem::take(&mut pending.staged);
             pending.ring.push_back((index, staged));
         }
-        self.submissions.fetch_add(1, Ordering::Relaxed);
-        self.free_uniforms.lock().append(&mut pending.uniforms);
+        self.stats.submission();
     }
 
     /// Wait until the GPU has finished everything submitted.
     pub fn sync(&self) -> Result<()> {
         self.flush()?;
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
+        self.wait_for(None, "poll")?;
         self.check("wait")
     }
 
-    /// Turn errors captured since the last check into an [`Error`].
+    /// Turn errors captured since the last check into an [`Error`]. Dispatches have no error
+    /// scope of their own (a blocking pop each): what went wrong in a submission is found
+    /// here, after it, and the error names the kernels submitted since the last check beside
+    /// wgpu's message (which names a bad bind group's kernel by its label).
     pub fn check(&self, context: &str) -> Result<()> {
+        let kernels = std::mem::take(&mut *self.unchecked.lock());
         if let Some(lost) = self.lost_error() {
             return Err(lost);
         }
         let errors = std::mem::take(&mut *self.errors.lock());
+        let context = match kernels.len() {
+            0 => context.to_string(),
+            n => {
+                let names: Vec<String> = kernels.iter().take(16).map(|(s, e)| format!("{s}::{e}")).collect();
+                let more = if n > 16 { format!(" and {} more", n - 16) } else { String::new() };
+                format!("{context} (kernels submitted since the last check: {}{more})", names.join(", "))
+            }
+        };
         match errors.first() {
             None => Ok(()),
-            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory { context: context.into() }),
-            Some(_) => Err(Error::Validation { context: context.into(), message: errors.join("\n") }),
+            Some(e) if e.starts_with("out of memory") => Err(Error::OutOfMemory { context }),
+            Some(_) => Err(Error::Validation { context, message: errors.join("\n") }),
         }
     }
 
@@ -654,15 +725,13 @@ impl Gpu {
         if pending.staged >= STAGING_LIMIT / 2 {
             self.sample_driver(); // the staging copies are at their most now
             let index = self.queue.submit([]);
-            self.submissions.fetch_add(1, Ordering::Relaxed);
+            self.stats.submission();
             let staged = std::mem::take(&mut pending.staged);
             pending.ring.push_back((index, staged));
         }
         while pending.ring.iter().map(|r| r.1).sum::<u64>() > STAGING_LIMIT {
             let (oldest, _) = pending.ring.pop_front().expect("a non-empty ring");
-            self.device
-                .poll(wgpu::PollType::Wait { submission_index: Some(oldest), timeout: None })
-                .map_err(|e| Error::Internal { context: "poll".into(), message: e.to_string() })?;
+            self.wait_for(Some(oldest), "poll")?;
         }
         drop(pending);
         self.check("upload")
@@ -686,9 +755,7 @@ impl Gpu {
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Internal { context: "read-back".into(), message: e.to_string() })?;
+        self.wait_for(None, "read-back")?;
         self.check("read-back")?;
         match rx.recv() {
             Ok(Ok(())) => {}

@@ -106,7 +106,21 @@ struct Live {
 
 pub(crate) struct Pool {
     device: wgpu::Device,
-    free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// the device's counters: an allocation's out-of-memory check is a blocking pop
+    stats: Arc<super::stats::Counters>,
+    /// Bind groups cached by the device (`super::binds`): they hold buffers, so they go
+    /// whenever buffers go back to the driver.
+    binds: Arc<super::binds::BindCache>,
+    /// Every buffer the pool made and still holds (in use or free): the ones a bind group
+    /// may be cached for.
+    known: Mutex<std::collections::HashSet<wgpu::Buffer>>,
+    /// Free buffers by size, each under the number it was made with. The lowest number is
+    /// handed out first, so that a step which asks for the same sizes in the same order gets
+    /// the same buffers whatever order the last step freed them in: its bind groups are then
+    /// found in the cache (`super::binds`).
+    free: Mutex<HashMap<u64, std::collections::BTreeMap<u64, wgpu::Buffer>>>,
+    /// The number the next buffer is made with.
+    made: std::sync::atomic::AtomicU64,
     /// (bytes held now, peak bytes held)
     held: Mutex<(u64, u64)>,
     live: Mutex<Live>,
@@ -118,7 +132,11 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub fn new(device: wgpu::Device) -> Self {
+    pub fn new(
+        device: wgpu::Device,
+        stats: Arc<super::stats::Counters>,
+        binds: Arc<super::binds::BindCache>,
+    ) -> Self {
         let stand_in = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("planning stand-in"),
             size: 256,
@@ -127,9 +145,13 @@ impl Pool {
         });
         Pool {
             device,
+            stats,
+            binds,
+            known: Mutex::default(),
             stand_in,
             planning: Default::default(),
             free: Mutex::default(),
+            made: Default::default(),
             held: Mutex::new((0, 0)),
             live: Mutex::default(),
             budget: Mutex::new(None),
@@ -217,9 +239,9 @@ impl Pool {
             held.0 += size; // a plan holds exactly what is live
             held.1 = held.1.max(held.0);
             drop(held);
-            return Ok(self.hand_out(self.stand_in.clone(), size, bytes, true));
+            return Ok(self.hand_out((0, self.stand_in.clone()), size, bytes, true));
         }
-        let reused = self.free.lock().get_mut(&size).and_then(Vec::pop);
+        let reused = self.free.lock().get_mut(&size).and_then(|free| free.pop_first());
         let buffer = match reused {
             Some(b) => b,
             None => {
@@ -233,7 +255,7 @@ impl Pool {
                         | wgpu::BufferUsages::COPY_DST,
                     mapped_at_creation: false,
                 });
-                if pollster::block_on(scope.pop()).is_some() {
+                if self.stats.wait(|| pollster::block_on(scope.pop())).is_some() {
                     return Err(Error::OutOfMemory {
                         context: format!("allocating {size} bytes for {what}"),
                     });
@@ -241,14 +263,21 @@ impl Pool {
                 let mut held = self.held.lock();
                 held.0 += size;
                 held.1 = held.1.max(held.0);
-                b
+                self.known.lock().insert(b.clone());
+                (self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed), b)
             }
         };
         Ok(self.hand_out(buffer, size, bytes, false))
     }
 
     /// Count `size` bytes live in the current category and wrap the buffer.
-    fn hand_out(self: &Arc<Self>, buffer: wgpu::Buffer, size: u64, bytes: u64, planned: bool) -> GpuBuffer {
+    fn hand_out(
+        self: &Arc<Self>,
+        (number, buffer): (u64, wgpu::Buffer),
+        size: u64,
+        bytes: u64,
+        planned: bool,
+    ) -> GpuBuffer {
         let category = Category::current();
         let i = category.index();
         let mut live = self.live.lock();
@@ -257,14 +286,25 @@ impl Pool {
         live.by[i] += size;
         live.by_peak[i] = live.by_peak[i].max(live.by[i]);
         drop(live);
-        GpuBuffer { buffer: Some(buffer), size, bytes, planned, category, pool: self.clone() }
+        GpuBuffer { buffer: Some(buffer), number, size, bytes, planned, category, pool: self.clone() }
     }
 
-    /// Give every pooled (unused) buffer back to the driver.
+    /// Whether `buffer` is one of the pool's (in use or free).
+    pub fn knows(&self, buffer: &wgpu::Buffer) -> bool {
+        self.known.lock().contains(buffer)
+    }
+
+    /// Give every pooled (unused) buffer back to the driver, with the cached bind groups that
+    /// would otherwise keep them alive.
     pub fn trim(&self) {
         let mut free = self.free.lock();
         let released: u64 = free.iter().map(|(size, v)| size * v.len() as u64).sum();
-        free.clear();
+        let mut known = self.known.lock();
+        for (_, b) in free.drain().flat_map(|(_, v)| v) {
+            known.remove(&b);
+        }
+        drop(known);
+        self.binds.clear();
         self.held.lock().0 -= released;
     }
 }
@@ -272,6 +312,8 @@ impl Pool {
 /// A storage buffer that returns to its pool when dropped.
 pub struct GpuBuffer {
     buffer: Option<wgpu::Buffer>,
+    /// the number it was made with (its place in the pool's free list)
+    number: u64,
     /// bytes counted live (the buffer's size, or what it stands for in a planning step)
     size: u64,
     /// a planning step's stand-in: counted, never pooled
@@ -306,7 +348,7 @@ impl Drop for GpuBuffer {
             if self.planned {
                 self.pool.held.lock().0 -= self.size;
             } else {
-                self.pool.free.lock().entry(b.size()).or_default().push(b);
+                self.pool.free.lock().entry(b.size()).or_default().insert(self.number, b);
             }
         }
     }

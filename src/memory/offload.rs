@@ -351,7 +351,7 @@ fn map_read(gpu: &Gpu, staging: &wgpu::Buffer, bytes: u64) -> Result<wgpu::Buffe
     staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
         let _ = tx.send(r);
     });
-    gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| internal(e.to_string()))?;
+    gpu.wait_for(None, "optimizer offload read-back")?;
     gpu.check("optimizer offload read-back")?;
     match rx.recv() {
         Ok(Ok(())) => {}
