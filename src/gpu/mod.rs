@@ -360,17 +360,28 @@ impl Gpu {
     pub fn stats(&self) -> GpuStats {
         self.stats.snapshot()
     }
+    /// Bytes of staged host writes allowed in flight: [`STAGING_LIMIT`], or an eighth of the
+    /// memory budget if less (wgpu's staging copies are device memory the pool does not count).
+    fn staging_limit(&self) -> u64 {
+        self.pool.budget().map_or(STAGING_LIMIT, |b| STAGING_LIMIT.min(b / 8))
+    }
+
     /// Block until the GPU has finished `submission` (everything submitted when `None`),
-    /// counted as host-wait time in [`Self::stats`].
+    /// counted as host-wait time in [`Self::stats`]. Callers that wait for everything submit
+    /// first, so the buffers the pool gave back have then been destroyed.
     pub(crate) fn wait_for(&self, submission: Option<wgpu::SubmissionIndex>, context: &str) -> Result<()> {
+        let idle = submission.is_none();
         let poll = match submission {
             Some(index) => wgpu::PollType::Wait { submission_index: Some(index), timeout: None },
             None => wgpu::PollType::wait_indefinitely(),
         };
         self.stats
             .wait(|| self.device.poll(poll))
-            .map(|_| ())
-            .map_err(|e| Error::Internal { context: context.into(), message: e.to_string() })
+            .map_err(|e| Error::Internal { context: context.into(), message: e.to_string() })?;
+        if idle {
+            self.pool.retired();
+        }
+        Ok(())
     }
     /// The matrix-product kernel in use.
     pub fn matmul_kernel(&self) -> MatmulKernel {
@@ -447,7 +458,16 @@ impl Gpu {
             return Err(Error::TooLarge { what: what.to_string(), bytes, limit });
         }
         let before = self.pool.bytes().0;
-        let buffer = self.pool.get(bytes, what)?;
+        let buffer = match self.pool.get(bytes, what) {
+            // Buffers given back under the budget are still taken until the GPU is done with
+            // them (wgpu destroys a buffer after its last submission): wait for that, then
+            // try again, so that the driver never holds more than the budget either.
+            Err(Error::MemoryBudget { .. }) if self.pool.retiring() > 0 => {
+                self.sync()?;
+                self.pool.get(bytes, what)?
+            }
+            other => other?,
+        };
         if self.pool.bytes().0 > before && !self.pool.planning() {
             // a new buffer (not one from the pool): the allocator's figures may have moved
             self.sample_driver();
@@ -722,14 +742,15 @@ impl Gpu {
         // A ring of two halves: a full half is submitted; past the limit, wait for the oldest
         // half only, never for the GPU to go idle, so the next layer's upload overlaps this
         // layer's work (streamed weights, `graph::stream`).
-        if pending.staged >= STAGING_LIMIT / 2 {
+        let limit = self.staging_limit();
+        if pending.staged >= limit / 2 {
             self.sample_driver(); // the staging copies are at their most now
             let index = self.queue.submit([]);
             self.stats.submission();
             let staged = std::mem::take(&mut pending.staged);
             pending.ring.push_back((index, staged));
         }
-        while pending.ring.iter().map(|r| r.1).sum::<u64>() > STAGING_LIMIT {
+        while pending.ring.iter().map(|r| r.1).sum::<u64>() > limit {
             let (oldest, _) = pending.ring.pop_front().expect("a non-empty ring");
             self.wait_for(Some(oldest), "poll")?;
         }

@@ -126,6 +126,11 @@ pub(crate) struct Pool {
     live: Mutex<Live>,
     /// `--memory-budget`: bytes held may not pass it
     budget: Mutex<Option<u64>>,
+    /// Bytes given back to the driver since the GPU was last seen idle: wgpu destroys a
+    /// dropped buffer only once the submissions that use it are done, so until then its memory
+    /// is still taken. Counted against the budget; `Gpu::alloc` waits for the GPU (and sets
+    /// this to 0 through [`Pool::retired`]) when they stand in the way.
+    retiring: std::sync::atomic::AtomicU64,
     /// A planning step (see `Gpu::plan`): buffers are counted, not created; all share `stand_in`.
     planning: std::sync::atomic::AtomicBool,
     stand_in: wgpu::Buffer,
@@ -155,6 +160,7 @@ impl Pool {
             held: Mutex::new((0, 0)),
             live: Mutex::default(),
             budget: Mutex::new(None),
+            retiring: Default::default(),
         }
     }
 
@@ -176,11 +182,11 @@ impl Pool {
     /// and refuse if the live ones leave no room.
     fn admit(&self, size: u64, what: &str) -> Result<()> {
         let Some(budget) = self.budget() else { return Ok(()) };
-        if self.held.lock().0 + size <= budget {
+        if self.held.lock().0 + self.retiring() + size <= budget {
             return Ok(());
         }
         self.trim();
-        let held = self.held.lock().0;
+        let held = self.held.lock().0 + self.retiring();
         if held + size <= budget {
             return Ok(());
         }
@@ -198,6 +204,16 @@ impl Pool {
                 crate::memory::mib(held + size)
             ),
         })
+    }
+
+    /// Bytes given back to the driver that the GPU may still be using (see `retiring`).
+    pub fn retiring(&self) -> u64 {
+        self.retiring.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The GPU has been idle since the buffers given back were dropped: their memory is free.
+    pub fn retired(&self) {
+        self.retiring.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// (bytes held now, peak bytes held)
@@ -306,6 +322,7 @@ impl Pool {
         drop(known);
         self.binds.clear();
         self.held.lock().0 -= released;
+        self.retiring.fetch_add(released, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
