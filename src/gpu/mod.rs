@@ -125,8 +125,6 @@ pub struct Gpu {
     dummy: wgpu::Buffer,
     gate: Mutex<Option<Arc<dyn SubmitGate>>>,
     stats: Arc<stats::Counters>,
-    /// The driver allocator's own figures (see [`Gpu::driver_bytes`]).
-    driver: Mutex<DriverBytes>,
     matmul: Mutex<MatmulKernel>,
     matmul_kernels: Vec<MatmulKernel>,
     constants: Mutex<HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>,
@@ -240,7 +238,6 @@ impl Gpu {
             dummy,
             gate: Mutex::new(None),
             stats,
-            driver: Mutex::default(),
             matmul: Mutex::new(matmul),
             matmul_kernels,
             constants: Mutex::default(),
@@ -273,19 +270,9 @@ impl Gpu {
     /// keeps no such report. Where device memory is host memory (phones, lavapipe) the reserved
     /// bytes are resident, so this accounts for the RSS the pool's figures do not explain.
     pub fn driver_bytes(&self) -> Option<DriverBytes> {
-        self.sample_driver();
-        let d = *self.driver.lock();
+        self.pool.sample_driver();
+        let d = self.pool.driver();
         (d.peak_reserved > 0).then_some(d)
-    }
-
-    fn sample_driver(&self) {
-        if let Some(r) = self.device.generate_allocator_report() {
-            let mut d = self.driver.lock();
-            d.allocated = r.total_allocated_bytes;
-            d.reserved = r.total_reserved_bytes;
-            d.peak_allocated = d.peak_allocated.max(d.allocated);
-            d.peak_reserved = d.peak_reserved.max(d.reserved);
-        }
     }
 
     /// Bytes currently held in GPU buffers (live and pooled), and the peak of that figure.
@@ -457,22 +444,16 @@ impl Gpu {
         if bytes > limit {
             return Err(Error::TooLarge { what: what.to_string(), bytes, limit });
         }
-        let before = self.pool.bytes().0;
-        let buffer = match self.pool.get(bytes, what) {
+        match self.pool.get(bytes, what) {
             // Buffers given back under the budget are still taken until the GPU is done with
             // them (wgpu destroys a buffer after its last submission): wait for that, then
             // try again, so that the driver never holds more than the budget either.
             Err(Error::MemoryBudget { .. }) if self.pool.retiring() > 0 => {
                 self.sync()?;
-                self.pool.get(bytes, what)?
+                self.pool.get(bytes, what)
             }
-            other => other?,
-        };
-        if self.pool.bytes().0 > before && !self.pool.planning() {
-            // a new buffer (not one from the pool): the allocator's figures may have moved
-            self.sample_driver();
+            other => other,
         }
-        Ok(buffer)
     }
 
     fn module(&self, shader: &'static str) -> Result<Arc<wgpu::ShaderModule>> {
@@ -744,7 +725,7 @@ impl Gpu {
         // layer's work (streamed weights, `graph::stream`).
         let limit = self.staging_limit();
         if pending.staged >= limit / 2 {
-            self.sample_driver(); // the staging copies are at their most now
+            self.pool.sample_driver(); // the staging copies are at their most now
             let index = self.queue.submit([]);
             self.stats.submission();
             let staged = std::mem::take(&mut pending.staged);

@@ -131,6 +131,9 @@ pub(crate) struct Pool {
     /// is still taken. Counted against the budget; `Gpu::alloc` waits for the GPU (and sets
     /// this to 0 through [`Pool::retired`]) when they stand in the way.
     retiring: std::sync::atomic::AtomicU64,
+    /// The device memory allocator's figures, sampled when a buffer is made (and by the device
+    /// when uploads are staged); see `Gpu::driver_bytes`.
+    driver: Mutex<super::DriverBytes>,
     /// A planning step (see `Gpu::plan`): buffers are counted, not created; all share `stand_in`.
     planning: std::sync::atomic::AtomicBool,
     stand_in: wgpu::Buffer,
@@ -161,6 +164,7 @@ impl Pool {
             live: Mutex::default(),
             budget: Mutex::new(None),
             retiring: Default::default(),
+            driver: Mutex::default(),
         }
     }
 
@@ -214,6 +218,22 @@ impl Pool {
     /// The GPU has been idle since the buffers given back were dropped: their memory is free.
     pub fn retired(&self) {
         self.retiring.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Read the allocator's report into the driver figures (now, and the peaks).
+    pub fn sample_driver(&self) {
+        if let Some(r) = self.device.generate_allocator_report() {
+            let mut d = self.driver.lock();
+            d.allocated = r.total_allocated_bytes;
+            d.reserved = r.total_reserved_bytes;
+            d.peak_allocated = d.peak_allocated.max(d.allocated);
+            d.peak_reserved = d.peak_reserved.max(d.reserved);
+        }
+    }
+
+    /// The driver figures as last sampled.
+    pub fn driver(&self) -> super::DriverBytes {
+        *self.driver.lock()
     }
 
     /// (bytes held now, peak bytes held)
@@ -279,7 +299,9 @@ impl Pool {
                 let mut held = self.held.lock();
                 held.0 += size;
                 held.1 = held.1.max(held.0);
+                drop(held);
                 self.known.lock().insert(b.clone());
+                self.sample_driver(); // a new buffer: the allocator's figures moved
                 (self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed), b)
             }
         };
