@@ -320,7 +320,7 @@ pub fn step_bench(
     }
     let stats = |dev: &Device| match dev {
         Device::Gpu(g) => Some(g.stats()),
-        Device::Cpu => None,
+        Device::Cpu(_) => None,
     };
     let before = stats(dev);
     let start = Instant::now();
@@ -342,11 +342,11 @@ pub fn step_bench(
         peak_rss_bytes: crate::train::rss().1,
         peak_gpu_bytes: match dev {
             Device::Gpu(g) => Some(g.bytes_allocated().1),
-            Device::Cpu => None,
+            Device::Cpu(_) => None,
         },
         peak_live_gpu_bytes: match dev {
             Device::Gpu(g) => Some(g.bytes_live().1),
-            Device::Cpu => None,
+            Device::Cpu(_) => None,
         },
         weight_bytes,
         memory: report,

@@ -35,6 +35,7 @@ struct Cli {
 struct DeviceArgs {
     /// GPU adapter: index (as `info` lists them), type (discrete, integrated, virtual,
     /// software) or part of its name. Default: the first discrete, then integrated GPU.
+    /// `bench step` also takes `cpu` (the fast CPU path) and `cpu-ref` (the CPU reference).
     #[arg(long, env = "POCKETTUNE_DEVICE")]
     device: Option<String>,
     /// Limits the device is opened with: `mobile` holds every kernel to a phone GPU's limits
@@ -154,7 +155,8 @@ enum Command {
         /// Evaluate at most this many batches (default: all).
         #[arg(long)]
         max_batches: Option<usize>,
-        /// `cpu` for the CPU reference path, else a GPU adapter (index, type or name).
+        /// `cpu` for the fast CPU path (f32, every core), `cpu-ref` for the CPU reference
+        /// (f64 accumulation, slow; for checking), else a GPU adapter (index, type or name).
         #[arg(long, env = "POCKETTUNE_DEVICE")]
         device: Option<String>,
         #[arg(long, value_enum, default_value_t = Profile::Mobile)]
@@ -200,7 +202,8 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// `cpu` for the CPU reference path, else a GPU adapter (index, type or name).
+        /// `cpu` for the fast CPU path (f32, every core), `cpu-ref` for the CPU reference
+        /// (f64 accumulation, slow; for checking), else a GPU adapter (index, type or name).
         #[arg(long, env = "POCKETTUNE_DEVICE")]
         device: Option<String>,
         #[arg(long, value_enum, default_value_t = Profile::Mobile)]
@@ -288,7 +291,7 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Time a fine-tuning step (full or LoRA) of a random model of a preset shape on the GPU and on
-    /// the CPU path, with peak memory.
+    /// the fast CPU path, with peak memory.
     Step {
         #[command(flatten)]
         device: DeviceArgs,
@@ -321,7 +324,8 @@ enum BenchCommand {
         /// Timed steps after one warm-up step.
         #[arg(long, default_value_t = 1)]
         steps: usize,
-        /// Skip the CPU path (it takes minutes at 124M).
+        /// Skip the fast CPU path that runs after the GPU (`--device cpu` runs the CPU path
+        /// alone, with no GPU; `--device cpu-ref` the CPU reference).
         #[arg(long)]
         no_cpu: bool,
         /// Plan the step instead of running it: every GPU buffer is counted and none is made,
@@ -548,7 +552,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Export { model, adapter, format: ExportFormat::Hf, merge: _, out } => {
-            let dev = pockettune::graph::Device::Cpu;
+            let dev = pockettune::graph::Device::CPU;
             let (m, mut store) = pockettune::models::Model::load(&model, &dev)?;
             let o = pockettune::lora::load(&adapter, &m, &mut store)?;
             pockettune::lora::merge(&m, &mut store)?;
@@ -1144,17 +1148,27 @@ fn bench_step(
             (path.display().to_string(), base)
         }
     };
-    let gpu = std::sync::Arc::new(dev.open()?);
-    if plan {
-        eprintln!("planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not");
-        gpu.set_planning(true);
-    } else {
-        pockettune::kernels::matmul_tune::tune_and_report(&gpu)?;
-    }
-    let mut devices = vec![Device::Gpu(gpu)];
-    if !no_cpu && !plan {
-        devices.push(Device::Cpu);
-    }
+    let devices = match dev.device.as_deref() {
+        Some("cpu") if !plan => vec![Device::CPU],
+        Some("cpu-ref") if !plan => vec![Device::CPU_REF],
+        Some("cpu" | "cpu-ref") => anyhow::bail!("--plan counts GPU buffers; it needs a GPU device"),
+        _ => {
+            let gpu = std::sync::Arc::new(dev.open()?);
+            if plan {
+                eprintln!(
+                    "planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not"
+                );
+                gpu.set_planning(true);
+            } else {
+                pockettune::kernels::matmul_tune::tune_and_report(&gpu)?;
+            }
+            let mut devices = vec![Device::Gpu(gpu)];
+            if !no_cpu && !plan {
+                devices.push(Device::CPU);
+            }
+            devices
+        }
+    };
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
     eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, {weights}");
     eprintln!("memory options: {}", serde_json::to_string(memory)?);

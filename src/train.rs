@@ -215,10 +215,13 @@ fn invalid(name: &str, detail: impl Into<String>) -> Error {
     Error::InvalidArgument { name: name.into(), detail: detail.into() }
 }
 
-/// Open `cpu` or a GPU as `--device` says.
+/// Open the device `--device` names: `cpu` (the fast CPU path), `cpu-ref` (the CPU reference),
+/// or a GPU (an adapter index or a part of its name; the best one when `None`).
 pub fn open_device(spec: Option<&str>, limits: Profile) -> Result<Device> {
-    if spec == Some("cpu") {
-        return Ok(Device::Cpu);
+    match spec {
+        Some("cpu") => return Ok(Device::CPU),
+        Some("cpu-ref") => return Ok(Device::CPU_REF),
+        _ => {}
     }
     let gpu = Gpu::new(&GpuOptions { device: spec.map(str::to_string), profile: limits })?;
     Ok(Device::Gpu(Arc::new(gpu)))
@@ -546,7 +549,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         let (rss, peak) = rss();
         let gpu_bytes = match &dev {
             Device::Gpu(g) => Some(g.bytes_allocated().0),
-            Device::Cpu => None,
+            Device::Cpu(_) => None,
         };
         metrics.log(serde_json::json!({
             "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens_seen,

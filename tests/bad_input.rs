@@ -84,7 +84,7 @@ fn config_json_with_zero_or_inconsistent_sizes_is_refused_naming_the_field() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::copy(fixture(base).join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
         std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
-        match Model::load(tmp.path(), &Device::Cpu) {
+        match Model::load(tmp.path(), &Device::CPU_REF) {
             Err(Error::Checkpoint { path, detail }) => {
                 assert_eq!(path, tmp.path().join("config.json"), "{what}: {detail}");
                 assert!(detail.contains(want), "{what}: {detail}");
@@ -93,7 +93,7 @@ fn config_json_with_zero_or_inconsistent_sizes_is_refused_naming_the_field() {
             Ok(_) => panic!("{what}: loaded"),
         }
 
-        match Model::random(config, &Device::Cpu, 0) {
+        match Model::random(config, &Device::CPU_REF, 0) {
             Err(Error::InvalidArgument { detail, .. }) => assert!(detail.contains(want), "{what}: {detail}"),
             Err(e) => panic!("{what}: expected an invalid-config error containing {want:?}, got: {e}"),
             Ok(_) => panic!("{what}: a random model was made"),
@@ -101,7 +101,7 @@ fn config_json_with_zero_or_inconsistent_sizes_is_refused_naming_the_field() {
     }
     // The unspoiled fixtures are valid, so what is refused above is the spoiled field.
     for base in ["gpt2-tiny", "qwen2-tiny", "llama-tiny", "gemma3-tiny", "gemma2-tiny"] {
-        Model::load(&fixture(base), &Device::Cpu).unwrap_or_else(|e| panic!("{base}: {e}"));
+        Model::load(&fixture(base), &Device::CPU_REF).unwrap_or_else(|e| panic!("{base}: {e}"));
     }
 }
 
@@ -110,7 +110,7 @@ fn config_json_with_zero_or_inconsistent_sizes_is_refused_naming_the_field() {
 #[test]
 fn gemma_sliding_window_zero_is_refused_before_the_cpu_path_runs() {
     let config = spoiled("gemma3-tiny", "sliding_window", json!(0));
-    let err = Model::random(config, &Device::Cpu, 0).err().expect("refused");
+    let err = Model::random(config, &Device::CPU_REF, 0).err().expect("refused");
     assert!(err.to_string().contains("sliding_window is 0; it must be at least 1"), "{err}");
 }
 
@@ -136,7 +136,7 @@ fn config_json_with_sizes_beyond_any_model_is_refused_naming_the_field() {
         let what = format!("{base} with {field} = {value}");
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("config.json"), spoiled(base, field, value).to_string()).unwrap();
-        match Model::load(tmp.path(), &Device::Cpu) {
+        match Model::load(tmp.path(), &Device::CPU_REF) {
             Err(Error::Checkpoint { path, detail }) => {
                 assert_eq!(path, tmp.path().join("config.json"), "{what}: {detail}");
                 assert!(
@@ -194,7 +194,7 @@ fn adapter_config_with_rank_zero_or_bad_dropout_is_refused_naming_the_file() {
         std::fs::write(tmp.path().join("adapter_config.json"), spoilt.to_string()).unwrap();
         let weights = "adapter_model.safetensors";
         std::fs::copy(fixture("gpt2-tiny-lora").join(weights), tmp.path().join(weights)).unwrap();
-        let (model, mut store) = Model::load(&fixture("gpt2-tiny"), &Device::Cpu).unwrap();
+        let (model, mut store) = Model::load(&fixture("gpt2-tiny"), &Device::CPU_REF).unwrap();
         match pockettune::lora::load(tmp.path(), &model, &mut store) {
             Err(Error::Checkpoint { path, detail }) => {
                 assert_eq!(path, tmp.path().join("adapter_config.json"), "{field} = {value}: {detail}");

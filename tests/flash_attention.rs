@@ -207,7 +207,7 @@ fn whole_models_equal_the_plain_step_on_the_gpu() {
 
 #[test]
 fn whole_models_equal_the_plain_step_on_the_cpu() {
-    whole_models(&Device::Cpu, "cpu");
+    whole_models(&Device::CPU_REF, "cpu");
 }
 
 /// One training step of a Gemma 3 270M-shaped model (18 layers, vocabulary 262,144) on a

@@ -302,7 +302,7 @@ fn check_head_graphs(dev: &Device, label: &str) {
 
 #[test]
 fn fused_graph_equals_the_composed_head_and_loss_on_the_cpu_path() {
-    check_head_graphs(&Device::Cpu, "cpu");
+    check_head_graphs(&Device::CPU_REF, "cpu");
 }
 
 #[test]
@@ -313,7 +313,7 @@ fn fused_graph_equals_the_composed_head_and_loss_on_the_gpu() {
 
 #[test]
 fn fusing_refuses_a_tail_that_is_not_a_head() {
-    let mut store = ParamStore::new(Device::Cpu);
+    let mut store = ParamStore::new(Device::CPU_REF);
     let table = store.add("t", &[10, 10], &[0.0; 100], true).unwrap();
     let mut g = Graph::new();
     let ids = g.id_list(10);
@@ -339,7 +339,7 @@ fn check_models(dev: &Device, label: &str) {
 
 #[test]
 fn fused_models_equal_plain_models_on_the_cpu_path() {
-    check_models(&Device::Cpu, "cpu");
+    check_models(&Device::CPU_REF, "cpu");
 }
 
 #[test]

@@ -246,7 +246,8 @@ fn damaged_model_files_never_panic_and_errors_name_the_file() {
             std::fs::write(&config_path, mutate_text(&mut rng, &config)).unwrap();
             let what = format!("{base}/config.json");
             let files = [config_path.as_path(), weights_path.as_path()];
-            if let Some((m, s)) = expect_no_panic(&what, case, &files, || Model::load(&dir, &Device::Cpu)) {
+            if let Some((m, s)) = expect_no_panic(&what, case, &files, || Model::load(&dir, &Device::CPU_REF))
+            {
                 forward_does_not_panic(&what, case, &m, &s);
             }
             std::fs::write(&config_path, &config).unwrap();
@@ -254,7 +255,8 @@ fn damaged_model_files_never_panic_and_errors_name_the_file() {
             std::fs::write(&weights_path, mutate_safetensors(&mut rng, &weights)).unwrap();
             let what = format!("{base}/model.safetensors");
             let files = [weights_path.as_path()];
-            if let Some((m, s)) = expect_no_panic(&what, case, &files, || Model::load(&dir, &Device::Cpu)) {
+            if let Some((m, s)) = expect_no_panic(&what, case, &files, || Model::load(&dir, &Device::CPU_REF))
+            {
                 forward_does_not_panic(&what, case, &m, &s);
             }
             std::fs::write(&weights_path, &weights).unwrap();
@@ -282,7 +284,7 @@ fn damaged_adapters_never_panic_and_errors_name_the_file() {
                 };
                 std::fs::write(path, damaged).unwrap();
                 let what = format!("{adapter}/{}", path.file_name().unwrap().to_string_lossy());
-                let (model, mut store) = Model::load(&fixture(base), &Device::Cpu).unwrap();
+                let (model, mut store) = Model::load(&fixture(base), &Device::CPU_REF).unwrap();
                 // a damaged config may point at tensors that the weights then lack
                 let files = [config_path.as_path(), weights_path.as_path()];
                 let loaded =

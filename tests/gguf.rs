@@ -204,14 +204,14 @@ fn every_family_from_gguf_gives_transformers_logits() {
         let path = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&path, convert(name, false)).unwrap();
         let ex = Expected::load(name);
-        let (loss, logits) = forward(&path, &ex, &Device::Cpu);
+        let (loss, logits) = forward(&path, &ex, &Device::CPU_REF);
         let want = ex.file.get("loss").unwrap().unwrap().1[0];
         assert!(((loss - want) / want).abs() <= 1e-5, "{name}: loss {loss} vs transformers {want}");
         let err = common::fixture_err(&ex.file, "logits", &logits);
         assert!(err <= 1e-4, "{name}: logits rel err {err:e}");
         // the same model from its safetensors directory gives the same numbers: exactly, but
         // for Gemma, whose norms went through `w + 1 - 1` in f32 (a rounding of 2^-24 each)
-        let (loss_st, logits_st) = forward(&fixture(name), &ex, &Device::Cpu);
+        let (loss_st, logits_st) = forward(&fixture(name), &ex, &Device::CPU_REF);
         let worst = logits.iter().zip(&logits_st).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         let allowed = if name.starts_with("gemma") { 1e-5 } else { 0.0 };
         assert!(worst <= allowed, "{name}: GGUF and safetensors logits differ by {worst:e}");
@@ -227,7 +227,7 @@ fn f16_matrices_in_gguf_load_as_their_f16_values() {
         let path = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&path, convert(name, true)).unwrap();
         let ex = Expected::load(name);
-        let (loss, _) = forward(&path, &ex, &Device::Cpu);
+        let (loss, _) = forward(&path, &ex, &Device::CPU_REF);
         let want = ex.file.get("loss").unwrap().unwrap().1[0];
         assert!(((loss - want) / want).abs() <= 1e-3, "{name}: f16 loss {loss} vs transformers {want}");
     }
@@ -360,7 +360,7 @@ fn unknown_architecture_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.gguf");
     w.write(&path).unwrap();
-    let e = Model::load(&path, &Device::Cpu).err().expect("refused").to_string();
+    let e = Model::load(&path, &Device::CPU_REF).err().expect("refused").to_string();
     assert!(e.contains("mamba") && e.contains("m.gguf") && e.contains("gemma3"), "{e}");
 }
 
@@ -481,7 +481,7 @@ fn packed_base_on_the_gpu_matches_its_f32_values() {
 /// for every family, on the CPU path and the GPU.
 #[test]
 fn logits_of_chosen_rows_are_rows_of_the_full_logits() {
-    let mut devices = vec![Device::Cpu];
+    let mut devices = vec![Device::CPU_REF];
     devices.extend(common::gpu().map(|g| Device::Gpu(g.clone())));
     for dev in &devices {
         for name in FAMILIES {
@@ -514,7 +514,7 @@ fn merged_export_from_a_gguf_base_loads_and_matches_the_adapter() {
         let base = tmp.path().join(format!("{name}.gguf"));
         std::fs::write(&base, convert(name, false)).unwrap();
         let ex = Expected::load(name);
-        let (model, mut store) = Model::load(&base, &Device::Cpu).unwrap();
+        let (model, mut store) = Model::load(&base, &Device::CPU_REF).unwrap();
         let o = pockettune::lora::LoraOptions {
             rank: 2,
             alpha: 4.0,
@@ -553,7 +553,7 @@ fn merged_export_from_a_gguf_base_loads_and_matches_the_adapter() {
             .unwrap();
         assert!(st.success(), "{name}: export failed");
         assert!(out.join("config.json").exists(), "{name}: no config.json");
-        let (merged, mstore) = Model::load(&out, &Device::Cpu).unwrap();
+        let (merged, mstore) = Model::load(&out, &Device::CPU_REF).unwrap();
         let got = logits(&mstore, &merged);
         let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst <= 1e-4, "{name}: merged logits differ by {worst:e}");
@@ -596,14 +596,14 @@ fn sharded_safetensors_load_like_one_file() {
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let ex = Expected::load(name);
-    let (loss_one, logits_one) = forward(&fixture(name), &ex, &Device::Cpu);
-    let (loss, logits) = forward(&dir, &ex, &Device::Cpu);
+    let (loss_one, logits_one) = forward(&fixture(name), &ex, &Device::CPU_REF);
+    let (loss, logits) = forward(&dir, &ex, &Device::CPU_REF);
     assert_eq!((loss, logits), (loss_one, logits_one));
     // a wrong shard in the index
     let moved = names[0].clone();
     map.insert(moved.clone(), Value::String("model-00002-of-00002.safetensors".into()));
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    let e = Model::load(&dir, &Device::Cpu).err().expect("refused").to_string();
+    let e = Model::load(&dir, &Device::CPU_REF).err().expect("refused").to_string();
     assert!(e.contains(&moved) && e.contains("index.json"), "{e}");
 }

@@ -84,7 +84,7 @@ fn base_gguf(name: &str, layers: Option<usize>) -> Vec<u8> {
 
 /// A pockettune adapter (rank 4, alpha 8, every projection) on fixture `name` with random B.
 fn pockettune_adapter(name: &str, out: &Path) {
-    let dev = Device::Cpu;
+    let dev = Device::CPU_REF;
     let (model, mut store) = Model::load(&fixture(name), &dev).unwrap();
     let opts = pockettune::lora::LoraOptions {
         rank: 4,

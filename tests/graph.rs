@@ -28,7 +28,7 @@ fn batch() -> (Vec<u32>, Vec<i32>, usize, usize, SafetensorsFile) {
 }
 
 fn devices() -> Vec<Device> {
-    let mut d = vec![Device::Cpu];
+    let mut d = vec![Device::CPU_REF];
     d.extend(common::gpu().map(|g| Device::Gpu(g.clone())));
     d
 }

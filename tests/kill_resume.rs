@@ -103,7 +103,7 @@ fn assert_latest_complete(out: &Path, context: &str) -> Option<usize> {
     for f in ["config.json", "tokenizer.json", "model.safetensors", "optimizer.safetensors", "state.json"] {
         assert!(dir.join(f).is_file(), "{context}: {} lacks {f}", dir.display());
     }
-    let (_, mut store) = Model::load(&dir, &Device::Cpu)
+    let (_, mut store) = Model::load(&dir, &Device::CPU_REF)
         .unwrap_or_else(|e| panic!("{context}: weights of {}: {e}", dir.display()));
     Tokenizer::load(&dir.join("tokenizer.json")).unwrap_or_else(|e| panic!("{context}: {e}"));
     let state = checkpoint::restore(&dir, &mut store).unwrap_or_else(|e| panic!("{context}: {e}"));

@@ -79,7 +79,7 @@ fn check(base: &str, dev: Device) {
 
 #[test]
 fn peft_gpt2_adapter_matches_on_the_cpu_path() {
-    check("gpt2-tiny", Device::Cpu);
+    check("gpt2-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn peft_gpt2_adapter_matches_on_the_gpu() {
 
 #[test]
 fn peft_gemma3_adapter_matches_on_the_cpu_path() {
-    check("gemma3-tiny", Device::Cpu);
+    check("gemma3-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -102,7 +102,7 @@ fn peft_gemma3_adapter_matches_on_the_gpu() {
 
 #[test]
 fn peft_qwen2_adapter_at_the_qwen25_vocabulary_matches_on_the_cpu_path() {
-    check("qwen2-tiny-vocab151936", Device::Cpu);
+    check("qwen2-tiny-vocab151936", Device::CPU_REF);
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn peft_qwen2_adapter_at_the_qwen25_vocabulary_matches_on_the_gpu() {
 
 #[test]
 fn peft_gemma3_adapter_at_its_262144_vocabulary_matches_on_the_cpu_path() {
-    check("gemma3-tiny-vocab262144", Device::Cpu);
+    check("gemma3-tiny-vocab262144", Device::CPU_REF);
 }
 
 #[test]
@@ -123,10 +123,10 @@ fn peft_gemma3_adapter_at_its_262144_vocabulary_matches_on_the_gpu() {
 #[test]
 fn adapters_written_by_pockettune_read_back_identically() {
     let tmp = tempfile::tempdir().unwrap();
-    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &Device::Cpu).unwrap();
+    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &Device::CPU_REF).unwrap();
     let opts = pockettune::lora::load(&dir("gpt2-tiny-lora"), &model, &mut store).unwrap();
     pockettune::lora::save(tmp.path(), &model, &store, &opts, &dir("gpt2-tiny")).unwrap();
-    let (model2, mut store2) = Model::load(&dir("gpt2-tiny"), &Device::Cpu).unwrap();
+    let (model2, mut store2) = Model::load(&dir("gpt2-tiny"), &Device::CPU_REF).unwrap();
     let opts2 = pockettune::lora::load(tmp.path(), &model2, &mut store2).unwrap();
     assert_eq!(opts, opts2);
     let ours = SafetensorsFile::open(&tmp.path().join("adapter_model.safetensors")).unwrap();
@@ -142,7 +142,7 @@ fn adapters_written_by_pockettune_read_back_identically() {
 
 #[test]
 fn an_adapter_for_another_base_is_refused() {
-    let (model, mut store) = Model::load(&dir("llama-tiny"), &Device::Cpu).unwrap();
+    let (model, mut store) = Model::load(&dir("llama-tiny"), &Device::CPU_REF).unwrap();
     let err = pockettune::lora::load(&dir("gpt2-tiny-lora"), &model, &mut store).unwrap_err().to_string();
     assert!(err.contains("adapter_model.safetensors") && err.contains("another base model"), "{err}");
 }
@@ -156,7 +156,7 @@ fn an_adapter_of_another_rank_is_refused() {
     let config = std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap();
     assert!(config.contains("\"r\": 4,"), "the fixture adapter has rank 4");
     std::fs::write(tmp.path().join("adapter_config.json"), config.replace("\"r\": 4,", "\"r\": 8,")).unwrap();
-    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &Device::Cpu).unwrap();
+    let (model, mut store) = Model::load(&dir("gpt2-tiny"), &Device::CPU_REF).unwrap();
     let err = pockettune::lora::load(tmp.path(), &model, &mut store).unwrap_err().to_string();
     eprintln!("{err}");
     assert!(
@@ -170,7 +170,7 @@ fn a_merged_export_gives_the_adapted_model_logits() {
     let tmp = tempfile::tempdir().unwrap();
     for base in ["gpt2-tiny", "gemma3-tiny"] {
         let logits = |model_dir: &std::path::Path, adapter: Option<PathBuf>| {
-            let (model, mut store) = Model::load(model_dir, &Device::Cpu).unwrap();
+            let (model, mut store) = Model::load(model_dir, &Device::CPU_REF).unwrap();
             if let Some(a) = adapter {
                 pockettune::lora::load(&a, &model, &mut store).unwrap();
             }
@@ -184,7 +184,7 @@ fn a_merged_export_gives_the_adapted_model_logits() {
         };
         let adapted = logits(&dir(base), Some(dir(&format!("{base}-lora"))));
         let out = tmp.path().join(base);
-        let (model, mut store) = Model::load(&dir(base), &Device::Cpu).unwrap();
+        let (model, mut store) = Model::load(&dir(base), &Device::CPU_REF).unwrap();
         pockettune::lora::load(&dir(&format!("{base}-lora")), &model, &mut store).unwrap();
         pockettune::lora::merge(&model, &mut store).unwrap();
         pockettune::lora::export_merged(&out, &dir(base), &model, &store).unwrap();
@@ -209,7 +209,7 @@ fn write_pockettune_adapter_fixture() {
     let (b, t) = (shape[0], shape[1]);
     let ids: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
     let targets: Vec<i32> = ex.get("targets").unwrap().unwrap().1.iter().map(|&x| x as i32).collect();
-    let dev = Device::Cpu;
+    let dev = Device::CPU_REF;
     let (model, mut store) = Model::load(&dir("gpt2-tiny"), &dev).unwrap();
     let opts = pockettune::lora::LoraOptions {
         rank: 4,

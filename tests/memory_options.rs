@@ -35,7 +35,7 @@ fn check_device(dev: &Device, label: &str) {
 
 #[test]
 fn every_memory_option_is_an_exact_rewrite_on_the_cpu_path() {
-    check_device(&Device::Cpu, "cpu");
+    check_device(&Device::CPU_REF, "cpu");
 }
 
 #[test]
@@ -49,7 +49,7 @@ fn every_memory_option_is_an_exact_rewrite_on_the_gpu() {
 #[test]
 fn checkpointing_keeps_fewer_values_after_the_forward_pass() {
     let (_, config) = &common::family_configs()[3];
-    let (model, store) = Model::random(config.clone(), &Device::Cpu, 3).unwrap();
+    let (model, store) = Model::random(config.clone(), &Device::CPU_REF, 3).unwrap();
     let (b, t) = (1, 5);
     let ids = vec![1u32; b * t];
     let targets = vec![2i32; b * t];

@@ -139,10 +139,10 @@ fn check_against_reference(
 ) -> mmlu::Report {
     let ref_dev_store;
     let (ref_m, ref_store) = match dev {
-        Device::Cpu => (m, store),
+        Device::Cpu(_) => (m, store),
         Device::Gpu(_) => {
             // The reference always runs on the CPU path (the judge of every other path).
-            ref_dev_store = model(&Device::Cpu, m.vocab_size(), m.max_positions());
+            ref_dev_store = model(&Device::CPU_REF, m.vocab_size(), m.max_positions());
             (&ref_dev_store.0, &ref_dev_store.1)
         }
     };
@@ -196,8 +196,8 @@ fn opts(shots: usize, split: Split, batch_size: usize) -> Options {
 fn cpu_accuracy_two_token_letters() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tokenizer(tmp.path(), false, false);
-    let m = model(&Device::Cpu, 257, 1024);
-    let report = check_against_reference(&Device::Cpu, &m, &tok, &opts(2, Split::Test, 3), 1e-9);
+    let m = model(&Device::CPU_REF, 257, 1024);
+    let report = check_against_reference(&Device::CPU_REF, &m, &tok, &opts(2, Split::Test, 3), 1e-9);
     assert_eq!(report.truncated, 0);
     assert_eq!(report.forward_passes, 2 + 1, "5 and 3 questions in batches of 3");
 }
@@ -207,11 +207,11 @@ fn cpu_accuracy_two_token_letters() {
 fn cpu_accuracy_single_token_letters_with_bos() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tokenizer(tmp.path(), true, true);
-    let m = model(&Device::Cpu, 261, 1024);
-    let report = check_against_reference(&Device::Cpu, &m, &tok, &opts(3, Split::Validation, 2), 1e-9);
+    let m = model(&Device::CPU_REF, 261, 1024);
+    let report = check_against_reference(&Device::CPU_REF, &m, &tok, &opts(3, Split::Validation, 2), 1e-9);
     assert_eq!(report.forward_passes, 1 + 1, "2 and 1 questions in batches of 2");
     let limited = Options { limit: Some(1), ..opts(0, Split::Test, 8) };
-    let report = check_against_reference(&Device::Cpu, &m, &tok, &limited, 1e-9);
+    let report = check_against_reference(&Device::CPU_REF, &m, &tok, &limited, 1e-9);
     assert_eq!(report.count, 2);
 }
 
@@ -220,8 +220,8 @@ fn cpu_accuracy_single_token_letters_with_bos() {
 fn cpu_accuracy_of_prompts_cut_on_the_left() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tokenizer(tmp.path(), false, true);
-    let m = model(&Device::Cpu, 257, 96);
-    let report = check_against_reference(&Device::Cpu, &m, &tok, &opts(2, Split::Test, 4), 1e-9);
+    let m = model(&Device::CPU_REF, 257, 96);
+    let report = check_against_reference(&Device::CPU_REF, &m, &tok, &opts(2, Split::Test, 4), 1e-9);
     assert_eq!(report.truncated, 8, "every question");
 }
 
@@ -285,7 +285,7 @@ fn bad_arrow_files_are_clear_errors() {
 fn bad_directories_and_options_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tokenizer(&tmp.path().join("model"), false, false);
-    let (m, store) = model(&Device::Cpu, 257, 64);
+    let (m, store) = model(&Device::CPU_REF, 257, 64);
     let run = |dir: &Path, o: &Options| mmlu::evaluate(&m, &store, &tok, dir, o, false).map(|_| ());
     let missing = tmp.path().join("no-such-dir");
     expect_file_error(run(&missing, &opts(0, Split::Test, 1)), &missing, &["no such MMLU directory"]);

@@ -18,7 +18,7 @@ fn copy(name: &str, to: &Path) {
 }
 
 fn load_err(dir: &Path) -> String {
-    match Model::load(dir, &Device::Cpu) {
+    match Model::load(dir, &Device::CPU_REF) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e.to_string(),
     }

@@ -59,8 +59,8 @@ fn steps(out: &Path) -> Vec<serde_json::Value> {
 }
 
 fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let (_, store) = Model::load(dir, &Device::Cpu).unwrap();
-    store.iter().map(|(_, p)| (p.name.clone(), p.value.to_host(&Device::Cpu).unwrap())).collect()
+    let (_, store) = Model::load(dir, &Device::CPU_REF).unwrap();
+    store.iter().map(|(_, p)| (p.name.clone(), p.value.to_host(&Device::CPU_REF).unwrap())).collect()
 }
 
 const STEPS: usize = 5;
@@ -217,7 +217,7 @@ fn a_non_finite_gradient_norm_under_a_finite_loss_stops_or_is_skipped_too() {
 fn a_checkpoint_is_never_written_from_non_finite_weights() {
     let (tmp, model_dir, _) = setup();
     let out = tmp.path().join("out");
-    let (_, mut store) = Model::load(&model_dir, &Device::Cpu).unwrap();
+    let (_, mut store) = Model::load(&model_dir, &Device::CPU_REF).unwrap();
     let state = checkpoint::TrainState {
         step: 1,
         adam_step: 0,
@@ -229,7 +229,7 @@ fn a_checkpoint_is_never_written_from_non_finite_weights() {
     };
     checkpoint::save(&out, &model_dir, &store, &state, None).unwrap();
     let (id, p) = store.iter().nth(3).unwrap();
-    let (name, mut w) = (p.name.clone(), p.value.to_host(&Device::Cpu).unwrap());
+    let (name, mut w) = (p.name.clone(), p.value.to_host(&Device::CPU_REF).unwrap());
     w[1] = f32::INFINITY;
     store.set_value(id, &w).unwrap();
     let err = checkpoint::save(&out, &model_dir, &store, &checkpoint::TrainState { step: 2, ..state }, None)

@@ -92,7 +92,7 @@ fn run(model_dir: &Path, spec: &str, lora: bool, mode: OptimizerOffload, piece: 
             assert_eq!(optimizer_state, want, "{mode:?}: live GPU bytes counted as optimizer state");
             Some(g.bytes_allocated().0)
         }
-        Device::Cpu => None,
+        Device::Cpu(_) => None,
     };
     Run { losses, held, moment_bytes }
 }
@@ -257,7 +257,7 @@ fn disk_offload_in_an_unwritable_place_is_a_clear_error() {
     let blocker = tmp.path().join("not-a-dir");
     std::fs::write(&blocker, "x").unwrap();
     let path = blocker.join("run/optimizer-state.bin");
-    let mut store = ParamStore::new(Device::Cpu);
+    let mut store = ParamStore::new(Device::CPU_REF);
     let err = store.set_optimizer_offload(OptimizerOffload::Disk, &path).unwrap_err().to_string();
     assert!(
         err.contains("--optimizer-offload disk")

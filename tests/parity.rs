@@ -4,7 +4,7 @@
 //! losses of 10 AdamW steps. Two more are tiny but for their real vocabularies (Qwen2.5's
 //! 151,936 rows, Gemma 3's 262,144; weights in bfloat16; 5 AdamW steps), where only some
 //! vocabulary rows of the logits and of the embedding gradient are kept, with the whole
-//! tensor's sum of squares. The GPU path and the CPU reference path must both match: loss
+//! tensor's sum of squares. The GPU path and both CPU paths (fast and reference) must match: loss
 //! within 1e-5 relative, logits and gradients within 1e-4 of the largest PyTorch value (sums of
 //! squares within 1e-4 relative), AdamW losses within 1e-4 relative.
 
@@ -94,7 +94,7 @@ const ALL_OPTIONS: GraphOptions =
 /// on (same tolerances as above).
 #[test]
 fn every_family_matches_pytorch_with_every_memory_option_on_the_cpu_path() {
-    FAMILIES.iter().for_each(|f| check_with(f, Device::Cpu, ALL_OPTIONS));
+    FAMILIES.iter().for_each(|f| check_with(f, Device::CPU_REF, ALL_OPTIONS));
 }
 
 #[test]
@@ -104,9 +104,23 @@ fn every_family_matches_pytorch_with_every_memory_option_on_the_gpu() {
         .for_each(|d| FAMILIES.iter().for_each(|f| check_with(f, d.clone(), ALL_OPTIONS)));
 }
 
+/// Issue 12: the fast CPU path (f32, `gemm`, threaded) is held to the GPU's tolerances on every
+/// family, with and without the memory options.
+#[test]
+fn every_family_matches_pytorch_on_the_fast_cpu_path() {
+    FAMILIES.iter().for_each(|f| check(f, Device::CPU));
+    FAMILIES.iter().for_each(|f| check_with(f, Device::CPU, ALL_OPTIONS));
+}
+
+#[test]
+fn real_vocabularies_match_pytorch_on_the_fast_cpu_path() {
+    check("qwen2-tiny-vocab151936", Device::CPU);
+    check("gemma3-tiny-vocab262144", Device::CPU);
+}
+
 #[test]
 fn gpt2_matches_pytorch_on_the_cpu_path() {
-    check("gpt2-tiny", Device::Cpu);
+    check("gpt2-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -116,7 +130,7 @@ fn gpt2_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn qwen2_matches_pytorch_on_the_cpu_path() {
-    check("qwen2-tiny", Device::Cpu);
+    check("qwen2-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -126,7 +140,7 @@ fn qwen2_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn llama_matches_pytorch_on_the_cpu_path() {
-    check("llama-tiny", Device::Cpu);
+    check("llama-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -136,7 +150,7 @@ fn llama_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn gemma3_matches_pytorch_on_the_cpu_path() {
-    check("gemma3-tiny", Device::Cpu);
+    check("gemma3-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -146,7 +160,7 @@ fn gemma3_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn gemma2_matches_pytorch_on_the_cpu_path() {
-    check("gemma2-tiny", Device::Cpu);
+    check("gemma2-tiny", Device::CPU_REF);
 }
 
 #[test]
@@ -156,7 +170,7 @@ fn gemma2_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn gemma3_with_soft_capping_matches_pytorch_on_the_cpu_path() {
-    check("gemma3-tiny-softcap", Device::Cpu);
+    check("gemma3-tiny-softcap", Device::CPU_REF);
 }
 
 #[test]
@@ -169,7 +183,7 @@ fn gemma3_with_soft_capping_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn qwen2_at_the_qwen25_vocabulary_matches_pytorch_on_the_cpu_path() {
-    check("qwen2-tiny-vocab151936", Device::Cpu);
+    check("qwen2-tiny-vocab151936", Device::CPU_REF);
 }
 
 #[test]
@@ -179,7 +193,7 @@ fn qwen2_at_the_qwen25_vocabulary_matches_pytorch_on_the_gpu() {
 
 #[test]
 fn gemma3_at_its_262144_vocabulary_matches_pytorch_on_the_cpu_path() {
-    check("gemma3-tiny-vocab262144", Device::Cpu);
+    check("gemma3-tiny-vocab262144", Device::CPU_REF);
 }
 
 #[test]
@@ -193,7 +207,7 @@ fn gemma3_at_its_262144_vocabulary_matches_pytorch_on_the_gpu() {
 #[test]
 fn real_vocabulary_fixtures_cross_two_to_the_16_and_17() {
     for (name, vocab) in [("qwen2-tiny-vocab151936", 151_936), ("gemma3-tiny-vocab262144", 262_144)] {
-        let (model, _) = Model::load(&dir(name), &Device::Cpu).unwrap();
+        let (model, _) = Model::load(&dir(name), &Device::CPU_REF).unwrap();
         assert_eq!(model.vocab_size(), vocab, "{name}");
         let ex = common::Expected::load(name);
         let rows: Vec<u32> = ex.tensor("vocab_rows").iter().map(|&r| r as u32).collect();

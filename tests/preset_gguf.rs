@@ -109,10 +109,10 @@ fn the_file_has_q4_k_m_types_the_model_shapes_and_a_tokenizer() {
         // loads as the model: on the CPU path every weight dequantized (values of real weights'
         // size, norms at their identity), on the GPU the matrices kept in the file's types
         let load = LoadOptions { frozen: true, base_dtype: BaseDtype::Native, stream: false };
-        let (model, store) = Model::load_with(&path, &Device::Cpu, &load).unwrap();
+        let (model, store) = Model::load_with(&path, &Device::CPU_REF, &load).unwrap();
         let identity = if config["model_type"] == "llama" { 1.0 } else { 0.0 };
         for (_, p) in store.iter() {
-            let v = p.value.to_host(&Device::Cpu).unwrap();
+            let v = p.value.to_host(&Device::CPU_REF).unwrap();
             if p.shape.len() == 1 {
                 assert!(v.iter().all(|&x| x == identity), "{}: not the identity norm", p.name);
             } else {

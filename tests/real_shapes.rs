@@ -1,6 +1,6 @@
 //! Real-shape tier (issue 8): every supported architecture at its real dimensions and
 //! vocabulary, with random weights, the GPU path (mobile limits) against the CPU reference
-//! path (`Device::Cpu`, f64 accumulation; tests/parity.rs holds it to PyTorch at small shapes).
+//! path (`Device::CPU_REF`, f64 accumulation; tests/parity.rs holds it to PyTorch at small shapes).
 //! Configurations are the published `config.json` values, cited beside each; the presets
 //! `gpt2`, `qwen2.5-0.5b` and `gemma3-270m` of `models::preset_config` are checked against them.
 //!
@@ -281,7 +281,7 @@ fn check(name: &str, config: Value, plan: Plan) {
     peak_rss_gib();
     let start = Instant::now();
     let mut kept: Vec<(String, Vec<f32>)> = Vec::new();
-    let c = run(&config, &Device::Cpu, plan, |_, n, v| kept.push((n.to_string(), v)));
+    let c = run(&config, &Device::CPU_REF, plan, |_, n, v| kept.push((n.to_string(), v)));
     let cpu_s = start.elapsed().as_secs_f64();
 
     let (mut worst, mut failed, mut compared) = ((0f64, "-".to_string()), Vec::new(), 0);

@@ -240,7 +240,7 @@ fn check_logits(fx: &Fixture, dev: &Device) {
     assert!(rows <= ROWS_TOL, "{on}: full logit rows rel err {rows:e}");
     assert!(sumsq <= SUMSQ_TOL, "{on}: per-position sums of squared logits rel err {sumsq:e}");
     let (loss_tol, pos_tol) = match dev {
-        Device::Cpu => (CPU_LOSS_TOL, CPU_POSITION_TOL),
+        Device::Cpu(_) => (CPU_LOSS_TOL, CPU_POSITION_TOL),
         Device::Gpu(_) => (LOSS_TOL, POSITION_TOL),
     };
     assert!(loss64 <= loss_tol, "{on}: loss {} vs float64 {}", ours.loss, f64_run.loss);
@@ -375,7 +375,7 @@ fn check_lora(fx: &Fixture, dev: &Device) {
     assert!(loss <= LORA_LOSS_TOL, "{on}: losses {:?} vs PEFT {:?}", ours.losses, f32_run.losses);
     assert!(norm <= LORA_NORM_TOL, "{on}: gradient norms {:?} vs PEFT {:?}", ours.norms, f32_run.norms);
     let (loss_tol, norm_tol) = match dev {
-        Device::Cpu => (CPU_LORA_LOSS_TOL, CPU_LORA_NORM_TOL),
+        Device::Cpu(_) => (CPU_LORA_LOSS_TOL, CPU_LORA_NORM_TOL),
         Device::Gpu(_) => (LORA_LOSS_TOL, LORA_NORM_TOL),
     };
     assert!(loss64 <= loss_tol, "{on}: losses {:?} vs float64 {:?}", ours.losses, f64_run.losses);
@@ -407,7 +407,7 @@ fn gemma3_270m_logits_on_the_gpu_quantized_match_transformers() {
 #[test]
 #[ignore = "needs the real GGUF files: bash tools/fetch_assets.sh"]
 fn gemma3_270m_logits_on_the_cpu_path_match_transformers() {
-    check_logits(&Fixture::load(GEMMA), &Device::Cpu);
+    check_logits(&Fixture::load(GEMMA), &Device::CPU_REF);
 }
 
 #[test]
@@ -419,7 +419,7 @@ fn smollm2_135m_logits_on_the_gpu_quantized_match_transformers() {
 #[test]
 #[ignore = "needs the real GGUF files: bash tools/fetch_assets.sh"]
 fn smollm2_135m_logits_on_the_cpu_path_match_transformers() {
-    check_logits(&Fixture::load(SMOLLM2), &Device::Cpu);
+    check_logits(&Fixture::load(SMOLLM2), &Device::CPU_REF);
 }
 
 #[test]
@@ -437,11 +437,11 @@ fn smollm2_135m_lora_steps_on_the_gpu_quantized_match_peft() {
 #[test]
 #[ignore = "needs the real GGUF files: bash tools/fetch_assets.sh"]
 fn gemma3_270m_lora_steps_on_the_cpu_path_match_peft() {
-    check_lora(&Fixture::load(GEMMA), &Device::Cpu);
+    check_lora(&Fixture::load(GEMMA), &Device::CPU_REF);
 }
 
 #[test]
 #[ignore = "needs the real GGUF files: bash tools/fetch_assets.sh"]
 fn smollm2_135m_lora_steps_on_the_cpu_path_match_peft() {
-    check_lora(&Fixture::load(SMOLLM2), &Device::Cpu);
+    check_lora(&Fixture::load(SMOLLM2), &Device::CPU_REF);
 }

@@ -72,7 +72,7 @@ fn nonzero_b(store: &mut ParamStore) -> pockettune::Result<()> {
 }
 
 fn weight_bytes(config: &serde_json::Value) -> u64 {
-    let (_, store) = Model::random(config.clone(), &Device::Cpu, 0).unwrap();
+    let (_, store) = Model::random(config.clone(), &Device::CPU_REF, 0).unwrap();
     store.iter().map(|(_, p)| 4 * p.shape.iter().product::<usize>() as u64).sum()
 }
 

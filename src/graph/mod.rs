@@ -1,6 +1,7 @@
 //! The graph executor: a model records its forward pass once as a list of nodes (shapes only),
 //! and every step runs that list forward, then backward in reverse order, on the GPU or on the
-//! CPU reference path (`Device::Cpu`), the same graph either way.
+//! CPU (`Device::Cpu`: the fast path or the reference), the same graph either way. Each op's
+//! forward and backward on every backend live in its own file under `ops/`.
 //!
 //! - Gradients are computed only where needed: a node's output needs a gradient if any input
 //!   does, and inputs, token ids and frozen parameters never do (no buffer, no optimizer state).
@@ -30,15 +31,32 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub enum Device {
     Gpu(Arc<Gpu>),
-    /// The CPU reference path (`kernels-ref`): slow, f64 accumulation, for whole-model checks.
-    Cpu,
+    /// Host memory, computed by one of the two CPU paths.
+    Cpu(CpuPath),
+}
+
+/// The two ways to run on the CPU; values, feeds and parameters are the same host vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuPath {
+    /// `--device cpu`: f32, matrix products through `gemm`, threaded on every core
+    /// (`crate::cpu`).
+    Fast,
+    /// `--device cpu-ref`: the reference functions of `kernels-ref`, f64 accumulation; the
+    /// judge of every other path.
+    Reference,
 }
 
 impl Device {
+    /// The fast CPU path.
+    pub const CPU: Device = Device::Cpu(CpuPath::Fast);
+    /// The CPU reference path.
+    pub const CPU_REF: Device = Device::Cpu(CpuPath::Reference);
+
     pub fn name(&self) -> String {
         match self {
             Device::Gpu(g) => g.summary().name.clone(),
-            Device::Cpu => "cpu (reference path)".into(),
+            Device::Cpu(CpuPath::Fast) => format!("cpu (f32, {} threads)", rayon::current_num_threads()),
+            Device::Cpu(CpuPath::Reference) => "cpu-ref (reference path, f64 accumulation)".into(),
         }
     }
 }
@@ -61,14 +79,14 @@ impl Value {
     pub fn from_host(dev: &Device, data: &[f32], shape: &[usize], what: &str) -> Result<Value> {
         Ok(match dev {
             Device::Gpu(g) => Value::Gpu(Tensor::from_host(g, data, shape, what)?),
-            Device::Cpu => Value::Cpu(data.to_vec()),
+            Device::Cpu(_) => Value::Cpu(data.to_vec()),
         })
     }
     /// Uninitialised on the GPU (every kernel writes its whole output), zeros on the CPU.
     pub fn empty(dev: &Device, shape: &[usize], what: &str) -> Result<Value> {
         Ok(match dev {
             Device::Gpu(g) => Value::Gpu(Tensor::empty(g, shape, what)?),
-            Device::Cpu => Value::Cpu(vec![0.0; shape.iter().product()]),
+            Device::Cpu(_) => Value::Cpu(vec![0.0; shape.iter().product()]),
         })
     }
     pub fn zeros(dev: &Device, shape: &[usize], what: &str) -> Result<Value> {

@@ -123,7 +123,7 @@ impl ParamStore {
     /// that reads it (full fine-tuning under `--memory-budget`; see [`Location::Host`]). On the
     /// CPU path every parameter is in host memory anyway: this is [`ParamStore::add`].
     pub fn add_host(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> Result<ParamId> {
-        if matches!(self.dev, Device::Cpu) {
+        if matches!(self.dev, Device::Cpu(_)) {
             return self.add(name, shape, &data, true);
         }
         let n: usize = shape.iter().product();
@@ -430,7 +430,7 @@ impl ParamStore {
                 }
                 Ok(finite(squares))
             }
-            (Device::Cpu, _) => {
+            (Device::Cpu(_), _) => {
                 let mut grads: Vec<&mut [f32]> = self
                     .params
                     .iter_mut()

@@ -112,12 +112,12 @@ pub(crate) fn invalid(name: &str, detail: impl Into<String>) -> Error {
 pub fn apply_budget(dev: &crate::graph::Device, budget: Option<u64>) {
     match (dev, budget) {
         (crate::graph::Device::Gpu(g), b) => g.set_memory_budget(b),
-        (crate::graph::Device::Cpu, Some(_)) => {
+        (crate::graph::Device::Cpu(_), Some(_)) => {
             eprintln!(
                 "note: --memory-budget limits GPU memory; the CPU path keeps its weights in host memory"
             )
         }
-        (crate::graph::Device::Cpu, None) => {}
+        (crate::graph::Device::Cpu(_), None) => {}
     }
 }
 

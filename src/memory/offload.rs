@@ -214,7 +214,7 @@ impl Offload {
                 self.step_gpu(gpu, params, opt, step)?;
                 self.step_host(params, opt, step)
             }
-            Device::Cpu => {
+            Device::Cpu(_) => {
                 for (i, p) in params.iter_mut().enumerate() {
                     let Param { value, grad: Some(grad), name, shape, .. } = p else { continue };
                     let n = shape.iter().product();

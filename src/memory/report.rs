@@ -253,7 +253,7 @@ impl MemoryReport {
     pub fn for_device(rss: &RssSampler, dev: &crate::graph::Device) -> MemoryReport {
         match dev {
             crate::graph::Device::Gpu(g) => Self::collect(rss, Some(g)),
-            crate::graph::Device::Cpu => Self::collect(rss, None),
+            crate::graph::Device::Cpu(_) => Self::collect(rss, None),
         }
     }
 

@@ -1,0 +1,86 @@
+//! The elementwise ops: `Op::Add` (a + b), `Op::Scale` (alpha x) and `Op::Dropout` (inverted
+//! dropout whose mask is hashed from the feed's seed and the node's salt; identity without a
+//! seed). Their backward passes are the same maps applied to the output gradient. The CPU
+//! paths share the reference functions, which are threaded and cost nothing beyond the memory
+//! traffic.
+
+use super::{wanted, Bwd, Device, Fwd, Grads, Value};
+use crate::error::Result;
+use crate::kernels::elementwise;
+use kernels_ref as kr;
+
+pub(super) fn add_forward(cx: &Fwd, out: &mut Value) -> Result<Option<Value>> {
+    match cx.dev {
+        Device::Gpu(g) => elementwise::add(g, out.gpu(), cx.x(0).gpu(), cx.x(1).gpu(), 1.0, 1.0)?,
+        Device::Cpu(_) => kr::add(out.cpu_mut(), cx.x(0).cpu(), cx.x(1).cpu()),
+    }
+    Ok(None)
+}
+
+pub(super) fn add_backward(cx: &Bwd, grads: &mut Grads) -> Result<()> {
+    for (_, g) in wanted(grads) {
+        match cx.f.dev {
+            Device::Gpu(gpu) => elementwise::axpby(gpu, g.value.gpu(), cx.dy().gpu(), 1.0, g.beta())?,
+            Device::Cpu(_) => g.put_cpu(cx.dy().cpu().to_vec()),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn scale_forward(cx: &Fwd, out: &mut Value, alpha: f32) -> Result<Option<Value>> {
+    match cx.dev {
+        Device::Gpu(g) => elementwise::axpby(g, out.gpu(), cx.x(0).gpu(), alpha, 0.0)?,
+        Device::Cpu(_) => kr::scale(out.cpu_mut(), cx.x(0).cpu(), alpha),
+    }
+    Ok(None)
+}
+
+pub(super) fn scale_backward(cx: &Bwd, grads: &mut Grads, alpha: f32) -> Result<()> {
+    for (_, g) in wanted(grads) {
+        match cx.f.dev {
+            Device::Gpu(gpu) => elementwise::axpby(gpu, g.value.gpu(), cx.dy().gpu(), alpha, g.beta())?,
+            Device::Cpu(_) => {
+                let mut d = vec![0f32; cx.dy().cpu().len()];
+                kr::scale(&mut d, cx.dy().cpu(), alpha);
+                g.put_cpu(d);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The node's mask seed, or `None` when dropout is off (no seed in the feed).
+fn mask_seed(seed: Option<u32>, salt: u32) -> Option<u32> {
+    seed.map(|s| kr::hash32(s ^ salt))
+}
+
+pub(super) fn dropout_forward(cx: &Fwd, out: &mut Value, p: f32, salt: u32) -> Result<Option<Value>> {
+    let seed = mask_seed(cx.fed.dropout_seed(), salt);
+    match (cx.dev, seed) {
+        (Device::Gpu(g), Some(seed)) => elementwise::dropout(g, out.gpu(), cx.x(0).gpu(), p, seed)?,
+        (Device::Gpu(g), None) => elementwise::axpby(g, out.gpu(), cx.x(0).gpu(), 1.0, 0.0)?,
+        (Device::Cpu(_), Some(seed)) => kr::dropout(out.cpu_mut(), cx.x(0).cpu(), p, seed),
+        (Device::Cpu(_), None) => out.cpu_mut().copy_from_slice(cx.x(0).cpu()),
+    }
+    Ok(None)
+}
+
+pub(super) fn dropout_backward(cx: &Bwd, grads: &mut Grads, p: f32, salt: u32) -> Result<()> {
+    let seed = mask_seed(cx.f.fed.dropout_seed(), salt);
+    for (_, g) in wanted(grads) {
+        match (cx.f.dev, seed) {
+            (Device::Gpu(gpu), Some(seed)) => super::write_or_add(gpu, g, "dropout gradient", |d| {
+                elementwise::dropout(gpu, d, cx.dy().gpu(), p, seed)
+            })?,
+            (Device::Gpu(gpu), None) => elementwise::axpby(gpu, g.value.gpu(), cx.dy().gpu(), 1.0, g.beta())?,
+            (Device::Cpu(_), seed) => {
+                let mut d = cx.dy().cpu().to_vec();
+                if let Some(seed) = seed {
+                    kr::dropout(&mut d, cx.dy().cpu(), p, seed);
+                }
+                g.put_cpu(d);
+            }
+        }
+    }
+    Ok(())
+}
