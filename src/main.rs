@@ -1178,6 +1178,9 @@ fn bench_step(
     );
     let mut results = Vec::new();
     for d in devices {
+        if matches!(d, Device::Cpu(pockettune::graph::CpuPath::Fast)) {
+            pockettune::cpu::keep_freed_memory();
+        }
         let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps, memory)?;
         let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(

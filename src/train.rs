@@ -219,7 +219,10 @@ fn invalid(name: &str, detail: impl Into<String>) -> Error {
 /// or a GPU (an adapter index or a part of its name; the best one when `None`).
 pub fn open_device(spec: Option<&str>, limits: Profile) -> Result<Device> {
     match spec {
-        Some("cpu") => return Ok(Device::CPU),
+        Some("cpu") => {
+            crate::cpu::keep_freed_memory();
+            return Ok(Device::CPU);
+        }
         Some("cpu-ref") => return Ok(Device::CPU_REF),
         _ => {}
     }

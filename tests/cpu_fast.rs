@@ -6,7 +6,9 @@
 //! Tolerance: the fast path accumulates in f32 (the reference in f64), so each result is
 //! compared relative to the largest reference value of its tensor: 1e-5 for the matrix
 //! products and attention (sums of at most a few hundred terms between roundings inside gemm's
-//! blocks), 1e-4 where a sum runs over a whole vocabulary (the loss, dx and dW of the head).
+//! blocks) and for the elementwise functions (f32 exp and tanh, a few ulps each, 1e-6 to 2e-6
+//! measured), 1e-4 where a sum runs over a whole vocabulary (the loss, dx and dW of the head).
+//! AdamW keeps the reference's f64 arithmetic and must give the same bits.
 
 use kernels_ref as kr;
 use kernels_ref::{AttnDims, HeadDims, MatmulDims};
@@ -201,4 +203,85 @@ fn an_all_ignored_batch_gives_nan_as_pytorch_does() {
     let mut lse = vec![0f32; 2];
     let loss = cpu::head_loss::forward(&mut lse, &[0.5; 6], &[0.1; 15], &[kr::IGNORE_INDEX; 2], d);
     assert!(loss.is_nan(), "got {loss}");
+}
+
+#[test]
+fn activations_gated_units_and_dropout_match_the_reference() {
+    use pockettune::cpu::elementwise::{self as fast, Unary};
+    let mut rng = StdRng::seed_from_u64(40);
+    // past one block of CHUNK elements, ragged
+    let n = fast::CHUNK * 2 + 77;
+    let (x, up, dy) = (uniform(&mut rng, n), uniform(&mut rng, n), uniform(&mut rng, n));
+    let x: Vec<f32> = x.iter().map(|v| v * 6.0).collect(); // GELU's and SiLU's curved range
+    for (act, fwd, bwd) in [
+        (
+            Unary::Gelu,
+            kr::gelu_forward as fn(&mut [f32], &[f32]),
+            kr::gelu_backward as fn(&mut [f32], &[f32], &[f32]),
+        ),
+        (Unary::Silu, kr::silu_forward, kr::silu_backward),
+    ] {
+        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+        fwd(&mut want, &x);
+        fast::act_forward(&mut got, &x, act);
+        check(&format!("{act:?} forward"), &got, &want, 1e-5);
+        bwd(&mut want, &x, &dy);
+        let mut got = vec![0.5f32; n];
+        fast::act_backward(&mut got, &x, &dy, act, true);
+        let want_acc: Vec<f32> = want.iter().map(|w| w + 0.5).collect();
+        check(&format!("{act:?} backward, accumulated"), &got, &want_acc, 1e-5);
+    }
+    let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+    kr::geglu_forward(&mut want, &x, &up);
+    fast::glu_forward(&mut got, &x, &up, Unary::Gelu);
+    check("GeGLU forward", &got, &want, 1e-5);
+    let (mut dg_r, mut du_r) = (vec![0f32; n], vec![0f32; n]);
+    kr::swiglu_backward(&mut dg_r, &mut du_r, &dy, &x, &up);
+    let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+    fast::glu_backward(Some((&mut dg, false)), Some((&mut du, false)), &dy, &x, &up, Unary::Silu);
+    check("SwiGLU dgate", &dg, &dg_r, 1e-5);
+    check("SwiGLU dup", &du, &du_r, 1e-5);
+    // the same mask as the reference (and so as the GPU)
+    kr::dropout(&mut want, &x, 0.1, 1234);
+    fast::dropout(&mut got, &x, 0.1, 1234, false);
+    check("dropout", &got, &want, 1e-5);
+    let masks_agree = got.iter().zip(&want).all(|(a, b)| (*a == 0.0) == (*b == 0.0));
+    assert!(masks_agree, "the fast path dropped other elements than the reference");
+}
+
+#[test]
+fn cross_entropy_matches_the_reference_at_a_real_vocabulary() {
+    use pockettune::cpu::elementwise as fast;
+    let mut rng = StdRng::seed_from_u64(41);
+    let (n, v) = (6, 151_936);
+    let logits: Vec<f32> = uniform(&mut rng, n * v).iter().map(|x| x * 8.0).collect();
+    let targets = vec![0, kr::IGNORE_INDEX, v as i32 - 1, 70_000, 131_072, 5];
+    let mut losses = vec![0f32; n];
+    let want = kr::cross_entropy_forward(&mut losses, &logits, &targets, n, v);
+    let mut lse = vec![0f32; n];
+    let got = fast::cross_entropy_forward(&mut lse, &logits, &targets, v);
+    check("cross-entropy loss", &[got], &[want], 1e-5);
+    let mut want = vec![0f32; n * v];
+    kr::cross_entropy_backward(&mut want, &logits, &targets, 0.5, n, v);
+    let mut got = vec![f32::NAN; n * v];
+    fast::cross_entropy_backward(&mut got, &logits, &lse, &targets, 0.5, false);
+    check("cross-entropy dlogits", &got, &want, 1e-5);
+}
+
+/// AdamW and the clipping scale keep the reference's arithmetic (f64 per element), so both CPU
+/// paths step to the same bits.
+#[test]
+fn adamw_is_bit_identical_to_the_reference() {
+    let mut rng = StdRng::seed_from_u64(42);
+    let n = pockettune::cpu::elementwise::CHUNK + 333;
+    let (p0, g) = (uniform(&mut rng, n), uniform(&mut rng, n));
+    let opt = kr::AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    let (mut pr, mut mr, mut vr) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+    let (mut pf, mut mf, mut vf) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+    for step in 1..=3 {
+        kr::adamw_step(&mut pr, &g, &mut mr, &mut vr, opt, step);
+        pockettune::cpu::optim::adamw_step(&mut pf, &g, &mut mf, &mut vf, opt, step);
+    }
+    assert_eq!(pr, pf, "parameters");
+    assert_eq!((mr, vr), (mf, vf), "moments");
 }

@@ -99,7 +99,7 @@ impl Value {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
             (Value::Packed(_) | Value::Streamed(_), _) => Err(packed_value()),
             (Value::Cpu(v), _) => {
-                v.fill(x);
+                crate::cpu::optim::fill(v, x);
                 Ok(())
             }
             _ => Err(wrong_device()),

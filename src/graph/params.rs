@@ -438,8 +438,16 @@ impl ParamStore {
                     .map(|g| g.cpu_mut().as_mut_slice())
                     .collect();
                 let squares: f64 = grads.iter().map(|g| kernels_ref::sum_squares(g)).sum();
-                if max_norm > 0.0 {
-                    kernels_ref::clip_grad_norm(&mut grads, max_norm);
+                let coef = max_norm as f64 / (squares.sqrt() + 1e-6);
+                match self.dev {
+                    // the same coefficient and rounding, in blocks
+                    Device::Cpu(super::CpuPath::Fast) if max_norm > 0.0 && coef < 1.0 => {
+                        grads.iter_mut().for_each(|g| crate::cpu::optim::scale_in_place(g, coef))
+                    }
+                    _ if max_norm > 0.0 => {
+                        kernels_ref::clip_grad_norm(&mut grads, max_norm);
+                    }
+                    _ => {}
                 }
                 Ok(finite(squares))
             }
@@ -517,9 +525,10 @@ impl ParamStore {
                     let Device::Gpu(gpu) = &self.dev else { unreachable!("GPU values on a GPU store") };
                     optim::adamw_step(gpu, w, g, m, v, opt, step)?;
                 }
-                (Value::Cpu(w), Value::Cpu(g), Value::Cpu(m), Value::Cpu(v)) => {
-                    kernels_ref::adamw_step(w, g, m, v, opt, step);
-                }
+                (Value::Cpu(w), Value::Cpu(g), Value::Cpu(m), Value::Cpu(v)) => match self.dev {
+                    Device::Cpu(super::CpuPath::Fast) => crate::cpu::optim::adamw_step(w, g, m, v, opt, step),
+                    _ => kernels_ref::adamw_step(w, g, m, v, opt, step),
+                },
                 _ => unreachable!("a store holds values of one device"),
             }
         }

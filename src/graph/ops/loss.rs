@@ -26,8 +26,14 @@ pub(super) fn cross_entropy_forward(cx: &Fwd, out: &mut Value, targets: usize) -
             elementwise::axpby(g, out.gpu(), &sum, 1.0 / fed.count() as f32, 0.0)?;
             Ok(Some(Value::Gpu(state)))
         }
-        // threaded over rows in the reference already
-        Device::Cpu(_) => {
+        Device::Cpu(CpuPath::Fast) => {
+            let mut lse = vec![0f32; n];
+            let fed = cx.fed.cpu_targets(targets);
+            out.cpu_mut()[0] =
+                crate::cpu::elementwise::cross_entropy_forward(&mut lse, cx.x(0).cpu(), fed, v);
+            Ok(Some(Value::Cpu(lse)))
+        }
+        Device::Cpu(CpuPath::Reference) => {
             let mut losses = vec![0f32; n];
             let fed = cx.fed.cpu_targets(targets);
             out.cpu_mut()[0] = kr::cross_entropy_forward(&mut losses, cx.x(0).cpu(), fed, n, v);
@@ -47,7 +53,13 @@ pub(super) fn cross_entropy_backward(cx: &Bwd, grads: &mut Grads, targets: usize
                 cross_entropy::cross_entropy_backward(gpu, d, logits.gpu(), state, fed, cx.scale)
             })?;
         }
-        Device::Cpu(_) => {
+        Device::Cpu(CpuPath::Fast) => {
+            let lse = cx.saved("cross-entropy's log-sum-exp").cpu();
+            let fed = cx.f.fed.cpu_targets(targets);
+            let d = g.value.cpu_mut();
+            crate::cpu::elementwise::cross_entropy_backward(d, logits.cpu(), lse, fed, cx.scale, g.acc);
+        }
+        Device::Cpu(CpuPath::Reference) => {
             let (n, v) = (cx.f.in_shape(0)[0], cx.f.in_shape(0)[1]);
             let mut d = vec![0f32; n * v];
             kr::cross_entropy_backward(&mut d, logits.cpu(), cx.f.fed.cpu_targets(targets), cx.scale, n, v);

@@ -1,0 +1,188 @@
+//! Elementwise ops and the plain cross-entropy on the fast CPU path: the math of
+//! `kernels_ref::{activation, elementwise, cross_entropy}` in f32, over blocks of
+//! [`CHUNK`] elements per task (the reference spends a task and an f64 round trip per element).
+//! Gradients are written, or added to their buffer when `accumulate` says so, with no fresh
+//! buffer in between. Dropout draws the reference's mask (`kernels_ref::dropout_keep`), so both
+//! paths drop the same elements.
+
+use kernels_ref as kr;
+use rayon::prelude::*;
+
+/// Elements per task: large enough that rayon's split costs nothing, small enough to balance.
+pub const CHUNK: usize = 1 << 14;
+
+/// `out[i] = f(i, out[i])` over blocks in parallel (`i` the global index).
+fn each(out: &mut [f32], f: impl Fn(usize, f32) -> f32 + Sync) {
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let base = c * CHUNK;
+        o.iter_mut().enumerate().for_each(|(j, v)| *v = f(base + j, *v));
+    });
+}
+
+/// Writes `v`, or adds it to what is there.
+#[inline]
+fn put(old: f32, v: f32, accumulate: bool) -> f32 {
+    if accumulate {
+        old + v
+    } else {
+        v
+    }
+}
+
+/// `out = a + b`.
+pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(a.len() == out.len() && b.len() == out.len(), "cpu add: lengths differ");
+    each(out, |i, _| a[i] + b[i]);
+}
+
+/// `out (+)= s * a`.
+pub fn scale(out: &mut [f32], a: &[f32], s: f32, accumulate: bool) {
+    assert_eq!(a.len(), out.len(), "cpu scale: lengths differ");
+    each(out, |i, o| put(o, s * a[i], accumulate));
+}
+
+/// Inverted dropout: `out (+)= x / (1 - p)` where `kernels_ref::dropout_keep` keeps, else 0.
+pub fn dropout(out: &mut [f32], x: &[f32], p: f32, seed: u32, accumulate: bool) {
+    assert_eq!(x.len(), out.len(), "cpu dropout: lengths differ");
+    let scale = 1.0 / (1.0 - p);
+    each(out, |i, o| {
+        let v = if kr::dropout_keep(seed, i as u32, p) { x[i] * scale } else { 0.0 };
+        put(o, v, accumulate)
+    });
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_K: f32 = 0.044_715;
+
+/// `tanh u` as `1 - 2 / (e^{2u} + 1)`: one `expf` (a few ns) instead of libm's `tanhf`
+/// (which goes through `expm1f` and branches); exact at the ends, absolute error about 1e-7
+/// near 0, which GELU multiplies by x/2.
+#[inline]
+fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+}
+
+/// tanh GELU and its derivative at `x`.
+#[inline]
+fn gelu(x: f32) -> (f32, f32) {
+    let t = tanh(SQRT_2_OVER_PI * (x + GELU_K * x * x * x));
+    let y = 0.5 * x * (1.0 + t);
+    let dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_K * x * x);
+    (y, dy)
+}
+
+/// SiLU and its derivative at `x`.
+#[inline]
+fn silu(x: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-x).exp());
+    (x * s, s * (1.0 + x * (1.0 - s)))
+}
+
+/// The activations the fast path computes itself.
+#[derive(Clone, Copy, Debug)]
+pub enum Unary {
+    Gelu,
+    Silu,
+}
+
+impl Unary {
+    #[inline]
+    fn eval(self, x: f32) -> (f32, f32) {
+        match self {
+            Unary::Gelu => gelu(x),
+            Unary::Silu => silu(x),
+        }
+    }
+}
+
+/// `y = act(x)`.
+pub fn act_forward(y: &mut [f32], x: &[f32], act: Unary) {
+    assert_eq!(y.len(), x.len(), "cpu activation: lengths differ");
+    each(y, |i, _| act.eval(x[i]).0);
+}
+
+/// `dx (+)= dy * act'(x)`.
+pub fn act_backward(dx: &mut [f32], x: &[f32], dy: &[f32], act: Unary, accumulate: bool) {
+    assert!(dx.len() == x.len() && dy.len() == x.len(), "cpu activation backward: lengths differ");
+    each(dx, |i, o| put(o, dy[i] * act.eval(x[i]).1, accumulate));
+}
+
+/// `y = act(gate) * up` (SwiGLU with SiLU, GeGLU with GELU).
+pub fn glu_forward(y: &mut [f32], gate: &[f32], up: &[f32], act: Unary) {
+    assert!(gate.len() == y.len() && up.len() == y.len(), "cpu glu: lengths differ");
+    each(y, |i, _| act.eval(gate[i]).0 * up[i]);
+}
+
+/// `dgate (+)= dy * up * act'(gate)` and `dup (+)= dy * act(gate)`, each when asked for.
+pub fn glu_backward(
+    dgate: Option<(&mut [f32], bool)>,
+    dup: Option<(&mut [f32], bool)>,
+    dy: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    act: Unary,
+) {
+    if let Some((d, acc)) = dgate {
+        each(d, |i, o| put(o, dy[i] * up[i] * act.eval(gate[i]).1, acc));
+    }
+    if let Some((d, acc)) = dup {
+        each(d, |i, o| put(o, dy[i] * act.eval(gate[i]).0, acc));
+    }
+}
+
+/// The row's target index, `None` when ignored.
+fn target(t: i32, v: usize) -> Option<usize> {
+    if t == kr::IGNORE_INDEX {
+        return None;
+    }
+    assert!(t >= 0 && (t as usize) < v, "cpu cross-entropy: target {t} out of range for {v} classes");
+    Some(t as usize)
+}
+
+/// The mean cross-entropy over kept rows of `logits (N, V)` (NaN when every row is ignored),
+/// and each row's log-sum-exp in `lse (N)` for the backward.
+pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> f32 {
+    assert_eq!(logits.len(), lse.len() * v, "cpu cross-entropy: logits must hold N*V");
+    assert_eq!(targets.len(), lse.len(), "cpu cross-entropy: targets must hold N");
+    let losses: Vec<Option<f64>> = logits
+        .par_chunks(v)
+        .zip(lse.par_iter_mut())
+        .zip(targets.par_iter())
+        .map(|((x, l), &t)| {
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+            let sum: f32 = x.iter().map(|&a| (a - max).exp()).sum();
+            *l = max + sum.ln();
+            target(t, v).map(|t| (*l - x[t]) as f64)
+        })
+        .collect();
+    let kept: Vec<f64> = losses.into_iter().flatten().collect();
+    if kept.is_empty() {
+        return f32::NAN;
+    }
+    (kept.iter().sum::<f64>() / kept.len() as f64) as f32
+}
+
+/// `dlogits (+)= (softmax - onehot) * dloss / kept rows`, 0 on ignored rows.
+pub fn cross_entropy_backward(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    lse: &[f32],
+    targets: &[i32],
+    dloss: f32,
+    accumulate: bool,
+) {
+    let v = logits.len() / lse.len().max(1);
+    assert_eq!(dlogits.len(), logits.len(), "cpu cross-entropy backward: dlogits must hold N*V");
+    let count = targets.iter().filter(|&&t| t != kr::IGNORE_INDEX).count();
+    let g = if count == 0 { 0.0 } else { dloss / count as f32 };
+    dlogits.par_chunks_mut(v.max(1)).zip(logits.par_chunks(v.max(1))).enumerate().for_each(|(r, (d, x))| {
+        let t = target(targets[r], v);
+        for (j, (d, &xj)) in d.iter_mut().zip(x).enumerate() {
+            let val = match t {
+                None => 0.0,
+                Some(t) => ((xj - lse[r]).exp() - if j == t { 1.0 } else { 0.0 }) * g,
+            };
+            *d = put(*d, val, accumulate);
+        }
+    });
+}
