@@ -42,11 +42,16 @@ pub fn scale(out: &mut [f32], a: &[f32], s: f32, accumulate: bool) {
 }
 
 /// Inverted dropout: `out (+)= x / (1 - p)` where `kernels_ref::dropout_keep` keeps, else 0.
+/// The seed's hash and the threshold are computed once here (the reference redoes both for
+/// every element); the mask is the same.
 pub fn dropout(out: &mut [f32], x: &[f32], p: f32, seed: u32, accumulate: bool) {
     assert_eq!(x.len(), out.len(), "cpu dropout: lengths differ");
     let scale = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * 4294967296.0).min(4294967295.0) as u32;
+    let seed_hash = kr::hash32(seed);
+    debug_assert!((0..64).all(|i| kr::dropout_keep(seed, i, p) == (kr::hash32(i ^ seed_hash) >= threshold)));
     each(out, |i, o| {
-        let v = if kr::dropout_keep(seed, i as u32, p) { x[i] * scale } else { 0.0 };
+        let v = if kr::hash32(i as u32 ^ seed_hash) >= threshold { x[i] * scale } else { 0.0 };
         put(o, v, accumulate)
     });
 }
@@ -54,8 +59,8 @@ pub fn dropout(out: &mut [f32], x: &[f32], p: f32, seed: u32, accumulate: bool) 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_K: f32 = 0.044_715;
 
-/// `tanh u` as `1 - 2 / (e^{2u} + 1)`: one `expf` (a few ns) instead of libm's `tanhf`
-/// (which goes through `expm1f` and branches); exact at the ends, absolute error about 1e-7
+/// `tanh u` as `1 - 2 / (e^{2u} + 1)`: one `expf` instead of libm's `tanhf` (a call through
+/// `expm1f`); exact at the ends, absolute error about 1e-7
 /// near 0, which GELU multiplies by x/2.
 #[inline]
 fn tanh(u: f32) -> f32 {
