@@ -3,7 +3,8 @@
 //!
 //! `kernels`: the matrix products of one GPT-2 124M training step at M = B*T = 512 rows, each
 //! forward product `Y = X W` with its two backward products `dX = dY W^T`, `dW = X^T dY`, on
-//! the GPU and on the CPU path (`kernels_ref::sgemm`, a maintained GEMM crate).
+//! the GPU and on the fast CPU path (`crate::cpu::matmul`: the `gemm` crate, threaded, the
+//! products `--device cpu` runs).
 //!
 //! `step`: one training step of a preset's shape (or a checkpoint) with the memory options of
 //! `crate::memory`, timed, with its memory report (`crate::memory::report`).
@@ -125,7 +126,8 @@ pub fn matmul_bench(
         })?;
         let mut c = vec![0f32; m * n];
         let cpu_s = time_it(budget, || {
-            kernels_ref::sgemm(&mut c, &a, &b, m, n, k, trans_a, trans_b);
+            let d = kernels_ref::MatmulDims { batch: 1, m, n, k, trans_a, trans_b };
+            crate::cpu::matmul(&mut c, &a, &b, d, false);
             Ok(())
         })?;
         let r = MatmulResult {

@@ -336,7 +336,7 @@ enum BenchCommand {
         #[command(flatten)]
         memory: pockettune::memory::MemoryFlags,
     },
-    /// GFLOP/s of GPT-2 124M's training matmuls on the GPU next to the CPU path.
+    /// GFLOP/s of GPT-2 124M's training matmuls on the GPU next to the fast CPU path's.
     Kernels {
         #[command(flatten)]
         device: DeviceArgs,
@@ -859,7 +859,7 @@ fn bench_kernels(
     }
     let threads = rayon::current_num_threads();
     eprintln!(
-        "GPT-2 124M training matmuls, M = {rows} rows; CPU path: matrixmultiply sgemm on {threads} threads"
+        "GPT-2 124M training matmuls, M = {rows} rows; CPU: the fast CPU path's gemm on {threads} threads"
     );
     let mut all = serde_json::Map::new();
     let mut totals = Vec::new();

@@ -827,6 +827,7 @@ impl Run<'_> {
                 }
             }
         }
+        store.settle_grads()?;
         store.flush_grads()
     }
 }

@@ -48,6 +48,10 @@ pub struct Param {
     /// first backward pass that reaches the parameter (so a parameter frozen before training,
     /// like a LoRA base weight, never has one).
     pub grad: Option<Value>,
+    /// `grad` holds last step's values, to be read as zero: [`ParamStore::zero_grads`] marks it
+    /// instead of filling it, and the next backward step that reaches the parameter writes it
+    /// instead of adding (no fill dispatch per parameter per step).
+    stale: bool,
     /// AdamW moments, created on the first step.
     moments: Option<(Value, Value)>,
     /// A parameter on the host: the device gradient its layer's backward steps are adding to,
@@ -176,6 +180,7 @@ impl ParamStore {
             location: Location::Resident,
             value,
             grad: None,
+            stale: false,
             moments: None,
             pending: None,
         });
@@ -273,6 +278,7 @@ impl ParamStore {
         let p = &mut self.params[id.0];
         p.trainable = false;
         p.grad = None;
+        p.stale = false;
         p.pending = None;
         p.moments = None;
     }
@@ -303,9 +309,10 @@ impl ParamStore {
     pub(crate) fn take_grad(&mut self, id: ParamId) -> Result<Option<(Value, bool)>> {
         let _c = crate::gpu::Category::Gradients.enter(); // memory report
         let p = &mut self.params[id.0];
+        let stale = std::mem::take(&mut p.stale);
         let slot = if p.on_host() { &mut p.pending } else { &mut p.grad };
         Ok(match slot.take() {
-            Some(g) => Some((g, true)),
+            Some(g) => Some((g, !stale)),
             None if p.trainable => Some((Value::empty(&self.dev, &p.shape, "gradient")?, false)),
             None => None,
         })
@@ -349,6 +356,7 @@ impl ParamStore {
     pub fn clear_grads(&mut self) {
         self.params.iter_mut().for_each(|p| {
             p.grad = None;
+            p.stale = false;
             p.pending = None;
         });
     }
@@ -360,9 +368,26 @@ impl ParamStore {
 
     pub fn zero_grads(&mut self) -> Result<()> {
         for p in &mut self.params {
+            let on_host = p.on_host();
+            match &mut p.grad {
+                // written, not added to, by the next backward step (see `Param::stale`)
+                Some(_) if !on_host => p.stale = true,
+                Some(g) => g.fill(&self.dev, 0.0)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Zero the gradients that no backward step has written since [`Self::zero_grads`] (a
+    /// parameter the graph did not reach): the backward pass calls it at its end, so every
+    /// gradient anyone reads afterwards holds this step's values.
+    pub fn settle_grads(&mut self) -> Result<()> {
+        for p in self.params.iter_mut().filter(|p| p.stale) {
             if let Some(g) = &mut p.grad {
                 g.fill(&self.dev, 0.0)?;
             }
+            p.stale = false;
         }
         Ok(())
     }
@@ -378,6 +403,7 @@ impl ParamStore {
     /// the GPU the sum is f32 (and would zero every gradient through the coefficient), and a
     /// gradient that large would overflow AdamW's second moment.
     pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<f32> {
+        self.settle_grads()?;
         let host_squares: Option<f64> = self.has_host_params().then(|| {
             self.params
                 .iter()
@@ -504,6 +530,7 @@ impl ParamStore {
 
     /// One AdamW step on every trainable parameter (moments created on the first call).
     pub fn adamw_step(&mut self, opt: AdamW) -> Result<()> {
+        self.settle_grads()?;
         self.step += 1;
         let step = self.step;
         let _c = crate::gpu::Category::OptimizerState.enter(); // memory report
