@@ -11,7 +11,6 @@ mod common;
 use kernels_ref::quant::GgmlType;
 use kernels_ref::quant::GgmlType::{Q4_K, Q5_0, Q6_K, Q8_0};
 use pockettune::graph::{Device, ParamStore};
-use pockettune::lora::{self, LoraOptions};
 use pockettune::memory::GraphOptions;
 use pockettune::models::{write_random_gguf, LoadOptions, Model, PresetQuant};
 use pockettune::weights::{BaseDtype, GgufFile};
@@ -162,27 +161,11 @@ fn lora_step(
     let Device::Gpu(g) = dev else { unreachable!() };
     let load = LoadOptions { frozen: true, base_dtype: BaseDtype::Native, stream: budget.is_some() };
     let (model, mut store) = Model::load_with(path, dev, &load).unwrap();
-    let o = LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(&model) };
-    lora::apply(&model, &mut store, &o, 5).unwrap();
+    let (graph, vars, feed) = common::small_lora_step(&model, &mut store, options);
     nonzero_b(&mut store);
-    let (b, t) = (2, 9);
-    let ids: Vec<u32> = (0..b * t).map(|i| (i * 37 % 300) as u32).collect();
-    let targets: Vec<i32> = (0..b * t).map(|i| (i * 11 % 300) as i32).collect();
-    let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
-    let mut feed = Model::feed(&ids, &targets, b, t);
-    feed.dropout_seed = Some(4);
     let mut used = 0;
     if let Some(budget) = budget {
-        let plan = pockettune::memory::smallest_budget(
-            dev,
-            &graph,
-            vars.loss,
-            &mut store,
-            &feed,
-            pockettune::memory::OptimizerOffload::None,
-        )
-        .unwrap()
-        .expect("a GPU plan");
+        let plan = common::planned_budget(dev, &graph, &vars, &mut store, &feed);
         used = if budget == 0 { plan } else { budget };
         g.set_memory_budget(Some(used));
     }

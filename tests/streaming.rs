@@ -139,25 +139,8 @@ fn the_planned_budget_is_the_smallest_that_works() {
                 let Device::Gpu(g) = &dev else { unreachable!() };
                 let load = LoadOptions { frozen: true, stream: true, ..Default::default() };
                 let (model, mut store) = Model::load_with(tmp.path(), &dev, &load).unwrap();
-                let o =
-                    LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(&model) };
-                lora::apply(&model, &mut store, &o, 5).unwrap();
-                let (b, t) = (2, 9);
-                let (graph, vars) = model.graph_with(&store, b, t, options).unwrap();
-                let ids: Vec<u32> = (0..b * t).map(|i| (i * 37 % 300) as u32).collect();
-                let targets: Vec<i32> = (0..b * t).map(|i| (i * 11 % 300) as i32).collect();
-                let mut feed = Model::feed(&ids, &targets, b, t);
-                feed.dropout_seed = Some(4);
-                let plan = pockettune::memory::smallest_budget(
-                    &dev,
-                    &graph,
-                    vars.loss,
-                    &mut store,
-                    &feed,
-                    pockettune::memory::OptimizerOffload::None,
-                )
-                .unwrap()
-                .expect("a GPU plan");
+                let (graph, vars, feed) = common::small_lora_step(&model, &mut store, options);
+                let plan = common::planned_budget(&dev, &graph, &vars, &mut store, &feed);
                 assert!(needed.is_none_or(|n| n == plan), "the plan is the same on every device");
                 needed = Some(plan);
                 let budget = plan - shortfall;
@@ -189,8 +172,14 @@ fn the_planned_budget_is_the_smallest_that_works() {
                     let err = result.expect_err(&what);
                     assert!(matches!(err, Error::MemoryBudget { .. }), "{what}: {err}");
                     let flags = pockettune::memory::MemoryFlags::default();
-                    let refused =
-                        pockettune::memory::check_budget(Some(budget), Some(plan), b, t, &flags).unwrap_err();
+                    let refused = pockettune::memory::check_budget(
+                        Some(budget),
+                        Some(plan),
+                        common::SMALL_LORA_BT.0,
+                        common::SMALL_LORA_BT.1,
+                        &flags,
+                    )
+                    .unwrap_err();
                     assert!(refused.to_string().contains(&pockettune::memory::mib(plan)), "{refused}");
                 }
             }

@@ -317,3 +317,42 @@ pub fn compare_steps(what: &str, a: &Step, b: &Step, exact: bool) {
         }
     }
 }
+
+/// (batch, sequence) of [`small_lora_step`].
+#[allow(dead_code)]
+pub const SMALL_LORA_BT: (usize, usize) = (2, 9);
+
+/// The small LoRA step the streaming tests share: rank 4, alpha 8, dropout 0.1 on the model's
+/// default targets (adapter seed 5), batch 2 x 9 of ids and targets below 300, dropout seed 4.
+#[allow(dead_code)]
+pub fn small_lora_step(
+    model: &pockettune::models::Model,
+    store: &mut pockettune::graph::ParamStore,
+    options: pockettune::memory::GraphOptions,
+) -> (pockettune::graph::Graph, pockettune::models::Vars, pockettune::graph::Feed) {
+    use pockettune::lora::{self, LoraOptions};
+    let o = LoraOptions { rank: 4, alpha: 8.0, dropout: 0.1, targets: lora::default_targets(model) };
+    lora::apply(model, store, &o, 5).unwrap();
+    let (b, t) = SMALL_LORA_BT;
+    let ids: Vec<u32> = (0..b * t).map(|i| (i * 37 % 300) as u32).collect();
+    let targets: Vec<i32> = (0..b * t).map(|i| (i * 11 % 300) as i32).collect();
+    let (graph, vars) = model.graph_with(store, b, t, options).unwrap();
+    let mut feed = pockettune::models::Model::feed(&ids, &targets, b, t);
+    feed.dropout_seed = Some(4);
+    (graph, vars, feed)
+}
+
+/// The smallest `--memory-budget` the planner finds for one step of `graph` (GPU only).
+#[allow(dead_code)]
+pub fn planned_budget(
+    dev: &Device,
+    graph: &pockettune::graph::Graph,
+    vars: &pockettune::models::Vars,
+    store: &mut pockettune::graph::ParamStore,
+    feed: &pockettune::graph::Feed,
+) -> u64 {
+    let offload = pockettune::memory::OptimizerOffload::None;
+    pockettune::memory::smallest_budget(dev, graph, vars.loss, store, feed, offload)
+        .unwrap()
+        .expect("a GPU plan")
+}
