@@ -263,7 +263,7 @@ fn permute_rows(
     path: &Path,
     name: &str,
 ) -> Result<Vec<f32>> {
-    if rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(bad(path, format!("tensor {name} has {rows} rows, not {heads} heads of an even size")));
     }
     let (d, half) = (rows / heads, rows / heads / 2);

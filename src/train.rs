@@ -568,7 +568,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
 
         let last = state.step == total;
         if let Some(ev) = eval_tokens {
-            if (o.eval_every > 0 && state.step % o.eval_every == 0) || last {
+            if (o.eval_every > 0 && state.step.is_multiple_of(o.eval_every)) || last {
                 let l = evaluate(&graph, vars.loss, &store, ev, o.batch_size, o.seq_len, o.eval_batches)?;
                 metrics
                     .log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
@@ -576,7 +576,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
                 eval_loss = Some(l);
             }
         }
-        if (o.save_every > 0 && state.step % o.save_every == 0) || last {
+        if (o.save_every > 0 && state.step.is_multiple_of(o.save_every)) || last {
             let lora = lora_opts.as_ref().map(|l| (&model, l));
             last_checkpoint = Some(checkpoint::save(&o.out, &o.model, &store, &state, lora)?);
             checkpoint::prune(&o.out, o.keep_checkpoints)?;

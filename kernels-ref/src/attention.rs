@@ -34,7 +34,7 @@ pub struct AttnDims {
 impl AttnDims {
     fn check(&self, name: &str) {
         assert!(
-            self.kv_h > 0 && self.h % self.kv_h == 0,
+            self.kv_h > 0 && self.h.is_multiple_of(self.kv_h),
             "{name}: H {} is not a multiple of KVH {}",
             self.h,
             self.kv_h

@@ -126,7 +126,7 @@ impl GgmlType {
     /// Bytes of `n` consecutive elements; None when `n` is not a whole number of blocks or the
     /// byte count overflows `usize`.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_elems() != 0 {
+        if !n.is_multiple_of(self.block_elems()) {
             return None;
         }
         (n / self.block_elems()).checked_mul(self.block_bytes())

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 /// `cos (T, D/2)`, `sin (T, D/2)` for `positions (T)`: angle `pos * theta^(-2i/D)`, in f64.
 pub fn rope_cos_sin(cos: &mut [f32], sin: &mut [f32], positions: &[u32], head_dim: usize, theta: f64) {
-    assert!(head_dim % 2 == 0, "rope_cos_sin: head_dim {head_dim} must be even");
+    assert!(head_dim.is_multiple_of(2), "rope_cos_sin: head_dim {head_dim} must be even");
     let half = head_dim / 2;
     assert_eq!(cos.len(), positions.len() * half, "rope_cos_sin: cos must hold T*D/2");
     assert_eq!(sin.len(), positions.len() * half, "rope_cos_sin: sin must hold T*D/2");
@@ -39,7 +39,7 @@ fn rotate(
     d: usize,
     sign: f64,
 ) {
-    assert!(d % 2 == 0, "{name}: head dim {d} must be even");
+    assert!(d.is_multiple_of(2), "{name}: head dim {d} must be even");
     let half = d / 2;
     assert_eq!(src.len(), b * t * h * d, "{name}: input must hold B*T*H*D");
     assert_eq!(dst.len(), b * t * h * d, "{name}: output must hold B*T*H*D");

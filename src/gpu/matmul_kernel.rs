@@ -67,7 +67,7 @@ impl StagedTile {
     pub fn check(&self, limits: &wgpu::Limits) -> Result<()> {
         let problem = if ![4, 8].contains(&self.tm) || ![4, 8].contains(&self.tn) {
             Some("register blocks are 4 or 8 rows and columns".to_string())
-        } else if self.bk == 0 || self.bk % 4 != 0 {
+        } else if self.bk == 0 || !self.bk.is_multiple_of(4) {
             Some("the K step must be a positive multiple of 4".to_string())
         } else if self.wg_m == 0
             || self.wg_n == 0

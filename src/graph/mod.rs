@@ -389,7 +389,7 @@ impl Graph {
     pub fn rmsnorm(&mut self, x: Var, w: Var, eps: f32, shift: f32) -> Result<Var> {
         let s = self.shape(x).to_vec();
         let c = *s.last().unwrap_or(&0);
-        let ok = matches!(self.shape(w), [n] if *n > 0 && c % n == 0);
+        let ok = matches!(self.shape(w), [n] if *n > 0 && c.is_multiple_of(*n));
         self.check("rmsnorm", ok, || format!("x {s:?}, weight {:?}", self.shape(w)))?;
         Ok(self.push(Op::RmsNorm { eps, shift }, vec![x, w], s))
     }
@@ -405,7 +405,7 @@ impl Graph {
         theta: f64,
     ) -> Result<Var> {
         let s = self.shape(x).to_vec();
-        self.check("rope", s == [b * t, heads * head_dim] && head_dim % 2 == 0, || {
+        self.check("rope", s == [b * t, heads * head_dim] && head_dim.is_multiple_of(2), || {
             format!("x {s:?} for B {b}, T {t}, {heads} heads of {head_dim}")
         })?;
         Ok(self.push(Op::Rope { b, t, heads, head_dim, theta }, vec![x], s))

@@ -55,7 +55,7 @@ impl<'t> Heads<'t> {
 
 /// The group size H / KVH, after checking the dimensions.
 pub(crate) fn check_dims(d: &AttnDims) -> Result<usize> {
-    if d.kv_h == 0 || d.h % d.kv_h != 0 {
+    if d.kv_h == 0 || !d.h.is_multiple_of(d.kv_h) {
         return Err(Error::shape(
             "attention",
             format!("{} heads are not a multiple of {} kv heads", d.h, d.kv_h),

@@ -86,7 +86,7 @@ pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
 /// `out[r, j] = a[r, j] * (w[j] + shift)`, rows of `w.numel()` values
 pub fn row_mul(gpu: &Gpu, out: &Tensor, a: &Tensor, w: &Tensor, shift: f32) -> Result<()> {
     check_len("row_mul", "out", out.numel(), a.numel())?;
-    if w.numel() == 0 || a.numel() % w.numel() != 0 {
+    if w.numel() == 0 || !a.numel().is_multiple_of(w.numel()) {
         return Err(crate::Error::shape(
             "row_mul",
             format!("{} values are not rows of {}", a.numel(), w.numel()),

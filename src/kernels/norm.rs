@@ -55,7 +55,7 @@ fn key(entry: &'static str, kind: NormKind) -> KernelKey {
 /// normalised dimension, so (B*T, H*D) activations normalise per head with a (D) weight.
 fn dims(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
     let cols = w.numel();
-    if cols == 0 || x.numel() % cols != 0 {
+    if cols == 0 || !x.numel().is_multiple_of(cols) {
         return Err(crate::Error::shape(
             op,
             format!("{} values do not split into rows of the weight's {cols}", x.numel()),

@@ -40,7 +40,7 @@ impl RopeTable {
     }
 
     pub fn new(gpu: &Gpu, positions: &[u32], head_dim: usize, theta: f64) -> Result<RopeTable> {
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(Error::shape("rope", format!("head_dim {head_dim} is odd")));
         }
         let half = head_dim / 2;

@@ -110,7 +110,7 @@ impl GemmaConfig {
             Some(t) => t == "sliding_attention",
             None => {
                 let default = if self.generation == Generation::Gemma2 { 2 } else { 6 };
-                (l + 1) % self.sliding_window_pattern.unwrap_or(default) != 0
+                !(l + 1).is_multiple_of(self.sliding_window_pattern.unwrap_or(default))
             }
         }
     }
@@ -200,7 +200,7 @@ impl GemmaConfig {
             ("sliding_window", self.sliding_window.unwrap_or(1)),
             ("sliding_window_pattern", self.sliding_window_pattern.unwrap_or(1)),
         ])?;
-        if d == 0 || d % 2 != 0 {
+        if d == 0 || !d.is_multiple_of(2) {
             return bad(format!("head_dim {d} must be even and at least 2 (RoPE rotates pairs)"));
         }
         let kinds = ["sliding_attention", "full_attention"];

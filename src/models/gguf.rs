@@ -194,7 +194,7 @@ fn f32_stored(shape: Vec<usize>, values: &[f32]) -> Stored<'static> {
 /// type).
 fn unpermute<'a>(file: &GgufFile, name: &str, stored: Stored<'a>, heads: usize) -> Result<Stored<'a>> {
     let rows = stored.shape.first().copied().unwrap_or(0);
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
         return Err(bad(file, format!("tensor {name} has {rows} rows, not {heads} heads of an even size")));
     }
     let row_bytes = stored.bytes.len() / rows;

@@ -63,7 +63,7 @@ impl Gpt2Config {
         super::at_most(super::MAX_WIDTH, &[("n_inner", self.inner())])?;
         super::at_most(super::MAX_LAYERS, &[("n_layer", self.n_layer)])?;
         super::at_most(super::MAX_POSITIONS, &[("n_positions", self.n_positions)])?;
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
         }
         super::positive_number("layer_norm_epsilon", self.layer_norm_epsilon.into(), true)

@@ -92,7 +92,7 @@ impl LlamaConfig {
             max_position_embeddings: self.max_position_embeddings,
         };
         sizes.check(&[])?;
-        if self.head_dim.is_none() && self.hidden_size % h != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(h) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {h} (and no head_dim is given)",
                 self.hidden_size
