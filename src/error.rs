@@ -15,7 +15,7 @@ pub enum Error {
     )]
     NoAdapter { backends: String },
 
-    #[error("--device {spec:?} matches no adapter (`cpu` runs the fast CPU path, `cpu-ref` the CPU reference); adapters found:\n{found}")]
+    #[error("--device {spec:?} matches no adapter (`train`, `eval`, `generate` and `bench step` also take `cpu`, the fast CPU path, and `cpu-ref`, the CPU reference); adapters found:\n{found}")]
     DeviceNotFound { spec: String, found: String },
 
     #[error(

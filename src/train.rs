@@ -174,7 +174,8 @@ pub struct TrainOptions {
     /// Metrics JSONL file (default: OUT/metrics.jsonl).
     #[arg(long)]
     pub metrics_out: Option<PathBuf>,
-    /// `cpu` for the CPU reference path, else a GPU adapter (index, type or name).
+    /// `cpu` for the fast CPU path (f32, every core), `cpu-ref` for the CPU reference path
+    /// (f64 accumulation, slow; for checking), else a GPU adapter (index, type or name).
     #[arg(long, env = "POCKETTUNE_DEVICE")]
     pub device: Option<String>,
     /// GPU limits profile.

@@ -174,3 +174,35 @@ fn soft_capping_frees_the_uncapped_logits() {
         assert!(rel_err(&got, &dw) <= 1e-5, "{}: dW rel err {:e}", dev.name(), rel_err(&got, &dw));
     }
 }
+
+/// Regression (review of the op homes): a node that reads one value twice, `add(x, x)`, gets
+/// both contributions to x's gradient, on every device: the same as `scale(x, 2)`.
+#[test]
+fn a_value_read_twice_gets_both_gradients() {
+    use pockettune::graph::{Feed, Graph, ParamStore};
+    let (n, v) = (3, 5);
+    let data: Vec<f32> = (0..n * v).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+    let targets = vec![1, 4, 0];
+    let mut devs = devices();
+    devs.push(Device::CPU);
+    for dev in devs {
+        let grad = |twice: bool| {
+            let mut store = ParamStore::new(dev.clone());
+            let id = store.add("x", &[n, v], &data, true).unwrap();
+            let mut g = Graph::new();
+            let x = g.param(&store, id);
+            let list = g.target_list(v);
+            let y = if twice { g.add(x, x).unwrap() } else { g.scale(x, 2.0) };
+            let loss = g.cross_entropy(y, list).unwrap();
+            let feed = Feed { ids: vec![], targets: vec![targets.clone()], dropout_seed: None };
+            let mut run = g.forward(&store, &feed, &[]).unwrap();
+            run.backward(&mut store, loss, 1.0).unwrap();
+            drop(run);
+            store.get(id).grad.as_ref().unwrap().to_host(&dev).unwrap()
+        };
+        let (twice, scaled) = (grad(true), grad(false));
+        let err = rel_err(&twice, &scaled);
+        assert!(err <= 1e-6, "{}: add(x, x) gives {twice:?}, scale(x, 2) {scaled:?}", dev.name());
+        assert!(scaled.iter().any(|&g| g != 0.0), "a gradient that is all zeros checks nothing");
+    }
+}

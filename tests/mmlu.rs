@@ -139,8 +139,8 @@ fn check_against_reference(
 ) -> mmlu::Report {
     let ref_dev_store;
     let (ref_m, ref_store) = match dev {
-        Device::Cpu(_) => (m, store),
-        Device::Gpu(_) => {
+        Device::Cpu(pockettune::graph::CpuPath::Reference) => (m, store),
+        Device::Gpu(_) | Device::Cpu(_) => {
             // The reference always runs on the CPU path (the judge of every other path).
             ref_dev_store = model(&Device::CPU_REF, m.vocab_size(), m.max_positions());
             (&ref_dev_store.0, &ref_dev_store.1)

@@ -203,7 +203,7 @@ def main():
     p.add_argument("--adapter", help="check this PEFT adapter instead of training two (only with one --base)")
     p.add_argument("--pockettune", default=str(ROOT / "target/debug/pockettune"))
     p.add_argument("--token-ids", default=str(ROOT / "target/debug/examples/token_ids"))
-    p.add_argument("--device", default="cpu", help="pockettune's --device (default: the CPU reference path)")
+    p.add_argument("--device", default="cpu-ref", help="pockettune's --device (default: the CPU reference path, cpu-ref)")
     p.add_argument("--steps", default=3, type=int)
     p.add_argument("--lr", default=5e-3, type=float)
     p.add_argument("--threads", default=2, type=int, help="llama.cpp threads")

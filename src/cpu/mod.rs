@@ -1,11 +1,11 @@
 //! The fast CPU path (`--device cpu`): f32 arithmetic on every core, matrix products through
 //! the `gemm` crate (packed, cache-blocked, SIMD micro-kernels, threaded on rayon's pool).
 //!
-//! Only the ops where the reference's f64 accumulation costs real time have their own code
-//! here: the matrix product ([`matmul`]), attention ([`attention`]) and the LM head fused with
-//! the loss ([`head_loss`]). Everything else (norms, activations, RoPE, the plain
-//! cross-entropy, AdamW) is elementwise or per row, already threaded in `kernels-ref`, and
-//! shared by both CPU paths. The reference path (`--device cpu-ref`) stays the judge: each
+//! Here: the matrix product ([`matmul`]), attention ([`attention`]), the LM head fused with the
+//! loss ([`head_loss`]), the elementwise ops and the plain cross-entropy in f32 blocks
+//! ([`elementwise`]), AdamW, the clipping scale and the zero-fill in blocks ([`optim`]). The
+//! norms, RoPE, the embedding and the soft cap are the reference's functions (threaded already,
+//! and cheap), shared by both CPU paths. The reference path (`--device cpu-ref`) stays the judge: each
 //! function here is tested against its `kernels-ref` twin (`tests/cpu_fast.rs`), and whole
 //! models against the reference on every architecture.
 

@@ -286,19 +286,26 @@ pub(crate) fn backward(
 ) -> Result<()> {
     let graph = run.graph;
     let node = &graph.nodes[i];
-    let needing: Vec<Var> = node.inputs.iter().copied().filter(|v| graph.requires_grad[v.0]).collect();
-    if (1..needing.len()).any(|k| needing[..k].contains(&needing[k])) {
-        return Err(Error::Internal {
-            context: "graph backward".into(),
-            message: format!("node {i} ({:?}) reads one value twice; record it once and scale", node.op),
-        });
-    }
+    // One buffer per input slot. A value read twice by the node (`add(x, x)`) gets its
+    // gradient buffer at its first slot and a fresh one at the others, added in afterwards.
     let mut targets = Vec::new();
     let mut op_grads = Vec::new();
-    for &input in &node.inputs {
-        let (t, g) = take_grad(run, store, grads, input)?.unzip();
-        targets.push(t);
-        op_grads.push(g);
+    let mut repeats = Vec::new(); // (slot, first slot of the same value)
+    for (k, &input) in node.inputs.iter().enumerate() {
+        let first = node.inputs[..k].iter().position(|&v| v == input);
+        match first {
+            Some(j) if graph.requires_grad[input.0] => {
+                let fresh = Value::empty(&run.dev, &graph.shapes[input.0], "gradient")?;
+                targets.push(None);
+                op_grads.push(Some(Grad { value: fresh, acc: false }));
+                repeats.push((k, j));
+            }
+            _ => {
+                let (t, g) = take_grad(run, store, grads, input)?.unzip();
+                targets.push(t);
+                op_grads.push(g);
+            }
+        }
     }
     {
         let cx = Bwd {
@@ -330,6 +337,20 @@ pub(crate) fn backward(
             Op::CrossEntropy { targets } => loss::cross_entropy_backward(&cx, g, *targets)?,
             Op::LinearCrossEntropy { targets, trans_w, softcap } => {
                 loss::head_loss_backward(&cx, g, *targets, *trans_w, *softcap)?
+            }
+        }
+    }
+    for (k, j) in repeats {
+        let extra = op_grads[k].take().expect("a fresh buffer at every repeated slot").value;
+        if let Some(first) = op_grads[j].as_mut() {
+            match (&run.dev, &mut first.value, &extra) {
+                (Device::Gpu(gpu), Value::Gpu(dst), Value::Gpu(src)) => {
+                    crate::kernels::elementwise::axpby(gpu, dst, src, 1.0, 1.0)?
+                }
+                (Device::Cpu(_), Value::Cpu(dst), Value::Cpu(src)) => {
+                    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b)
+                }
+                _ => unreachable!("gradients live on the graph's device"),
             }
         }
     }
