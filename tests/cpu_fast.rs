@@ -285,3 +285,21 @@ fn adamw_is_bit_identical_to_the_reference() {
     assert_eq!(pr, pf, "parameters");
     assert_eq!((mr, vr), (mf, vf), "moments");
 }
+
+#[test]
+fn embedding_backward_scatters_repeated_ids_and_accumulates() {
+    let mut rng = StdRng::seed_from_u64(43);
+    let (v, c) = (70_000, 6);
+    let ids: Vec<u32> = vec![5, 69_999, 5, 0, 65_536, 5, 12];
+    let dout = uniform(&mut rng, ids.len() * c);
+    let mut want = vec![0f32; v * c];
+    kr::embedding_backward(&mut want, &dout, &ids, c);
+    let mut got = vec![f32::NAN; v * c];
+    cpu::embedding_backward(&mut got, &dout, &ids, c, false);
+    check("embedding backward", &got, &want, 1e-6);
+    let start = uniform(&mut rng, v * c);
+    let mut got = start.clone();
+    cpu::embedding_backward(&mut got, &dout, &ids, c, true);
+    let want: Vec<f32> = want.iter().zip(&start).map(|(w, s)| w + s).collect();
+    check("embedding backward, accumulated", &got, &want, 1e-6);
+}

@@ -113,3 +113,21 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
+
+/// `dtable (V, C) (+)= scatter of dout (N, C) by ids (N)`: each output row's gradient added to
+/// its id's row, in place (the reference builds a fresh V x C table: 154 MB for GPT-2's).
+pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize, accumulate: bool) {
+    assert!(dim > 0 && dtable.len().is_multiple_of(dim), "cpu embedding backward: dtable is not (V, {dim})");
+    assert_eq!(dout.len(), ids.len() * dim, "cpu embedding backward: dout must hold N*C");
+    let vocab = dtable.len() / dim;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        panic!("cpu embedding backward: token id {bad} out of range for vocab {vocab}");
+    }
+    if !accumulate {
+        optim::fill(dtable, 0.0);
+    }
+    for (row, &id) in dout.chunks(dim).zip(ids) {
+        let at = id as usize * dim;
+        dtable[at..at + dim].iter_mut().zip(row).for_each(|(d, g)| *d += g);
+    }
+}

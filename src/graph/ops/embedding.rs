@@ -35,7 +35,11 @@ pub(super) fn backward(cx: &Bwd, grads: &mut Grads, ids: usize) -> Result<()> {
             }
             embedding::embedding_backward(gpu, g.value.gpu(), cx.dy().gpu(), cx.f.fed.gpu_ids(ids))?;
         }
-        super::Device::Cpu(_) => {
+        super::Device::Cpu(super::CpuPath::Fast) => {
+            let (table, fed) = (g.value.cpu_mut(), cx.f.fed.cpu_ids(ids));
+            crate::cpu::embedding_backward(table, cx.dy().cpu(), fed, in_shape[1], g.acc);
+        }
+        super::Device::Cpu(super::CpuPath::Reference) => {
             let mut d = vec![0f32; in_shape.iter().product()];
             kr::embedding_backward(&mut d, cx.dy().cpu(), cx.f.fed.cpu_ids(ids), in_shape[1]);
             g.put_cpu(d);
