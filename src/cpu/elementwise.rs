@@ -11,34 +11,31 @@ use rayon::prelude::*;
 /// Elements per task: large enough that rayon's split costs nothing, small enough to balance.
 pub const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(i, out[i])` over blocks in parallel (`i` the global index).
-fn each(out: &mut [f32], f: impl Fn(usize, f32) -> f32 + Sync) {
+/// `out[i] = f(i)`, or `out[i] += f(i)` when `accumulate`, over blocks in parallel (`i` the
+/// global index). `out` is read only when accumulating: a fresh buffer's pages must be written
+/// before they are read, or the read maps the shared zero page and the write after it costs a
+/// copy-on-write fault with a TLB flush on every core.
+fn store(out: &mut [f32], accumulate: bool, f: impl Fn(usize) -> f32 + Sync) {
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
         let base = c * CHUNK;
-        o.iter_mut().enumerate().for_each(|(j, v)| *v = f(base + j, *v));
+        if accumulate {
+            o.iter_mut().enumerate().for_each(|(j, v)| *v += f(base + j));
+        } else {
+            o.iter_mut().enumerate().for_each(|(j, v)| *v = f(base + j));
+        }
     });
-}
-
-/// Writes `v`, or adds it to what is there.
-#[inline]
-fn put(old: f32, v: f32, accumulate: bool) -> f32 {
-    if accumulate {
-        old + v
-    } else {
-        v
-    }
 }
 
 /// `out = a + b`.
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(a.len() == out.len() && b.len() == out.len(), "cpu add: lengths differ");
-    each(out, |i, _| a[i] + b[i]);
+    store(out, false, |i| a[i] + b[i]);
 }
 
 /// `out (+)= s * a`.
 pub fn scale(out: &mut [f32], a: &[f32], s: f32, accumulate: bool) {
     assert_eq!(a.len(), out.len(), "cpu scale: lengths differ");
-    each(out, |i, o| put(o, s * a[i], accumulate));
+    store(out, accumulate, |i| s * a[i]);
 }
 
 /// Inverted dropout: `out (+)= x / (1 - p)` where `kernels_ref::dropout_keep` keeps, else 0.
@@ -50,10 +47,11 @@ pub fn dropout(out: &mut [f32], x: &[f32], p: f32, seed: u32, accumulate: bool) 
     let threshold = (p as f64 * 4294967296.0).min(4294967295.0) as u32;
     let seed_hash = kr::hash32(seed);
     debug_assert!((0..64).all(|i| kr::dropout_keep(seed, i, p) == (kr::hash32(i ^ seed_hash) >= threshold)));
-    each(out, |i, o| {
-        let v = if kr::hash32(i as u32 ^ seed_hash) >= threshold { x[i] * scale } else { 0.0 };
-        put(o, v, accumulate)
-    });
+    store(
+        out,
+        accumulate,
+        |i| if kr::hash32(i as u32 ^ seed_hash) >= threshold { x[i] * scale } else { 0.0 },
+    );
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -103,19 +101,19 @@ impl Unary {
 /// `y = act(x)`.
 pub fn act_forward(y: &mut [f32], x: &[f32], act: Unary) {
     assert_eq!(y.len(), x.len(), "cpu activation: lengths differ");
-    each(y, |i, _| act.eval(x[i]).0);
+    store(y, false, |i| act.eval(x[i]).0);
 }
 
 /// `dx (+)= dy * act'(x)`.
 pub fn act_backward(dx: &mut [f32], x: &[f32], dy: &[f32], act: Unary, accumulate: bool) {
     assert!(dx.len() == x.len() && dy.len() == x.len(), "cpu activation backward: lengths differ");
-    each(dx, |i, o| put(o, dy[i] * act.eval(x[i]).1, accumulate));
+    store(dx, accumulate, |i| dy[i] * act.eval(x[i]).1);
 }
 
 /// `y = act(gate) * up` (SwiGLU with SiLU, GeGLU with GELU).
 pub fn glu_forward(y: &mut [f32], gate: &[f32], up: &[f32], act: Unary) {
     assert!(gate.len() == y.len() && up.len() == y.len(), "cpu glu: lengths differ");
-    each(y, |i, _| act.eval(gate[i]).0 * up[i]);
+    store(y, false, |i| act.eval(gate[i]).0 * up[i]);
 }
 
 /// `dgate (+)= dy * up * act'(gate)` and `dup (+)= dy * act(gate)`, each when asked for.
@@ -128,10 +126,10 @@ pub fn glu_backward(
     act: Unary,
 ) {
     if let Some((d, acc)) = dgate {
-        each(d, |i, o| put(o, dy[i] * up[i] * act.eval(gate[i]).1, acc));
+        store(d, acc, |i| dy[i] * up[i] * act.eval(gate[i]).1);
     }
     if let Some((d, acc)) = dup {
-        each(d, |i, o| put(o, dy[i] * act.eval(gate[i]).0, acc));
+        store(d, acc, |i| dy[i] * act.eval(gate[i]).0);
     }
 }
 
@@ -182,12 +180,15 @@ pub fn cross_entropy_backward(
     let g = if count == 0 { 0.0 } else { dloss / count as f32 };
     dlogits.par_chunks_mut(v.max(1)).zip(logits.par_chunks(v.max(1))).enumerate().for_each(|(r, (d, x))| {
         let t = target(targets[r], v);
-        for (j, (d, &xj)) in d.iter_mut().zip(x).enumerate() {
-            let val = match t {
-                None => 0.0,
-                Some(t) => ((xj - lse[r]).exp() - if j == t { 1.0 } else { 0.0 }) * g,
-            };
-            *d = put(*d, val, accumulate);
+        let value = |j: usize| match t {
+            None => 0.0,
+            Some(t) => ((x[j] - lse[r]).exp() - if j == t { 1.0 } else { 0.0 }) * g,
+        };
+        // written without a read unless accumulating (see `store`)
+        if accumulate {
+            d.iter_mut().enumerate().for_each(|(j, o)| *o += value(j));
+        } else {
+            d.iter_mut().enumerate().for_each(|(j, o)| *o = value(j));
         }
     });
 }

@@ -210,6 +210,12 @@ impl Op {
     fn backward_reads_output(&self) -> bool {
         matches!(self, Op::Act { act: Act::Softcap(_) })
     }
+
+    /// Whether the gradient of every input is the output gradient itself (a + b): the executor
+    /// then hands the output gradient's buffer to one input that has none yet, instead of a copy.
+    fn passes_gradient(&self) -> bool {
+        matches!(self, Op::Add)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -809,7 +815,7 @@ impl Run<'_> {
                 }
             }
             let _c = category::backward(g, i).enter();
-            ops::backward(self, store, &mut grads, i, dout.as_ref(), scale)?;
+            ops::backward(self, store, &mut grads, i, dout, scale)?;
             if let Some(r) = &self.residency {
                 let key = r.key_backward(i);
                 let done: Vec<_> = r

@@ -281,11 +281,23 @@ pub(crate) fn backward(
     store: &mut ParamStore,
     grads: &mut [Option<Value>],
     i: usize,
-    dout: Option<&Value>,
+    dout: Option<Value>,
     scale: f32,
 ) -> Result<()> {
     let graph = run.graph;
     let node = &graph.nodes[i];
+    // An op that passes its output gradient through (`Op::passes_gradient`) gives the buffer
+    // itself to the first input that needs a gradient and holds none yet (an activation, read
+    // once by this node): no copy, and on the GPU no dispatch.
+    let handed = node.op.passes_gradient().then(|| {
+        node.inputs.iter().position(|&v| {
+            graph.requires_grad[v.0]
+                && !matches!(graph.nodes[v.0].op, Op::Param(_))
+                && grads[v.0].is_none()
+                && node.inputs.iter().filter(|&&w| w == v).count() == 1
+        })
+    });
+    let handed = handed.flatten();
     // One buffer per input slot. A value read twice by the node (`add(x, x)`) gets its
     // gradient buffer at its first slot and a fresh one at the others, added in afterwards.
     let mut targets = Vec::new();
@@ -294,6 +306,10 @@ pub(crate) fn backward(
     for (k, &input) in node.inputs.iter().enumerate() {
         let first = node.inputs[..k].iter().position(|&v| v == input);
         match first {
+            _ if handed == Some(k) => {
+                targets.push(None);
+                op_grads.push(None);
+            }
             Some(j) if graph.requires_grad[input.0] => {
                 let fresh = Value::empty(&run.dev, &graph.shapes[input.0], "gradient")?;
                 targets.push(None);
@@ -310,7 +326,7 @@ pub(crate) fn backward(
     {
         let cx = Bwd {
             f: Fwd::new(run, store, i),
-            dout,
+            dout: dout.as_ref(),
             output: run.values[i].as_ref(),
             saved: run.saved[i].as_ref(),
             scale,
@@ -358,6 +374,9 @@ pub(crate) fn backward(
         if let (Some(t), Some(g)) = (t, g) {
             put_grad(store, grads, t, g.value);
         }
+    }
+    if let (Some(k), Some(dout)) = (handed, dout) {
+        grads[node.inputs[k].0] = Some(dout);
     }
     Ok(())
 }
