@@ -303,3 +303,21 @@ fn embedding_backward_scatters_repeated_ids_and_accumulates() {
     let want: Vec<f32> = want.iter().zip(&start).map(|(w, s)| w + s).collect();
     check("embedding backward, accumulated", &got, &want, 1e-6);
 }
+
+/// The fast path's host buffer pool hands a given-back buffer to the next request of its
+/// length (contents and all: the kernels overwrite them), and leaves small ones alone.
+#[test]
+fn the_pool_recycles_buffers_by_length() {
+    use pockettune::cpu::pool;
+    let n = 12_345;
+    let v = vec![1.5f32; n];
+    let at = v.as_ptr();
+    pool::give(v);
+    let w = pool::take(n);
+    assert_eq!((w.as_ptr(), w.len()), (at, n), "the same buffer comes back");
+    assert!(w.iter().all(|&x| x == 1.5), "with its contents");
+    assert_eq!(pool::take(n + 1), vec![0.0; n + 1], "another length gets fresh zeros");
+    let small = vec![2.0f32; 8];
+    pool::give(small);
+    assert_eq!(pool::take(8), vec![0.0; 8], "small buffers are left to the allocator");
+}

@@ -100,6 +100,9 @@ pub fn backward(
     let scale = if count == 0 { 0.0 } else { dloss / count as f32 };
     let rows = block_rows(&d);
     let c = d.c;
+    if let (0, Some((dw, false))) = (d.n, dw.as_mut()) {
+        dw.fill(0.0); // no block writes it
+    }
     for (blk, (lse_b, t_b)) in lse.chunks(rows).zip(targets.chunks(rows)).enumerate() {
         let (r0, r1) = (blk * rows, blk * rows + t_b.len());
         let x_blk = &x[r0 * c..r1 * c];

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod elementwise;
 pub mod head_loss;
 pub mod optim;
+pub mod pool;
 
 use kernels_ref::MatmulDims;
 use rayon::prelude::*;

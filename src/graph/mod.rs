@@ -82,12 +82,23 @@ impl Value {
             Device::Cpu(_) => Value::Cpu(data.to_vec()),
         })
     }
-    /// Uninitialised on the GPU (every kernel writes its whole output), zeros on the CPU.
+    /// Uninitialised on the GPU, last use's contents on the fast CPU path (a recycled buffer,
+    /// `crate::cpu::pool`): every kernel there writes its whole output. Zeros on the CPU
+    /// reference path.
     pub fn empty(dev: &Device, shape: &[usize], what: &str) -> Result<Value> {
         Ok(match dev {
             Device::Gpu(g) => Value::Gpu(Tensor::empty(g, shape, what)?),
-            Device::Cpu(_) => Value::Cpu(vec![0.0; shape.iter().product()]),
+            Device::Cpu(CpuPath::Fast) => Value::Cpu(crate::cpu::pool::take(shape.iter().product())),
+            Device::Cpu(CpuPath::Reference) => Value::Cpu(vec![0.0; shape.iter().product()]),
         })
+    }
+
+    /// Give a value the executor is done with back for reuse (host buffers of the fast CPU
+    /// path; anything else is simply dropped).
+    pub(crate) fn recycle(dev: &Device, v: Option<Value>) {
+        if let (Device::Cpu(CpuPath::Fast), Some(Value::Cpu(buf))) = (dev, v) {
+            crate::cpu::pool::give(buf);
+        }
     }
     pub fn zeros(dev: &Device, shape: &[usize], what: &str) -> Result<Value> {
         let mut v = Value::empty(dev, shape, what)?;
@@ -693,7 +704,7 @@ impl Run<'_> {
         for v in &g.nodes[i].inputs {
             let freeable = last_forward[v.0] == i && !needed(v.0) && !self.keep.contains(v);
             if freeable && !matches!(g.nodes[v.0].op, Op::Param(_)) {
-                self.values[v.0] = None;
+                Value::recycle(&self.dev, self.values[v.0].take());
             }
         }
         Ok(())
@@ -826,10 +837,10 @@ impl Run<'_> {
                     .collect();
                 done.into_iter().for_each(|id| self.resident.release(id));
             }
-            self.saved[i] = None;
+            Value::recycle(&self.dev, self.saved[i].take());
             for v in node.inputs.iter().chain([Var(i)].iter()) {
                 if first_backward[v.0] == i && *v != loss && !self.keep.contains(v) {
-                    self.values[v.0] = None;
+                    Value::recycle(&self.dev, self.values[v.0].take());
                 }
             }
         }

@@ -375,8 +375,10 @@ pub(crate) fn backward(
             put_grad(store, grads, t, g.value);
         }
     }
-    if let (Some(k), Some(dout)) = (handed, dout) {
-        grads[node.inputs[k].0] = Some(dout);
+    match (handed, dout) {
+        (Some(k), Some(dout)) => grads[node.inputs[k].0] = Some(dout),
+        (None, dout) => Value::recycle(&run.dev, dout),
+        (Some(_), None) => {}
     }
     Ok(())
 }
