@@ -12,7 +12,7 @@ use rayon::prelude::*;
 pub const IGNORE_INDEX: i32 = -100;
 
 /// The row's target as an index, or `None` when ignored; panics on anything else out of range.
-pub(crate) fn target_index(name: &str, target: i32, v: usize) -> Option<usize> {
+pub fn target_index(name: &str, target: i32, v: usize) -> Option<usize> {
     if target == IGNORE_INDEX {
         return None;
     }
@@ -32,6 +32,16 @@ fn max_and_logsumexp(x: &[f32]) -> (f64, f64) {
     (max, max + sum.ln())
 }
 
+/// The mean of the kept rows' losses (`None`: an ignored row); NaN when every row is ignored,
+/// as PyTorch gives.
+pub fn mean_over_kept(per_row: &[Option<f64>]) -> f32 {
+    let kept: Vec<f64> = per_row.iter().flatten().copied().collect();
+    if kept.is_empty() {
+        return f32::NAN;
+    }
+    (kept.iter().sum::<f64>() / kept.len() as f64) as f32
+}
+
 /// `losses (N)` per row and the mean over kept rows, from `logits (N, V)` and `targets (N)`.
 pub fn cross_entropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32], n: usize, v: usize) -> f32 {
     let f = "cross_entropy_forward";
@@ -47,18 +57,10 @@ pub fn cross_entropy_forward(losses: &mut [f32], logits: &[f32], targets: &[i32]
             })
         })
         .collect();
-    let (mut total, mut count) = (0.0f64, 0usize);
     for (out, l) in losses.iter_mut().zip(&per_row) {
         *out = l.unwrap_or(0.0) as f32;
-        if let Some(l) = l {
-            total += l;
-            count += 1;
-        }
     }
-    if count == 0 {
-        return f32::NAN;
-    }
-    (total / count as f64) as f32
+    mean_over_kept(&per_row)
 }
 
 /// `dlogits (N, V)`, overwritten: the gradient of `dloss * mean loss`.

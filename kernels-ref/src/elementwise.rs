@@ -46,11 +46,14 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> f32 {
     let total = grads.iter().map(|g| sum_squares(g)).sum::<f64>().sqrt();
     let coef = max_norm as f64 / (total + 1e-6);
     if coef < 1.0 {
-        for g in grads.iter_mut() {
-            g.par_iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
-        }
+        grads.iter_mut().for_each(|g| scale_by(g, coef));
     }
     total as f32
+}
+
+/// `x *= coef` in place, each element through f64 (clipping's scale).
+pub fn scale_by(x: &mut [f32], coef: f64) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = (*v as f64 * coef) as f32));
 }
 
 #[cfg(test)]

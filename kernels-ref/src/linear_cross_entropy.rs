@@ -12,7 +12,7 @@
 //! Every logit is recomputed where it is needed (in f64, from x and W), so memory stays
 //! O(V) per row; the cost is a few more products than storing them, which a reference can afford.
 
-use crate::cross_entropy::target_index;
+use crate::cross_entropy::{mean_over_kept, target_index};
 use rayon::prelude::*;
 
 /// Sizes and options of one fused head + loss.
@@ -93,18 +93,10 @@ pub fn linear_cross_entropy_forward(
             })
         })
         .collect();
-    let (mut total, mut count) = (0.0f64, 0usize);
     for (out, l) in losses.iter_mut().zip(&per_row) {
         *out = l.unwrap_or(0.0) as f32;
-        if let Some(l) = l {
-            total += l;
-            count += 1;
-        }
     }
-    if count == 0 {
-        return f32::NAN;
-    }
-    (total / count as f64) as f32
+    mean_over_kept(&per_row)
 }
 
 /// `dx (N, C)` and `dw` (W's layout), each optional and overwritten: the gradients of

@@ -27,19 +27,26 @@ pub fn adamw_step(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32
     let (eps, wd) = (opt.eps as f64, opt.weight_decay as f64);
     let bc1 = 1.0 - b1.powi(step as i32);
     let bc2 = 1.0 - b2.powi(step as i32);
-    params.par_iter_mut().zip(m.par_iter_mut().zip(v.par_iter_mut())).zip(grads.par_iter()).for_each(
-        |((p, (m, v)), &g)| {
-            let g = g as f64;
-            let mut pf = *p as f64;
-            pf -= lr * wd * pf;
-            let mf = b1 * *m as f64 + (1.0 - b1) * g;
-            let vf = b2 * *v as f64 + (1.0 - b2) * g * g;
-            pf -= lr * (mf / bc1) / ((vf / bc2).sqrt() + eps);
-            *p = pf as f32;
-            *m = mf as f32;
-            *v = vf as f32;
-        },
-    );
+    // blocks of elements per task: one task per element would cost more than the update
+    const CHUNK: usize = 4096;
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(grads.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let gi = g[i] as f64;
+                let mut pf = p[i] as f64;
+                pf -= lr * wd * pf;
+                let mf = b1 * m[i] as f64 + (1.0 - b1) * gi;
+                let vf = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+                pf -= lr * (mf / bc1) / ((vf / bc2).sqrt() + eps);
+                p[i] = pf as f32;
+                m[i] = mf as f32;
+                v[i] = vf as f32;
+            }
+        });
 }
 
 /// One SGD step: `p -= lr * (g + weight_decay * p)`.

@@ -26,6 +26,18 @@ fn store(out: &mut [f32], accumulate: bool, f: impl Fn(usize) -> f32 + Sync) {
     });
 }
 
+/// `x = value` everywhere.
+pub fn fill(x: &mut [f32], value: f32) {
+    x.par_chunks_mut(CHUNK).for_each(|c| c.fill(value));
+}
+
+/// The log-sum-exp of one row of logits, in f32.
+pub(super) fn logsumexp(x: &[f32]) -> f32 {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+    let sum: f32 = x.iter().map(|&a| (a - max).exp()).sum();
+    max + sum.ln()
+}
+
 /// `out = a + b`.
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(a.len() == out.len() && b.len() == out.len(), "cpu add: lengths differ");
@@ -133,15 +145,6 @@ pub fn glu_backward(
     }
 }
 
-/// The row's target index, `None` when ignored.
-fn target(t: i32, v: usize) -> Option<usize> {
-    if t == kr::IGNORE_INDEX {
-        return None;
-    }
-    assert!(t >= 0 && (t as usize) < v, "cpu cross-entropy: target {t} out of range for {v} classes");
-    Some(t as usize)
-}
-
 /// The mean cross-entropy over kept rows of `logits (N, V)` (NaN when every row is ignored),
 /// and each row's log-sum-exp in `lse (N)` for the backward.
 pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> f32 {
@@ -152,17 +155,11 @@ pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v
         .zip(lse.par_iter_mut())
         .zip(targets.par_iter())
         .map(|((x, l), &t)| {
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-            let sum: f32 = x.iter().map(|&a| (a - max).exp()).sum();
-            *l = max + sum.ln();
-            target(t, v).map(|t| (*l - x[t]) as f64)
+            *l = logsumexp(x);
+            kr::target_index("cpu cross-entropy", t, v).map(|t| (*l - x[t]) as f64)
         })
         .collect();
-    let kept: Vec<f64> = losses.into_iter().flatten().collect();
-    if kept.is_empty() {
-        return f32::NAN;
-    }
-    (kept.iter().sum::<f64>() / kept.len() as f64) as f32
+    kr::mean_over_kept(&losses)
 }
 
 /// `dlogits (+)= (softmax - onehot) * dloss / kept rows`, 0 on ignored rows.
@@ -179,7 +176,7 @@ pub fn cross_entropy_backward(
     let count = targets.iter().filter(|&&t| t != kr::IGNORE_INDEX).count();
     let g = if count == 0 { 0.0 } else { dloss / count as f32 };
     dlogits.par_chunks_mut(v.max(1)).zip(logits.par_chunks(v.max(1))).enumerate().for_each(|(r, (d, x))| {
-        let t = target(targets[r], v);
+        let t = kr::target_index("cpu cross-entropy backward", targets[r], v);
         let value = |j: usize| match t {
             None => 0.0,
             Some(t) => ((x[j] - lse[r]).exp() - if j == t { 1.0 } else { 0.0 }) * g,

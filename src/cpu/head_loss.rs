@@ -4,8 +4,9 @@
 //! whole logits never exist. The forward keeps each row's log-sum-exp; the backward recomputes
 //! a block's logits from it and turns them into dx and dW with two more products.
 
+use super::elementwise::logsumexp;
 use super::matmul;
-use kernels_ref::{HeadDims, MatmulDims, IGNORE_INDEX};
+use kernels_ref::{self as kr, HeadDims, MatmulDims, IGNORE_INDEX};
 use rayon::prelude::*;
 
 /// The logits of one block of rows at most (32 MiB: a 262,144-entry vocabulary walks 32 rows
@@ -41,22 +42,13 @@ fn logits(x_blk: &[f32], w: &[f32], d: &HeadDims) -> Vec<f32> {
     y
 }
 
-/// The row's target index, `None` when ignored.
-fn target(t: i32, v: usize) -> Option<usize> {
-    if t == IGNORE_INDEX {
-        return None;
-    }
-    assert!(t >= 0 && (t as usize) < v, "cpu head loss: target {t} out of range for {v} classes");
-    Some(t as usize)
-}
-
 /// The mean loss over kept rows (NaN when every row is ignored, as PyTorch gives) and each row's
 /// log-sum-exp in `lse (N)`.
 pub fn forward(lse: &mut [f32], x: &[f32], w: &[f32], targets: &[i32], d: HeadDims) -> f32 {
     check(x, w, targets, &d);
     assert_eq!(lse.len(), d.n, "cpu head loss: lse must hold N");
     let rows = block_rows(&d);
-    let (mut total, mut count) = (0f64, 0usize);
+    let mut per_row = Vec::with_capacity(d.n);
     for (blk, (lse_b, t_b)) in lse.chunks_mut(rows).zip(targets.chunks(rows)).enumerate() {
         let r0 = blk * rows;
         let y = logits(&x[r0 * d.c..(r0 + t_b.len()) * d.c], w, &d);
@@ -65,21 +57,13 @@ pub fn forward(lse: &mut [f32], x: &[f32], w: &[f32], targets: &[i32], d: HeadDi
             .zip(lse_b.par_iter_mut())
             .zip(t_b.par_iter())
             .map(|((yr, l), &t)| {
-                let max = yr.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-                let sum: f32 = yr.iter().map(|&a| (a - max).exp()).sum();
-                *l = max + sum.ln();
-                target(t, d.v).map(|t| (*l - yr[t]) as f64)
+                *l = logsumexp(yr);
+                kr::target_index("cpu head loss", t, d.v).map(|t| (*l - yr[t]) as f64)
             })
             .collect();
-        for l in losses.into_iter().flatten() {
-            total += l;
-            count += 1;
-        }
+        per_row.extend(losses);
     }
-    if count == 0 {
-        return f32::NAN;
-    }
-    (total / count as f64) as f32
+    kr::mean_over_kept(&per_row)
 }
 
 /// The gradients of `dloss * mean loss`: `dx (N, C)` and `dw` (W's layout), each optional and
@@ -108,7 +92,7 @@ pub fn backward(
         let x_blk = &x[r0 * c..r1 * c];
         let mut g = logits(x_blk, w, &d);
         g.par_chunks_mut(d.v).zip(lse_b.par_iter()).zip(t_b.par_iter()).for_each(|((gr, &l), &t)| {
-            let Some(t) = target(t, d.v) else {
+            let Some(t) = kr::target_index("cpu head loss backward", t, d.v) else {
                 gr.fill(0.0);
                 return;
             };

@@ -3,16 +3,15 @@
 //!
 //! Here: the matrix product ([`matmul`]), attention ([`attention`]), the LM head fused with the
 //! loss ([`head_loss`]), the elementwise ops and the plain cross-entropy in f32 blocks
-//! ([`elementwise`]), AdamW, the clipping scale and the zero-fill in blocks ([`optim`]). The
-//! norms, RoPE, the embedding and the soft cap are the reference's functions (threaded already,
-//! and cheap), shared by both CPU paths. The reference path (`--device cpu-ref`) stays the judge: each
+//! ([`elementwise`]), the embedding's backward, and host buffers recycled by length ([`pool`]).
+//! The norms, RoPE, the embedding's forward, the soft cap and AdamW are the reference's
+//! functions (threaded in blocks already), shared by both CPU paths. The reference path (`--device cpu-ref`) stays the judge: each
 //! function here is tested against its `kernels-ref` twin (`tests/cpu_fast.rs`), and whole
 //! models against the reference on every architecture.
 
 pub mod attention;
 pub mod elementwise;
 pub mod head_loss;
-pub mod optim;
 pub mod pool;
 
 use kernels_ref::MatmulDims;
@@ -125,7 +124,7 @@ pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: us
         panic!("cpu embedding backward: token id {bad} out of range for vocab {vocab}");
     }
     if !accumulate {
-        optim::fill(dtable, 0.0);
+        elementwise::fill(dtable, 0.0);
     }
     for (row, &id) in dout.chunks(dim).zip(ids) {
         let at = id as usize * dim;

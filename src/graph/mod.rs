@@ -110,7 +110,7 @@ impl Value {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
             (Value::Packed(_) | Value::Streamed(_), _) => Err(packed_value()),
             (Value::Cpu(v), _) => {
-                crate::cpu::optim::fill(v, x);
+                crate::cpu::elementwise::fill(v, x);
                 Ok(())
             }
             _ => Err(wrong_device()),

@@ -449,8 +449,7 @@ impl ParamStore {
                     }
                     for p in self.params.iter_mut().filter(|p| p.on_host()) {
                         if let Some(grad) = &mut p.grad {
-                            use rayon::prelude::*; // as kernels_ref::clip_grad_norm scales
-                            grad.cpu_mut().par_iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+                            kernels_ref::scale_by(grad.cpu_mut(), coef);
                         }
                     }
                 }
@@ -464,16 +463,8 @@ impl ParamStore {
                     .map(|g| g.cpu_mut().as_mut_slice())
                     .collect();
                 let squares: f64 = grads.iter().map(|g| kernels_ref::sum_squares(g)).sum();
-                let coef = max_norm as f64 / (squares.sqrt() + 1e-6);
-                match self.dev {
-                    // the same coefficient and rounding, in blocks
-                    Device::Cpu(super::CpuPath::Fast) if max_norm > 0.0 && coef < 1.0 => {
-                        grads.iter_mut().for_each(|g| crate::cpu::optim::scale_in_place(g, coef))
-                    }
-                    _ if max_norm > 0.0 => {
-                        kernels_ref::clip_grad_norm(&mut grads, max_norm);
-                    }
-                    _ => {}
+                if max_norm > 0.0 {
+                    kernels_ref::clip_grad_norm(&mut grads, max_norm);
                 }
                 Ok(finite(squares))
             }
@@ -552,10 +543,9 @@ impl ParamStore {
                     let Device::Gpu(gpu) = &self.dev else { unreachable!("GPU values on a GPU store") };
                     optim::adamw_step(gpu, w, g, m, v, opt, step)?;
                 }
-                (Value::Cpu(w), Value::Cpu(g), Value::Cpu(m), Value::Cpu(v)) => match self.dev {
-                    Device::Cpu(super::CpuPath::Fast) => crate::cpu::optim::adamw_step(w, g, m, v, opt, step),
-                    _ => kernels_ref::adamw_step(w, g, m, v, opt, step),
-                },
+                (Value::Cpu(w), Value::Cpu(g), Value::Cpu(m), Value::Cpu(v)) => {
+                    kernels_ref::adamw_step(w, g, m, v, opt, step);
+                }
                 _ => unreachable!("a store holds values of one device"),
             }
         }

@@ -10,8 +10,7 @@
 //! f32; the value goes back with a queue write. Tensors are cut into pieces of at most
 //! [`Offload::set_transfer_piece`] elements, so that no staging buffer passes a device limit
 //! whatever the tensor's size. On both CPU paths the same storage serves the reference AdamW
-//! (`kernels_ref::adamw_step`, f64; the fast path's blocked version does the same arithmetic)
-//! with no transfer, so there the losses with offload equal those without bit for bit.
+//! (`kernels_ref::adamw_step`, f64) with no transfer, so there the losses with offload equal those without bit for bit.
 //!
 //! The file of `disk` mode is scratch, not a checkpoint: it is created empty when the mode is
 //! set (so an unwritable place fails before training starts), filled with zeros once the
