@@ -7,7 +7,9 @@
 //! compared relative to the largest reference value of its tensor: 1e-5 for the matrix
 //! products and attention (sums of at most a few hundred terms between roundings inside gemm's
 //! blocks) and for the elementwise functions (f32 exp and tanh, a few ulps each, 1e-6 to 2e-6
-//! measured), 1e-4 where a sum runs over a whole vocabulary (the loss, dx and dW of the head).
+//! measured), for the norms (f32 row sums in eight partial sums, rows of at most a few
+//! thousand), 1e-4 where a sum runs over a whole vocabulary (the loss, dx and dW of the head).
+//! The fast path's own `exp` is held to libm's (f64) within 4e-7 relative.
 
 use kernels_ref as kr;
 use kernels_ref::{AttnDims, HeadDims, MatmulDims};
@@ -301,4 +303,78 @@ fn the_pool_recycles_buffers_by_length() {
     let small = vec![2.0f32; 8];
     pool::give(small);
     assert_eq!(pool::take(8), vec![0.0; 8], "small buffers are left to the allocator");
+}
+
+#[test]
+fn exp_is_within_a_few_ulps_of_libm_over_the_whole_range() {
+    use pockettune::cpu::simd::exp;
+    let mut worst = 0f64;
+    // every 1/1024 from -87 to 88, and the ends of the range
+    for i in -87 * 1024..=88 * 1024 {
+        let x = i as f32 / 1024.0;
+        let (got, want) = (exp(x) as f64, (x as f64).exp());
+        worst = worst.max((got - want).abs() / want);
+    }
+    eprintln!("exp: worst relative error {worst:.2e}");
+    assert!(worst <= 4e-7, "exp: relative error {worst:e} above 4e-7");
+    assert!(exp(f32::NAN).is_nan(), "exp(NaN) must stay NaN");
+    assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+    assert_eq!(exp(0.0), 1.0);
+    assert!(exp(88.7) < f32::INFINITY && exp(88.7) > 3.3e38, "exp near the top of f32's range");
+    // below the normal range: the smallest normal, not a subnormal (what softmax sums see)
+    assert!(exp(f32::NEG_INFINITY) <= f32::MIN_POSITIVE && exp(-200.0) <= f32::MIN_POSITIVE);
+}
+
+#[test]
+fn norms_match_the_reference_on_ragged_rows_with_and_without_weight_gradients() {
+    use pockettune::cpu::norm as fast;
+    let mut rng = StdRng::seed_from_u64(42);
+    // more rows than one block of the weight gradients' sums (32), a row that is not a
+    // multiple of 8, GPT-2's, and Gemma 3 1B's width with its 1 + w scale
+    for (rows, cols, shift) in [(70, 771, 0.0), (512, 768, 0.0), (33, 1152, 1.0), (1, 5, 0.0)] {
+        let (x, dy) = (uniform(&mut rng, rows * cols), uniform(&mut rng, rows * cols));
+        let x: Vec<f32> = x.iter().map(|v| v * 3.0 + 0.5).collect();
+        let (w, b) = (uniform(&mut rng, cols), uniform(&mut rng, cols));
+        let what = format!("{rows}x{cols}");
+
+        let (mut y, mut mean, mut rstd) = (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; rows]);
+        kr::layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, rows, cols, 1e-5);
+        let (mut gy, mut gmean, mut grstd) =
+            (vec![f32::NAN; rows * cols], vec![0f32; rows], vec![0f32; rows]);
+        fast::layernorm_forward(&mut gy, &mut gmean, &mut grstd, &x, &w, &b, cols, 1e-5);
+        check(&format!("layernorm {what}"), &gy, &y, 1e-5);
+        check(&format!("layernorm {what} rstd"), &grstd, &rstd, 1e-5);
+        let (mut dx, mut dw, mut db) = (vec![0f32; rows * cols], vec![0f32; cols], vec![0f32; cols]);
+        kr::layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, rows, cols);
+        let (mut gdx, mut gdw, mut gdb) =
+            (vec![f32::NAN; rows * cols], vec![f32::NAN; cols], vec![f32::NAN; cols]);
+        fast::layernorm_backward(
+            Some(&mut gdx),
+            Some((&mut gdw, &mut gdb)),
+            &dy,
+            &x,
+            &w,
+            &gmean,
+            &grstd,
+            cols,
+        );
+        check(&format!("layernorm {what} dx"), &gdx, &dx, 1e-5);
+        check(&format!("layernorm {what} dw"), &gdw, &dw, 1e-5);
+        check(&format!("layernorm {what} db"), &gdb, &db, 1e-5);
+        let mut only_dx = vec![f32::NAN; rows * cols];
+        fast::layernorm_backward(Some(&mut only_dx), None, &dy, &x, &w, &gmean, &grstd, cols);
+        assert_eq!(only_dx, gdx, "layernorm {what}: dx alone differs from dx with dw, db");
+
+        let (mut y, mut rstd) = (vec![0f32; rows * cols], vec![0f32; rows]);
+        kr::rmsnorm_forward(&mut y, &mut rstd, &x, &w, rows, cols, 1e-6, shift);
+        let (mut gy, mut grstd) = (vec![f32::NAN; rows * cols], vec![0f32; rows]);
+        fast::rmsnorm_forward(&mut gy, &mut grstd, &x, &w, cols, 1e-6, shift);
+        check(&format!("rmsnorm {what}"), &gy, &y, 1e-5);
+        let (mut dx, mut dw) = (vec![0f32; rows * cols], vec![0f32; cols]);
+        kr::rmsnorm_backward(&mut dx, &mut dw, &dy, &x, &w, &rstd, rows, cols, shift);
+        let (mut gdx, mut gdw) = (vec![f32::NAN; rows * cols], vec![f32::NAN; cols]);
+        fast::rmsnorm_backward(Some(&mut gdx), Some(&mut gdw), &dy, &x, &w, &grstd, cols, shift);
+        check(&format!("rmsnorm {what} dx"), &gdx, &dx, 1e-5);
+        check(&format!("rmsnorm {what} dw"), &gdw, &dw, 1e-5);
+    }
 }

@@ -106,6 +106,7 @@ mod tests {
 
 /// The 32-bit integer hash behind dropout masks (the "lowbias32" mixer): the GPU kernel and
 /// this reference compute the same mask from (seed, index), so no mask is stored or uploaded.
+#[inline]
 pub fn hash32(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);

@@ -5,25 +5,66 @@
 //! buffer in between. Dropout draws the reference's mask (`kernels_ref::dropout_keep`), so both
 //! paths drop the same elements.
 
+use super::simd::{exp, vectorized};
 use kernels_ref as kr;
 use rayon::prelude::*;
 
 /// Elements per task: large enough that rayon's split costs nothing, small enough to balance.
 pub const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(i)`, or `out[i] += f(i)` when `accumulate`, over blocks in parallel (`i` the
-/// global index). `out` is read only when accumulating: a fresh buffer's pages must be written
-/// before they are read, or the read maps the shared zero page and the write after it costs a
-/// copy-on-write fault with a TLB flush on every core.
-fn store(out: &mut [f32], accumulate: bool, f: impl Fn(usize) -> f32 + Sync) {
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-        let base = c * CHUNK;
-        if accumulate {
-            o.iter_mut().enumerate().for_each(|(j, v)| *v += f(base + j));
-        } else {
-            o.iter_mut().enumerate().for_each(|(j, v)| *v = f(base + j));
-        }
-    });
+/// `out[i] = f(a[i], b[i], c[i])`, or `out[i] += ...` when `accumulate`, over blocks in
+/// parallel, each block one [`vectorized`] loop over zipped slices (no index, so no bounds
+/// checks in the way of SIMD). Inputs a caller does not have are passed as `out` itself
+/// would be: any slice of the same length (`map1`, `map2` do). `out` is read only when
+/// accumulating: a fresh buffer's pages must be written before they are read, or the read maps
+/// the shared zero page and the write after it costs a copy-on-write fault with a TLB flush on
+/// every core.
+fn map3(out: &mut [f32], accumulate: bool, [a, b, c]: [&[f32]; 3], f: impl Fn(f32, f32, f32) -> f32 + Sync) {
+    assert!(
+        a.len() == out.len() && b.len() == out.len() && c.len() == out.len(),
+        "cpu elementwise: lengths differ"
+    );
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(c.par_chunks(CHUNK)))
+        .for_each(|(o, ((a, b), c))| {
+            let ins = a.iter().zip(b).zip(c);
+            vectorized(
+                #[inline(always)]
+                || {
+                    if accumulate {
+                        o.iter_mut().zip(ins).for_each(
+                            #[inline(always)]
+                            |(o, ((&a, &b), &c))| *o += f(a, b, c),
+                        );
+                    } else {
+                        o.iter_mut().zip(ins).for_each(
+                            #[inline(always)]
+                            |(o, ((&a, &b), &c))| *o = f(a, b, c),
+                        );
+                    }
+                },
+            )
+        });
+}
+
+fn map2(out: &mut [f32], accumulate: bool, a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    map3(
+        out,
+        accumulate,
+        [a, b, b],
+        #[inline(always)]
+        |a, b, _| f(a, b),
+    );
+}
+
+fn map1(out: &mut [f32], accumulate: bool, a: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+    map3(
+        out,
+        accumulate,
+        [a, a, a],
+        #[inline(always)]
+        |a, _, _| f(a),
+    );
 }
 
 /// `x = value` everywhere.
@@ -33,21 +74,47 @@ pub fn fill(x: &mut [f32], value: f32) {
 
 /// The log-sum-exp of one row of logits, in f32.
 pub(super) fn logsumexp(x: &[f32]) -> f32 {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-    let sum: f32 = x.iter().map(|&a| (a - max).exp()).sum();
-    max + sum.ln()
+    vectorized(
+        #[inline(always)]
+        || {
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+            // eight partial sums, so that the sum vectorizes (f32 addition is not reassociated)
+            let mut part = [0f32; 8];
+            let (blocks, rest) = x.as_chunks::<8>();
+            for b in blocks {
+                for (p, &a) in part.iter_mut().zip(b) {
+                    *p += exp(a - max);
+                }
+            }
+            let sum = part.iter().sum::<f32>() + rest.iter().map(|&a| exp(a - max)).sum::<f32>();
+            max + sum.ln()
+        },
+    )
 }
 
 /// `out = a + b`.
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(a.len() == out.len() && b.len() == out.len(), "cpu add: lengths differ");
-    store(out, false, |i| a[i] + b[i]);
+    map2(
+        out,
+        false,
+        a,
+        b,
+        #[inline(always)]
+        |a, b| a + b,
+    );
 }
 
 /// `out (+)= s * a`.
 pub fn scale(out: &mut [f32], a: &[f32], s: f32, accumulate: bool) {
     assert_eq!(a.len(), out.len(), "cpu scale: lengths differ");
-    store(out, accumulate, |i| s * a[i]);
+    map1(
+        out,
+        accumulate,
+        a,
+        #[inline(always)]
+        |a| s * a,
+    );
 }
 
 /// Inverted dropout: `out (+)= x / (1 - p)` where `kernels_ref::dropout_keep` keeps, else 0.
@@ -59,26 +126,48 @@ pub fn dropout(out: &mut [f32], x: &[f32], p: f32, seed: u32, accumulate: bool) 
     let threshold = (p as f64 * 4294967296.0).min(4294967295.0) as u32;
     let seed_hash = kr::hash32(seed);
     debug_assert!((0..64).all(|i| kr::dropout_keep(seed, i, p) == (kr::hash32(i ^ seed_hash) >= threshold)));
-    store(
-        out,
-        accumulate,
-        |i| if kr::hash32(i as u32 ^ seed_hash) >= threshold { x[i] * scale } else { 0.0 },
-    );
+    // the element's index rides along as an f32 would not: exactly, through a block offset
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (o, x))| {
+        let base = (c * CHUNK) as u32;
+        #[inline(always)]
+        fn keep(i: u32, x: f32, seed_hash: u32, threshold: u32, scale: f32) -> f32 {
+            if kr::hash32(i ^ seed_hash) >= threshold {
+                x * scale
+            } else {
+                0.0
+            }
+        }
+        vectorized(
+            #[inline(always)]
+            || {
+                if accumulate {
+                    o.iter_mut().zip(x).enumerate().for_each(
+                        #[inline(always)]
+                        |(j, (o, &x))| *o += keep(base + j as u32, x, seed_hash, threshold, scale),
+                    );
+                } else {
+                    o.iter_mut().zip(x).enumerate().for_each(
+                        #[inline(always)]
+                        |(j, (o, &x))| *o = keep(base + j as u32, x, seed_hash, threshold, scale),
+                    );
+                }
+            },
+        )
+    });
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_K: f32 = 0.044_715;
 
-/// `tanh u` as `1 - 2 / (e^{2u} + 1)`: one `expf` instead of libm's `tanhf` (a call through
-/// `expm1f`); exact at the ends, absolute error about 1e-7
-/// near 0, which GELU multiplies by x/2.
-#[inline]
+/// `tanh u` as `1 - 2 / (e^{2u} + 1)`, through [`exp`] (libm's `tanhf` is a call, through
+/// `expm1f`); exact at the ends, absolute error about 1e-7 near 0, which GELU multiplies by x/2.
+#[inline(always)]
 fn tanh(u: f32) -> f32 {
-    1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
 /// tanh GELU and its derivative at `x`.
-#[inline]
+#[inline(always)]
 fn gelu(x: f32) -> (f32, f32) {
     let t = tanh(SQRT_2_OVER_PI * (x + GELU_K * x * x * x));
     let y = 0.5 * x * (1.0 + t);
@@ -87,9 +176,9 @@ fn gelu(x: f32) -> (f32, f32) {
 }
 
 /// SiLU and its derivative at `x`.
-#[inline]
+#[inline(always)]
 fn silu(x: f32) -> (f32, f32) {
-    let s = 1.0 / (1.0 + (-x).exp());
+    let s = 1.0 / (1.0 + exp(-x));
     (x * s, s * (1.0 + x * (1.0 - s)))
 }
 
@@ -100,32 +189,39 @@ pub enum Unary {
     Silu,
 }
 
-impl Unary {
-    #[inline]
-    fn eval(self, x: f32) -> (f32, f32) {
-        match self {
-            Unary::Gelu => gelu(x),
-            Unary::Silu => silu(x),
+/// Run `$body` with `$f` bound to the activation's function (a fn item, so every call in the
+/// loop is direct and inlined): a `match` inside the loop would keep it from vectorizing.
+macro_rules! with_act {
+    ($act:expr, $f:ident => $body:expr) => {
+        match $act {
+            Unary::Gelu => {
+                let $f = gelu;
+                $body
+            }
+            Unary::Silu => {
+                let $f = silu;
+                $body
+            }
         }
-    }
+    };
 }
 
 /// `y = act(x)`.
 pub fn act_forward(y: &mut [f32], x: &[f32], act: Unary) {
     assert_eq!(y.len(), x.len(), "cpu activation: lengths differ");
-    store(y, false, |i| act.eval(x[i]).0);
+    with_act!(act, f => map1(y, false, x, #[inline(always)] |x| f(x).0));
 }
 
 /// `dx (+)= dy * act'(x)`.
 pub fn act_backward(dx: &mut [f32], x: &[f32], dy: &[f32], act: Unary, accumulate: bool) {
     assert!(dx.len() == x.len() && dy.len() == x.len(), "cpu activation backward: lengths differ");
-    store(dx, accumulate, |i| dy[i] * act.eval(x[i]).1);
+    with_act!(act, f => map2(dx, accumulate, x, dy, #[inline(always)] |x, dy| dy * f(x).1));
 }
 
 /// `y = act(gate) * up` (SwiGLU with SiLU, GeGLU with GELU).
 pub fn glu_forward(y: &mut [f32], gate: &[f32], up: &[f32], act: Unary) {
     assert!(gate.len() == y.len() && up.len() == y.len(), "cpu glu: lengths differ");
-    store(y, false, |i| act.eval(gate[i]).0 * up[i]);
+    with_act!(act, f => map2(y, false, gate, up, #[inline(always)] |g, u| f(g).0 * u));
 }
 
 /// `dgate (+)= dy * up * act'(gate)` and `dup (+)= dy * act(gate)`, each when asked for.
@@ -138,10 +234,10 @@ pub fn glu_backward(
     act: Unary,
 ) {
     if let Some((d, acc)) = dgate {
-        store(d, acc, |i| dy[i] * up[i] * act.eval(gate[i]).1);
+        with_act!(act, f => map3(d, acc, [dy, up, gate], #[inline(always)] |dy, u, g| dy * u * f(g).1));
     }
     if let Some((d, acc)) = dup {
-        store(d, acc, |i| dy[i] * act.eval(gate[i]).0);
+        with_act!(act, f => map2(d, acc, dy, gate, #[inline(always)] |dy, g| dy * f(g).0));
     }
 }
 
@@ -177,15 +273,24 @@ pub fn cross_entropy_backward(
     let g = if count == 0 { 0.0 } else { dloss / count as f32 };
     dlogits.par_chunks_mut(v.max(1)).zip(logits.par_chunks(v.max(1))).enumerate().for_each(|(r, (d, x))| {
         let t = kr::target_index("cpu cross-entropy backward", targets[r], v);
-        let value = |j: usize| match t {
-            None => 0.0,
-            Some(t) => ((x[j] - lse[r]).exp() - if j == t { 1.0 } else { 0.0 }) * g,
+        let Some(t) = t else {
+            if !accumulate {
+                d.fill(0.0);
+            }
+            return;
         };
-        // written without a read unless accumulating (see `store`)
-        if accumulate {
-            d.iter_mut().enumerate().for_each(|(j, o)| *o += value(j));
-        } else {
-            d.iter_mut().enumerate().for_each(|(j, o)| *o = value(j));
-        }
+        let l = lse[r];
+        // written without a read unless accumulating (see `map3`); the target's 1 after
+        vectorized(
+            #[inline(always)]
+            || {
+                if accumulate {
+                    d.iter_mut().zip(x).for_each(|(o, &x)| *o += exp(x - l) * g);
+                } else {
+                    d.iter_mut().zip(x).for_each(|(o, &x)| *o = exp(x - l) * g);
+                }
+            },
+        );
+        d[t] -= g;
     });
 }

@@ -3,8 +3,9 @@
 //!
 //! Here: the matrix product ([`matmul`]), attention ([`attention`]), the LM head fused with the
 //! loss ([`head_loss`]), the elementwise ops and the plain cross-entropy in f32 blocks
-//! ([`elementwise`]), the embedding's backward, and host buffers recycled by length ([`pool`]).
-//! The norms, RoPE, the embedding's forward, the soft cap and AdamW are the reference's
+//! ([`elementwise`]), LayerNorm and RMSNorm ([`norm`]), the embedding's backward, host buffers
+//! recycled by length ([`pool`]), and what makes the elementwise loops vectorize ([`simd`]).
+//! RoPE, the embedding's forward, the soft cap and AdamW are the reference's
 //! functions (threaded in blocks already), shared by both CPU paths. The reference path (`--device cpu-ref`) stays the judge: each
 //! function here is tested against its `kernels-ref` twin (`tests/cpu_fast.rs`), and whole
 //! models against the reference on every architecture.
@@ -12,7 +13,9 @@
 pub mod attention;
 pub mod elementwise;
 pub mod head_loss;
+pub mod norm;
 pub mod pool;
+pub mod simd;
 
 use kernels_ref::MatmulDims;
 use rayon::prelude::*;

@@ -443,7 +443,7 @@ impl Graph {
     }
 
     /// `x W (+ bias)` for a stored weight, plus its LoRA branch when the store has an adapter on
-    /// it: `+ scale * dropout(x) A^T B^T`. `W` is (out, in) when `trans_w` (Hugging Face
+    /// it: `+ (scale * dropout(x) A^T) B^T`. `W` is (out, in) when `trans_w` (Hugging Face
     /// Linear), else (in, out) (GPT-2's Conv1D).
     pub fn linear_lora(
         &mut self,
@@ -460,8 +460,10 @@ impl Graph {
         let xd = if lora.dropout > 0.0 { self.dropout(x, lora.dropout) } else { x };
         let (a, b) = (self.param(store, lora.a), self.param(store, lora.b));
         let h = self.linear(xd, a, None, true)?;
+        // scaled at rank r, where it costs (tokens, r) elements, not (tokens, out): the same
+        // product, since a scalar passes through B
+        let h = if lora.scale == 1.0 { h } else { self.scale(h, lora.scale) };
         let h = self.linear(h, b, None, true)?;
-        let h = self.scale(h, lora.scale);
         self.add(y, h)
     }
 

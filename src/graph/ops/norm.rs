@@ -1,8 +1,9 @@
 //! `Op::LayerNorm` (x, weight, bias) and `Op::RmsNorm` (x, weight; Gemma scales by 1 + w):
 //! the forward saves each row's statistics (mean and rstd, or rstd), the backward reads them.
-//! Both CPU paths use the threaded reference functions (one pass over the rows).
+//! The fast CPU path runs `cpu::norm` (f32), the reference path `kernels_ref::norm` (f64).
 
-use super::{wanted, Bwd, Device, Fwd, Grads, Value};
+use super::{wanted, Bwd, CpuPath, Device, Fwd, Grads, Value};
+use crate::cpu::{norm as fast, pool};
 use crate::error::Result;
 use crate::gpu::Tensor;
 use crate::kernels::norm::{self, NormKind};
@@ -17,7 +18,14 @@ pub(super) fn layernorm_forward(cx: &Fwd, out: &mut Value, eps: f32) -> Result<O
             norm::norm_forward(g, out.gpu(), &stats, x, w, Some(b), NormKind::Layer, eps)?;
             Value::Gpu(stats)
         }
-        Device::Cpu(_) => {
+        Device::Cpu(CpuPath::Fast) => {
+            let mut stats = vec![0f32; 2 * rows];
+            let (mean, rstd) = stats.split_at_mut(rows);
+            let (x, w, b) = (cx.x(0).cpu(), cx.x(1).cpu(), cx.x(2).cpu());
+            fast::layernorm_forward(out.cpu_mut(), mean, rstd, x, w, b, cols, eps);
+            Value::Cpu(stats)
+        }
+        Device::Cpu(CpuPath::Reference) => {
             let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
             let (x, w, b) = (cx.x(0).cpu(), cx.x(1).cpu(), cx.x(2).cpu());
             kr::layernorm_forward(out.cpu_mut(), &mut mean, &mut rstd, x, w, b, rows, cols, eps);
@@ -43,7 +51,23 @@ pub(super) fn layernorm_backward(cx: &Bwd, grads: &mut Grads) -> Result<()> {
                 norm::norm_backward(gpu, dx, dw, db, cx.dy().gpu(), x, w, stats, NormKind::Layer, g.acc)?;
             }
         }
-        Device::Cpu(_) => {
+        Device::Cpu(CpuPath::Fast) => {
+            let (rows, cols) = (cx.f.shape[0], cx.f.shape[1]);
+            let (mean, rstd) = stats.cpu().split_at(rows);
+            let (x, w) = (cx.f.x(0).cpu(), cx.f.x(1).cpu());
+            let want: Vec<usize> = wanted(grads).map(|(j, _)| j).collect();
+            let mut dx = want.contains(&0).then(|| pool::take(rows * cols));
+            let mut dwb =
+                (want.contains(&1) || want.contains(&2)).then(|| (vec![0f32; cols], vec![0f32; cols]));
+            let dwb_mut = dwb.as_mut().map(|(w, b)| (w.as_mut_slice(), b.as_mut_slice()));
+            fast::layernorm_backward(dx.as_deref_mut(), dwb_mut, cx.dy().cpu(), x, w, mean, rstd, cols);
+            let (dw, db) = dwb.unzip();
+            let mut fresh = [dx, dw, db];
+            for (j, g) in wanted(grads) {
+                g.put_cpu(fresh[j].take().expect("computed above"));
+            }
+        }
+        Device::Cpu(CpuPath::Reference) => {
             let (rows, cols) = (cx.f.shape[0], cx.f.shape[1]);
             let (mean, rstd) = stats.cpu().split_at(rows);
             let (mut dx, mut dw, mut db) = (vec![0f32; rows * cols], vec![0f32; cols], vec![0f32; cols]);
@@ -68,7 +92,12 @@ pub(super) fn rmsnorm_forward(cx: &Fwd, out: &mut Value, eps: f32, shift: f32) -
             norm::norm_forward(g, out.gpu(), &stats, cx.x(0).gpu(), cx.x(1).gpu(), None, kind, eps)?;
             Value::Gpu(stats)
         }
-        Device::Cpu(_) => {
+        Device::Cpu(CpuPath::Fast) => {
+            let mut rstd = vec![0f32; rows];
+            fast::rmsnorm_forward(out.cpu_mut(), &mut rstd, cx.x(0).cpu(), cx.x(1).cpu(), cols, eps, shift);
+            Value::Cpu(rstd)
+        }
+        Device::Cpu(CpuPath::Reference) => {
             let mut rstd = vec![0f32; rows];
             kr::rmsnorm_forward(
                 out.cpu_mut(),
@@ -96,7 +125,29 @@ pub(super) fn rmsnorm_backward(cx: &Bwd, grads: &mut Grads, shift: f32) -> Resul
                 norm::norm_backward(gpu, dx, dw, None, cx.dy().gpu(), x, w, stats.gpu(), kind, g.acc)?;
             }
         }
-        Device::Cpu(_) => {
+        Device::Cpu(CpuPath::Fast) => {
+            let cols = cx.f.in_shape(1)[0];
+            let rows = cx.f.shape.iter().product::<usize>() / cols;
+            let (x, w) = (cx.f.x(0).cpu(), cx.f.x(1).cpu());
+            let want: Vec<usize> = wanted(grads).map(|(j, _)| j).collect();
+            let mut dx = want.contains(&0).then(|| pool::take(rows * cols));
+            let mut dw = want.contains(&1).then(|| vec![0f32; cols]);
+            fast::rmsnorm_backward(
+                dx.as_deref_mut(),
+                dw.as_deref_mut(),
+                cx.dy().cpu(),
+                x,
+                w,
+                stats.cpu(),
+                cols,
+                shift,
+            );
+            let mut fresh = [dx, dw];
+            for (j, g) in wanted(grads) {
+                g.put_cpu(fresh[j].take().expect("computed above"));
+            }
+        }
+        Device::Cpu(CpuPath::Reference) => {
             let cols = cx.f.in_shape(1)[0];
             let rows = cx.f.shape.iter().product::<usize>() / cols;
             let (mut dx, mut dw) = (vec![0f32; rows * cols], vec![0f32; cols]);
