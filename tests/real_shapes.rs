@@ -1,6 +1,7 @@
 //! Real-shape tier (issue 8): every supported architecture at its real dimensions and
-//! vocabulary, with random weights, the GPU path (mobile limits) against the CPU reference
-//! path (`Device::CPU_REF`, f64 accumulation; tests/parity.rs holds it to PyTorch at small shapes).
+//! vocabulary, with random weights, the GPU path (mobile limits) and the fast CPU path against
+//! the CPU reference path (`Device::CPU_REF`, f64 accumulation; tests/parity.rs holds it to
+//! PyTorch at small shapes).
 //! Configurations are the published `config.json` values, cited beside each; the presets
 //! `gpt2`, `qwen2.5-0.5b` and `gemma3-270m` of `models::preset_config` are checked against them.
 //!
@@ -31,6 +32,18 @@
 //! | Qwen2.5-0.5B  | 494 M  | 63 + 38 s, 9.9 GiB       | 15 + 9 s, 2.2 GiB |
 //! | Gemma 3 270M  | 268 M  | 38 + 22 s, 5.8 GiB       | 9 + 5 s, 1.5 GiB  |
 //! | Gemma 3 1B    | 1.0 B  | step 42 + 26 s, 13.1 GiB; AdamW 134 + 91 s, 16.2 GiB | 29 + 18 s, 4.5 GiB |
+//!
+//! The fast CPU path (`Device::CPU`, f32) is held to the reference the same way, with the same
+//! tolerances: Gemma 3 270M LoRA in CI, the rest in the slow tier. Release, 2 cores, fast path
+//! + reference (worst gradient error):
+//!
+//! | model         | full FT (+ 3 AdamW)               | LoRA                        |
+//! |---------------|-----------------------------------|-----------------------------|
+//! | GPT-2 124M    | 4.2 + 9.4 s, 2.1e-6, 2.6 GiB      |                             |
+//! | SmolLM2-135M  | 4.5 + 12.1 s, 4.6e-6, 2.7 GiB     |                             |
+//! | Qwen2.5-0.5B  |                                   | 5.8 + 11.0 s, 6.2e-6, 2.0 GiB |
+//! | Gemma 3 270M  |                                   | 3.3 + 5.3 s, 8.0e-6, 1.4 GiB |
+//! | Gemma 3 1B    | step 31.9 + 57.5 s, 7.0e-6, 12.4 GiB | 17.1 + 21.0 s, 9.2e-6, 3.9 GiB |
 //!
 //! Memory: f32 weights, gradients and AdamW moments are 16 bytes a parameter. The CPU path runs
 //! first, its gradients kept on the host (4 bytes a parameter) and each dropped once the GPU's
@@ -259,11 +272,24 @@ fn peak_rss_gib() -> f64 {
     kib / (1024.0 * 1024.0)
 }
 
-/// The GPU against the CPU path, one after the other: the CPU path's gradients are kept on the
-/// host and each GPU gradient is compared with its twin as it is read back, the twin then
-/// dropped. The CPU path goes first because its memory goes back to the system when it ends,
-/// while the Vulkan allocator keeps some of a dropped GPU model's memory for reuse.
+/// Which device is held to the CPU reference path.
+#[derive(Clone, Copy)]
+enum Under {
+    /// The GPU (lavapipe in CI), mobile limits.
+    Gpu,
+    /// The fast CPU path (`Device::CPU`, f32).
+    FastCpu,
+}
+
+/// `under` against the CPU reference path, one after the other: the reference's gradients are
+/// kept on the host and each gradient of `under` is compared with its twin as it is read back,
+/// the twin then dropped. The reference goes first because its memory goes back to the system
+/// when it ends, while the Vulkan allocator keeps some of a dropped GPU model's memory for reuse.
 fn check(name: &str, config: Value, plan: Plan) {
+    check_on(name, config, plan, Under::Gpu);
+}
+
+fn check_on(name: &str, config: Value, plan: Plan, under: Under) {
     if common::gpu().is_none() {
         return;
     }
@@ -272,12 +298,19 @@ fn check(name: &str, config: Value, plan: Plan) {
     // A device of its own, dropped at the end: the Vulkan allocator keeps the memory of freed
     // buffers for reuse until its device goes (on the shared test device, Gemma 3 1B's step
     // check after its AdamW check peaked at 20.7 GiB instead of 13.1).
-    let gpu = Arc::new(Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap());
+    let (dev, gpu) = match under {
+        Under::Gpu => {
+            let gpu = Arc::new(Gpu::new(&GpuOptions { device: None, profile: Profile::Mobile }).unwrap());
+            (Device::Gpu(gpu.clone()), Some(gpu))
+        }
+        Under::FastCpu => (Device::CPU, None),
+    };
     let what = match plan {
         Plan { lora: true, .. } => format!("{name} LoRA"),
         Plan { grads: false, .. } => format!("{name} AdamW"),
         _ => format!("{name} full fine-tuning"),
     };
+    let what = format!("{what} on {}", dev.name());
     peak_rss_gib();
     let start = Instant::now();
     let mut kept: Vec<(String, Vec<f32>)> = Vec::new();
@@ -285,7 +318,7 @@ fn check(name: &str, config: Value, plan: Plan) {
     let cpu_s = start.elapsed().as_secs_f64();
 
     let (mut worst, mut failed, mut compared) = ((0f64, "-".to_string()), Vec::new(), 0);
-    let g = run(&config, &Device::Gpu(gpu.clone()), plan, |i, n, gg| {
+    let g = run(&config, &dev, plan, |i, n, gg| {
         let (cn, cg) = std::mem::take(&mut kept[i]);
         assert_eq!(cn, n, "{what}: the same gradients in the same order on both devices");
         assert!(cg.iter().any(|&x| x != 0.0), "{what}: the gradient of {n} is all zeros");
@@ -299,7 +332,8 @@ fn check(name: &str, config: Value, plan: Plan) {
         compared += 1;
     });
     let gpu_s = start.elapsed().as_secs_f64() - cpu_s;
-    let gpu_gib = gpu.bytes_live().1 as f64 / (1u64 << 30) as f64;
+    let gpu_gib = gpu.map_or(0.0, |g| g.bytes_live().1 as f64 / (1u64 << 30) as f64);
+    pockettune::cpu::pool::release(); // the fast path's recycled buffers, before the next check
     assert_eq!(compared, kept.len(), "{what}: as many gradients on both devices");
 
     let rel = |g: f32, c: f32| ((g as f64 - c as f64) / c as f64).abs();
@@ -310,7 +344,7 @@ fn check(name: &str, config: Value, plan: Plan) {
     eprintln!(
         "{what}: loss {} (cpu {}) rel err {loss_err:.2e}, logits rel err {logits_err:.2e}, \
          {compared} gradients worst {:.2e} ({}); AdamW losses {:?} (cpu {:?}) worst rel err {adamw_worst:.2e}; \
-         gpu {gpu_s:.1} s (buffers peak {gpu_gib:.2} GiB), cpu {cpu_s:.1} s, peak RSS {:.2} GiB",
+         under test {gpu_s:.1} s (GPU buffers peak {gpu_gib:.2} GiB), reference {cpu_s:.1} s, peak RSS {:.2} GiB",
         g.loss,
         c.loss,
         worst.0,
@@ -394,4 +428,41 @@ fn gemma3_1b_adamw_steps_gpu_match_cpu() {
 #[ignore = "slow tier: cargo test --release --test real_shapes -- --ignored"]
 fn gemma3_1b_lora_gpu_matches_cpu() {
     check("Gemma 3 1B", gemma3_1b(), LORA);
+}
+
+// The fast CPU path at real shapes: the same checks, `Device::CPU` in place of the GPU.
+
+#[test]
+fn gemma3_270m_lora_fast_cpu_matches_reference() {
+    check_on("Gemma 3 270M", gemma3_270m(), LORA, Under::FastCpu);
+}
+
+#[test]
+#[ignore = "slow tier: cargo test --release --test real_shapes -- --ignored"]
+fn gpt2_124m_full_finetuning_fast_cpu_matches_reference() {
+    check_on("GPT-2 124M", gpt2_124m(), FULL, Under::FastCpu);
+}
+
+#[test]
+#[ignore = "slow tier: cargo test --release --test real_shapes -- --ignored"]
+fn qwen25_05b_lora_fast_cpu_matches_reference() {
+    check_on("Qwen2.5-0.5B", qwen25_05b(), LORA, Under::FastCpu);
+}
+
+#[test]
+#[ignore = "slow tier: cargo test --release --test real_shapes -- --ignored"]
+fn smollm2_135m_full_finetuning_fast_cpu_matches_reference() {
+    check_on("SmolLM2-135M", smollm2_135m(), FULL, Under::FastCpu);
+}
+
+#[test]
+#[ignore = "slow tier: cargo test --release --test real_shapes -- --ignored"]
+fn gemma3_1b_full_finetuning_step_fast_cpu_matches_reference() {
+    check_on("Gemma 3 1B", gemma3_1b(), Plan { adamw_steps: 0, ..FULL }, Under::FastCpu);
+}
+
+#[test]
+#[ignore = "slow tier: cargo test --release --test real_shapes -- --ignored"]
+fn gemma3_1b_lora_fast_cpu_matches_reference() {
+    check_on("Gemma 3 1B", gemma3_1b(), LORA, Under::FastCpu);
 }

@@ -5,6 +5,7 @@
 //! from it, `p_ij = exp(s_ij - lse_i)`, with `D_i = Σ_j p_ij dp_ij`.
 
 use super::matmul_serial;
+use super::simd::{exp, row_sum, vectorized};
 use kernels_ref::{AttnDims, MatmulDims};
 use rayon::prelude::*;
 
@@ -95,16 +96,28 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], q: Rows, k: Rows, v: Rows, d: A
             let (mut p, _) = scores(&qh, &kh, &d);
             let mut lse_h = vec![0f32; t];
             for (row, l) in p.chunks_mut(t).zip(&mut lse_h) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let sum: f32 = row
-                    .iter_mut()
-                    .map(|x| {
-                        *x = (*x - max).exp();
-                        *x
-                    })
-                    .sum();
-                row.iter_mut().for_each(|x| *x /= sum);
-                *l = max + sum.ln();
+                *l = vectorized(
+                    #[inline(always)]
+                    || {
+                        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        row.iter_mut().for_each(
+                            #[inline(always)]
+                            |x| *x = exp(*x - max),
+                        );
+                        let sum = row_sum(
+                            row,
+                            row,
+                            #[inline(always)]
+                            |x, _| x,
+                        );
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(
+                            #[inline(always)]
+                            |x| *x *= inv,
+                        );
+                        max + sum.ln()
+                    },
+                );
             }
             let mut o = vec![0f32; t * hd];
             matmul_serial(&mut o, &p, &vh, mm(t, hd, t, false, false), false);
@@ -139,7 +152,15 @@ pub fn backward(dout: &[f32], [q, k, v]: [Rows; 3], lse: &[f32], d: AttnDims) ->
                 let (mut p, dcap) = scores(&qh, &kh, &d);
                 let l = &lse[(bi * h + hi) * t..][..t];
                 for (row, &li) in p.chunks_mut(t).zip(l) {
-                    row.iter_mut().for_each(|x| *x = (*x - li).exp());
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            row.iter_mut().for_each(
+                                #[inline(always)]
+                                |x| *x = exp(*x - li),
+                            )
+                        },
+                    );
                 }
                 // dv += p^T dout
                 matmul_serial(&mut dv, &p, &doh, mm(t, hd, t, true, false), true);
@@ -148,11 +169,29 @@ pub fn backward(dout: &[f32], [q, k, v]: [Rows; 3], lse: &[f32], d: AttnDims) ->
                 matmul_serial(&mut ds, &doh, &vh, mm(t, t, hd, false, true), false);
                 for i in 0..t {
                     let (pr, dr) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
-                    let di: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for (j, x) in dr.iter_mut().enumerate() {
-                        let cap = dcap.as_ref().map_or(1.0, |g| g[i * t + j]);
-                        *x = pr[j] * (*x - di) * cap * d.scale;
-                    }
+                    let cap = dcap.as_ref().map(|g| &g[i * t..(i + 1) * t]);
+                    let scale = d.scale;
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            let di = row_sum(
+                                pr,
+                                dr,
+                                #[inline(always)]
+                                |p, d| p * d,
+                            );
+                            match cap {
+                                None => dr.iter_mut().zip(pr).for_each(
+                                    #[inline(always)]
+                                    |(x, &p)| *x = p * (*x - di) * scale,
+                                ),
+                                Some(cap) => dr.iter_mut().zip(pr).zip(cap).for_each(
+                                    #[inline(always)]
+                                    |((x, &p), &c)| *x = p * (*x - di) * c * scale,
+                                ),
+                            }
+                        },
+                    );
                 }
                 let mut dq = vec![0f32; t * hd];
                 matmul_serial(&mut dq, &ds, &kh, mm(t, hd, t, false, false), false);

@@ -5,7 +5,7 @@
 //! buffer in between. Dropout draws the reference's mask (`kernels_ref::dropout_keep`), so both
 //! paths drop the same elements.
 
-use super::simd::{exp, vectorized};
+use super::simd::{exp, row_sum, vectorized};
 use kernels_ref as kr;
 use rayon::prelude::*;
 
@@ -78,15 +78,12 @@ pub(super) fn logsumexp(x: &[f32]) -> f32 {
         #[inline(always)]
         || {
             let max = x.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-            // eight partial sums, so that the sum vectorizes (f32 addition is not reassociated)
-            let mut part = [0f32; 8];
-            let (blocks, rest) = x.as_chunks::<8>();
-            for b in blocks {
-                for (p, &a) in part.iter_mut().zip(b) {
-                    *p += exp(a - max);
-                }
-            }
-            let sum = part.iter().sum::<f32>() + rest.iter().map(|&a| exp(a - max)).sum::<f32>();
+            let sum = row_sum(
+                x,
+                x,
+                #[inline(always)]
+                |a, _| exp(a - max),
+            );
             max + sum.ln()
         },
     )

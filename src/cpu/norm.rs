@@ -3,33 +3,11 @@
 //! weight's gradient summed over blocks of [`ROWS`] rows per task, then across the blocks
 //! (the reference sums each column down all rows, a strided walk per column).
 
-use super::simd::vectorized;
+use super::simd::{row_sum, row_sum3, vectorized};
 use rayon::prelude::*;
 
 /// Rows per task of the weight gradients' sums.
 const ROWS: usize = 32;
-
-/// `Σ f(a_j, b_j, c_j)` over a row, in eight f32 partial sums.
-#[inline(always)]
-fn row_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let n = a.len();
-    let (b, c) = (&b[..n], &c[..n]);
-    let mut part = [0f32; 8];
-    let blocks = n / 8;
-    for i in 0..blocks {
-        for (k, p) in part.iter_mut().enumerate() {
-            let j = i * 8 + k;
-            *p += f(a[j], b[j], c[j]);
-        }
-    }
-    part.iter().sum::<f32>() + (blocks * 8..n).map(|j| f(a[j], b[j], c[j])).sum::<f32>()
-}
-
-/// `Σ f(a_j, b_j)` over a row, in eight f32 partial sums.
-#[inline(always)]
-fn row_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    row_sum3(a, b, a, |a, b, _| f(a, b))
-}
 
 fn lengths(f: &str, rows: usize, cols: usize, x: usize, w: usize, stats: usize) {
     assert!(
@@ -64,8 +42,18 @@ pub fn layernorm_forward(
             vectorized(
                 #[inline(always)]
                 || {
-                    let mu = row_sum(x, x, |a, _| a) / n;
-                    let var = row_sum(x, x, |a, _| (a - mu) * (a - mu)) / n;
+                    let mu = row_sum(
+                        x,
+                        x,
+                        #[inline(always)]
+                        |a, _| a,
+                    ) / n;
+                    let var = row_sum(
+                        x,
+                        x,
+                        #[inline(always)]
+                        |a, _| (a - mu) * (a - mu),
+                    ) / n;
                     let rs = 1.0 / (var + eps).sqrt();
                     for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
                         *y = (x - mu) * rs * w + b;
@@ -96,7 +84,10 @@ fn column_sums(
             || vec![vec![0f32; cols]; outs],
             |mut a, b| {
                 for (a, b) in a.iter_mut().zip(b) {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a.iter_mut().zip(b).for_each(
+                        #[inline(always)]
+                        |(a, b)| *a += b,
+                    );
                 }
                 a
             },
@@ -130,8 +121,20 @@ pub fn layernorm_backward(
                 vectorized(
                     #[inline(always)]
                     || {
-                        let g_mean = row_sum(dy, w, |d, w| d * w) / n;
-                        let gx_mean = row_sum3(dy, w, x, |d, w, x| d * w * (x - mu)) * rs / n;
+                        let g_mean = row_sum(
+                            dy,
+                            w,
+                            #[inline(always)]
+                            |d, w| d * w,
+                        ) / n;
+                        let gx_mean = row_sum3(
+                            dy,
+                            w,
+                            x,
+                            #[inline(always)]
+                            |d, w, x| d * w * (x - mu),
+                        ) * rs
+                            / n;
                         for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
                             *dx = rs * (d * w - g_mean - (x - mu) * rs * gx_mean);
                         }
@@ -181,7 +184,15 @@ pub fn rmsnorm_forward(
         vectorized(
             #[inline(always)]
             || {
-                let rs = 1.0 / (row_sum(x, x, |a, _| a * a) / n + eps).sqrt();
+                let rs = 1.0
+                    / (row_sum(
+                        x,
+                        x,
+                        #[inline(always)]
+                        |a, _| a * a,
+                    ) / n
+                        + eps)
+                        .sqrt();
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
                     *y = x * rs * (w + w_offset);
                 }
@@ -217,7 +228,13 @@ pub fn rmsnorm_backward(
                 vectorized(
                     #[inline(always)]
                     || {
-                        let gx_mean = row_sum3(dy, w, x, |d, w, x| d * (w + w_offset) * x) / n;
+                        let gx_mean = row_sum3(
+                            dy,
+                            w,
+                            x,
+                            #[inline(always)]
+                            |d, w, x| d * (w + w_offset) * x,
+                        ) / n;
                         for (((dx, &d), &w), &x) in dx.iter_mut().zip(dy).zip(w).zip(x) {
                             *dx = rs * (d * (w + w_offset) - x * rs * rs * gx_mean);
                         }

@@ -52,3 +52,11 @@ pub fn give(v: Vec<f32>) {
 pub fn held_bytes() -> usize {
     POOL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |p| p.bytes)
 }
+
+/// Give every buffer the pool holds back to the allocator.
+pub fn release() {
+    if let Some(pool) = POOL.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        pool.free.clear();
+        pool.bytes = 0;
+    }
+}

@@ -10,19 +10,22 @@
 //! `expf` over the normal range (`tests/cpu_fast.rs` holds it to 4e-7 relative).
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// Below this e^x is not a normal f32.
+const LOWEST: f32 = -87.336_55;
 /// 1.5 2^23: adding it rounds to an integer, held in the low mantissa bits
 const ROUND: f32 = 12_582_912.0;
 // ln 2 split in two (Cephes' constants): `n * LN2_HI` is exact for the n used here
 const LN2_HI: f32 = 355.0 / 512.0;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// `e^x` in f32. Below -87.3 it gives the smallest normal (about 1.2e-38) instead of a
-/// subnormal or 0, above 88.7 infinity; NaN stays NaN.
+/// `e^x` in f32. Below -87.3 (where e^x is subnormal) it gives 0, as for -inf; above 88.7
+/// infinity; NaN stays NaN.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.336_55, 88.722_84);
-    // n = round(x log2 e), read from the low mantissa bits of x log2 e + 1.5 2^23 (a float to
-    // integer `as` cast saturates and checks for NaN, which keeps the loop from vectorizing)
+    let below = x < LOWEST;
+    let x = x.clamp(LOWEST, 88.722_84); // NaN stays NaN
+                                        // n = round(x log2 e), read from the low mantissa bits of x log2 e + 1.5 2^23 (a float to
+                                        // integer `as` cast saturates and checks for NaN, which keeps the loop from vectorizing)
     let t = x * LOG2_E + ROUND;
     let n = t - ROUND;
     let ni = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
@@ -39,7 +42,40 @@ pub fn exp(x: f32) -> f32 {
     // 2^n split as 2^(n/2) 2^(n - n/2), so that n = 128 (x near 88.7) stays finite where it is
     let half = ni >> 1;
     let pow = |e: i32| f32::from_bits((e.wrapping_add(127) as u32) << 23);
-    p * pow(half) * pow(ni.wrapping_sub(half))
+    let e = p * pow(half) * pow(ni.wrapping_sub(half));
+    if below {
+        0.0
+    } else {
+        e
+    }
+}
+
+/// `Σ f(a_j, b_j, c_j)` over a row, in eight f32 partial sums.
+#[inline(always)]
+pub fn row_sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let n = a.len();
+    let (b, c) = (&b[..n], &c[..n]);
+    let mut part = [0f32; 8];
+    let blocks = n / 8;
+    for i in 0..blocks {
+        for (k, p) in part.iter_mut().enumerate() {
+            let j = i * 8 + k;
+            *p += f(a[j], b[j], c[j]);
+        }
+    }
+    part.iter().sum::<f32>() + (blocks * 8..n).map(|j| f(a[j], b[j], c[j])).sum::<f32>()
+}
+
+/// `Σ f(a_j, b_j)` over a row, in eight f32 partial sums.
+#[inline(always)]
+pub fn row_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    row_sum3(
+        a,
+        b,
+        a,
+        #[inline(always)]
+        |a, b, _| f(a, b),
+    )
 }
 
 /// Run `f`, compiled for AVX2 and FMA where this CPU has them. `f` should be the whole loop
