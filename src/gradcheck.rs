@@ -7,7 +7,7 @@
 //! before each GPU run, so an element the kernel forgot to write fails the check.
 
 use crate::error::Result;
-use crate::gpu::{Gpu, MatmulKernel, Split, Tensor};
+use crate::gpu::{Gpu, MatmulKernel, Precision, Split, Tensor};
 use crate::kernels::{
     activation::{self, Act},
     attention::{self, Heads},
@@ -43,6 +43,7 @@ pub const KERNELS: &[&str] = &[
     "matmul",
     "matmul_chunked",
     "matmul_batched",
+    "matmul_mixed",
     "softmax",
     "layernorm",
     "rmsnorm",
@@ -92,6 +93,14 @@ const PAST_ONE_GRID_DIM: usize = 65_535 * 256 + 1;
 
 /// f32 kernels are held to `max |gpu - ref| <= TOL * max |ref|`.
 pub const TOL: f64 = 1e-4;
+
+/// The mixed-precision product (`--precision mixed`: f16 products, f32 sums) against the exact
+/// one, same measure. An f16 carries 11 significant bits, so each product a * b is off by at
+/// most 3 roundings of 2^-11 (a's, b's and the product's); over terms of random sign those
+/// errors partly cancel, and the largest output error stays within a few 2^-11 of the largest
+/// output (measured on lavapipe: see docs/perf.md). 2^-8 leaves room for a device that
+/// rounds its f16 products differently; an element dropped or misplaced is off by far more.
+pub const MIXED_TOL: f64 = 1.0 / 256.0;
 
 /// Relative error of `gpu` against `reference`: infinite if any value of either is NaN or
 /// infinite (`f64::max` would drop a NaN and let it pass).
@@ -175,6 +184,8 @@ impl<'g> Probe<'g> {
 /// Run the checks of one kernel family (a name from [`KERNELS`]).
 pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Vec<Row>> {
     let (name, tol) = match KERNELS.iter().find(|k| **k == kernel) {
+        Some(&"matmul_mixed") if !gpu.has_f16() => return Ok(Vec::new()), // no f16 here: not offered
+        Some(&"matmul_mixed") => ("matmul_mixed", MIXED_TOL),
         Some(&k) => (k, TOL),
         None => {
             return Err(crate::Error::InvalidArgument {
@@ -186,8 +197,10 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new(), label: None };
     // Kernels built on matrix products run with several matmul kernels the device offers.
     // (Every tile for the matmul checks themselves; one kernel per shader for attention.)
-    let uses_matmul = name.starts_with("matmul") || name.ends_with("attention");
-    let variants = if name.starts_with("matmul") {
+    let uses_matmul = (name.starts_with("matmul") && name != "matmul_mixed") || name.ends_with("attention");
+    let variants = if name == "matmul_mixed" {
+        vec![gpu.matmul_kernel()] // one kernel: the mixed product has a shader of its own
+    } else if name.starts_with("matmul") {
         gpu.matmul_kernels().to_vec()
     } else if uses_matmul {
         MatmulKernel::one_per_shader(gpu.matmul_kernels())
@@ -239,9 +252,10 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
 
 fn run_check(p: &mut Probe, name: &str) -> Result<()> {
     match name {
-        "matmul" => check_matmul(p),
+        "matmul" => check_matmul(p, Precision::F32),
         "matmul_chunked" => check_matmul_chunked(p),
         "matmul_batched" => check_matmul_batched(p),
+        "matmul_mixed" => check_matmul(p, Precision::Mixed),
         "softmax" => check_softmax(p),
         "layernorm" => check_norm(p, NormKind::Layer),
         "rmsnorm" => check_norm(p, NormKind::Rms { gemma: false }),
@@ -308,7 +322,9 @@ const MATMUL_BOUNDARY_SHAPES: &[Boundary] = &[
 /// The longest inner dimension a model's product has (Gemma 3's vocabulary, in the LM head's dX).
 const MATMUL_LONGEST_SUM: usize = GEMMA3_VOCAB;
 
-fn check_matmul(p: &mut Probe) -> Result<()> {
+/// Products forward and backward in f32, on every shape; under `--precision mixed` the
+/// forward product alone (a linear layer's only mixed product) on the same shapes.
+fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
     let mut shapes: Vec<Boundary> =
         MATMUL_SHAPES.iter().map(|&(m, n, k)| (m, n, k, ALL_TRANSPOSES)).collect();
     shapes.extend((0..3).map(|_| (p.size(150), p.size(150), p.size(150), ALL_TRANSPOSES)));
@@ -327,12 +343,15 @@ fn check_matmul(p: &mut Probe) -> Result<()> {
             let sb = if tb { [n, k] } else { [k, n] };
             let (ga, gb, gbias) = (p.up(&a, &sa)?, p.up(&b, &sb)?, p.up(&bv, &[n])?);
             let gc = p.out(&[m, n])?;
-            matmul::matmul(p.gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, false)?;
+            matmul::with_precision(precision, || {
+                matmul::matmul(p.gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, false)
+            })?;
             let mut c = vec![0f32; m * n];
             kr::matmul_forward(&mut c, &a, &b, bias.then_some(&bv[..]), d);
             p.record("forward", &shape, "", &gc, &c)?;
-            if m.max(n) > MATMUL_LONGEST_SUM {
-                // the backward products would sum millions of terms, which no model does
+            if m.max(n) > MATMUL_LONGEST_SUM || precision == Precision::Mixed {
+                // the backward products would sum millions of terms, which no model does; a
+                // mixed-precision step runs its backward products in f32
                 continue;
             }
 

@@ -317,6 +317,9 @@ enum BenchCommand {
         /// Full fine-tuning, or LoRA (rank 8, alpha 32, every projection).
         #[arg(long, value_enum, default_value_t = pockettune::train::Method::Full)]
         method: pockettune::train::Method,
+        /// The GPU's arithmetic, as `train --precision` (the CPU path after it stays f32).
+        #[arg(long, value_enum, default_value_t = pockettune::gpu::Precision::F32)]
+        precision: pockettune::gpu::Precision,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
         #[arg(long, default_value_t = 128)]
@@ -576,6 +579,7 @@ fn run(cli: Cli) -> Result<i32> {
                     model,
                     base_dtype,
                     method,
+                    precision,
                     batch_size,
                     seq_len,
                     steps,
@@ -591,7 +595,8 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, Some(quant)) => pockettune::bench::StepModel::PresetGguf(preset, quant),
                 (None, None) => pockettune::bench::StepModel::Preset(preset),
             };
-            bench_step(&device, json, &what, lora, (batch_size, seq_len), steps, (no_cpu, plan), &memory)
+            let shape = (batch_size, seq_len);
+            bench_step(&device, json, &what, (lora, precision), shape, steps, (no_cpu, plan), &memory)
         }
         Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
             at_least_one(&[("--rows", rows)])?;
@@ -1126,7 +1131,7 @@ fn bench_step(
     dev: &DeviceArgs,
     json: bool,
     what: &pockettune::bench::StepModel,
-    lora: bool,
+    (lora, precision): (bool, pockettune::gpu::Precision),
     (b, t): (usize, usize),
     steps: usize,
     (no_cpu, plan): (bool, bool),
@@ -1148,12 +1153,17 @@ fn bench_step(
             (path.display().to_string(), base)
         }
     };
+    let on_cpu = matches!(dev.device.as_deref(), Some("cpu" | "cpu-ref"));
+    if precision == pockettune::gpu::Precision::Mixed && !no_cpu && !plan && !on_cpu {
+        eprintln!("note: --precision mixed applies to the GPU; the fast CPU path after it runs f32");
+    }
     let devices = match dev.device.as_deref() {
         Some("cpu") if !plan => vec![Device::CPU],
         Some("cpu-ref") if !plan => vec![Device::CPU_REF],
         Some("cpu" | "cpu-ref") => anyhow::bail!("--plan counts GPU buffers; it needs a GPU device"),
         _ => {
             let gpu = std::sync::Arc::new(dev.open()?);
+            gpu.set_precision(precision)?;
             if plan {
                 eprintln!(
                     "planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not"
@@ -1169,6 +1179,9 @@ fn bench_step(
             devices
         }
     };
+    if let [d] = devices.as_slice() {
+        pockettune::train::set_precision(d, precision)?; // mixed on a CPU path: a clear error
+    }
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };
     eprintln!("{name} {method} fine-tuning step, batch {b} x {t} tokens, {weights}");
     eprintln!("memory options: {}", serde_json::to_string(memory)?);

@@ -12,6 +12,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("flash_attention", include_str!("../shaders/flash_attention.wgsl")),
     ("lm_head_loss", include_str!("../shaders/lm_head_loss.wgsl")),
     ("matmul", include_str!("../shaders/matmul.wgsl")),
+    ("matmul_mixed", include_str!("../shaders/matmul_mixed.wgsl")),
     ("matmul_staged", include_str!("../shaders/matmul_staged.wgsl")),
     ("matmul_subgroup", include_str!("../shaders/matmul_subgroup.wgsl")),
     ("norm", include_str!("../shaders/norm.wgsl")),

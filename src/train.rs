@@ -12,7 +12,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::data::{Batches, Tokenizer, Tokens};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, GpuOptions, Profile};
+use crate::gpu::{Gpu, GpuOptions, Precision, Profile};
 use crate::graph::{Device, ParamStore};
 use crate::kernels::optim::AdamW;
 use crate::models::{LoadOptions, Model};
@@ -69,6 +69,13 @@ pub struct TrainOptions {
     #[arg(long, value_enum, default_value_t = BaseDtype::Native)]
     #[serde(default)]
     pub base_dtype: BaseDtype,
+    /// Arithmetic on the GPU: `f32` throughout, or `mixed`: the forward products of the linear
+    /// layers multiply in f16 and sum in f32 (twice the f32 rate on phone GPUs); gradients,
+    /// the backward products and AdamW stay f32. Needs the adapter's shader_f16 (`pockettune
+    /// info`); on the CPU paths it must stay f32.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    #[serde(default)]
+    pub precision: Precision,
     /// With --method lora: continue training this adapter (a PEFT adapter directory, or one
     /// `pockettune train` wrote) instead of starting a new one; its rank, alpha, dropout and
     /// targets come from its adapter_config.json.
@@ -231,6 +238,20 @@ pub fn open_device(spec: Option<&str>, limits: Profile) -> Result<Device> {
     Ok(Device::Gpu(Arc::new(gpu)))
 }
 
+/// Run `dev`'s products in `precision` (`--precision`): mixed needs a GPU with shader_f16.
+pub fn set_precision(dev: &Device, precision: Precision) -> Result<()> {
+    match dev {
+        Device::Gpu(g) => g.set_precision(precision),
+        Device::Cpu(_) if precision == Precision::Mixed => Err(Error::InvalidArgument {
+            name: "--precision".into(),
+            detail: "mixed precision runs f16 products on a GPU; the CPU paths compute in f32 (fast) \
+                     or f64 (reference): use --precision f32, or a GPU --device"
+                .into(),
+        }),
+        Device::Cpu(_) => Ok(()),
+    }
+}
+
 /// The learning rate at optimizer step `step` (0-based) of `total`.
 pub fn learning_rate(o: &TrainOptions, step: usize, total: usize) -> f32 {
     let lr = o.peak_lr();
@@ -361,6 +382,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     let mut power = crate::power::PowerMonitor::new(&o.power)?;
     let rss_sampler = crate::memory::report::RssSampler::start(); // peak RSS by kind, for the report
     let dev = open_device(o.device.as_deref(), o.limits)?;
+    set_precision(&dev, o.precision)?;
     if let Device::Gpu(gpu) = &dev {
         crate::kernels::matmul_tune::tune_and_report(gpu)?;
     }

@@ -37,6 +37,12 @@ fn matmul_chunked() {
 fn matmul_batched() {
     check("matmul_batched");
 }
+/// The mixed-precision product (f16 products, f32 sums), on a device with shader_f16 (CI's
+/// lavapipe has it; `check_kernel` returns no rows where a device lacks it).
+#[test]
+fn matmul_mixed() {
+    check("matmul_mixed");
+}
 #[test]
 fn softmax() {
     check("softmax");

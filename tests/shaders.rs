@@ -1,6 +1,6 @@
-//! Every file in `shaders/` parses, validates (subgroup operations are the one optional
-//! capability allowed), and translates with naga's SPIR-V, MSL, HLSL and
-//! GLSL back ends (default override constants), and is compiled into the binary. Runs without
+//! Every file in `shaders/` parses, validates (subgroup operations and f16 are the optional
+//! capabilities allowed), and translates with naga's SPIR-V, MSL, HLSL and
+//! GLSL back ends (GLSL only for shaders without f16) (default override constants), and is compiled into the binary. Runs without
 //! a GPU.
 
 use naga::back;
@@ -39,13 +39,17 @@ fn every_shader_validates_and_translates() {
     for (name, src) in shader_files() {
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
-        let info = Validator::new(ValidationFlags::all(), Capabilities::SUBGROUP)
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
+        let info =
+            Validator::new(ValidationFlags::all(), Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name}.wgsl does not validate: {e:?}"));
         let constants = back::PipelineConstants::default();
         let (module, info) = back::pipeline_constants::process_overrides(&module, &info, None, &constants)
             .unwrap_or_else(|e| panic!("{name}.wgsl overrides: {e:?}"));
         assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
+        // An f16 shader runs only where the device has shader_f16, which wgpu's GLES back end
+        // never offers (and naga's GLSL writer has no f16); on D3D12 it needs shader model 6.2.
+        let f16 = src.contains("enable f16;");
 
         for ep in &module.entry_points {
             let spv = back::spv::write_vec(
@@ -57,6 +61,9 @@ fn every_shader_validates_and_translates() {
             .unwrap_or_else(|e| panic!("{name}::{} to SPIR-V: {e:?}", ep.name));
             assert_eq!(spv[0], 0x0723_0203, "{name}::{}: SPIR-V magic number", ep.name);
 
+            if f16 {
+                continue;
+            }
             let mut glsl = String::new();
             let options =
                 back::glsl::Options { version: back::glsl::Version::new_gles(310), ..Default::default() };
@@ -81,7 +88,11 @@ fn every_shader_validates_and_translates() {
         assert!(msl.contains("kernel"), "{name}.wgsl: MSL has no kernel function");
 
         let mut hlsl = String::new();
-        let (options, pipeline) = (back::hlsl::Options::default(), back::hlsl::PipelineOptions::default());
+        let mut options = back::hlsl::Options::default();
+        if f16 {
+            options.shader_model = back::hlsl::ShaderModel::V6_2;
+        }
+        let pipeline = back::hlsl::PipelineOptions::default();
         back::hlsl::Writer::new(&mut hlsl, &options, &pipeline)
             .write(&module, &info, None)
             .unwrap_or_else(|e| panic!("{name}.wgsl to HLSL: {e:?}"));
@@ -103,6 +114,31 @@ fn matmul_kernels_share_one_interface() {
         src[start..end].to_string()
     };
     assert_eq!(interface("matmul_subgroup"), interface("matmul"));
+    assert_eq!(interface("matmul_mixed"), interface("matmul"));
+    // The mixed kernel is matmul.wgsl with only its inner product changed (f16 products, f32
+    // sums) and its entry point renamed: a fix to one must reach the other.
+    let body = |name: &str| {
+        let src = pockettune::shaders::source(name).expect("compiled in");
+        src[src.find("struct Params {").expect("a Params struct")..].trim_end().to_string()
+    };
+    let plain = "        let bv = vec4<f32>(b[bc.x + bk], b[bc.y + bk], b[bc.z + bk], b[bc.w + bk]);
+        acc0 = fma(vec4<f32>(a[ar.x + ak]), bv, acc0);
+        acc1 = fma(vec4<f32>(a[ar.y + ak]), bv, acc1);
+        acc2 = fma(vec4<f32>(a[ar.z + ak]), bv, acc2);
+        acc3 = fma(vec4<f32>(a[ar.w + ak]), bv, acc3);
+";
+    let mixed =
+        "        let bv = vec4<f16>(vec4<f32>(b[bc.x + bk], b[bc.y + bk], b[bc.z + bk], b[bc.w + bk]));
+        let av = vec4<f16>(vec4<f32>(a[ar.x + ak], a[ar.y + ak], a[ar.z + ak], a[ar.w + ak]));
+        acc0 += vec4<f32>(av.x * bv);
+        acc1 += vec4<f32>(av.y * bv);
+        acc2 += vec4<f32>(av.z * bv);
+        acc3 += vec4<f32>(av.w * bv);
+";
+    let mixed_src = body("matmul_mixed");
+    assert!(mixed_src.contains(mixed), "matmul_mixed.wgsl's inner product changed: update this test");
+    let undone = mixed_src.replace(mixed, plain).replace("fn matmul_mixed(", "fn matmul(");
+    assert_eq!(undone, body("matmul"), "matmul_mixed.wgsl drifted from matmul.wgsl");
     let vec4_operands = interface("matmul")
         .replace("var<storage, read> a: array<f32>;", "var<storage, read> a: array<vec4<f32>>;")
         .replace("var<storage, read> b: array<f32>;", "var<storage, read> b: array<vec4<f32>>;");

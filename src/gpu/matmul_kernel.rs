@@ -16,6 +16,31 @@ pub enum MatmulKernel {
     Staged(StagedTile),
 }
 
+/// The arithmetic of the forward matrix products (`--precision`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// The forward products of linear layers (activations times weights, LoRA's included) take
+    /// each product in f16 and sum in f32 (`shaders/matmul_mixed.wgsl`); backward products,
+    /// gradients and the optimizer stay f32, so no loss scaling is needed. Needs the adapter's
+    /// `shader_f16`.
+    Mixed,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Mixed => "mixed",
+        })
+    }
+}
+
 /// Environment variable that forces a matmul kernel (a name from [`MatmulKernel::name`]).
 pub const MATMUL_ENV: &str = "POCKETTUNE_MATMUL";
 

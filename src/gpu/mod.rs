@@ -19,7 +19,7 @@ mod stats;
 mod tensor;
 
 pub use adapter::{AdapterSummary, Profile, DEVICE_ENV};
-pub use matmul_kernel::{MatmulKernel, StagedTile, MATMUL_ENV, STAGED_TILES};
+pub use matmul_kernel::{MatmulKernel, Precision, StagedTile, MATMUL_ENV, STAGED_TILES};
 pub use pool::{Category, CategoryGuard, GpuBuffer};
 pub use qtensor::QTensor;
 pub use stats::GpuStats;
@@ -127,6 +127,7 @@ pub struct Gpu {
     stats: Arc<stats::Counters>,
     matmul: Mutex<MatmulKernel>,
     matmul_kernels: Vec<MatmulKernel>,
+    precision: Mutex<Precision>,
     constants: Mutex<HashMap<String, Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
@@ -161,8 +162,8 @@ impl Gpu {
         let desc = wgpu::DeviceDescriptor {
             label: Some("pockettune"),
             // Optional features are switched on where the adapter has them; kernels that use
-            // them have a plain fallback.
-            required_features: adapter.features() & wgpu::Features::SUBGROUP,
+            // them have a plain fallback (f16 is used only when `--precision mixed` asks).
+            required_features: adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16),
             required_limits: limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             // Under the mobile profile memory is the constraint. Where device memory is host
@@ -240,6 +241,7 @@ impl Gpu {
             stats,
             matmul: Mutex::new(matmul),
             matmul_kernels,
+            precision: Mutex::new(Precision::F32),
             constants: Mutex::default(),
         })
     }
@@ -383,6 +385,29 @@ impl Gpu {
     pub fn set_matmul_kernel(&self, kernel: MatmulKernel) -> Result<()> {
         MatmulKernel::check_on(kernel, &self.matmul_kernels, &self.limits)?;
         *self.matmul.lock() = kernel;
+        Ok(())
+    }
+    /// Whether the device runs f16 arithmetic in shaders (`shader_f16`).
+    pub fn has_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
+    }
+    /// The arithmetic of the forward products (`--precision`).
+    pub fn precision(&self) -> Precision {
+        *self.precision.lock()
+    }
+    /// Set the arithmetic of the forward products; `Mixed` needs `shader_f16`.
+    pub fn set_precision(&self, precision: Precision) -> Result<()> {
+        if precision == Precision::Mixed && !self.has_f16() {
+            return Err(Error::InvalidArgument {
+                name: "--precision".into(),
+                detail: format!(
+                    "mixed precision needs f16 arithmetic in shaders (shader_f16), which {} lacks \
+                     (`pockettune info` lists its features); use --precision f32",
+                    self.summary.name
+                ),
+            });
+        }
+        *self.precision.lock() = precision;
         Ok(())
     }
     /// Whether `POCKETTUNE_MATMUL` chose the kernel (the autotune then leaves it alone).

@@ -54,7 +54,10 @@ impl Device {
 
     pub fn name(&self) -> String {
         match self {
-            Device::Gpu(g) => g.summary().name.clone(),
+            Device::Gpu(g) => match g.precision() {
+                crate::gpu::Precision::F32 => g.summary().name.clone(),
+                p => format!("{} ({p} precision)", g.summary().name),
+            },
             Device::Cpu(CpuPath::Fast) => format!("cpu (f32, {} threads)", rayon::current_num_threads()),
             Device::Cpu(CpuPath::Reference) => "cpu-ref (reference path, f64 accumulation)".into(),
         }

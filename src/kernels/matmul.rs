@@ -15,7 +15,7 @@
 
 use super::u32_of;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, KernelKey, MatmulKernel, Split, StagedTile, Tensor};
+use crate::gpu::{Gpu, KernelKey, MatmulKernel, Precision, Split, StagedTile, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -51,6 +51,29 @@ const SG_COLS: usize = 64 * 4;
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<MatmulKernel>> = const { std::cell::Cell::new(None) };
+    static PRECISION: std::cell::Cell<Option<Precision>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with the matrix products on this thread in `precision` (a linear layer's forward
+/// product runs in the device's [`Gpu::precision`] this way; every other product is f32).
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    super::with_override(&PRECISION, precision, f)
+}
+
+/// The kernel of the products on this thread: the mixed-precision one under
+/// [`with_precision`]`(Mixed)`, else [`current_kernel`]'s.
+fn current(gpu: &Gpu) -> Choice {
+    match PRECISION.with(|p| p.get()) {
+        Some(Precision::Mixed) => Choice::Mixed,
+        _ => Choice::F32(current_kernel(gpu)),
+    }
+}
+
+/// Which shader a product runs.
+#[derive(Clone, Copy)]
+enum Choice {
+    F32(MatmulKernel),
+    Mixed,
 }
 
 /// Run `f` with every matrix product on this thread using `kernel` (gradcheck checks each
@@ -123,7 +146,7 @@ pub fn matmul_strided(
         // An empty sum: C = bias (+ C). Not needed by any model; refuse rather than guess.
         return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
-    let kernel = current_kernel(gpu);
+    let kernel = current(gpu);
     let (_, tile_m, tile_n) = entry(kernel);
     let max = gpu.max_workgroups() as usize;
     if d.nb1 * d.nb2 > max {
@@ -134,7 +157,11 @@ pub fn matmul_strided(
     }
     for (m0, ml) in super::spans(d.m, max * tile_m) {
         for (n0, nl) in super::spans(d.n, max * tile_n) {
-            for (k0, kl) in super::spans(d.k, k_span(kernel)) {
+            let span = match kernel {
+                Choice::F32(k) => k_span(k),
+                Choice::Mixed => super::LOOP_SPAN,
+            };
+            for (k0, kl) in super::spans(d.k, span) {
                 let a = View { off: a.off + m0 * a.s_i + k0 * a.s_j, ..a };
                 let b = View { off: b.off + k0 * b.s_i + n0 * b.s_j, ..b };
                 let c = View { off: c.off + m0 * c.s_i + n0, ..c };
@@ -149,7 +176,11 @@ pub fn matmul_strided(
 }
 
 /// A kernel's entry point and the (rows, columns) of C one workgroup computes.
-fn entry(kernel: MatmulKernel) -> (KernelKey, usize, usize) {
+fn entry(kernel: Choice) -> (KernelKey, usize, usize) {
+    let kernel = match kernel {
+        Choice::F32(k) => k,
+        Choice::Mixed => return (KernelKey::new("matmul_mixed", "matmul_mixed"), TILE, TILE),
+    };
     match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
         MatmulKernel::Subgroup => (KernelKey::new("matmul_subgroup", "matmul_subgroup"), SG_ROWS, SG_COLS),
@@ -199,7 +230,7 @@ fn staged_fixed_trips(t: StagedTile) -> usize {
 /// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
 fn dispatch_piece(
     gpu: &Gpu,
-    kernel: MatmulKernel,
+    kernel: Choice,
     c: View,
     a: View,
     b: View,

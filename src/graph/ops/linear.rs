@@ -23,7 +23,9 @@ pub(super) fn forward(cx: &Fwd, out: &mut Value, trans_w: bool) -> Result<Option
                     packed_layout(trans_w)?;
                     quant::qmatmul(g, out.gpu(), cx.x(0).gpu(), w, bias, false)?
                 }
-                w => matmul::matmul(g, out.gpu(), cx.x(0).gpu(), w.gpu(), bias, false, trans_w, false)?,
+                w => matmul::with_precision(g.precision(), || {
+                    matmul::matmul(g, out.gpu(), cx.x(0).gpu(), w.gpu(), bias, false, trans_w, false)
+                })?,
             }
         }
         Device::Cpu(CpuPath::Reference) => {

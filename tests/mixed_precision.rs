@@ -1,0 +1,207 @@
+//! `--precision mixed`: the forward products of linear layers take each product in f16 and sum
+//! in f32 (`shaders/matmul_mixed.wgsl`), on a GPU with `shader_f16` (lavapipe has it).
+//!
+//! - The kernel is the f16 product summed in f32: against an emulation built from `half`'s
+//!   rounding and f64 sums, within f32 summation's error (stated below); and against the exact
+//!   product within f16's own bound, `3 * 2^-11 * sum_k |a_ik b_kj|` plus f32's. Poisoned
+//!   outputs, every transpose, bias, and K past one dispatch's loop span.
+//! - Training tracks f32: the same run in both precisions (a 2-layer GPT-2, 12 steps), every
+//!   step's loss within 1e-3 relative (measured: 1.3e-5 at most), and falling.
+//! - Mixed precision on a CPU path is refused with a clear error.
+//!
+//! `pockettune gradcheck` checks the same kernel on the user's device (`matmul_mixed`, tolerance
+//! `gradcheck::MIXED_TOL`).
+
+mod common;
+
+use clap::Parser;
+use pockettune::gpu::Precision;
+use pockettune::graph::Device;
+use pockettune::kernels::matmul;
+use pockettune::train::{train, TrainOptions};
+use pockettune::{Gpu, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The shared GPU, if it has f16 arithmetic (in CI it must).
+fn f16_gpu() -> Option<&'static std::sync::Arc<Gpu>> {
+    let gpu = common::gpu()?;
+    if gpu.has_f16() {
+        return Some(gpu);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI's GPU ({}) has no shader_f16", gpu.summary());
+    eprintln!("skipping: {} has no shader_f16", gpu.summary());
+    None
+}
+
+/// An f32 rounded to f16 (nearest even) and back, exactly, as f64.
+fn h(x: f32) -> f64 {
+    half::f16::from_f32(x).to_f32() as f64
+}
+
+/// `n` values of magnitude in [lo, 1] with random signs.
+fn values(rng: &mut StdRng, n: usize, lo: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..1.0) * if rng.random_bool(0.5) { 1.0 } else { -1.0 }).collect()
+}
+
+struct Product {
+    /// the kernel's output
+    got: Vec<f32>,
+    /// per element: the exact sum (f64), the f16 emulation, and sum_k |a_ik b_kj|
+    exact: Vec<f64>,
+    emulated: Vec<f64>,
+    abs: Vec<f64>,
+    k: usize,
+}
+
+/// `C (m, n) = op(A) op(B) (+ bias)` through the mixed kernel, and its references.
+fn product(
+    gpu: &Gpu,
+    (m, n, k): (usize, usize, usize),
+    (ta, tb): (bool, bool),
+    bias: bool,
+    lo: f32,
+) -> Product {
+    let mut rng = StdRng::seed_from_u64((m * 31 + n * 7 + k) as u64);
+    let (a, b, bv) = (values(&mut rng, m * k, lo), values(&mut rng, k * n, lo), values(&mut rng, n, lo));
+    let at = |i: usize, kk: usize| if ta { a[kk * m + i] } else { a[i * k + kk] };
+    let bt = |kk: usize, j: usize| if tb { b[j * k + kk] } else { b[kk * n + j] };
+    let (sa, sb) = (if ta { [k, m] } else { [m, k] }, if tb { [n, k] } else { [k, n] });
+    let ga = Tensor::from_host(gpu, &a, &sa, "a").unwrap();
+    let gb = Tensor::from_host(gpu, &b, &sb, "b").unwrap();
+    let gbias = Tensor::from_host(gpu, &bv, &[n], "bias").unwrap();
+    let gc = Tensor::from_host(gpu, &vec![f32::NAN; m * n], &[m, n], "c").unwrap();
+    matmul::with_precision(Precision::Mixed, || {
+        matmul::matmul(gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, false)
+    })
+    .unwrap();
+    let got = gc.to_host(gpu).unwrap();
+    let (mut exact, mut emulated, mut abs) = (vec![0f64; m * n], vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for j in 0..n {
+            let (mut e, mut f, mut s) = (0f64, 0f64, 0f64);
+            for kk in 0..k {
+                let (x, y) = (at(i, kk), bt(kk, j));
+                e += x as f64 * y as f64;
+                f += h((h(x) * h(y)) as f32); // the f16 product of the f16 operands
+                s += (x as f64 * y as f64).abs();
+            }
+            let add = if bias { bv[j] as f64 } else { 0.0 };
+            (exact[i * n + j], emulated[i * n + j], abs[i * n + j]) = (e + add, f + add, s + add.abs());
+        }
+    }
+    Product { got, exact, emulated, abs, k }
+}
+
+#[test]
+fn the_mixed_product_is_the_f16_product_summed_in_f32() {
+    let Some(gpu) = f16_gpu() else { return };
+    // magnitudes in [1/4, 1]: every f16 product is a normal number, so the emulation is exact
+    // whatever the device does with f16 subnormals
+    for dims in [(1, 1, 1), (7, 5, 13), (67, 65, 63), (31, 130, 97)] {
+        for tr in [(false, false), (false, true), (true, false), (true, true)] {
+            for bias in [false, true] {
+                let p = product(gpu, dims, tr, bias, 0.25);
+                // f32 summation of k terms in sequence: within (k + 1) * 2^-24 * sum |terms|
+                let u = (p.k + 1) as f64 * 2f64.powi(-24);
+                let mut f16_visible = false;
+                for i in 0..p.got.len() {
+                    let (g, f, e, s) = (p.got[i] as f64, p.emulated[i], p.exact[i], p.abs[i]);
+                    assert!((g - f).abs() <= u * s, "{dims:?} {tr:?} bias {bias}: [{i}] {g} vs emulated {f}");
+                    f16_visible |= (g - e).abs() > u * s;
+                }
+                // the arithmetic really is f16: somewhere the result is off the exact sum by
+                // more than f32 could be (unless every operand happened to be an f16 already)
+                assert!(
+                    f16_visible || dims == (1, 1, 1),
+                    "{dims:?} {tr:?}: the product looks like f32 arithmetic"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_mixed_product_is_within_f16_error_of_the_exact_product() {
+    let Some(gpu) = f16_gpu() else { return };
+    // the whole [-1, 1] range (subnormal f16 products included), and K past one dispatch's span
+    for (dims, tr) in
+        [((64, 96, 128), (false, true)), ((5, 3, 70_000), (false, true)), ((33, 17, 300), (true, false))]
+    {
+        let p = product(gpu, dims, tr, true, 0.0);
+        let (u16, u32) = (3.0 * 2f64.powi(-11), (p.k + 1) as f64 * 2f64.powi(-24));
+        // a product below f16's normal range is off by at most half its smallest step, 2^-25
+        let subnormal = p.k as f64 * 2f64.powi(-25);
+        let mut worst = 0f64;
+        for i in 0..p.got.len() {
+            let (g, e, s) = (p.got[i] as f64, p.exact[i], p.abs[i]);
+            let bound = (u16 + u32) * s + subnormal;
+            assert!((g - e).abs() <= bound, "{dims:?}: [{i}] {g} vs exact {e} (bound {bound:e})");
+            worst = worst.max((g - e).abs() / s);
+        }
+        eprintln!("{dims:?}: worst |mixed - exact| / sum |ab| = {worst:.2e}");
+    }
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    o: TrainOptions,
+}
+
+#[test]
+fn training_in_mixed_precision_tracks_f32() {
+    let Some(_) = f16_gpu() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::tiny_model_dir(&model, 3);
+    let data = tmp.path().join("data.txt");
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom. ";
+    std::fs::write(&data, text.repeat(20)).unwrap();
+    let run = |precision: &str| {
+        let out = tmp.path().join(precision);
+        let args = [
+            "x",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "0",
+            "--precision",
+            precision,
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--steps",
+            "12",
+            "--lr",
+            "3e-3",
+            "--save-every",
+            "0",
+        ];
+        train(&Cli::parse_from(args).o, false).unwrap().losses
+    };
+    let (f32_losses, mixed) = (run("f32"), run("mixed"));
+    eprintln!("f32:   {f32_losses:?}\nmixed: {mixed:?}");
+    assert_eq!(f32_losses.len(), mixed.len());
+    for (i, (a, b)) in f32_losses.iter().zip(&mixed).enumerate() {
+        let rel = ((a - b) / a).abs();
+        assert!(rel <= 1e-3, "step {}: mixed loss {b} vs f32 {a} (rel {rel:e})", i + 1);
+    }
+    assert!(mixed.last().unwrap() < &(mixed[0] * 0.9), "the mixed run did not learn: {mixed:?}");
+    // and it did run the mixed kernel: the losses are not bit-identical to f32's
+    assert_ne!(f32_losses, mixed, "mixed precision gave f32's losses bit for bit");
+}
+
+#[test]
+fn mixed_precision_on_a_cpu_path_is_refused_with_what_to_do() {
+    for dev in [Device::CPU, Device::CPU_REF] {
+        let e = pockettune::train::set_precision(&dev, Precision::Mixed).unwrap_err().to_string();
+        assert!(e.contains("--precision f32"), "{e}");
+        pockettune::train::set_precision(&dev, Precision::F32).unwrap();
+    }
+}
