@@ -361,6 +361,10 @@ enum BenchCommand {
         /// ones), or `all` (one table each, then a summary side by side).
         #[arg(long)]
         matmul: Option<String>,
+        /// `mixed` also measures the mixed-precision product (`train --precision mixed`: f16
+        /// products, f32 sums) after the f32 kernels, in the same run (needs shader_f16).
+        #[arg(long, value_enum, default_value_t = pockettune::gpu::Precision::F32)]
+        precision: pockettune::gpu::Precision,
     },
 }
 
@@ -598,7 +602,9 @@ fn run(cli: Cli) -> Result<i32> {
             let shape = (batch_size, seq_len);
             bench_step(&device, json, &what, (lora, precision), shape, steps, (no_cpu, plan), &memory)
         }
-        Command::Bench { what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul } } => {
+        Command::Bench {
+            what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul, precision },
+        } => {
             at_least_one(&[("--rows", rows)])?;
             bench_kernels(
                 &device,
@@ -606,7 +612,7 @@ fn run(cli: Cli) -> Result<i32> {
                 rows,
                 Duration::from_millis(budget_ms),
                 layer.as_deref(),
-                matmul.as_deref(),
+                (matmul.as_deref(), precision),
             )
         }
     }
@@ -844,9 +850,11 @@ fn bench_kernels(
     rows: usize,
     budget: Duration,
     layer: Option<&str>,
-    matmul: Option<&str>,
+    (matmul, precision): (Option<&str>, pockettune::gpu::Precision),
 ) -> Result<i32> {
+    use pockettune::gpu::Precision;
     let gpu = dev.open()?;
+    gpu.set_precision(precision)?; // mixed without shader_f16: the error says so, before any run
     let kernels: Vec<MatmulKernel> = match matmul {
         None => vec![pockettune::kernels::matmul_tune::tune_and_report(&gpu)?],
         Some("all") => gpu.matmul_kernels().to_vec(),
@@ -868,25 +876,35 @@ fn bench_kernels(
     );
     let mut all = serde_json::Map::new();
     let mut totals = Vec::new();
-    for &kernel in &kernels {
+    // the f32 kernels, then (with --precision mixed) the mixed-precision product
+    let runs = kernels.iter().map(|&k| (k, Precision::F32));
+    let runs: Vec<_> =
+        runs.chain((precision == Precision::Mixed).then(|| (gpu.matmul_kernel(), precision))).collect();
+    for (kernel, p) in runs {
         gpu.set_matmul_kernel(kernel)?;
-        eprintln!("GPU matmul kernel: {}", kernel_name(kernel));
+        let name = match p {
+            Precision::F32 => kernel_name(kernel),
+            Precision::Mixed => "mixed (f16 products, f32 sums)".to_string(),
+        };
+        eprintln!("GPU matmul kernel: {name}");
         eprintln!(
             "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10} {:>10} {:>9}",
             "layer", "product", "M", "N", "K", "GPU GF/s", "CPU GF/s", "GPU/CPU"
         );
-        let results = bench::matmul_bench(&gpu, &cases, budget, |r| {
-            eprintln!(
-                "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10.2} {:>10.2} {:>9.3}",
-                r.case.layer,
-                r.case.product,
-                r.case.m,
-                r.case.n,
-                r.case.k,
-                r.gpu_gflops,
-                r.cpu_gflops,
-                r.ratio
-            );
+        let results = pockettune::kernels::matmul::with_precision(p, || {
+            bench::matmul_bench(&gpu, &cases, budget, |r| {
+                eprintln!(
+                    "{:<22} {:<13} {:>6} {:>6} {:>6} {:>10.2} {:>10.2} {:>9.3}",
+                    r.case.layer,
+                    r.case.product,
+                    r.case.m,
+                    r.case.n,
+                    r.case.k,
+                    r.gpu_gflops,
+                    r.cpu_gflops,
+                    r.ratio
+                );
+            })
         })?;
         let (g, c) = (bench::overall(&results, |r| r.gpu_gflops), bench::overall(&results, |r| r.cpu_gflops));
         eprintln!(
@@ -899,17 +917,17 @@ fn bench_kernels(
             g / c
         );
         all.insert(
-            kernel_name(kernel),
+            name.clone(),
             json!({"results": results, "total": {"gpu_gflops": g, "cpu_gflops": c, "ratio": g / c}}),
         );
-        totals.push((kernel, g, c));
+        totals.push((name, g, c));
     }
     if totals.len() > 1 {
         // the CPU path was measured beside each kernel: the spread of its figures is the noise
         eprintln!("side by side (time-weighted over the products):");
-        eprintln!("{:<26} {:>10} {:>10} {:>9}", "GPU kernel", "GPU GF/s", "CPU GF/s", "GPU/CPU");
-        for (kernel, g, c) in totals {
-            eprintln!("{:<26} {:>10.2} {:>10.2} {:>9.3}", kernel_name(kernel), g, c, g / c);
+        eprintln!("{:<32} {:>10} {:>10} {:>9}", "GPU kernel", "GPU GF/s", "CPU GF/s", "GPU/CPU");
+        for (name, g, c) in totals {
+            eprintln!("{:<32} {:>10.2} {:>10.2} {:>9.3}", name, g, c, g / c);
         }
     }
     if json {
@@ -1163,7 +1181,7 @@ fn bench_step(
         Some("cpu" | "cpu-ref") => anyhow::bail!("--plan counts GPU buffers; it needs a GPU device"),
         _ => {
             let gpu = std::sync::Arc::new(dev.open()?);
-            gpu.set_precision(precision)?;
+            pockettune::train::set_precision(&Device::Gpu(gpu.clone()), precision)?;
             if plan {
                 eprintln!(
                     "planning the step (no kernel runs): GPU bytes are the step's, time and RSS are not"
@@ -1179,7 +1197,7 @@ fn bench_step(
             devices
         }
     };
-    if let [d] = devices.as_slice() {
+    if let [d @ Device::Cpu(_)] = devices.as_slice() {
         pockettune::train::set_precision(d, precision)?; // mixed on a CPU path: a clear error
     }
     let method = if lora { "LoRA (rank 8, every projection)" } else { "full" };

@@ -241,7 +241,17 @@ pub fn open_device(spec: Option<&str>, limits: Profile) -> Result<Device> {
 /// Run `dev`'s products in `precision` (`--precision`): mixed needs a GPU with shader_f16.
 pub fn set_precision(dev: &Device, precision: Precision) -> Result<()> {
     match dev {
-        Device::Gpu(g) => g.set_precision(precision),
+        Device::Gpu(g) => {
+            g.set_precision(precision)?;
+            if precision == Precision::Mixed && g.summary().device_type == "software" {
+                eprintln!(
+                    "note: {} emulates f16 arithmetic on the CPU, so --precision mixed runs slower than \
+                     f32 there (3x for a GPT-2 step); it is meant for GPUs with f16 units",
+                    g.summary().name
+                );
+            }
+            Ok(())
+        }
         Device::Cpu(_) if precision == Precision::Mixed => Err(Error::InvalidArgument {
             name: "--precision".into(),
             detail: "mixed precision runs f16 products on a GPU; the CPU paths compute in f32 (fast) \
