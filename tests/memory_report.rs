@@ -156,9 +156,16 @@ fn a_training_step_labels_weights_gradients_moments_and_logits() {
     store.adamw_step(opt).unwrap();
     gpu.sync().unwrap();
 
-    assert_eq!(delta(Category::Weights), (w, w));
-    assert_eq!(delta(Category::Gradients), (w, w), "one gradient per parameter, nothing else");
-    assert_eq!(delta(Category::OptimizerState), (2 * w, 2 * w), "two moments per parameter");
+    // At the first update the trained parameters move into the flat layout (`graph::params`):
+    // values and gradients are each held twice while they move, then once, in the shared
+    // buffers; the moments are made there.
+    let (_, held, flat) = store.flat_layout();
+    assert_eq!(held, store.iter().count(), "every parameter laid out flat");
+    let wf: u64 = flat.iter().map(|&b| pooled(b)).sum();
+    assert!(wf >= w && wf < w + 256 * held as u64, "flat {wf} bytes for {w} of parameters");
+    assert_eq!(delta(Category::Weights), (wf, w + wf));
+    assert_eq!(delta(Category::Gradients), (wf, w + wf), "one gradient per parameter, nothing else");
+    assert_eq!(delta(Category::OptimizerState), (2 * wf, 2 * wf), "two moments per parameter");
     // The logits (B*T, V) and their gradient are both live when the cross-entropy's backward
     // runs; nothing else of that size is counted there (the LM head's dX is an activation).
     let logits = pooled(4 * (bs * t * model.vocab_size()) as u64);

@@ -102,7 +102,7 @@ fn run(model_dir: &Path, spec: &str, lora: bool, mode: OptimizerOffload, piece: 
 fn moment_bytes(store: &ParamStore) -> u64 {
     let chunk_bytes = |p: &pockettune::graph::Param| -> u64 {
         match &p.value {
-            Value::Gpu(t) => t.chunks().iter().map(|c| c.buf.bytes().max(4).next_multiple_of(256)).sum(),
+            Value::Gpu(t) => t.chunks().iter().map(|c| c.bytes().max(4).next_multiple_of(256)).sum(),
             _ => (4 * p.shape.iter().product::<usize>() as u64).max(4).next_multiple_of(256),
         }
     };

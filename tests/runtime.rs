@@ -251,7 +251,7 @@ fn a_bad_dispatch_fails_its_submission_naming_the_kernel() {
     // elementwise.wgsl's Params: n = 64, the other seven fields zero
     let params: Vec<u8> = [64u32, 0, 0, 0, 0, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
     // axpby reads binding 2: leaving it out is a bind group that does not match the layout
-    let out = [Some(y.chunks()[0].buf.raw())];
+    let out = [Some(y.chunks()[0].bind())];
     gpu.dispatch(&key, &out, &params, [1, 1, 1]).expect("recorded; the error comes at the submission");
     assert_eq!(gpu.stats().since(&before).waits, 0, "no blocking pop per dispatch");
     let err = gpu.flush().unwrap_err();

@@ -65,13 +65,39 @@ impl UniformRing {
     }
 }
 
+/// A storage range a kernel binds: a whole buffer, or a tensor's place in a buffer it shares
+/// with others (the flat parameter layout, `graph::params`). A kernel sees the range from its
+/// index 0.
+#[derive(Clone, Copy, Debug)]
+pub struct Bind<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    /// bytes from the buffer's start (a multiple of the adapter's storage offset alignment)
+    pub offset: u64,
+    /// bytes bound
+    pub size: u64,
+}
+
+impl<'a> From<&'a wgpu::Buffer> for Bind<'a> {
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        Bind { buffer, offset: 0, size: buffer.size() }
+    }
+}
+
+impl Bind<'_> {
+    /// Whether this is all of its buffer.
+    pub fn whole(&self) -> bool {
+        self.offset == 0 && self.size == self.buffer.size()
+    }
+}
+
 /// What a bind group is made of: the pipeline (its layout), the uniform slot and the storage
-/// buffers in binding order. Holding the pipeline and buffers keeps their identities unique.
+/// ranges in binding order (buffer, offset, size). Holding the pipeline and buffers keeps their
+/// identities unique.
 #[derive(PartialEq, Eq, Hash)]
 pub(crate) struct BindKey {
     pub pipeline: wgpu::ComputePipeline,
     pub slot: u64,
-    pub buffers: Vec<Option<wgpu::Buffer>>,
+    pub buffers: Vec<Option<(wgpu::Buffer, u64, u64)>>,
 }
 
 #[derive(Default)]

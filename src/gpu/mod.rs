@@ -12,6 +12,7 @@
 
 pub mod adapter;
 mod binds;
+pub use binds::Bind;
 mod matmul_kernel;
 mod pool;
 mod qtensor;
@@ -439,8 +440,8 @@ impl Gpu {
     }
 
     /// A small buffer to bind where a kernel's optional input (a bias, say) is switched off.
-    pub fn placeholder(&self) -> &wgpu::Buffer {
-        &self.dummy
+    pub fn placeholder(&self) -> Bind<'_> {
+        Bind::from(&self.dummy)
     }
     /// Bind groups kept for reuse (see `binds`); none after [`Self::trim`].
     pub fn cached_bind_groups(&self) -> usize {
@@ -548,7 +549,7 @@ impl Gpu {
     pub fn dispatch(
         &self,
         key: &KernelKey,
-        buffers: &[Option<&wgpu::Buffer>],
+        buffers: &[Option<Bind<'_>>],
         params: &[u8],
         groups: [u32; 3],
     ) -> Result<()> {
@@ -570,11 +571,12 @@ impl Gpu {
         let (uniform, offset) = pending.uniforms.push(&self.device, slot, params);
         // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
         // cache before it gives any back (see `binds`).
-        let cacheable = buffers.iter().flatten().all(|b| *b == &self.dummy || self.pool.knows(b));
+        let cacheable =
+            buffers.iter().flatten().all(|b| b.buffer == &self.dummy || self.pool.knows(b.buffer));
         let bind_key = cacheable.then(|| binds::BindKey {
             pipeline: pipeline.pipeline.clone(),
             slot,
-            buffers: buffers.iter().map(|b| b.cloned()).collect(),
+            buffers: buffers.iter().map(|b| b.map(|b| (b.buffer.clone(), b.offset, b.size))).collect(),
         });
         let bind_group = match bind_key.as_ref().and_then(|k| self.binds.get(k)) {
             Some(group) => group,
@@ -590,10 +592,16 @@ impl Gpu {
                 }];
                 for (i, b) in buffers.iter().enumerate() {
                     if let Some(b) = b {
-                        entries.push(wgpu::BindGroupEntry {
-                            binding: i as u32 + 1,
-                            resource: b.as_entire_binding(),
-                        });
+                        let resource = if b.whole() {
+                            b.buffer.as_entire_binding()
+                        } else {
+                            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: b.buffer,
+                                offset: b.offset,
+                                size: wgpu::BufferSize::new(b.size),
+                            })
+                        };
+                        entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
                     }
                 }
                 // No error scope of its own: popping one per dispatch blocked the host on the
@@ -635,11 +643,21 @@ impl Gpu {
         Ok(())
     }
 
-    /// Record a buffer-to-buffer copy into the pending encoder.
-    pub fn copy(&self, src: &wgpu::Buffer, src_off: u64, dst: &wgpu::Buffer, dst_off: u64, bytes: u64) {
+    /// Record a buffer-to-buffer copy into the pending encoder (offsets within each range).
+    pub fn copy<'a, 'b>(
+        &self,
+        src: impl Into<Bind<'a>>,
+        src_off: u64,
+        dst: impl Into<Bind<'b>>,
+        dst_off: u64,
+        bytes: u64,
+    ) {
         if self.pool.planning() {
             return;
         }
+        let (src, dst) = (src.into(), dst.into());
+        let (src, src_off, dst, dst_off) =
+            (src.buffer, src.offset + src_off, dst.buffer, dst.offset + dst_off);
         let mut pending = self.pending.lock();
         pending.pass = None; // a copy ends the open compute pass
         let encoder = pending.encoder.get_or_insert_with(|| {
@@ -737,10 +755,12 @@ impl Gpu {
     /// that it reads the old contents, as program order says it should.
     /// Staging memory is bounded: past [`STAGING_LIMIT`] bytes the writes are submitted and
     /// waited for (wgpu keeps each write's staging copy until a submission completes).
-    pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+    pub fn write<'a>(&self, dst: impl Into<Bind<'a>>, offset: u64, data: &[u8]) -> Result<()> {
         if self.pool.planning() {
             return Ok(());
         }
+        let dst = dst.into();
+        let (dst, offset) = (dst.buffer, dst.offset + offset);
         let mut pending = self.pending.lock();
         self.submit_locked(&mut pending);
         self.queue.write_buffer(dst, offset, data);
@@ -765,7 +785,7 @@ impl Gpu {
     }
 
     /// Read `bytes` bytes of `src` from `offset` back to the host (waits for the GPU).
-    pub fn read_bytes(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>> {
+    pub fn read_bytes<'a>(&self, src: impl Into<Bind<'a>>, offset: u64, bytes: u64) -> Result<Vec<u8>> {
         if bytes == 0 || self.pool.planning() {
             return Ok(vec![0; bytes as usize]);
         }

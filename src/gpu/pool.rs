@@ -367,6 +367,10 @@ impl GpuBuffer {
     pub fn raw(&self) -> &wgpu::Buffer {
         self.buffer.as_ref().expect("buffer present until drop")
     }
+    /// All of the buffer, to bind.
+    pub fn bind(&self) -> super::Bind<'_> {
+        self.raw().into()
+    }
     /// Bytes requested (the buffer itself may be a little larger).
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -374,6 +378,26 @@ impl GpuBuffer {
     /// The category this buffer's bytes are counted in.
     pub fn category(&self) -> Category {
         self.category
+    }
+}
+
+impl GpuBuffer {
+    /// Give the buffer back to the driver instead of to the pool (a buffer of a size no later
+    /// request is likely to ask for, e.g. a parameter's own after it moved into the flat
+    /// layout). The cached bind groups go too: one of them may hold it.
+    pub fn discard(mut self) {
+        let Some(b) = self.buffer.take() else { return };
+        let pool = self.pool.clone();
+        let mut live = pool.live.lock();
+        live.now -= self.size;
+        live.by[self.category.index()] -= self.size;
+        drop(live);
+        pool.held.lock().0 -= self.size;
+        if !self.planned {
+            pool.known.lock().remove(&b);
+            pool.binds.clear();
+            pool.retiring.fetch_add(self.size, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

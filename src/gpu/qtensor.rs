@@ -90,7 +90,7 @@ impl QTensor {
                 tail[..data.len() - whole].copy_from_slice(&data[whole..]);
                 gpu.write(buf.raw(), whole as u64, &tail)?;
             }
-            chunks.push(Chunk { start, len, buf });
+            chunks.push(Chunk::whole(start, len, buf));
         }
         Ok(QTensor { ty, shape: shape.to_vec(), row_bytes, chunks })
     }
@@ -148,7 +148,7 @@ impl QTensor {
         let mut out = Vec::with_capacity(self.rows() * self.row_bytes);
         for c in &self.chunks {
             let len = c.len * self.row_bytes;
-            let bytes = gpu.read_bytes(c.buf.raw(), 0, len.next_multiple_of(4) as u64)?;
+            let bytes = gpu.read_bytes(c.bind(), 0, len.next_multiple_of(4) as u64)?;
             out.extend_from_slice(&bytes[..len]);
         }
         Ok(out)

@@ -4,9 +4,15 @@
 //! it is stored as several chunks, each its own buffer, split by rows or by columns. Kernels that
 //! accept chunked tensors walk the chunks; the rest ask for [`Tensor::single`] and get a clear
 //! error otherwise.
+//!
+//! A chunk is a range of a buffer: all of a buffer of its own, or its place in a buffer shared
+//! with other tensors ([`Tensor::view`]: the flat parameter, gradient and moment layout of
+//! `graph::params`, where one dispatch updates every parameter). Kernels bind the range
+//! ([`Chunk::bind`]) and see it from index 0.
 
-use super::{Gpu, GpuBuffer};
+use super::{Bind, Gpu, GpuBuffer};
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
@@ -20,7 +26,43 @@ pub enum Split {
 pub struct Chunk {
     pub start: usize,
     pub len: usize,
-    pub buf: GpuBuffer,
+    /// the buffer holding the chunk (shared by the tensors of a flat layout)
+    store: Arc<GpuBuffer>,
+    /// where the chunk starts in `store`, bytes
+    offset: u64,
+    /// the chunk's bytes
+    bytes: u64,
+    /// `store` holds other tensors' chunks too
+    shared: bool,
+}
+
+impl Chunk {
+    /// A chunk that is all of `buf`.
+    pub fn whole(start: usize, len: usize, buf: GpuBuffer) -> Chunk {
+        let bytes = buf.bytes();
+        Chunk { start, len, store: Arc::new(buf), offset: 0, bytes, shared: false }
+    }
+    /// A chunk that is `bytes` bytes of `store` from `offset`.
+    pub fn part(start: usize, len: usize, store: Arc<GpuBuffer>, offset: u64, bytes: u64) -> Chunk {
+        debug_assert!(offset + bytes <= store.bytes());
+        Chunk { start, len, store, offset, bytes, shared: true }
+    }
+    /// The chunk's range, to bind or copy (a chunk with a buffer of its own binds all of it,
+    /// which may be a little more than `bytes`: the pool rounds sizes up).
+    pub fn bind(&self) -> Bind<'_> {
+        if !self.shared {
+            return self.store.raw().into();
+        }
+        Bind { buffer: self.store.raw(), offset: self.offset, size: self.bytes }
+    }
+    /// The chunk's bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    /// The buffer the chunk lies in, and where.
+    pub fn store(&self) -> (&Arc<GpuBuffer>, u64) {
+        (&self.store, self.offset)
+    }
 }
 
 #[derive(Debug)]
@@ -60,10 +102,10 @@ impl Tensor {
         self.chunks.len() > 1
     }
 
-    /// The one buffer of an unchunked tensor.
-    pub fn single(&self, op: &str) -> Result<&wgpu::Buffer> {
+    /// The one range of an unchunked tensor.
+    pub fn single(&self, op: &str) -> Result<Bind<'_>> {
         match self.chunks.as_slice() {
-            [c] => Ok(c.buf.raw()),
+            [c] => Ok(c.bind()),
             _ => Err(Error::shape(
                 op,
                 format!(
@@ -100,8 +142,7 @@ impl Tensor {
         let mut chunks = Vec::new();
         for (start, len) in plan(extent, max_per_chunk) {
             let bytes = (len * stride * 4) as u64;
-            let buf = gpu.alloc(bytes, what)?;
-            chunks.push(Chunk { start, len, buf });
+            chunks.push(Chunk::whole(start, len, gpu.alloc(bytes, what)?));
         }
         Ok(Tensor { shape: shape.to_vec(), split, chunks })
     }
@@ -141,14 +182,14 @@ impl Tensor {
             match self.split {
                 Split::Rows => {
                     let part = &data[c.start * cols..(c.start + c.len) * cols];
-                    gpu.write(c.buf.raw(), 0, bytemuck::cast_slice(part))?;
+                    gpu.write(c.bind(), 0, bytemuck::cast_slice(part))?;
                 }
                 Split::Cols => {
                     let mut part = Vec::with_capacity(rows * c.len);
                     for r in 0..rows {
                         part.extend_from_slice(&data[r * cols + c.start..r * cols + c.start + c.len]);
                     }
-                    gpu.write(c.buf.raw(), 0, bytemuck::cast_slice(&part))?;
+                    gpu.write(c.bind(), 0, bytemuck::cast_slice(&part))?;
                 }
             }
         }
@@ -169,7 +210,7 @@ impl Tensor {
                 Split::Rows => cols,
                 Split::Cols => rows,
             };
-            let bytes = gpu.read_bytes(c.buf.raw(), 0, (c.len * stride * 4) as u64)?;
+            let bytes = gpu.read_bytes(c.bind(), 0, (c.len * stride * 4) as u64)?;
             let part: &[f32] = bytemuck::cast_slice(&bytes);
             match self.split {
                 Split::Rows => out[c.start * cols..(c.start + c.len) * cols].copy_from_slice(part),
@@ -182,6 +223,21 @@ impl Tensor {
             }
         }
         Ok(out)
+    }
+
+    /// Give the tensor's own buffers back to the driver rather than to the pool (see
+    /// [`GpuBuffer::discard`]); a chunk in a shared buffer only lets go of it.
+    pub fn discard(self) {
+        for c in self.chunks {
+            if let Ok(buf) = Arc::try_unwrap(c.store) {
+                buf.discard();
+            }
+        }
+    }
+
+    /// A tensor of `shape` made of the given chunks (views into shared buffers), split by rows.
+    pub fn from_chunks(shape: &[usize], chunks: Vec<Chunk>) -> Tensor {
+        Tensor { shape: shape.to_vec(), split: Split::Rows, chunks }
     }
 
     /// Give the tensor a new shape with the same number of elements (unchunked tensors, or a

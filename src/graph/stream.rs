@@ -194,7 +194,7 @@ fn upload_f32(
     for c in t.chunks() {
         let part = &values[c.start * cols..(c.start + c.len) * cols];
         for (k, piece) in part.chunks(PIECE).enumerate() {
-            gpu.write(c.buf.raw(), (k * PIECE * 4) as u64, bytemuck::cast_slice(piece))?;
+            gpu.write(c.bind(), (k * PIECE * 4) as u64, bytemuck::cast_slice(piece))?;
             release(bytemuck::cast_slice(piece));
         }
     }

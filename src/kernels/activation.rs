@@ -5,6 +5,7 @@
 use super::elementwise::same_layout;
 use super::{check_len, u32_of};
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, Tensor};
 
 #[repr(C)]
@@ -61,7 +62,7 @@ fn run(gpu: &Gpu, entry: &'static str, act: Act, tensors: &[Option<&Tensor>], ac
     let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
     for (bufs, n) in same_layout(entry, &present)? {
         let mut chunk = bufs.into_iter();
-        let bufs: Vec<Option<&wgpu::Buffer>> = tensors.iter().map(|t| t.and_then(|_| chunk.next())).collect();
+        let bufs: Vec<Option<Bind<'_>>> = tensors.iter().map(|t| t.and_then(|_| chunk.next())).collect();
         let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, cap, _pad: 0 };
         gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))?;
     }

@@ -15,6 +15,7 @@ use super::activation::{act_grad_mul, act_inplace, Act};
 use super::matmul::{matmul_strided, Dims, View};
 use super::softmax::{softmax_backward, softmax_forward, Mask};
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, Tensor};
 
 pub use kernels_ref::AttnDims;
@@ -36,7 +37,7 @@ impl<'t> Heads<'t> {
     pub fn packed(t: &'t Tensor, offset: usize, row_stride: usize) -> Self {
         Heads { t, offset, row_stride }
     }
-    pub(crate) fn check(&self, name: &str, rows: usize, width: usize) -> Result<&'t wgpu::Buffer> {
+    pub(crate) fn check(&self, name: &str, rows: usize, width: usize) -> Result<Bind<'t>> {
         let need = if rows == 0 { 0 } else { self.offset + (rows - 1) * self.row_stride + width };
         if self.row_stride < width || self.t.numel() < need {
             return Err(Error::shape(
@@ -81,17 +82,17 @@ struct Layout {
 
 impl Layout {
     /// (B,T,H,D) operand, query head kvh * G + j: row t, column d.
-    fn qlike<'a>(&self, (buf, h): (&'a wgpu::Buffer, &Heads), j: usize, trans: bool) -> View<'a> {
+    fn qlike<'a>(&self, (buf, h): (Bind<'a>, &Heads), j: usize, trans: bool) -> View<'a> {
         let d = self.d;
         View::matrix(buf, h.offset + j * d.d, h.row_stride, trans).batched(d.t * h.row_stride, self.g * d.d)
     }
     /// (B,T,KVH,D) operand: row t, column d.
-    fn kvlike<'a>(&self, (buf, h): (&'a wgpu::Buffer, &Heads), trans: bool) -> View<'a> {
+    fn kvlike<'a>(&self, (buf, h): (Bind<'a>, &Heads), trans: bool) -> View<'a> {
         let d = self.d;
         View::matrix(buf, h.offset, h.row_stride, trans).batched(d.t * h.row_stride, d.d)
     }
     /// (B,H,T,T) tensor, head kvh * G + j: row i, column j'.
-    fn scores<'a>(&self, buf: &'a wgpu::Buffer, j: usize, trans: bool) -> View<'a> {
+    fn scores<'a>(&self, buf: Bind<'a>, j: usize, trans: bool) -> View<'a> {
         let d = self.d;
         View::matrix(buf, j * d.t * d.t, d.t, trans).batched(d.h * d.t * d.t, self.g * d.t * d.t)
     }
@@ -194,8 +195,8 @@ fn raw_scores(
     gpu: &Gpu,
     l: &Layout,
     scores: &Tensor,
-    q: (&wgpu::Buffer, &Heads),
-    k: (&wgpu::Buffer, &Heads),
+    q: (Bind<'_>, &Heads),
+    k: (Bind<'_>, &Heads),
     alpha: f32,
 ) -> Result<()> {
     let sb = one(scores)?;
@@ -206,6 +207,6 @@ fn raw_scores(
     Ok(())
 }
 
-fn one(t: &Tensor) -> Result<&wgpu::Buffer> {
+fn one(t: &Tensor) -> Result<Bind<'_>> {
     t.single("attention")
 }

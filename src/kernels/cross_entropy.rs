@@ -8,6 +8,7 @@
 
 use super::u32_of;
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, GpuBuffer, KernelKey, Split, Tensor};
 
 #[repr(C)]
@@ -61,8 +62,8 @@ impl Targets {
         self.host.is_empty()
     }
     /// The ids on the GPU (read by the fused LM head + loss, `lm_head_loss`).
-    pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        self.buf.raw()
+    pub(crate) fn buffer(&self) -> Bind<'_> {
+        self.buf.bind()
     }
 }
 
@@ -116,11 +117,11 @@ pub fn cross_entropy_forward(
     let split_rows = logits.split() == Split::Rows;
     for (i, (piece, ch)) in pieces(logits).into_iter().zip(logits.chunks()).enumerate() {
         let p = params(piece, split_rows || i == 0, 0.0)?;
-        let bufs = [Some(ch.buf.raw()), Some(targets.buf.raw()), Some(sb)];
+        let bufs = [Some(ch.bind()), Some(targets.buf.bind()), Some(sb)];
         gpu.dispatch(&key("xent_stats"), &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
     }
     let p = params((n, 0, 0, 0, 0), true, 0.0)?;
-    let bufs = [None, Some(targets.buf.raw()), Some(sb), Some(losses.single("cross_entropy")?)];
+    let bufs = [None, Some(targets.buf.bind()), Some(sb), Some(losses.single("cross_entropy")?)];
     gpu.dispatch(&key("xent_loss"), &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG as usize))
 }
 
@@ -138,7 +139,7 @@ pub fn cross_entropy_backward(
     let sb = state.single("cross_entropy")?;
     for ((piece, ch), dch) in pieces(logits).into_iter().zip(logits.chunks()).zip(dlogits.chunks()) {
         let p = params(piece, false, scale)?;
-        let bufs = [Some(ch.buf.raw()), Some(targets.buf.raw()), Some(sb), Some(dch.buf.raw())];
+        let bufs = [Some(ch.bind()), Some(targets.buf.bind()), Some(sb), Some(dch.bind())];
         gpu.dispatch(&key("xent_backward"), &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
     }
     Ok(())

@@ -4,6 +4,7 @@
 
 use super::{check_len, u32_of};
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, Tensor};
 
 #[repr(C)]
@@ -22,7 +23,7 @@ struct Params {
 const WG: usize = 256;
 
 /// Chunk-by-chunk buffers and element counts of tensors that share one layout.
-pub(crate) fn same_layout<'t>(op: &str, ts: &[&'t Tensor]) -> Result<Vec<(Vec<&'t wgpu::Buffer>, usize)>> {
+pub(crate) fn same_layout<'t>(op: &str, ts: &[&'t Tensor]) -> Result<Vec<(Vec<Bind<'t>>, usize)>> {
     let first = ts[0];
     for t in &ts[1..] {
         let same = t.numel() == first.numel()
@@ -41,13 +42,13 @@ pub(crate) fn same_layout<'t>(op: &str, ts: &[&'t Tensor]) -> Result<Vec<(Vec<&'
             ));
         }
     }
-    let per_chunk = |i: usize| first.chunks()[i].buf.bytes() as usize / 4;
+    let per_chunk = |i: usize| first.chunks()[i].bytes() as usize / 4;
     Ok((0..first.chunks().len())
-        .map(|i| (ts.iter().map(|t| t.chunks()[i].buf.raw()).collect(), per_chunk(i)))
+        .map(|i| (ts.iter().map(|t| t.chunks()[i].bind()).collect(), per_chunk(i)))
         .collect())
 }
 
-fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<&wgpu::Buffer>], p: Params) -> Result<()> {
+fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> Result<()> {
     gpu.dispatch(
         &KernelKey::new("elementwise", entry),
         bufs,

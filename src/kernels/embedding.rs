@@ -102,7 +102,7 @@ pub fn embedding_forward(gpu: &Gpu, out: &Tensor, ids: &Ids, table: &Tensor) -> 
             len: u32_of(ch.len, "embedding")?,
             ..Default::default()
         };
-        let bufs = [Some(ids.ids.raw()), Some(ch.buf.raw()), Some(ob)];
+        let bufs = [Some(ids.ids.bind()), Some(ch.bind()), Some(ob)];
         gpu.dispatch(
             &KernelKey::new("embedding", "gather"),
             &bufs,
@@ -124,7 +124,7 @@ pub fn embedding_backward(gpu: &Gpu, dtable: &Tensor, dout: &Tensor, ids: &Ids) 
         let u0 = ids.unique.partition_point(|&id| (id as usize) < ch.start);
         let u1 = ids.unique.partition_point(|&id| (id as usize) < ch.start + ch.len);
         let n = (u1 - u0) * dim;
-        let bufs = [Some(ids.csr.raw()), Some(db), Some(ch.buf.raw())];
+        let bufs = [Some(ids.csr.bind()), Some(db), Some(ch.bind())];
         // An id repeated more than LOOP_SPAN times (padding in a long batch) is summed over
         // several dispatches, each adding its span of positions.
         let p = Params {

@@ -23,6 +23,7 @@ use super::attention::{check_dims, AttnDims, Heads};
 use super::matmul::{matmul_strided, Dims, View};
 use super::{check_len, u32_of};
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, Tensor};
 
 #[repr(C)]
@@ -112,19 +113,19 @@ struct Layout {
 
 impl Layout {
     /// Query head kvh * G + j of a (B,T,H,D) operand, from position `row0`.
-    fn qlike<'a>(&self, buf: &'a wgpu::Buffer, h: &Heads, j: usize, row0: usize, trans: bool) -> View<'a> {
+    fn qlike<'a>(&self, buf: Bind<'a>, h: &Heads, j: usize, row0: usize, trans: bool) -> View<'a> {
         let d = self.d;
         View::matrix(buf, h.offset + row0 * h.row_stride + j * d.d, h.row_stride, trans)
             .batched(d.t * h.row_stride, self.g * d.d)
     }
     /// A (B,T,KVH,D) operand from position `row0`.
-    fn kvlike<'a>(&self, buf: &'a wgpu::Buffer, h: &Heads, row0: usize, trans: bool) -> View<'a> {
+    fn kvlike<'a>(&self, buf: Bind<'a>, h: &Heads, row0: usize, trans: bool) -> View<'a> {
         let d = self.d;
         View::matrix(buf, h.offset + row0 * h.row_stride, h.row_stride, trans)
             .batched(d.t * h.row_stride, d.d)
     }
     /// Head kvh * G + j of the block, from local key column `col0`.
-    fn block<'a>(&self, buf: &'a wgpu::Buffer, b: Block, j: usize, col0: usize, trans: bool) -> View<'a> {
+    fn block<'a>(&self, buf: Bind<'a>, b: Block, j: usize, col0: usize, trans: bool) -> View<'a> {
         let per_head = b.bq * b.keys;
         View::matrix(buf, j * per_head + col0, b.keys, trans).batched(self.d.h * per_head, self.g * per_head)
     }
@@ -137,9 +138,9 @@ impl Layout {
 fn row_step(
     gpu: &Gpu,
     entry: &'static str,
-    s: &wgpu::Buffer,
-    dp: Option<&wgpu::Buffer>,
-    lse: &wgpu::Buffer,
+    s: Bind<'_>,
+    dp: Option<Bind<'_>>,
+    lse: Bind<'_>,
     d: &AttnDims,
     b: Block,
 ) -> Result<()> {

@@ -22,6 +22,7 @@ use super::cross_entropy::Targets;
 use super::matmul::{self, Dims, View};
 use super::{elementwise, quant, reduce, u32_of};
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, QTensor, Split, Tensor};
 
 #[repr(C)]
@@ -126,7 +127,7 @@ fn key(entry: &'static str) -> KernelKey {
 /// A block of W that one buffer holds: vocabulary `v0..v0 + vl` by hidden `c0..c0 + cl`,
 /// element (v, c) at `off + (v - v0) * s_v + (c - c0) * s_c`.
 struct Block<'a> {
-    buf: &'a wgpu::Buffer,
+    buf: Bind<'a>,
     off: usize,
     s_v: usize,
     s_c: usize,
@@ -159,7 +160,7 @@ fn blocks(w: &Tensor, trans_w: bool, v0: usize, vl: usize) -> Vec<Block<'_>> {
         };
         let (s_v, s_c) = if trans_w { (ld, 1) } else { (1, ld) };
         out.push(Block {
-            buf: ch.buf.raw(),
+            buf: ch.bind(),
             off,
             s_v,
             s_c,
@@ -174,10 +175,10 @@ fn blocks(w: &Tensor, trans_w: bool, v0: usize, vl: usize) -> Vec<Block<'_>> {
 }
 
 /// (buffer, first row, rows) of a tensor stored by whole rows.
-fn row_chunks<'t>(t: &'t Tensor, what: &str) -> Result<Vec<(&'t wgpu::Buffer, usize, usize)>> {
+fn row_chunks<'t>(t: &'t Tensor, what: &str) -> Result<Vec<(Bind<'t>, usize, usize)>> {
     match (t.chunks(), t.split()) {
-        ([one], _) => Ok(vec![(one.buf.raw(), 0, t.rows())]),
-        (chunks, Split::Rows) => Ok(chunks.iter().map(|c| (c.buf.raw(), c.start, c.len)).collect()),
+        ([one], _) => Ok(vec![(one.bind(), 0, t.rows())]),
+        (chunks, Split::Rows) => Ok(chunks.iter().map(|c| (c.bind(), c.start, c.len)).collect()),
         _ => Err(Error::shape(
             "lm_head_loss",
             format!("{what} {:?} is split by columns; store it by rows", t.shape()),

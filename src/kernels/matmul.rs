@@ -15,6 +15,7 @@
 
 use super::u32_of;
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, MatmulKernel, Precision, Split, StagedTile, Tensor};
 
 #[repr(C)]
@@ -91,7 +92,7 @@ pub fn current_kernel(gpu: &Gpu) -> MatmulKernel {
 /// `off + i * s_i + j * s_j + b1 * s_b1 + b2 * s_b2`.
 #[derive(Clone, Copy, Debug)]
 pub struct View<'a> {
-    pub buf: &'a wgpu::Buffer,
+    pub buf: Bind<'a>,
     pub off: usize,
     pub s_i: usize,
     pub s_j: usize,
@@ -101,7 +102,7 @@ pub struct View<'a> {
 
 impl<'a> View<'a> {
     /// A row-major (rows, ld) matrix, transposed when `trans`.
-    pub fn matrix(buf: &'a wgpu::Buffer, off: usize, ld: usize, trans: bool) -> Self {
+    pub fn matrix(buf: Bind<'a>, off: usize, ld: usize, trans: bool) -> Self {
         let (s_i, s_j) = if trans { (1, ld) } else { (ld, 1) };
         View { buf, off, s_i, s_j, s_b1: 0, s_b2: 0 }
     }
@@ -131,7 +132,7 @@ pub fn matmul_strided(
     c: View,
     a: View,
     b: View,
-    bias: Option<(&wgpu::Buffer, usize)>,
+    bias: Option<(Bind<'_>, usize)>,
     d: Dims,
     alpha: f32,
     accumulate: bool,
@@ -234,7 +235,7 @@ fn dispatch_piece(
     c: View,
     a: View,
     b: View,
-    bias: Option<(&wgpu::Buffer, usize)>,
+    bias: Option<(Bind<'_>, usize)>,
     d: Dims,
     alpha: f32,
     accumulate: bool,
@@ -315,7 +316,7 @@ impl Operand<'_> {
             Split::Rows => ((r0 - chunk.start) * cols + c0, cols),
             Split::Cols => (r0 * chunk.len + (c0 - chunk.start), chunk.len),
         };
-        View::matrix(chunk.buf.raw(), off, ld, false)
+        View::matrix(chunk.bind(), off, ld, false)
     }
 }
 

@@ -4,6 +4,7 @@
 
 use super::{elementwise, u32_of};
 use crate::error::Result;
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, Split, Tensor};
 
 #[repr(C)]
@@ -28,13 +29,13 @@ pub fn sum_rows(gpu: &Gpu, out: &Tensor, x: &Tensor, accumulate: bool) -> Result
     let ob = out.single("sum_rows")?;
     for (i, ch) in x.chunks().iter().enumerate() {
         match x.split() {
-            Split::Rows => sum_rows_chunk(gpu, ob, ch.buf.raw(), ch.len, x.cols(), accumulate || i > 0)?,
+            Split::Rows => sum_rows_chunk(gpu, ob, ch.bind(), ch.len, x.cols(), accumulate || i > 0)?,
             Split::Cols => {
                 // A column chunk is a (rows, len) matrix whose sums land in out[start..]: sum
                 // into a temporary (a binding has no offset) and copy.
                 let tmp = Tensor::empty(gpu, &[ch.len], "sum_rows chunk")?;
                 let tb = tmp.single("sum_rows")?;
-                sum_rows_chunk(gpu, tb, ch.buf.raw(), x.rows(), ch.len, false)?;
+                sum_rows_chunk(gpu, tb, ch.bind(), x.rows(), ch.len, false)?;
                 if accumulate {
                     let old = Tensor::empty(gpu, &[ch.len], "sum_rows old")?;
                     gpu.copy(ob, (ch.start * 4) as u64, old.single("sum_rows")?, 0, (ch.len * 4) as u64);
@@ -50,8 +51,8 @@ pub fn sum_rows(gpu: &Gpu, out: &Tensor, x: &Tensor, accumulate: bool) -> Result
 /// Column sums of a (rows, cols) matrix in one buffer, a span of rows per dispatch.
 fn sum_rows_chunk(
     gpu: &Gpu,
-    out: &wgpu::Buffer,
-    x: &wgpu::Buffer,
+    out: Bind<'_>,
+    x: Bind<'_>,
     rows: usize,
     cols: usize,
     accumulate: bool,
@@ -74,14 +75,14 @@ fn sum_rows_chunk(
 pub fn sum_into(gpu: &Gpu, acc: &Tensor, slot: usize, x: &Tensor, squares: bool) -> Result<()> {
     let ab = acc.single("sum_into")?;
     for ch in x.chunks() {
-        let n = ch.buf.bytes() as usize / 4;
+        let n = ch.bytes() as usize / 4;
         let groups = n.div_ceil(PER_GROUP).max(1);
         super::check_trips("sum_into", groups, WG, 1)?;
         let partial = Tensor::empty(gpu, &[groups], "partial sums")?;
         let pb = partial.single("sum_into")?;
         let p = Params { n: u32_of(n, "sum_into")?, flags: squares as u32, ..Default::default() };
         let key = KernelKey::new("reduce", "partial_sums");
-        gpu.dispatch(&key, &[Some(pb), Some(ch.buf.raw())], bytemuck::bytes_of(&p), gpu.grid(n, PER_GROUP))?;
+        gpu.dispatch(&key, &[Some(pb), Some(ch.bind())], bytemuck::bytes_of(&p), gpu.grid(n, PER_GROUP))?;
         let p =
             Params { n: u32_of(groups, "sum_into")?, slot: u32_of(slot, "sum_into")?, ..Default::default() };
         gpu.dispatch(

@@ -298,7 +298,7 @@ impl Offload {
         let buffers = |&(i, c, ..): &(usize, usize, usize, usize, usize)| {
             let p = &params[i];
             let g = p.grad.as_ref().expect("pieces come from parameters with gradients");
-            (p.value.gpu().chunks()[c].buf.raw(), g.gpu().chunks()[c].buf.raw())
+            (p.value.gpu().chunks()[c].bind(), g.gpu().chunks()[c].bind())
         };
         let mut rest = pieces;
         while !rest.is_empty() {

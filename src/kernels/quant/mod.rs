@@ -31,6 +31,7 @@ mod scratch;
 use super::embedding::Ids;
 use super::u32_of;
 use crate::error::{Error, Result};
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, KernelKey, QTensor, Split, Tensor};
 use kernels_ref::quant::GgmlType;
 
@@ -106,7 +107,7 @@ fn starts(t: &Tensor, along: Split) -> Vec<usize> {
 
 /// The buffer, element offset and row stride of element (r0, c0) of `t`, in the chunk that
 /// holds it (piece boundaries include every chunk boundary, so the piece stays in it).
-fn locate(t: &Tensor, r0: usize, c0: usize) -> (&wgpu::Buffer, usize, usize) {
+fn locate(t: &Tensor, r0: usize, c0: usize) -> (Bind<'_>, usize, usize) {
     let along = match t.split() {
         Split::Rows => r0,
         Split::Cols => c0,
@@ -117,19 +118,19 @@ fn locate(t: &Tensor, r0: usize, c0: usize) -> (&wgpu::Buffer, usize, usize) {
         .find(|ch| along >= ch.start && along < ch.start + ch.len)
         .expect("piece boundaries include every chunk boundary");
     match t.split() {
-        Split::Rows => (ch.buf.raw(), (r0 - ch.start) * t.cols() + c0, t.cols()),
-        Split::Cols => (ch.buf.raw(), r0 * ch.len + (c0 - ch.start), ch.len),
+        Split::Rows => (ch.bind(), (r0 - ch.start) * t.cols() + c0, t.cols()),
+        Split::Cols => (ch.bind(), r0 * ch.len + (c0 - ch.start), ch.len),
     }
 }
 
 /// The chunk of W holding row `n0`: its buffer and the byte offset of that row.
-fn w_row(w: &QTensor, n0: usize) -> (&wgpu::Buffer, usize) {
+fn w_row(w: &QTensor, n0: usize) -> (Bind<'_>, usize) {
     let ch = w
         .chunks()
         .iter()
         .find(|ch| n0 >= ch.start && n0 < ch.start + ch.len)
         .expect("piece boundaries include every chunk boundary of W");
-    (ch.buf.raw(), (n0 - ch.start) * w.row_bytes())
+    (ch.bind(), (n0 - ch.start) * w.row_bytes())
 }
 
 fn chunk_starts(w: &QTensor) -> Vec<usize> {
@@ -286,7 +287,7 @@ fn qmatmul_fused(
     y: &Tensor,
     x: &Tensor,
     w: &QTensor,
-    bias_buf: Option<&wgpu::Buffer>,
+    bias_buf: Option<Bind<'_>>,
     accumulate: bool,
 ) -> Result<()> {
     let (m, k, n) = (x.rows(), x.cols(), w.rows());
@@ -431,7 +432,7 @@ pub fn qdequantize(gpu: &Gpu, out: &Tensor, w: &QTensor, row0: usize) -> Result<
 /// one dispatch per chunk of W they touch.
 fn dequantize_rows(
     gpu: &Gpu,
-    out: &wgpu::Buffer,
+    out: Bind<'_>,
     out_off: usize,
     w: &QTensor,
     row0: usize,
@@ -489,7 +490,7 @@ pub fn qembedding_forward(gpu: &Gpu, out: &Tensor, ids: &Ids, table: &QTensor) -
             row0: u(ch.start)?,
             ..Default::default()
         };
-        let bufs = [Some(idb.raw()), Some(ch.buf.raw()), Some(ob), None];
+        let bufs = [Some(idb.bind()), Some(ch.bind()), Some(ob), None];
         gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(items, WG))?;
     }
     Ok(())

@@ -17,6 +17,7 @@
 
 use super::{chunk_starts, cuts, dequantize_rows, locate, starts, SCRATCH_BYTES, SCRATCH_LIMIT};
 use crate::error::Result;
+use crate::gpu::Bind;
 use crate::gpu::{Gpu, QTensor, Split, Tensor};
 use crate::kernels::matmul::{matmul_strided, Dims, View};
 
@@ -55,7 +56,7 @@ pub(super) fn qmatmul(
     y: &Tensor,
     x: &Tensor,
     w: &QTensor,
-    bias: Option<&wgpu::Buffer>,
+    bias: Option<Bind<'_>>,
     accumulate: bool,
 ) -> Result<()> {
     let (m, k) = (x.rows(), x.cols());
