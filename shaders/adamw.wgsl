@@ -4,6 +4,7 @@
 //   m  = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
 //   p -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps),  bc1 = 1 - b1^t, bc2 = 1 - b2^t
 // SGD: p -= lr * (g + wd * p)
+// `skip` (AdamW only): no change at all, decided on the GPU (see Params).
 
 struct Params {
     n: u32,
@@ -17,7 +18,10 @@ struct Params {
     weight_decay: f32,
     step_size: f32,      // lr / bc1
     sqrt_bc2: f32,
-    _pad3: u32,
+    // Nonzero: leave param, m and v as they are (a step with a non-finite loss or gradient
+    // norm). Written by the host as 0, or copied on the GPU from a step's status
+    // (reduce.wgsl's clip_coef) into this uniform before the dispatch runs.
+    skip: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -32,7 +36,7 @@ const WG: u32 = 256u;
 fn adamw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if (i >= p.n) {
+    if (i >= p.n || p.skip != 0.0) {
         return;
     }
     let g = grad[i];

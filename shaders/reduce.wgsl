@@ -3,7 +3,10 @@
 // sum_rows:      out[j] (+)= sum over rows r of x[r, j]          (bias and LayerNorm-beta grads)
 // partial_sums:  partial[g] = sum (or sum of squares) of x over workgroup g's 4096 elements
 // finish_sum:    acc[slot] += sum of partial[0..count]           (one workgroup)
-// clip_coef:     acc[1] = min(1, max_norm / (sqrt(acc[0]) + 1e-6)) (PyTorch clip_grad_norm_)
+// clip_coef:     a step's status acc = [sum of squares of the gradients, clip coefficient,
+//                sum of the losses, skip]: acc[1] = min(1, max_norm / (sqrt(acc[0]) + 1e-6))
+//                (PyTorch clip_grad_norm_; 1 when max_norm is 0), acc[3] = 1 when acc[0] or
+//                acc[2] is not finite (the update is skipped: adamw.wgsl's `skip`), else 0
 
 struct Params {
     rows: u32,
@@ -89,8 +92,20 @@ fn finish_sum(@builtin(local_invocation_id) lid: vec3<u32>) {
     }
 }
 
+fn finite(x: f32) -> bool {
+    // By the exponent's bits: a compiler may assume `x == x` of every float.
+    return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// The step's status (see the header): the clip coefficient (1 with no clipping), and whether
+// the update is skipped: a non-finite sum of squares or loss sum.
 @compute @workgroup_size(1)
 fn clip_coef() {
     let norm = sqrt(out[0]);
-    out[1] = min(1.0, p.max_norm / (norm + 1e-6));
+    if (p.max_norm > 0.0) {
+        out[1] = min(1.0, p.max_norm / (norm + 1e-6));
+    } else {
+        out[1] = 1.0;
+    }
+    out[3] = select(1.0, 0.0, finite(out[0]) && finite(out[2]));
 }

@@ -11,6 +11,7 @@
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
+use crate::graph::{ParamStore, PendingStep};
 use crate::kernels::matmul;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -308,15 +309,22 @@ pub fn step_bench(
         crate::memory::smallest_budget(dev, &graph, vars.loss, &mut store, &feed, memory.optimizer_offload)?;
     crate::memory::check_budget(memory.memory_budget, smallest_budget, b, t, memory)?;
     let opt = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
-    let mut one = || -> Result<f32> {
-        store.zero_grads()?;
-        let mut run = graph.forward(&store, &feed, &[])?;
-        run.backward(&mut store, vars.loss, 1.0)?;
-        store.clip_grad_norm(1.0)?;
-        store.adamw_step(opt)?;
-        run.loss(vars.loss)
+    // As the training loop runs a step: the previous step's outcome is read after this step's
+    // forward and backward passes are recorded (one step behind), then this step's update.
+    let one = |store: &mut ParamStore, behind: Option<PendingStep>| -> Result<PendingStep> {
+        let mut step = store.begin_step()?;
+        let mut run = graph.forward(store, &feed, &[])?;
+        run.backward(store, vars.loss, 1.0)?;
+        run.add_loss(vars.loss, &mut step)?;
+        drop(run);
+        if let Some(behind) = behind {
+            store.outcome(behind)?;
+        }
+        store.update(&mut step, 1.0, opt)?;
+        Ok(step)
     };
-    one()?;
+    let warm = one(&mut store, None)?;
+    store.outcome(warm)?; // the timed steps start on an idle GPU
     if let Device::Gpu(g) = dev {
         g.reset_live_peak(); // the timed steps' peaks, not the model's loading
     }
@@ -326,8 +334,12 @@ pub fn step_bench(
     };
     let before = stats(dev);
     let start = Instant::now();
+    let mut behind = None;
     for _ in 0..steps.max(1) {
-        one()?;
+        behind = Some(one(&mut store, behind)?);
+    }
+    if let Some(last) = behind {
+        store.outcome(last)?; // the last step is timed to its end
     }
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
     let per_step = stats(dev).zip(before).map(|(after, before)| PerStep::new(&after.since(&before), steps));

@@ -1182,6 +1182,24 @@ fn check_clip(p: &mut Probe) -> Result<()> {
         p.record("forward", &shape, "grads", &ga, &a)?;
         p.record("forward", &shape, "grads", &gb, &b)?;
     }
+    // The step status's skip flag, which AdamW reads on the GPU: set by a non-finite gradient
+    // (NaN or infinite) or loss sum, clear otherwise; the loss sum passes through.
+    for (grad, loss) in
+        [(1.0, 2.5), (f32::NAN, 2.5), (f32::INFINITY, 2.5), (1.0, f32::NAN), (1.0, f32::INFINITY)]
+    {
+        let mut a = p.uniform(5000);
+        a[4321] = grad;
+        let shape = format!("5000, gradient {grad}, loss {loss}");
+        let status = reduce::step_status(p.gpu)?;
+        reduce::sum_into(p.gpu, &status, reduce::STATUS_LOSS, &p.up(&[loss], &[1])?, false)?;
+        reduce::clip_into(p.gpu, &status, &[&p.up(&a, &[5000])?], 1.0)?;
+        let got = status.to_host(p.gpu)?;
+        let skip = if grad.is_finite() && loss.is_finite() { 0.0 } else { 1.0 };
+        p.push("forward", &shape, "skip flag", rel_err(&[got[reduce::STATUS_SKIP]], &[skip]));
+        if loss.is_finite() {
+            p.push("forward", &shape, "loss sum", rel_err(&[got[reduce::STATUS_LOSS]], &[loss]));
+        }
+    }
     Ok(())
 }
 
@@ -1201,6 +1219,29 @@ fn check_adamw(p: &mut Probe) -> Result<()> {
         p.record("step", &format!("{dims:?}"), "params after 3 steps", &gw, &w)?;
         p.record("step", &format!("{dims:?}"), "m", &gm, &m)?;
         p.record("step", &format!("{dims:?}"), "v", &gv, &v)?;
+        // Gated by a step status on the GPU: a skip changes nothing, a go is a plain step.
+        let g = p.uniform(n);
+        let gg = p.up(&g, &dims)?;
+        let skip = p.up(&[0.0, 1.0, 0.0, 1.0], &[4])?;
+        let before = [gw.to_host(p.gpu)?, gm.to_host(p.gpu)?, gv.to_host(p.gpu)?];
+        optim::adamw_step_gated(p.gpu, &gw, &gg, &gm, &gv, opt, 4, Some(&skip))?;
+        let after = [gw.to_host(p.gpu)?, gm.to_host(p.gpu)?, gv.to_host(p.gpu)?];
+        let same =
+            before.iter().zip(&after).all(|(b, a)| b.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()));
+        p.push(
+            "step",
+            &format!("{dims:?}"),
+            "skipped step leaves every bit",
+            if same { 0.0 } else { f64::INFINITY },
+        );
+        p.record("step", &format!("{dims:?}"), "params after a skipped step", &gw, &w)?;
+        p.record("step", &format!("{dims:?}"), "m after a skipped step", &gm, &m)?;
+        p.record("step", &format!("{dims:?}"), "v after a skipped step", &gv, &v)?;
+        let go = p.up(&[0.0, 1.0, 0.0, 0.0], &[4])?;
+        optim::adamw_step_gated(p.gpu, &gw, &gg, &gm, &gv, opt, 4, Some(&go))?;
+        kr::adamw_step(&mut w, &g, &mut m, &mut v, opt, 4);
+        p.record("step", &format!("{dims:?}"), "params after a gated step", &gw, &w)?;
+        p.record("step", &format!("{dims:?}"), "v after a gated step", &gv, &v)?;
     }
     Ok(())
 }

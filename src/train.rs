@@ -13,7 +13,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::{Batches, Tokenizer, Tokens};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Precision, Profile};
-use crate::graph::{Device, ParamStore};
+use crate::graph::{Device, ParamStore, StepOutcome};
 use crate::kernels::optim::AdamW;
 use crate::models::{LoadOptions, Model};
 use crate::weights::BaseDtype;
@@ -486,7 +486,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     plan_budget(o, &dev, &graph, vars.loss, &mut store)?;
     std::fs::create_dir_all(&o.out).map_err(|e| Error::Io { path: o.out.clone(), cause: e })?;
     let metrics_path = o.metrics_out.clone().unwrap_or_else(|| o.out.join("metrics.jsonl"));
-    let mut metrics = Metrics::open(&metrics_path, resume_dir.as_ref().map(|_| state.step))?;
+    let metrics = Metrics::open(&metrics_path, resume_dir.as_ref().map(|_| state.step))?;
 
     let bar =
         if progress { indicatif::ProgressBar::new(total as u64) } else { indicatif::ProgressBar::hidden() };
@@ -503,7 +503,6 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
     };
     let start = Instant::now();
-    let mut losses = Vec::new();
     let mut last_checkpoint = resume_dir;
     let mut eval_loss = None;
     let eval_tokens = eval.as_ref();
@@ -511,6 +510,13 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
     if power.source_name() != "none" {
         say(format!("power: {}", power.source_name()));
     }
+    // A step's outcome (loss, norm, skipped) is read one step behind where nothing waits on
+    // it: the next step's forward and backward passes are recorded and submitted first, so the
+    // GPU runs this step's tail while the host records the next (`ParamStore::update`). A
+    // step that ends the run, is evaluated or checkpointed, or runs under a power policy is
+    // read at once.
+    let mut log = StepLog { losses: Vec::new(), metrics, start, tokens_per_step, last_settled: None };
+    let mut behind: Option<Recorded> = None;
     while state.step < total {
         // The power policy: run (perhaps throttled), or checkpoint and pause or stop.
         let save = |state: &TrainState| {
@@ -523,8 +529,7 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
         let t0 = Instant::now();
         test_budget_hook(&dev, state.step);
-        store.zero_grads()?;
-        let mut loss_sum = 0.0;
+        let mut pending = store.begin_step()?;
         for micro in 0..o.grad_accum {
             let (ids, targets) = batches.next(&data);
             let mut feed = Model::feed(&ids, &targets, o.batch_size, o.seq_len);
@@ -533,88 +538,61 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
             let at = |e| note_checkpoint(e, state.step + 1, &last_checkpoint);
             let mut run = graph.forward(&store, &feed, &[]).map_err(at)?;
             run.backward(&mut store, vars.loss, 1.0 / o.grad_accum as f32).map_err(at)?;
-            loss_sum += run.loss(vars.loss).map_err(at)?;
+            run.add_loss(vars.loss, &mut pending).map_err(at)?;
         }
-        let loss = loss_sum / o.grad_accum as f32;
+        if let Some(r) = behind.take() {
+            settle(&mut store, r, o, &mut state, &mut log, &mut power, &dev, &last_checkpoint, &say, &bar)?;
+        }
         let at = |e| note_checkpoint(e, state.step + 1, &last_checkpoint);
-        let grad_norm =
-            if loss.is_finite() { store.clip_grad_norm(o.max_grad_norm).map_err(at)? } else { f32::NAN };
         let lr = learning_rate(o, state.step, total);
-        let bad = [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, x)| !x.is_finite());
-        match (bad, o.on_nan) {
-            (None, _) => store
-                .adamw_step(AdamW {
-                    lr,
-                    beta1: o.beta1,
-                    beta2: o.beta2,
-                    eps: o.eps,
-                    weight_decay: o.weight_decay,
-                })
-                .map_err(at)?,
-            (Some((what, value)), OnNan::Stop) => {
-                bar.abandon();
-                let detail = match &last_checkpoint {
-                    Some(dir) => format!(
-                        "so no checkpoint was written from it; the last good checkpoint is {} (named by {}; \
-                         continue from it with --resume)",
-                        dir.display(),
-                        o.out.join("latest").display()
-                    ),
-                    None => "and no checkpoint had been written yet".to_string(),
-                };
-                return Err(Error::NonFinite { step: state.step + 1, what: what.into(), value, detail });
-            }
-            (Some((what, value)), OnNan::Skip) => {
-                state.skipped_nan += 1;
-                say(format!(
-                    "step {}: the {what} is {value}; update skipped (--on-nan skip, {} so far)",
-                    state.step + 1,
-                    state.skipped_nan
-                ));
-            }
-        }
+        // The update is recorded at once, skipped (on the GPU, by the GPU) if the loss or the
+        // norm is not finite.
+        let opt = AdamW { lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weight_decay: o.weight_decay };
+        store.update(&mut pending, o.max_grad_norm, opt).map_err(at)?;
         state.step += 1;
-        state.adam_step = store.adam_step();
         state.epoch = batches.epoch;
         state.batch_index = batches.index;
         state.tokens_seen += tokens_per_step;
-        losses.push(loss);
-        power.sleep_between_steps(); // the rest of a throttled step's duty cycle
-        let secs = t0.elapsed().as_secs_f64();
-        let p = power.after_step(state.step as u64, secs, tokens_per_step);
-        let (rss, peak) = rss();
-        let gpu_bytes = match &dev {
-            Device::Gpu(g) => Some(g.bytes_allocated().0),
-            Device::Cpu(_) => None,
-        };
-        metrics.log(serde_json::json!({
-            "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens_seen,
-            "ms_step": secs * 1e3, "tokens_per_s": tokens_per_step as f64 / secs,
-            "rss_bytes": rss, "peak_rss_bytes": peak, "gpu_bytes": gpu_bytes,
-            "battery_pct": p.battery_pct, "charging": p.charging, "temp_c": p.temp_c, "power_w": p.power_w,
-            "energy_j": p.energy_j, "throttle_ms": p.throttle_ms, "duty": p.duty, "paused_ms": paused_ms,
-            "elapsed_s": start.elapsed().as_secs_f64(),
-            "grad_norm": grad_norm, "skipped_nan": state.skipped_nan,
-        }))?;
-        bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens_per_step as f64 / secs));
-        bar.set_position(state.step as u64);
+        let recorded =
+            Recorded { pending, number: state.step, tokens_seen: state.tokens_seen, lr, paused_ms, t0 };
 
         let last = state.step == total;
-        if let Some(ev) = eval_tokens {
-            if (o.eval_every > 0 && state.step.is_multiple_of(o.eval_every)) || last {
-                let l = evaluate(&graph, vars.loss, &store, ev, o.batch_size, o.seq_len, o.eval_batches)?;
-                metrics
-                    .log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
-                say(format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp()));
-                eval_loss = Some(l);
-            }
+        let eval_now =
+            eval_tokens.is_some() && ((o.eval_every > 0 && state.step.is_multiple_of(o.eval_every)) || last);
+        let save_now = (o.save_every > 0 && state.step.is_multiple_of(o.save_every)) || last;
+        if !(last || eval_now || save_now || power.source_name() != "none") {
+            behind = Some(recorded);
+            continue;
         }
-        if (o.save_every > 0 && state.step.is_multiple_of(o.save_every)) || last {
+        settle(
+            &mut store,
+            recorded,
+            o,
+            &mut state,
+            &mut log,
+            &mut power,
+            &dev,
+            &last_checkpoint,
+            &say,
+            &bar,
+        )?;
+        if let (Some(ev), true) = (eval_tokens, eval_now) {
+            let l = evaluate(&graph, vars.loss, &store, ev, o.batch_size, o.seq_len, o.eval_batches)?;
+            log.metrics
+                .log(serde_json::json!({"step": state.step, "eval_loss": l, "perplexity": l.exp()}))?;
+            say(format!("step {}: eval loss {l:.4}, perplexity {:.2}", state.step, l.exp()));
+            eval_loss = Some(l);
+        }
+        if save_now {
             let lora = lora_opts.as_ref().map(|l| (&model, l));
             last_checkpoint = Some(checkpoint::save(&o.out, &o.model, &store, &state, lora)?);
             checkpoint::prune(&o.out, o.keep_checkpoints)?;
         }
     }
+    if let Some(r) = behind.take() {
+        settle(&mut store, r, o, &mut state, &mut log, &mut power, &dev, &last_checkpoint, &say, &bar)?;
+    }
+    let losses = log.losses;
     bar.finish_and_clear();
     if state.skipped_nan > 0 {
         eprintln!(
@@ -633,6 +611,97 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         memory: crate::memory::report::MemoryReport::for_device(&rss_sampler, &dev),
         power: power.totals(),
     })
+}
+
+/// A step whose update is recorded and whose outcome is not read yet (the training loop).
+struct Recorded {
+    pending: crate::graph::PendingStep,
+    /// the step's number, from 1
+    number: usize,
+    tokens_seen: u64,
+    lr: f32,
+    paused_ms: f64,
+    t0: Instant,
+}
+
+/// What the training loop keeps of the steps it has settled.
+struct StepLog {
+    losses: Vec<f32>,
+    metrics: Metrics,
+    start: Instant,
+    tokens_per_step: u64,
+    /// when the last step was settled: a step read one behind is timed from there
+    last_settled: Option<Instant>,
+}
+
+/// Read a recorded step's outcome and account for it: `--on-nan` (its update was skipped
+/// already), the metrics line, the progress bar. A step read one behind is timed from the
+/// previous step's settling (in a steady run, one step's time).
+#[allow(clippy::too_many_arguments)]
+fn settle(
+    store: &mut ParamStore,
+    r: Recorded,
+    o: &TrainOptions,
+    state: &mut TrainState,
+    log: &mut StepLog,
+    power: &mut crate::power::PowerMonitor,
+    dev: &Device,
+    last_checkpoint: &Option<PathBuf>,
+    say: &impl Fn(String),
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let at = |e| note_checkpoint(e, r.number, last_checkpoint);
+    let StepOutcome { loss, grad_norm, .. } = store.outcome(r.pending).map_err(at)?;
+    state.adam_step = store.adam_step();
+    let bad = [("loss", loss), ("gradient norm", grad_norm)].into_iter().find(|(_, x)| !x.is_finite());
+    match (bad, o.on_nan) {
+        (None, _) => {}
+        (Some((what, value)), OnNan::Stop) => {
+            bar.abandon();
+            let detail = match last_checkpoint {
+                Some(dir) => format!(
+                    "so no checkpoint was written from it; the last good checkpoint is {} (named by {}; \
+                     continue from it with --resume)",
+                    dir.display(),
+                    o.out.join("latest").display()
+                ),
+                None => "and no checkpoint had been written yet".to_string(),
+            };
+            return Err(Error::NonFinite { step: r.number, what: what.into(), value, detail });
+        }
+        (Some((what, value)), OnNan::Skip) => {
+            state.skipped_nan += 1;
+            say(format!(
+                "step {}: the {what} is {value}; update skipped (--on-nan skip, {} so far)",
+                r.number, state.skipped_nan
+            ));
+        }
+    }
+    log.losses.push(loss);
+    power.sleep_between_steps(); // the rest of a throttled step's duty cycle
+    let now = Instant::now();
+    let from = log.last_settled.map_or(r.t0, |t| t.max(r.t0));
+    log.last_settled = Some(now);
+    let secs = (now - from).as_secs_f64();
+    let tokens = log.tokens_per_step;
+    let p = power.after_step(r.number as u64, secs, tokens);
+    let (rss, peak) = rss();
+    let gpu_bytes = match dev {
+        Device::Gpu(g) => Some(g.bytes_allocated().0),
+        Device::Cpu(_) => None,
+    };
+    log.metrics.log(serde_json::json!({
+        "step": r.number, "loss": loss, "lr": r.lr, "tokens": r.tokens_seen,
+        "ms_step": secs * 1e3, "tokens_per_s": tokens as f64 / secs,
+        "rss_bytes": rss, "peak_rss_bytes": peak, "gpu_bytes": gpu_bytes,
+        "battery_pct": p.battery_pct, "charging": p.charging, "temp_c": p.temp_c, "power_w": p.power_w,
+        "energy_j": p.energy_j, "throttle_ms": p.throttle_ms, "duty": p.duty, "paused_ms": r.paused_ms,
+        "elapsed_s": log.start.elapsed().as_secs_f64(),
+        "grad_norm": grad_norm, "skipped_nan": state.skipped_nan,
+    }))?;
+    bar.set_message(format!("loss {loss:.4}  {:.0} tok/s", tokens as f64 / secs));
+    bar.set_position(r.number as u64);
+    Ok(())
 }
 
 /// Ask the power policy whether the next step may run (`crate::power`). On a pause or a stop a

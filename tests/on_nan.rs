@@ -9,7 +9,7 @@ use clap::Parser;
 use pockettune::checkpoint;
 use pockettune::graph::Device;
 use pockettune::models::Model;
-use pockettune::train::{train, TrainOptions};
+use pockettune::train::{train, TrainOptions, TrainSummary};
 use pockettune::Error;
 use std::path::Path;
 
@@ -239,4 +239,65 @@ fn a_checkpoint_is_never_written_from_non_finite_weights() {
     assert_eq!(std::fs::read_to_string(out.join("latest")).unwrap(), "step-000001");
     let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 2, "only step-000001 and latest: {names:?}");
+}
+
+/// A step's outcome is read one step behind when nothing waits on it (no checkpoint or
+/// evaluation at that step; the GPU then decides the skip itself): the same losses, norms,
+/// skips, AdamW step count and weights as reading each at once, and `--on-nan stop` names the
+/// same step.
+#[test]
+fn reading_each_steps_outcome_one_step_behind_changes_nothing() {
+    let (tmp, model, data) = setup();
+    for spec in devices() {
+        let run = |save_every: &'static str, on_nan: &'static str| {
+            let out = tmp.path().join(format!("behind-{spec}-{save_every}-{on_nan}"));
+            let args = [
+                "--lr",
+                "1e30",
+                "--schedule",
+                "constant",
+                "--steps",
+                "5",
+                "--save-every",
+                save_every,
+                "--keep-checkpoints",
+                "0",
+                "--seed",
+                "4",
+                "--device",
+                spec,
+                "--on-nan",
+                on_nan,
+            ];
+            (train(&options(&model, &data, &out, &args), false), out)
+        };
+        let ((now, now_out), (behind, behind_out)) = (run("1", "skip"), run("0", "skip"));
+        let (now, behind) = (now.unwrap(), behind.unwrap());
+        assert!(now.skipped_nan >= 1, "{spec}: the run has a non-finite step to skip");
+        assert_eq!((now.skipped_nan, now.steps), (behind.skipped_nan, behind.steps), "{spec}");
+        let fields = |out: &Path| {
+            steps(out)
+                .iter()
+                .map(|l| ["step", "loss", "grad_norm", "skipped_nan", "lr", "tokens"].map(|k| l[k].clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fields(&now_out), fields(&behind_out), "{spec}: the metrics lines");
+        let last = format!("step-{:06}", 5);
+        assert!(weights(&now_out.join(&last)) == weights(&behind_out.join(&last)), "{spec}: the weights");
+        let state = |out: &Path| {
+            let json = std::fs::read_to_string(out.join(&last).join("state.json")).unwrap();
+            serde_json::from_str::<checkpoint::TrainState>(&json).unwrap().adam_step
+        };
+        assert_eq!(state(&now_out), state(&behind_out), "{spec}: AdamW's step count");
+
+        let step_of = |r: Result<TrainSummary, Error>| match r {
+            Err(Error::NonFinite { step, .. }) => step,
+            other => panic!("{spec}: not a NonFinite error: {:?}", other.map(|_: TrainSummary| ())),
+        };
+        assert_eq!(
+            step_of(run("1", "stop").0),
+            step_of(run("0", "stop").0),
+            "{spec}: the step --on-nan stop names"
+        );
+    }
 }

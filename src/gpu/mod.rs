@@ -553,6 +553,23 @@ impl Gpu {
         params: &[u8],
         groups: [u32; 3],
     ) -> Result<()> {
+        self.dispatch_patched(key, buffers, params, groups, &[])
+    }
+
+    /// [`Self::dispatch`] with some of the uniform's 4-byte fields taken from GPU buffers when
+    /// the dispatch runs, not from the host: each patch `(from, field)` copies the 4 bytes at
+    /// `from` over the bytes of `params` at offset `field`, just before the dispatch (the
+    /// host's parameters are written before the submission's commands run). This is how a
+    /// decision made on the GPU reaches a kernel without a read-back or another storage
+    /// binding: AdamW's `skip`, from a step's status (`kernels::optim`).
+    pub fn dispatch_patched(
+        &self,
+        key: &KernelKey,
+        buffers: &[Option<Bind<'_>>],
+        params: &[u8],
+        groups: [u32; 3],
+        patches: &[(Bind<'_>, u64)],
+    ) -> Result<()> {
         if groups.contains(&0) || self.pool.planning() {
             return Ok(());
         }
@@ -569,6 +586,14 @@ impl Gpu {
         let mut pending = self.pending.lock();
         let slot = pending.dispatches as u64;
         let (uniform, offset) = pending.uniforms.push(&self.device, slot, params);
+        for (from, field) in patches {
+            assert!(field + 4 <= params.len() as u64, "patch past the uniform's end");
+            pending.pass = None; // a copy ends the open compute pass
+            let encoder = pending.encoder.get_or_insert_with(|| {
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+            });
+            encoder.copy_buffer_to_buffer(from.buffer, from.offset, &uniform, offset + field, 4);
+        }
         // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
         // cache before it gives any back (see `binds`).
         let cacheable =
@@ -676,11 +701,9 @@ impl Gpu {
 
     /// Submit while holding the pending lock, so that no host write can be queued between
     /// taking the encoder and submitting it (it would run before commands recorded earlier).
-    fn submit_locked(&self, pending: &mut Pending) {
+    fn submit_locked(&self, pending: &mut Pending) -> Option<wgpu::SubmissionIndex> {
         pending.pass = None; // ends the pass, so that the encoder can finish
-        let Some(encoder) = pending.encoder.take() else {
-            return;
-        };
+        let encoder = pending.encoder.take()?;
         let dispatches = std::mem::take(&mut pending.dispatches);
         let gate = self.gate.lock().clone();
         if let Some(gate) = &gate {
@@ -701,9 +724,10 @@ impl Gpu {
         if pending.staged > 0 {
             // a submission carries the staged writes with it
             let staged = std::mem::take(&mut pending.staged);
-            pending.ring.push_back((index, staged));
+            pending.ring.push_back((index.clone(), staged));
         }
         self.stats.submission();
+        Some(index)
     }
 
     /// Wait until the GPU has finished everything submitted.
@@ -789,7 +813,33 @@ impl Gpu {
         if bytes == 0 || self.pool.planning() {
             return Ok(vec![0; bytes as usize]);
         }
-        // A separate MAP_READ buffer: storage buffers cannot be mapped on most GPUs.
+        let staging = self.copy_out(src, offset, bytes);
+        self.flush()?;
+        let rx = Self::map(&staging);
+        self.wait_for(None, "read-back")?;
+        self.check("read-back")?;
+        Self::mapped(&staging, &rx)
+    }
+
+    /// Start reading `bytes` bytes of `src` from `offset` back, without waiting: the copy is
+    /// submitted now, and [`Readback::wait`] waits for that submission only, not for work
+    /// recorded after it. A training step's status is read so, one step behind
+    /// (`graph::params::ParamStore::outcome`).
+    pub fn read_later<'a>(&self, src: impl Into<Bind<'a>>, offset: u64, bytes: u64) -> Result<Readback> {
+        if bytes == 0 || self.pool.planning() {
+            return Ok(Readback { bytes, map: None });
+        }
+        let staging = self.copy_out(src, offset, bytes);
+        let mut pending = self.pending.lock();
+        let index = self.submit_locked(&mut pending).expect("the copy was recorded");
+        drop(pending);
+        self.check("submit")?;
+        let rx = Self::map(&staging);
+        Ok(Readback { bytes, map: Some((staging, rx, index)) })
+    }
+
+    /// Record a copy into a new MAP_READ buffer (storage buffers cannot be mapped on most GPUs).
+    fn copy_out<'a>(&self, src: impl Into<Bind<'a>>, offset: u64, bytes: u64) -> wgpu::Buffer {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read-back"),
             size: bytes,
@@ -797,13 +847,21 @@ impl Gpu {
             mapped_at_creation: false,
         });
         self.copy(src, offset, &staging, 0, bytes);
-        self.flush()?;
+        staging
+    }
+
+    /// Ask for `staging` to be mapped once the GPU is done with it (after the submission that
+    /// copies into it: a buffer with a map pending cannot be submitted).
+    fn map(staging: &wgpu::Buffer) -> MapReceiver {
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
-        self.wait_for(None, "read-back")?;
-        self.check("read-back")?;
+        rx
+    }
+
+    /// The bytes of a mapped read-back buffer (its map callback has run).
+    fn mapped(staging: &wgpu::Buffer, rx: &MapReceiver) -> Result<Vec<u8>> {
         match rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -834,6 +892,33 @@ impl Gpu {
             let y = groups.div_ceil(max);
             [groups.div_ceil(y) as u32, y as u32, 1]
         }
+    }
+}
+
+type MapReceiver = std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>;
+
+/// A read-back in flight ([`Gpu::read_later`]).
+pub struct Readback {
+    bytes: u64,
+    /// the mapped buffer, its callback's answer, the submission that copies into it; `None`
+    /// for nothing to read or a planning step (zeros)
+    map: Option<(wgpu::Buffer, MapReceiver, wgpu::SubmissionIndex)>,
+}
+
+impl Readback {
+    /// Wait for the submission that made the copy (not for anything recorded since), and
+    /// return the bytes.
+    pub fn wait(self, gpu: &Gpu) -> Result<Vec<u8>> {
+        let Some((staging, rx, index)) = self.map else {
+            return Ok(vec![0; self.bytes as usize]);
+        };
+        gpu.wait_for(Some(index), "read-back")?;
+        gpu.check("read-back")?;
+        Gpu::mapped(&staging, &rx)
+    }
+    /// [`Self::wait`] as f32 values.
+    pub fn wait_f32(self, gpu: &Gpu) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(&self.wait(gpu)?))
     }
 }
 

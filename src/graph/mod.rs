@@ -17,7 +17,7 @@ mod ops;
 pub mod params;
 pub mod stream;
 
-pub use params::{Param, ParamId, ParamStore};
+pub use params::{Param, ParamId, ParamStore, PendingStep, StepOutcome};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, QTensor, Tensor};
@@ -781,6 +781,16 @@ impl Run<'_> {
     /// The scalar value of `loss` (a synchronisation point).
     pub fn loss(&self, loss: Var) -> Result<f32> {
         Ok(self.read(loss)?[0])
+    }
+
+    /// Add the value of `loss` to `step` (`ParamStore::begin_step`): on the GPU with nothing
+    /// read back, where the step's update is decided there.
+    pub fn add_loss(&self, loss: Var, step: &mut params::PendingStep) -> Result<()> {
+        let on_gpu = match &self.values[loss.0] {
+            Some(Value::Gpu(t)) => Some(t),
+            _ => None,
+        };
+        step.add_loss(&self.dev, on_gpu, || self.loss(loss))
     }
 
     /// Backward from the scalar `loss` with d(output)/d(loss) = `scale` (1 / micro-batches when

@@ -111,6 +111,49 @@ fn move_into(
     Ok(())
 }
 
+/// A training step between [`ParamStore::begin_step`] and [`ParamStore::outcome`].
+pub struct PendingStep {
+    /// on the device: [`reduce::step_status`]
+    status: Option<Tensor>,
+    /// elsewhere: the micro-batches' losses, summed in f32 as they come
+    loss: f32,
+    micro: usize,
+    host: Option<StepOutcome>,
+    readback: Option<crate::gpu::Readback>,
+}
+
+impl PendingStep {
+    /// Add one micro-batch's loss: on the device, `loss` (a 1-element tensor) into the status,
+    /// with no read-back; elsewhere `host`, its value, read by the caller.
+    pub(crate) fn add_loss(
+        &mut self,
+        dev: &Device,
+        loss: Option<&Tensor>,
+        host: impl FnOnce() -> Result<f32>,
+    ) -> Result<()> {
+        match (&self.status, loss, dev) {
+            (Some(status), Some(loss), Device::Gpu(g)) => {
+                reduce::sum_into(g, status, reduce::STATUS_LOSS, loss, false)?
+            }
+            _ => self.loss += host()?,
+        }
+        self.micro += 1;
+        Ok(())
+    }
+}
+
+/// What a step did ([`ParamStore::outcome`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// the loss, averaged over the micro-batches
+    pub loss: f32,
+    /// the global gradient norm before clipping (NaN when the loss was not finite on the host
+    /// path, which then takes no norm; infinite when the sum of squares is not finite)
+    pub grad_norm: f32,
+    /// the update was skipped: the loss or the norm was not finite
+    pub skipped: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ParamId(pub usize);
 
@@ -498,8 +541,8 @@ impl ParamStore {
     }
 
     /// Scale all gradients so that their global L2 norm is at most `max_norm` (0: leave them),
-    /// as `torch.nn.utils.clip_grad_norm_` does, and return that norm before clipping (the
-    /// value `--on-nan` checks; on the GPU one 4-byte read-back, beside the loss's).
+    /// as `torch.nn.utils.clip_grad_norm_` does, and return that norm before clipping (on the
+    /// GPU a read-back, which waits; a training step uses [`Self::update`], which does not).
     ///
     /// Gradients of parameters on the host (full fine-tuning under `--memory-budget`) are whole
     /// on the host by now, so the norm stays exact: their sum of squares (f64) is added to the
@@ -627,6 +670,85 @@ impl ParamStore {
 
     /// One AdamW step on every trainable parameter (moments created on the first call).
     pub fn adamw_step(&mut self, opt: AdamW) -> Result<()> {
+        self.adamw(opt, None)
+    }
+
+    /// Whether a step's update is decided on the device ([`Self::begin_step`]): a GPU store
+    /// with every trained parameter and its moments on the device.
+    pub fn decides_on_device(&self) -> bool {
+        matches!(self.dev, Device::Gpu(_)) && self.offload.is_none() && !self.has_host_params()
+    }
+
+    /// Start a training step: the gradients zeroed, and where the update is decided on the
+    /// device ([`Self::decides_on_device`]) a status on the GPU that the micro-batches' losses
+    /// are added into ([`super::Run::add_loss`]) with nothing read back. Then
+    /// [`Self::update`], and [`Self::outcome`] to learn the loss and norm (and whether the
+    /// update was skipped for a non-finite one).
+    pub fn begin_step(&mut self) -> Result<PendingStep> {
+        self.zero_grads()?;
+        let status = match &self.dev {
+            Device::Gpu(g) if self.decides_on_device() => Some(reduce::step_status(g)?),
+            _ => None,
+        };
+        Ok(PendingStep { status, loss: 0.0, micro: 0, host: None, readback: None })
+    }
+
+    /// Clip the gradients by their global norm (`max_norm`, 0: no clipping) and take an AdamW
+    /// step, unless the loss or the norm is not finite: then nothing changes (the weights, the
+    /// moments, AdamW's step count). On the device the decision is made there (the clip
+    /// kernel's skip flag, read by AdamW through its uniform: `kernels::optim`), so the
+    /// update is recorded without waiting for the backward pass, and the status read back
+    /// starts now; [`Self::outcome`] waits for it. Read the outcome before the next update
+    /// (AdamW's step count is corrected there for a skipped step).
+    pub fn update(&mut self, step: &mut PendingStep, max_norm: f32, opt: AdamW) -> Result<()> {
+        let micro = step.micro.max(1) as f32;
+        let Some(status) = &step.status else {
+            let loss = step.loss / micro;
+            let grad_norm = if loss.is_finite() { self.clip_grad_norm(max_norm)? } else { f32::NAN };
+            let skipped = !(loss.is_finite() && grad_norm.is_finite());
+            if !skipped {
+                self.adamw_step(opt)?;
+            }
+            step.host = Some(StepOutcome { loss, grad_norm, skipped });
+            return Ok(());
+        };
+        let Device::Gpu(g) = &self.dev else { unreachable!("a status on the GPU") };
+        let g = g.clone();
+        self.settle_grads()?;
+        self.lay_out_flat(false)?;
+        reduce::clip_into(&g, status, &self.device_grads(), max_norm)?;
+        self.adamw(opt, Some(status))?;
+        step.readback = Some(g.read_later(status.single("step status")?, 0, 16)?);
+        Ok(())
+    }
+
+    /// The outcome of an updated step ([`Self::update`]): on the device, waits for the
+    /// step's status (that submission only; work recorded since goes on).
+    pub fn outcome(&mut self, step: PendingStep) -> Result<StepOutcome> {
+        if let Some(out) = step.host {
+            return Ok(out);
+        }
+        let (Some(readback), Device::Gpu(g)) = (step.readback, &self.dev) else {
+            return Err(Error::Internal {
+                context: "step outcome".into(),
+                message: "outcome asked of a step that was not updated".into(),
+            });
+        };
+        let s = readback.wait_f32(g)?;
+        let squares = s[reduce::STATUS_SQUARES];
+        let skipped = s[reduce::STATUS_SKIP] != 0.0;
+        if skipped {
+            self.step -= 1; // counted by the update; AdamW skipped it on the GPU
+        }
+        Ok(StepOutcome {
+            loss: s[reduce::STATUS_LOSS] / step.micro.max(1) as f32,
+            grad_norm: if squares.is_finite() { squares.sqrt() } else { f32::INFINITY },
+            skipped,
+        })
+    }
+
+    /// AdamW on every trained parameter; on the GPU, skipped there when `status` says so.
+    fn adamw(&mut self, opt: AdamW, status: Option<&Tensor>) -> Result<()> {
         self.settle_grads()?;
         self.step += 1;
         let step = self.step;
@@ -638,7 +760,7 @@ impl ParamStore {
         self.lay_out_flat(true)?;
         if let (Some(flat), Device::Gpu(gpu)) = (&self.flat, &self.dev) {
             let (m, v) = flat.moments.as_ref().expect("made by lay_out_flat(true)");
-            optim::adamw_step(gpu, &flat.value, &flat.grad, m, v, opt, step)?;
+            optim::adamw_step_gated(gpu, &flat.value, &flat.grad, m, v, opt, step, status)?;
         }
         let flat = self.flat_members();
         for (p, _) in self.params.iter_mut().zip(&flat).filter(|(_, &laid)| !laid) {
@@ -653,7 +775,7 @@ impl ParamStore {
             match (&mut p.value, grad, m, v) {
                 (Value::Gpu(w), Value::Gpu(g), Value::Gpu(m), Value::Gpu(v)) => {
                     let Device::Gpu(gpu) = &self.dev else { unreachable!("GPU values on a GPU store") };
-                    optim::adamw_step(gpu, w, g, m, v, opt, step)?;
+                    optim::adamw_step_gated(gpu, w, g, m, v, opt, step, status)?;
                 }
                 (Value::Cpu(w), Value::Cpu(g), Value::Cpu(m), Value::Cpu(v)) => {
                     kernels_ref::adamw_step(w, g, m, v, opt, step);

@@ -26,7 +26,8 @@ struct Params {
     weight_decay: f32,
     step_size: f32,
     sqrt_bc2: f32,
-    _pad1: u32,
+    /// nonzero: no change (`shaders/adamw.wgsl`); patched from a step's status on the GPU
+    skip: f32,
 }
 
 /// The per-step constants of AdamW's bias correction, computed in f64 and rounded once:
@@ -56,6 +57,34 @@ pub fn adamw_step(
     opt: AdamW,
     step: u32,
 ) -> Result<()> {
+    adamw_step_gated(gpu, params, grads, m, v, opt, step, None)
+}
+
+/// Byte offset of `skip` in the AdamW uniform.
+const SKIP_FIELD: u64 = std::mem::offset_of!(Params, skip) as u64;
+
+/// [`adamw_step`], skipped on the GPU (nothing changes) when element [`STATUS_SKIP`](super::reduce::STATUS_SKIP) of the
+/// step's `status` ([`super::reduce::clip_into`]) is nonzero: the decision to skip a step with
+/// a non-finite loss or gradient norm needs no read-back before the update.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_gated(
+    gpu: &Gpu,
+    params: &Tensor,
+    grads: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    opt: AdamW,
+    step: u32,
+    status: Option<&Tensor>,
+) -> Result<()> {
+    let gate = match status {
+        Some(s) => {
+            let b = s.single("adamw status")?;
+            let at = (super::reduce::STATUS_SKIP * 4) as u64;
+            vec![(crate::gpu::Bind { offset: b.offset + at, size: 4, ..b }, SKIP_FIELD)]
+        }
+        None => Vec::new(),
+    };
     let c = AdamConsts::new(opt, step);
     for (bufs, n) in same_layout("adamw", &[params, grads, m, v])? {
         let p = Params {
@@ -70,7 +99,8 @@ pub fn adamw_step(
             ..Default::default()
         };
         let b: Vec<_> = bufs.into_iter().map(Some).collect();
-        gpu.dispatch(&KernelKey::new("adamw", "adamw"), &b, bytemuck::bytes_of(&p), gpu.grid(n, 256))?;
+        let key = KernelKey::new("adamw", "adamw");
+        gpu.dispatch_patched(&key, &b, bytemuck::bytes_of(&p), gpu.grid(n, 256), &gate)?;
     }
     Ok(())
 }

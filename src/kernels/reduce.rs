@@ -102,32 +102,58 @@ pub fn sum(gpu: &Gpu, x: &Tensor, squares: bool) -> Result<f32> {
     Ok(acc.to_host(gpu)?[0])
 }
 
-/// The sum of the squares of all `grads` into slot 0 of a new 2-element tensor (read it when
+/// A training step's status on the GPU, a 4-element tensor (`shaders/reduce.wgsl`): the sum of
+/// the squares of the gradients ([`STATUS_SQUARES`]), the clip coefficient ([`STATUS_COEF`]),
+/// the sum of the micro-batches' losses ([`STATUS_LOSS`], added by [`sum_into`]), and whether
+/// the update is skipped ([`STATUS_SKIP`]: 1 when the loss or the norm is not finite).
+pub fn step_status(gpu: &Gpu) -> Result<Tensor> {
+    // Zeroed by a dispatch, not uploaded, so that it adds nothing to wait for.
+    let acc = Tensor::empty(gpu, &[4], "step status")?;
+    elementwise::fill(gpu, &acc, 0.0)?;
+    Ok(acc)
+}
+pub const STATUS_SQUARES: usize = 0;
+pub const STATUS_COEF: usize = 1;
+pub const STATUS_LOSS: usize = 2;
+pub const STATUS_SKIP: usize = 3;
+
+/// The sum of the squares of all `grads` into a new step status ([`step_status`]; read it when
 /// the norm is wanted), with no clipping.
 pub fn sum_squares(gpu: &Gpu, grads: &[&Tensor]) -> Result<Tensor> {
-    let acc = Tensor::empty(gpu, &[2], "grad norm")?;
-    elementwise::fill(gpu, &acc, 0.0)?;
+    let acc = step_status(gpu)?;
     for g in grads {
-        sum_into(gpu, &acc, 0, g, true)?;
+        sum_into(gpu, &acc, STATUS_SQUARES, g, true)?;
     }
     Ok(acc)
 }
 
 /// Clip gradients by their global L2 norm as `torch.nn.utils.clip_grad_norm_` does, entirely on
-/// the GPU. Returns a 2-element tensor (sum of squares, clip coefficient) to read when the
-/// norm is wanted.
+/// the GPU. Returns the step status ([`step_status`]) to read when the norm is wanted.
 pub fn clip_grad_norm(gpu: &Gpu, grads: &[&Tensor], max_norm: f32) -> Result<Tensor> {
-    // Zeroed by a dispatch, not uploaded, so that clipping adds nothing to read back or wait for.
-    let acc = sum_squares(gpu, grads)?;
-    let p = Params { max_norm, ..Default::default() };
+    let acc = step_status(gpu)?;
+    clip_into(gpu, &acc, grads, max_norm)?;
+    Ok(acc)
+}
+
+/// Into a step's `status` ([`step_status`], its loss sum added already): the gradients' sum of
+/// squares, the clip coefficient and the skip flag; then, with `max_norm > 0` (0: no
+/// clipping), the gradients scaled by the coefficient. Nothing is read back: AdamW reads the
+/// skip flag on the GPU ([`super::optim::adamw_step_gated`]).
+pub fn clip_into(gpu: &Gpu, status: &Tensor, grads: &[&Tensor], max_norm: f32) -> Result<()> {
+    for g in grads {
+        sum_into(gpu, status, STATUS_SQUARES, g, true)?;
+    }
+    let p = Params { max_norm: max_norm.max(0.0), ..Default::default() };
     gpu.dispatch(
         &KernelKey::new("reduce", "clip_coef"),
-        &[Some(acc.single("clip")?)],
+        &[Some(status.single("clip")?)],
         bytemuck::bytes_of(&p),
         [1, 1, 1],
     )?;
-    for g in grads {
-        elementwise::scale_by(gpu, g, &acc, 1)?;
+    if max_norm > 0.0 {
+        for g in grads {
+            elementwise::scale_by(gpu, g, status, STATUS_COEF)?;
+        }
     }
-    Ok(acc)
+    Ok(())
 }
