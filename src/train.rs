@@ -529,7 +529,8 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         }
         let t0 = Instant::now();
         test_budget_hook(&dev, state.step);
-        let mut pending = store.begin_step()?;
+        let mut pending =
+            store.begin_step().map_err(|e| note_checkpoint(e, state.step + 1, &last_checkpoint))?;
         for micro in 0..o.grad_accum {
             let (ids, targets) = batches.next(&data);
             let mut feed = Model::feed(&ids, &targets, o.batch_size, o.seq_len);
