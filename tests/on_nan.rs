@@ -251,24 +251,10 @@ fn reading_each_steps_outcome_one_step_behind_changes_nothing() {
     for spec in devices() {
         let run = |save_every: &'static str, on_nan: &'static str| {
             let out = tmp.path().join(format!("behind-{spec}-{save_every}-{on_nan}"));
-            let args = [
-                "--lr",
-                "1e30",
-                "--schedule",
-                "constant",
-                "--steps",
-                "5",
-                "--save-every",
-                save_every,
-                "--keep-checkpoints",
-                "0",
-                "--seed",
-                "4",
-                "--device",
-                spec,
-                "--on-nan",
-                on_nan,
-            ];
+            let mut args = HUGE_LR.to_vec();
+            let at = args.iter().position(|a| *a == "--save-every").unwrap() + 1;
+            args[at] = save_every;
+            args.extend(["--device", spec, "--on-nan", on_nan]);
             (train(&options(&model, &data, &out, &args), false), out)
         };
         let ((now, now_out), (behind, behind_out)) = (run("1", "skip"), run("0", "skip"));
