@@ -189,6 +189,9 @@ pub struct PerStep {
     pub host_wait_ms: f64,
     /// milliseconds spent recording dispatches and encoding submissions
     pub record_ms: f64,
+    /// the part of `record_ms` inside the queue's submit call (a driver that blocks there
+    /// until earlier work is done shows it here)
+    pub submit_ms: f64,
 }
 
 impl PerStep {
@@ -202,6 +205,7 @@ impl PerStep {
             waits: stats.waits as f64 / n,
             host_wait_ms: stats.wait_ns as f64 / 1e6 / n,
             record_ms: stats.record_ns as f64 / 1e6 / n,
+            submit_ms: stats.submit_ns as f64 / 1e6 / n,
         }
     }
 }

@@ -1232,8 +1232,8 @@ fn bench_step(
         if let Some(p) = &r.per_step {
             eprintln!(
                 "{:<44} per step: {:.0} dispatches ({:.0} new bind groups), {:.1} submissions, {:.1} waits, host wait {:.1} ms, \
-                 recording {:.1} ms",
-                "", p.dispatches, p.bind_groups, p.submissions, p.waits, p.host_wait_ms, p.record_ms
+                 recording {:.1} ms (in the driver's submit {:.1} ms)",
+                "", p.dispatches, p.bind_groups, p.submissions, p.waits, p.host_wait_ms, p.record_ms, p.submit_ms
             );
         }
         if let Some(n) = r.smallest_budget {

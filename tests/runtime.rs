@@ -227,6 +227,7 @@ fn stats_count_dispatches_submissions_and_waits() {
     assert_eq!(recorded.dispatches, calls * chunks, "one dispatch per chunk and call");
     assert_eq!(recorded.submissions, 0, "recorded, not yet submitted");
     assert!(recorded.record_ns > 0);
+    assert_eq!(recorded.submit_ns, 0, "nothing submitted yet");
 
     let got = y.to_host(&gpu).unwrap();
     let read = gpu.stats().since(&before);
@@ -234,6 +235,10 @@ fn stats_count_dispatches_submissions_and_waits() {
     assert_eq!(read.dispatches, calls * chunks, "reading dispatches nothing");
     assert_eq!(read.submissions, chunks, "the first read carries the dispatches; one copy each after it");
     assert!(read.waits >= chunks && read.wait_ns > 0, "each read waits for the GPU: {read:?}");
+    assert!(
+        read.submit_ns > 0 && read.submit_ns <= read.record_ns,
+        "submit time is part of recording: {read:?}"
+    );
 }
 
 /// Errors are checked per submission, not by a blocking error-scope pop per dispatch: a

@@ -713,7 +713,10 @@ impl Gpu {
         // wgpu encodes a recorded pass into driver commands at `finish`: recording time too
         let start = std::time::Instant::now();
         pending.uniforms.upload(&self.queue);
-        let index = self.queue.submit([encoder.finish()]);
+        let commands = encoder.finish();
+        let submit = std::time::Instant::now();
+        let index = self.queue.submit([commands]);
+        self.stats.submit(submit);
         self.stats.record(start);
         if gate.is_some() {
             // Gated (throttled): each batch finishes before the next is recorded, so the gate's

@@ -18,6 +18,7 @@ pub(crate) struct Counters {
     waits: AtomicU64,
     wait_ns: AtomicU64,
     record_ns: AtomicU64,
+    submit_ns: AtomicU64,
 }
 
 impl Counters {
@@ -28,6 +29,10 @@ impl Counters {
     /// Host time spent recording (a dispatch's or a submission's encoding) since `since`.
     pub fn record(&self, since: Instant) {
         self.record_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    /// Host time inside the queue's submit call since `since` (also counted as recording).
+    pub fn submit(&self, since: Instant) {
+        self.submit_ns.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
     pub fn bind_group(&self) {
         self.bind_groups.fetch_add(1, Ordering::Relaxed);
@@ -51,6 +56,7 @@ impl Counters {
             waits: self.waits.load(Ordering::Relaxed),
             wait_ns: self.wait_ns.load(Ordering::Relaxed),
             record_ns: self.record_ns.load(Ordering::Relaxed),
+            submit_ns: self.submit_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -72,6 +78,10 @@ pub struct GpuStats {
     /// Nanoseconds the host spent recording dispatches (uniform write, bind group, pass) and
     /// encoding them into submissions.
     pub record_ns: u64,
+    /// The part of `record_ns` spent inside the queue's submit call. A driver may block there
+    /// until earlier work is done (lavapipe does, while a step's status is read one step
+    /// behind), so this is where waiting the host did not ask for shows.
+    pub submit_ns: u64,
 }
 
 impl GpuStats {
@@ -84,6 +94,7 @@ impl GpuStats {
             waits: self.waits - earlier.waits,
             wait_ns: self.wait_ns - earlier.wait_ns,
             record_ns: self.record_ns - earlier.record_ns,
+            submit_ns: self.submit_ns - earlier.submit_ns,
         }
     }
 }
