@@ -42,9 +42,20 @@ override TM: u32 = 4u;      // rows of C per invocation: 4 or 8
 override TN: u32 = 4u;      // columns of C per invocation: 4 or 8
 override BK: u32 = 16u;     // K step, a multiple of 4
 
+// The arithmetic of the tiles: the one part that `matmul_staged_mixed` (`--precision mixed`,
+// made from this file by src/shaders.rs) replaces. There the tiles hold f16 (half the
+// workgroup memory and its bandwidth) and each product is taken in f16, the sums in f32, as in
+// matmul_mixed.wgsl.
+// variant begin
+alias TILE = f32;
+fn madd(x: TILE, y: vec4<TILE>, acc: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(x), y, acc);
+}
+// variant end
+
 // Workgroup memory, K-major: sa[kk * BM / 4 + i / 4][i % 4] = A(m0 + i, k0 + kk).
-var<workgroup> sa: array<vec4<f32>, WG_M * TM * BK / 4u>;
-var<workgroup> sb: array<vec4<f32>, WG_N * TN * BK / 4u>;
+var<workgroup> sa: array<vec4<TILE>, WG_M * TM * BK / 4u>;
+var<workgroup> sb: array<vec4<TILE>, WG_N * TN * BK / 4u>;
 
 // Register blocks of up to 8 x 8 (16 vec4); configurations use TM * TN / 4 of them.
 const MAX_ACC: u32 = 16u;
@@ -128,7 +139,7 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
                     v = a_four(a_base + (m0 + i) * p.a_sm + k0 + kk, 1u, p.k - k0 - kk, true);
                 }
                 for (var j = 0u; j < 4u; j++) {
-                    sa[(kk + j) * bm4 + i / 4u][i % 4u] = v[j];
+                    sa[(kk + j) * bm4 + i / 4u][i % 4u] = TILE(v[j]);
                 }
             } else {
                 // four adjacent rows of one k (one vec4 when they are adjacent in memory)
@@ -138,7 +149,7 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
                 if (m0 + i < p.m && k0 + kk < p.k) {
                     v = a_four(a_base + (m0 + i) * p.a_sm + (k0 + kk) * p.a_sk, p.a_sm, p.m - m0 - i, a_by_m);
                 }
-                sa[kk * bm4 + i / 4u] = v;
+                sa[kk * bm4 + i / 4u] = vec4<TILE>(v);
             }
         }
         // B slice (BK x BN)
@@ -151,7 +162,7 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
                     v = b_four(b_base + (n0 + jn) * p.b_sn + k0 + kk, 1u, p.k - k0 - kk, true);
                 }
                 for (var j = 0u; j < 4u; j++) {
-                    sb[(kk + j) * bn4 + jn / 4u][jn % 4u] = v[j];
+                    sb[(kk + j) * bn4 + jn / 4u][jn % 4u] = TILE(v[j]);
                 }
             } else {
                 let kk = u / bn4;
@@ -160,14 +171,14 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
                 if (n0 + jn < p.n && k0 + kk < p.k) {
                     v = b_four(b_base + (k0 + kk) * p.b_sk + (n0 + jn) * p.b_sn, p.b_sn, p.n - n0 - jn, b_by_n);
                 }
-                sb[kk * bn4 + jn / 4u] = v;
+                sb[kk * bn4 + jn / 4u] = vec4<TILE>(v);
             }
         }
         workgroupBarrier();
 
         for (var kk = 0u; kk < BK; kk++) {
-            var ra: array<vec4<f32>, 2>;
-            var rb: array<vec4<f32>, 2>;
+            var ra: array<vec4<TILE>, 2>;
+            var rb: array<vec4<TILE>, 2>;
             for (var g = 0u; g < TM / 4u; g++) {
                 ra[g] = sa[kk * bm4 + g * WG_M + lid.y];
             }
@@ -178,10 +189,10 @@ fn matmul_staged(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
                 let r = g * 4u * (TN / 4u);
                 for (var h = 0u; h < TN / 4u; h++) {
                     let bv = rb[h];
-                    acc[r + h] = fma(vec4<f32>(ra[g].x), bv, acc[r + h]);
-                    acc[r + TN / 4u + h] = fma(vec4<f32>(ra[g].y), bv, acc[r + TN / 4u + h]);
-                    acc[r + 2u * (TN / 4u) + h] = fma(vec4<f32>(ra[g].z), bv, acc[r + 2u * (TN / 4u) + h]);
-                    acc[r + 3u * (TN / 4u) + h] = fma(vec4<f32>(ra[g].w), bv, acc[r + 3u * (TN / 4u) + h]);
+                    acc[r + h] = madd(ra[g].x, bv, acc[r + h]);
+                    acc[r + TN / 4u + h] = madd(ra[g].y, bv, acc[r + TN / 4u + h]);
+                    acc[r + 2u * (TN / 4u) + h] = madd(ra[g].z, bv, acc[r + 2u * (TN / 4u) + h]);
+                    acc[r + 3u * (TN / 4u) + h] = madd(ra[g].w, bv, acc[r + 3u * (TN / 4u) + h]);
                 }
             }
         }

@@ -197,9 +197,14 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     let mut p = Probe { gpu, tier, rng: StdRng::seed_from_u64(seed), results: Vec::new(), label: None };
     // Kernels built on matrix products run with several matmul kernels the device offers.
     // (Every tile for the matmul checks themselves; one kernel per shader for attention.)
-    let uses_matmul = (name.starts_with("matmul") && name != "matmul_mixed") || name.ends_with("attention");
+    let uses_matmul = name.starts_with("matmul") || name.ends_with("attention");
     let variants = if name == "matmul_mixed" {
-        vec![gpu.matmul_kernel()] // one kernel: the mixed product has a shader of its own
+        // one per mixed shader: the register tile's (tiled and subgroup share it) and the
+        // staged one's (its first tile standing for the others)
+        MatmulKernel::one_per_shader(gpu.matmul_kernels())
+            .into_iter()
+            .filter(|k| *k != MatmulKernel::Subgroup)
+            .collect()
     } else if name.starts_with("matmul") {
         gpu.matmul_kernels().to_vec()
     } else if uses_matmul {

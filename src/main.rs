@@ -361,8 +361,9 @@ enum BenchCommand {
         /// ones), or `all` (one table each, then a summary side by side).
         #[arg(long)]
         matmul: Option<String>,
-        /// `mixed` also measures the mixed-precision product (`train --precision mixed`: f16
-        /// products, f32 sums) after the f32 kernels, in the same run (needs shader_f16).
+        /// `mixed` also measures the mixed-precision form of each kernel measured (`train
+        /// --precision mixed`: f16 products, f32 sums; a staged tile keeps its tiles in f16)
+        /// after the f32 kernels, in the same run (needs shader_f16).
         #[arg(long, value_enum, default_value_t = pockettune::gpu::Precision::F32)]
         precision: pockettune::gpu::Precision,
     },
@@ -876,15 +877,23 @@ fn bench_kernels(
     );
     let mut all = serde_json::Map::new();
     let mut totals = Vec::new();
-    // the f32 kernels, then (with --precision mixed) the mixed-precision product
-    let runs = kernels.iter().map(|&k| (k, Precision::F32));
-    let runs: Vec<_> =
-        runs.chain((precision == Precision::Mixed).then(|| (gpu.matmul_kernel(), precision))).collect();
+    // the f32 kernels, then (with --precision mixed) their mixed-precision forms: one for the
+    // register-tile kernels (they share matmul_mixed.wgsl), one per staged tile
+    let mut runs: Vec<_> = kernels.iter().map(|&k| (k, Precision::F32)).collect();
+    if precision == Precision::Mixed {
+        for &k in &kernels {
+            let k = if matches!(k, MatmulKernel::Staged(_)) { k } else { MatmulKernel::Tiled };
+            if !runs.contains(&(k, precision)) {
+                runs.push((k, precision));
+            }
+        }
+    }
     for (kernel, p) in runs {
         gpu.set_matmul_kernel(kernel)?;
-        let name = match p {
-            Precision::F32 => kernel_name(kernel),
-            Precision::Mixed => "mixed (f16 products, f32 sums)".to_string(),
+        let name = match (p, kernel) {
+            (Precision::F32, _) => kernel_name(kernel),
+            (Precision::Mixed, MatmulKernel::Staged(_)) => format!("mixed {} (f16 tiles)", kernel.name()),
+            (Precision::Mixed, _) => "mixed (f16 products, f32 sums)".to_string(),
         };
         eprintln!("GPU matmul kernel: {name}");
         eprintln!(
@@ -925,9 +934,10 @@ fn bench_kernels(
     if totals.len() > 1 {
         // the CPU path was measured beside each kernel: the spread of its figures is the noise
         eprintln!("side by side (time-weighted over the products):");
-        eprintln!("{:<32} {:>10} {:>10} {:>9}", "GPU kernel", "GPU GF/s", "CPU GF/s", "GPU/CPU");
+        let w = totals.iter().map(|t| t.0.len()).max().unwrap_or(0).max(10);
+        eprintln!("{:<w$} {:>10} {:>10} {:>9}", "GPU kernel", "GPU GF/s", "CPU GF/s", "GPU/CPU");
         for (name, g, c) in totals {
-            eprintln!("{:<32} {:>10.2} {:>10.2} {:>9.3}", name, g, c, g / c);
+            eprintln!("{:<w$} {:>10.2} {:>10.2} {:>9.3}", name, g, c, g / c);
         }
     }
     if json {

@@ -22,6 +22,39 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("softmax", include_str!("../shaders/softmax.wgsl")),
 ];
 
+/// Shaders made from another one: (name, the shader it is made from, what replaces the lines
+/// between its `// variant begin` and `// variant end` markers). A variant that needs f16 gets
+/// the `enable f16;` directive in front. One source for both keeps a fix to one in the other.
+pub const DERIVED: &[(&str, &str, &str)] = &[(
+    "matmul_staged_mixed",
+    "matmul_staged",
+    "alias TILE = f16;
+fn madd(x: TILE, y: vec4<TILE>, acc: vec4<f32>) -> vec4<f32> {
+    return acc + vec4<f32>(x * y);
+}
+",
+)];
+
+static DERIVED_SOURCES: std::sync::LazyLock<Vec<(&'static str, String)>> = std::sync::LazyLock::new(|| {
+    DERIVED.iter().map(|&(name, base, block)| (name, derive(base, block))).collect()
+});
+
+/// `base`'s source with its variant block replaced by `block`.
+fn derive(base: &str, block: &str) -> String {
+    let src =
+        SHADERS.iter().find(|(n, _)| *n == base).map(|(_, s)| *s).expect("a derived shader's base is listed");
+    let (begin, end) = ("// variant begin\n", "// variant end\n");
+    let from = src.find(begin).expect("the base marks its variant block") + begin.len();
+    let to = src.find(end).expect("the base marks the end of its variant block");
+    let prefix = if block.contains("f16") { "enable f16;\n" } else { "" };
+    format!("{prefix}{}{block}{}", &src[..from], &src[to..])
+}
+
+/// The WGSL of the shader `name` (a file of `shaders/` or one of [`DERIVED`]).
 pub fn source(name: &str) -> Option<&'static str> {
-    SHADERS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    SHADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .or_else(|| DERIVED_SOURCES.iter().find(|(n, _)| *n == name).map(|(_, s)| s.as_str()))
 }

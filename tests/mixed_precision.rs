@@ -1,5 +1,7 @@
 //! `--precision mixed`: the forward products of linear layers take each product in f16 and sum
-//! in f32 (`shaders/matmul_mixed.wgsl`), on a GPU with `shader_f16` (lavapipe has it).
+//! in f32, on a GPU with `shader_f16` (lavapipe has it): `shaders/matmul_mixed.wgsl` for the
+//! register-tile kernels, `matmul_staged_mixed` (f16 tiles in workgroup memory) for a staged
+//! tile. The product checks below run both.
 //!
 //! - The kernel is the f16 product summed in f32: against an emulation built from `half`'s
 //!   rounding and f64 sums, within f32 summation's error (stated below); and against the exact
@@ -15,7 +17,7 @@
 mod common;
 
 use clap::Parser;
-use pockettune::gpu::Precision;
+use pockettune::gpu::{MatmulKernel, Precision};
 use pockettune::graph::Device;
 use pockettune::kernels::matmul;
 use pockettune::train::{train, TrainOptions};
@@ -32,6 +34,15 @@ fn f16_gpu() -> Option<&'static std::sync::Arc<Gpu>> {
     assert!(std::env::var_os("CI").is_none(), "CI's GPU ({}) has no shader_f16", gpu.summary());
     eprintln!("skipping: {} has no shader_f16", gpu.summary());
     None
+}
+
+/// The f32 kernels whose mixed-precision forms differ: the register tile's shader
+/// (`matmul_mixed.wgsl`, which the subgroup kernel shares) and the staged one (its first tile).
+fn mixed_kernels(gpu: &Gpu) -> Vec<MatmulKernel> {
+    let kernels = MatmulKernel::one_per_shader(gpu.matmul_kernels());
+    let kernels: Vec<MatmulKernel> = kernels.into_iter().filter(|k| *k != MatmulKernel::Subgroup).collect();
+    assert!(kernels.iter().any(|k| matches!(k, MatmulKernel::Staged(_))), "no staged tile offered");
+    kernels
 }
 
 /// An f32 rounded to f16 (nearest even) and back, exactly, as f64.
@@ -98,23 +109,31 @@ fn the_mixed_product_is_the_f16_product_summed_in_f32() {
     let Some(gpu) = f16_gpu() else { return };
     // magnitudes in [1/4, 1]: every f16 product is a normal number, so the emulation is exact
     // whatever the device does with f16 subnormals
-    for dims in [(1, 1, 1), (7, 5, 13), (67, 65, 63), (31, 130, 97)] {
+    for (kernel, dims) in mixed_kernels(gpu)
+        .into_iter()
+        .flat_map(|k| [(1, 1, 1), (7, 5, 13), (67, 65, 63), (31, 130, 97)].map(|d| (k, d)))
+    {
         for tr in [(false, false), (false, true), (true, false), (true, true)] {
             for bias in [false, true] {
-                let p = product(gpu, dims, tr, bias, 0.25);
+                let p = matmul::with_kernel(kernel, || product(gpu, dims, tr, bias, 0.25));
                 // f32 summation of k terms in sequence: within (k + 1) * 2^-24 * sum |terms|
                 let u = (p.k + 1) as f64 * 2f64.powi(-24);
                 let mut f16_visible = false;
                 for i in 0..p.got.len() {
                     let (g, f, e, s) = (p.got[i] as f64, p.emulated[i], p.exact[i], p.abs[i]);
-                    assert!((g - f).abs() <= u * s, "{dims:?} {tr:?} bias {bias}: [{i}] {g} vs emulated {f}");
+                    assert!(
+                        (g - f).abs() <= u * s,
+                        "{} {dims:?} {tr:?} bias {bias}: [{i}] {g} vs emulated {f}",
+                        kernel.name()
+                    );
                     f16_visible |= (g - e).abs() > u * s;
                 }
                 // the arithmetic really is f16: somewhere the result is off the exact sum by
                 // more than f32 could be (unless every operand happened to be an f16 already)
                 assert!(
                     f16_visible || dims == (1, 1, 1),
-                    "{dims:?} {tr:?}: the product looks like f32 arithmetic"
+                    "{} {dims:?} {tr:?}: the product looks like f32 arithmetic",
+                    kernel.name()
                 );
             }
         }
@@ -125,10 +144,10 @@ fn the_mixed_product_is_the_f16_product_summed_in_f32() {
 fn the_mixed_product_is_within_f16_error_of_the_exact_product() {
     let Some(gpu) = f16_gpu() else { return };
     // the whole [-1, 1] range (subnormal f16 products included), and K past one dispatch's span
-    for (dims, tr) in
-        [((64, 96, 128), (false, true)), ((5, 3, 70_000), (false, true)), ((33, 17, 300), (true, false))]
-    {
-        let p = product(gpu, dims, tr, true, 0.0);
+    let shapes =
+        [((64, 96, 128), (false, true)), ((5, 3, 70_000), (false, true)), ((33, 17, 300), (true, false))];
+    for (kernel, (dims, tr)) in mixed_kernels(gpu).into_iter().flat_map(|k| shapes.map(|s| (k, s))) {
+        let p = matmul::with_kernel(kernel, || product(gpu, dims, tr, true, 0.0));
         let (u16, u32) = (3.0 * 2f64.powi(-11), (p.k + 1) as f64 * 2f64.powi(-24));
         // a product below f16's normal range is off by at most half its smallest step, 2^-25
         let subnormal = p.k as f64 * 2f64.powi(-25);
@@ -136,10 +155,14 @@ fn the_mixed_product_is_within_f16_error_of_the_exact_product() {
         for i in 0..p.got.len() {
             let (g, e, s) = (p.got[i] as f64, p.exact[i], p.abs[i]);
             let bound = (u16 + u32) * s + subnormal;
-            assert!((g - e).abs() <= bound, "{dims:?}: [{i}] {g} vs exact {e} (bound {bound:e})");
+            assert!(
+                (g - e).abs() <= bound,
+                "{} {dims:?}: [{i}] {g} vs exact {e} (bound {bound:e})",
+                kernel.name()
+            );
             worst = worst.max((g - e).abs() / s);
         }
-        eprintln!("{dims:?}: worst |mixed - exact| / sum |ab| = {worst:.2e}");
+        eprintln!("{} {dims:?}: worst |mixed - exact| / sum |ab| = {worst:.2e}", kernel.name());
     }
 }
 

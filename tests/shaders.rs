@@ -34,9 +34,17 @@ fn every_shader_file_is_compiled_in() {
     assert_eq!(files.len(), pockettune::shaders::SHADERS.len(), "src/shaders.rs lists a file that is gone");
 }
 
+/// The files of `shaders/` and the shaders made from them (`pockettune::shaders::DERIVED`).
+fn all_shaders() -> Vec<(String, String)> {
+    let derived = pockettune::shaders::DERIVED.iter().map(|&(name, _, _)| {
+        (name.to_string(), pockettune::shaders::source(name).expect("derived shaders are built").to_string())
+    });
+    shader_files().into_iter().chain(derived).collect()
+}
+
 #[test]
 fn every_shader_validates_and_translates() {
-    for (name, src) in shader_files() {
+    for (name, src) in all_shaders() {
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
         let info =
@@ -143,4 +151,10 @@ fn matmul_kernels_share_one_interface() {
         .replace("var<storage, read> a: array<f32>;", "var<storage, read> a: array<vec4<f32>>;")
         .replace("var<storage, read> b: array<f32>;", "var<storage, read> b: array<vec4<f32>>;");
     assert_eq!(interface("matmul_staged"), vec4_operands);
+    // The staged kernel's mixed form is made from it (src/shaders.rs): the same interface, f16
+    // tiles.
+    assert_eq!(interface("matmul_staged_mixed"), vec4_operands);
+    let staged_mixed = pockettune::shaders::source("matmul_staged_mixed").expect("derived");
+    assert!(staged_mixed.starts_with("enable f16;") && staged_mixed.contains("alias TILE = f16;"));
+    assert!(!pockettune::shaders::source("matmul_staged").unwrap().contains("enable f16"));
 }

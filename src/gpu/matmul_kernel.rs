@@ -26,7 +26,8 @@ pub enum Precision {
     #[default]
     F32,
     /// The forward products of linear layers (activations times weights, LoRA's included) take
-    /// each product in f16 and sum in f32 (`shaders/matmul_mixed.wgsl`); backward products,
+    /// each product in f16 and sum in f32 (`shaders/matmul_mixed.wgsl`, or f16 tiles in a staged
+    /// tile, `matmul_staged_mixed`); backward products,
     /// gradients and the optimizer stay f32, so no loss scaling is needed. Needs the adapter's
     /// `shader_f16`.
     Mixed,

@@ -61,20 +61,23 @@ pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     super::with_override(&PRECISION, precision, f)
 }
 
-/// The kernel of the products on this thread: the mixed-precision one under
-/// [`with_precision`]`(Mixed)`, else [`current_kernel`]'s.
+/// The kernel of the products on this thread: [`current_kernel`], in f32 or, under
+/// [`with_precision`]`(Mixed)`, in its mixed-precision form.
 fn current(gpu: &Gpu) -> Choice {
+    let kernel = current_kernel(gpu);
     match PRECISION.with(|p| p.get()) {
-        Some(Precision::Mixed) => Choice::Mixed,
-        _ => Choice::F32(current_kernel(gpu)),
+        Some(Precision::Mixed) => Choice::Mixed(kernel),
+        _ => Choice::F32(kernel),
     }
 }
 
-/// Which shader a product runs.
+/// Which shader a product runs. A mixed-precision product follows the f32 kernel chosen for
+/// the device: a staged tile runs `matmul_staged_mixed` (the same tile, f16 in workgroup
+/// memory), the register-tile kernels `matmul_mixed.wgsl`.
 #[derive(Clone, Copy)]
 enum Choice {
     F32(MatmulKernel),
-    Mixed,
+    Mixed(MatmulKernel),
 }
 
 /// Run `f` with every matrix product on this thread using `kernel` (gradcheck checks each
@@ -159,8 +162,8 @@ pub fn matmul_strided(
     for (m0, ml) in super::spans(d.m, max * tile_m) {
         for (n0, nl) in super::spans(d.n, max * tile_n) {
             let span = match kernel {
-                Choice::F32(k) => k_span(k),
-                Choice::Mixed => super::LOOP_SPAN,
+                Choice::F32(k) | Choice::Mixed(k @ MatmulKernel::Staged(_)) => k_span(k),
+                Choice::Mixed(_) => super::LOOP_SPAN,
             };
             for (k0, kl) in super::spans(d.k, span) {
                 let a = View { off: a.off + m0 * a.s_i + k0 * a.s_j, ..a };
@@ -178,15 +181,16 @@ pub fn matmul_strided(
 
 /// A kernel's entry point and the (rows, columns) of C one workgroup computes.
 fn entry(kernel: Choice) -> (KernelKey, usize, usize) {
-    let kernel = match kernel {
-        Choice::F32(k) => k,
-        Choice::Mixed => return (KernelKey::new("matmul_mixed", "matmul_mixed"), TILE, TILE),
+    let (kernel, staged) = match kernel {
+        Choice::F32(k) => (k, "matmul_staged"),
+        Choice::Mixed(k @ MatmulKernel::Staged(_)) => (k, "matmul_staged_mixed"),
+        Choice::Mixed(_) => return (KernelKey::new("matmul_mixed", "matmul_mixed"), TILE, TILE),
     };
     match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
         MatmulKernel::Subgroup => (KernelKey::new("matmul_subgroup", "matmul_subgroup"), SG_ROWS, SG_COLS),
         MatmulKernel::Staged(t) => (
-            KernelKey::new("matmul_staged", "matmul_staged")
+            KernelKey::new(staged, "matmul_staged")
                 .with("WG_M", t.wg_m)
                 .with("WG_N", t.wg_n)
                 .with("TM", t.tm)
