@@ -467,6 +467,13 @@ fn run(cli: Cli) -> Result<i32> {
                 ("--max-batches", max_batches.unwrap_or(1)),
                 ("--limit", limit.unwrap_or(1)),
             ])?;
+            pockettune::train::check_paths(&[
+                ("--model", Some(&model)),
+                ("--tokenizer", tokenizer.as_deref()),
+                ("--adapter", adapter.as_deref()),
+                ("--data", data.as_deref()),
+                ("--mmlu", mmlu.as_deref()),
+            ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
             if let pockettune::graph::Device::Gpu(gpu) = &dev {
                 pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
@@ -522,6 +529,11 @@ fn run(cli: Cli) -> Result<i32> {
             let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
+            pockettune::train::check_paths(&[
+                ("--model", Some(&model)),
+                ("--tokenizer", tokenizer.as_deref()),
+                ("--adapter", adapter.as_deref()),
+            ])?;
             let dev = pockettune::train::open_device(device.as_deref(), limits)?;
             if let pockettune::graph::Device::Gpu(gpu) = &dev {
                 pockettune::kernels::matmul_tune::tune_and_report(gpu)?;

@@ -314,7 +314,26 @@ fn validate(o: &TrainOptions) -> Result<()> {
     if !(0.0..1.0).contains(&o.eval_fraction) {
         return Err(invalid("--eval-fraction", "must be in [0, 1)"));
     }
+    check_paths(&[
+        ("--model", Some(&o.model)),
+        ("--data", Some(&o.data)),
+        ("--eval-data", o.eval_data.as_deref()),
+        ("--adapter", o.adapter.as_deref()),
+        ("--tokenizer", o.tokenizer.as_deref()),
+    ])?;
     crate::memory::validate(&o.memory)
+}
+
+/// Refuse a path option that names nothing, saying which option gave it; commands call this
+/// before opening the device and timing its kernels, so that a mistyped path fails at once.
+pub fn check_paths(paths: &[(&str, Option<&std::path::Path>)]) -> Result<()> {
+    for &(flag, path) in paths {
+        if let Some(path) = path.filter(|p| !p.exists()) {
+            let detail = format!("no such file or directory (given as {flag})");
+            return Err(Error::Checkpoint { path: path.to_path_buf(), detail });
+        }
+    }
+    Ok(())
 }
 
 /// A device's memory ran out, or the device was lost, during step `step`: say which

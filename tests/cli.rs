@@ -130,7 +130,9 @@ fn errors_exit_nonzero_and_say_what_is_wrong() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("/no/such/model/tokenizer.json") && err.contains("not found"), "{err}");
+    // the path as given, before any device is opened or any kernel timed
+    assert!(err.contains("/no/such/model: no such file or directory (given as --model)"), "{err}");
+    assert!(!err.contains("matmul kernel"), "the kernels were timed before the path was checked: {err}");
 
     let o = bin().args(["gradcheck", "--kernel", "nope"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
