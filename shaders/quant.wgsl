@@ -250,9 +250,15 @@ fn store(idx: u32, v: f32) {
 }
 
 // q[t] * (rows of x at column k + t), summed over t: one column of W against four rows of x.
+// The one part that `quant_mixed` (`--precision mixed`, made from this file by src/shaders.rs)
+// replaces: there each product q[t] * x is taken in f16 and the sums stay f32. A block type's
+// quants are integers of at most 8 bits and an F16 weight is an f16, so only x (and a BF16
+// weight) is rounded to f16; the scales and offsets are applied in f32.
+// variant begin
 fn dot_q(q: vec4<f32>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> vec4<f32> {
     return fma(vec4<f32>(q.x), x0, fma(vec4<f32>(q.y), x1, fma(vec4<f32>(q.z), x2, vec4<f32>(q.w) * x3)));
 }
+// variant end
 
 // The quants of elements e..e+3 of the W row at byte `row`, `within` block `b`; a float-type row
 // whose K is not a multiple of 4 ends inside its last group, whose weights past K (span column

@@ -65,6 +65,7 @@ pub const KERNELS: &[&str] = &[
     "adamw",
     "sgd",
     "qmatmul",
+    "qmatmul_mixed",
     "qmatmul_dx",
     "qembedding",
     "lm_head_loss",
@@ -94,13 +95,41 @@ const PAST_ONE_GRID_DIM: usize = 65_535 * 256 + 1;
 /// f32 kernels are held to `max |gpu - ref| <= TOL * max |ref|`.
 pub const TOL: f64 = 1e-4;
 
-/// The mixed-precision product (`--precision mixed`: f16 products, f32 sums) against the exact
-/// one, same measure. An f16 carries 11 significant bits, so each product a * b is off by at
-/// most 3 roundings of 2^-11 (a's, b's and the product's); over terms of random sign those
-/// errors partly cancel, and the largest output error stays within a few 2^-11 of the largest
-/// output (measured on lavapipe: see docs/perf.md). 2^-8 leaves room for a device that
-/// rounds its f16 products differently; an element dropped or misplaced is off by far more.
+/// The mixed-precision products (`--precision mixed`: f16 products, f32 sums) against the exact
+/// ones, measured against the scale of f16's rounding: `max |gpu - ref| <= MIXED_TOL * max_ij
+/// sum_k |a_ik| |b_kj|` (plus |bias|; [`mixed_err`]). An f16 carries 11 significant bits, so
+/// each product a * b is off by at most 3 roundings of 2^-11 (a's, b's and the product's), and
+/// an output by at most `3 * 2^-11` of its sum of absolute products, whatever cancels in the
+/// sum (the largest output itself can be far smaller: one output of a quantized row with
+/// offsets, or one that cancels to near 0, would fail a measure against it for no fault). 2^-8
+/// covers that bound and the f32 sums' error; an element dropped or misplaced is off by far
+/// more.
 pub const MIXED_TOL: f64 = 1.0 / 256.0;
+
+/// Error of a mixed-precision product (see [`MIXED_TOL`]): `max |gpu - ref|` over the largest
+/// sum of absolute products `abs` (computed like the reference on |A| and |B|); infinite if
+/// any value is NaN or infinite.
+pub fn mixed_err(gpu: &[f32], reference: &[f32], abs: &[f32]) -> f64 {
+    assert!(gpu.len() == reference.len() && gpu.len() == abs.len(), "compared outputs differ in length");
+    let (mut diff, mut scale) = (0f64, 0f64);
+    for ((&g, &r), &a) in gpu.iter().zip(reference).zip(abs) {
+        if !g.is_finite() || !r.is_finite() || !a.is_finite() {
+            return f64::INFINITY;
+        }
+        diff = diff.max((g as f64 - r as f64).abs());
+        scale = scale.max(a as f64);
+    }
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+/// The absolute values of `x`.
+fn absolute(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|v| v.abs()).collect()
+}
 
 /// Relative error of `gpu` against `reference`: infinite if any value of either is NaN or
 /// infinite (`f64::max` would drop a NaN and let it pass).
@@ -184,8 +213,8 @@ impl<'g> Probe<'g> {
 /// Run the checks of one kernel family (a name from [`KERNELS`]).
 pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Vec<Row>> {
     let (name, tol) = match KERNELS.iter().find(|k| **k == kernel) {
-        Some(&"matmul_mixed") if !gpu.has_f16() => return Ok(Vec::new()), // no f16 here: not offered
-        Some(&"matmul_mixed") => ("matmul_mixed", MIXED_TOL),
+        Some(&("matmul_mixed" | "qmatmul_mixed")) if !gpu.has_f16() => return Ok(Vec::new()), // no f16: not offered
+        Some(&k @ ("matmul_mixed" | "qmatmul_mixed")) => (k, MIXED_TOL),
         Some(&k) => (k, TOL),
         None => {
             return Err(crate::Error::InvalidArgument {
@@ -281,7 +310,8 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "clip_grad_norm" => check_clip(p),
         "adamw" => check_adamw(p),
         "sgd" => check_sgd(p),
-        "qmatmul" => quant::check_qmatmul(p),
+        "qmatmul" => quant::check_qmatmul(p, Precision::F32),
+        "qmatmul_mixed" => quant::check_qmatmul(p, Precision::Mixed),
         "qmatmul_dx" => quant::check_qmatmul_dx(p),
         "qembedding" => quant::check_qembedding(p),
         "lm_head_loss" => check_lm_head_loss(p),
@@ -353,7 +383,15 @@ fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
             })?;
             let mut c = vec![0f32; m * n];
             kr::matmul_forward(&mut c, &a, &b, bias.then_some(&bv[..]), d);
-            p.record("forward", &shape, "", &gc, &c)?;
+            if precision == Precision::Mixed {
+                let mut abs = vec![0f32; m * n];
+                let (aa, ab, abias) = (absolute(&a), absolute(&b), absolute(&bv));
+                kr::matmul_forward(&mut abs, &aa, &ab, bias.then_some(&abias[..]), d);
+                let got = gc.to_host(p.gpu)?;
+                p.push("forward", &shape, "", mixed_err(&got, &c, &abs));
+            } else {
+                p.record("forward", &shape, "", &gc, &c)?;
+            }
             if m.max(n) > MATMUL_LONGEST_SUM || precision == Precision::Mixed {
                 // the backward products would sum millions of terms, which no model does; a
                 // mixed-precision step runs its backward products in f32

@@ -25,15 +25,27 @@ pub const SHADERS: &[(&str, &str)] = &[
 /// Shaders made from another one: (name, the shader it is made from, what replaces the lines
 /// between its `// variant begin` and `// variant end` markers). A variant that needs f16 gets
 /// the `enable f16;` directive in front. One source for both keeps a fix to one in the other.
-pub const DERIVED: &[(&str, &str, &str)] = &[(
-    "matmul_staged_mixed",
-    "matmul_staged",
-    "alias TILE = f16;
+pub const DERIVED: &[(&str, &str, &str)] = &[
+    (
+        "matmul_staged_mixed",
+        "matmul_staged",
+        "alias TILE = f16;
 fn madd(x: TILE, y: vec4<TILE>, acc: vec4<f32>) -> vec4<f32> {
     return acc + vec4<f32>(x * y);
 }
 ",
-)];
+    ),
+    (
+        "quant_mixed",
+        "quant",
+        "fn dot_q(q: vec4<f32>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> vec4<f32> {
+    let h = vec4<f16>(q);
+    return vec4<f32>(h.x * vec4<f16>(x0)) + vec4<f32>(h.y * vec4<f16>(x1))
+        + vec4<f32>(h.z * vec4<f16>(x2)) + vec4<f32>(h.w * vec4<f16>(x3));
+}
+",
+    ),
+];
 
 static DERIVED_SOURCES: std::sync::LazyLock<Vec<(&'static str, String)>> = std::sync::LazyLock::new(|| {
     DERIVED.iter().map(|&(name, base, block)| (name, derive(base, block))).collect()

@@ -127,6 +127,11 @@ fn sgd() {
 fn qmatmul() {
     check("qmatmul");
 }
+/// The quantized-weight product with f16 products (`--precision mixed`), as `matmul_mixed`.
+#[test]
+fn qmatmul_mixed() {
+    check("qmatmul_mixed");
+}
 #[test]
 fn qmatmul_dx() {
     check("qmatmul_dx");

@@ -1,7 +1,8 @@
 //! `--precision mixed`: the forward products of linear layers take each product in f16 and sum
 //! in f32, on a GPU with `shader_f16` (lavapipe has it): `shaders/matmul_mixed.wgsl` for the
 //! register-tile kernels, `matmul_staged_mixed` (f16 tiles in workgroup memory) for a staged
-//! tile. The product checks below run both.
+//! tile, `quant_mixed` through a frozen weight in its stored format. The product checks below
+//! run each.
 //!
 //! - The kernel is the f16 product summed in f32: against an emulation built from `half`'s
 //!   rounding and f64 sums, within f32 summation's error (stated below); and against the exact
@@ -163,6 +164,75 @@ fn the_mixed_product_is_within_f16_error_of_the_exact_product() {
             worst = worst.max((g - e).abs() / s);
         }
         eprintln!("{} {dims:?}: worst |mixed - exact| / sum |ab| = {worst:.2e}", kernel.name());
+    }
+}
+
+/// `quant_mixed`, the fused product through a frozen weight in its stored format under
+/// `--precision mixed`, is each `q * x` taken in f16 (q: an F16 weight's value, or a Q8_0
+/// block's integer quant, exact in f16), summed in f32 and scaled in f32: against that
+/// emulation within f32's summation error, and visibly not f32 arithmetic. K past one
+/// dispatch's loop span included.
+#[test]
+fn the_mixed_product_through_a_frozen_weight_is_its_f16_products_summed_in_f32() {
+    use kernels_ref::quant::{random_blocks, GgmlType};
+    use pockettune::gpu::QTensor;
+    use pockettune::kernels::quant::{self, QmatmulVariant};
+    let Some(gpu) = f16_gpu() else { return };
+    for ty in [GgmlType::F16, GgmlType::Q8_0] {
+        // somewhere the result is off the exact sum by more than f32 could be (at K = 70,016
+        // f32's own bound is too loose to tell)
+        let mut f16_visible = false;
+        for (m, n, k) in [(1, 1, 32), (5, 7, 96), (3, 4, 70_016)] {
+            let mut rng = StdRng::seed_from_u64((m * 31 + n * 7 + k) as u64);
+            let x = values(&mut rng, m * k, 0.25);
+            // each weight as (scale, q): F16 (1, value), Q8_0 (the block's d, its i8 quant)
+            let (bytes, w): (Vec<u8>, Vec<(f64, f32)>) = match ty {
+                GgmlType::F16 => {
+                    let w: Vec<half::f16> =
+                        values(&mut rng, n * k, 0.25).iter().map(|&v| half::f16::from_f32(v)).collect();
+                    let bytes = w.iter().flat_map(|h| h.to_le_bytes()).collect();
+                    (bytes, w.iter().map(|h| (1.0, h.to_f32())).collect())
+                }
+                _ => {
+                    let bytes = random_blocks(ty, n * k, rng.random());
+                    let w = bytes
+                        .chunks(34)
+                        .flat_map(|b| {
+                            let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() as f64;
+                            b[2..].iter().map(move |&q| (d, q as i8 as f32))
+                        })
+                        .collect();
+                    (bytes, w)
+                }
+            };
+            let gw = QTensor::from_bytes(gpu, ty, &bytes, &[n, k], "w").unwrap();
+            let gx = Tensor::from_host(gpu, &x, &[m, k], "x").unwrap();
+            let gy = Tensor::from_host(gpu, &vec![f32::NAN; m * n], &[m, n], "y").unwrap();
+            matmul::with_precision(Precision::Mixed, || {
+                quant::with_variant(QmatmulVariant::Fused, || quant::qmatmul(gpu, &gy, &gx, &gw, None, false))
+            })
+            .unwrap();
+            let got = gy.to_host(gpu).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut emulated, mut exact, mut abs) = (0f64, 0f64, 0f64);
+                    for kk in 0..k {
+                        let ((d, q), xv) = (w[j * k + kk], x[i * k + kk]);
+                        emulated += d * h((h(q) * h(xv)) as f32);
+                        exact += d * q as f64 * xv as f64;
+                        abs += (d * q as f64 * xv as f64).abs();
+                    }
+                    let g = got[i * n + j] as f64;
+                    let u = (k + 1) as f64 * 2f64.powi(-24) * abs;
+                    assert!(
+                        (g - emulated).abs() <= u,
+                        "{ty} {m}x{n}x{k}: [{i},{j}] {g} vs emulated {emulated}"
+                    );
+                    f16_visible |= (g - exact).abs() > u;
+                }
+            }
+        }
+        assert!(f16_visible, "{ty}: the product looks like f32 arithmetic");
     }
 }
 

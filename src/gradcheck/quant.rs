@@ -4,6 +4,9 @@
 //! and the scratch one with one matmul kernel per shader (`qmatmul scratch Q4_K`). The reference is
 //! kernels-ref's ggml dequantizer followed by its f64 matrix product or a row copy.
 //!
+//! `qmatmul_mixed` runs the same products with f16 products (`--precision mixed`), held to
+//! [`MIXED_TOL`](super::MIXED_TOL) of the sums of absolute products.
+//!
 //! Tolerance: the crate's [`TOL`](super::TOL), `1e-4` of the largest reference value. The kernel
 //! sums `q * x` over a sub-block in f32 and scales once, so it differs from the reference by f32
 //! rounding alone, which grows like `sqrt(K)`: about `eps * sqrt(K) / 8` of the largest output for
@@ -15,7 +18,7 @@
 
 use super::{rel_err, Probe};
 use crate::error::Result;
-use crate::gpu::{Gpu, MatmulKernel, QTensor, Split, Tensor};
+use crate::gpu::{Gpu, MatmulKernel, Precision, QTensor, Split, Tensor};
 use crate::kernels::quant::QmatmulVariant;
 use crate::kernels::{embedding, matmul, quant, LOOP_SPAN};
 use kernels_ref as kr;
@@ -50,12 +53,28 @@ fn weight(
     rows: usize,
     cols: usize,
     chunk: usize,
-) -> Result<(QTensor, Vec<f32>)> {
+) -> Result<(QTensor, Vec<f32>, Vec<u8>)> {
     let bytes = random_blocks(ty, rows * cols, p.rng.random());
     let mut w = vec![0f32; rows * cols];
     dequantize(ty, &bytes, &mut w);
     let q = QTensor::from_bytes_split(p.gpu, ty, &bytes, &[rows, cols], chunk, "gradcheck weight")?;
-    Ok((q, w))
+    Ok((q, w, bytes))
+}
+
+/// |scale * q| of every weight: `bytes` dequantized with each block's offset (Q4_1's and Q5_1's
+/// m, Q4_K's and Q5_K's dmin: the f16 at bytes 2..4 of every block of these types) set to 0.
+/// `quant_mixed` takes the products `q * x` in f16 and applies the offsets in f32, so the
+/// sums of these times |x| are the scale of its rounding (`super::MIXED_TOL`).
+fn scaled_quants_abs(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut bytes = bytes.to_vec();
+    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K) {
+        for block in bytes.chunks_mut(ty.block_bytes()) {
+            block[2..4].fill(0);
+        }
+    }
+    let mut w = vec![0f32; n];
+    dequantize(ty, &bytes, &mut w);
+    w.iter().map(|v| v.abs()).collect()
 }
 
 /// Row lengths checked for `ty`: whole blocks, and ragged ones for the float types.
@@ -196,30 +215,66 @@ fn tagged(shape: String, kernel: Option<MatmulKernel>) -> String {
     }
 }
 
-pub(super) fn check_qmatmul(p: &mut Probe) -> Result<()> {
+/// `qmatmul` in f32, or (`qmatmul_mixed`, [`MIXED_TOL`](super::MIXED_TOL)) with its products in
+/// f16 as `--precision mixed` runs a linear layer's forward product on a frozen weight: the
+/// fused kernel's `quant_mixed` form, and the scratch variant's mixed matmul.
+pub(super) fn check_qmatmul(p: &mut Probe, precision: Precision) -> Result<()> {
+    let op = match precision {
+        Precision::F32 => "qmatmul",
+        Precision::Mixed => "qmatmul_mixed",
+    };
     for ty in QUANT_TYPES {
         for (variant, kernel) in variants(p.gpu) {
-            p.label = Some(label("qmatmul", variant, ty));
+            if precision == Precision::Mixed && kernel == Some(MatmulKernel::Subgroup) {
+                continue; // its mixed form is the tiled kernel's, checked already
+            }
+            p.label = Some(label(op, variant, ty));
             for (i, c) in cases(p, ty, false).into_iter().enumerate() {
                 let shape = tagged(shape(&c, ty, false), kernel);
-                let (w, wv) = weight(p, ty, c.n, c.k, c.w_chunk)?;
+                let (w, wv, bytes) = weight(p, ty, c.n, c.k, c.w_chunk)?;
                 let (x, bias) = (p.uniform(c.m * c.k), p.uniform(c.n));
                 let (gx, gbias) = (upload(p, &x, &[c.m, c.k], c.a_split)?, p.up(&bias, &[c.n])?);
                 let gy = out(p, &[c.m, c.n], c.c_split)?;
                 let b = c.bias.then_some(&gbias);
-                run(variant, kernel, &c, || quant::qmatmul(p.gpu, &gy, &gx, &w, b, false))?;
+                let gpu = p.gpu;
+                let product =
+                    |acc| matmul::with_precision(precision, || quant::qmatmul(gpu, &gy, &gx, &w, b, acc));
+                run(variant, kernel, &c, || product(false))?;
                 let d = kr::MatmulDims { batch: 1, m: c.m, n: c.n, k: c.k, trans_a: false, trans_b: true };
                 let mut y = vec![0f32; c.m * c.n];
                 kr::matmul_forward(&mut y, &x, &wv, c.bias.then_some(&bias[..]), d);
-                p.record("forward", &shape, "", &gy, &y)?;
+                // the scale of the error: f32's is the largest output, f16 products' the sums
+                // of absolute products (for the scratch variant, of |W| itself)
+                let abs = (precision == Precision::Mixed).then(|| {
+                    let wa = match variant {
+                        QmatmulVariant::Scratch => wv.iter().map(|v| v.abs()).collect(),
+                        _ => scaled_quants_abs(ty, &bytes, wv.len()),
+                    };
+                    let (xa, ba): (Vec<f32>, Vec<f32>) =
+                        (x.iter().map(|v| v.abs()).collect(), bias.iter().map(|v| v.abs()).collect());
+                    let mut abs = vec![0f32; c.m * c.n];
+                    kr::matmul_forward(&mut abs, &xa, &wa, c.bias.then_some(&ba[..]), d);
+                    abs
+                });
+                let record = |p: &mut Probe, what: &str, want: &[f32], times: f32| match &abs {
+                    Some(abs) => {
+                        let abs: Vec<f32> = abs.iter().map(|v| times * v).collect();
+                        let got = gy.to_host(p.gpu)?;
+                        p.push("forward", &shape, what, super::mixed_err(&got, want, &abs));
+                        Ok(())
+                    }
+                    None => p.record("forward", &shape, what, &gy, want),
+                };
+                record(p, "", &y, 1.0)?;
                 if i == 2 {
                     // adding into y (the LoRA branch's output is added this way)
-                    run(variant, kernel, &c, || quant::qmatmul(p.gpu, &gy, &gx, &w, b, true))?;
+                    run(variant, kernel, &c, || product(true))?;
                     let twice: Vec<f32> = y.iter().map(|v| 2.0 * v).collect();
-                    p.record("forward", &shape, "accumulated", &gy, &twice)?;
+                    record(p, "accumulated", &twice, 2.0)?;
                 }
             }
-            if p.full() && kernel.is_none_or(|k| k == p.gpu.matmul_kernel()) {
+            // the LM head at real vocabularies: the decoding is the f32 kernel's, checked there
+            if p.full() && precision == Precision::F32 && kernel.is_none_or(|k| k == p.gpu.matmul_kernel()) {
                 for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
                     let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
                     let seed = p.rng.random();
@@ -239,7 +294,7 @@ pub(super) fn check_qmatmul_dx(p: &mut Probe) -> Result<()> {
             p.label = Some(label("qmatmul_dx", variant, ty));
             for (i, c) in cases(p, ty, true).into_iter().enumerate() {
                 let shape = tagged(shape(&c, ty, true), kernel);
-                let (w, wv) = weight(p, ty, c.n, c.k, c.w_chunk)?;
+                let (w, wv, _) = weight(p, ty, c.n, c.k, c.w_chunk)?;
                 let dy = p.uniform(c.m * c.n);
                 let gdy = upload(p, &dy, &[c.m, c.n], c.a_split)?;
                 let gdx = out(p, &[c.m, c.k], c.c_split)?;
@@ -286,7 +341,7 @@ pub(super) fn check_qembedding(p: &mut Probe) -> Result<()> {
         for (v, n, c, chunk) in cases {
             let rows = if chunk == usize::MAX { String::new() } else { format!(" rows/{chunk}") };
             let shape = format!("V{v} N{n} C{c} {ty}{rows}");
-            let (table, tv) = weight(p, ty, v, c, chunk)?;
+            let (table, tv, _) = weight(p, ty, v, c, chunk)?;
             let ids: Vec<u32> = (0..n).map(|_| p.rng.random_range(0..v as u32)).collect();
             let gids = embedding::Ids::new(p.gpu, &ids, v)?;
             let gout = p.out(&[n, c])?;

@@ -61,6 +61,11 @@ pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
     super::with_override(&PRECISION, precision, f)
 }
 
+/// The arithmetic of the products on this thread ([`with_precision`]'s, else f32).
+pub fn precision() -> Precision {
+    PRECISION.with(|p| p.get()).unwrap_or_default()
+}
+
 /// The kernel of the products on this thread: [`current_kernel`], in f32 or, under
 /// [`with_precision`]`(Mixed)`, in its mixed-precision form.
 fn current(gpu: &Gpu) -> Choice {

@@ -18,15 +18,14 @@ pub(super) fn forward(cx: &Fwd, out: &mut Value, trans_w: bool) -> Result<Option
     match cx.dev {
         Device::Gpu(g) => {
             let bias = cx.x_opt(2).map(Value::gpu);
-            match cx.x(1) {
+            // the forward product in the device's precision (f16 products under `mixed`)
+            matmul::with_precision(g.precision(), || match cx.x(1) {
                 Value::Packed(w) => {
                     packed_layout(trans_w)?;
-                    quant::qmatmul(g, out.gpu(), cx.x(0).gpu(), w, bias, false)?
+                    quant::qmatmul(g, out.gpu(), cx.x(0).gpu(), w, bias, false)
                 }
-                w => matmul::with_precision(g.precision(), || {
-                    matmul::matmul(g, out.gpu(), cx.x(0).gpu(), w.gpu(), bias, false, trans_w, false)
-                })?,
-            }
+                w => matmul::matmul(g, out.gpu(), cx.x(0).gpu(), w.gpu(), bias, false, trans_w, false),
+            })?
         }
         Device::Cpu(CpuPath::Reference) => {
             let bias = cx.x_opt(2).map(Value::cpu);

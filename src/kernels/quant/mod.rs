@@ -64,9 +64,11 @@ const TK: usize = 8;
 const TC: usize = 4;
 
 /// The pipeline of `entry` for weights stored as `ty`: the decoder is chosen by override
-/// constants, so the compiler keeps only that type's code.
+/// constants, so the compiler keeps only that type's code. The product `qmatmul` under
+/// [`matmul::with_precision`]`(Mixed)` takes its products in f16 (`quant_mixed`).
 fn key(entry: &'static str, ty: GgmlType) -> KernelKey {
-    KernelKey::new("quant", entry)
+    let mixed = entry == "qmatmul" && super::matmul::precision() == crate::gpu::Precision::Mixed;
+    KernelKey::new(if mixed { "quant_mixed" } else { "quant" }, entry)
         .with("TYPE", ty.id())
         .with("QK", ty.block_elems() as u32)
         .with("BLOCK_BYTES", ty.block_bytes() as u32)
