@@ -1,11 +1,12 @@
 //! Resume is proven, not assumed. The `pockettune` binary trains a tiny GPT-2 and is killed with
-//! SIGKILL at seeded random moments: half of the kills after a random delay, half while a
-//! checkpoint is being written (`POCKETTUNE_TEST_SLOW_CHECKPOINT_MS` pauses between its files so
-//! that the window is wide). After every kill `OUT/latest` must name a complete checkpoint (every
-//! file present and loadable); each run continues with `--resume` until one finishes. Then the
-//! metrics file must hold every step exactly once with the values of an uninterrupted run (loss,
-//! learning rate, gradient norm, tokens, evaluations), and the final checkpoint must hold the
-//! same weights and moments, byte for byte.
+//! SIGKILL at seeded random moments: half of the kills at a random delay after the run has
+//! written its next checkpoint, half while a checkpoint is being written
+//! (`POCKETTUNE_TEST_SLOW_CHECKPOINT_MS` pauses between its files so that the window is wide).
+//! After every kill `OUT/latest` must name a complete checkpoint (every file present and
+//! loadable); each run continues with `--resume` until one finishes. Then the metrics file must
+//! hold every step exactly once with the values of an uninterrupted run (loss, learning rate,
+//! gradient norm, tokens, evaluations), and the final checkpoint must hold the same weights and
+//! moments, byte for byte.
 
 mod common;
 
@@ -138,6 +139,13 @@ fn writing_checkpoint(out: &Path, before: &[(usize, SystemTime)], from: usize) -
     checkpoint_writes(out).iter().any(|w| w.0 >= from && !before.contains(w))
 }
 
+/// The step of the checkpoint `out/latest` names (0 before the first).
+fn latest_step(out: &Path) -> usize {
+    let dir = checkpoint::latest(out).ok().flatten();
+    let name = dir.as_ref().and_then(|d| d.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok());
+    name.unwrap_or(0)
+}
+
 /// Kill runs on `device` `kills` times, resuming each time, then let the last run finish; compare
 /// with an uninterrupted run.
 fn kill_and_resume(device: &str, kills: usize, seed: u64) {
@@ -174,11 +182,22 @@ fn kill_and_resume(device: &str, kills: usize, seed: u64) {
         // spread over the run.
         let reach = (12 - done.unwrap_or(0)).min(4);
         let finished = if attempt % 2 == 0 {
-            // Anywhere in those steps, after the start of the run.
-            let reach_ms = train_time.as_millis() as u64 * reach as u64 / 12;
-            let delay = start_time.as_millis() as u64 + rng.random_range(0..reach_ms.max(1));
-            std::thread::sleep(Duration::from_millis(delay));
-            child.try_wait().unwrap()
+            // Once the run has written its next checkpoint (so that each such kill leaves one
+            // mid-run to resume from), anywhere in about two steps after it. Found by the run's
+            // own progress, not by a clock: on a loaded machine a run goes at half or twice the
+            // reference run's pace, and clock-timed kills landed after the run had ended.
+            let from = done.unwrap_or(0);
+            let within = (train_time / 6).mul_f64(rng.random_range(0.0..1.0));
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break Some(status);
+                }
+                if latest_step(&out) > from {
+                    std::thread::sleep(within);
+                    break child.try_wait().unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         } else {
             // Inside the write of one of the checkpoints in reach (every 2 steps), once its
             // temporary directory appears (it lives through at least 5 pauses of SLOW_MS, so a
