@@ -127,7 +127,7 @@ pub fn mixed_err(gpu: &[f32], reference: &[f32], abs: &[f32]) -> f64 {
 }
 
 /// The absolute values of `x`.
-fn absolute(x: &[f32]) -> Vec<f32> {
+pub(crate) fn absolute(x: &[f32]) -> Vec<f32> {
     x.iter().map(|v| v.abs()).collect()
 }
 
@@ -228,12 +228,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     // (Every tile for the matmul checks themselves; one kernel per shader for attention.)
     let uses_matmul = name.starts_with("matmul") || name.ends_with("attention");
     let variants = if name == "matmul_mixed" {
-        // one per mixed shader: the register tile's (tiled and subgroup share it) and the
-        // staged one's (its first tile standing for the others)
-        MatmulKernel::one_per_shader(gpu.matmul_kernels())
-            .into_iter()
-            .filter(|k| *k != MatmulKernel::Subgroup)
-            .collect()
+        MatmulKernel::one_per_mixed_shader(gpu.matmul_kernels())
     } else if name.starts_with("matmul") {
         gpu.matmul_kernels().to_vec()
     } else if uses_matmul {

@@ -894,9 +894,8 @@ fn bench_kernels(
     let mut runs: Vec<_> = kernels.iter().map(|&k| (k, Precision::F32)).collect();
     if precision == Precision::Mixed {
         for &k in &kernels {
-            let k = if matches!(k, MatmulKernel::Staged(_)) { k } else { MatmulKernel::Tiled };
-            if !runs.contains(&(k, precision)) {
-                runs.push((k, precision));
+            if !runs.contains(&(k.mixed_form(), precision)) {
+                runs.push((k.mixed_form(), precision));
             }
         }
     }

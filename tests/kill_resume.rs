@@ -178,8 +178,8 @@ fn kill_and_resume(device: &str, kills: usize, seed: u64) {
             assert_success(child.wait().unwrap(), &log);
             break;
         }
-        // Each kill lands within the next `reach` steps (two checkpoints), so that the kills
-        // spread over the run.
+        // A kill inside a checkpoint write lands within the next `reach` steps (two
+        // checkpoints), so that the kills spread over the run.
         let reach = (12 - done.unwrap_or(0)).min(4);
         let finished = if attempt % 2 == 0 {
             // Once the run has written its next checkpoint (so that each such kill leaves one

@@ -40,8 +40,7 @@ fn f16_gpu() -> Option<&'static std::sync::Arc<Gpu>> {
 /// The f32 kernels whose mixed-precision forms differ: the register tile's shader
 /// (`matmul_mixed.wgsl`, which the subgroup kernel shares) and the staged one (its first tile).
 fn mixed_kernels(gpu: &Gpu) -> Vec<MatmulKernel> {
-    let kernels = MatmulKernel::one_per_shader(gpu.matmul_kernels());
-    let kernels: Vec<MatmulKernel> = kernels.into_iter().filter(|k| *k != MatmulKernel::Subgroup).collect();
+    let kernels = MatmulKernel::one_per_mixed_shader(gpu.matmul_kernels());
     assert!(kernels.iter().any(|k| matches!(k, MatmulKernel::Staged(_))), "no staged tile offered");
     kernels
 }

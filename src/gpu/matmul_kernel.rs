@@ -179,8 +179,29 @@ impl MatmulKernel {
     /// path), since a tile configuration changes only the product, which the matmul checks run
     /// with every tile. Keeps those checks' time from growing with the list of tiles.
     pub fn one_per_shader(kernels: &[MatmulKernel]) -> Vec<MatmulKernel> {
+        Self::distinct(kernels.iter().copied())
+    }
+
+    /// The kernel whose mixed-precision form this one runs under `--precision mixed`: a staged
+    /// tile its own (f16 tiles, `matmul_staged_mixed`); the register-tile kernels, tiled and
+    /// subgroup, share `matmul_mixed.wgsl`, which the tiled kernel stands for.
+    pub fn mixed_form(self) -> MatmulKernel {
+        match self {
+            MatmulKernel::Staged(_) => self,
+            _ => MatmulKernel::Tiled,
+        }
+    }
+
+    /// [`Self::one_per_shader`] for the mixed-precision shaders: the register tile's and the
+    /// first staged tile's.
+    pub fn one_per_mixed_shader(kernels: &[MatmulKernel]) -> Vec<MatmulKernel> {
+        Self::distinct(kernels.iter().map(|k| k.mixed_form()))
+    }
+
+    /// The first kernel of each shader among `kernels`, in order.
+    fn distinct(kernels: impl Iterator<Item = MatmulKernel>) -> Vec<MatmulKernel> {
         let mut out: Vec<MatmulKernel> = Vec::new();
-        for &k in kernels {
+        for k in kernels {
             if !out.iter().any(|o| std::mem::discriminant(o) == std::mem::discriminant(&k)) {
                 out.push(k);
             }

@@ -16,7 +16,7 @@
 //! the one rounding a fused multiply-add saves; the scratch variant's f32 product rounds like
 //! the f32 matmul.
 
-use super::{rel_err, Probe};
+use super::{absolute, rel_err, Probe};
 use crate::error::Result;
 use crate::gpu::{Gpu, MatmulKernel, Precision, QTensor, Split, Tensor};
 use crate::kernels::quant::QmatmulVariant;
@@ -74,7 +74,7 @@ fn scaled_quants_abs(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     }
     let mut w = vec![0f32; n];
     dequantize(ty, &bytes, &mut w);
-    w.iter().map(|v| v.abs()).collect()
+    absolute(&w)
 }
 
 /// Row lengths checked for `ty`: whole blocks, and ragged ones for the float types.
@@ -225,8 +225,8 @@ pub(super) fn check_qmatmul(p: &mut Probe, precision: Precision) -> Result<()> {
     };
     for ty in QUANT_TYPES {
         for (variant, kernel) in variants(p.gpu) {
-            if precision == Precision::Mixed && kernel == Some(MatmulKernel::Subgroup) {
-                continue; // its mixed form is the tiled kernel's, checked already
+            if precision == Precision::Mixed && kernel.is_some_and(|k| k.mixed_form() != k) {
+                continue; // its mixed form is another kernel's, checked already
             }
             p.label = Some(label(op, variant, ty));
             for (i, c) in cases(p, ty, false).into_iter().enumerate() {
@@ -247,11 +247,10 @@ pub(super) fn check_qmatmul(p: &mut Probe, precision: Precision) -> Result<()> {
                 // of absolute products (for the scratch variant, of |W| itself)
                 let abs = (precision == Precision::Mixed).then(|| {
                     let wa = match variant {
-                        QmatmulVariant::Scratch => wv.iter().map(|v| v.abs()).collect(),
+                        QmatmulVariant::Scratch => absolute(&wv),
                         _ => scaled_quants_abs(ty, &bytes, wv.len()),
                     };
-                    let (xa, ba): (Vec<f32>, Vec<f32>) =
-                        (x.iter().map(|v| v.abs()).collect(), bias.iter().map(|v| v.abs()).collect());
+                    let (xa, ba) = (absolute(&x), absolute(&bias));
                     let mut abs = vec![0f32; c.m * c.n];
                     kr::matmul_forward(&mut abs, &xa, &wa, c.bias.then_some(&ba[..]), d);
                     abs

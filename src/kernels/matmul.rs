@@ -70,9 +70,9 @@ pub fn precision() -> Precision {
 /// [`with_precision`]`(Mixed)`, in its mixed-precision form.
 fn current(gpu: &Gpu) -> Choice {
     let kernel = current_kernel(gpu);
-    match PRECISION.with(|p| p.get()) {
-        Some(Precision::Mixed) => Choice::Mixed(kernel),
-        _ => Choice::F32(kernel),
+    match precision() {
+        Precision::Mixed => Choice::Mixed(kernel),
+        Precision::F32 => Choice::F32(kernel),
     }
 }
 
