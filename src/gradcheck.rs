@@ -60,6 +60,7 @@ pub const KERNELS: &[&str] = &[
     "cross_entropy",
     "add",
     "dropout",
+    "half_storage",
     "reduce",
     "clip_grad_norm",
     "adamw",
@@ -215,6 +216,7 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     let (name, tol) = match KERNELS.iter().find(|k| **k == kernel) {
         Some(&("matmul_mixed" | "qmatmul_mixed")) if !gpu.has_f16() => return Ok(Vec::new()), // no f16: not offered
         Some(&k @ ("matmul_mixed" | "qmatmul_mixed")) => (k, MIXED_TOL),
+        Some(&k @ "half_storage") => (k, 0.0), // a conversion: bit for bit (see `exact_err`)
         Some(&k) => (k, TOL),
         None => {
             return Err(crate::Error::InvalidArgument {
@@ -301,6 +303,7 @@ fn run_check(p: &mut Probe, name: &str) -> Result<()> {
         "cross_entropy" => check_cross_entropy(p),
         "add" => check_add(p),
         "dropout" => check_dropout(p),
+        "half_storage" => check_half_storage(p),
         "reduce" => check_reduce(p),
         "clip_grad_norm" => check_clip(p),
         "adamw" => check_adamw(p),
@@ -1170,6 +1173,100 @@ fn check_dropout(p: &mut Probe) -> Result<()> {
         p.record("forward", &shape, "", &gy, &y)?;
         p.record("backward", &shape, "", &gdx, &dx)?;
     }
+    Ok(())
+}
+
+/// Error of values that must equal the reference exactly (a conversion): 0 if every value is
+/// the reference's (NaN where it is NaN), else the largest `|gpu - ref| / |ref|` (infinite where
+/// one is not finite or the reference is 0), so that any one misrounded value fails.
+pub fn exact_err(gpu: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(gpu.len(), reference.len(), "compared outputs differ in length");
+    let mut worst = 0f64;
+    for (&g, &r) in gpu.iter().zip(reference) {
+        if g == r || (g.is_nan() && r.is_nan()) {
+            continue;
+        }
+        let rel = (g as f64 - r as f64).abs() / (r as f64).abs();
+        worst = worst.max(if rel.is_finite() { rel } else { f64::INFINITY });
+    }
+    worst
+}
+
+/// Values over f16's and bf16's whole range: magnitudes 2^-30 to 2^20 (f16 subnormals and
+/// overflow included), and at the front (where they fit) the edge cases: ties, the saturation
+/// bound, infinities, NaN, signed zeros, an f32 subnormal.
+fn wide_values(p: &mut Probe, n: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..n)
+        .map(|_| {
+            let m = p.rng.random_range(1.0f32..2.0) * 2f32.powi(p.rng.random_range(-30..=20));
+            if p.rng.random::<bool>() {
+                m
+            } else {
+                -m
+            }
+        })
+        .collect();
+    let edges = [
+        0.0,
+        -0.0,
+        1.0 + 2f32.powi(-11),       // f16 tie, to even (1)
+        1.0 + 3.0 * 2f32.powi(-11), // f16 tie, to even (up)
+        1.0 + 2f32.powi(-8),        // bf16 tie
+        65504.0,
+        65519.99,
+        65520.0,
+        -1e6,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        2f32.powi(-24),
+        2f32.powi(-25),
+        1.5 * 2f32.powi(-24),
+        2f32.powi(-14) * (1.0 - 2f32.powi(-12)), // rounds up to f16's smallest normal
+        1e-40,
+    ];
+    for (v, e) in x.iter_mut().zip(edges) {
+        *v = e;
+    }
+    x
+}
+
+/// `kernels::half`: activations packed to f16 or bf16 and unpacked, against `half`'s
+/// conversions (`kernels_ref::half_round`), exactly; tensors chunked by rows and by columns.
+fn check_half_storage(p: &mut Probe) -> Result<()> {
+    use crate::kernels::half::{self, HalfFormat};
+    for format in [HalfFormat::F16, HalfFormat::Bf16] {
+        p.label = Some(format!("half_storage {format:?}").to_lowercase());
+        // (shape, chunking): odd lengths leave half a word; a real activation (GPT-2's MLP,
+        // batch 4 x 128); a tensor in row chunks and one in column chunks (as logits are)
+        let mut cases: Vec<(Vec<usize>, Option<(Split, usize)>)> =
+            p.flat_shapes(Some([GEMMA3_VOCAB, GEMMA3_270M_HIDDEN])).into_iter().map(|d| (d, None)).collect();
+        cases.push((vec![512, 3072], None));
+        cases.push((vec![7, 33], Some((Split::Rows, 3))));
+        cases.push((vec![5, 1001], Some((Split::Cols, 333))));
+        for (dims, split) in cases {
+            let n: usize = dims.iter().product();
+            let x = wide_values(p, n);
+            let gx = match split {
+                Some((s, per)) => Tensor::from_host_split(p.gpu, &x, &dims, s, per, "gradcheck input")?,
+                None => p.up(&x, &dims)?,
+            };
+            let h = half::pack(p.gpu, &gx, format)?;
+            drop(gx);
+            let back = half::unpack(p.gpu, &h)?;
+            let mut want = vec![0f32; n];
+            kr::half_round(&mut want, &x, format);
+            let chunks = back.chunks().len();
+            let shape = match split {
+                Some((s, per)) => format!("{dims:?} {s:?}/{per}"),
+                None if chunks > 1 => format!("{dims:?} in {chunks} chunks"),
+                None => format!("{dims:?}"),
+            };
+            p.push("forward", &shape, "round trip", exact_err(&back.to_host(p.gpu)?, &want));
+        }
+    }
+    p.label = None;
     Ok(())
 }
 

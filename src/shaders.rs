@@ -10,6 +10,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("elementwise", include_str!("../shaders/elementwise.wgsl")),
     ("embedding", include_str!("../shaders/embedding.wgsl")),
     ("flash_attention", include_str!("../shaders/flash_attention.wgsl")),
+    ("half", include_str!("../shaders/half.wgsl")),
     ("lm_head_loss", include_str!("../shaders/lm_head_loss.wgsl")),
     ("matmul", include_str!("../shaders/matmul.wgsl")),
     ("matmul_mixed", include_str!("../shaders/matmul_mixed.wgsl")),

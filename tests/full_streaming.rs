@@ -167,7 +167,12 @@ fn compare_with_resident(what: &str, config: &serde_json::Value, seed: u64) -> V
     let mut plans = Vec::new();
     for options in [
         GraphOptions::default(),
-        GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
+        GraphOptions {
+            checkpoint_activations: true,
+            fused_loss: true,
+            flash_attention: true,
+            ..Default::default()
+        },
     ] {
         // Unclipped, the host path computes the same numbers in the same order (each gradient
         // piece is one f32 addition either way, and the host AdamW is the shader's formula):

@@ -108,6 +108,11 @@ fn dropout() {
     check("dropout");
 }
 #[test]
+fn half_storage() {
+    check("half_storage");
+}
+
+#[test]
 fn reduce() {
     check("reduce");
 }

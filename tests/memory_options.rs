@@ -18,7 +18,12 @@ fn check_device(dev: &Device, label: &str) {
     let checkpoint = GraphOptions { checkpoint_activations: true, ..GraphOptions::default() };
     let fused = GraphOptions { fused_loss: true, ..GraphOptions::default() };
     let flash = GraphOptions { flash_attention: true, ..GraphOptions::default() };
-    let all = GraphOptions { fused_loss: true, flash_attention: true, checkpoint_activations: true };
+    let all = GraphOptions {
+        fused_loss: true,
+        flash_attention: true,
+        checkpoint_activations: true,
+        ..Default::default()
+    };
     let bt = (2, 7);
     for (family, config) in common::family_configs() {
         for lora in [false, true] {

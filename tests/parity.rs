@@ -87,8 +87,12 @@ fn check_with(name: &str, dev: Device, options: GraphOptions) {
 
 const FAMILIES: [&str; 6] =
     ["gpt2-tiny", "qwen2-tiny", "llama-tiny", "gemma3-tiny", "gemma2-tiny", "gemma3-tiny-softcap"];
-const ALL_OPTIONS: GraphOptions =
-    GraphOptions { fused_loss: true, flash_attention: true, checkpoint_activations: true };
+const ALL_OPTIONS: GraphOptions = GraphOptions {
+    fused_loss: true,
+    flash_attention: true,
+    checkpoint_activations: true,
+    activations: pockettune::memory::ActivationStore::F32,
+};
 
 /// Issue 10: the memory options are exact rewrites, so PyTorch's numbers hold with all of them
 /// on (same tolerances as above).

@@ -204,7 +204,12 @@ fn a_lora_step_on_the_quantized_base_under_a_budget_equals_the_resident_step() {
         let path = write(&config, tmp.path());
         for options in [
             GraphOptions::default(),
-            GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
+            GraphOptions {
+                checkpoint_activations: true,
+                fused_loss: true,
+                flash_attention: true,
+                ..Default::default()
+            },
         ] {
             let what = format!("{} {options:?}", config["model_type"]);
             let resident_dev = common::own_gpu_device().unwrap();

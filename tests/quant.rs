@@ -17,8 +17,8 @@ mod common;
 
 use kernels_ref as kr;
 use kernels_ref::quant::{dequantize, random_blocks, GgmlType};
-use pockettune::gpu::{QTensor, Split};
-use pockettune::gradcheck::{rel_err, QuantVocab, QUANT_TYPES};
+use pockettune::gpu::{Precision, QTensor, Split};
+use pockettune::gradcheck::{rel_err, QuantVocab, MIXED_TOL, QUANT_TYPES};
 use pockettune::kernels::quant::{QmatmulVariant, SCRATCH_MIN_ROWS};
 use pockettune::kernels::{embedding, quant};
 use pockettune::{Error, Tensor};
@@ -271,14 +271,23 @@ fn vocab_table(ty: GgmlType, rows: usize, cols: usize) {
     let gather = t.gather_err(gpu, 256, 1).unwrap();
     assert!(gather <= f32::EPSILON as f64, "{ty} gather rel err {gather:e}");
     for variant in [QmatmulVariant::Fused, QmatmulVariant::Scratch] {
-        let (logits, dx) =
-            quant::with_variant(variant, || (t.logits_err(gpu, 3, 2).unwrap(), t.dx_err(gpu, 3, 3).unwrap()));
+        let (logits, dx) = quant::with_variant(variant, || {
+            (t.logits_err(gpu, 3, 2, Precision::F32).unwrap(), t.dx_err(gpu, 3, 3).unwrap())
+        });
         eprintln!(
             "{ty} {rows}x{cols} in {} chunks, {variant:?}: gather {gather:.1e}, logits {logits:.1e}, dX {dx:.1e}",
             t.table.chunks().len()
         );
         assert!(logits <= tol(cols), "{ty} {variant:?} logits rel err {logits:e} > {:e}", tol(cols));
         assert!(dx <= tol(rows), "{ty} {variant:?} dX rel err {dx:e} > {:e}", tol(rows));
+        // the logits with f16 products (`--precision mixed` on a frozen LM head), held to
+        // MIXED_TOL of the largest sum of absolute products
+        assert!(gpu.has_f16() || std::env::var_os("CI").is_none(), "CI's GPU has no shader_f16");
+        if gpu.has_f16() {
+            let mixed = quant::with_variant(variant, || t.logits_err(gpu, 3, 4, Precision::Mixed).unwrap());
+            eprintln!("{ty} {variant:?} mixed: logits {mixed:.1e} of the sums of |products|");
+            assert!(mixed <= MIXED_TOL, "{ty} {variant:?} mixed logits err {mixed:e} > {MIXED_TOL:e}");
+        }
     }
 }
 

@@ -85,7 +85,12 @@ fn a_budget_smaller_than_the_weights_streams_them_and_gives_the_same_step() {
         let weights = weight_bytes(&config);
         for options in [
             GraphOptions::default(),
-            GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
+            GraphOptions {
+                checkpoint_activations: true,
+                fused_loss: true,
+                flash_attention: true,
+                ..Default::default()
+            },
         ] {
             let resident_dev = common::own_gpu_device().unwrap();
             let resident = lora_step(tmp.path(), &resident_dev, false, options).unwrap();
@@ -131,7 +136,12 @@ fn the_planned_budget_is_the_smallest_that_works() {
         pockettune::models::write_random(&config, tmp.path(), 11 + k as u64).unwrap();
         for options in [
             GraphOptions::default(),
-            GraphOptions { checkpoint_activations: true, fused_loss: true, flash_attention: true },
+            GraphOptions {
+                checkpoint_activations: true,
+                fused_loss: true,
+                flash_attention: true,
+                ..Default::default()
+            },
         ] {
             let mut needed = None;
             for shortfall in [0u64, 256] {

@@ -134,13 +134,31 @@ impl Tensor {
     ) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         let cols = shape.last().copied().unwrap_or(1);
+        let extent = match split {
+            Split::Rows => numel.checked_div(cols).unwrap_or(0),
+            Split::Cols => cols,
+        };
+        Self::empty_planned(gpu, shape, split, &plan(extent, max_per_chunk), what)
+    }
+
+    /// Uninitialised tensor split by `split` into the given chunks: (first row or column,
+    /// rows or columns), in order, covering the tensor (as another tensor's chunks are).
+    pub fn empty_planned(
+        gpu: &Gpu,
+        shape: &[usize],
+        split: Split,
+        plan: &[(usize, usize)],
+        what: &str,
+    ) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        let cols = shape.last().copied().unwrap_or(1);
         let rows = numel.checked_div(cols).unwrap_or(0);
-        let (extent, stride) = match split {
-            Split::Rows => (rows, cols),
-            Split::Cols => (cols, rows),
+        let stride = match split {
+            Split::Rows => cols,
+            Split::Cols => rows,
         };
         let mut chunks = Vec::new();
-        for (start, len) in plan(extent, max_per_chunk) {
+        for &(start, len) in plan {
             let bytes = (len * stride * 4) as u64;
             chunks.push(Chunk::whole(start, len, gpu.alloc(bytes, what)?));
         }

@@ -272,12 +272,17 @@ pub(super) fn check_qmatmul(p: &mut Probe, precision: Precision) -> Result<()> {
                     record(p, "accumulated", &twice, 2.0)?;
                 }
             }
-            // the LM head at real vocabularies: the decoding is the f32 kernel's, checked there
-            if p.full() && precision == Precision::F32 && kernel.is_none_or(|k| k == p.gpu.matmul_kernel()) {
+            // the LM head at real vocabularies, by the fused kernel and by the scratch variant
+            // with the device's own matmul kernel (its mixed form under mixed precision)
+            let device = match precision {
+                Precision::F32 => p.gpu.matmul_kernel(),
+                Precision::Mixed => p.gpu.matmul_kernel().mixed_form(),
+            };
+            if p.full() && kernel.is_none_or(|k| k == device) {
                 for &(t, v, c) in VOCAB_TABLES.iter().filter(|t| t.0 == ty) {
                     let table = QuantVocab::new(p.gpu, t, v, c, p.rng.random())?;
                     let seed = p.rng.random();
-                    let err = quant::with_variant(variant, || table.logits_err(p.gpu, 3, seed))?;
+                    let err = quant::with_variant(variant, || table.logits_err(p.gpu, 3, seed, precision))?;
                     p.push("forward", &format!("LM head 3x{c}.({v}x{c} {t})^T"), "logits", err);
                 }
             }
@@ -414,26 +419,47 @@ impl QuantVocab {
     }
 
     /// Error of the logits `x (m, C) . table^T`, written in the column chunks of a chunked
-    /// LM head's output.
-    pub fn logits_err(&self, gpu: &Gpu, m: usize, seed: u64) -> Result<f64> {
+    /// LM head's output, with the products in f32 or (`Precision::Mixed`, as `--precision mixed`
+    /// runs a frozen LM head) in f16. An f32 product's error is against the largest logit; a
+    /// mixed one's against the largest sum of absolute products ([`super::mixed_err`]), made
+    /// as [`check_qmatmul`] makes it for the variant that runs (the fused kernel's scaled
+    /// quants, the scratch variant's dequantized weights).
+    pub fn logits_err(&self, gpu: &Gpu, m: usize, seed: u64, precision: Precision) -> Result<f64> {
         let (v, c) = self.dims();
+        let ty = self.table.ty();
         let x = uniform(m * c, seed);
         let gx = Tensor::from_host(gpu, &x, &[m, c], "hidden states")?;
         let gy = Tensor::empty_split(gpu, &[m, v], Split::Cols, 52_428, "logits")?;
         gy.fill(gpu, f32::NAN)?;
-        quant::qmatmul(gpu, &gy, &gx, &self.table, None, false)?;
-        let mut want = vec![0f32; m * v];
+        matmul::with_precision(precision, || quant::qmatmul(gpu, &gy, &gx, &self.table, None, false))?;
+        let mixed = precision == Precision::Mixed;
+        let scratch = quant::use_scratch(m)?;
+        let xa = absolute(&x);
+        let (mut want, mut abs) = (vec![0f32; m * v], vec![0f32; if mixed { m * v } else { 0 }]);
         for r0 in (0..v).step_by(SLAB) {
             let r1 = (r0 + SLAB).min(v);
             let w = self.rows(r0, r1);
-            let mut y = vec![0f32; m * (r1 - r0)];
             let d = kr::MatmulDims { batch: 1, m, n: r1 - r0, k: c, trans_a: false, trans_b: true };
-            kr::matmul_forward(&mut y, &x, &w, None, d);
-            for i in 0..m {
-                want[i * v + r0..i * v + r1].copy_from_slice(&y[i * (r1 - r0)..(i + 1) * (r1 - r0)]);
+            let slab = |out: &mut [f32], x: &[f32], w: &[f32]| {
+                let mut y = vec![0f32; m * (r1 - r0)];
+                kr::matmul_forward(&mut y, x, w, None, d);
+                for i in 0..m {
+                    out[i * v + r0..i * v + r1].copy_from_slice(&y[i * (r1 - r0)..(i + 1) * (r1 - r0)]);
+                }
+            };
+            slab(&mut want, &x, &w);
+            if mixed {
+                let wa = if scratch {
+                    absolute(&w)
+                } else {
+                    let rb = self.table.row_bytes();
+                    scaled_quants_abs(ty, &self.bytes[r0 * rb..r1 * rb], w.len())
+                };
+                slab(&mut abs, &xa, &wa);
             }
         }
-        Ok(rel_err(&gy.to_host(gpu)?, &want))
+        let got = gy.to_host(gpu)?;
+        Ok(if mixed { super::mixed_err(&got, &want, &abs) } else { rel_err(&got, &want) })
     }
 
     /// Error of the LM head's `dx (m, C) = dlogits (m, V) . table`, dlogits in column chunks.

@@ -76,6 +76,9 @@ pub enum Value {
     /// Host memory: every value on the CPU path; on a GPU run, a trained weight kept on the host
     /// and streamed like the above (`params::Location::Host`), or its gradient.
     Cpu(Vec<f32>),
+    /// An activation held in 16 bits until the backward pass reads it (`--activations`): the
+    /// executor unpacks it to [`Value::Gpu`] first, so no op sees this.
+    Half(crate::kernels::half::HalfTensor),
 }
 
 impl Value {
@@ -111,7 +114,7 @@ impl Value {
     pub fn fill(&mut self, dev: &Device, x: f32) -> Result<()> {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
-            (Value::Packed(_) | Value::Streamed(_), _) => Err(packed_value()),
+            (Value::Packed(_) | Value::Streamed(_) | Value::Half(_), _) => Err(packed_value()),
             (Value::Cpu(v), _) => {
                 crate::cpu::elementwise::fill(v, x);
                 Ok(())
@@ -124,6 +127,7 @@ impl Value {
             (Value::Gpu(t), Device::Gpu(g)) => t.to_host(g),
             (Value::Packed(q), Device::Gpu(g)) => q.to_host(g),
             (Value::Streamed(w), _) => w.to_host(),
+            (Value::Half(h), Device::Gpu(g)) => h.to_host(g),
             (Value::Cpu(v), _) => Ok(v.clone()),
             _ => Err(wrong_device()),
         }
@@ -133,6 +137,7 @@ impl Value {
             Value::Gpu(t) => t,
             Value::Packed(_) => panic!("a packed weight reached a kernel that reads only f32"),
             Value::Streamed(_) => panic!("a streamed weight reached a kernel before its upload"),
+            Value::Half(_) => panic!("a 16-bit activation reached a kernel before it was unpacked"),
             Value::Cpu(_) => panic!("a CPU value reached a GPU kernel"),
         }
     }
@@ -153,7 +158,8 @@ impl Value {
 fn packed_value() -> Error {
     Error::Internal {
         context: "graph".into(),
-        message: "a packed (frozen, quantized) weight cannot be written".into(),
+        message: "a packed value (a frozen weight, or an activation held in 16 bits) cannot be written"
+            .into(),
     }
 }
 
@@ -591,6 +597,7 @@ impl Graph {
                 recomputed[v.0] &= segment[v.0] == segment[i];
             }
         }
+        let half = self.options.activations.format(&dev);
         let streaming = matches!(dev, Device::Gpu(_)) && store.iter().any(|(_, p)| p.streams());
         let residency = streaming.then(|| {
             stream::Residency::plan(self, store, &self.requires_grad, &self.layer_ranges(), checkpointing)
@@ -606,6 +613,7 @@ impl Graph {
             done_segments: Vec::new(),
             residency,
             resident: stream::Resident::default(),
+            half,
         };
         run.saved.resize_with(n, || None);
         for i in 0..n {
@@ -616,6 +624,11 @@ impl Graph {
             };
             run.stream_in(store, i, true)?;
             run.forward_node(store, i, &last_forward, needed)?;
+            // what the backward pass reads, held in 16 bits once the forward pass is done with it
+            // (a layer input that a recomputation reads stays f32)
+            run.narrow_inputs(i, &last_forward, |v| {
+                needed(v) && !(checkpointing && self.layer_inputs.contains(&Var(v)))
+            })?;
             if run.segment[i].is_some() {
                 run.saved[i] = None; // made again when the segment is recomputed
             }
@@ -663,6 +676,8 @@ pub struct Run<'g> {
     /// when weights stream: their schedule, and the ones uploaded now
     residency: Option<stream::Residency>,
     resident: stream::Resident,
+    /// the 16-bit format activations are held in between the passes (`--activations`)
+    half: Option<crate::kernels::half::HalfFormat>,
 }
 
 impl Run<'_> {
@@ -715,6 +730,51 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Hold in 16 bits (`self.half`) the inputs of node `i` that no later forward step reads
+    /// and a backward step will (`held`), unless kept for the caller or parameters. On a CPU
+    /// path the values are rounded in place as the GPU's packing rounds them
+    /// (`kernels_ref::half_round`), which saves nothing and makes a reference for the GPU's.
+    fn narrow_inputs(
+        &mut self,
+        i: usize,
+        last_forward: &[usize],
+        held: impl Fn(usize) -> bool,
+    ) -> Result<()> {
+        let Some(format) = self.half else { return Ok(()) };
+        let g = self.graph;
+        for (k, v) in g.nodes[i].inputs.iter().enumerate() {
+            let repeated = g.nodes[i].inputs[..k].contains(v); // rounded once
+            if last_forward[v.0] != i || !held(v.0) || self.keep.contains(v) || repeated {
+                continue;
+            }
+            if matches!(g.nodes[v.0].op, Op::Param(_)) {
+                continue;
+            }
+            match (&mut self.values[v.0], &self.dev) {
+                (Some(Value::Gpu(t)), Device::Gpu(gpu)) => {
+                    let _c = category::forward(g, v.0).enter();
+                    let h = crate::kernels::half::pack(gpu, t, format)?;
+                    Value::recycle(&self.dev, self.values[v.0].replace(Value::Half(h)));
+                }
+                (Some(Value::Cpu(x)), Device::Cpu(_)) => {
+                    use rayon::prelude::*;
+                    x.par_iter_mut().for_each(|x| *x = kernels_ref::half_round_one(*x, format));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Value `v` back in f32 if it is held in 16 bits (before a step that reads it).
+    fn widen(&mut self, v: Var) -> Result<()> {
+        if let (Some(Value::Half(h)), Device::Gpu(gpu)) = (&self.values[v.0], &self.dev) {
+            let t = crate::kernels::half::unpack(gpu, h)?;
+            self.values[v.0] = Some(Value::Gpu(t));
+        }
+        Ok(())
+    }
+
     /// Run segment `k`'s forward pass again from its kept input, keeping what its backward
     /// steps read (the values and saved state that checkpointing dropped).
     fn recompute(&mut self, store: &ParamStore, k: usize) -> Result<()> {
@@ -741,6 +801,9 @@ impl Run<'_> {
         for i in first..=last {
             if let (Some(r), Device::Gpu(gpu)) = (&self.residency, &self.dev) {
                 self.resident.ensure(gpu, store, r.forward_reads(i))?;
+            }
+            for &v in &g.nodes[i].inputs {
+                self.widen(v)?;
             }
             self.forward_node(store, i, &last_forward, |v| needed[v])?;
         }
@@ -841,6 +904,14 @@ impl Run<'_> {
                 }
             }
             let _c = category::backward(g, i).enter();
+            for (j, &v) in node.inputs.iter().enumerate() {
+                if node.op.backward_reads(j) {
+                    self.widen(v)?;
+                }
+            }
+            if node.op.backward_reads_output() {
+                self.widen(Var(i))?;
+            }
             ops::backward(self, store, &mut grads, i, dout, scale)?;
             if let Some(r) = &self.residency {
                 let key = r.key_backward(i);

@@ -23,6 +23,7 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
+pub mod half;
 pub mod lm_head_loss;
 pub mod matmul;
 pub mod matmul_tune;

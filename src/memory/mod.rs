@@ -10,6 +10,10 @@
 //!   backward pass.
 //! - `--memory-budget SIZE`: the GPU bytes the engine may hold.
 //! - `--optimizer-offload host|disk`: the AdamW moments live off the GPU.
+//!
+//! One option here is not exact: `--activations f16|bf16` (the default under `--precision
+//! mixed`) keeps the activations the backward pass reads in 16 bits, so its gradients see
+//! them rounded (`kernels::half`).
 
 pub mod offload;
 pub mod report;
@@ -23,6 +27,51 @@ pub struct GraphOptions {
     pub fused_loss: bool,
     pub flash_attention: bool,
     pub checkpoint_activations: bool,
+    #[serde(default)]
+    pub activations: ActivationStore,
+}
+
+/// How the activations that the backward pass reads are held between the two passes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationStore {
+    /// f16 on a GPU under `--precision mixed`, f32 otherwise.
+    #[default]
+    Auto,
+    /// As computed.
+    F32,
+    /// IEEE half precision (11 significant bits; beyond +-65504 saturates). GPU only.
+    F16,
+    /// bfloat16 (8 significant bits, f32's range: for activations that grow large). GPU only.
+    Bf16,
+}
+
+impl ActivationStore {
+    /// The 16-bit format the activations are held in on `dev`, if any. On a CPU path f16 and
+    /// bf16 are emulated (the values rounded in place, no memory saved): a reference for the
+    /// GPU's, and a way to see their effect on a run.
+    pub fn format(self, dev: &crate::graph::Device) -> Option<crate::kernels::half::HalfFormat> {
+        use crate::kernels::half::HalfFormat;
+        match (self, dev) {
+            (ActivationStore::Auto, crate::graph::Device::Gpu(g)) => {
+                (g.precision() == crate::gpu::Precision::Mixed).then_some(HalfFormat::F16)
+            }
+            (ActivationStore::Auto | ActivationStore::F32, _) => None,
+            (ActivationStore::F16, _) => Some(HalfFormat::F16),
+            (ActivationStore::Bf16, _) => Some(HalfFormat::Bf16),
+        }
+    }
+
+    /// Say once, before a run, what a 16-bit choice does on a CPU path.
+    pub fn note(self, dev: &crate::graph::Device) {
+        if let (Some(f), crate::graph::Device::Cpu(_)) = (self.format(dev), dev) {
+            eprintln!(
+                "note: --activations {}: the CPU paths round the kept activations to {f:?} in place \
+                 (to show its effect on the numbers); only a GPU holds them in 16 bits and saves memory",
+                format!("{f:?}").to_lowercase()
+            );
+        }
+    }
 }
 
 /// Where the AdamW moments live.
@@ -65,6 +114,12 @@ pub struct MemoryFlags {
     #[arg(long)]
     #[serde(default)]
     pub flash_attention: bool,
+    /// How the activations the backward pass reads are kept between the passes: in 16 bits
+    /// (f16, or bf16 for models whose activations pass 65,504) they take half the memory and
+    /// the gradients see them rounded. `auto`: f16 on a GPU under --precision mixed, else f32.
+    #[arg(long, value_enum, default_value_t = ActivationStore::Auto)]
+    #[serde(default)]
+    pub activations: ActivationStore,
 }
 
 impl MemoryFlags {
@@ -73,6 +128,7 @@ impl MemoryFlags {
             fused_loss: self.fused_loss,
             flash_attention: self.flash_attention,
             checkpoint_activations: self.checkpoint_activations,
+            activations: self.activations,
         }
     }
 }

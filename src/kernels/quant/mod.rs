@@ -221,7 +221,7 @@ pub fn current_variant() -> Result<QmatmulVariant> {
 }
 
 /// Whether a product with `m` rows of x (dy) runs the scratch variant.
-fn use_scratch(m: usize) -> Result<bool> {
+pub fn use_scratch(m: usize) -> Result<bool> {
     Ok(match current_variant()? {
         QmatmulVariant::Fused => false,
         QmatmulVariant::Scratch => true,
