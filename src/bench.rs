@@ -247,7 +247,6 @@ pub fn step_bench(
     use crate::models::Model;
     crate::memory::validate(memory)?;
     crate::memory::apply_budget(dev, memory.memory_budget);
-    memory.activations.note(dev);
     let rss = RssSampler::start();
     let stream = memory.memory_budget.is_some();
     let (model, mut store) = match what {

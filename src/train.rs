@@ -416,7 +416,6 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         crate::kernels::matmul_tune::tune_and_report(gpu)?;
     }
     crate::memory::apply_budget(&dev, o.memory.memory_budget);
-    o.memory.activations.note(&dev);
     let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
     if o.resume && resume_dir.is_none() {

@@ -2,19 +2,20 @@
 //! `--precision mixed`; `kernels::half`, the graph executor's `narrow_inputs` / `widen`).
 //!
 //! - The step is the reference's step with the same roundings: for every architecture, full
-//!   fine-tuning and LoRA (with dropout), in f16 and in bf16, the CPU reference path rounds the
-//!   same values in place with the `half` crate's conversions. The forward pass reads f32
+//!   fine-tuning and LoRA (with dropout), in f16 and in bf16, the CPU reference path holds the
+//!   same values in host memory through the `half` crate's conversions (`cpu::half`), and the
+//!   GPU and the fast CPU path are held to it. The forward pass reads f32
 //!   values only, so the loss equals f32's bit for bit; the gradients move by the rounding
 //!   (1.4e-4 to 4.5e-4 of their norm in f16, 1.1e-3 to 3.7e-3 in bf16, against f32's own GPU
-//!   vs reference noise of 2e-7 to 2e-6), and the GPU's land on the emulation's: at most half
-//!   as far from them as the rounding moves them (measured: 0.003 to 0.09 of it, 0.23 for
-//!   Gemma 2 LoRA in bf16). Not equal: where the GPU's f32 value and the reference's lie on
-//!   either side of a rounding boundary (about one value in a thousand for f16), they round
-//!   one 16-bit step apart.
+//!   vs reference noise of 2e-7 to 2e-6), and the device's land on the reference's: at most
+//!   half as far from them as the rounding moves them (measured on the GPU: 0.003 to 0.09 of
+//!   it, 0.23 for Gemma 2 LoRA in bf16). Not equal: where a device's f32 value and the
+//!   reference's lie on either side of a rounding boundary (about one value in a thousand for
+//!   f16), they round one 16-bit step apart.
 //! - At a real size (GPT-2 124M, batch 4 x 128, planned: every buffer counted, no kernel run),
 //!   what the forward pass leaves for the backward pass takes half the bytes, and the smallest
 //!   memory budget of the step falls.
-//! - On a CPU path the choice is emulated, and `bench step` says so.
+//! - `bench step` takes the choice and reports it; an unknown one is refused with the choices.
 //!
 //! The conversion kernel itself is checked bit for bit by gradcheck (`half_storage`,
 //! tests/kernels.rs).
@@ -44,31 +45,51 @@ fn distance(a: &common::Step, b: &common::Step) -> f64 {
 
 #[test]
 fn sixteen_bit_activations_give_the_reference_step_with_the_same_rounding() {
-    let Some(gpu) = common::gpu_device() else { return };
+    let gpu = common::gpu_device();
     let bt = (2, 7);
     for (family, config) in common::family_configs() {
         for lora in [false, true] {
-            let method = if lora { "lora" } else { "full" };
-            let step = |dev: &Device, store| common::model_step(&config, dev, lora, options(store), bt);
-            let ref32 = step(&Device::CPU_REF, ActivationStore::F32);
-            let gpu32 = step(&gpu, ActivationStore::F32);
-            for store in [ActivationStore::F16, ActivationStore::Bf16] {
-                let what = format!("{family} {method} {store:?}");
-                let (on_gpu, reference) = (step(&gpu, store), step(&Device::CPU_REF, store));
-                let (emul, rounding, f32s) =
-                    (distance(&on_gpu, &reference), distance(&reference, &ref32), distance(&gpu32, &ref32));
-                eprintln!(
-                    "{what}: gpu vs emulation {emul:.2e}, the rounding's effect {rounding:.2e} \
-                     (f32: gpu vs reference {f32s:.2e})"
-                );
-                // the forward pass reads f32 values only: the loss is f32's bit for bit
-                assert_eq!(on_gpu.0, gpu32.0, "{what}: the loss moved");
-                assert_eq!(reference.0, ref32.0, "{what}: the reference's loss moved");
-                // the gradients see the rounding, and the GPU's see the reference's: a GPU that
-                // rounded nothing, or other values, would be as far from the emulation as the
-                // rounding moves it (ratio ~1)
-                assert!(rounding > 10.0 * f32s, "{what}: the rounding is not visible above f32's noise");
-                assert!(emul <= 0.5 * rounding, "{what}: gpu vs emulation {emul:e}, rounding {rounding:e}");
+            for flash in [false, true] {
+                // the fast CPU path's attention always keeps the log-sum-exp and recomputes
+                // the probabilities from q and k (held rounded): flash attention's backward
+                let mut devices: Vec<&Device> = gpu.iter().collect();
+                if flash {
+                    devices.push(&Device::CPU);
+                }
+                let method = if lora { "lora" } else { "full" };
+                let step = |dev: &Device, store| {
+                    let o = GraphOptions { flash_attention: flash, ..options(store) };
+                    common::model_step(&config, dev, lora, o, bt)
+                };
+                let ref32 = step(&Device::CPU_REF, ActivationStore::F32);
+                for store in [ActivationStore::F16, ActivationStore::Bf16] {
+                    let what = format!("{family} {method}{} {store:?}", if flash { " flash" } else { "" });
+                    let reference = step(&Device::CPU_REF, store);
+                    // the forward pass reads f32 values only: the loss is f32's bit for bit
+                    assert_eq!(reference.0, ref32.0, "{what}: the reference's loss moved");
+                    let rounding = distance(&reference, &ref32);
+                    for dev in &devices {
+                        let (held, dev32) = (step(dev, store), step(dev, ActivationStore::F32));
+                        let (emul, f32s) = (distance(&held, &reference), distance(&dev32, &ref32));
+                        let what = format!("{what} on {}", dev.name());
+                        eprintln!(
+                            "{what}: vs the reference's rounding {emul:.2e}, the rounding's effect \
+                             {rounding:.2e} (f32: vs the reference {f32s:.2e})"
+                        );
+                        assert_eq!(held.0, dev32.0, "{what}: the loss moved");
+                        // the gradients see the rounding, and the device's see the reference's:
+                        // a device that rounded nothing, or other values, would be as far from
+                        // the reference's as the rounding moves it (ratio ~1)
+                        assert!(
+                            rounding > 10.0 * f32s,
+                            "{what}: the rounding is not visible above f32's noise"
+                        );
+                        assert!(
+                            emul <= 0.5 * rounding,
+                            "{what}: {emul:e} from the reference, rounding {rounding:e}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -130,15 +151,21 @@ fn at_gpt2_size_the_kept_activations_take_half_the_bytes() {
 }
 
 #[test]
-fn on_a_cpu_path_sixteen_bit_activations_are_emulated_and_said_so() {
+fn bench_step_takes_the_choice_and_reports_it() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"))
         .env("POCKETTUNE_MATMUL_AUTOTUNE", "off")
         .args(["bench", "step", "--preset", "tiny", "--method", "lora", "--steps", "1", "--device", "cpu"])
         .args(["--activations", "bf16"])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("round the kept activations to Bf16 in place"), "{err}");
-    assert!(err.contains("only a GPU holds them in 16 bits"), "{err}");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let said = format!("{stdout}{stderr}");
+    assert!(said.contains("\"activations\":\"bf16\""), "{said}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pockettune"))
+        .args(["bench", "step", "--activations", "f8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("auto, f32, f16, bf16"), "{stderr}");
 }

@@ -4,7 +4,7 @@
 //! Here: the matrix product ([`matmul`]), attention ([`attention`]), the LM head fused with the
 //! loss ([`head_loss`]), the elementwise ops and the plain cross-entropy in f32 blocks
 //! ([`elementwise`]), LayerNorm and RMSNorm ([`norm`]), the embedding's backward, host buffers
-//! recycled by length ([`pool`]), and what makes the elementwise loops vectorize ([`simd`]).
+//! recycled by length ([`pool`]), activations held in 16 bits ([`half`]), and what makes the elementwise loops vectorize ([`simd`]).
 //! RoPE, the embedding's forward, the soft cap and AdamW are the reference's
 //! functions (threaded in blocks already), shared by both CPU paths. The reference path (`--device cpu-ref`) stays the judge: each
 //! function here is tested against its `kernels-ref` twin (`tests/cpu_fast.rs`), and whole
@@ -12,6 +12,7 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod half;
 pub mod head_loss;
 pub mod norm;
 pub mod pool;

@@ -79,6 +79,9 @@ pub enum Value {
     /// An activation held in 16 bits until the backward pass reads it (`--activations`): the
     /// executor unpacks it to [`Value::Gpu`] first, so no op sees this.
     Half(crate::kernels::half::HalfTensor),
+    /// The same on a CPU path, in host memory (the bits of each value), made [`Value::Cpu`]
+    /// again before an op reads it.
+    HalfHost(Vec<u16>, crate::kernels::half::HalfFormat),
 }
 
 impl Value {
@@ -114,7 +117,9 @@ impl Value {
     pub fn fill(&mut self, dev: &Device, x: f32) -> Result<()> {
         match (self, dev) {
             (Value::Gpu(t), Device::Gpu(g)) => elementwise::fill(g, t, x),
-            (Value::Packed(_) | Value::Streamed(_) | Value::Half(_), _) => Err(packed_value()),
+            (Value::Packed(_) | Value::Streamed(_) | Value::Half(_) | Value::HalfHost(..), _) => {
+                Err(packed_value())
+            }
             (Value::Cpu(v), _) => {
                 crate::cpu::elementwise::fill(v, x);
                 Ok(())
@@ -128,6 +133,11 @@ impl Value {
             (Value::Packed(q), Device::Gpu(g)) => q.to_host(g),
             (Value::Streamed(w), _) => w.to_host(),
             (Value::Half(h), Device::Gpu(g)) => h.to_host(g),
+            (Value::HalfHost(bits, format), _) => {
+                let mut out = vec![0f32; bits.len()];
+                crate::cpu::half::widen(&mut out, bits, *format);
+                Ok(out)
+            }
             (Value::Cpu(v), _) => Ok(v.clone()),
             _ => Err(wrong_device()),
         }
@@ -137,7 +147,9 @@ impl Value {
             Value::Gpu(t) => t,
             Value::Packed(_) => panic!("a packed weight reached a kernel that reads only f32"),
             Value::Streamed(_) => panic!("a streamed weight reached a kernel before its upload"),
-            Value::Half(_) => panic!("a 16-bit activation reached a kernel before it was unpacked"),
+            Value::Half(_) | Value::HalfHost(..) => {
+                panic!("a 16-bit activation reached a kernel before it was unpacked")
+            }
             Value::Cpu(_) => panic!("a CPU value reached a GPU kernel"),
         }
     }
@@ -731,9 +743,8 @@ impl Run<'_> {
     }
 
     /// Hold in 16 bits (`self.half`) the inputs of node `i` that no later forward step reads
-    /// and a backward step will (`held`), unless kept for the caller or parameters. On a CPU
-    /// path the values are rounded in place as the GPU's packing rounds them
-    /// (`kernels_ref::half_round`), which saves nothing and makes a reference for the GPU's.
+    /// and a backward step will (`held`), unless kept for the caller or parameters: on the
+    /// GPU by `kernels::half`, on a CPU path in host memory by `cpu::half` (the same values).
     fn narrow_inputs(
         &mut self,
         i: usize,
@@ -757,8 +768,10 @@ impl Run<'_> {
                     Value::recycle(&self.dev, self.values[v.0].replace(Value::Half(h)));
                 }
                 (Some(Value::Cpu(x)), Device::Cpu(_)) => {
-                    use rayon::prelude::*;
-                    x.par_iter_mut().for_each(|x| *x = kernels_ref::half_round_one(*x, format));
+                    // the f32 buffer goes back to the allocator, not to the fast path's pool:
+                    // the point is to hold less
+                    let bits = crate::cpu::half::narrow(x, format);
+                    self.values[v.0] = Some(Value::HalfHost(bits, format));
                 }
                 _ => {}
             }
@@ -768,10 +781,19 @@ impl Run<'_> {
 
     /// Value `v` back in f32 if it is held in 16 bits (before a step that reads it).
     fn widen(&mut self, v: Var) -> Result<()> {
-        if let (Some(Value::Half(h)), Device::Gpu(gpu)) = (&self.values[v.0], &self.dev) {
-            let t = crate::kernels::half::unpack(gpu, h)?;
-            self.values[v.0] = Some(Value::Gpu(t));
-        }
+        let wide = match (&self.values[v.0], &self.dev) {
+            (Some(Value::Half(h)), Device::Gpu(gpu)) => Value::Gpu(crate::kernels::half::unpack(gpu, h)?),
+            (Some(Value::HalfHost(bits, format)), _) => {
+                let mut out = match self.dev {
+                    Device::Cpu(CpuPath::Fast) => crate::cpu::pool::take(bits.len()),
+                    _ => vec![0f32; bits.len()],
+                };
+                crate::cpu::half::widen(&mut out, bits, *format);
+                Value::Cpu(out)
+            }
+            _ => return Ok(()),
+        };
+        self.values[v.0] = Some(wide);
         Ok(())
     }
 

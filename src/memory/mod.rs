@@ -40,16 +40,15 @@ pub enum ActivationStore {
     Auto,
     /// As computed.
     F32,
-    /// IEEE half precision (11 significant bits; beyond +-65504 saturates). GPU only.
+    /// IEEE half precision (11 significant bits; beyond +-65504 saturates).
     F16,
-    /// bfloat16 (8 significant bits, f32's range: for activations that grow large). GPU only.
+    /// bfloat16 (8 significant bits, f32's range: for activations that grow large).
     Bf16,
 }
 
 impl ActivationStore {
-    /// The 16-bit format the activations are held in on `dev`, if any. On a CPU path f16 and
-    /// bf16 are emulated (the values rounded in place, no memory saved): a reference for the
-    /// GPU's, and a way to see their effect on a run.
+    /// The 16-bit format the activations are held in on `dev`, if any (a CPU path holds them in
+    /// host memory).
     pub fn format(self, dev: &crate::graph::Device) -> Option<crate::kernels::half::HalfFormat> {
         use crate::kernels::half::HalfFormat;
         match (self, dev) {
@@ -59,17 +58,6 @@ impl ActivationStore {
             (ActivationStore::Auto | ActivationStore::F32, _) => None,
             (ActivationStore::F16, _) => Some(HalfFormat::F16),
             (ActivationStore::Bf16, _) => Some(HalfFormat::Bf16),
-        }
-    }
-
-    /// Say once, before a run, what a 16-bit choice does on a CPU path.
-    pub fn note(self, dev: &crate::graph::Device) {
-        if let (Some(f), crate::graph::Device::Cpu(_)) = (self.format(dev), dev) {
-            eprintln!(
-                "note: --activations {}: the CPU paths round the kept activations to {f:?} in place \
-                 (to show its effect on the numbers); only a GPU holds them in 16 bits and saves memory",
-                format!("{f:?}").to_lowercase()
-            );
         }
     }
 }
