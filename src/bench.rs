@@ -173,6 +173,18 @@ pub struct StepResult {
     pub smallest_budget: Option<u64>,
     /// the host's side of one timed step, averaged over the timed steps (None on the CPU path)
     pub per_step: Option<PerStep>,
+    /// with `profile`: one more step, each op timed alone (`graph::profile`)
+    pub profile: Option<StepProfile>,
+}
+
+/// One step timed op by op (`bench step --profile`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepProfile {
+    /// the profiled step's wall time (longer than a plain step's: the device idles between ops)
+    pub ms: f64,
+    /// the executor's steps, slowest first; the rest of `ms` is outside them (clipping, AdamW,
+    /// the step's status)
+    pub rows: Vec<crate::graph::profile::ProfileRow>,
 }
 
 /// Dispatches, submissions and host time of one step: a GPU step is fast when it is few
@@ -240,6 +252,7 @@ pub fn step_bench(
     t: usize,
     steps: usize,
     memory: &crate::memory::MemoryFlags,
+    profile: bool,
 ) -> Result<StepResult> {
     use crate::graph::Device;
     use crate::kernels::optim::AdamW;
@@ -347,6 +360,17 @@ pub fn step_bench(
     }
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
     let per_step = stats(dev).zip(before).map(|(after, before)| PerStep::new(&after.since(&before), steps));
+    let profile = if profile {
+        let start = Instant::now();
+        let (done, rows) = crate::graph::profile::profile(|| -> Result<()> {
+            let step = one(&mut store, None)?;
+            store.outcome(step).map(|_| ())
+        });
+        done?;
+        Some(StepProfile { ms: start.elapsed().as_secs_f64() * 1e3, rows })
+    } else {
+        None
+    };
     let report = MemoryReport::for_device(&rss, dev);
     let weight_bytes = store.value_bytes().into_iter().map(|(ty, n)| (ty.name().to_string(), n)).collect();
     if memory.optimizer_offload == crate::memory::OptimizerOffload::Disk {
@@ -370,5 +394,6 @@ pub fn step_bench(
         memory: report,
         smallest_budget,
         per_step,
+        profile,
     })
 }

@@ -336,6 +336,10 @@ enum BenchCommand {
         /// buffers; RSS and time are then meaningless). GPU only.
         #[arg(long)]
         plan: bool,
+        /// After the timed steps, run one more with each op timed alone (the device idle
+        /// before and after each) and print where its time goes, slowest first.
+        #[arg(long, conflicts_with = "plan")]
+        profile: bool,
         #[command(flatten)]
         memory: pockettune::memory::MemoryFlags,
     },
@@ -603,6 +607,7 @@ fn run(cli: Cli) -> Result<i32> {
                     no_cpu,
                     memory,
                     plan,
+                    profile,
                 },
         } => {
             at_least_one(&[("--batch-size", batch_size), ("--seq-len", seq_len), ("--steps", steps)])?;
@@ -613,7 +618,16 @@ fn run(cli: Cli) -> Result<i32> {
                 (None, None) => pockettune::bench::StepModel::Preset(preset),
             };
             let shape = (batch_size, seq_len);
-            bench_step(&device, json, &what, (lora, precision), shape, steps, (no_cpu, plan), &memory)
+            bench_step(
+                &device,
+                json,
+                &what,
+                (lora, precision),
+                shape,
+                steps,
+                (no_cpu, plan, profile),
+                &memory,
+            )
         }
         Command::Bench {
             what: BenchCommand::Kernels { device, json, rows, budget_ms, layer, matmul, precision },
@@ -1166,6 +1180,34 @@ fn init_model(name: &str, tokenizer: &std::path::Path, out: &std::path::Path, se
 }
 
 #[allow(clippy::too_many_arguments)]
+/// `bench step --profile`'s table: the slowest rows, the rest summed, and what lies outside
+/// the executor's steps.
+fn print_profile(device: &str, p: &pockettune::bench::StepProfile) {
+    const SHOWN: usize = 30;
+    eprintln!(
+        "profile ({device}): one more step, each op timed alone with the device idle around it: {:.0} ms",
+        p.ms
+    );
+    eprintln!("{:>10} {:>7} {:>7}  step", "ms", "share", "calls");
+    let row = |ms: f64, calls: String, what: &str| {
+        eprintln!("{ms:>10.1} {:>6.1}% {calls:>7}  {what}", 100.0 * ms / p.ms.max(1e-9));
+    };
+    for r in p.rows.iter().take(SHOWN) {
+        row(r.ms, r.calls.to_string(), &r.what);
+    }
+    let rest = &p.rows[SHOWN.min(p.rows.len())..];
+    if !rest.is_empty() {
+        let calls: u64 = rest.iter().map(|r| r.calls).sum();
+        row(
+            rest.iter().map(|r| r.ms).sum(),
+            calls.to_string(),
+            &format!("the other {} kinds of step", rest.len()),
+        );
+    }
+    let inside: f64 = p.rows.iter().map(|r| r.ms).sum();
+    row(p.ms - inside, "-".into(), "outside the ops: clipping, AdamW, the step's status, host work");
+}
+
 fn bench_step(
     dev: &DeviceArgs,
     json: bool,
@@ -1173,7 +1215,7 @@ fn bench_step(
     (lora, precision): (bool, pockettune::gpu::Precision),
     (b, t): (usize, usize),
     steps: usize,
-    (no_cpu, plan): (bool, bool),
+    (no_cpu, plan, profile): (bool, bool, bool),
     memory: &pockettune::memory::MemoryFlags,
 ) -> Result<i32> {
     use pockettune::bench::StepModel;
@@ -1233,7 +1275,7 @@ fn bench_step(
         if matches!(d, Device::Cpu(pockettune::graph::CpuPath::Fast)) {
             pockettune::cpu::keep_freed_memory();
         }
-        let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps, memory)?;
+        let r = pockettune::bench::step_bench(&d, what, lora, b, t, steps, memory, profile)?;
         let mib = |x: Option<u64>| x.map_or("-".into(), |v| format!("{:.0}", v as f64 / (1 << 20) as f64));
         eprintln!(
             "{:<44} {:>10.0} {:>10.1} {:>14} {:>14} {:>14}",
@@ -1261,6 +1303,9 @@ fn bench_step(
             eprintln!("{:<44} smallest --memory-budget for this step (planned): {}", "", mib(Some(n)));
         }
         eprintln!("memory ({}):\n{}", r.device, r.memory);
+        if let Some(p) = &r.profile {
+            print_profile(&r.device, p);
+        }
         results.push(r);
     }
     if results.len() == 2 {

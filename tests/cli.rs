@@ -170,3 +170,49 @@ fn gradcheck_json_reports_every_row() {
     assert_eq!(rows.len(), 3, "softmax forward and backward, adamw step: {rows:?}");
     assert!(rows.iter().all(|r| r["max_rel_err"].as_f64().unwrap() <= r["tolerance"].as_f64().unwrap()));
 }
+
+/// `bench step --profile`: one more step timed op by op, on the GPU and on the CPU path; the
+/// rows name each op with its direction and output shape, the LM head's products among them,
+/// and add up to no more than the profiled step.
+#[test]
+fn bench_step_profile_says_where_the_step_goes() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let o = bin()
+        .args([
+            "bench",
+            "step",
+            "--preset",
+            "tiny",
+            "--method",
+            "lora",
+            "--steps",
+            "1",
+            "--profile",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    let vocab = pockettune::models::preset_config("tiny").unwrap()["vocab_size"].as_u64().unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "the GPU and the fast CPU path");
+    for r in results {
+        let p = &r["profile"];
+        let rows = p["rows"].as_array().unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r["what"].as_str().unwrap()).collect();
+        let head = format!("linear backward [512, {vocab}]");
+        assert!(names.contains(&head.as_str()), "{}: no row {head:?} in {names:?}", r["device"]);
+        assert!(names.contains(&"attention forward [512, 64]"), "{names:?}");
+        let sum: f64 = rows.iter().map(|r| r["ms"].as_f64().unwrap()).sum();
+        let total = p["ms"].as_f64().unwrap();
+        assert!(sum > 0.0 && sum <= total, "{}: rows sum to {sum} ms of a {total} ms step", r["device"]);
+        let ms: Vec<f64> = rows.iter().map(|r| r["ms"].as_f64().unwrap()).collect();
+        assert!(ms.windows(2).all(|w| w[0] >= w[1]), "rows are not slowest first: {ms:?}");
+    }
+    let o = bin().args(["bench", "step", "--plan", "--profile"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--profile"), "{err}");
+}

@@ -15,6 +15,7 @@
 mod category;
 mod ops;
 pub mod params;
+pub mod profile;
 pub mod stream;
 
 pub use params::{Param, ParamId, ParamStore, PendingStep, StepOutcome};
@@ -235,6 +236,29 @@ impl Op {
             Op::Act { .. } | Op::AttentionPacked { .. } | Op::CrossEntropy { .. } => true,
             // recomputes each chunk of the logits from x and W
             Op::LinearCrossEntropy { .. } => true,
+        }
+    }
+
+    /// The op's name in a profile (`profile`).
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Param(_) => "param",
+            Op::Embedding { .. } => "embedding",
+            Op::Add => "add",
+            Op::LayerNorm { .. } => "layernorm",
+            Op::Linear { .. } => "linear",
+            Op::Act { act: Act::Gelu } => "gelu",
+            Op::Act { act: Act::Silu } => "silu",
+            Op::Act { act: Act::Softcap(_) } => "softcap",
+            Op::AttentionPacked { .. } | Op::Attention { .. } => "attention",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Rope { .. } => "rope",
+            Op::Glu { silu: true } => "swiglu",
+            Op::Glu { silu: false } => "geglu",
+            Op::Scale { .. } => "scale",
+            Op::Dropout { .. } => "dropout",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::LinearCrossEntropy { .. } => "linear_cross_entropy",
         }
     }
 
@@ -634,13 +658,21 @@ impl Graph {
                 (needed_backward[v] && !recomputed[v])
                     || (checkpointing && self.layer_inputs.contains(&Var(v)))
             };
-            run.stream_in(store, i, true)?;
+            let dev = run.dev.clone();
+            profile::timed(&dev, || "weights streamed in".into(), || run.stream_in(store, i, true))?;
             run.forward_node(store, i, &last_forward, needed)?;
             // what the backward pass reads, held in 16 bits once the forward pass is done with it
             // (a layer input that a recomputation reads stays f32)
-            run.narrow_inputs(i, &last_forward, |v| {
-                needed(v) && !(checkpointing && self.layer_inputs.contains(&Var(v)))
-            })?;
+            let dev = run.dev.clone();
+            profile::timed(
+                &dev,
+                || "activations to 16 bits".into(),
+                || {
+                    run.narrow_inputs(i, &last_forward, |v| {
+                        needed(v) && !(checkpointing && self.layer_inputs.contains(&Var(v)))
+                    })
+                },
+            )?;
             if run.segment[i].is_some() {
                 run.saved[i] = None; // made again when the segment is recomputed
             }
@@ -730,7 +762,9 @@ impl Run<'_> {
             return Ok(()); // read from the store when used
         }
         let _c = category::forward(g, i).enter(); // memory report: what the buffers hold
-        let (value, saved) = ops::forward(self, store, i)?;
+        let what = || format!("{} forward {:?}", g.nodes[i].op.name(), g.shapes[i]);
+        let dev = self.dev.clone();
+        let (value, saved) = profile::timed(&dev, what, || ops::forward(self, store, i))?;
         self.values[i] = Some(value);
         self.saved[i] = saved;
         for v in &g.nodes[i].inputs {
@@ -919,22 +953,32 @@ impl Run<'_> {
                 store.flush_grads()?;
                 layer = layer_of(i);
             }
-            self.stream_in(store, i, false)?;
+            let dev = self.dev.clone();
+            profile::timed(&dev, || "weights streamed in".into(), || self.stream_in(store, i, false))?;
             if let Some(k) = self.segment[i] {
                 if !self.done_segments.contains(&k) {
                     self.recompute(store, k)?;
                 }
             }
             let _c = category::backward(g, i).enter();
-            for (j, &v) in node.inputs.iter().enumerate() {
-                if node.op.backward_reads(j) {
-                    self.widen(v)?;
-                }
-            }
-            if node.op.backward_reads_output() {
-                self.widen(Var(i))?;
-            }
-            ops::backward(self, store, &mut grads, i, dout, scale)?;
+            let dev = self.dev.clone();
+            profile::timed(
+                &dev,
+                || "activations from 16 bits".into(),
+                || {
+                    for (j, &v) in node.inputs.iter().enumerate() {
+                        if node.op.backward_reads(j) {
+                            self.widen(v)?;
+                        }
+                    }
+                    if node.op.backward_reads_output() {
+                        self.widen(Var(i))?;
+                    }
+                    Ok(())
+                },
+            )?;
+            let what = || format!("{} backward {:?}", node.op.name(), g.shapes[i]);
+            profile::timed(&dev, what, || ops::backward(self, store, &mut grads, i, dout, scale))?;
             if let Some(r) = &self.residency {
                 let key = r.key_backward(i);
                 let done: Vec<_> = r
