@@ -49,10 +49,26 @@ const GPT2_LAYERS: &[(&str, usize, usize, bool)] = &[
     ("lm_head 768x50257", 768, 50257, true),
 ];
 
-/// The three products of each GPT-2 layer at `m` rows.
+/// LoRA's matrices (rank 8) on GPT-2's MLP, stored as PEFT stores them ((r, in) and (out, r):
+/// transposed): products with 8 columns or 8 rows, or a sum over 8, which the subgroup kernel's
+/// narrow tiles are for. Measured only when `bench kernels --layer` names them (`lora`), so the
+/// GPT-2 layers' overall figure keeps its meaning.
+const LORA_LAYERS: &[(&str, usize, usize, bool)] =
+    &[("lora_A mlp.c_fc 768x8", 768, 8, true), ("lora_B mlp.c_fc 8x3072", 8, 3072, true)];
+
+/// The three products of each GPT-2 layer at `m` rows; with `lora`, LoRA's instead.
 pub fn gpt2_cases(m: usize) -> Vec<MatmulCase> {
+    cases_of(GPT2_LAYERS, m)
+}
+
+/// The three products of each LoRA matrix of [`LORA_LAYERS`] at `m` rows.
+pub fn lora_cases(m: usize) -> Vec<MatmulCase> {
+    cases_of(LORA_LAYERS, m)
+}
+
+fn cases_of(layers: &[(&'static str, usize, usize, bool)], m: usize) -> Vec<MatmulCase> {
     let mut cases = Vec::new();
-    for &(layer, k, n, w_trans) in GPT2_LAYERS {
+    for &(layer, k, n, w_trans) in layers {
         // forward  Y (m,n) = X (m,k) . W (k,n)          [W stored (n,k) when w_trans]
         cases.push(MatmulCase { layer, product: "forward X.W", m, n, k, trans_a: false, trans_b: w_trans });
         // backward dX (m,k) = dY (m,n) . W^T (n,k)

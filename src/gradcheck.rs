@@ -326,6 +326,10 @@ pub fn check_all(gpu: &Gpu, seed: u64, tier: Tier) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// (M, N, K) of the products checked in every transpose. Besides tiny and ragged ones, they
+/// cross the subgroup kernel's choice of tile: N <= 64 takes the narrow-N tile (64 x 8; M
+/// ragged against 64 in (129, 7)), else M <= 16 the narrow-M tile (8 x 256; M ragged against 8
+/// in (9, 65)), else the wide one ((17, 65) and (67, 65): just past both).
 const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (1, 5, 3),
@@ -335,6 +339,9 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (67, 65, 63),
     (31, 130, 97),
     (129, 7, 200),
+    (9, 65, 33),
+    (16, 300, 40),
+    (17, 65, 20),
 ];
 
 const ALL_TRANSPOSES: &[(bool, bool)] = &[(false, false), (false, true), (true, false), (true, true)];

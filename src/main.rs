@@ -356,7 +356,8 @@ enum BenchCommand {
         /// Minimum wall time per measurement, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         budget_ms: u64,
-        /// Only layers whose name contains this text (e.g. `c_fc`, `lm_head`).
+        /// Only layers whose name contains this text (e.g. `c_fc`, `lm_head`; `lora` measures
+        /// LoRA's rank-8 matrices on the MLP instead, `lora_A` or `lora_B` one of them).
         #[arg(long)]
         layer: Option<String>,
         /// Matmul kernel to measure: the device's choice (`POCKETTUNE_MATMUL`, else the
@@ -892,8 +893,13 @@ fn bench_kernels(
             vec![kernel]
         }
     };
-    let cases: Vec<_> =
-        bench::gpt2_cases(rows).into_iter().filter(|c| layer.is_none_or(|l| c.layer.contains(l))).collect();
+    let cases: Vec<_> = match layer {
+        Some(l) if l.contains("lora") => bench::lora_cases(rows),
+        _ => bench::gpt2_cases(rows),
+    }
+    .into_iter()
+    .filter(|c| layer.is_none_or(|l| c.layer.contains(l)))
+    .collect();
     if cases.is_empty() {
         anyhow::bail!("no GPT-2 layer matches --layer {:?}", layer.unwrap_or_default());
     }

@@ -16,6 +16,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("matmul_mixed", include_str!("../shaders/matmul_mixed.wgsl")),
     ("matmul_staged", include_str!("../shaders/matmul_staged.wgsl")),
     ("matmul_subgroup", include_str!("../shaders/matmul_subgroup.wgsl")),
+    ("matmul_subgroup_narrow_m", include_str!("../shaders/matmul_subgroup_narrow_m.wgsl")),
+    ("matmul_subgroup_narrow_n", include_str!("../shaders/matmul_subgroup_narrow_n.wgsl")),
     ("norm", include_str!("../shaders/norm.wgsl")),
     ("quant", include_str!("../shaders/quant.wgsl")),
     ("reduce", include_str!("../shaders/reduce.wgsl")),

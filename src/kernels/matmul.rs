@@ -49,6 +49,19 @@ const TILE: usize = 64; // WG (16) x register tile (4), along M and along N
 /// Tile of `shaders/matmul_subgroup.wgsl` (see `tools/gen_matmul_subgroup.py`).
 const SG_ROWS: usize = 64;
 const SG_COLS: usize = 64 * 4;
+/// The subgroup kernel's narrow tiles, for products whose C has few columns (LoRA's rank:
+/// `x A^T`, and `dy B` in the backward pass) or few rows (`dA = dh^T x`): 64 x 8
+/// (`matmul_subgroup_narrow_n`, 8 invocations, one column each) and 8 x 256
+/// (`matmul_subgroup_narrow_m`, one row of A per lane). The 64 x 256 tile computes a whole
+/// tile whatever the shape, so at N = 8 it spends 32 times the loads the product needs. By
+/// loads per useful multiply-add (lavapipe's cost, see docs/perf.md): 12 / min(N, 256) for the
+/// wide tile, 9 / 64 for the narrow-N one, so narrow-N from N < 86 down; narrow-M has 5 loads
+/// per 32 against the wide tile's 12 per 4 M.
+const SG_NARROW_N: (usize, usize) = (64, 8);
+const SG_NARROW_M: (usize, usize) = (8, 256);
+/// Largest N (M) that takes a narrow tile.
+const NARROW_N_MAX: usize = 64;
+const NARROW_M_MAX: usize = 16;
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<MatmulKernel>> = const { std::cell::Cell::new(None) };
@@ -156,7 +169,7 @@ pub fn matmul_strided(
         return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
     let kernel = current(gpu);
-    let (_, tile_m, tile_n) = entry(kernel);
+    let (key, tile_m, tile_n) = entry(kernel, d.m, d.n);
     let max = gpu.max_workgroups() as usize;
     if d.nb1 * d.nb2 > max {
         return Err(Error::shape(
@@ -177,15 +190,17 @@ pub fn matmul_strided(
                 let first = k0 == 0;
                 let bias = bias.filter(|_| first).map(|(buf, off)| (buf, off + n0));
                 let piece = Dims { m: ml, n: nl, k: kl, ..d };
-                dispatch_piece(gpu, kernel, c, a, b, bias, piece, alpha, accumulate || !first)?;
+                let tile = (&key, tile_m, tile_n);
+                dispatch_piece(gpu, tile, c, a, b, bias, piece, alpha, accumulate || !first)?;
             }
         }
     }
     Ok(())
 }
 
-/// A kernel's entry point and the (rows, columns) of C one workgroup computes.
-fn entry(kernel: Choice) -> (KernelKey, usize, usize) {
+/// A kernel's entry point and the (rows, columns) of C one workgroup computes, for a product
+/// of `m` x `n` (the subgroup kernel takes a narrow tile for few rows or columns).
+fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
     let (kernel, staged) = match kernel {
         Choice::F32(k) => (k, "matmul_staged"),
         Choice::Mixed(k @ MatmulKernel::Staged(_)) => (k, "matmul_staged_mixed"),
@@ -193,7 +208,16 @@ fn entry(kernel: Choice) -> (KernelKey, usize, usize) {
     };
     match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
-        MatmulKernel::Subgroup => (KernelKey::new("matmul_subgroup", "matmul_subgroup"), SG_ROWS, SG_COLS),
+        MatmulKernel::Subgroup => {
+            let (shader, (rows, cols)) = if n <= NARROW_N_MAX {
+                ("matmul_subgroup_narrow_n", SG_NARROW_N)
+            } else if m <= NARROW_M_MAX {
+                ("matmul_subgroup_narrow_m", SG_NARROW_M)
+            } else {
+                ("matmul_subgroup", (SG_ROWS, SG_COLS))
+            };
+            (KernelKey::new(shader, "matmul_subgroup"), rows, cols)
+        }
         MatmulKernel::Staged(t) => (
             KernelKey::new(staged, "matmul_staged")
                 .with("WG_M", t.wg_m)
@@ -240,7 +264,7 @@ fn staged_fixed_trips(t: StagedTile) -> usize {
 /// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
 fn dispatch_piece(
     gpu: &Gpu,
-    kernel: Choice,
+    (key, tile_m, tile_n): (&KernelKey, usize, usize),
     c: View,
     a: View,
     b: View,
@@ -274,10 +298,9 @@ fn dispatch_piece(
         alpha,
         _pad: [0; 3],
     };
-    let (key, tile_m, tile_n) = entry(kernel);
     let groups = [d.n.div_ceil(tile_n), d.m.div_ceil(tile_m), d.nb1 * d.nb2].map(|g| g as u32);
     gpu.dispatch(
-        &key,
+        key,
         &[Some(a.buf), Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))],
         bytemuck::bytes_of(&params),
         groups,
