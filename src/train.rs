@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, GpuOptions, Precision, Profile};
 use crate::graph::{Device, ParamStore, StepOutcome};
 use crate::kernels::optim::AdamW;
+use crate::memory::ActivationStore;
 use crate::models::{LoadOptions, Model};
 use crate::weights::BaseDtype;
 use serde::{Deserialize, Serialize};
@@ -416,6 +417,13 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         crate::kernels::matmul_tune::tune_and_report(gpu)?;
     }
     crate::memory::apply_budget(&dev, o.memory.memory_budget);
+    if let (ActivationStore::Auto, Some(f)) = (o.memory.activations, o.memory.activations.format(&dev)) {
+        let f = format!("{f:?}").to_lowercase();
+        eprintln!(
+            "note: under --precision mixed the activations the backward pass reads are kept in {f} \
+             (--activations f32 keeps them in f32, bf16 suits activations past 65,504)"
+        );
+    }
     let tok = Tokenizer::for_model(&o.model, o.tokenizer.as_deref())?;
     let resume_dir = if o.resume { checkpoint::latest(&o.out)? } else { None };
     if o.resume && resume_dir.is_none() {

@@ -2,7 +2,8 @@
 //! `--precision mixed`; `kernels::half`, the graph executor's `narrow_inputs` / `widen`).
 //!
 //! - The step is the reference's step with the same roundings: for every architecture, full
-//!   fine-tuning and LoRA (with dropout), in f16 and in bf16, the CPU reference path holds the
+//!   fine-tuning and LoRA (with dropout), in f16 and in bf16, plain, with flash attention and
+//!   with flash attention and checkpointing, the CPU reference path holds the
 //!   same values in host memory through the `half` crate's conversions (`cpu::half`), and the
 //!   GPU and the fast CPU path are held to it. The forward pass reads f32
 //!   values only, so the loss equals f32's bit for bit; the gradients move by the rounding
@@ -49,7 +50,9 @@ fn sixteen_bit_activations_give_the_reference_step_with_the_same_rounding() {
     let bt = (2, 7);
     for (family, config) in common::family_configs() {
         for lora in [false, true] {
-            for flash in [false, true] {
+            // (flash attention, checkpointing: a layer's input is held in 16 bits too, and its
+            // recomputation unpacks it)
+            for (flash, checkpoint) in [(false, false), (true, false), (true, true)] {
                 // the fast CPU path's attention always keeps the log-sum-exp and recomputes
                 // the probabilities from q and k (held rounded): flash attention's backward
                 let mut devices: Vec<&Device> = gpu.iter().collect();
@@ -58,12 +61,21 @@ fn sixteen_bit_activations_give_the_reference_step_with_the_same_rounding() {
                 }
                 let method = if lora { "lora" } else { "full" };
                 let step = |dev: &Device, store| {
-                    let o = GraphOptions { flash_attention: flash, ..options(store) };
+                    let o = GraphOptions {
+                        flash_attention: flash,
+                        checkpoint_activations: checkpoint,
+                        ..options(store)
+                    };
                     common::model_step(&config, dev, lora, o, bt)
                 };
                 let ref32 = step(&Device::CPU_REF, ActivationStore::F32);
                 for store in [ActivationStore::F16, ActivationStore::Bf16] {
-                    let what = format!("{family} {method}{} {store:?}", if flash { " flash" } else { "" });
+                    let opts = match (flash, checkpoint) {
+                        (false, _) => "",
+                        (true, false) => " flash",
+                        (true, true) => " flash checkpointed",
+                    };
+                    let what = format!("{family} {method}{opts} {store:?}");
                     let reference = step(&Device::CPU_REF, store);
                     // the forward pass reads f32 values only: the loss is f32's bit for bit
                     assert_eq!(reference.0, ref32.0, "{what}: the reference's loss moved");

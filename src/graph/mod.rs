@@ -662,16 +662,13 @@ impl Graph {
             profile::timed(&dev, || "weights streamed in".into(), || run.stream_in(store, i, true))?;
             run.forward_node(store, i, &last_forward, needed)?;
             // what the backward pass reads, held in 16 bits once the forward pass is done with it
-            // (a layer input that a recomputation reads stays f32)
+            // (a checkpointed layer's input too: its recomputation starts from the rounded
+            // values, as the backward steps of an unchecked layer read rounded ones)
             let dev = run.dev.clone();
             profile::timed(
                 &dev,
                 || "activations to 16 bits".into(),
-                || {
-                    run.narrow_inputs(i, &last_forward, |v| {
-                        needed(v) && !(checkpointing && self.layer_inputs.contains(&Var(v)))
-                    })
-                },
+                || run.narrow_inputs(i, &last_forward, needed),
             )?;
             if run.segment[i].is_some() {
                 run.saved[i] = None; // made again when the segment is recomputed
