@@ -56,7 +56,7 @@ const GPT2_LAYERS: &[(&str, usize, usize, bool)] = &[
 const LORA_LAYERS: &[(&str, usize, usize, bool)] =
     &[("lora_A mlp.c_fc 768x8", 768, 8, true), ("lora_B mlp.c_fc 8x3072", 8, 3072, true)];
 
-/// The three products of each GPT-2 layer at `m` rows; with `lora`, LoRA's instead.
+/// The three products of each GPT-2 layer at `m` rows.
 pub fn gpt2_cases(m: usize) -> Vec<MatmulCase> {
     cases_of(GPT2_LAYERS, m)
 }

@@ -774,8 +774,10 @@ impl Run<'_> {
     }
 
     /// Hold in 16 bits (`self.half`) the inputs of node `i` that no later forward step reads
-    /// and a backward step will (`held`), unless kept for the caller or parameters: on the
-    /// GPU by `kernels::half`, on a CPU path in host memory by `cpu::half` (the same values).
+    /// and a backward step will (`held`), unless kept for the caller: on the GPU by
+    /// `kernels::half`, on a CPU path in host memory by `cpu::half` (the same values). A
+    /// parameter has no value in the run (the store holds it), and an input read twice by the
+    /// node is held already at its second turn: both fall through.
     fn narrow_inputs(
         &mut self,
         i: usize,
@@ -784,12 +786,8 @@ impl Run<'_> {
     ) -> Result<()> {
         let Some(format) = self.half else { return Ok(()) };
         let g = self.graph;
-        for (k, v) in g.nodes[i].inputs.iter().enumerate() {
-            let repeated = g.nodes[i].inputs[..k].contains(v); // rounded once
-            if last_forward[v.0] != i || !held(v.0) || self.keep.contains(v) || repeated {
-                continue;
-            }
-            if matches!(g.nodes[v.0].op, Op::Param(_)) {
+        for v in &g.nodes[i].inputs {
+            if last_forward[v.0] != i || !held(v.0) || self.keep.contains(v) {
                 continue;
             }
             match (&mut self.values[v.0], &self.dev) {

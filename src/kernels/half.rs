@@ -35,16 +35,6 @@ pub struct HalfTensor {
 }
 
 impl HalfTensor {
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    pub fn format(&self) -> HalfFormat {
-        self.format
-    }
-    /// Bytes of the words held.
-    pub fn bytes(&self) -> u64 {
-        self.chunks.iter().map(|(_, _, b)| b.bytes()).sum()
-    }
     /// The values, as f32 (unpacked on the GPU, then read back: waits for the GPU).
     pub fn to_host(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         unpack(gpu, self)?.to_host(gpu)
