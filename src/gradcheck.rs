@@ -329,9 +329,7 @@ pub fn check_all(gpu: &Gpu, seed: u64, tier: Tier) -> Result<Vec<Row>> {
 /// (M, N, K) of the products checked in every transpose. Besides tiny and ragged ones, they
 /// cross the subgroup kernel's choice of tile: N <= 64 takes the narrow-N tile (64 x 8; M
 /// ragged against 64 in (129, 7)), else M <= 16 the narrow-M tile (8 x 256; M ragged against 8
-/// in (9, 65)), else the wide one ((17, 65) and (67, 65): just past both). (300, 260) reaches
-/// `subgroup-bt`'s copy of B (M of at least `matmul::BT_MIN_ROWS`), forward where B is stored
-/// row by row and in dB = dC^T A where B^T is.
+/// in (9, 65)), else the wide one ((17, 65) and (67, 65): just past both).
 const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (1, 5, 3),
@@ -344,7 +342,6 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (9, 65, 33),
     (16, 300, 40),
     (17, 65, 20),
-    (300, 260, 70),
 ];
 
 const ALL_TRANSPOSES: &[(bool, bool)] = &[(false, false), (false, true), (true, false), (true, true)];
@@ -378,78 +375,57 @@ fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
     }
     for (i, &(m, n, k, transposes)) in shapes.iter().enumerate() {
         for &(ta, tb) in transposes {
-            check_product(p, (m, n, k), (ta, tb), i % 2 == 1, precision, "")?;
-        }
-    }
-    if matmul::current_kernel(p.gpu) == MatmulKernel::SubgroupBt && precision == Precision::F32 {
-        // the copy itself, bit for bit: a block inside a larger matrix, ragged against the
-        // shader's 64 columns and 16 rows
-        let (ld, (r0, c0), rows, cols) = (301, (3, 5), 77, 130);
-        let src = p.uniform(100 * ld);
-        let (g, dst) = (p.up(&src, &[100, ld])?, p.out(&[rows * cols])?);
-        let (gb, db) = (g.single("transpose source")?, dst.single("transpose output")?);
-        matmul::transpose(p.gpu, db, gb, r0 * ld + c0, ld, rows, cols)?;
-        let want = kr::transpose_block(&src, ld, (r0, c0), rows, cols);
-        let shape = format!("B copied transposed, {rows}x{cols} of 100x{ld} at ({r0}, {c0})");
-        p.push("forward", &shape, "", exact_err(&dst.to_host(p.gpu)?, &want));
-        // B copied in many blocks: along K (1 MiB holds 873 of 1,000 rows of 300 columns),
-        // and along K and N (64 KiB: blocks of 256 rows and 64 columns, the narrow-N tile)
-        for (limit, tag) in [(1 << 20, " [bt 1 MiB]"), (64 << 10, " [bt 64 KiB]")] {
-            matmul::with_bt_scratch_limit(limit, || {
-                check_product(p, (257, 300, 1000), (false, false), true, precision, tag)?;
-                check_product(p, (300, 257, 1000), (false, true), false, precision, tag)
+            let bias = i % 2 == 1;
+            let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
+            let shape = format!("{m}x{k}{}.{k}x{n}{}{}", t(ta), t(tb), if bias { "+b" } else { "" });
+            let (a, b, bv) = (p.uniform(m * k), p.uniform(k * n), p.uniform(n));
+            let sa = if ta { [k, m] } else { [m, k] };
+            let sb = if tb { [n, k] } else { [k, n] };
+            let (ga, gb, gbias) = (p.up(&a, &sa)?, p.up(&b, &sb)?, p.up(&bv, &[n])?);
+            let gc = p.out(&[m, n])?;
+            matmul::with_precision(precision, || {
+                matmul::matmul(p.gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, false)
             })?;
+            let mut c = vec![0f32; m * n];
+            kr::matmul_forward(&mut c, &a, &b, bias.then_some(&bv[..]), d);
+            if precision == Precision::Mixed {
+                let mut abs = vec![0f32; m * n];
+                let (aa, ab, abias) = (absolute(&a), absolute(&b), absolute(&bv));
+                kr::matmul_forward(&mut abs, &aa, &ab, bias.then_some(&abias[..]), d);
+                let got = gc.to_host(p.gpu)?;
+                p.push("forward", &shape, "", mixed_err(&got, &c, &abs));
+            } else {
+                p.record("forward", &shape, "", &gc, &c)?;
+            }
+            if m.max(n) > MATMUL_LONGEST_SUM || precision == Precision::Mixed {
+                // the backward products would sum millions of terms, which no model does; a
+                // mixed-precision step runs its backward products in f32
+                continue;
+            }
+
+            let dc = p.uniform(m * n);
+            let gdc = p.up(&dc, &[m, n])?;
+            let (gda, gdb, gdbias) = (p.out(&sa)?, p.out(&sb)?, p.out(&[n])?);
+            matmul::matmul_backward(
+                p.gpu,
+                Some(&gda),
+                Some(&gdb),
+                Some(&gdbias),
+                &gdc,
+                &ga,
+                &gb,
+                ta,
+                tb,
+                false,
+            )?;
+            let (mut da, mut db, mut dbias) = (vec![0f32; m * k], vec![0f32; k * n], vec![0f32; n]);
+            kr::matmul_backward(Some(&mut da), Some(&mut db), Some(&mut dbias), &dc, &a, &b, d);
+            p.record("backward", &shape, "dA", &gda, &da)?;
+            p.record("backward", &shape, "dB", &gdb, &db)?;
+            p.record("backward", &shape, "dbias", &gdbias, &dbias)?;
         }
     }
     Ok(())
-}
-
-/// One product `op(A) op(B) (+ bias)` forward (and, in f32 and where a model has such sums,
-/// backward) against the reference, its rows tagged with `tag`.
-fn check_product(
-    p: &mut Probe,
-    (m, n, k): (usize, usize, usize),
-    (ta, tb): (bool, bool),
-    bias: bool,
-    precision: Precision,
-    tag: &str,
-) -> Result<()> {
-    let d = kr::MatmulDims { batch: 1, m, n, k, trans_a: ta, trans_b: tb };
-    let shape = format!("{m}x{k}{}.{k}x{n}{}{}{tag}", t(ta), t(tb), if bias { "+b" } else { "" });
-    let (a, b, bv) = (p.uniform(m * k), p.uniform(k * n), p.uniform(n));
-    let sa = if ta { [k, m] } else { [m, k] };
-    let sb = if tb { [n, k] } else { [k, n] };
-    let (ga, gb, gbias) = (p.up(&a, &sa)?, p.up(&b, &sb)?, p.up(&bv, &[n])?);
-    let gc = p.out(&[m, n])?;
-    matmul::with_precision(precision, || {
-        matmul::matmul(p.gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, false)
-    })?;
-    let mut c = vec![0f32; m * n];
-    kr::matmul_forward(&mut c, &a, &b, bias.then_some(&bv[..]), d);
-    if precision == Precision::Mixed {
-        let mut abs = vec![0f32; m * n];
-        let (aa, ab, abias) = (absolute(&a), absolute(&b), absolute(&bv));
-        kr::matmul_forward(&mut abs, &aa, &ab, bias.then_some(&abias[..]), d);
-        let got = gc.to_host(p.gpu)?;
-        p.push("forward", &shape, "", mixed_err(&got, &c, &abs));
-    } else {
-        p.record("forward", &shape, "", &gc, &c)?;
-    }
-    if m.max(n) > MATMUL_LONGEST_SUM || precision == Precision::Mixed {
-        // the backward products would sum millions of terms, which no model does; a
-        // mixed-precision step runs its backward products in f32
-        return Ok(());
-    }
-
-    let dc = p.uniform(m * n);
-    let gdc = p.up(&dc, &[m, n])?;
-    let (gda, gdb, gdbias) = (p.out(&sa)?, p.out(&sb)?, p.out(&[n])?);
-    matmul::matmul_backward(p.gpu, Some(&gda), Some(&gdb), Some(&gdbias), &gdc, &ga, &gb, ta, tb, false)?;
-    let (mut da, mut db, mut dbias) = (vec![0f32; m * k], vec![0f32; k * n], vec![0f32; n]);
-    kr::matmul_backward(Some(&mut da), Some(&mut db), Some(&mut dbias), &dc, &a, &b, d);
-    p.record("backward", &shape, "dA", &gda, &da)?;
-    p.record("backward", &shape, "dB", &gdb, &db)?;
-    p.record("backward", &shape, "dbias", &gdbias, &dbias)
 }
 
 fn t(trans: bool) -> &'static str {

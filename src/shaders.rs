@@ -23,7 +23,6 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("reduce", include_str!("../shaders/reduce.wgsl")),
     ("rope", include_str!("../shaders/rope.wgsl")),
     ("softmax", include_str!("../shaders/softmax.wgsl")),
-    ("transpose", include_str!("../shaders/transpose.wgsl")),
 ];
 
 /// Shaders made from another one: (name, the shader it is made from, what replaces the lines

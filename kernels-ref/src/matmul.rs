@@ -220,22 +220,3 @@ pub fn sgemm(
 
 #[cfg(test)]
 mod tests;
-
-/// The block of `rows` x `cols` at (`r0`, `c0`) of a row-major matrix with `ld` columns,
-/// transposed: block element (i, j) at `[j * rows + i]` (the matmul's copy of B in its
-/// `subgroup-bt` form).
-pub fn transpose_block(
-    src: &[f32],
-    ld: usize,
-    (r0, c0): (usize, usize),
-    rows: usize,
-    cols: usize,
-) -> Vec<f32> {
-    let mut out = vec![0f32; rows * cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[j * rows + i] = src[(r0 + i) * ld + c0 + j];
-        }
-    }
-    out
-}

@@ -29,7 +29,7 @@ pub enum Category {
     /// The logits (the LM head's output, soft-capped or not), their gradient and the
     /// cross-entropy's state and losses.
     LogitsLoss,
-    /// Upload staging and scratch (dequantized weights, matmul operands copied transposed).
+    /// Upload staging and dequantization scratch.
     Staging,
     /// Anything allocated outside a category scope (reduction partials, token ids, ...).
     Other,

@@ -12,14 +12,6 @@
 //! lavapipe; see docs/perf.md), and `matmul_staged.wgsl`, which stages tiles of A and B in
 //! workgroup memory with register blocks per invocation, in several tile configurations
 //! ([`StagedTile`]): the classic GPU matrix product, for GPUs where barriers are cheap.
-//!
-//! The subgroup kernel has a second form, `subgroup-bt` ([`MatmulKernel::SubgroupBt`]): where
-//! B is stored row by row (a Conv1D forward, the LM head's dX) and the product is large enough
-//! to repay it, B is first copied transposed into a scratch a block of K rows at a time
-//! (`shaders/transpose.wgsl`), and the product reads each column of B along K in consecutive
-//! words. On lavapipe that read is about twice as fast (the CPU's prefetchers follow each
-//! lane's columns; row by row, every k starts a new row kilobytes away); on a GPU the row-major
-//! read is the coalesced one, so the autotune decides.
 
 use super::u32_of;
 use crate::error::{Error, Result};
@@ -70,25 +62,10 @@ const SG_NARROW_M: (usize, usize) = (8, 256);
 /// Largest N (M) that takes a narrow tile.
 const NARROW_N_MAX: usize = 64;
 const NARROW_M_MAX: usize = 16;
-/// `subgroup-bt` transposes B from this many rows of C on. The copy costs one load and one
-/// store per element of B; the faster reads save, per element of B, a share of the product's
-/// time that grows with M (on lavapipe, about 3x the copy at M = 512: docs/perf.md), so below a
-/// few hundred rows the copy would not pay for itself.
-pub const BT_MIN_ROWS: usize = 256;
-/// Largest scratch `subgroup-bt` holds for a block of B (also held below the device's binding
-/// limit): 16 MiB, 5,461 rows of GPT-2's 768-wide LM head at a time.
-pub const BT_SCRATCH_BYTES: usize = 16 << 20;
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<MatmulKernel>> = const { std::cell::Cell::new(None) };
     static PRECISION: std::cell::Cell<Option<Precision>> = const { std::cell::Cell::new(None) };
-    static BT_LIMIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-}
-
-/// Run `f` with `subgroup-bt`'s scratch on this thread held to `bytes` (tests walk B in many
-/// blocks on small products this way).
-pub fn with_bt_scratch_limit<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
-    super::with_override(&BT_LIMIT, bytes, f)
 }
 
 /// Run `f` with the matrix products on this thread in `precision` (a linear layer's forward
@@ -192,9 +169,6 @@ pub fn matmul_strided(
         return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
     let kernel = current(gpu);
-    if transposes_b(kernel, &b, &d) {
-        return matmul_bt(gpu, c, a, b, bias, d, alpha, accumulate);
-    }
     let (key, tile_m, tile_n) = entry(kernel, d.m, d.n);
     let max = gpu.max_workgroups() as usize;
     if d.nb1 * d.nb2 > max {
@@ -224,102 +198,6 @@ pub fn matmul_strided(
     Ok(())
 }
 
-/// Whether `subgroup-bt` copies B transposed before this product: B stored row by row (its
-/// columns adjacent), one product (not a batch), and C wide enough for the 256-column tile and
-/// tall enough ([`BT_MIN_ROWS`]) for the copy to pay.
-fn transposes_b(kernel: Choice, b: &View, d: &Dims) -> bool {
-    matches!(kernel, Choice::F32(MatmulKernel::SubgroupBt))
-        && b.s_j == 1
-        && b.s_i != 1
-        && d.nb1 == 1
-        && d.nb2 == 1
-        && d.n > NARROW_N_MAX
-        && d.m >= BT_MIN_ROWS
-}
-
-/// [`matmul_strided`] with B copied transposed into a scratch, a block of (K rows, N columns)
-/// at a time, each block's product run by the subgroup kernel on the copy (adding into C after
-/// the first block along K). The scratch is a pooled tensor of at most [`BT_SCRATCH_BYTES`]:
-/// one buffer for every block (the GPU runs the copies and products in the order recorded),
-/// released when the call returns.
-fn matmul_bt(
-    gpu: &Gpu,
-    c: View,
-    a: View,
-    b: View,
-    bias: Option<(Bind<'_>, usize)>,
-    d: Dims,
-    alpha: f32,
-    accumulate: bool,
-) -> Result<()> {
-    let limit = BT_LIMIT.with(|v| v.get()).unwrap_or(BT_SCRATCH_BYTES).min(gpu.max_binding() as usize) / 4;
-    // Whole rows of B where they fit, else blocks of 256 rows (at least) and fewer columns.
-    let kb = (limit / d.n).max(256).min(d.k).min(super::LOOP_SPAN);
-    let nb = (limit / kb).max(1).min(d.n);
-    let floats = (kb * nb).next_power_of_two().min(limit.max(kb * nb));
-    let scratch = {
-        let _c = crate::gpu::Category::Staging.enter(); // memory report: matmul scratch
-        Tensor::empty(gpu, &[floats], "matmul B transposed")?
-    };
-    let sb = scratch.single("matmul B transposed")?;
-    for (n0, nl) in super::spans(d.n, nb) {
-        for (k0, kl) in super::spans(d.k, kb) {
-            transpose(gpu, sb, b.buf, b.off + k0 * b.s_i + n0, b.s_i, kl, nl)?;
-            let first = k0 == 0;
-            with_kernel(MatmulKernel::Subgroup, || {
-                matmul_strided(
-                    gpu,
-                    View { off: c.off + n0, ..c },
-                    View { off: a.off + k0 * a.s_j, ..a },
-                    View::matrix(sb, 0, kl, true),
-                    bias.filter(|_| first).map(|(buf, off)| (buf, off + n0)),
-                    Dims { n: nl, k: kl, ..d },
-                    alpha,
-                    accumulate || !first,
-                )
-            })?;
-        }
-    }
-    Ok(())
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct TransposeParams {
-    rows: u32,
-    cols: u32,
-    src_off: u32,
-    src_ld: u32,
-}
-
-/// `dst[j * rows + i] = src[src_off + i * src_ld + j]` for `i < rows`, `j < cols`
-/// (`shaders/transpose.wgsl`; bits copied, nothing rounded). Public for its own test.
-pub fn transpose(
-    gpu: &Gpu,
-    dst: Bind<'_>,
-    src: Bind<'_>,
-    src_off: usize,
-    src_ld: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    const WG: usize = 64;
-    const RUN: usize = 16; // rows per invocation (the shader's RUN)
-    let u = |v: usize| u32_of(v, "matmul transpose");
-    let p = TransposeParams { rows: u(rows)?, cols: u(cols)?, src_off: u(src_off)?, src_ld: u(src_ld)? };
-    let groups = [cols.div_ceil(WG), rows.div_ceil(RUN), 1];
-    let max = gpu.max_workgroups() as usize;
-    if groups[0] > max || groups[1] > max {
-        return Err(Error::shape("matmul transpose", format!("{rows} x {cols} exceeds one grid")));
-    }
-    gpu.dispatch(
-        &KernelKey::new("transpose", "transpose"),
-        &[Some(src), Some(dst)],
-        bytemuck::bytes_of(&p),
-        groups.map(|g| g as u32),
-    )
-}
-
 /// A kernel's entry point and the (rows, columns) of C one workgroup computes, for a product
 /// of `m` x `n` (the subgroup kernel takes a narrow tile for few rows or columns).
 fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
@@ -330,7 +208,7 @@ fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
     };
     match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
-        MatmulKernel::Subgroup | MatmulKernel::SubgroupBt => {
+        MatmulKernel::Subgroup => {
             let (shader, (rows, cols)) = if n <= NARROW_N_MAX {
                 ("matmul_subgroup_narrow_n", SG_NARROW_N)
             } else if m <= NARROW_M_MAX {
@@ -359,7 +237,7 @@ fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
 /// (a driver that unrolls them counts fewer), with the loops before and after the K steps.
 pub fn k_span(kernel: MatmulKernel) -> usize {
     match kernel {
-        MatmulKernel::Tiled | MatmulKernel::Subgroup | MatmulKernel::SubgroupBt => super::LOOP_SPAN,
+        MatmulKernel::Tiled | MatmulKernel::Subgroup => super::LOOP_SPAN,
         MatmulKernel::Staged(t) => {
             let steps = (super::MAX_LOOP_TRIPS - staged_fixed_trips(t)) / staged_step_trips(t);
             steps * t.bk as usize
