@@ -158,3 +158,24 @@ fn matmul_kernels_share_one_interface() {
     assert!(staged_mixed.starts_with("enable f16;") && staged_mixed.contains("alias TILE = f16;"));
     assert!(!pockettune::shaders::source("matmul_staged").unwrap().contains("enable f16"));
 }
+
+/// The benches' probe shaders (`benches/*.wgsl`, run by `cargo bench`, which CI does not) parse
+/// and validate, so that a probe does not rot unseen.
+#[test]
+fn bench_probe_shaders_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches");
+    let mut seen = 0;
+    for path in std::fs::read_dir(&dir).expect("benches/ exists").map(|e| e.expect("readable entry").path()) {
+        if path.extension().is_none_or(|e| e != "wgsl") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&path).expect("readable shader");
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.emit_to_string(&src)));
+        Validator::new(ValidationFlags::all(), Capabilities::SUBGROUP)
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{} does not validate: {e:?}", path.display()));
+        seen += 1;
+    }
+    assert!(seen >= 1, "expected benches/load_paths.wgsl");
+}

@@ -1,0 +1,252 @@
+//! `cargo bench --bench load_paths`: what one load per lane costs on the default adapter, by
+//! the path it takes: a storage buffer (every kernel's loads today), a uniform buffer and a
+//! sampled texture (`textureLoad`), next to the same loop without loads, in one run
+//! (`benches/load_paths.wgsl`). On lavapipe a storage load becomes a loop over the lanes with a
+//! bounds check and a branch each, while uniform and texel loads are built as vector gathers;
+//! this measures by how much, to decide whether a matmul reading its operands through textures
+//! could pay for the copies into them (docs/perf.md). Set `POCKETTUNE_DEVICE` to pick the
+//! adapter.
+
+use pockettune::gpu::adapter;
+use std::time::Instant;
+
+const K: u32 = 2048;
+const GROUPS: u32 = 512;
+
+fn main() {
+    let instance = adapter::instance();
+    let adapters = adapter::enumerate(&instance);
+    let spec = std::env::var(pockettune::gpu::DEVICE_ENV).ok();
+    let (index, summary) = adapter::select(&adapters, spec.as_deref()).expect("a GPU adapter");
+    let adapter = &adapters[index];
+    println!("device: {summary}");
+    let desc = wgpu::DeviceDescriptor {
+        label: Some("load_paths"),
+        required_features: adapter.features() & wgpu::Features::SUBGROUP,
+        required_limits: wgpu::Limits::downlevel_defaults(),
+        ..Default::default()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&desc)).expect("a device");
+
+    let data: Vec<f32> = (0..4096).map(|i| (i % 7) as f32 * 0.25).collect();
+    let bytes: &[u8] = bytemuck::cast_slice(&data);
+    let buffer = |usage: wgpu::BufferUsages, contents: &[u8]| {
+        let b = device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: contents.len() as u64,
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        queue.write_buffer(&b, 0, contents);
+        b
+    };
+    let params = buffer(wgpu::BufferUsages::UNIFORM, bytemuck::cast_slice(&[K, 0, 0, 0]));
+    let out = buffer(wgpu::BufferUsages::STORAGE, &vec![0u8; (GROUPS * 64 * 4) as usize]);
+    let storage = buffer(wgpu::BufferUsages::STORAGE, bytes);
+    let uniform = buffer(wgpu::BufferUsages::UNIFORM, bytes);
+    let size = wgpu::Extent3d { width: 64, height: 64, depth_or_array_layers: 1 };
+    let texture = device.create_texture(&wgpu::TextureDescriptor {
+        label: None,
+        size,
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::R32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    });
+    queue.write_texture(
+        wgpu::TexelCopyTextureInfo {
+            texture: &texture,
+            mip_level: 0,
+            origin: wgpu::Origin3d::ZERO,
+            aspect: wgpu::TextureAspect::All,
+        },
+        bytes,
+        wgpu::TexelCopyBufferLayout { offset: 0, bytes_per_row: Some(256), rows_per_image: Some(64) },
+        size,
+    );
+    let view = texture.create_view(&Default::default());
+
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("load_paths"),
+        source: wgpu::ShaderSource::Wgsl(include_str!("load_paths.wgsl").into()),
+    });
+    let loads = (GROUPS * 64) as f64 * K as f64 * 8.0;
+    let mut baseline = None;
+    let entries =
+        ["no_loads", "storage_loads", "storage_vec4_loads", "uniform_loads", "texture_loads", "broadcasts"];
+    for entry in entries {
+        if entry == "broadcasts" && !device.features().contains(wgpu::Features::SUBGROUP) {
+            println!("{entry:<18} (no subgroups on this device)");
+            continue;
+        }
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let source = match entry {
+            "storage_loads" => Some((2, storage.as_entire_binding())),
+            "storage_vec4_loads" => Some((5, storage.as_entire_binding())),
+            "uniform_loads" => Some((3, uniform.as_entire_binding())),
+            "texture_loads" => Some((4, wgpu::BindingResource::TextureView(&view))),
+            _ => None,
+        };
+        let mut entries = vec![
+            wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: out.as_entire_binding() },
+        ];
+        entries.extend(source.map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource }));
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let run = || {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                pass.dispatch_workgroups(GROUPS, 1, 1);
+            }
+            queue.submit([encoder.finish()]);
+            device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
+        };
+        run(); // compiles the pipeline
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let start = Instant::now();
+            run();
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        let ns = best * 1e9 / loads; // 8 floats a lane per k on every path (broadcasts: 8 values)
+        let extra =
+            baseline.map_or(String::new(), |b: f64| format!("   {:>6.3} ns a load beyond the loop", ns - b));
+        println!("{entry:<18} {:>8.1} ms   {ns:>6.3} ns a lane-load{extra}", best * 1e3);
+        if entry == "no_loads" {
+            baseline = Some(ns);
+        }
+    }
+
+    matmul_probe(&device, &queue);
+}
+
+/// The subgroup matmul (`shaders/matmul_subgroup.wgsl`) on GPT-2's `mlp.c_fc` forward product
+/// (512 x 768 . 768 x 3072), as shipped and with its loads of A (or of A and B) taken from a
+/// 16 KiB uniform window instead (the phone limit on a uniform binding). The window variants
+/// read the wrong values (indices wrap inside the window): they time what the product would
+/// cost if its operands came through uniform loads, they do not compute it.
+fn matmul_probe(device: &wgpu::Device, queue: &wgpu::Queue) {
+    let shipped = include_str!("../shaders/matmul_subgroup.wgsl");
+    let window = "@group(0) @binding(5) var<uniform> win: array<vec4<f32>, 1024>;
+fn w(i: u32) -> f32 {
+    let j = i % 4096u;
+    return win[j / 4u][j % 4u];
+}
+";
+    // A's eight loads a k step, then B's four, rewritten to read the window
+    let mut a_uniform = shipped.replace("@compute", &format!("{window}\n@compute"));
+    for r in 0..8 {
+        a_uniform = a_uniform.replace(&format!("a[ra{r} + ak]"), &format!("w(ra{r} + ak)"));
+    }
+    let mut both = a_uniform.clone();
+    for c in 0..4 {
+        both = both.replace(&format!("b[cb{c} + bk]"), &format!("w(cb{c} + bk)"));
+    }
+    assert_eq!(
+        a_uniform.matches("w(ra").count(),
+        8,
+        "the shipped kernel's loads of A changed: update the probe"
+    );
+    assert_eq!(both.matches("w(cb").count(), 4, "the shipped kernel's loads of B changed: update the probe");
+    let (m, n, k) = (512u32, 3072u32, 768u32);
+    let mut params = [0u32; 24];
+    params[..3].copy_from_slice(&[m, n, k]);
+    params[5] = k; // a_sm
+    params[6] = 1; // a_sk
+    params[10] = n; // b_sk
+    params[11] = 1; // b_sn
+    params[15] = n; // c_sm
+    params[18] = 1; // nb2
+    params[20] = 1f32.to_bits(); // alpha
+    let buffer = |usage: wgpu::BufferUsages, len: usize| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: len as u64 * 4,
+            usage: usage | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let p = buffer(wgpu::BufferUsages::UNIFORM, 24);
+    queue.write_buffer(&p, 0, bytemuck::cast_slice(&params));
+    let storage = wgpu::BufferUsages::STORAGE;
+    let (a, b, c, bias) = (
+        buffer(storage, (m * k) as usize),
+        buffer(storage, (k * n) as usize),
+        buffer(storage, (m * n) as usize),
+        buffer(storage, n as usize),
+    );
+    let win = buffer(wgpu::BufferUsages::UNIFORM, 4096);
+    println!("subgroup matmul, mlp.c_fc forward {m}x{k}.{k}x{n}:");
+    for (name, source) in [
+        ("shipped (storage loads)", shipped.to_string()),
+        ("A from a uniform window", a_uniform),
+        ("A and B from uniform windows", both),
+    ] {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: None,
+            module: &module,
+            entry_point: Some("matmul_subgroup"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let mut entries = vec![(0, &p), (2, &b), (3, &c), (4, &bias)];
+        if name.starts_with("shipped") {
+            entries.push((1, &a));
+        } else {
+            entries.push((5, &win));
+        }
+        if name.contains("and B") {
+            entries.retain(|e| e.0 != 2);
+        }
+        let entries: Vec<_> = entries
+            .into_iter()
+            .map(|(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() })
+            .collect();
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let run = || {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                pass.dispatch_workgroups(n / 256, m / 64, 1);
+            }
+            queue.submit([encoder.finish()]);
+            device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
+        };
+        run();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let start = Instant::now();
+            run();
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        let gflops = 2.0 * (m * n) as f64 * k as f64 / best / 1e9;
+        println!("  {name:<30} {:>8.1} ms {gflops:>8.2} GFLOP/s", best * 1e3);
+    }
+}
