@@ -357,6 +357,9 @@ const MATMUL_BOUNDARY_SHAPES: &[Boundary] = &[
     (70_001, 3, 5, ALL_TRANSPOSES),
     (1, 65_535 * 64 + 1, 1, &[(false, true)]),
     (65_535 * 64 + 1, 1, 1, &[(true, false)]),
+    // subgroup-uniform: rows past one packing group (64 blocks of 64), K past one dispatch's
+    // 512 steps (600: a full span and a ragged one), N ragged against its 128 columns
+    (4100, 70, 600, &[(false, false)]),
 ];
 
 /// The longest inner dimension a model's product has (Gemma 3's vocabulary, in the LM head's dX).
@@ -372,6 +375,9 @@ fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
     if p.full() {
         // past 65,535 workgroups of the subgroup kernel's 256-wide tile
         shapes.push((1, PAST_ONE_GRID_DIM, 1, &[(false, false)]));
+    }
+    if matmul::current_kernel(p.gpu) == MatmulKernel::SubgroupUniform && precision == Precision::F32 {
+        check_pack_a(p)?;
     }
     for (i, &(m, n, k, transposes)) in shapes.iter().enumerate() {
         for &(ta, tb) in transposes {
@@ -425,6 +431,24 @@ fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
             p.record("backward", &shape, "dbias", &gdbias, &dbias)?;
         }
     }
+    Ok(())
+}
+
+/// `subgroup-uniform`'s packing of A, bit for bit against the reference: 100 rows (a full
+/// block and a partial one) and 70 steps (a full window and part of the next; the rest zeros)
+/// from inside a larger matrix read transposed (rows adjacent), at an offset.
+fn check_pack_a(p: &mut Probe) -> Result<()> {
+    let (ld, (r0, k0), rows, k) = (130, (7, 3), 100, 70);
+    let src = p.uniform(80 * ld);
+    let g = p.up(&src, &[80, ld])?;
+    let dst = p.out(&[2 * 8 * 4096])?;
+    let (gb, db) = (g.single("pack source")?, dst.single("pack output")?);
+    // A(i, j) = src[j * ld + i]: M along the stored columns, K along the stored rows
+    let view = matmul::View::matrix(gb, k0 * ld + r0, ld, true);
+    matmul::pack_a(p.gpu, db, view, rows, k)?;
+    let want = kr::pack_a_windows(&src, (1, ld), (r0, rows), (k0, k), 8);
+    let shape = format!("A packed in uniform windows, {rows}x{k} at ({r0}, {k0}) of 80x{ld}^T");
+    p.push("forward", &shape, "", exact_err(&dst.to_host(p.gpu)?, &want));
     Ok(())
 }
 

@@ -3,12 +3,14 @@
 
 WGSL has no way to size a function-local array by an override constant, and a private array
 indexed in a loop may live in memory on some drivers, so the accumulators are written out.
-Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS] [WG] [NAME]
+Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS] [WG] [NAME] [WINDOWS]
   (ROWS a multiple of 8; COLS 1..4; WG, the invocations of a workgroup, a multiple of 8,
-  default 64; NAME default matmul_subgroup). The shipped shaders:
+  default 64; NAME default matmul_subgroup; WINDOWS, default 0: read A from that many 16 KiB
+  uniform windows instead of its storage buffer, ROWS then 64). The shipped shaders:
   64 4            matmul_subgroup           64 x 256 of C a workgroup
   64 1 8 matmul_subgroup_narrow_n           64 x 8: products with few columns (LoRA's rank)
   8 4 64 matmul_subgroup_narrow_m           8 x 256: products with few rows
+  64 4 64 matmul_subgroup_uniform 8         64 x 256, A from 8 uniform windows (subgroup-uniform)
 """
 import os
 import re
@@ -18,7 +20,11 @@ ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 COLS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 WG = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 NAME = sys.argv[4] if len(sys.argv) > 4 else "matmul_subgroup"
+WINDOWS = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 assert ROWS % 8 == 0 and 1 <= COLS <= 4 and WG % 8 == 0
+# A window holds 64 k steps of 64 rows (4,096 floats, the phone limit on a uniform binding);
+# with the 4 storage buffers of the interface and Params, at most 11 uniform bindings remain.
+assert WINDOWS == 0 or (ROWS == 64 and WINDOWS <= 11)
 vec = "f32" if COLS == 1 else f"vec{COLS}<f32>"
 comp = ["x", "y", "z", "w"]
 
@@ -27,6 +33,18 @@ comp = ["x", "y", "z", "w"]
 SHADERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shaders")
 with open(os.path.join(SHADERS, "matmul.wgsl")) as f:
     INTERFACE = re.search(r"struct Params \{.*?var<storage, read> bias: array<f32>;", f.read(), re.S).group(0)
+
+WINDOW_DECLS = ""
+if WINDOWS:
+    WINDOW_DECLS = f"""
+// A, packed by `matmul_pack_a` (`kernels::matmul`): window w holds k steps 64w..64w + 64 of this
+// dispatch's 64 rows, k-major (row r of step kk at kk * 64 + r). On lavapipe a uniform load is a
+// vector gather, about 20 times cheaper than a storage load, which is a loop over the lanes
+// (`cargo bench --bench load_paths`). The `a` binding above is not read.
+"""
+    WINDOW_DECLS += "".join(
+        f"@group(0) @binding({5 + i}) var<uniform> aw{i}: array<vec4<f32>, 1024>;\n" for i in range(WINDOWS)
+    )
 
 out = []
 w = out.append
@@ -45,7 +63,7 @@ w(f"""// Matrix product for drivers with subgroups of at least 8 lanes (lavapipe
 // arithmetic, set the speed there; a broadcast is a register shuffle.)
 
 {INTERFACE}
-
+{WINDOW_DECLS}
 @compute @workgroup_size({WG}, 1, 1)
 fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                    @builtin(subgroup_invocation_id) lane_id: u32) {{
@@ -59,22 +77,50 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
     let lane = lane_id % 8u;
     let last_m = p.m - 1u;
     let last_n = p.n - 1u;""")
-for g in range(ROWS // 8):
-    w(f"    let ra{g} = a_base + min(m0 + {8 * g}u + lane, last_m) * p.a_sm;")
+if not WINDOWS:
+    for g in range(ROWS // 8):
+        w(f"    let ra{g} = a_base + min(m0 + {8 * g}u + lane, last_m) * p.a_sm;")
 for j in range(COLS):
     w(f"    let cb{j} = b_base + min(n0 + {j}u, last_n) * p.b_sn;")
 for i in range(ROWS):
     w(f"    var acc{i} = {vec}(0.0);")
-w("""    var ak = 0u;
+loads = ", ".join(f"b[cb{j} + bk]" for j in range(COLS))
+
+
+def body(a_load):
+    for g in range(ROWS // 8):
+        w(f"        let x{g} = {a_load(g)};")
+    w(f"        let bv = {vec}({loads});")
+    for i in range(ROWS):
+        w(f"        acc{i} = fma({vec}(subgroupBroadcast(x{i // 8}, {i % 8}u)), bv, acc{i});")
+
+
+def window_body(win):
+    # lane l loads rows 4l..4l + 3 and 32 + 4l..32 + 4l + 3 of this step as two vec4s (no
+    # per-lane component index); 16 vec4 broadcasts hand the 64 rows to every lane
+    w(f"        let x0 = aw{win}[kk * 16u + lane];")
+    w(f"        let x1 = aw{win}[kk * 16u + 8u + lane];")
+    w(f"        let bv = {vec}({loads});")
+    for s4 in range(16):
+        w(f"        let y{s4} = subgroupBroadcast(x{s4 // 8}, {s4 % 8}u);")
+    for i in range(ROWS):
+        w(f"        acc{i} = fma({vec}(y{i // 4}.{comp[i % 4]}), bv, acc{i});")
+
+
+if WINDOWS:
+    w("    var bk = 0u;")
+    for win in range(WINDOWS):
+        w(f"    let kw{win} = min(64u, p.k - min(p.k, {64 * win}u));")
+        w(f"    for (var kk = 0u; kk < kw{win}; kk++) {{")
+        window_body(win)
+        w("        bk += p.b_sk;")
+        w("    }")
+else:
+    w("""    var ak = 0u;
     var bk = 0u;
     for (var kk = 0u; kk < p.k; kk++) {""")
-for g in range(ROWS // 8):
-    w(f"        let x{g} = a[ra{g} + ak];")
-loads = ", ".join(f"b[cb{j} + bk]" for j in range(COLS))
-w(f"        let bv = {vec}({loads});")
-for i in range(ROWS):
-    w(f"        acc{i} = fma({vec}(subgroupBroadcast(x{i // 8}, {i % 8}u)), bv, acc{i});")
-w("""        ak += p.a_sk;
+    body(lambda g: f"a[ra{g} + ak]")
+    w("""        ak += p.a_sk;
         bk += p.b_sk;
     }""")
 for i in range(ROWS):

@@ -220,3 +220,26 @@ pub fn sgemm(
 
 #[cfg(test)]
 mod tests;
+
+/// Rows `r0..r0 + rows` and steps `k0..k0 + k` of a matrix with strides (`s_m`, `s_k`) packed
+/// as the `subgroup-uniform` matmul reads A: blocks of 64 rows, each `windows` windows of 4,096
+/// values, window w holding steps 64w..64w + 64 k-major (row r of step kk at kk * 64 + r); rows
+/// and steps past the range are 0.
+pub fn pack_a_windows(
+    a: &[f32],
+    (s_m, s_k): (usize, usize),
+    (r0, rows): (usize, usize),
+    (k0, k): (usize, usize),
+    windows: usize,
+) -> Vec<f32> {
+    let blocks = rows.div_ceil(64);
+    let mut out = vec![0f32; blocks * windows * 4096];
+    for r in 0..rows {
+        for kk in 0..k {
+            let (block, row) = (r / 64, r % 64);
+            let (win, step) = (kk / 64, kk % 64);
+            out[(block * windows + win) * 4096 + step * 64 + row] = a[(r0 + r) * s_m + (k0 + kk) * s_k];
+        }
+    }
+    out
+}

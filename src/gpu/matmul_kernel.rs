@@ -11,6 +11,10 @@ pub enum MatmulKernel {
     Tiled,
     /// Loads of A shared across subgroups of at least 8 lanes by broadcast.
     Subgroup,
+    /// The subgroup kernel with A packed into 16 KiB uniform windows first and read from
+    /// there (`kernels::matmul`): for drivers where a uniform load is far cheaper than a storage
+    /// load (lavapipe).
+    SubgroupUniform,
     /// Tiles of A and B staged in workgroup memory, register blocks per invocation
     /// (`shaders/matmul_staged.wgsl`); for GPUs where workgroup memory and barriers are cheap.
     Staged(StagedTile),
@@ -125,12 +129,13 @@ impl StagedTile {
 }
 
 impl MatmulKernel {
-    /// The name users write: `tiled`, `subgroup`, or `staged-BMxBNxBK-TMxTN`
-    /// (`staged-128x128x8-8x8`).
+    /// The name users write: `tiled`, `subgroup`, `subgroup-uniform`, or
+    /// `staged-BMxBNxBK-TMxTN` (`staged-128x128x8-8x8`).
     pub fn name(&self) -> String {
         match self {
             MatmulKernel::Tiled => "tiled".into(),
             MatmulKernel::Subgroup => "subgroup".into(),
+            MatmulKernel::SubgroupUniform => "subgroup-uniform".into(),
             MatmulKernel::Staged(t) => format!("staged-{}x{}x{}-{}x{}", t.bm(), t.bn(), t.bk, t.tm, t.tn),
         }
     }
@@ -142,10 +147,12 @@ impl MatmulKernel {
         match text {
             "tiled" => return Ok(MatmulKernel::Tiled),
             "subgroup" => return Ok(MatmulKernel::Subgroup),
+            "subgroup-uniform" => return Ok(MatmulKernel::SubgroupUniform),
             "staged" => return Ok(MatmulKernel::Staged(STAGED_TILES[0])),
             _ => {}
         }
-        let form = "expected tiled, subgroup, staged or staged-BMxBNxBK-TMxTN (e.g. staged-128x128x8-8x8)";
+        let form =
+            "expected tiled, subgroup, subgroup-uniform, staged or staged-BMxBNxBK-TMxTN (e.g. staged-128x128x8-8x8)";
         let rest = text.strip_prefix("staged-").ok_or_else(|| bad(format!("{text:?}: {form}")))?;
         let (block, regs) = rest.split_once('-').ok_or_else(|| bad(format!("{text:?}: {form}")))?;
         let nums = |s: &str| -> Option<Vec<u32>> { s.split('x').map(|v| v.parse().ok()).collect() };
@@ -161,12 +168,18 @@ impl MatmulKernel {
         Ok(MatmulKernel::Staged(StagedTile { wg_m: bm / tm, wg_n: bn / tn, tm, tn, bk }))
     }
 
-    /// The kernels a device offers: `tiled`, `subgroup` where subgroups of at least 8 lanes
-    /// exist (it broadcasts from lanes 0..8), and every staged tile within `limits`.
+    /// The kernels a device offers: `tiled`, `subgroup` and `subgroup-uniform` where subgroups
+    /// of at least 8 lanes exist (they broadcast from lanes 0..8; the second also needs 9
+    /// uniform bindings of 16 KiB), and every staged tile within `limits`.
     pub fn available(subgroups_of_8: bool, limits: &wgpu::Limits) -> Vec<MatmulKernel> {
         let mut kernels = vec![MatmulKernel::Tiled];
         if subgroups_of_8 {
             kernels.push(MatmulKernel::Subgroup);
+            if limits.max_uniform_buffers_per_shader_stage >= 9
+                && limits.max_uniform_buffer_binding_size >= 16384
+            {
+                kernels.push(MatmulKernel::SubgroupUniform);
+            }
         }
         kernels.extend(
             STAGED_TILES.iter().filter(|t| t.check(limits).is_ok()).map(|&t| MatmulKernel::Staged(t)),
@@ -174,10 +187,11 @@ impl MatmulKernel {
         kernels
     }
 
-    /// One kernel per shader, the first staged tile standing for the others: enough for the
-    /// checks of kernels built on matrix products (attention, the quantized products' scratch
-    /// path), since a tile configuration changes only the product, which the matmul checks run
-    /// with every tile. Keeps those checks' time from growing with the list of tiles.
+    /// One kernel per shader, the first staged tile standing for the others and `subgroup` for
+    /// `subgroup-uniform` (which runs only the plain products, batches excluded): enough for
+    /// the checks of kernels built on matrix products (attention, the quantized products'
+    /// scratch path), since a tile configuration changes only the product, which the matmul
+    /// checks run with every kernel. Keeps those checks' time from growing with the list.
     pub fn one_per_shader(kernels: &[MatmulKernel]) -> Vec<MatmulKernel> {
         Self::distinct(kernels.iter().copied())
     }
@@ -200,9 +214,13 @@ impl MatmulKernel {
 
     /// The first kernel of each shader among `kernels`, in order.
     fn distinct(kernels: impl Iterator<Item = MatmulKernel>) -> Vec<MatmulKernel> {
+        let shader = |k: &MatmulKernel| match k {
+            MatmulKernel::SubgroupUniform => std::mem::discriminant(&MatmulKernel::Subgroup),
+            k => std::mem::discriminant(k),
+        };
         let mut out: Vec<MatmulKernel> = Vec::new();
         for k in kernels {
-            if !out.iter().any(|o| std::mem::discriminant(o) == std::mem::discriminant(&k)) {
+            if !out.iter().any(|o| shader(o) == shader(&k)) {
                 out.push(k);
             }
         }
@@ -271,6 +289,7 @@ mod tests {
     fn every_listed_tile_fits_the_phone_limits() {
         let limits = wgpu::Limits::downlevel_defaults();
         assert_eq!(MatmulKernel::available(false, &limits).len(), 1 + STAGED_TILES.len());
+        assert_eq!(MatmulKernel::available(true, &limits).len(), 3 + STAGED_TILES.len());
         for t in STAGED_TILES {
             t.check(&limits).unwrap();
         }

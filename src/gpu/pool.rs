@@ -139,6 +139,13 @@ pub(crate) struct Pool {
     stand_in: wgpu::Buffer,
 }
 
+/// Every pooled buffer is a storage buffer that copies go in and out of; it may also be bound
+/// as a uniform window (the `subgroup-uniform` matmul reads its packed A that way).
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::UNIFORM)
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
 impl Pool {
     pub fn new(
         device: wgpu::Device,
@@ -148,7 +155,7 @@ impl Pool {
         let stand_in = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("planning stand-in"),
             size: 256,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: USAGE,
             mapped_at_creation: false,
         });
         Pool {
@@ -286,9 +293,7 @@ impl Pool {
                 let b = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(what),
                     size,
-                    usage: wgpu::BufferUsages::STORAGE
-                        | wgpu::BufferUsages::COPY_SRC
-                        | wgpu::BufferUsages::COPY_DST,
+                    usage: USAGE,
                     mapped_at_creation: false,
                 });
                 if self.stats.wait(|| pollster::block_on(scope.pop())).is_some() {

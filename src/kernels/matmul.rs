@@ -12,6 +12,15 @@
 //! lavapipe; see docs/perf.md), and `matmul_staged.wgsl`, which stages tiles of A and B in
 //! workgroup memory with register blocks per invocation, in several tile configurations
 //! ([`StagedTile`]): the classic GPU matrix product, for GPUs where barriers are cheap.
+//!
+//! The subgroup kernel has a second form, `subgroup-uniform` ([`MatmulKernel::SubgroupUniform`],
+//! `matmul_subgroup_uniform.wgsl`): A is first packed (`matmul_pack_a.wgsl`) into 16 KiB
+//! windows, 64 rows by 64 k steps each, and the product reads A through 8 uniform bindings of
+//! those windows, one dispatch per block of 64 rows and 512 steps of K (the blocks after the
+//! first along K adding into C). On lavapipe a uniform load is a vector gather and a storage
+//! load a loop over the lanes with a branch each, about 20 times dearer (`cargo bench --bench
+//! load_paths`), so the product runs about twice as fast there; on a GPU, reading a uniform
+//! buffer at a different index in every lane is often the slow path, so the autotune decides.
 
 use super::u32_of;
 use crate::error::{Error, Result};
@@ -62,6 +71,16 @@ const SG_NARROW_M: (usize, usize) = (8, 256);
 /// Largest N (M) that takes a narrow tile.
 const NARROW_N_MAX: usize = 64;
 const NARROW_M_MAX: usize = 16;
+/// `subgroup-uniform`: values in one window of A (16 KiB, the phone limit on a uniform
+/// binding), the windows a dispatch reads, the rows and k steps of a window, and the columns of
+/// C one workgroup computes (64 invocations x 2).
+const WINDOW: usize = 4096;
+const WINDOWS: usize = 8;
+const WINDOW_ROWS: usize = 64;
+const WINDOW_STEPS: usize = 64;
+const UNIFORM_COLS: usize = 256;
+/// Blocks of 64 rows packed at a time: 8 MiB of windows.
+const PACK_BLOCKS: usize = 64;
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<MatmulKernel>> = const { std::cell::Cell::new(None) };
@@ -169,6 +188,14 @@ pub fn matmul_strided(
         return Err(Error::shape("matmul", "inner dimension K is 0"));
     }
     let kernel = current(gpu);
+    if matches!(kernel, Choice::F32(MatmulKernel::SubgroupUniform))
+        && d.nb1 == 1
+        && d.nb2 == 1
+        && d.n > NARROW_N_MAX
+        && d.m > NARROW_M_MAX
+    {
+        return matmul_uniform(gpu, c, a, b, bias, d, alpha, accumulate);
+    }
     let (key, tile_m, tile_n) = entry(kernel, d.m, d.n);
     let max = gpu.max_workgroups() as usize;
     if d.nb1 * d.nb2 > max {
@@ -191,11 +218,103 @@ pub fn matmul_strided(
                 let bias = bias.filter(|_| first).map(|(buf, off)| (buf, off + n0));
                 let piece = Dims { m: ml, n: nl, k: kl, ..d };
                 let tile = (&key, tile_m, tile_n);
-                dispatch_piece(gpu, tile, c, a, b, bias, piece, alpha, accumulate || !first)?;
+                dispatch_piece(gpu, tile, c, a, b, bias, piece, alpha, accumulate || !first, &[])?;
             }
         }
     }
     Ok(())
+}
+
+/// [`matmul_strided`] by `subgroup-uniform` (module comment): for each span of K
+/// (`WINDOWS x 64` steps) and group of row blocks, A's rows are packed into a scratch of
+/// windows, then one dispatch per block of 64 rows binds that block's windows and computes its
+/// rows of C across all of N. The scratch is a pooled tensor (at most 8 MiB), reused by every
+/// group; the GPU runs the packing and the products in the order recorded.
+fn matmul_uniform(
+    gpu: &Gpu,
+    c: View,
+    a: View,
+    b: View,
+    bias: Option<(Bind<'_>, usize)>,
+    d: Dims,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let max = gpu.max_workgroups() as usize;
+    let blocks = d.m.div_ceil(WINDOW_ROWS);
+    let scratch = {
+        let _c = crate::gpu::Category::Staging.enter(); // memory report: matmul scratch
+        Tensor::empty(gpu, &[blocks.min(PACK_BLOCKS) * WINDOWS * WINDOW], "matmul A in uniform windows")?
+    };
+    let sb = scratch.single("matmul A in uniform windows")?;
+    let key = (&KernelKey::new("matmul_subgroup_uniform", "matmul_subgroup"), WINDOW_ROWS, UNIFORM_COLS);
+    let window_bytes = (WINDOW * 4) as u64;
+    for (k0, kl) in super::spans(d.k, WINDOWS * WINDOW_STEPS) {
+        let first_k = k0 == 0;
+        for (g0, gl) in super::spans(blocks, PACK_BLOCKS) {
+            let r0 = g0 * WINDOW_ROWS;
+            let rows = (gl * WINDOW_ROWS).min(d.m - r0);
+            pack_a(gpu, sb, View { off: a.off + r0 * a.s_i + k0 * a.s_j, ..a }, rows, kl)?;
+            for i in 0..gl {
+                let m0 = r0 + i * WINDOW_ROWS;
+                let start = sb.offset + (i * WINDOWS) as u64 * window_bytes;
+                let windows: Vec<Bind> = (0..WINDOWS as u64)
+                    .map(|w| Bind { buffer: sb.buffer, offset: start + w * window_bytes, size: window_bytes })
+                    .collect();
+                for (n0, nl) in super::spans(d.n, max * UNIFORM_COLS) {
+                    let piece = Dims { m: WINDOW_ROWS.min(d.m - m0), n: nl, k: kl, ..d };
+                    dispatch_piece(
+                        gpu,
+                        key,
+                        View { off: c.off + m0 * c.s_i + n0, ..c },
+                        View { buf: sb, off: 0, s_i: 0, s_j: 0, s_b1: 0, s_b2: 0 }, // A: the windows
+                        View { off: b.off + k0 * b.s_i + n0 * b.s_j, ..b },
+                        bias.filter(|_| first_k).map(|(buf, off)| (buf, off + n0)),
+                        piece,
+                        alpha,
+                        accumulate || !first_k,
+                        &windows,
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct PackParams {
+    rows: u32,
+    k: u32,
+    a_off: u32,
+    a_sm: u32,
+    a_sk: u32,
+    windows: u32,
+    _pad: [u32; 2],
+}
+
+/// `rows` rows and `k` steps of A (the view's logical (M, K) strides) packed into `dst` as
+/// `subgroup-uniform` reads them (`shaders/matmul_pack_a.wgsl`; reference
+/// `kernels_ref::pack_a_windows`). Public for its own check.
+pub fn pack_a(gpu: &Gpu, dst: Bind<'_>, a: View, rows: usize, k: usize) -> Result<()> {
+    let u = |v: usize| u32_of(v, "matmul pack A");
+    let p = PackParams {
+        rows: u(rows)?,
+        k: u(k)?,
+        a_off: u(a.off)?,
+        a_sm: u(a.s_i)?,
+        a_sk: u(a.s_j)?,
+        windows: WINDOWS as u32,
+        _pad: [0; 2],
+    };
+    let groups = (rows.div_ceil(WINDOW_ROWS) * WINDOWS) as u32;
+    gpu.dispatch(
+        &KernelKey::new("matmul_pack_a", "pack_a"),
+        &[Some(a.buf), Some(dst)],
+        bytemuck::bytes_of(&p),
+        [groups, 1, 1],
+    )
 }
 
 /// A kernel's entry point and the (rows, columns) of C one workgroup computes, for a product
@@ -208,7 +327,7 @@ fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
     };
     match kernel {
         MatmulKernel::Tiled => (KernelKey::new("matmul", "matmul"), TILE, TILE),
-        MatmulKernel::Subgroup => {
+        MatmulKernel::Subgroup | MatmulKernel::SubgroupUniform => {
             let (shader, (rows, cols)) = if n <= NARROW_N_MAX {
                 ("matmul_subgroup_narrow_n", SG_NARROW_N)
             } else if m <= NARROW_M_MAX {
@@ -237,7 +356,7 @@ fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
 /// (a driver that unrolls them counts fewer), with the loops before and after the K steps.
 pub fn k_span(kernel: MatmulKernel) -> usize {
     match kernel {
-        MatmulKernel::Tiled | MatmulKernel::Subgroup => super::LOOP_SPAN,
+        MatmulKernel::Tiled | MatmulKernel::Subgroup | MatmulKernel::SubgroupUniform => super::LOOP_SPAN,
         MatmulKernel::Staged(t) => {
             let steps = (super::MAX_LOOP_TRIPS - staged_fixed_trips(t)) / staged_step_trips(t);
             steps * t.bk as usize
@@ -261,7 +380,8 @@ fn staged_fixed_trips(t: StagedTile) -> usize {
     tm * h + tm * (1 + h * (1 + 4))
 }
 
-/// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
+/// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid;
+/// `extra` bound after the bias (`subgroup-uniform`'s windows of A).
 fn dispatch_piece(
     gpu: &Gpu,
     (key, tile_m, tile_n): (&KernelKey, usize, usize),
@@ -272,6 +392,7 @@ fn dispatch_piece(
     d: Dims,
     alpha: f32,
     accumulate: bool,
+    extra: &[Bind<'_>],
 ) -> Result<()> {
     let u = |v: usize| u32_of(v, "matmul");
     let params = Params {
@@ -299,12 +420,10 @@ fn dispatch_piece(
         _pad: [0; 3],
     };
     let groups = [d.n.div_ceil(tile_n), d.m.div_ceil(tile_m), d.nb1 * d.nb2].map(|g| g as u32);
-    gpu.dispatch(
-        key,
-        &[Some(a.buf), Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))],
-        bytemuck::bytes_of(&params),
-        groups,
-    )
+    let a_buf = if extra.is_empty() { Some(a.buf) } else { None }; // windows replace A
+    let mut buffers = vec![a_buf, Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))];
+    buffers.extend(extra.iter().map(|&w| Some(w)));
+    gpu.dispatch(key, &buffers, bytemuck::bytes_of(&params), groups)
 }
 
 /// The logical dimensions that a tensor's stored rows and columns stand for.
