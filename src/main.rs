@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
                        driver in matmul.json under $POCKETTUNE_CACHE_DIR, else \
                        $XDG_CACHE_HOME/pockettune, else ~/.cache/pockettune; `eval` and \
                        `generate` use the cached choice. POCKETTUNE_MATMUL=NAME forces a kernel \
-                       (tiled, subgroup, staged or staged-BMxBNxBK-TMxTN); \
+                       (tiled, subgroup, subgroup-uniform, staged or staged-BMxBNxBK-TMxTN); \
                        POCKETTUNE_MATMUL_AUTOTUNE=off keeps the device default, =fresh measures \
                        again."
 )]
@@ -361,7 +361,7 @@ enum BenchCommand {
         #[arg(long)]
         layer: Option<String>,
         /// Matmul kernel to measure: the device's choice (`POCKETTUNE_MATMUL`, else the
-        /// autotune's), `tiled`, `subgroup`, `staged` (its first tile), a staged tile as
+        /// autotune's), `tiled`, `subgroup`, `subgroup-uniform`, `staged` (its first tile), a staged tile as
         /// `staged-BMxBNxBK-TMxTN` (e.g. `staged-128x128x8-8x8`; `info` lists the offered
         /// ones), or `all` (one table each, then a summary side by side).
         #[arg(long)]

@@ -29,7 +29,7 @@ pub enum Category {
     /// The logits (the LM head's output, soft-capped or not), their gradient and the
     /// cross-entropy's state and losses.
     LogitsLoss,
-    /// Upload staging and dequantization scratch.
+    /// Upload staging and scratch (dequantized weights, matmul operands packed for a kernel).
     Staging,
     /// Anything allocated outside a category scope (reduction partials, token ids, ...).
     Other,
