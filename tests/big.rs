@@ -8,7 +8,7 @@ mod common;
 use kernels_ref as kr;
 use pockettune::gpu::Split;
 use pockettune::kernels::{activation, elementwise, embedding, matmul, norm, reduce};
-use pockettune::{gradcheck, Tensor};
+use pockettune::{gradcheck, MatmulKernel, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -144,7 +144,9 @@ fn lm_head_dx_lost_every_term_past_65535() {
         let d = kr::MatmulDims { batch: 1, m, n: v, k: c, trans_a: false, trans_b: true };
         let mut want = vec![0f32; m * c];
         kr::matmul_backward(Some(&mut want), None, None, &dy, &x, &w, d);
-        for &kernel in gpu.matmul_kernels() {
+        // subgroup-uniform left out: at 64 columns it runs the subgroup kernel's narrow tile,
+        // already checked here under its own name
+        for &kernel in gpu.matmul_kernels().iter().filter(|&&k| k != MatmulKernel::SubgroupUniform) {
             let gdx = Tensor::empty(gpu, &[m, c], "dx").unwrap();
             gdx.fill(gpu, f32::NAN).unwrap();
             matmul::with_kernel(kernel, || {

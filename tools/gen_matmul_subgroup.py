@@ -40,7 +40,9 @@ if WINDOWS:
 // A, packed by `matmul_pack_a` (`kernels::matmul`): window w holds k steps 64w..64w + 64 of this
 // dispatch's 64 rows, k-major (row r of step kk at kk * 64 + r). On lavapipe a uniform load is a
 // vector gather, about 20 times cheaper than a storage load, which is a loop over the lanes
-// (`cargo bench --bench load_paths`). The `a` binding above is not read.
+// (`cargo bench --bench load_paths`). The `a` binding above is not read, and A's loads differ
+// from the description above: each k step lane l loads rows 4l..4l + 3 and 32 + 4l..32 + 4l + 3
+// as two vec4s, and 16 vec4 broadcasts hand the 64 rows to every lane.
 """
     WINDOW_DECLS += "".join(
         f"@group(0) @binding({5 + i}) var<uniform> aw{i}: array<vec4<f32>, 1024>;\n" for i in range(WINDOWS)

@@ -19,8 +19,9 @@
 //! those windows, one dispatch per block of 64 rows and 512 steps of K (the blocks after the
 //! first along K adding into C). On lavapipe a uniform load is a vector gather and a storage
 //! load a loop over the lanes with a branch each, about 20 times dearer (`cargo bench --bench
-//! load_paths`), so the product runs about twice as fast there; on a GPU, reading a uniform
-//! buffer at a different index in every lane is often the slow path, so the autotune decides.
+//! load_paths`), so the GPT-2 products run about 1.3x faster there (docs/perf.md); on a GPU,
+//! reading a uniform buffer at a different index in every lane is often the slow path, so the
+//! autotune decides.
 
 use super::u32_of;
 use crate::error::{Error, Result};
@@ -73,7 +74,7 @@ const NARROW_N_MAX: usize = 64;
 const NARROW_M_MAX: usize = 16;
 /// `subgroup-uniform`: values in one window of A (16 KiB, the phone limit on a uniform
 /// binding), the windows a dispatch reads, the rows and k steps of a window, and the columns of
-/// C one workgroup computes (64 invocations x 2).
+/// C one workgroup computes (64 invocations x 4).
 const WINDOW: usize = 4096;
 const WINDOWS: usize = 8;
 const WINDOW_ROWS: usize = 64;
