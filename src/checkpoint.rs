@@ -240,8 +240,10 @@ pub fn restore(dir: &Path, store: &mut ParamStore) -> Result<TrainState> {
 }
 
 /// Delete all but the newest `keep` complete checkpoints under `out` (0 keeps all), and what
-/// interrupted writes left behind (`.step-NNNNNN.tmp` directories). The one `latest` names is
-/// never deleted.
+/// interrupted writes or deletions left behind (`.step-NNNNNN.tmp` and `.step-NNNNNN.old`
+/// directories, a `step-NNNNNN` without its `state.json`). The one `latest` names is never
+/// deleted. A checkpoint is renamed to `.step-NNNNNN.old` before its files go, so that a kill
+/// in the middle leaves debris this clears next time, never a half-deleted `step-NNNNNN`.
 pub fn prune(out: &Path, keep: usize) -> Result<()> {
     let current = latest(out)?;
     let mut complete = Vec::new();
@@ -251,10 +253,11 @@ pub fn prune(out: &Path, keep: usize) -> Result<()> {
         if !path.is_dir() {
             continue;
         }
-        if name.starts_with(".step-") && name.ends_with(".tmp") {
-            std::fs::remove_dir_all(&path).map_err(io(&path))?;
-        } else if name.starts_with("step-") && path.join("state.json").exists() {
+        let debris = name.starts_with(".step-") && (name.ends_with(".tmp") || name.ends_with(".old"));
+        if name.starts_with("step-") && path.join("state.json").exists() {
             complete.push(path);
+        } else if debris || (name.starts_with("step-") && Some(&path) != current.as_ref()) {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
         }
     }
     if keep == 0 {
@@ -264,7 +267,10 @@ pub fn prune(out: &Path, keep: usize) -> Result<()> {
     let excess = complete.len().saturating_sub(keep);
     for dir in complete.into_iter().take(excess) {
         if Some(&dir) != current.as_ref() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let doomed = out.join(format!(".{name}.old"));
+            std::fs::rename(&dir, &doomed).map_err(io(&dir))?;
+            std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
         }
     }
     Ok(())

@@ -508,6 +508,10 @@ pub fn train(o: &TrainOptions, progress: bool) -> Result<TrainSummary> {
         state = checkpoint::restore(dir, &mut store)?;
         batches.seek(state.epoch, state.batch_index);
         eprintln!("resuming from {} at step {}", dir.display(), state.step);
+        // A kill between a checkpoint's `latest` and the pruning after it leaves one too many
+        // (and perhaps a `.tmp` directory): finish that pruning now, since a run resumed at its
+        // last step writes no checkpoint that would.
+        checkpoint::prune(&o.out, o.keep_checkpoints)?;
     }
     let (graph, vars) = model.graph_with(&store, o.batch_size, o.seq_len, o.memory.graph_options())?;
     plan_budget(o, &dev, &graph, vars.loss, &mut store)?;

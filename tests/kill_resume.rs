@@ -117,7 +117,9 @@ fn assert_latest_complete(out: &Path, context: &str) -> Option<usize> {
 fn debris(out: &Path) -> Vec<String> {
     std::fs::read_dir(out)
         .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".tmp")).collect()
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.ends_with(".tmp") || n.ends_with(".old"))
+                .collect()
         })
         .unwrap_or_default()
 }
@@ -332,6 +334,38 @@ fn a_checkpoint_directory_is_complete_or_absent_and_debris_is_cleared() {
     let mut names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, ["latest", "metrics.jsonl", "step-000006"]);
+}
+
+/// Regression (seen once in CI): a kill after the last checkpoint's `latest` was written but
+/// before the pruning after it left one checkpoint too many, and the resumed run, with no step
+/// left to train, wrote no checkpoint that would prune it. A kill during a deletion must not
+/// leave a half-deleted `step-NNNNNN` either.
+#[test]
+fn a_resume_at_the_last_step_finishes_the_pruning_a_kill_interrupted() {
+    let s = setup();
+    let out = s.root.join("out");
+    pockettune::train::train(&options(&s, &out, &["--keep-checkpoints", "0"]), false).unwrap();
+    // Three complete checkpoints (as if the pruning after step 6 never ran), a deletion cut
+    // short (a step without its state.json), and one renamed for deletion but not yet gone.
+    for step in [1, 2] {
+        let dir = out.join(format!("step-00000{step}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in std::fs::read_dir(out.join("step-000003")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+        }
+    }
+    std::fs::remove_file(out.join("step-000001/state.json")).unwrap();
+    std::fs::create_dir_all(out.join(".step-000000.old")).unwrap();
+    let resumed =
+        pockettune::train::train(&options(&s, &out, &["--keep-checkpoints", "2", "--resume"]), false)
+            .unwrap();
+    assert!(resumed.losses.is_empty(), "nothing left to train: {:?}", resumed.losses);
+    assert_eq!(debris(&out), Vec::<String>::new());
+    let mut names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["latest", "metrics.jsonl", "step-000003", "step-000006"]);
+    assert_eq!(assert_latest_complete(&out, "after the resume"), Some(6));
 }
 
 /// LoRA checkpoints (a PEFT adapter plus the optimizer state) go through the same write and
