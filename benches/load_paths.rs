@@ -74,8 +74,15 @@ fn main() {
     });
     let loads = (GROUPS * 64) as f64 * K as f64 * 8.0;
     let mut baseline = None;
-    let entries =
-        ["no_loads", "storage_loads", "storage_vec4_loads", "uniform_loads", "texture_loads", "broadcasts"];
+    let entries = [
+        "no_loads",
+        "storage_loads",
+        "storage_vec4_loads",
+        "storage_shared_address",
+        "uniform_loads",
+        "texture_loads",
+        "broadcasts",
+    ];
     for entry in entries {
         if entry == "broadcasts" && !device.features().contains(wgpu::Features::SUBGROUP) {
             println!("{entry:<18} (no subgroups on this device)");
@@ -90,7 +97,7 @@ fn main() {
             cache: None,
         });
         let source = match entry {
-            "storage_loads" => Some((2, storage.as_entire_binding())),
+            "storage_loads" | "storage_shared_address" => Some((2, storage.as_entire_binding())),
             "storage_vec4_loads" => Some((5, storage.as_entire_binding())),
             "uniform_loads" => Some((3, uniform.as_entire_binding())),
             "texture_loads" => Some((4, wgpu::BindingResource::TextureView(&view))),
@@ -154,6 +161,16 @@ fn w(i: u32) -> f32 {
     for r in 0..8 {
         a_uniform = a_uniform.replace(&format!("a[ra{r} + ak]"), &format!("w(ra{r} + ak)"));
     }
+    // B's four scalar loads a step as one load of 4 adjacent columns: a vec4 from storage, or
+    // an RGBA32F texel (texel (n / 4, k) holds B's row k, columns n..n + 3: B itself)
+    let bv = "vec4<f32>(b[cb0 + bk], b[cb1 + bk], b[cb2 + bk], b[cb3 + bk])";
+    let b_vec4 = a_uniform
+        .replace("@compute", "@group(0) @binding(6) var<storage, read> b4: array<vec4<f32>>;\n@compute")
+        .replace(bv, "b4[(cb0 + bk) / 4u]");
+    let b_texel = a_uniform
+        .replace("@compute", "@group(0) @binding(7) var bt: texture_2d<f32>;\n@compute")
+        .replace(bv, "textureLoad(bt, vec2<u32>(cb0 / 4u, kk), 0)");
+    assert_eq!(b_texel.matches("textureLoad").count(), 1, "the shipped kernel's loads of B changed");
     let mut both = a_uniform.clone();
     for c in 0..4 {
         both = both.replace(&format!("b[cb{c} + bk]"), &format!("w(cb{c} + bk)"));
@@ -192,10 +209,23 @@ fn w(i: u32) -> f32 {
         buffer(storage, n as usize),
     );
     let win = buffer(wgpu::BufferUsages::UNIFORM, 4096);
+    let b_texture = device.create_texture(&wgpu::TextureDescriptor {
+        label: None,
+        size: wgpu::Extent3d { width: n / 4, height: k, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    });
+    let b_view = b_texture.create_view(&Default::default());
     println!("subgroup matmul, mlp.c_fc forward {m}x{k}.{k}x{n}:");
     for (name, source) in [
         ("shipped (storage loads)", shipped.to_string()),
         ("A from a uniform window", a_uniform),
+        ("A uniform, B vec4 storage", b_vec4),
+        ("A uniform, B RGBA32F texels", b_texel),
         ("A and B from uniform windows", both),
     ] {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -216,13 +246,22 @@ fn w(i: u32) -> f32 {
         } else {
             entries.push((5, &win));
         }
-        if name.contains("and B") {
+        if name.contains("and B") || name.contains(", B") {
             entries.retain(|e| e.0 != 2);
         }
-        let entries: Vec<_> = entries
+        if name.contains("vec4") {
+            entries.push((6, &b));
+        }
+        let mut entries: Vec<_> = entries
             .into_iter()
             .map(|(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() })
             .collect();
+        if name.contains("texels") {
+            entries.push(wgpu::BindGroupEntry {
+                binding: 7,
+                resource: wgpu::BindingResource::TextureView(&b_view),
+            });
+        }
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),

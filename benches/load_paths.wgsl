@@ -110,3 +110,17 @@ fn broadcasts(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invo
     }
     out[gid.x] = acc;
 }
+
+// Storage loads at an address every lane of the workgroup shares (it depends on the workgroup
+// and k alone): a compiler that knows the address is uniform may load once for all lanes.
+@compute @workgroup_size(64)
+fn storage_shared_address(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let b = (wid.x % 8u) * ROWS;
+    var acc = 0.0;
+    for (var k = 0u; k < p.k; k++) {
+        let i = b + (k % ROWS);
+        acc += s[i] + s[(i + 64u) % 4096u] + s[(i + 128u) % 4096u] + s[(i + 192u) % 4096u]
+            + s[(i + 256u) % 4096u] + s[(i + 320u) % 4096u] + s[(i + 384u) % 4096u] + s[(i + 448u) % 4096u];
+    }
+    out[gid.x] = acc + f32(gid.x);
+}

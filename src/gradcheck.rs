@@ -360,6 +360,8 @@ const MATMUL_BOUNDARY_SHAPES: &[Boundary] = &[
     // subgroup-uniform: rows past one packing group (64 blocks of 64), K past one dispatch's
     // 512 steps (600: a full span and a ragged one), N ragged against its 128 columns
     (4100, 70, 600, &[(false, false)]),
+    // and B read through a texture: N past one texture's 8,192 columns
+    (20, 8250, 30, &[(false, false)]),
 ];
 
 /// The longest inner dimension a model's product has (Gemma 3's vocabulary, in the LM head's dX).
@@ -378,6 +380,7 @@ fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
     }
     if matmul::current_kernel(p.gpu) == MatmulKernel::SubgroupUniform && precision == Precision::F32 {
         check_pack_a(p)?;
+        check_pack_b(p)?;
     }
     for (i, &(m, n, k, transposes)) in shapes.iter().enumerate() {
         for &(ta, tb) in transposes {
@@ -448,6 +451,24 @@ fn check_pack_a(p: &mut Probe) -> Result<()> {
     matmul::pack_a(p.gpu, db, view, rows, k)?;
     let want = kr::pack_a_windows(&src, (1, ld), (r0, rows), (k0, k), 8);
     let shape = format!("A packed in uniform windows, {rows}x{k} at ({r0}, {k0}) of 80x{ld}^T");
+    p.push("forward", &shape, "", exact_err(&dst.to_host(p.gpu)?, &want));
+    Ok(())
+}
+
+/// `subgroup-uniform`'s packing of B for its texture, bit for bit against the reference: 70
+/// steps and 100 columns (a partial row of 128) from inside a larger matrix read transposed
+/// (steps adjacent), at an offset; the rest of the staging is left as it was.
+fn check_pack_b(p: &mut Probe) -> Result<()> {
+    let (ld, (k0, n0), k, n, width) = (90, (3, 7), 70, 100, 128);
+    let src = p.uniform(120 * ld);
+    let g = p.up(&src, &[120, ld])?;
+    let dst = p.out(&[k * width])?;
+    let (gb, db) = (g.single("pack source")?, dst.single("pack output")?);
+    // B(kk, j) = src[j * ld + kk]: K along the stored columns, N along the stored rows
+    let view = matmul::View::matrix(gb, n0 * ld + k0, ld, true);
+    matmul::pack_b(p.gpu, db, view, k, n, width)?;
+    let want = kr::pack_b_texels(&src, (1, ld), (k0, k), (n0, n), width);
+    let shape = format!("B packed for a texture, {k}x{n} at ({k0}, {n0}) of 120x{ld}^T");
     p.push("forward", &shape, "", exact_err(&dst.to_host(p.gpu)?, &want));
     Ok(())
 }

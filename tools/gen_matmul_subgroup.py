@@ -3,14 +3,18 @@
 
 WGSL has no way to size a function-local array by an override constant, and a private array
 indexed in a loop may live in memory on some drivers, so the accumulators are written out.
-Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS] [WG] [NAME] [WINDOWS]
+Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS] [WG] [NAME] [WINDOWS] [texture]
   (ROWS a multiple of 8; COLS 1..4; WG, the invocations of a workgroup, a multiple of 8,
   default 64; NAME default matmul_subgroup; WINDOWS, default 0: read A from that many 16 KiB
-  uniform windows instead of its storage buffer, ROWS then 64). The shipped shaders:
+  uniform windows instead of its storage buffer, ROWS then 64; `texture`: read B's 4 columns
+  a step as one texel of an RGBA32F texture instead, COLS then 4). The shipped shaders:
   64 4            matmul_subgroup           64 x 256 of C a workgroup
   64 1 8 matmul_subgroup_narrow_n           64 x 8: products with few columns (LoRA's rank)
   8 4 64 matmul_subgroup_narrow_m           8 x 256: products with few rows
-  64 4 64 matmul_subgroup_uniform 8         64 x 256, A from 8 uniform windows (subgroup-uniform)
+  64 4 64 matmul_subgroup_uniform 8         64 x 256, A from 8 uniform windows (subgroup-uniform
+                                            where B is stored transposed)
+  64 4 64 matmul_subgroup_uniform_texture 8 texture   the same, B from a texture (subgroup-uniform
+                                            where B is stored row by row)
 """
 import os
 import re
@@ -21,7 +25,9 @@ COLS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 WG = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 NAME = sys.argv[4] if len(sys.argv) > 4 else "matmul_subgroup"
 WINDOWS = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+TEXTURE = len(sys.argv) > 6 and sys.argv[6] == "texture"
 assert ROWS % 8 == 0 and 1 <= COLS <= 4 and WG % 8 == 0
+assert not TEXTURE or (WINDOWS and COLS == 4)
 # A window holds 64 k steps of 64 rows (4,096 floats, the phone limit on a uniform binding);
 # with the 4 storage buffers of the interface and Params, at most 11 uniform bindings remain.
 assert WINDOWS == 0 or (ROWS == 64 and WINDOWS <= 11)
@@ -47,6 +53,15 @@ if WINDOWS:
     WINDOW_DECLS += "".join(
         f"@group(0) @binding({5 + i}) var<uniform> aw{i}: array<vec4<f32>, 1024>;\n" for i in range(WINDOWS)
     )
+if TEXTURE:
+    WINDOW_DECLS += f"""
+// B, packed by `matmul_pack_b` (`kernels::matmul`): texel (x, k) holds columns 4x..4x + 3 of this
+// dispatch's step k (zeros past N). A texel load is a vector gather on lavapipe too, about 4
+// times cheaper than B's 4 storage loads (`cargo bench --bench load_paths`: the subgroup
+// product on mlp.c_fc with A from a uniform window, 17-19 GFLOP/s with B from storage, 27-30
+// with B from texels). The `b` binding above is not read.
+@group(0) @binding({5 + WINDOWS}) var bt: texture_2d<f32>;
+"""
 
 out = []
 w = out.append
@@ -82,8 +97,11 @@ fn matmul_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocat
 if not WINDOWS:
     for g in range(ROWS // 8):
         w(f"    let ra{g} = a_base + min(m0 + {8 * g}u + lane, last_m) * p.a_sm;")
-for j in range(COLS):
-    w(f"    let cb{j} = b_base + min(n0 + {j}u, last_n) * p.b_sn;")
+if TEXTURE:
+    w("    let tx = min(n0, last_n) / 4u;")
+else:
+    for j in range(COLS):
+        w(f"    let cb{j} = b_base + min(n0 + {j}u, last_n) * p.b_sn;")
 for i in range(ROWS):
     w(f"    var acc{i} = {vec}(0.0);")
 loads = ", ".join(f"b[cb{j} + bk]" for j in range(COLS))
@@ -102,7 +120,10 @@ def window_body(win):
     # per-lane component index); 16 vec4 broadcasts hand the 64 rows to every lane
     w(f"        let x0 = aw{win}[kk * 16u + lane];")
     w(f"        let x1 = aw{win}[kk * 16u + 8u + lane];")
-    w(f"        let bv = {vec}({loads});")
+    if TEXTURE:
+        w(f"        let bv = textureLoad(bt, vec2<u32>(tx, {64 * win}u + kk), 0);")
+    else:
+        w(f"        let bv = {vec}({loads});")
     for s4 in range(16):
         w(f"        let y{s4} = subgroupBroadcast(x{s4 // 8}, {s4 % 8}u);")
     for i in range(ROWS):
@@ -110,12 +131,14 @@ def window_body(win):
 
 
 if WINDOWS:
-    w("    var bk = 0u;")
+    if not TEXTURE:
+        w("    var bk = 0u;")
     for win in range(WINDOWS):
         w(f"    let kw{win} = min(64u, p.k - min(p.k, {64 * win}u));")
         w(f"    for (var kk = 0u; kk < kw{win}; kk++) {{")
         window_body(win)
-        w("        bk += p.b_sk;")
+        if not TEXTURE:
+            w("        bk += p.b_sk;")
         w("    }")
 else:
     w("""    var ak = 0u;

@@ -243,3 +243,22 @@ pub fn pack_a_windows(
     }
     out
 }
+
+/// Steps `k0..k0 + k` and columns `n0..n0 + n` of a matrix with strides (`s_k`, `s_n`) packed as
+/// the `subgroup-uniform` matmul's texture holds B: row kk of `width` values holds the columns
+/// of step k0 + kk, zeros past `n`.
+pub fn pack_b_texels(
+    b: &[f32],
+    (s_k, s_n): (usize, usize),
+    (k0, k): (usize, usize),
+    (n0, n): (usize, usize),
+    width: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; k * width];
+    for kk in 0..k {
+        for j in 0..n {
+            out[kk * width + j] = b[(k0 + kk) * s_k + (n0 + j) * s_n];
+        }
+    }
+    out
+}

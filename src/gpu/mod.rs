@@ -115,6 +115,8 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     /// WGSL registered at run time (kernel variants under trial in benches/ and tools/).
     extra_sources: Mutex<HashMap<&'static str, String>>,
+    /// The RGBA32F texture kernels read through ([`Self::scratch_texture`]), grown on demand.
+    texture: Mutex<Option<(wgpu::Texture, wgpu::TextureView)>>,
     pipelines: Mutex<HashMap<KernelKey, Arc<Pipeline>>>,
     pool: Arc<pool::Pool>,
     pending: Mutex<Pending>,
@@ -231,6 +233,7 @@ impl Gpu {
             adapter_limits: adapter.limits(),
             modules: Mutex::default(),
             extra_sources: Mutex::default(),
+            texture: Mutex::default(),
             pipelines: Mutex::default(),
             pending: Mutex::default(),
             binds,
@@ -553,7 +556,83 @@ impl Gpu {
         params: &[u8],
         groups: [u32; 3],
     ) -> Result<()> {
-        self.dispatch_patched(key, buffers, params, groups, &[])
+        self.record(key, buffers, None, params, groups, &[])
+    }
+
+    /// [`Self::dispatch`] with a texture bound after the buffers, at `@binding(buffers.len() +
+    /// 1)` (the `subgroup-uniform` matmul reads B from one). Its bind group is made anew.
+    pub fn dispatch_with_texture(
+        &self,
+        key: &KernelKey,
+        buffers: &[Option<Bind<'_>>],
+        texture: &wgpu::TextureView,
+        params: &[u8],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.record(key, buffers, Some(texture), params, groups, &[])
+    }
+
+    /// The device's one RGBA32F texture that kernels read and copies fill
+    /// ([`Self::copy_to_texture`]), at least `width` x `height` texels: made at first use and
+    /// remade larger when a use needs more, so that it is held once, not once per product
+    /// (the GPU runs the copies and the reads in the order recorded). At most 2,048 x 512
+    /// texels (16 MiB) as the `subgroup-uniform` matmul uses it; not in the pool's memory
+    /// report. `None` while planning (nothing is made then).
+    pub fn scratch_texture(&self, width: u32, height: u32) -> Option<(wgpu::Texture, wgpu::TextureView)> {
+        if self.pool.planning() {
+            return None;
+        }
+        let mut held = self.texture.lock();
+        if let Some((t, v)) = held.as_ref() {
+            if t.width() >= width && t.height() >= height {
+                return Some((t.clone(), v.clone()));
+            }
+        }
+        let (width, height) =
+            held.as_ref().map_or((width, height), |(t, _)| (t.width().max(width), t.height().max(height)));
+        let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("scratch texture"),
+            size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        let view = texture.create_view(&Default::default());
+        *held = Some((texture.clone(), view.clone()));
+        Some((texture, view))
+    }
+
+    /// Record a copy of `height` rows of `width` RGBA32F texels from `src` (rows of `width x 16`
+    /// bytes, a multiple of 256) into the top-left of `texture`.
+    pub fn copy_to_texture(&self, src: Bind<'_>, texture: &wgpu::Texture, width: u32, height: u32) {
+        if self.pool.planning() {
+            return;
+        }
+        let mut pending = self.pending.lock();
+        pending.pass = None; // a copy ends the open compute pass
+        let encoder = pending.encoder.get_or_insert_with(|| {
+            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        });
+        encoder.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: src.buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: src.offset,
+                    bytes_per_row: Some(width * 16),
+                    rows_per_image: Some(height),
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+        );
     }
 
     /// [`Self::dispatch`] with some of the uniform's 4-byte fields taken from GPU buffers when
@@ -566,6 +645,19 @@ impl Gpu {
         &self,
         key: &KernelKey,
         buffers: &[Option<Bind<'_>>],
+        params: &[u8],
+        groups: [u32; 3],
+        patches: &[(Bind<'_>, u64)],
+    ) -> Result<()> {
+        self.record(key, buffers, None, params, groups, patches)
+    }
+
+    /// Every dispatch's recording: [`Self::dispatch_patched`] with an optional texture.
+    fn record(
+        &self,
+        key: &KernelKey,
+        buffers: &[Option<Bind<'_>>],
+        texture: Option<&wgpu::TextureView>,
         params: &[u8],
         groups: [u32; 3],
         patches: &[(Bind<'_>, u64)],
@@ -596,8 +688,8 @@ impl Gpu {
         }
         // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
         // cache before it gives any back (see `binds`).
-        let cacheable =
-            buffers.iter().flatten().all(|b| b.buffer == &self.dummy || self.pool.knows(b.buffer));
+        let cacheable = texture.is_none()
+            && buffers.iter().flatten().all(|b| b.buffer == &self.dummy || self.pool.knows(b.buffer));
         let bind_key = cacheable.then(|| binds::BindKey {
             pipeline: pipeline.pipeline.clone(),
             slot,
@@ -628,6 +720,10 @@ impl Gpu {
                         };
                         entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource });
                     }
+                }
+                if let Some(view) = texture {
+                    let resource = wgpu::BindingResource::TextureView(view);
+                    entries.push(wgpu::BindGroupEntry { binding: buffers.len() as u32 + 1, resource });
                 }
                 // No error scope of its own: popping one per dispatch blocked the host on the
                 // driver every time. A bad bind group is reported through the device's error

@@ -17,11 +17,13 @@
 //! `matmul_subgroup_uniform.wgsl`): A is first packed (`matmul_pack_a.wgsl`) into 16 KiB
 //! windows, 64 rows by 64 k steps each, and the product reads A through 8 uniform bindings of
 //! those windows, one dispatch per block of 64 rows and 512 steps of K (the blocks after the
-//! first along K adding into C). On lavapipe a uniform load is a vector gather and a storage
-//! load a loop over the lanes with a branch each, about 20 times dearer (`cargo bench --bench
-//! load_paths`), so the GPT-2 products run about 1.3x faster there (docs/perf.md); on a GPU,
-//! reading a uniform buffer at a different index in every lane is often the slow path, so the
-//! autotune decides.
+//! first along K adding into C). B's piece for a dispatch is packed too
+//! (`matmul_pack_b.wgsl`, then copied) into an RGBA32F texture whose texel (x, k) holds 4
+//! adjacent columns of step k, so that a lane's 4 columns a step are one texel load. On
+//! lavapipe a uniform or texel load is a vector gather and a storage load a loop over the
+//! lanes with a branch each (`cargo bench --bench load_paths`), so the GPT-2 products run
+//! faster there (docs/perf.md); on a GPU, reading a uniform buffer at a different index in
+//! every lane is often the slow path, so the autotune decides.
 
 use super::u32_of;
 use crate::error::{Error, Result};
@@ -82,6 +84,10 @@ const WINDOW_STEPS: usize = 64;
 const UNIFORM_COLS: usize = 256;
 /// Blocks of 64 rows packed at a time: 8 MiB of windows.
 const PACK_BLOCKS: usize = 64;
+/// Columns of B one texture holds: 2,048 texels, the phone limit on a texture's width.
+const TEXTURE_COLS: usize = 2048 * 4;
+/// A packed row of B is a whole number of 64 floats (256 bytes: a texture copy's row pitch).
+const TEXTURE_ROW_ALIGN: usize = 64;
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<MatmulKernel>> = const { std::cell::Cell::new(None) };
@@ -219,7 +225,7 @@ pub fn matmul_strided(
                 let bias = bias.filter(|_| first).map(|(buf, off)| (buf, off + n0));
                 let piece = Dims { m: ml, n: nl, k: kl, ..d };
                 let tile = (&key, tile_m, tile_n);
-                dispatch_piece(gpu, tile, c, a, b, bias, piece, alpha, accumulate || !first, &[])?;
+                dispatch_piece(gpu, tile, c, a, b, bias, piece, alpha, accumulate || !first)?;
             }
         }
     }
@@ -227,10 +233,16 @@ pub fn matmul_strided(
 }
 
 /// [`matmul_strided`] by `subgroup-uniform` (module comment): for each span of K
-/// (`WINDOWS x 64` steps) and group of row blocks, A's rows are packed into a scratch of
-/// windows, then one dispatch per block of 64 rows binds that block's windows and computes its
-/// rows of C across all of N. The scratch is a pooled tensor (at most 8 MiB), reused by every
-/// group; the GPU runs the packing and the products in the order recorded.
+/// (`WINDOWS x 64` steps) and of N, where B is stored row by row its piece is packed into a
+/// staging buffer and copied into a texture (spans of N at most [`TEXTURE_COLS`]); then for
+/// each group of row blocks A's rows are packed into a scratch of windows, and one dispatch per
+/// block of 64 rows binds that block's windows (and the texture) and computes its rows of C
+/// across the span of N. Where B is stored transposed the product reads it from storage
+/// (`matmul_subgroup_uniform.wgsl`): each lane then walks its own columns along k, which
+/// measured as fast as the texture with its packing (docs/perf.md). The scratches are pooled
+/// tensors (at most 8 MiB for A, 16 MiB for B) reused by every span, and the texture is the
+/// device's one scratch texture (as large as B's staging); the GPU runs the packing, the copies
+/// and the products in the order recorded.
 fn matmul_uniform(
     gpu: &Gpu,
     c: View,
@@ -241,46 +253,98 @@ fn matmul_uniform(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let max = gpu.max_workgroups() as usize;
     let blocks = d.m.div_ceil(WINDOW_ROWS);
-    let scratch = {
+    let span_k = WINDOWS * WINDOW_STEPS;
+    let textured = b.s_j == 1;
+    let span_n = if textured { TEXTURE_COLS } else { gpu.max_workgroups() as usize * UNIFORM_COLS };
+    let width = d.n.min(TEXTURE_COLS).next_multiple_of(TEXTURE_ROW_ALIGN); // floats a packed row
+    let height = d.k.min(span_k);
+    let (scratch, staging) = {
         let _c = crate::gpu::Category::Staging.enter(); // memory report: matmul scratch
-        Tensor::empty(gpu, &[blocks.min(PACK_BLOCKS) * WINDOWS * WINDOW], "matmul A in uniform windows")?
+        let a =
+            Tensor::empty(gpu, &[blocks.min(PACK_BLOCKS) * WINDOWS * WINDOW], "matmul A in uniform windows")?;
+        let b = textured.then(|| Tensor::empty(gpu, &[width * height], "matmul B packed for a texture"));
+        (a, b.transpose()?)
     };
     let sb = scratch.single("matmul A in uniform windows")?;
-    let key = (&KernelKey::new("matmul_subgroup_uniform", "matmul_subgroup"), WINDOW_ROWS, UNIFORM_COLS);
+    let texture = match &staging {
+        Some(staging) => {
+            let staged = staging.single("matmul B packed for a texture")?;
+            let Some((t, view)) = gpu.scratch_texture((width / 4) as u32, height as u32) else {
+                return Ok(()); // planning: the scratches above are what the product holds
+            };
+            Some((staged, t, view))
+        }
+        None => None,
+    };
+    let shader = if textured { "matmul_subgroup_uniform_texture" } else { "matmul_subgroup_uniform" };
+    let key = KernelKey::new(shader, "matmul_subgroup");
     let window_bytes = (WINDOW * 4) as u64;
-    for (k0, kl) in super::spans(d.k, WINDOWS * WINDOW_STEPS) {
+    for (k0, kl) in super::spans(d.k, span_k) {
         let first_k = k0 == 0;
-        for (g0, gl) in super::spans(blocks, PACK_BLOCKS) {
-            let r0 = g0 * WINDOW_ROWS;
-            let rows = (gl * WINDOW_ROWS).min(d.m - r0);
-            pack_a(gpu, sb, View { off: a.off + r0 * a.s_i + k0 * a.s_j, ..a }, rows, kl)?;
-            for i in 0..gl {
-                let m0 = r0 + i * WINDOW_ROWS;
-                let start = sb.offset + (i * WINDOWS) as u64 * window_bytes;
-                let windows: Vec<Bind> = (0..WINDOWS as u64)
-                    .map(|w| Bind { buffer: sb.buffer, offset: start + w * window_bytes, size: window_bytes })
-                    .collect();
-                for (n0, nl) in super::spans(d.n, max * UNIFORM_COLS) {
+        for (n0, nl) in super::spans(d.n, span_n) {
+            let b = View { off: b.off + k0 * b.s_i + n0 * b.s_j, ..b };
+            if let Some((staged, t, _)) = &texture {
+                let texels = nl.next_multiple_of(TEXTURE_ROW_ALIGN) / 4;
+                pack_b(gpu, *staged, b, kl, nl, texels * 4)?;
+                gpu.copy_to_texture(*staged, t, texels as u32, kl as u32);
+            }
+            for (g0, gl) in super::spans(blocks, PACK_BLOCKS) {
+                let r0 = g0 * WINDOW_ROWS;
+                let rows = (gl * WINDOW_ROWS).min(d.m - r0);
+                pack_a(gpu, sb, View { off: a.off + r0 * a.s_i + k0 * a.s_j, ..a }, rows, kl)?;
+                for i in 0..gl {
+                    let m0 = r0 + i * WINDOW_ROWS;
                     let piece = Dims { m: WINDOW_ROWS.min(d.m - m0), n: nl, k: kl, ..d };
-                    dispatch_piece(
-                        gpu,
-                        key,
-                        View { off: c.off + m0 * c.s_i + n0, ..c },
-                        View { buf: sb, off: 0, s_i: 0, s_j: 0, s_b1: 0, s_b2: 0 }, // A: the windows
-                        View { off: b.off + k0 * b.s_i + n0 * b.s_j, ..b },
-                        bias.filter(|_| first_k).map(|(buf, off)| (buf, off + n0)),
-                        piece,
-                        alpha,
-                        accumulate || !first_k,
-                        &windows,
-                    )?;
+                    let c = View { off: c.off + m0 * c.s_i + n0, ..c };
+                    let bias = bias.filter(|_| first_k).map(|(buf, off)| (buf, off + n0));
+                    let params = params(c, a, b, bias, piece, alpha, accumulate || !first_k)?;
+                    // A's binding is left out (the windows replace it), and B's where the
+                    // texture does
+                    let b_buf = texture.is_none().then_some(b.buf);
+                    let mut bindings =
+                        vec![None, b_buf, Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))];
+                    let start = sb.offset + (i * WINDOWS) as u64 * window_bytes;
+                    bindings.extend((0..WINDOWS as u64).map(|w| {
+                        Some(Bind { buffer: sb.buffer, offset: start + w * window_bytes, size: window_bytes })
+                    }));
+                    let (params, groups) =
+                        (bytemuck::bytes_of(&params), [nl.div_ceil(UNIFORM_COLS) as u32, 1, 1]);
+                    match &texture {
+                        Some((_, _, view)) => {
+                            gpu.dispatch_with_texture(&key, &bindings, view, params, groups)?
+                        }
+                        None => gpu.dispatch(&key, &bindings, params, groups)?,
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// `k` steps and `n` columns of B (the view's logical (K, N) strides) packed into `dst` row by
+/// row, `width` floats a row, as `subgroup-uniform`'s texture holds them
+/// (`shaders/matmul_pack_b.wgsl`; reference `kernels_ref::pack_b_texels`). Public for its own
+/// check.
+pub fn pack_b(gpu: &Gpu, dst: Bind<'_>, b: View, k: usize, n: usize, width: usize) -> Result<()> {
+    let u = |v: usize| u32_of(v, "matmul pack B");
+    let p = PackParams {
+        rows: u(n)?,
+        k: u(k)?,
+        a_off: u(b.off)?,
+        a_sm: u(b.s_i)?,
+        a_sk: u(b.s_j)?,
+        windows: u(width)?,
+        _pad: [0; 2],
+    };
+    let groups = [u(width.div_ceil(64))?, u(k.div_ceil(64))?, 1];
+    gpu.dispatch(
+        &KernelKey::new("matmul_pack_b", "pack_b"),
+        &[Some(b.buf), Some(dst)],
+        bytemuck::bytes_of(&p),
+        groups,
+    )
 }
 
 #[repr(C)]
@@ -381,8 +445,7 @@ fn staged_fixed_trips(t: StagedTile) -> usize {
     tm * h + tm * (1 + h * (1 + 4))
 }
 
-/// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid;
-/// `extra` bound after the bias (`subgroup-uniform`'s windows of A).
+/// One dispatch of [`matmul_strided`]: K at most `LOOP_SPAN`, M and N within one grid.
 fn dispatch_piece(
     gpu: &Gpu,
     (key, tile_m, tile_n): (&KernelKey, usize, usize),
@@ -393,10 +456,25 @@ fn dispatch_piece(
     d: Dims,
     alpha: f32,
     accumulate: bool,
-    extra: &[Bind<'_>],
 ) -> Result<()> {
+    let params = params(c, a, b, bias, d, alpha, accumulate)?;
+    let groups = [d.n.div_ceil(tile_n), d.m.div_ceil(tile_m), d.nb1 * d.nb2].map(|g| g as u32);
+    let buffers = [Some(a.buf), Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))];
+    gpu.dispatch(key, &buffers, bytemuck::bytes_of(&params), groups)
+}
+
+/// The uniform every matmul shader reads, for one piece.
+fn params(
+    c: View,
+    a: View,
+    b: View,
+    bias: Option<(Bind<'_>, usize)>,
+    d: Dims,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<Params> {
     let u = |v: usize| u32_of(v, "matmul");
-    let params = Params {
+    Ok(Params {
         m: u(d.m)?,
         n: u(d.n)?,
         k: u(d.k)?,
@@ -419,12 +497,7 @@ fn dispatch_piece(
         bias_off: u(bias.map_or(0, |b| b.1))?,
         alpha,
         _pad: [0; 3],
-    };
-    let groups = [d.n.div_ceil(tile_n), d.m.div_ceil(tile_m), d.nb1 * d.nb2].map(|g| g as u32);
-    let a_buf = if extra.is_empty() { Some(a.buf) } else { None }; // windows replace A
-    let mut buffers = vec![a_buf, Some(b.buf), Some(c.buf), Some(bias.map_or(gpu.placeholder(), |b| b.0))];
-    buffers.extend(extra.iter().map(|&w| Some(w)));
-    gpu.dispatch(key, &buffers, bytemuck::bytes_of(&params), groups)
+    })
 }
 
 /// The logical dimensions that a tensor's stored rows and columns stand for.
