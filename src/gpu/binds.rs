@@ -98,6 +98,9 @@ pub(crate) struct BindKey {
     pub pipeline: wgpu::ComputePipeline,
     pub slot: u64,
     pub buffers: Vec<Option<(wgpu::Buffer, u64, u64)>>,
+    /// The device's scratch texture where the dispatch binds it (it lives as long as the
+    /// device, unless a larger one replaces it).
+    pub texture: Option<wgpu::TextureView>,
 }
 
 #[derive(Default)]

@@ -560,7 +560,7 @@ impl Gpu {
     }
 
     /// [`Self::dispatch`] with a texture bound after the buffers, at `@binding(buffers.len() +
-    /// 1)` (the `subgroup-uniform` matmul reads B from one). Its bind group is made anew.
+    /// 1)` (the `subgroup-uniform` matmul reads B from [`Self::scratch_texture`]).
     pub fn dispatch_with_texture(
         &self,
         key: &KernelKey,
@@ -687,13 +687,16 @@ impl Gpu {
             encoder.copy_buffer_to_buffer(from.buffer, from.offset, &uniform, offset + field, 4);
         }
         // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
-        // cache before it gives any back (see `binds`).
-        let cacheable = texture.is_none()
-            && buffers.iter().flatten().all(|b| b.buffer == &self.dummy || self.pool.knows(b.buffer));
+        // cache before it gives any back (see `binds`). A texture bound is the device's scratch
+        // texture, which lives as long as the device (a cached group keeps a replaced one alive
+        // until the cache is next emptied).
+        let cacheable =
+            buffers.iter().flatten().all(|b| b.buffer == &self.dummy || self.pool.knows(b.buffer));
         let bind_key = cacheable.then(|| binds::BindKey {
             pipeline: pipeline.pipeline.clone(),
             slot,
             buffers: buffers.iter().map(|b| b.map(|b| (b.buffer.clone(), b.offset, b.size))).collect(),
+            texture: texture.cloned(),
         });
         let bind_group = match bind_key.as_ref().and_then(|k| self.binds.get(k)) {
             Some(group) => group,
