@@ -12,8 +12,9 @@ pub enum MatmulKernel {
     /// Loads of A shared across subgroups of at least 8 lanes by broadcast.
     Subgroup,
     /// The subgroup kernel with A packed into 16 KiB uniform windows first and read from
-    /// there (`kernels::matmul`): for drivers where a uniform load is far cheaper than a storage
-    /// load (lavapipe).
+    /// there, and B, where it is stored row by row, packed into an RGBA32F texture and read a
+    /// texel (4 columns) a step (`kernels::matmul`): for drivers where uniform and texel loads
+    /// are far cheaper than storage loads (lavapipe).
     SubgroupUniform,
     /// Tiles of A and B staged in workgroup memory, register blocks per invocation
     /// (`shaders/matmul_staged.wgsl`); for GPUs where workgroup memory and barriers are cheap.
@@ -170,13 +171,16 @@ impl MatmulKernel {
 
     /// The kernels a device offers: `tiled`, `subgroup` and `subgroup-uniform` where subgroups
     /// of at least 8 lanes exist (they broadcast from lanes 0..8; the second also needs 9
-    /// uniform bindings of 16 KiB), and every staged tile within `limits`.
+    /// uniform bindings of 16 KiB and a sampled texture 2,048 texels wide), and every staged
+    /// tile within `limits`.
     pub fn available(subgroups_of_8: bool, limits: &wgpu::Limits) -> Vec<MatmulKernel> {
         let mut kernels = vec![MatmulKernel::Tiled];
         if subgroups_of_8 {
             kernels.push(MatmulKernel::Subgroup);
             if limits.max_uniform_buffers_per_shader_stage >= 9
                 && limits.max_uniform_buffer_binding_size >= 16384
+                && limits.max_sampled_textures_per_shader_stage >= 1
+                && limits.max_texture_dimension_2d >= 2048
             {
                 kernels.push(MatmulKernel::SubgroupUniform);
             }
