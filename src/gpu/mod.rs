@@ -85,6 +85,21 @@ struct Pending {
     ring: std::collections::VecDeque<(wgpu::SubmissionIndex, u64)>,
 }
 
+impl Pending {
+    /// The open encoder, made if there is none.
+    fn encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.encoder.get_or_insert_with(|| {
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        })
+    }
+
+    /// The encoder for a copy: a copy ends the open compute pass.
+    fn copy_encoder(&mut self, device: &wgpu::Device) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        self.encoder(device)
+    }
+}
+
 /// Staged host writes above this many bytes are submitted and waited for, so loading a model
 /// holds at most this much staging memory instead of a second copy of the weights.
 const STAGING_LIMIT: u64 = 64 << 20;
@@ -612,10 +627,7 @@ impl Gpu {
             return;
         }
         let mut pending = self.pending.lock();
-        pending.pass = None; // a copy ends the open compute pass
-        let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
-        });
+        let encoder = pending.copy_encoder(&self.device);
         encoder.copy_buffer_to_texture(
             wgpu::TexelCopyBufferInfo {
                 buffer: src.buffer,
@@ -680,10 +692,7 @@ impl Gpu {
         let (uniform, offset) = pending.uniforms.push(&self.device, slot, params);
         for (from, field) in patches {
             assert!(field + 4 <= params.len() as u64, "patch past the uniform's end");
-            pending.pass = None; // a copy ends the open compute pass
-            let encoder = pending.encoder.get_or_insert_with(|| {
-                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
-            });
+            let encoder = pending.copy_encoder(&self.device);
             encoder.copy_buffer_to_buffer(from.buffer, from.offset, &uniform, offset + field, 4);
         }
         // Only the pool's buffers are cached for: the pool holds them anyway, and drops the
@@ -745,10 +754,7 @@ impl Gpu {
             }
         };
         if pending.pass.is_none() {
-            let encoder = pending.encoder.get_or_insert_with(|| {
-                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
-            });
-            let pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            let pass = pending.encoder(&self.device).begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("step"),
                 timestamp_writes: None,
             });
@@ -783,10 +789,7 @@ impl Gpu {
         let (src, src_off, dst, dst_off) =
             (src.buffer, src.offset + src_off, dst.buffer, dst.offset + dst_off);
         let mut pending = self.pending.lock();
-        pending.pass = None; // a copy ends the open compute pass
-        let encoder = pending.encoder.get_or_insert_with(|| {
-            self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
-        });
+        let encoder = pending.copy_encoder(&self.device);
         encoder.copy_buffer_to_buffer(src, src_off, dst, dst_off, bytes);
     }
 

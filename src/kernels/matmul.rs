@@ -19,7 +19,8 @@
 //! those windows, one dispatch per block of 64 rows and 512 steps of K (the blocks after the
 //! first along K adding into C). B's piece for a dispatch is packed too
 //! (`matmul_pack_b.wgsl`, then copied) into an RGBA32F texture whose texel (x, k) holds 4
-//! adjacent columns of step k, so that a lane's 4 columns a step are one texel load. On
+//! adjacent columns of step k, so that a lane's 4 columns a step are one texel load (where B
+//! is stored row by row; stored transposed, it is read from storage as before). On
 //! lavapipe a uniform or texel load is a vector gather and a storage load a loop over the
 //! lanes with a branch each (`cargo bench --bench load_paths`), so the GPT-2 products run
 //! faster there (docs/perf.md); on a GPU, reading a uniform buffer at a different index in
@@ -239,7 +240,7 @@ pub fn matmul_strided(
 /// block of 64 rows binds that block's windows (and the texture) and computes its rows of C
 /// across the span of N. Where B is stored transposed the product reads it from storage
 /// (`matmul_subgroup_uniform.wgsl`): each lane then walks its own columns along k, which
-/// measured as fast as the texture with its packing (docs/perf.md). The scratches are pooled
+/// measured faster than the texture with its packing (docs/perf.md). The scratches are pooled
 /// tensors (at most 8 MiB for A, 16 MiB for B) reused by every span, and the texture is the
 /// device's one scratch texture (as large as B's staging); the GPU runs the packing, the copies
 /// and the products in the order recorded.
@@ -328,58 +329,53 @@ fn matmul_uniform(
 /// (`shaders/matmul_pack_b.wgsl`; reference `kernels_ref::pack_b_texels`). Public for its own
 /// check.
 pub fn pack_b(gpu: &Gpu, dst: Bind<'_>, b: View, k: usize, n: usize, width: usize) -> Result<()> {
-    let u = |v: usize| u32_of(v, "matmul pack B");
-    let p = PackParams {
-        rows: u(n)?,
-        k: u(k)?,
-        a_off: u(b.off)?,
-        a_sm: u(b.s_i)?,
-        a_sk: u(b.s_j)?,
-        windows: u(width)?,
-        _pad: [0; 2],
-    };
-    let groups = [u(width.div_ceil(64))?, u(k.div_ceil(64))?, 1];
-    gpu.dispatch(
-        &KernelKey::new("matmul_pack_b", "pack_b"),
-        &[Some(b.buf), Some(dst)],
-        bytemuck::bytes_of(&p),
-        groups,
-    )
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct PackParams {
-    rows: u32,
-    k: u32,
-    a_off: u32,
-    a_sm: u32,
-    a_sk: u32,
-    windows: u32,
-    _pad: [u32; 2],
+    pack(gpu, "matmul_pack_b", dst, b, [n, k, width], [width.div_ceil(64), k.div_ceil(64)])
 }
 
 /// `rows` rows and `k` steps of A (the view's logical (M, K) strides) packed into `dst` as
 /// `subgroup-uniform` reads them (`shaders/matmul_pack_a.wgsl`; reference
 /// `kernels_ref::pack_a_windows`). Public for its own check.
 pub fn pack_a(gpu: &Gpu, dst: Bind<'_>, a: View, rows: usize, k: usize) -> Result<()> {
-    let u = |v: usize| u32_of(v, "matmul pack A");
+    pack(gpu, "matmul_pack_a", dst, a, [rows, k, WINDOWS], [rows.div_ceil(WINDOW_ROWS) * WINDOWS, 1])
+}
+
+/// The uniform of both packing shaders: `count` (A's rows, B's columns), `k` steps, the
+/// source's offset and its two logical strides (the view's `s_i`, `s_j`), and `last` (A's
+/// windows per block, B's floats a packed row).
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct PackParams {
+    count: u32,
+    k: u32,
+    off: u32,
+    s_i: u32,
+    s_j: u32,
+    last: u32,
+    _pad: [u32; 2],
+}
+
+/// One dispatch of `shader` (entry point: its name past `matmul_`) packing `src` into `dst`;
+/// `[count, k, last]` as [`PackParams`] says, `groups` its workgroups along x and y.
+fn pack(
+    gpu: &Gpu,
+    shader: &'static str,
+    dst: Bind<'_>,
+    src: View,
+    [count, k, last]: [usize; 3],
+    groups: [usize; 2],
+) -> Result<()> {
+    let u = |v: usize| u32_of(v, shader);
     let p = PackParams {
-        rows: u(rows)?,
+        count: u(count)?,
         k: u(k)?,
-        a_off: u(a.off)?,
-        a_sm: u(a.s_i)?,
-        a_sk: u(a.s_j)?,
-        windows: WINDOWS as u32,
+        off: u(src.off)?,
+        s_i: u(src.s_i)?,
+        s_j: u(src.s_j)?,
+        last: u(last)?,
         _pad: [0; 2],
     };
-    let groups = (rows.div_ceil(WINDOW_ROWS) * WINDOWS) as u32;
-    gpu.dispatch(
-        &KernelKey::new("matmul_pack_a", "pack_a"),
-        &[Some(a.buf), Some(dst)],
-        bytemuck::bytes_of(&p),
-        [groups, 1, 1],
-    )
+    let key = KernelKey::new(shader, shader.trim_start_matches("matmul_"));
+    gpu.dispatch(&key, &[Some(src.buf), Some(dst)], bytemuck::bytes_of(&p), [u(groups[0])?, u(groups[1])?, 1])
 }
 
 /// A kernel's entry point and the (rows, columns) of C one workgroup computes, for a product
