@@ -239,6 +239,11 @@ pub fn restore(dir: &Path, store: &mut ParamStore) -> Result<TrainState> {
     Ok(state)
 }
 
+/// `step-NNNNNN`, as [`dir_name`] writes it (a directory the user named `step-notes` is not one).
+fn is_step_name(name: &str) -> bool {
+    name.strip_prefix("step-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Delete all but the newest `keep` complete checkpoints under `out` (0 keeps all), and what
 /// interrupted writes or deletions left behind (`.step-NNNNNN.tmp` and `.step-NNNNNN.old`
 /// directories, a `step-NNNNNN` without its `state.json`). The one `latest` names is never
@@ -256,7 +261,7 @@ pub fn prune(out: &Path, keep: usize) -> Result<()> {
         let debris = name.starts_with(".step-") && (name.ends_with(".tmp") || name.ends_with(".old"));
         if name.starts_with("step-") && path.join("state.json").exists() {
             complete.push(path);
-        } else if debris || (name.starts_with("step-") && Some(&path) != current.as_ref()) {
+        } else if debris || (is_step_name(name) && Some(&path) != current.as_ref()) {
             std::fs::remove_dir_all(&path).map_err(io(&path))?;
         }
     }

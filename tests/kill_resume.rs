@@ -357,6 +357,8 @@ fn a_resume_at_the_last_step_finishes_the_pruning_a_kill_interrupted() {
     }
     std::fs::remove_file(out.join("step-000001/state.json")).unwrap();
     std::fs::create_dir_all(out.join(".step-000000.old")).unwrap();
+    // a directory of the user's own whose name only starts like a checkpoint's stays
+    std::fs::create_dir_all(out.join("step-notes")).unwrap();
     let resumed =
         pockettune::train::train(&options(&s, &out, &["--keep-checkpoints", "2", "--resume"]), false)
             .unwrap();
@@ -364,7 +366,7 @@ fn a_resume_at_the_last_step_finishes_the_pruning_a_kill_interrupted() {
     assert_eq!(debris(&out), Vec::<String>::new());
     let mut names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
-    assert_eq!(names, ["latest", "metrics.jsonl", "step-000003", "step-000006"]);
+    assert_eq!(names, ["latest", "metrics.jsonl", "step-000003", "step-000006", "step-notes"]);
     assert_eq!(assert_latest_complete(&out, "after the resume"), Some(6));
 }
 
