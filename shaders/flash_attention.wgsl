@@ -30,6 +30,9 @@ struct Params {
 override WG: u32 = 64u;
 var<workgroup> scratch: array<f32, 256>;
 
+// The row's sum or max, in every invocation of the workgroup. The `_subgroup` variant
+// (src/shaders.rs) replaces this block where the workgroup is one subgroup.
+// variant begin
 fn reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     scratch[lid] = v;
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
@@ -47,6 +50,7 @@ fn reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     workgroupBarrier();
     return total;
 }
+// variant end
 
 fn capped(u: f32) -> f32 {
     if (p.cap == 0.0) {

@@ -43,6 +43,9 @@ fn capped(z: f32) -> f32 {
     return z;
 }
 
+// The row's sum or max, in every invocation of the workgroup. The `_subgroup` variant
+// (src/shaders.rs) replaces this block where the workgroup is one subgroup.
+// variant begin
 fn reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     scratch[lid] = v;
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
@@ -60,6 +63,7 @@ fn reduce(lid: u32, v: f32, is_max: bool) -> f32 {
     workgroupBarrier();
     return total;
 }
+// variant end
 
 @compute @workgroup_size(WG)
 fn head_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

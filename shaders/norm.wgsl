@@ -30,6 +30,9 @@ override WG: u32 = 64u;
 override RMS: bool = false;
 var<workgroup> scratch: array<f32, 256>;
 
+// The row's sum, in every invocation of the workgroup. The `_subgroup` variant
+// (src/shaders.rs) replaces this block where the workgroup is one subgroup.
+// variant begin
 fn row_sum(lid: u32, v: f32) -> f32 {
     scratch[lid] = v;
     for (var stride = WG / 2u; stride > 0u; stride = stride / 2u) {
@@ -43,6 +46,7 @@ fn row_sum(lid: u32, v: f32) -> f32 {
     workgroupBarrier();
     return total;
 }
+// variant end
 
 fn row_of(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;

@@ -14,7 +14,9 @@ use crate::kernels::{
     cross_entropy, elementwise, embedding,
     matmul::{self, Dims, View},
     norm::{self, NormKind},
-    optim, reduce, rope, softmax,
+    optim, reduce, rope,
+    rows::{self, RowReduce},
+    softmax,
 };
 use kernels_ref as kr;
 use rand::rngs::StdRng;
@@ -71,6 +73,10 @@ pub const KERNELS: &[&str] = &[
     "qembedding",
     "lm_head_loss",
 ];
+
+/// The families whose kernels reduce rows (`kernels::rows`): checked with each way.
+const ROW_KERNELS: &[&str] =
+    &["softmax", "layernorm", "rmsnorm", "rmsnorm_gemma", "flash_attention", "cross_entropy", "lm_head_loss"];
 
 /// How far the self-test goes. Both tiers check every kernel on small, ragged shapes and across
 /// every boundary a kernel has (more than 65,535 workgroups in a dimension, rows, columns and
@@ -130,6 +136,19 @@ pub fn mixed_err(gpu: &[f32], reference: &[f32], abs: &[f32]) -> f64 {
 /// The absolute values of `x`.
 pub(crate) fn absolute(x: &[f32]) -> Vec<f32> {
     x.iter().map(|v| v.abs()).collect()
+}
+
+/// [`rel_err`] against at least `floor`: for values that are small differences of larger
+/// terms (a loss near 0, a probability minus its one-hot 1), whose f32 error scales with the
+/// terms, not with the difference.
+fn rel_err_floor(gpu: &[f32], reference: &[f32], floor: f64) -> f64 {
+    if !rel_err(gpu, reference).is_finite() {
+        return f64::INFINITY;
+    }
+    let (diff, scale) = gpu.iter().zip(reference).fold((0f64, floor), |(d, s), (&g, &r)| {
+        (d.max((g as f64 - r as f64).abs()), s.max((r as f64).abs()))
+    });
+    diff / scale
 }
 
 /// Relative error of `gpu` against `reference`: infinite if any value of either is NaN or
@@ -238,13 +257,25 @@ pub fn check_kernel(gpu: &Gpu, kernel: &str, seed: u64, tier: Tier) -> Result<Ve
     } else {
         vec![gpu.matmul_kernel()]
     };
+    // Kernels that reduce rows run with each way of reducing the device offers (`rows`).
+    let reduces_rows = ROW_KERNELS.contains(&name);
+    let ways = if reduces_rows { RowReduce::available(gpu) } else { vec![RowReduce::Workgroup] };
     for variant in variants {
-        let first = p.results.len();
-        matmul::with_kernel(variant, || run_check(&mut p, name))?;
-        if uses_matmul {
-            let tag = variant.name();
-            for r in &mut p.results[first..] {
-                r.1 = format!("[{tag}] {}", r.1);
+        for &way in &ways {
+            let first = p.results.len();
+            rows::with_row_reduce(way, || matmul::with_kernel(variant, || run_check(&mut p, name)))?;
+            let mut tags = Vec::new();
+            if uses_matmul {
+                tags.push(variant.name());
+            }
+            if reduces_rows {
+                tags.push(format!("{} rows", way.name()));
+            }
+            if !tags.is_empty() {
+                let tag = tags.join(", ");
+                for r in &mut p.results[first..] {
+                    r.1 = format!("[{tag}] {}", r.1);
+                }
             }
         }
     }
@@ -327,9 +358,11 @@ pub fn check_all(gpu: &Gpu, seed: u64, tier: Tier) -> Result<Vec<Row>> {
 }
 
 /// (M, N, K) of the products checked in every transpose. Besides tiny and ragged ones, they
-/// cross the subgroup kernel's choice of tile: N <= 64 takes the narrow-N tile (64 x 8; M
+/// cross the subgroup kernel's choice of tile: N <= 16 takes the narrow-N tile (64 x 8; M
 /// ragged against 64 in (129, 7)), else M <= 16 the narrow-M tile (8 x 256; M ragged against 8
-/// in (9, 65)), else the wide one ((17, 65) and (67, 65): just past both).
+/// in (9, 65)), else N <= 128 the mid tile (64 x 64: (17, 65) and (67, 65) just past both, N
+/// ragged; (40, 17) just past narrow-N; (70, 128) at its largest N), else the wide one
+/// ((31, 130)).
 const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (1, 5, 3),
@@ -342,6 +375,8 @@ const MATMUL_SHAPES: &[(usize, usize, usize)] = &[
     (9, 65, 33),
     (16, 300, 40),
     (17, 65, 20),
+    (40, 17, 50),
+    (70, 128, 33),
 ];
 
 const ALL_TRANSPOSES: &[(bool, bool)] = &[(false, false), (false, true), (true, false), (true, true)];
@@ -358,8 +393,9 @@ const MATMUL_BOUNDARY_SHAPES: &[Boundary] = &[
     (1, 65_535 * 64 + 1, 1, &[(false, true)]),
     (65_535 * 64 + 1, 1, 1, &[(true, false)]),
     // subgroup-uniform: rows past one packing group (64 blocks of 64), K past one dispatch's
-    // 512 steps (600: a full span and a ragged one), N ragged against its 128 columns
-    (4100, 70, 600, &[(false, false)]),
+    // 512 steps (600: a full span and a ragged one), N past the mid tile's 128 and ragged
+    // against its 256 columns
+    (4100, 135, 600, &[(false, false)]),
     // and B read through a texture: N past one texture's 8,192 columns
     (20, 8250, 30, &[(false, false)]),
 ];
@@ -1072,9 +1108,11 @@ pub fn cross_entropy_case(
     } else if !(mean.is_finite() && gpu_mean.is_finite()) {
         f64::INFINITY
     } else {
-        ((gpu_mean - mean) as f64).abs() / (mean as f64).abs().max(1e-30)
+        // A loss near 0 is the log-sum-exp less the target's logit, two terms of the logits'
+        // size: its error is measured against 1 nat there, not against itself.
+        rel_err_floor(&[gpu_mean], &[mean], 1.0)
     };
-    let losses_err = rel_err(&glosses.to_host(p_gpu)?, &losses);
+    let losses_err = rel_err_floor(&glosses.to_host(p_gpu)?, &losses, 1.0);
 
     let dloss = 0.7;
     let gdl = Tensor::empty_split(p_gpu, &[n, v], gl.split(), gl.chunks()[0].len, "dlogits")?;
@@ -1082,7 +1120,10 @@ pub fn cross_entropy_case(
     cross_entropy::cross_entropy_backward(p_gpu, &gdl, &gl, &gstate, &gt, dloss)?;
     let mut dl = vec![0f32; n * v];
     kr::cross_entropy_backward(&mut dl, logits, targets, dloss, n, v);
-    let grad_err = rel_err(&gdl.to_host(p_gpu)?, &dl);
+    // dlogits = dloss / count * (softmax - one-hot): measured against the one-hot's size, which
+    // a target's probability near 1 cancels
+    let one_hot = dloss as f64 / gt.count().max(1) as f64;
+    let grad_err = rel_err_floor(&gdl.to_host(p_gpu)?, &dl, one_hot);
     Ok((loss_err, losses_err, grad_err))
 }
 

@@ -29,10 +29,33 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("softmax", include_str!("../shaders/softmax.wgsl")),
 ];
 
+/// The row kernels' reduction where a workgroup is one subgroup (`kernels::RowReduce`): no
+/// workgroup memory and no barrier (lavapipe runs each barrier as a switch between the
+/// workgroup's subgroups).
+const SUBGROUP_REDUCE: &str = "fn reduce(lid: u32, v: f32, is_max: bool) -> f32 {
+    if (is_max) {
+        return subgroupMax(v);
+    }
+    return subgroupAdd(v);
+}
+";
+
 /// Shaders made from another one: (name, the shader it is made from, what replaces the lines
 /// between its `// variant begin` and `// variant end` markers). A variant that needs f16 gets
 /// the `enable f16;` directive in front. One source for both keeps a fix to one in the other.
 pub const DERIVED: &[(&str, &str, &str)] = &[
+    ("softmax_subgroup", "softmax", SUBGROUP_REDUCE),
+    ("cross_entropy_subgroup", "cross_entropy", SUBGROUP_REDUCE),
+    ("lm_head_loss_subgroup", "lm_head_loss", SUBGROUP_REDUCE),
+    ("flash_attention_subgroup", "flash_attention", SUBGROUP_REDUCE),
+    (
+        "norm_subgroup",
+        "norm",
+        "fn row_sum(lid: u32, v: f32) -> f32 {
+    return subgroupAdd(v);
+}
+",
+    ),
     (
         "matmul_staged_mixed",
         "matmul_staged",

@@ -224,8 +224,7 @@ impl Gpu {
             *lost_sink.lock() = Some((format!("{reason:?}"), message));
         });
 
-        let subgroups_of_8 =
-            device.features().contains(wgpu::Features::SUBGROUP) && summary.subgroup_size[0] >= 8;
+        let subgroups_of_8 = subgroup_width(&device, &summary).is_some();
         let matmul_kernels = MatmulKernel::available(subgroups_of_8, &limits);
         let matmul = MatmulKernel::from_env(&matmul_kernels, &limits)?
             .unwrap_or_else(|| MatmulKernel::default_of(&matmul_kernels));
@@ -405,6 +404,11 @@ impl Gpu {
         MatmulKernel::check_on(kernel, &self.matmul_kernels, &self.limits)?;
         *self.matmul.lock() = kernel;
         Ok(())
+    }
+    /// The device's smallest subgroup, where it has subgroups of at least 8 lanes (the
+    /// subgroup kernels' condition): a workgroup this wide is one subgroup on every run.
+    pub fn subgroup_width(&self) -> Option<u32> {
+        subgroup_width(&self.device, &self.summary)
     }
     /// Whether the device runs f16 arithmetic in shaders (`shader_f16`).
     pub fn has_f16(&self) -> bool {
@@ -1031,4 +1035,10 @@ impl Drop for Gpu {
     fn drop(&mut self) {
         let _ = self.flush();
     }
+}
+
+/// [`Gpu::subgroup_width`] of a device being opened.
+fn subgroup_width(device: &wgpu::Device, summary: &AdapterSummary) -> Option<u32> {
+    let min = summary.subgroup_size[0];
+    (device.features().contains(wgpu::Features::SUBGROUP) && min >= 8).then_some(min)
 }

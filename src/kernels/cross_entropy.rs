@@ -25,6 +25,7 @@ struct Params {
 }
 
 pub const IGNORE_INDEX: i32 = -100;
+/// The workgroup of the entries that do not reduce a row (`xent_loss`, `xent_backward`).
 const WG: u32 = 64;
 
 /// Target ids of one batch on the GPU (`IGNORE_INDEX` rows take no loss).
@@ -117,8 +118,10 @@ pub fn cross_entropy_forward(
     let split_rows = logits.split() == Split::Rows;
     for (i, (piece, ch)) in pieces(logits).into_iter().zip(logits.chunks()).enumerate() {
         let p = params(piece, split_rows || i == 0, 0.0)?;
+        let shaders = ["cross_entropy", "cross_entropy_subgroup"];
+        let (key, _) = super::rows::row_kernel(gpu, shaders, "xent_stats", "cross_entropy", piece.3, 3)?;
         let bufs = [Some(ch.bind()), Some(targets.buf.bind()), Some(sb)];
-        gpu.dispatch(&key("xent_stats"), &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
+        gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
     }
     let p = params((n, 0, 0, 0, 0), true, 0.0)?;
     let bufs = [None, Some(targets.buf.bind()), Some(sb), Some(losses.single("cross_entropy")?)];

@@ -24,7 +24,7 @@ use super::matmul::{matmul_strided, Dims, View};
 use super::{check_len, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::Bind;
-use crate::gpu::{Gpu, KernelKey, Tensor};
+use crate::gpu::{Gpu, Tensor};
 
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -38,8 +38,6 @@ struct Params {
     window: u32,
     cap: f32,
 }
-
-const WG: u32 = 64;
 
 /// Floats in one score block (B*H, bq, keys): 8 MiB, so the two scratch blocks of the backward
 /// stay far below a phone's 128 MiB binding and a few MiB of memory.
@@ -144,7 +142,8 @@ fn row_step(
     d: &AttnDims,
     b: Block,
 ) -> Result<()> {
-    super::check_trips("flash attention", b.keys, WG as usize, 3)?;
+    let shaders = ["flash_attention", "flash_attention_subgroup"];
+    let (key, _) = super::rows::row_kernel(gpu, shaders, entry, "flash attention", b.keys, 3)?;
     let u = |v: usize| u32_of(v, "flash attention");
     let p = Params {
         rows: u(d.b * d.h * b.bq)?,
@@ -156,7 +155,6 @@ fn row_step(
         window: u(d.window.unwrap_or(0))?,
         cap: d.softcap.unwrap_or(0.0),
     };
-    let key = KernelKey::new("flash_attention", entry).with("WG", WG);
     gpu.dispatch(&key, &[Some(s), dp, Some(lse)], bytemuck::bytes_of(&p), gpu.grid(d.b * d.h * b.bq, 1))
 }
 

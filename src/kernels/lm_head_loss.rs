@@ -306,8 +306,10 @@ pub fn lm_head_loss_forward(
         let mut rows = None;
         let ch = chunk_logits(gpu, x, w, &mut rows, v0, vl)?;
         let p = params(n, vl, v0, v0 == 0, 0.0, softcap)?;
+        let shaders = ["lm_head_loss", "lm_head_loss_subgroup"];
+        let (key, _) = super::rows::row_kernel(gpu, shaders, "head_stats", "lm_head_loss", vl, 3)?;
         let bufs = [Some(ch.s.single("lm_head_loss")?), Some(tb), Some(stb)];
-        gpu.dispatch(&key("head_stats"), &bufs, bytemuck::bytes_of(&p), gpu.grid(n, 1))?;
+        gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, 1))?;
     }
     let losses = Tensor::empty(gpu, &[n], "losses")?;
     let p = params(n, 0, 0, true, 0.0, softcap)?;

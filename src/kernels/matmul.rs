@@ -65,16 +65,22 @@ const SG_COLS: usize = 64 * 4;
 /// The subgroup kernel's narrow tiles, for products whose C has few columns (LoRA's rank:
 /// `x A^T`, and `dy B` in the backward pass) or few rows (`dA = dh^T x`): 64 x 8
 /// (`matmul_subgroup_narrow_n`, 8 invocations, one column each) and 8 x 256
-/// (`matmul_subgroup_narrow_m`, one row of A per lane). The 64 x 256 tile computes a whole
-/// tile whatever the shape, so at N = 8 it spends 32 times the loads the product needs. By
-/// loads per useful multiply-add (lavapipe's cost, see docs/perf.md): 12 / min(N, 256) for the
-/// wide tile, 9 / 64 for the narrow-N one, so narrow-N from N < 86 down; narrow-M has 5 loads
-/// per 32 against the wide tile's 12 per 4 M.
+/// (`matmul_subgroup_narrow_m`, one row of A per lane). A tile computes all of itself whatever
+/// the shape, so the 64 x 256 tile at N = 8 spends 32 times the loads the product needs. By
+/// loads per useful multiply-add (lavapipe's cost, see docs/perf.md), with a workgroup of W
+/// invocations of 4 columns: 12 W / (64 min(N, 4 W)) for the wide tile (W = 64) and the mid
+/// one (`matmul_subgroup` with W = 16: 64 x 64, for attention's products over the head size
+/// and GPT-2's 128 positions), 9 / 64 for the narrow-N one. So narrow-N up to N = 16 (the
+/// crossover with the mid tile is 21), the mid tile up to 128, the wide one past it;
+/// narrow-M has 5 loads per 32 against the wide tile's 12 per 4 M.
 const SG_NARROW_N: (usize, usize) = (64, 8);
 const SG_NARROW_M: (usize, usize) = (8, 256);
-/// Largest N (M) that takes a narrow tile.
-const NARROW_N_MAX: usize = 64;
+const SG_MID_WG: u32 = 16;
+const SG_MID: (usize, usize) = (64, SG_MID_WG as usize * 4);
+/// Largest N (M) that takes a narrow tile, largest N that takes the mid tile.
+const NARROW_N_MAX: usize = 16;
 const NARROW_M_MAX: usize = 16;
+const MID_N_MAX: usize = 128;
 /// `subgroup-uniform`: values in one window of A (16 KiB, the phone limit on a uniform
 /// binding), the windows a dispatch reads, the rows and k steps of a window, and the columns of
 /// C one workgroup computes (64 invocations x 4).
@@ -199,7 +205,7 @@ pub fn matmul_strided(
     if matches!(kernel, Choice::F32(MatmulKernel::SubgroupUniform))
         && d.nb1 == 1
         && d.nb2 == 1
-        && d.n > NARROW_N_MAX
+        && d.n > MID_N_MAX
         && d.m > NARROW_M_MAX
     {
         return matmul_uniform(gpu, c, a, b, bias, d, alpha, accumulate);
@@ -393,6 +399,9 @@ fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
                 ("matmul_subgroup_narrow_n", SG_NARROW_N)
             } else if m <= NARROW_M_MAX {
                 ("matmul_subgroup_narrow_m", SG_NARROW_M)
+            } else if n <= MID_N_MAX {
+                let key = KernelKey::new("matmul_subgroup", "matmul_subgroup").with("WG", SG_MID_WG);
+                return (key, SG_MID.0, SG_MID.1);
             } else {
                 ("matmul_subgroup", (SG_ROWS, SG_COLS))
             };

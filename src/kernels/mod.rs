@@ -32,6 +32,7 @@ pub mod optim;
 pub mod quant;
 pub mod reduce;
 pub mod rope;
+pub mod rows;
 pub mod softmax;
 
 use crate::error::{Error, Result};

@@ -22,6 +22,9 @@ struct Params {
     _pad: u32,
 }
 
+/// The shader and its variant that reduces a row in one subgroup (`rows`).
+const SHADERS: [&str; 2] = ["norm", "norm_subgroup"];
+/// `norm_backward_dw`'s workgroup: one invocation a column, no reduction.
 const WG: u32 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,8 +50,10 @@ impl NormKind {
     }
 }
 
-fn key(entry: &'static str, kind: NormKind) -> KernelKey {
-    KernelKey::new("norm", entry).with("WG", WG).with("RMS", kind.is_rms() as u32)
+/// The pipeline of a row entry (`norm_forward`, `norm_backward_dx`) for rows of `cols`.
+fn row_key(gpu: &Gpu, entry: &'static str, kind: NormKind, cols: usize) -> Result<KernelKey> {
+    let (key, _) = super::rows::row_kernel(gpu, SHADERS, entry, "norm", cols, 3)?;
+    Ok(key.with("RMS", kind.is_rms() as u32))
 }
 
 /// (rows, cols) of `x` normalised over groups of `w.numel()` values: the weight's length is the
@@ -65,7 +70,6 @@ fn dims(op: &str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
 }
 
 fn params((rows, cols): (usize, usize), kind: NormKind, eps: f32, accumulate: bool) -> Result<Params> {
-    super::check_trips("norm", cols, WG as usize, 3)?;
     Ok(Params {
         rows: u32_of(rows, "norm")?,
         cols: u32_of(cols, "norm")?,
@@ -97,7 +101,8 @@ pub fn norm_forward(
         Some(y.single("norm")?),
         Some(stats.single("norm")?),
     ];
-    gpu.dispatch(&key("norm_forward", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(rows, 1))?;
+    let key = row_key(gpu, "norm_forward", kind, cols)?;
+    gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(rows, 1))?;
     if let Some(b) = b {
         elementwise::add_row(gpu, y, b)?;
     }
@@ -133,7 +138,7 @@ pub fn norm_backward(
                 ..p
             };
             gpu.dispatch(
-                &key("norm_backward_dw", kind),
+                &KernelKey::new("norm", "norm_backward_dw").with("WG", WG).with("RMS", kind.is_rms() as u32),
                 &bufs,
                 bytemuck::bytes_of(&p),
                 gpu.grid(cols, WG as usize),
@@ -148,7 +153,8 @@ pub fn norm_backward(
         let g = Tensor::empty(gpu, x.shape(), "norm backward g")?;
         elementwise::row_mul(gpu, &g, dy, w, kind.shift())?;
         let bufs = [Some(xb), Some(g.single("norm")?), Some(dx.single("norm")?), Some(sb)];
-        gpu.dispatch(&key("norm_backward_dx", kind), &bufs, bytemuck::bytes_of(&p), gpu.grid(rows, 1))?;
+        let key = row_key(gpu, "norm_backward_dx", kind, cols)?;
+        gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(rows, 1))?;
     }
     Ok(())
 }
