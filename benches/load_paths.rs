@@ -4,8 +4,9 @@
 //! (`benches/load_paths.wgsl`). On lavapipe a storage load becomes a loop over the lanes with a
 //! bounds check and a branch each, while uniform and texel loads are built as vector gathers;
 //! this measures by how much, to decide whether a matmul reading its operands through textures
-//! could pay for the copies into them (docs/perf.md). Set `POCKETTUNE_DEVICE` to pick the
-//! adapter.
+//! could pay for the copies into them (docs/perf.md). `-- --tile-costs` instead times where a
+//! k step of `subgroup-uniform`'s texture kernel goes ([`tile_costs`]). Set `POCKETTUNE_DEVICE`
+//! to pick the adapter.
 
 use pockettune::gpu::adapter;
 use std::time::Instant;
@@ -27,6 +28,9 @@ fn main() {
         ..Default::default()
     };
     let (device, queue) = pollster::block_on(adapter.request_device(&desc)).expect("a device");
+    if std::env::args().any(|a| a == "--tile-costs") {
+        return tile_costs(&device, &queue);
+    }
 
     let data: Vec<f32> = (0..4096).map(|i| (i % 7) as f32 * 0.25).collect();
     let bytes: &[u8] = bytemuck::cast_slice(&data);
@@ -182,25 +186,8 @@ fn w(i: u32) -> f32 {
     );
     assert_eq!(both.matches("w(cb").count(), 4, "the shipped kernel's loads of B changed: update the probe");
     let (m, n, k) = (512u32, 3072u32, 768u32);
-    let mut params = [0u32; 24];
-    params[..3].copy_from_slice(&[m, n, k]);
-    params[5] = k; // a_sm
-    params[6] = 1; // a_sk
-    params[10] = n; // b_sk
-    params[11] = 1; // b_sn
-    params[15] = n; // c_sm
-    params[18] = 1; // nb2
-    params[20] = 1f32.to_bits(); // alpha
-    let buffer = |usage: wgpu::BufferUsages, len: usize| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: len as u64 * 4,
-            usage: usage | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
-    };
-    let p = buffer(wgpu::BufferUsages::UNIFORM, 24);
-    queue.write_buffer(&p, 0, bytemuck::cast_slice(&params));
+    let buffer = |usage, len: usize| buffer(device, usage, len as u32);
+    let p = params(device, queue, m, n, k);
     let storage = wgpu::BufferUsages::STORAGE;
     let (a, b, c, bias) = (
         buffer(storage, (m * k) as usize),
@@ -209,16 +196,7 @@ fn w(i: u32) -> f32 {
         buffer(storage, n as usize),
     );
     let win = buffer(wgpu::BufferUsages::UNIFORM, 4096);
-    let b_texture = device.create_texture(&wgpu::TextureDescriptor {
-        label: None,
-        size: wgpu::Extent3d { width: n / 4, height: k, depth_or_array_layers: 1 },
-        mip_level_count: 1,
-        sample_count: 1,
-        dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-        view_formats: &[],
-    });
+    let b_texture = b_texture(device, n, k);
     let b_view = b_texture.create_view(&Default::default());
     println!("subgroup matmul, mlp.c_fc forward {m}x{k}.{k}x{n}:");
     for (name, source) in [
@@ -288,4 +266,166 @@ fn w(i: u32) -> f32 {
         let gflops = 2.0 * (m * n) as f64 * k as f64 / best / 1e9;
         println!("  {name:<30} {:>8.1} ms {gflops:>8.2} GFLOP/s", best * 1e3);
     }
+}
+
+/// Where a k step of `subgroup-uniform`'s texture kernel goes (`--tile-costs`, alone): the
+/// shipped shader on one dispatch's piece of `mlp.c_fc`'s forward (64 rows, 512 steps, 3,072
+/// columns, 8 dispatches a run) next to textual variants of it that drop one cost each. The
+/// variants compute wrong values; they time what is left without that cost. Rounds alternate
+/// the variants; the median of each is printed.
+fn tile_costs(device: &wgpu::Device, queue: &wgpu::Queue) {
+    let shipped = include_str!("../shaders/matmul_subgroup_uniform_texture.wgsl");
+    let no_b = |s: &str| {
+        (0..8).fold(s.to_string(), |s, w| {
+            s.replace(&format!("textureLoad(bt, vec2<u32>(tx, {}u + kk), 0)", 64 * w), "x0 * 1.0001")
+        })
+    };
+    let no_broadcast = |s: &str| {
+        (0..16).fold(s.to_string(), |s, i| {
+            s.replace(
+                &format!("subgroupBroadcast(x{}, {}u)", i / 8, i % 8),
+                &format!("(x{} + vec4<f32>({i}.0))", i / 8),
+            )
+        })
+    };
+    let free_a = |s: &str| {
+        (0..8).fold(s.to_string(), |s, w| {
+            s.replace(&format!("aw{w}[kk * 16u + lane]"), &format!("(aw{w}[3u] + vec4<f32>(f32(kk)))"))
+                .replace(
+                    &format!("aw{w}[kk * 16u + 8u + lane]"),
+                    &format!("(aw{w}[5u] + vec4<f32>(f32(kk)))"),
+                )
+        })
+    };
+    let variants = [
+        ("shipped", shipped.to_string()),
+        ("no B texel loads", no_b(shipped)),
+        ("no broadcasts", no_broadcast(shipped)),
+        ("neither", no_broadcast(&no_b(shipped))),
+        ("A at a fixed address", free_a(shipped)),
+    ];
+    for (name, source) in &variants[1..] {
+        assert_ne!(source, shipped, "{name}: the shipped kernel changed; update the probe");
+    }
+    let (m, n, k) = (64u32, 3072u32, 512u32);
+    let buffer = |usage, len: u32| buffer(device, usage, len);
+    let p = params(device, queue, m, n, k);
+    let (c, bias) = (buffer(wgpu::BufferUsages::STORAGE, m * n), buffer(wgpu::BufferUsages::STORAGE, n));
+    let windows: Vec<_> = (0..8).map(|_| buffer(wgpu::BufferUsages::UNIFORM, 4096)).collect();
+    let texture = b_texture(device, n, k);
+    let view = texture.create_view(&Default::default());
+    let runs: Vec<_> = variants
+        .iter()
+        .map(|(name, source)| {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("matmul_subgroup"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            // bindings a variant no longer reads are gone from its layout
+            let mut entries = vec![
+                wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 4, resource: bias.as_entire_binding() },
+            ];
+            for (w, window) in windows.iter().enumerate() {
+                if source.contains(&format!("aw{w}[")) {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: 5 + w as u32,
+                        resource: window.as_entire_binding(),
+                    });
+                }
+            }
+            if source.contains("textureLoad") {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 13,
+                    resource: wgpu::BindingResource::TextureView(&view),
+                });
+            }
+            let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            });
+            (pipeline, group)
+        })
+        .collect();
+    let run = |(pipeline, group): &(wgpu::ComputePipeline, wgpu::BindGroup)| {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, group, &[]);
+            for _ in 0..8 {
+                pass.dispatch_workgroups(n / 256, 1, 1);
+            }
+        }
+        queue.submit([encoder.finish()]);
+        device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
+    };
+    runs.iter().for_each(run); // compiles
+    let mut times = vec![Vec::new(); runs.len()];
+    for _ in 0..7 {
+        for (r, t) in runs.iter().zip(&mut times) {
+            let start = Instant::now();
+            run(r);
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "subgroup-uniform's texture kernel, 8 x (64 x 512 . 512 x 3072), median of 7 alternating rounds:"
+    );
+    for ((name, _), t) in variants.iter().zip(&mut times) {
+        t.sort_by(f64::total_cmp);
+        let gflops = 2.0 * 8.0 * (m * n * k) as f64 / t[3] / 1e6;
+        println!("  {name:<22} {:>7.1} ms {gflops:>7.2} GFLOP/s", t[3]);
+    }
+}
+
+/// B (k x n) as RGBA32F texels, texel (n / 4, k) holding 4 adjacent columns (as
+/// `matmul_pack_b` lays it out); left unwritten, the probes time loads only.
+fn b_texture(device: &wgpu::Device, n: u32, k: u32) -> wgpu::Texture {
+    device.create_texture(&wgpu::TextureDescriptor {
+        label: None,
+        size: wgpu::Extent3d { width: n / 4, height: k, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    })
+}
+
+/// A buffer of `len` floats.
+fn buffer(device: &wgpu::Device, usage: wgpu::BufferUsages, len: u32) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: len as u64 * 4,
+        usage: usage | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The matmul Params (`shaders/matmul.wgsl`) of a dense row-major (m, k) x (k, n) product.
+fn params(device: &wgpu::Device, queue: &wgpu::Queue, m: u32, n: u32, k: u32) -> wgpu::Buffer {
+    let mut params = [0u32; 24];
+    params[..3].copy_from_slice(&[m, n, k]);
+    params[5] = k; // a_sm
+    params[6] = 1; // a_sk
+    params[10] = n; // b_sk
+    params[11] = 1; // b_sn
+    params[15] = n; // c_sm
+    params[18] = 1; // nb2
+    params[20] = 1f32.to_bits(); // alpha
+    let p = buffer(device, wgpu::BufferUsages::UNIFORM, 24);
+    queue.write_buffer(&p, 0, bytemuck::cast_slice(&params));
+    p
 }

@@ -1242,6 +1242,13 @@ fn check_add(p: &mut Probe) -> Result<()> {
         elementwise::axpby(p.gpu, &gs, &ga, 0.37, 0.0)?;
         kr::scale(&mut out, &a, 0.37);
         p.record("forward", &format!("{dims:?}"), "scale", &gs, &out)?;
+        // out = a + out (a gradient collected), and a fill
+        let gacc = p.up(&b, &dims)?;
+        elementwise::axpby(p.gpu, &gacc, &ga, 1.0, 1.0)?;
+        kr::add(&mut out, &a, &b);
+        p.record("forward", &format!("{dims:?}"), "accumulate", &gacc, &out)?;
+        elementwise::fill(p.gpu, &gs, 0.25)?;
+        p.record("forward", &format!("{dims:?}"), "fill", &gs, &vec![0.25; n])?;
         // Backward of out = a + b is the identity into both inputs; of scale, scaling dy.
         let dy = p.uniform(n);
         let gdy = p.up(&dy, &dims)?;
@@ -1254,7 +1261,9 @@ fn check_add(p: &mut Probe) -> Result<()> {
 }
 
 fn check_dropout(p: &mut Probe) -> Result<()> {
-    for &(n, prob, seed) in &[(1usize, 0.5f32, 1u32), (1000, 0.1, 2), (70001, 0.3, 3), (4097, 0.0, 4)] {
+    // lengths a multiple of 4 take the vec4 kernel (elementwise_vec4.wgsl), the others not
+    let cases = [(1usize, 0.5f32, 1u32), (1000, 0.1, 2), (70001, 0.3, 3), (4097, 0.0, 4), (65_536, 0.3, 5)];
+    for &(n, prob, seed) in &cases {
         let shape = format!("{n} p {prob}");
         let (x, dy) = (p.uniform(n), p.uniform(n));
         let (gx, gdy, gy, gdx) = (p.up(&x, &[n])?, p.up(&dy, &[n])?, p.out(&[n])?, p.out(&[n])?);

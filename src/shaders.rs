@@ -8,6 +8,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("adamw", include_str!("../shaders/adamw.wgsl")),
     ("cross_entropy", include_str!("../shaders/cross_entropy.wgsl")),
     ("elementwise", include_str!("../shaders/elementwise.wgsl")),
+    ("elementwise_vec4", include_str!("../shaders/elementwise_vec4.wgsl")),
     ("embedding", include_str!("../shaders/embedding.wgsl")),
     ("flash_attention", include_str!("../shaders/flash_attention.wgsl")),
     ("half", include_str!("../shaders/half.wgsl")),

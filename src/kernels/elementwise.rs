@@ -57,11 +57,33 @@ fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> 
     )
 }
 
+/// [`run`] of an entry that `elementwise_vec4.wgsl` has too (`add`, `axpby`, `fill`,
+/// `dropout`, whose Params carry no offsets): four elements an invocation where the piece's
+/// length is a multiple of 4 (its bindings start aligned, as every storage binding does).
+fn run_vec4(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> Result<()> {
+    if p.n == 0 || !p.n.is_multiple_of(4) || !VEC4.with(|v| v.get()).unwrap_or(true) {
+        return run(gpu, entry, bufs, p);
+    }
+    let p = Params { n: p.n / 4, ..p };
+    let key = KernelKey::new("elementwise_vec4", entry);
+    gpu.dispatch(&key, bufs, bytemuck::bytes_of(&p), gpu.grid(p.n as usize, WG))
+}
+
+thread_local! {
+    static VEC4: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Run `f` with the vec4 kernels of this module on this thread used where they apply (`true`,
+/// the default) or not (tests and gradcheck compare the two).
+pub fn with_vec4<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    super::with_override(&VEC4, on, f)
+}
+
 /// `out = alpha * a + beta * b`
 pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f32) -> Result<()> {
     for (bufs, n) in same_layout("add", &[out, a, b])? {
         let p = Params { n: u32_of(n, "add")?, alpha, beta, ..Default::default() };
-        run(gpu, "add", &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])], p)?;
+        run_vec4(gpu, "add", &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])], p)?;
     }
     Ok(())
 }
@@ -70,7 +92,7 @@ pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f3
 pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Result<()> {
     for (bufs, n) in same_layout("axpby", &[out, a])? {
         let p = Params { n: u32_of(n, "axpby")?, alpha, beta, ..Default::default() };
-        run(gpu, "axpby", &[Some(bufs[0]), Some(bufs[1])], p)?;
+        run_vec4(gpu, "axpby", &[Some(bufs[0]), Some(bufs[1])], p)?;
     }
     Ok(())
 }
@@ -79,7 +101,7 @@ pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Resu
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
     for (bufs, n) in same_layout("fill", &[out])? {
         let p = Params { n: u32_of(n, "fill")?, alpha: value, ..Default::default() };
-        run(gpu, "fill", &[Some(bufs[0])], p)?;
+        run_vec4(gpu, "fill", &[Some(bufs[0])], p)?;
     }
     Ok(())
 }
@@ -143,5 +165,5 @@ pub fn dropout(gpu: &Gpu, out: &Tensor, a: &Tensor, p: f32, seed: u32) -> Result
         alpha: (1.0 / (1.0 - p as f64)) as f32,
         ..Default::default()
     };
-    run(gpu, "dropout", &bufs, params)
+    run_vec4(gpu, "dropout", &bufs, params)
 }
