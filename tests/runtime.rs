@@ -275,7 +275,8 @@ fn a_bad_dispatch_fails_its_submission_naming_the_kernel() {
     assert!(matches!(err, Error::Validation { .. }), "{err}");
     let Error::Validation { context, .. } = &err else { unreachable!() };
     assert!(
-        context.contains("elementwise::axpby") && context.contains("elementwise::fill"),
+        // (64 elements: the vec4 variants of both, elementwise_vec4.wgsl)
+        context.contains("elementwise_vec4::axpby") && context.contains("elementwise_vec4::fill"),
         "the error names the submission's kernels: {err}"
     );
     gpu.sync().expect("checked once, the error is not reported again");
