@@ -119,7 +119,7 @@ pub fn cross_entropy_forward(
     for (i, (piece, ch)) in pieces(logits).into_iter().zip(logits.chunks()).enumerate() {
         let p = params(piece, split_rows || i == 0, 0.0)?;
         let shaders = ["cross_entropy", "cross_entropy_subgroup"];
-        let (key, _) = super::rows::row_kernel(gpu, shaders, "xent_stats", "cross_entropy", piece.3, 3)?;
+        let key = super::rows::row_kernel(gpu, shaders, "xent_stats", "cross_entropy", piece.3, 3)?;
         let bufs = [Some(ch.bind()), Some(targets.buf.bind()), Some(sb)];
         gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(piece.0, 1))?;
     }

@@ -143,7 +143,7 @@ fn row_step(
     b: Block,
 ) -> Result<()> {
     let shaders = ["flash_attention", "flash_attention_subgroup"];
-    let (key, _) = super::rows::row_kernel(gpu, shaders, entry, "flash attention", b.keys, 3)?;
+    let key = super::rows::row_kernel(gpu, shaders, entry, "flash attention", b.keys, 3)?;
     let u = |v: usize| u32_of(v, "flash attention");
     let p = Params {
         rows: u(d.b * d.h * b.bq)?,

@@ -307,7 +307,7 @@ pub fn lm_head_loss_forward(
         let ch = chunk_logits(gpu, x, w, &mut rows, v0, vl)?;
         let p = params(n, vl, v0, v0 == 0, 0.0, softcap)?;
         let shaders = ["lm_head_loss", "lm_head_loss_subgroup"];
-        let (key, _) = super::rows::row_kernel(gpu, shaders, "head_stats", "lm_head_loss", vl, 3)?;
+        let key = super::rows::row_kernel(gpu, shaders, "head_stats", "lm_head_loss", vl, 3)?;
         let bufs = [Some(ch.s.single("lm_head_loss")?), Some(tb), Some(stb)];
         gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, 1))?;
     }

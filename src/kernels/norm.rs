@@ -52,7 +52,7 @@ impl NormKind {
 
 /// The pipeline of a row entry (`norm_forward`, `norm_backward_dx`) for rows of `cols`.
 fn row_key(gpu: &Gpu, entry: &'static str, kind: NormKind, cols: usize) -> Result<KernelKey> {
-    let (key, _) = super::rows::row_kernel(gpu, SHADERS, entry, "norm", cols, 3)?;
+    let key = super::rows::row_kernel(gpu, SHADERS, entry, "norm", cols, 3)?;
     Ok(key.with("RMS", kind.is_rms() as u32))
 }
 

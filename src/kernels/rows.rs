@@ -81,7 +81,7 @@ fn asked() -> Result<Option<RowReduce>> {
 }
 
 /// The pipeline of `entry` in the row kernel `shader` (its `_subgroup` variant is
-/// `subgroup_shader`) for rows of `cols` values walked `passes` times, and its workgroup width;
+/// `subgroup_shader`) for rows of `cols` values walked `passes` times (its workgroup width set);
 /// refuses rows whose loops would pass [`super::LOOP_SPAN`] trips at any width.
 pub(crate) fn row_kernel(
     gpu: &Gpu,
@@ -90,16 +90,16 @@ pub(crate) fn row_kernel(
     op: &str,
     cols: usize,
     passes: usize,
-) -> Result<(KernelKey, u32)> {
+) -> Result<KernelKey> {
     let asked = asked()?;
     let width = gpu.subgroup_width().filter(|&w| {
         asked != Some(RowReduce::Workgroup) && super::check_trips(op, cols, w as usize, passes).is_ok()
     });
     Ok(match width {
-        Some(w) => (KernelKey::new(subgroup_shader, entry).with("WG", w), w),
+        Some(w) => KernelKey::new(subgroup_shader, entry).with("WG", w),
         None => {
             super::check_trips(op, cols, WORKGROUP_WIDTH as usize, passes)?;
-            (KernelKey::new(shader, entry).with("WG", WORKGROUP_WIDTH), WORKGROUP_WIDTH)
+            KernelKey::new(shader, entry).with("WG", WORKGROUP_WIDTH)
         }
     })
 }

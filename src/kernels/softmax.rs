@@ -47,7 +47,7 @@ fn params(rows: usize, cols: usize, mask: Mask, scale: f32) -> Result<Params> {
 /// `y = softmax(scale * x)` over each row (masked entries 0).
 pub fn softmax_forward(gpu: &Gpu, y: &Tensor, x: &Tensor, mask: Mask, scale: f32) -> Result<()> {
     check_len("softmax_forward", "y", y.numel(), x.numel())?;
-    let (key, _) = row_kernel(gpu, SHADERS, "softmax_forward", "softmax", x.cols(), 3)?;
+    let key = row_kernel(gpu, SHADERS, "softmax_forward", "softmax", x.cols(), 3)?;
     let p = params(x.rows(), x.cols(), mask, scale)?;
     let bufs = [Some(x.single("softmax")?), Some(y.single("softmax")?)];
     gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(x.rows(), 1))
@@ -57,7 +57,7 @@ pub fn softmax_forward(gpu: &Gpu, y: &Tensor, x: &Tensor, mask: Mask, scale: f32
 pub fn softmax_backward(gpu: &Gpu, dx: &Tensor, y: &Tensor, dy: &Tensor, scale: f32) -> Result<()> {
     check_len("softmax_backward", "dx", dx.numel(), y.numel())?;
     check_len("softmax_backward", "dy", dy.numel(), y.numel())?;
-    let (key, _) = row_kernel(gpu, SHADERS, "softmax_backward", "softmax", y.cols(), 3)?;
+    let key = row_kernel(gpu, SHADERS, "softmax_backward", "softmax", y.cols(), 3)?;
     let p = params(y.rows(), y.cols(), Mask::None, scale)?;
     let bufs = [Some(y.single("softmax")?), Some(dx.single("softmax")?), Some(dy.single("softmax")?)];
     gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(y.rows(), 1))
