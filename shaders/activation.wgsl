@@ -6,6 +6,13 @@
 // ACT selects the function: 0 = GELU (tanh), 1 = SiLU, 2 = softcap. The gated backward is split
 // in two entry points (d gate, d up) to stay within four storage buffers. Two in-place entry
 // points serve attention's capped scores, which have no spare buffer to write into.
+// V is the element type: f32 here; `activation_vec4` (src/shaders.rs) makes it vec4<f32>, four
+// elements an invocation, for pieces whose length is a multiple of 4 (p.n then counts vec4s).
+// On lavapipe a storage access is a loop over the lanes; a vec4 access is one loop for four.
+
+// variant begin
+alias V = f32;
+// variant end
 
 struct Params {
     n: u32,
@@ -15,10 +22,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;        // x or gate
-@group(0) @binding(2) var<storage, read> u: array<f32>;        // dy (plain) or up (gated)
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;       // dy (gated backward)
+@group(0) @binding(1) var<storage, read> x: array<V>;        // x or gate
+@group(0) @binding(2) var<storage, read> u: array<V>;        // dy (plain) or up (gated)
+@group(0) @binding(3) var<storage, read_write> out: array<V>;
+@group(0) @binding(4) var<storage, read> dy: array<V>;       // dy (gated backward)
 
 override ACT: u32 = 0u;
 const WG: u32 = 256u;
@@ -29,16 +36,16 @@ fn index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
 }
 
 // tanh through exp of a clamped argument: some mobile drivers return NaN for large |x|.
-fn safe_tanh(z: f32) -> f32 {
-    let e = exp(-2.0 * clamp(abs(z), 0.0, 20.0));
+fn safe_tanh(z: V) -> V {
+    let e = exp(-2.0 * clamp(abs(z), V(0.0), V(20.0)));
     return sign(z) * (1.0 - e) / (1.0 + e);
 }
 
-fn sigmoid(z: f32) -> f32 {
-    return 1.0 / (1.0 + exp(-clamp(z, -80.0, 80.0)));
+fn sigmoid(z: V) -> V {
+    return 1.0 / (1.0 + exp(-clamp(z, V(-80.0), V(80.0))));
 }
 
-fn act(z: f32) -> f32 {
+fn act(z: V) -> V {
     if (ACT == 0u) {
         return 0.5 * z * (1.0 + safe_tanh(SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)));
     }
@@ -48,7 +55,7 @@ fn act(z: f32) -> f32 {
     return z * sigmoid(z);
 }
 
-fn act_grad(z: f32) -> f32 {
+fn act_grad(z: V) -> V {
     if (ACT == 2u) {
         let t = safe_tanh(z / p.cap);
         return 1.0 - t * t;
@@ -62,7 +69,7 @@ fn act_grad(z: f32) -> f32 {
     return s * (1.0 + z * (1.0 - s));
 }
 
-fn put(i: u32, v: f32) {
+fn put(i: u32, v: V) {
     if ((p.flags & 1u) != 0u) {
         out[i] += v;
     } else {

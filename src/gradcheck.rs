@@ -398,6 +398,9 @@ const MATMUL_BOUNDARY_SHAPES: &[Boundary] = &[
     (4100, 135, 600, &[(false, false)]),
     // and B read through a texture: N past one texture's 8,192 columns
     (20, 8250, 30, &[(false, false)]),
+    // LoRA's up-projection (K = 8): the 64 x 256 tile storing C as vec4s, N (a multiple of 4)
+    // ragged against the tile, M past a multiple of 64
+    (520, 772, 8, ALL_TRANSPOSES),
 ];
 
 /// The longest inner dimension a model's product has (Gemma 3's vocabulary, in the LM head's dX).
@@ -441,6 +444,12 @@ fn check_matmul(p: &mut Probe, precision: Precision) -> Result<()> {
                 p.push("forward", &shape, "", mixed_err(&got, &c, &abs));
             } else {
                 p.record("forward", &shape, "", &gc, &c)?;
+                if k < 64 && n % 4 == 0 {
+                    // added into C, as LoRA's up-projection adds into the frozen product
+                    matmul::matmul(p.gpu, &gc, &ga, &gb, bias.then_some(&gbias), ta, tb, true)?;
+                    let twice: Vec<f32> = c.iter().map(|x| 2.0 * x).collect();
+                    p.record("forward", &shape, "accumulated", &gc, &twice)?;
+                }
             }
             if m.max(n) > MATMUL_LONGEST_SUM || precision == Precision::Mixed {
                 // the backward products would sum millions of terms, which no model does; a

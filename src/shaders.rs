@@ -19,6 +19,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("matmul_pack_b", include_str!("../shaders/matmul_pack_b.wgsl")),
     ("matmul_staged", include_str!("../shaders/matmul_staged.wgsl")),
     ("matmul_subgroup", include_str!("../shaders/matmul_subgroup.wgsl")),
+    ("matmul_subgroup_c4", include_str!("../shaders/matmul_subgroup_c4.wgsl")),
     ("matmul_subgroup_narrow_m", include_str!("../shaders/matmul_subgroup_narrow_m.wgsl")),
     ("matmul_subgroup_narrow_n", include_str!("../shaders/matmul_subgroup_narrow_n.wgsl")),
     ("matmul_subgroup_uniform", include_str!("../shaders/matmul_subgroup_uniform.wgsl")),
@@ -46,6 +47,7 @@ const SUBGROUP_REDUCE: &str = "fn reduce(lid: u32, v: f32, is_max: bool) -> f32 
 /// the `enable f16;` directive in front. One source for both keeps a fix to one in the other.
 pub const DERIVED: &[(&str, &str, &str)] = &[
     ("softmax_subgroup", "softmax", SUBGROUP_REDUCE),
+    ("activation_vec4", "activation", "alias V = vec4<f32>;\n"),
     ("cross_entropy_subgroup", "cross_entropy", SUBGROUP_REDUCE),
     ("lm_head_loss_subgroup", "lm_head_loss", SUBGROUP_REDUCE),
     ("flash_attention_subgroup", "flash_attention", SUBGROUP_REDUCE),

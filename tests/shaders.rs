@@ -122,6 +122,10 @@ fn matmul_kernels_share_one_interface() {
         src[start..end].to_string()
     };
     assert_eq!(interface("matmul_subgroup"), interface("matmul"));
+    // the c4 form binds C as vec4s, the rest unchanged
+    let c = "var<storage, read_write> c: array<f32>;";
+    let c4 = "var<storage, read_write> c: array<vec4<f32>>;  // C as vec4s: this shader's own (c4)";
+    assert_eq!(interface("matmul_subgroup_c4"), interface("matmul").replace(c, c4));
     assert_eq!(interface("matmul_mixed"), interface("matmul"));
     // The mixed kernel is matmul.wgsl with only its inner product changed (f16 products, f32
     // sums) and its entry point renamed: a fix to one must reach the other.

@@ -3,15 +3,20 @@
 
 WGSL has no way to size a function-local array by an override constant, and a private array
 indexed in a loop may live in memory on some drivers, so the accumulators are written out.
-Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS] [WG] [NAME] [WINDOWS] [texture]
+Usage: python3 tools/gen_matmul_subgroup.py [ROWS] [COLS] [WG] [NAME] [WINDOWS] [texture] [c4]
   (ROWS a multiple of 8; COLS 1..4; WG, the invocations of a workgroup, a multiple of 8,
   default 64; NAME default matmul_subgroup; WINDOWS, default 0: read A from that many 16 KiB
   uniform windows instead of its storage buffer, ROWS then 64; `texture`: read B's 4 columns
-  a step as one texel of an RGBA32F texture instead, COLS then 4). The shipped shaders:
+  a step as one texel of an RGBA32F texture instead, COLS then 4; `c4`: C bound as vec4s and
+  each lane's 4 columns of a row stored as one, for products whose N, C's offset and strides
+  are multiples of 4, COLS then 4). The shipped shaders:
   64 4            matmul_subgroup           64 x 256 of C a workgroup (64 x 64 with WG = 16,
                                             for products of at most 128 columns)
   64 1 8 matmul_subgroup_narrow_n           64 x 8: products with few columns (LoRA's rank)
   8 4 64 matmul_subgroup_narrow_m           8 x 256: products with few rows
+  64 4 64 matmul_subgroup_c4 0 c4           matmul_subgroup with C stored as vec4s (where the
+                                            product allows: short sums, LoRA's rank 8, are
+                                            bound by C's loads and stores)
   64 4 64 matmul_subgroup_uniform 8         64 x 256, A from 8 uniform windows (subgroup-uniform
                                             where B is stored transposed)
   64 4 64 matmul_subgroup_uniform_texture 8 texture   the same, B from a texture (subgroup-uniform
@@ -26,9 +31,11 @@ COLS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 WG = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 NAME = sys.argv[4] if len(sys.argv) > 4 else "matmul_subgroup"
 WINDOWS = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-TEXTURE = len(sys.argv) > 6 and sys.argv[6] == "texture"
+TEXTURE = "texture" in sys.argv[6:]
+C4 = "c4" in sys.argv[6:]
 assert ROWS % 8 == 0 and 1 <= COLS <= 4 and WG % 8 == 0
 assert not TEXTURE or (WINDOWS and COLS == 4)
+assert not C4 or COLS == 4
 # A window holds 64 k steps of 64 rows (4,096 floats, the phone limit on a uniform binding);
 # with the 4 storage buffers of the interface and Params, at most 11 uniform bindings remain.
 assert WINDOWS == 0 or (ROWS == 64 and WINDOWS <= 11)
@@ -40,6 +47,13 @@ comp = ["x", "y", "z", "w"]
 SHADERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shaders")
 with open(os.path.join(SHADERS, "matmul.wgsl")) as f:
     INTERFACE = re.search(r"struct Params \{.*?var<storage, read> bias: array<f32>;", f.read(), re.S).group(0)
+if C4:
+    C_DECL = "var<storage, read_write> c: array<f32>;"
+    assert C_DECL in INTERFACE
+    INTERFACE = INTERFACE.replace(
+        C_DECL,
+        "var<storage, read_write> c: array<vec4<f32>>;  // C as vec4s: this shader's own (c4)",
+    )
 
 WINDOW_DECLS = ""
 if WINDOWS:
@@ -152,6 +166,30 @@ else:
     w("""        ak += p.a_sk;
         bk += p.b_sk;
     }""")
+if C4:
+    for i in range(ROWS):
+        w(f"    store_four(c_base, m0 + {i}u, n0, acc{i});")
+    w("""}
+
+// C's columns n..n + 3 of row m, all inside C or all outside it (N, C's offset and its
+// strides are multiples of 4, as the caller checks: one lane owns the whole vec4)
+fn store_four(c_base: u32, m: u32, n: u32, v0: vec4<f32>) {
+    if (m >= p.m || n >= p.n) {
+        return;
+    }
+    var v = p.alpha * v0;
+    if ((p.flags & 1u) != 0u) {
+        let o = p.bias_off + n;
+        v += vec4<f32>(bias[o], bias[o + 1u], bias[o + 2u], bias[o + 3u]);
+    }
+    let idx = (c_base + m * p.c_sm + n) / 4u;
+    if ((p.flags & 2u) != 0u) {
+        v += c[idx];
+    }
+    c[idx] = v;
+}""")
+    open(os.path.join(SHADERS, f"{NAME}.wgsl"), "w").write("\n".join(out) + "\n")
+    sys.exit(0)
 for i in range(ROWS):
     for j in range(COLS):
         val = f"acc{i}" if COLS == 1 else f"acc{i}.{comp[j]}"

@@ -1,8 +1,9 @@
 //! Activations and gated MLP units (`shaders/activation.wgsl`): GELU (tanh approximation),
 //! SiLU, soft-capping `c tanh(x / c)`, SwiGLU = silu(gate) * up, GeGLU = gelu(gate) * up,
-//! forward and backward. Reference: `kernels_ref::{gelu,silu,softcap,swiglu,geglu}_*`.
+//! forward and backward, four elements an invocation (`activation_vec4`) where a piece's
+//! length is a multiple of 4. Reference: `kernels_ref::{gelu,silu,softcap,swiglu,geglu}_*`.
 
-use super::elementwise::same_layout;
+use super::elementwise::{same_layout, takes_vec4};
 use super::{check_len, u32_of};
 use crate::error::{Error, Result};
 use crate::gpu::Bind;
@@ -59,12 +60,15 @@ fn run(gpu: &Gpu, entry: &'static str, act: Act, tensors: &[Option<&Tensor>], ac
         check_cap(c)?;
     }
     let key = KernelKey::new("activation", entry).with("ACT", code);
+    let key4 = KernelKey::new("activation_vec4", entry).with("ACT", code);
     let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
     for (bufs, n) in same_layout(entry, &present)? {
         let mut chunk = bufs.into_iter();
         let bufs: Vec<Option<Bind<'_>>> = tensors.iter().map(|t| t.and_then(|_| chunk.next())).collect();
+        // four elements an invocation where the piece allows (`elementwise::takes_vec4`)
+        let (key, n) = if takes_vec4(n) { (&key4, n / 4) } else { (&key, n) };
         let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, cap, _pad: 0 };
-        gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))?;
+        gpu.dispatch(key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))?;
     }
     Ok(())
 }

@@ -61,7 +61,7 @@ fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> 
 /// `dropout`, whose Params carry no offsets): four elements an invocation where the piece's
 /// length is a multiple of 4 (its bindings start aligned, as every storage binding does).
 fn run_vec4(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> Result<()> {
-    if p.n == 0 || !p.n.is_multiple_of(4) || !VEC4.with(|v| v.get()).unwrap_or(true) {
+    if !takes_vec4(p.n as usize) {
         return run(gpu, entry, bufs, p);
     }
     let p = Params { n: p.n / 4, ..p };
@@ -73,7 +73,13 @@ thread_local! {
     static VEC4: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Run `f` with the vec4 kernels of this module on this thread used where they apply (`true`,
+/// Whether a piece of `n` elements runs four elements an invocation: `n` a multiple of 4 and
+/// [`with_vec4`] not off on this thread.
+pub(crate) fn takes_vec4(n: usize) -> bool {
+    n > 0 && n.is_multiple_of(4) && VEC4.with(|v| v.get()).unwrap_or(true)
+}
+
+/// Run `f` with the vec4 kernels of this module and of `activation` on this thread used where they apply (`true`,
 /// the default) or not (tests and gradcheck compare the two).
 pub fn with_vec4<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::with_override(&VEC4, on, f)

@@ -214,7 +214,9 @@ pub fn matmul_strided(
     {
         return matmul_uniform(gpu, c, a, b, bias, d, alpha, accumulate);
     }
-    let (key, tile_m, tile_n) = entry(kernel, d.m, d.n);
+    // C's rows as vec4s where every piece's C starts and steps on a multiple of 4 floats
+    let c4 = [d.n, c.off, c.s_i, c.s_b1, c.s_b2].iter().all(|v| v.is_multiple_of(4));
+    let (key, tile_m, tile_n) = entry(kernel, d.m, d.n, c4);
     let max = gpu.max_workgroups() as usize;
     if d.nb1 * d.nb2 > max {
         return Err(Error::shape(
@@ -389,8 +391,9 @@ fn pack(
 }
 
 /// A kernel's entry point and the (rows, columns) of C one workgroup computes, for a product
-/// of `m` x `n` (the subgroup kernel takes a narrow tile for few rows or columns).
-fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
+/// of `m` x `n` (the subgroup kernel takes a narrow tile for few rows or columns, and stores C
+/// as vec4s where `c4`: N, C's offset and its strides multiples of 4).
+fn entry(kernel: Choice, m: usize, n: usize, c4: bool) -> (KernelKey, usize, usize) {
     let (kernel, staged) = match kernel {
         Choice::F32(k) => (k, "matmul_staged"),
         Choice::Mixed(k @ MatmulKernel::Staged(_)) => (k, "matmul_staged_mixed"),
@@ -403,11 +406,16 @@ fn entry(kernel: Choice, m: usize, n: usize) -> (KernelKey, usize, usize) {
                 ("matmul_subgroup_narrow_n", SG_NARROW_N)
             } else if m <= NARROW_M_MAX {
                 ("matmul_subgroup_narrow_m", SG_NARROW_M)
-            } else if n <= MID_N_MAX {
-                let key = KernelKey::new("matmul_subgroup", "matmul_subgroup").with("WG", SG_MID_WG);
-                return (key, SG_MID.0, SG_MID.1);
             } else {
-                ("matmul_subgroup", (SG_ROWS, SG_COLS))
+                // the 64 x 64 tile up to 128 columns, the 64 x 256 past them; C's loads and
+                // stores bound short sums (LoRA's rank 8: K = 8), four a vec4 where allowed
+                let shader = if c4 { "matmul_subgroup_c4" } else { "matmul_subgroup" };
+                let key = KernelKey::new(shader, "matmul_subgroup");
+                return if n <= MID_N_MAX {
+                    (key.with("WG", SG_MID_WG), SG_MID.0, SG_MID.1)
+                } else {
+                    (key, SG_ROWS, SG_COLS)
+                };
             };
             (KernelKey::new(shader, "matmul_subgroup"), rows, cols)
         }
