@@ -297,8 +297,24 @@ fn tile_costs(device: &wgpu::Device, queue: &wgpu::Queue) {
                 )
         })
     };
+    // each lane loads all 16 vec4s of A's step from the window (one address for every lane)
+    // instead of 2 and 16 broadcasts: the same values
+    let a_loads = |s: &str| {
+        let mut window = 0;
+        let lines = s.lines().map(|line| {
+            if let Some(w) = (0..8).find(|w| line.contains(&format!("aw{w}[kk * 16u + lane]"))) {
+                window = w;
+            }
+            match (0..16).find(|i| line.contains(&format!("subgroupBroadcast(x{}, {}u)", i / 8, i % 8))) {
+                Some(i) => format!("        let y{i} = aw{window}[kk * 16u + {i}u];"),
+                None => line.to_string(),
+            }
+        });
+        lines.collect::<Vec<_>>().join("\n")
+    };
     let variants = [
         ("shipped", shipped.to_string()),
+        ("A 16 loads, no broadcasts", a_loads(shipped)),
         ("no B texel loads", no_b(shipped)),
         ("no broadcasts", no_broadcast(shipped)),
         ("neither", no_broadcast(&no_b(shipped))),

@@ -10,9 +10,9 @@
 // elements an invocation, for pieces whose length is a multiple of 4 (p.n then counts vec4s).
 // On lavapipe a storage access is a loop over the lanes; a vec4 access is one loop for four.
 
-// variant begin
+// element begin
 alias V = f32;
-// variant end
+// element end
 
 struct Params {
     n: u32,

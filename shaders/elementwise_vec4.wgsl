@@ -60,6 +60,26 @@ fn fill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
 }
 
+// out[r, j] = a[r, j] * (b[j] + shift)   (cols: a row's vec4s)
+@compute @workgroup_size(WG)
+fn row_mul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        out[i] = a[i] * (b[i % p.cols] + p.shift);
+    }
+}
+
+// out[r, j] += a[j]   (bias added to every row; cols: a row's vec4s)
+@compute @workgroup_size(WG)
+fn add_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = index(wid, nwg, lid);
+    if (i < p.n) {
+        out[i] += a[i % p.cols];
+    }
+}
+
 fn hash32(v: u32) -> u32 {
     var x = v;
     x ^= x >> 16u;

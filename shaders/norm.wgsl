@@ -20,10 +20,22 @@ struct Params {
     _pad: u32,
 }
 
+// V is the element x, w and y are read and written as, VW floats: f32 here; the `_vec4` variants
+// (src/shaders.rs) make it vec4<f32> for rows whose length is a multiple of 4 (on lavapipe a
+// storage access is a loop over the lanes: a vec4 access is one loop for four floats). hsum adds
+// a V's floats.
+// element begin
+alias V = f32;
+const VW: u32 = 1u;
+fn hsum(v: V) -> f32 {
+    return v;
+}
+// element end
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;       // forward: w; backward_dx: g
-@group(0) @binding(3) var<storage, read_write> y: array<f32>; // forward: y; backward: dx or dw
+@group(0) @binding(1) var<storage, read> x: array<V>;
+@group(0) @binding(2) var<storage, read> w: array<V>;       // forward: w; backward_dx: g
+@group(0) @binding(3) var<storage, read_write> y: array<V>; // forward: y; backward: dx or dw
 @group(0) @binding(4) var<storage, read_write> stats: array<f32>;
 
 override WG: u32 = 64u;
@@ -59,23 +71,24 @@ fn norm_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (r >= p.rows) {
         return;
     }
-    let base = r * p.cols;
+    let nv = p.cols / VW;
+    let base = r * nv;
     let n = f32(p.cols);
     var mean = 0.0;
     if (!RMS) {
-        var s = 0.0;
-        for (var j = lid.x; j < p.cols; j += WG) {
+        var s = V(0.0);
+        for (var j = lid.x; j < nv; j += WG) {
             s += x[base + j];
         }
-        mean = row_sum(lid.x, s) / n;
+        mean = row_sum(lid.x, hsum(s)) / n;
     }
-    var ss = 0.0;
-    for (var j = lid.x; j < p.cols; j += WG) {
+    var ss = V(0.0);
+    for (var j = lid.x; j < nv; j += WG) {
         let d = x[base + j] - mean;
         ss += d * d;
     }
-    let rstd = inverseSqrt(row_sum(lid.x, ss) / n + p.eps);
-    for (var j = lid.x; j < p.cols; j += WG) {
+    let rstd = inverseSqrt(row_sum(lid.x, hsum(ss)) / n + p.eps);
+    for (var j = lid.x; j < nv; j += WG) {
         y[base + j] = (x[base + j] - mean) * rstd * (w[j] + p.shift);
     }
     if (lid.x == 0u) {
@@ -92,23 +105,24 @@ fn norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (r >= p.rows) {
         return;
     }
-    let base = r * p.cols;
+    let nv = p.cols / VW;
+    let base = r * nv;
     let n = f32(p.cols);
     let mean = stats[2u * r];
     let rstd = stats[2u * r + 1u];
-    var sg = 0.0;
-    var sgx = 0.0;
-    for (var j = lid.x; j < p.cols; j += WG) {
+    var sg = V(0.0);
+    var sgx = V(0.0);
+    for (var j = lid.x; j < nv; j += WG) {
         let g = w[base + j];
         sg += g;
         sgx += g * (x[base + j] - mean) * rstd;
     }
     var mean_g = 0.0;
     if (!RMS) {
-        mean_g = row_sum(lid.x, sg) / n;
+        mean_g = row_sum(lid.x, hsum(sg)) / n;
     }
-    let mean_gx = row_sum(lid.x, sgx) / n;
-    for (var j = lid.x; j < p.cols; j += WG) {
+    let mean_gx = row_sum(lid.x, hsum(sgx)) / n;
+    for (var j = lid.x; j < nv; j += WG) {
         let xhat = (x[base + j] - mean) * rstd;
         var v = rstd * (w[base + j] - mean_g - xhat * mean_gx);
         if ((p.flags & 1u) != 0u) {
@@ -118,18 +132,19 @@ fn norm_backward_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     }
 }
 
-// binding 2 holds dy; binding 3 receives dw (cols). One invocation per column, rows row0..row1
-// in order.
+// binding 2 holds dy; binding 3 receives dw (cols). One invocation per V of columns, rows
+// row0..row1 in order.
 @compute @workgroup_size(WG)
 fn norm_backward_dw(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_id) lid: vec3<u32>) {
     let j = row_of(wid, nwg) * WG + lid.x;
-    if (j >= p.cols) {
+    let nv = p.cols / VW;
+    if (j >= nv) {
         return;
     }
-    var s = 0.0;
+    var s = V(0.0);
     for (var r = p.row0; r < p.row1; r++) {
-        let i = r * p.cols + j;
+        let i = r * nv + j;
         s += w[i] * (x[i] - stats[2u * r]) * stats[2u * r + 1u];
     }
     if ((p.flags & 1u) != 0u) {

@@ -42,26 +42,41 @@ const SUBGROUP_REDUCE: &str = "fn reduce(lid: u32, v: f32, is_max: bool) -> f32 
 }
 ";
 
-/// Shaders made from another one: (name, the shader it is made from, what replaces the lines
-/// between its `// variant begin` and `// variant end` markers). A variant that needs f16 gets
-/// the `enable f16;` directive in front. One source for both keeps a fix to one in the other.
-pub const DERIVED: &[(&str, &str, &str)] = &[
-    ("softmax_subgroup", "softmax", SUBGROUP_REDUCE),
-    ("activation_vec4", "activation", "alias V = vec4<f32>;\n"),
-    ("cross_entropy_subgroup", "cross_entropy", SUBGROUP_REDUCE),
-    ("lm_head_loss_subgroup", "lm_head_loss", SUBGROUP_REDUCE),
-    ("flash_attention_subgroup", "flash_attention", SUBGROUP_REDUCE),
+/// Rows of vec4s for the norms: `V` four floats, `hsum` adding them.
+const NORM_VEC4: &str = "alias V = vec4<f32>;
+const VW: u32 = 4u;
+fn hsum(v: V) -> f32 {
+    return v.x + v.y + v.z + v.w;
+}
+";
+
+/// Shaders made from another one: (name, the shader it is made from, a marker, what replaces
+/// the lines between the base's `// MARKER begin` and `// MARKER end` lines). Markers in use:
+/// `variant` (how a row is reduced, the inner product of a mixed kernel) and `element` (the
+/// type a kernel reads and writes its elements as). A base may itself be derived (listed
+/// before). A variant that needs f16 gets the `enable f16;` directive in front. One source for
+/// all keeps a fix to one in the others.
+pub const DERIVED: &[(&str, &str, &str, &str)] = &[
+    ("softmax_subgroup", "softmax", "variant", SUBGROUP_REDUCE),
+    ("activation_vec4", "activation", "element", "alias V = vec4<f32>;\n"),
+    ("cross_entropy_subgroup", "cross_entropy", "variant", SUBGROUP_REDUCE),
+    ("lm_head_loss_subgroup", "lm_head_loss", "variant", SUBGROUP_REDUCE),
+    ("flash_attention_subgroup", "flash_attention", "variant", SUBGROUP_REDUCE),
     (
         "norm_subgroup",
         "norm",
+        "variant",
         "fn row_sum(lid: u32, v: f32) -> f32 {
     return subgroupAdd(v);
 }
 ",
     ),
+    ("norm_vec4", "norm", "element", NORM_VEC4),
+    ("norm_subgroup_vec4", "norm_subgroup", "element", NORM_VEC4),
     (
         "matmul_staged_mixed",
         "matmul_staged",
+        "variant",
         "alias TILE = f16;
 fn madd(x: TILE, y: vec4<TILE>, acc: vec4<f32>) -> vec4<f32> {
     return acc + vec4<f32>(x * y);
@@ -71,6 +86,7 @@ fn madd(x: TILE, y: vec4<TILE>, acc: vec4<f32>) -> vec4<f32> {
     (
         "quant_mixed",
         "quant",
+        "variant",
         "fn dot_q(q: vec4<f32>, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>) -> vec4<f32> {
     let h = vec4<f16>(q);
     return vec4<f32>(h.x * vec4<f16>(x0)) + vec4<f32>(h.y * vec4<f16>(x1))
@@ -81,17 +97,28 @@ fn madd(x: TILE, y: vec4<TILE>, acc: vec4<f32>) -> vec4<f32> {
 ];
 
 static DERIVED_SOURCES: std::sync::LazyLock<Vec<(&'static str, String)>> = std::sync::LazyLock::new(|| {
-    DERIVED.iter().map(|&(name, base, block)| (name, derive(base, block))).collect()
+    let mut made: Vec<(&'static str, String)> = Vec::new();
+    for &(name, base, marker, block) in DERIVED {
+        let src = match SHADERS.iter().find(|(n, _)| *n == base) {
+            Some((_, s)) => s.to_string(),
+            None => made
+                .iter()
+                .find(|(n, _)| *n == base)
+                .expect("a derived shader's base is listed before it")
+                .1
+                .clone(),
+        };
+        made.push((name, derive(&src, marker, block)));
+    }
+    made
 });
 
-/// `base`'s source with its variant block replaced by `block`.
-fn derive(base: &str, block: &str) -> String {
-    let src =
-        SHADERS.iter().find(|(n, _)| *n == base).map(|(_, s)| *s).expect("a derived shader's base is listed");
-    let (begin, end) = ("// variant begin\n", "// variant end\n");
-    let from = src.find(begin).expect("the base marks its variant block") + begin.len();
-    let to = src.find(end).expect("the base marks the end of its variant block");
-    let prefix = if block.contains("f16") { "enable f16;\n" } else { "" };
+/// `src` with the lines between its `// MARKER begin` and `// MARKER end` replaced by `block`.
+fn derive(src: &str, marker: &str, block: &str) -> String {
+    let (begin, end) = (format!("// {marker} begin\n"), format!("// {marker} end\n"));
+    let from = src.find(&begin).expect("the base marks its block") + begin.len();
+    let to = src.find(&end).expect("the base marks the end of its block");
+    let prefix = if block.contains("f16") && !src.starts_with("enable f16;") { "enable f16;\n" } else { "" };
     format!("{prefix}{}{block}{}", &src[..from], &src[to..])
 }
 

@@ -36,7 +36,7 @@ fn every_shader_file_is_compiled_in() {
 
 /// The files of `shaders/` and the shaders made from them (`pockettune::shaders::DERIVED`).
 fn all_shaders() -> Vec<(String, String)> {
-    let derived = pockettune::shaders::DERIVED.iter().map(|&(name, _, _)| {
+    let derived = pockettune::shaders::DERIVED.iter().map(|&(name, ..)| {
         (name.to_string(), pockettune::shaders::source(name).expect("derived shaders are built").to_string())
     });
     shader_files().into_iter().chain(derived).collect()

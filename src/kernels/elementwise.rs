@@ -58,13 +58,15 @@ fn run(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> 
 }
 
 /// [`run`] of an entry that `elementwise_vec4.wgsl` has too (`add`, `axpby`, `fill`,
-/// `dropout`, whose Params carry no offsets): four elements an invocation where the piece's
-/// length is a multiple of 4 (its bindings start aligned, as every storage binding does).
-fn run_vec4(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params) -> Result<()> {
-    if !takes_vec4(p.n as usize) {
+/// `dropout`, `row_mul`, `add_row`, whose Params carry no offsets): four elements an invocation
+/// where the piece's length is a multiple of 4 (its bindings start aligned, as every storage
+/// binding does) and, for the row entries (`rows`: `p.cols` a row's length), so is a row's.
+fn run_vec4(gpu: &Gpu, entry: &'static str, bufs: &[Option<Bind<'_>>], p: Params, rows: bool) -> Result<()> {
+    if !takes_vec4(p.n as usize) || (rows && !p.cols.is_multiple_of(4)) {
         return run(gpu, entry, bufs, p);
     }
-    let p = Params { n: p.n / 4, ..p };
+    let cols = if rows { p.cols / 4 } else { p.cols };
+    let p = Params { n: p.n / 4, cols, ..p };
     let key = KernelKey::new("elementwise_vec4", entry);
     gpu.dispatch(&key, bufs, bytemuck::bytes_of(&p), gpu.grid(p.n as usize, WG))
 }
@@ -89,7 +91,7 @@ pub fn with_vec4<R>(on: bool, f: impl FnOnce() -> R) -> R {
 pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f32) -> Result<()> {
     for (bufs, n) in same_layout("add", &[out, a, b])? {
         let p = Params { n: u32_of(n, "add")?, alpha, beta, ..Default::default() };
-        run_vec4(gpu, "add", &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])], p)?;
+        run_vec4(gpu, "add", &[Some(bufs[0]), Some(bufs[1]), Some(bufs[2])], p, false)?;
     }
     Ok(())
 }
@@ -98,7 +100,7 @@ pub fn add(gpu: &Gpu, out: &Tensor, a: &Tensor, b: &Tensor, alpha: f32, beta: f3
 pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Result<()> {
     for (bufs, n) in same_layout("axpby", &[out, a])? {
         let p = Params { n: u32_of(n, "axpby")?, alpha, beta, ..Default::default() };
-        run_vec4(gpu, "axpby", &[Some(bufs[0]), Some(bufs[1])], p)?;
+        run_vec4(gpu, "axpby", &[Some(bufs[0]), Some(bufs[1])], p, false)?;
     }
     Ok(())
 }
@@ -107,7 +109,7 @@ pub fn axpby(gpu: &Gpu, out: &Tensor, a: &Tensor, alpha: f32, beta: f32) -> Resu
 pub fn fill(gpu: &Gpu, out: &Tensor, value: f32) -> Result<()> {
     for (bufs, n) in same_layout("fill", &[out])? {
         let p = Params { n: u32_of(n, "fill")?, alpha: value, ..Default::default() };
-        run_vec4(gpu, "fill", &[Some(bufs[0])], p)?;
+        run_vec4(gpu, "fill", &[Some(bufs[0])], p, false)?;
     }
     Ok(())
 }
@@ -128,7 +130,7 @@ pub fn row_mul(gpu: &Gpu, out: &Tensor, a: &Tensor, w: &Tensor, shift: f32) -> R
         ..Default::default()
     };
     let bufs = [Some(out.single("row_mul")?), Some(a.single("row_mul")?), Some(w.single("row_mul")?)];
-    run(gpu, "row_mul", &bufs, p)
+    run_vec4(gpu, "row_mul", &bufs, p, true)
 }
 
 /// `out[r, j] += bias[j]`
@@ -139,7 +141,7 @@ pub fn add_row(gpu: &Gpu, out: &Tensor, bias: &Tensor) -> Result<()> {
         cols: u32_of(out.cols(), "add_row")?,
         ..Default::default()
     };
-    run(gpu, "add_row", &[Some(out.single("add_row")?), Some(bias.single("add_row")?)], p)
+    run_vec4(gpu, "add_row", &[Some(out.single("add_row")?), Some(bias.single("add_row")?)], p, true)
 }
 
 /// `out *= s[index]`, with the scale read on the GPU (no read-back).
@@ -171,5 +173,5 @@ pub fn dropout(gpu: &Gpu, out: &Tensor, a: &Tensor, p: f32, seed: u32) -> Result
         alpha: (1.0 / (1.0 - p as f64)) as f32,
         ..Default::default()
     };
-    run_vec4(gpu, "dropout", &bufs, params)
+    run_vec4(gpu, "dropout", &bufs, params, false)
 }

@@ -1,4 +1,5 @@
-//! LayerNorm and RMSNorm (`shaders/norm.wgsl`), forward and backward. Reference:
+//! LayerNorm and RMSNorm (`shaders/norm.wgsl`), forward and backward, reading rows as vec4s
+//! (`norm_vec4`, `norm_subgroup_vec4`) where their length is a multiple of 4. Reference:
 //! `kernels_ref::layernorm_*`, `kernels_ref::rmsnorm_*`.
 //!
 //! `stats` is (rows, 2) = (mean, rstd) per row; RMSNorm stores mean = 0. `shift` is 1.0 for
@@ -24,6 +25,8 @@ struct Params {
 
 /// The shader and its variant that reduces a row in one subgroup (`rows`).
 const SHADERS: [&str; 2] = ["norm", "norm_subgroup"];
+/// The same two reading and writing rows as vec4s (rows whose length is a multiple of 4).
+const SHADERS_VEC4: [&str; 2] = ["norm_vec4", "norm_subgroup_vec4"];
 /// `norm_backward_dw`'s workgroup: one invocation a column, no reduction.
 const WG: u32 = 64;
 
@@ -52,7 +55,11 @@ impl NormKind {
 
 /// The pipeline of a row entry (`norm_forward`, `norm_backward_dx`) for rows of `cols`.
 fn row_key(gpu: &Gpu, entry: &'static str, kind: NormKind, cols: usize) -> Result<KernelKey> {
-    let key = super::rows::row_kernel(gpu, SHADERS, entry, "norm", cols, 3)?;
+    let key = if elementwise::takes_vec4(cols) {
+        super::rows::row_kernel(gpu, SHADERS_VEC4, entry, "norm", cols / 4, 3)?
+    } else {
+        super::rows::row_kernel(gpu, SHADERS, entry, "norm", cols, 3)?
+    };
     Ok(key.with("RMS", kind.is_rms() as u32))
 }
 
@@ -130,6 +137,8 @@ pub fn norm_backward(
     if let Some(dw) = dw {
         check_len("norm_backward", "dw", dw.numel(), cols)?;
         let bufs = [Some(xb), Some(dyb), Some(dw.single("norm")?), Some(sb)];
+        // one invocation a column, or four columns where the rows are vec4s
+        let (shader, per) = if elementwise::takes_vec4(cols) { ("norm_vec4", 4) } else { ("norm", 1) };
         for (r0, rl) in super::loop_spans(rows) {
             let p = Params {
                 row0: u32_of(r0, "norm_backward")?,
@@ -138,10 +147,10 @@ pub fn norm_backward(
                 ..p
             };
             gpu.dispatch(
-                &KernelKey::new("norm", "norm_backward_dw").with("WG", WG).with("RMS", kind.is_rms() as u32),
+                &KernelKey::new(shader, "norm_backward_dw").with("WG", WG).with("RMS", kind.is_rms() as u32),
                 &bufs,
                 bytemuck::bytes_of(&p),
-                gpu.grid(cols, WG as usize),
+                gpu.grid(cols / per, WG as usize),
             )?;
         }
     }
