@@ -81,8 +81,9 @@ pub(crate) fn takes_vec4(n: usize) -> bool {
     n > 0 && n.is_multiple_of(4) && VEC4.with(|v| v.get()).unwrap_or(true)
 }
 
-/// Run `f` with the vec4 kernels of this module and of `activation` on this thread used where they apply (`true`,
-/// the default) or not (tests and gradcheck compare the two).
+/// Run `f` with the vec4 kernels of this module, of `activation` and of `norm` on this thread
+/// used where they apply (`true`, the default) or not (`cargo bench --bench elementwise`
+/// compares the two).
 pub fn with_vec4<R>(on: bool, f: impl FnOnce() -> R) -> R {
     super::with_override(&VEC4, on, f)
 }
