@@ -1,8 +1,9 @@
 //! The matmul autotune: at first use on a device, time every matrix-product kernel the device
-//! offers ([`Gpu::matmul_kernels`], the staged tiles included) on a few small products shaped
-//! like a transformer layer's forward and backward, keep the fastest, and remember the choice
-//! in a JSON file under the user's cache directory, keyed by adapter, driver, limits profile and
-//! pockettune version, so later runs on the same device start at once.
+//! offers ([`Gpu::matmul_kernels`], the staged tiles included) on products shaped like a
+//! transformer layer's forward and backward (on a slow device, the fastest two again at a real
+//! layer's size: [`SMALL`]), keep the fastest, and remember the choice in a JSON file under the
+//! user's cache directory, keyed by adapter, driver, limits profile, pockettune version and the
+//! autotune's own version, so later runs on the same device start at once.
 //!
 //! When it runs: `pockettune train` and `bench` switch it on for the process ([`set_default`]),
 //! `eval` and `generate` use a cached choice but do not measure; the library alone (tests,
@@ -84,9 +85,10 @@ pub enum Source {
     NotTuned,
     /// Read from the cache file.
     Cached(PathBuf),
-    /// Measured now: (kernel, milliseconds per round of the tuning products); written to the
-    /// cache file when there is one.
-    Measured { timings: Vec<(MatmulKernel, f64)>, cache: Option<PathBuf> },
+    /// Measured now: (kernel, milliseconds per round of the tuning products) for every kernel,
+    /// and on a slow device the finalists' milliseconds on the step-sized products, which
+    /// decide (see [`measure`]); written to the cache file when there is one.
+    Measured { timings: Vec<(MatmulKernel, f64)>, finals: Vec<(MatmulKernel, f64)>, cache: Option<PathBuf> },
 }
 
 /// Environment variable: the directory of the cache file (before the XDG default).
@@ -105,12 +107,13 @@ pub fn default_cache_path() -> Option<PathBuf> {
     Some(dir.join("matmul.json"))
 }
 
-/// The cache key of this device: adapter, backend, driver and its version, limits profile and
-/// pockettune version (a new driver or a new build may change which kernel wins).
+/// The cache key of this device: adapter, backend, driver and its version, limits profile,
+/// pockettune version and the way the autotune measures ([`TUNE_VERSION`]; a new driver or a
+/// new build may change which kernel wins).
 pub fn cache_key(gpu: &Gpu) -> String {
     let s = gpu.summary();
     format!(
-        "{} | {} | {} {} | {} limits | pockettune {}",
+        "{} | {} | {} {} | {} limits | pockettune {} | tune {TUNE_VERSION}",
         s.name,
         s.backend,
         s.driver,
@@ -119,6 +122,10 @@ pub fn cache_key(gpu: &Gpu) -> String {
         env!("CARGO_PKG_VERSION")
     )
 }
+
+/// Raised when the autotune's products or rules change, so that choices made the old way are
+/// measured again. 2: slow devices decide on step-sized products ([`STEP`]).
+const TUNE_VERSION: u32 = 2;
 
 /// One cached choice.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -169,25 +176,39 @@ impl Cache {
     }
 }
 
-/// The products timed, in units of the layer width and row count: forward `X W`,
-/// `dX = dY W^T` and `dW = X^T dY` of one square layer, as (M, N, K, A transposed, B
-/// transposed).
-fn products(rows: usize, width: usize) -> [(usize, usize, usize, bool, bool); 3] {
-    [(rows, width, width, false, false), (rows, width, width, false, true), (width, width, rows, true, false)]
+/// The products timed: forward `X W`, `dX = dY W^T` and `dW = X^T dY` of one layer, as (M, N,
+/// K, A transposed, B transposed).
+fn products((rows, inputs, outputs): Layer) -> [(usize, usize, usize, bool, bool); 3] {
+    [
+        (rows, outputs, inputs, false, false),
+        (rows, inputs, outputs, false, true),
+        (inputs, outputs, rows, true, false),
+    ]
 }
 
-/// The small set (64 rows of a 384-wide layer, 57 MFLOP a round) keeps the whole tune near a
-/// second on lavapipe; a device that runs it in under [`FAST_ROUND_MS`] is timed on the large
-/// set (512 rows, 1536 wide), where tile shapes that only pay off on large products show it.
-const SMALL: (usize, usize) = (64, 384);
-const LARGE: (usize, usize) = (512, 1536);
+/// A layer's products: (rows, input width, output width).
+type Layer = (usize, usize, usize);
+
+/// The small set (64 rows of a 384-wide layer, 57 MFLOP a round) is cheap on any device; a
+/// device that runs it in under [`FAST_ROUND_MS`] times every kernel on the large set (512
+/// rows, 1536 wide), where tile shapes that only pay off on large products show it. A slower
+/// device (lavapipe) times every kernel on the small set and then its [`FINALISTS`] fastest on
+/// the step-sized set (GPT-2's MLP up-projection, 768 -> 3072, at 512 rows: batch 4 x 128),
+/// which decides: on the small set alone lavapipe chose `subgroup`, whose GPT-2 LoRA step
+/// measured 18.8-19.3 s against `subgroup-uniform`'s 15.5-16.8 (its packing only pays on
+/// products of that size; on a square 768-wide layer the two were within the noise), and
+/// timing every kernel at that size would take many seconds.
+const SMALL: Layer = (64, 384, 384);
+const LARGE: Layer = (512, 1536, 1536);
+const STEP: Layer = (512, 768, 3072);
 const FAST_ROUND_MS: f64 = 1.0;
+const FINALISTS: usize = 2;
 
 type Operands = Vec<(Tensor, Tensor, Tensor, bool, bool)>;
 
-fn operands(gpu: &Gpu, (rows, width): (usize, usize)) -> Result<Operands> {
+fn operands(gpu: &Gpu, layer: Layer) -> Result<Operands> {
     let mut ops = Vec::new();
-    for (i, (m, n, k, ta, tb)) in products(rows, width).into_iter().enumerate() {
+    for (i, (m, n, k, ta, tb)) in products(layer).into_iter().enumerate() {
         let a: Vec<f32> = (0..m * k).map(|j| ((j * 7 + i) % 13) as f32 / 13.0 - 0.5).collect();
         let b: Vec<f32> = (0..k * n).map(|j| ((j * 5 + i) % 11) as f32 / 11.0 - 0.5).collect();
         let sa = if ta { [k, m] } else { [m, k] };
@@ -230,23 +251,51 @@ fn time_rounds(gpu: &Gpu, ops: &Operands, runs: usize) -> Result<f64> {
     Ok(best)
 }
 
-/// Milliseconds per round of the tuning products for each of `kernels` (best of two runs).
-pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Vec<(MatmulKernel, f64)>> {
+/// The autotune's measurements: milliseconds per round of the tuning products for each kernel
+/// (best of two runs), and on a slow device the finalists' on the step-sized set (best of
+/// two), empty on a fast one.
+pub struct Timings {
+    pub all: Vec<(MatmulKernel, f64)>,
+    pub finals: Vec<(MatmulKernel, f64)>,
+}
+
+impl Timings {
+    /// The winner: the fastest finalist, else the fastest of all.
+    pub fn best(&self) -> MatmulKernel {
+        let set = if self.finals.is_empty() { &self.all } else { &self.finals };
+        set.iter().min_by(|x, y| x.1.total_cmp(&y.1)).expect("at least one kernel").0
+    }
+}
+
+/// Time `kernels` on the tuning products (see [`SMALL`] for which sets and when).
+pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Timings> {
     // Pipelines are compiled on a tiny round first, so that compiling is not timed.
-    let tiny = operands(gpu, (4, 4))?;
+    let tiny = operands(gpu, (4, 4, 4))?;
     for &kernel in kernels {
         matmul::with_kernel(kernel, || round(gpu, &tiny))?;
     }
     gpu.sync()?;
     let small = operands(gpu, SMALL)?;
     let probe = time_rounds(gpu, &small, 1)?;
-    let ops = if probe < FAST_ROUND_MS { operands(gpu, LARGE)? } else { small };
-    let mut timings = Vec::new();
+    let fast = probe < FAST_ROUND_MS;
+    let ops = if fast { operands(gpu, LARGE)? } else { small };
+    let mut all = Vec::new();
     for &kernel in kernels {
         let ms = matmul::with_kernel(kernel, || time_rounds(gpu, &ops, 2))?;
-        timings.push((kernel, ms));
+        all.push((kernel, ms));
     }
-    Ok(timings)
+    let mut finals = Vec::new();
+    if !fast && kernels.len() > 1 {
+        drop(ops);
+        let mut ranked = all.clone();
+        ranked.sort_by(|x, y| x.1.total_cmp(&y.1));
+        let step = operands(gpu, STEP)?;
+        for &(kernel, _) in ranked.iter().take(FINALISTS) {
+            let ms = matmul::with_kernel(kernel, || time_rounds(gpu, &step, 2))?;
+            finals.push((kernel, ms));
+        }
+    }
+    Ok(Timings { all, finals })
 }
 
 /// Pick the kernel for `gpu` as `mode` says, with the cache at `cache` (None: no cache), and
@@ -274,9 +323,10 @@ pub fn tune(gpu: &Gpu, mode: Mode, cache: Option<&Path>) -> Result<(MatmulKernel
         return Ok((gpu.matmul_kernel(), Source::NotTuned));
     }
     let timings = measure(gpu, gpu.matmul_kernels())?;
-    let (best, _) = *timings.iter().min_by(|x, y| x.1.total_cmp(&y.1)).expect("at least two kernels");
+    let best = timings.best();
     gpu.set_matmul_kernel(best)?;
-    let entry = Entry { kernel: best.name(), ms: timings.iter().map(|(k, ms)| (k.name(), *ms)).collect() };
+    let entry =
+        Entry { kernel: best.name(), ms: timings.all.iter().map(|(k, ms)| (k.name(), *ms)).collect() };
     stored.entries.insert(key, entry);
     let written = match cache {
         Some(path) => match stored.save(path) {
@@ -288,7 +338,7 @@ pub fn tune(gpu: &Gpu, mode: Mode, cache: Option<&Path>) -> Result<(MatmulKernel
         },
         None => None,
     };
-    Ok((best, Source::Measured { timings, cache: written }))
+    Ok((best, Source::Measured { timings: timings.all, finals: timings.finals, cache: written }))
 }
 
 /// [`tune`] with the mode from the environment and the default cache, printing the choice once
@@ -308,11 +358,22 @@ pub fn describe(source: &Source) -> String {
         Source::Default => format!("device default; autotune off ({AUTOTUNE_ENV})"),
         Source::NotTuned => "device default; not autotuned on this device yet (train and bench do)".into(),
         Source::Cached(path) => format!("autotuned earlier, cached in {}", path.display()),
-        Source::Measured { timings, cache } => {
-            let times: Vec<String> =
-                timings.iter().map(|(k, ms)| format!("{} {ms:.1} ms", k.name())).collect();
+        Source::Measured { timings, finals, cache } => {
+            let list = |t: &[(MatmulKernel, f64)]| {
+                t.iter().map(|(k, ms)| format!("{} {ms:.1} ms", k.name())).collect::<Vec<_>>().join(", ")
+            };
             let saved = cache.as_ref().map_or(String::new(), |p| format!("; cached in {}", p.display()));
-            format!("autotuned now: {}{saved}", times.join(", "))
+            if finals.is_empty() {
+                format!("autotuned now: {}{saved}", list(timings))
+            } else {
+                let (m, i, o) = STEP;
+                format!(
+                    "autotuned now: {}; the fastest {} on a {i} -> {o} layer at {m} rows: {}{saved}",
+                    list(timings),
+                    finals.len(),
+                    list(finals)
+                )
+            }
         }
     }
 }
