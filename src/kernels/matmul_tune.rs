@@ -1,7 +1,7 @@
 //! The matmul autotune: at first use on a device, time every matrix-product kernel the device
 //! offers ([`Gpu::matmul_kernels`], the staged tiles included) on products shaped like a
 //! transformer layer's forward and backward (on a slow device, the fastest two again at a real
-//! layer's size: [`SMALL`]), keep the fastest, and remember the choice in a JSON file under the
+//! layer's size: `SMALL`), keep the fastest, and remember the choice in a JSON file under the
 //! user's cache directory, keyed by adapter, driver, limits profile, pockettune version and the
 //! autotune's own version, so later runs on the same device start at once.
 //!
@@ -108,7 +108,7 @@ pub fn default_cache_path() -> Option<PathBuf> {
 }
 
 /// The cache key of this device: adapter, backend, driver and its version, limits profile,
-/// pockettune version and the way the autotune measures ([`TUNE_VERSION`]; a new driver or a
+/// pockettune version and the way the autotune measures (`TUNE_VERSION`; a new driver or a
 /// new build may change which kernel wins).
 pub fn cache_key(gpu: &Gpu) -> String {
     let s = gpu.summary();
@@ -267,7 +267,7 @@ impl Timings {
     }
 }
 
-/// Time `kernels` on the tuning products (see [`SMALL`] for which sets and when).
+/// Time `kernels` on the tuning products (see `SMALL` for which sets and when).
 pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Timings> {
     // Pipelines are compiled on a tiny round first, so that compiling is not timed.
     let tiny = operands(gpu, (4, 4, 4))?;
