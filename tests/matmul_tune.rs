@@ -6,7 +6,7 @@
 mod common;
 
 use pockettune::kernels::matmul_tune::{
-    cache_key, tune, Cache, Entry, Mode, Source, AUTOTUNE_ENV, CACHE_DIR_ENV,
+    cache_key, tune, Cache, Entry, Mode, Source, Timings, AUTOTUNE_ENV, CACHE_DIR_ENV,
 };
 use pockettune::MatmulKernel;
 use std::collections::BTreeMap;
@@ -40,7 +40,7 @@ fn choice_is_measured_cached_and_keyed_by_device() {
 
     // first use: every kernel timed, the fastest chosen and written under this device's key
     let (best, source) = tune(gpu, Mode::On, Some(&path)).unwrap();
-    let Source::Measured { timings, finals, cache } = source else {
+    let Source::Measured { timings: Timings { all: timings, finals }, cache } = source else {
         panic!("expected a measurement, got {source:?}")
     };
     assert_eq!(cache.as_deref(), Some(path.as_path()));

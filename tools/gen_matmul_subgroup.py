@@ -188,13 +188,12 @@ fn store_four(c_base: u32, m: u32, n: u32, v0: vec4<f32>) {
     }
     c[idx] = v;
 }""")
-    open(os.path.join(SHADERS, f"{NAME}.wgsl"), "w").write("\n".join(out) + "\n")
-    sys.exit(0)
-for i in range(ROWS):
-    for j in range(COLS):
-        val = f"acc{i}" if COLS == 1 else f"acc{i}.{comp[j]}"
-        w(f"    store_one(c_base, m0 + {i}u, n0 + {j}u, {val});")
-w("""}
+else:
+    for i in range(ROWS):
+        for j in range(COLS):
+            val = f"acc{i}" if COLS == 1 else f"acc{i}.{comp[j]}"
+            w(f"    store_one(c_base, m0 + {i}u, n0 + {j}u, {val});")
+    w("""}
 
 fn store_one(c_base: u32, m: u32, n: u32, v0: f32) {
     if (m >= p.m || n >= p.n) {

@@ -59,16 +59,15 @@ fn run(gpu: &Gpu, entry: &'static str, act: Act, tensors: &[Option<&Tensor>], ac
     if let Act::Softcap(c) = act {
         check_cap(c)?;
     }
-    let key = KernelKey::new("activation", entry).with("ACT", code);
-    let key4 = KernelKey::new("activation_vec4", entry).with("ACT", code);
     let present: Vec<&Tensor> = tensors.iter().flatten().copied().collect();
     for (bufs, n) in same_layout(entry, &present)? {
         let mut chunk = bufs.into_iter();
         let bufs: Vec<Option<Bind<'_>>> = tensors.iter().map(|t| t.and_then(|_| chunk.next())).collect();
         // four elements an invocation where the piece allows (`elementwise::takes_vec4`)
-        let (key, n) = if takes_vec4(n) { (&key4, n / 4) } else { (&key, n) };
+        let (shader, n) = if takes_vec4(n) { ("activation_vec4", n / 4) } else { ("activation", n) };
+        let key = KernelKey::new(shader, entry).with("ACT", code);
         let p = Params { n: u32_of(n, "activation")?, flags: acc as u32, cap, _pad: 0 };
-        gpu.dispatch(key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))?;
+        gpu.dispatch(&key, &bufs, bytemuck::bytes_of(&p), gpu.grid(n, WG))?;
     }
     Ok(())
 }

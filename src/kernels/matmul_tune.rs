@@ -85,10 +85,8 @@ pub enum Source {
     NotTuned,
     /// Read from the cache file.
     Cached(PathBuf),
-    /// Measured now: (kernel, milliseconds per round of the tuning products) for every kernel,
-    /// and on a slow device the finalists' milliseconds on the step-sized products, which
-    /// decide (see [`measure`]); written to the cache file when there is one.
-    Measured { timings: Vec<(MatmulKernel, f64)>, finals: Vec<(MatmulKernel, f64)>, cache: Option<PathBuf> },
+    /// Measured now ([`measure`]); written to the cache file when there is one.
+    Measured { timings: Timings, cache: Option<PathBuf> },
 }
 
 /// Environment variable: the directory of the cache file (before the XDG default).
@@ -254,6 +252,7 @@ fn time_rounds(gpu: &Gpu, ops: &Operands, runs: usize) -> Result<f64> {
 /// The autotune's measurements: milliseconds per round of the tuning products for each kernel
 /// (best of two runs), and on a slow device the finalists' on the step-sized set (best of
 /// two), empty on a fast one.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Timings {
     pub all: Vec<(MatmulKernel, f64)>,
     pub finals: Vec<(MatmulKernel, f64)>,
@@ -286,7 +285,6 @@ pub fn measure(gpu: &Gpu, kernels: &[MatmulKernel]) -> Result<Timings> {
     }
     let mut finals = Vec::new();
     if !fast && kernels.len() > 1 {
-        drop(ops);
         let mut ranked = all.clone();
         ranked.sort_by(|x, y| x.1.total_cmp(&y.1));
         let step = operands(gpu, STEP)?;
@@ -338,7 +336,7 @@ pub fn tune(gpu: &Gpu, mode: Mode, cache: Option<&Path>) -> Result<(MatmulKernel
         },
         None => None,
     };
-    Ok((best, Source::Measured { timings: timings.all, finals: timings.finals, cache: written }))
+    Ok((best, Source::Measured { timings, cache: written }))
 }
 
 /// [`tune`] with the mode from the environment and the default cache, printing the choice once
@@ -358,18 +356,18 @@ pub fn describe(source: &Source) -> String {
         Source::Default => format!("device default; autotune off ({AUTOTUNE_ENV})"),
         Source::NotTuned => "device default; not autotuned on this device yet (train and bench do)".into(),
         Source::Cached(path) => format!("autotuned earlier, cached in {}", path.display()),
-        Source::Measured { timings, finals, cache } => {
+        Source::Measured { timings: Timings { all, finals }, cache } => {
             let list = |t: &[(MatmulKernel, f64)]| {
                 t.iter().map(|(k, ms)| format!("{} {ms:.1} ms", k.name())).collect::<Vec<_>>().join(", ")
             };
             let saved = cache.as_ref().map_or(String::new(), |p| format!("; cached in {}", p.display()));
             if finals.is_empty() {
-                format!("autotuned now: {}{saved}", list(timings))
+                format!("autotuned now: {}{saved}", list(all))
             } else {
                 let (m, i, o) = STEP;
                 format!(
                     "autotuned now: {}; the fastest {} on a {i} -> {o} layer at {m} rows: {}{saved}",
-                    list(timings),
+                    list(all),
                     finals.len(),
                     list(finals)
                 )
