@@ -5,8 +5,10 @@
 //! bounds check and a branch each, while uniform and texel loads are built as vector gathers;
 //! this measures by how much, to decide whether a matmul reading its operands through textures
 //! could pay for the copies into them (docs/perf.md). `-- --tile-costs` instead times where a
-//! k step of `subgroup-uniform`'s texture kernel goes ([`tile_costs`]). Set `POCKETTUNE_DEVICE`
-//! to pick the adapter.
+//! k step of `subgroup-uniform`'s texture kernel goes ([`tile_costs`]), and `-- --constant-b`
+//! times a layout with lanes on rows and B at constant addresses against it ([`constant_b`];
+//! `POCKETTUNE_PROBE_TILES="2x8 1x16"` picks its tiles). Set `POCKETTUNE_DEVICE` to pick the
+//! adapter.
 
 use pockettune::gpu::adapter;
 use std::time::Instant;
@@ -30,6 +32,9 @@ fn main() {
     let (device, queue) = pollster::block_on(adapter.request_device(&desc)).expect("a device");
     if std::env::args().any(|a| a == "--tile-costs") {
         return tile_costs(&device, &queue);
+    }
+    if std::env::args().any(|a| a == "--constant-b") {
+        return constant_b(&device, &queue);
     }
 
     let data: Vec<f32> = (0..4096).map(|i| (i % 7) as f32 * 0.25).collect();
@@ -402,6 +407,204 @@ fn tile_costs(device: &wgpu::Device, queue: &wgpu::Queue) {
         t.sort_by(f64::total_cmp);
         let gflops = 2.0 * 8.0 * (m * n * k) as f64 / t[3] / 1e6;
         println!("  {name:<22} {:>7.1} ms {gflops:>7.2} GFLOP/s", t[3]);
+    }
+}
+
+/// The product with lanes on rows: each lane owns `r` rows of C and `nb` columns, A comes
+/// through an RGBA32F texture (texel (k / 4, row) holds 4 steps of a row: one gather a lane per
+/// 4 steps) and B through a uniform window read at constant addresses (every k step unrolled, so
+/// llvmpipe loads each of B's values once for the subgroup instead of gathering it). One dispatch
+/// covers all rows, `nb` columns and `ku` steps (`nb * ku` = one 16 KiB window). Timing only:
+/// every dispatch reads the same window and adds into the same columns.
+fn constant_b_source(r: usize, nb: usize, ku: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::from(
+        "struct P { m: u32, n: u32, n0: u32, k4: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var at: texture_2d<f32>;
+@group(0) @binding(2) var<uniform> bw: array<vec4<f32>, 1024>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+",
+    );
+    writeln!(s, "    let row0 = gid.x * {r}u;").unwrap();
+    for i in 0..r {
+        for j in 0..nb {
+            writeln!(s, "    var c{i}_{j} = 0.0;").unwrap();
+        }
+    }
+    for q in 0..ku / 4 {
+        for i in 0..r {
+            writeln!(s, "    let a{i}_{q} = textureLoad(at, vec2<u32>(p.k4 + {q}u, row0 + {i}u), 0);")
+                .unwrap();
+        }
+        for t in 0..4 {
+            let kk = 4 * q + t;
+            for j in 0..nb {
+                let e = kk * nb + j;
+                writeln!(s, "    let b{kk}_{j} = bw[{}][{}];", e / 4, e % 4).unwrap();
+                for i in 0..r {
+                    writeln!(s, "    c{i}_{j} = fma(a{i}_{q}[{t}], b{kk}_{j}, c{i}_{j});").unwrap();
+                }
+            }
+        }
+    }
+    for i in 0..r {
+        for j in 0..nb {
+            writeln!(s, "    c[(row0 + {i}u) * p.n + p.n0 + {j}u] += c{i}_{j};").unwrap();
+        }
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// `--constant-b`: [`constant_b_source`]'s layouts against the shipped texture kernel on the same
+/// FLOPs (512 x 512 . 512 x 3072), rounds alternating, medians printed.
+fn constant_b(device: &wgpu::Device, queue: &wgpu::Queue) {
+    let (m, n, k) = (512u32, 3072u32, 512u32);
+    let flops = 2.0 * (m * n) as f64 * k as f64;
+    let mut runs: Vec<(String, Box<dyn Fn()>)> = Vec::new();
+    // the shipped kernel: 8 dispatches of 64 rows, as in --tile-costs
+    {
+        let source = include_str!("../shaders/matmul_subgroup_uniform_texture.wgsl");
+        let p = params(device, queue, 64, n, k);
+        let c = buffer(device, wgpu::BufferUsages::STORAGE, 64 * n);
+        let bias = buffer(device, wgpu::BufferUsages::STORAGE, n);
+        let windows: Vec<_> = (0..8).map(|_| buffer(device, wgpu::BufferUsages::UNIFORM, 4096)).collect();
+        let texture = b_texture(device, n, k);
+        let view = texture.create_view(&Default::default());
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: None,
+            module: &module,
+            entry_point: Some("matmul_subgroup"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let mut entries = vec![
+            wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 4, resource: bias.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 13, resource: wgpu::BindingResource::TextureView(&view) },
+        ];
+        for (w, window) in windows.iter().enumerate() {
+            entries
+                .push(wgpu::BindGroupEntry { binding: 5 + w as u32, resource: window.as_entire_binding() });
+        }
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let (device, queue) = (device.clone(), queue.clone());
+        runs.push((
+            "shipped texture kernel".into(),
+            Box::new(move || {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&pipeline);
+                    pass.set_bind_group(0, &group, &[]);
+                    for _ in 0..8 {
+                        pass.dispatch_workgroups(n / 256, 1, 1);
+                    }
+                }
+                queue.submit([encoder.finish()]);
+                device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
+            }),
+        ));
+    }
+    // rows x columns a lane; each takes about a minute to compile on lavapipe
+    let configs: Vec<(usize, usize)> = std::env::var("POCKETTUNE_PROBE_TILES")
+        .unwrap_or_else(|_| "2x8".into())
+        .split_whitespace()
+        .map(|c| {
+            let (r, nb) = c.split_once('x').expect("POCKETTUNE_PROBE_TILES: tiles as RxN, e.g. 2x8");
+            (r.parse().expect("rows"), nb.parse().expect("columns"))
+        })
+        .collect();
+    for (r, nb) in configs {
+        let ku = (4096 / nb) / 4 * 4;
+        let source = constant_b_source(r, nb, ku);
+        let start = Instant::now();
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let p = buffer(device, wgpu::BufferUsages::UNIFORM, 4);
+        queue.write_buffer(&p, 0, bytemuck::cast_slice(&[m, n, 0, 0]));
+        let c = buffer(device, wgpu::BufferUsages::STORAGE, m * n);
+        let window = buffer(device, wgpu::BufferUsages::UNIFORM, 4096);
+        let texture = device.create_texture(&wgpu::TextureDescriptor {
+            label: None,
+            size: wgpu::Extent3d { width: k / 4, height: m, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        let view = texture.create_view(&Default::default());
+        let entries = [
+            wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: wgpu::BindingResource::TextureView(&view) },
+            wgpu::BindGroupEntry { binding: 2, resource: window.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
+        ];
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let dispatches = (n as usize / nb) * (k as usize).div_ceil(ku);
+        let (device, queue) = (device.clone(), queue.clone());
+        let run = move || {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &group, &[]);
+                for _ in 0..dispatches {
+                    pass.dispatch_workgroups(m / 64 / r as u32, 1, 1);
+                }
+            }
+            queue.submit([encoder.finish()]);
+            device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
+        };
+        run();
+        println!(
+            "{r} rows x {nb} columns a lane, {ku} steps a dispatch: {dispatches} dispatches, \
+             compiled and run once in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
+        runs.push((format!("lanes on rows, {r} x {nb}"), Box::new(run)));
+    }
+    let mut times = vec![Vec::new(); runs.len()];
+    for _ in 0..5 {
+        for ((_, run), t) in runs.iter().zip(&mut times) {
+            let start = Instant::now();
+            run();
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!("512 x 512 . 512 x 3072, median of 5 alternating rounds:");
+    for ((name, _), t) in runs.iter().zip(&mut times) {
+        t.sort_by(f64::total_cmp);
+        println!("  {name:<28} {:>8.1} ms {:>7.2} GFLOP/s", t[2], flops / t[2] / 1e6);
     }
 }
 
