@@ -201,7 +201,7 @@ fn w(i: u32) -> f32 {
         buffer(storage, n as usize),
     );
     let win = buffer(wgpu::BufferUsages::UNIFORM, 4096);
-    let b_texture = b_texture(device, n, k);
+    let b_texture = rgba_texture(device, n / 4, k);
     let b_view = b_texture.create_view(&Default::default());
     println!("subgroup matmul, mlp.c_fc forward {m}x{k}.{k}x{n}:");
     for (name, source) in [
@@ -211,18 +211,7 @@ fn w(i: u32) -> f32 {
         ("A uniform, B RGBA32F texels", b_texel),
         ("A and B from uniform windows", both),
     ] {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(name),
-            layout: None,
-            module: &module,
-            entry_point: Some("matmul_subgroup"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline = pipeline(device, name, &source, "matmul_subgroup");
         let mut entries = vec![(0, &p), (2, &b), (3, &c), (4, &bias)];
         if name.starts_with("shipped") {
             entries.push((1, &a));
@@ -328,28 +317,39 @@ fn tile_costs(device: &wgpu::Device, queue: &wgpu::Queue) {
     for (name, source) in &variants[1..] {
         assert_ne!(source, shipped, "{name}: the shipped kernel changed; update the probe");
     }
-    let (m, n, k) = (64u32, 3072u32, 512u32);
+    let (m, n, k) = TEXTURE_PIECE;
+    let runs = texture_kernel_runs(device, queue, &variants);
+    println!(
+        "subgroup-uniform's texture kernel, 8 x (64 x 512 . 512 x 3072), median of 7 alternating rounds:"
+    );
+    for ((name, _), ms) in variants.iter().zip(medians(&runs, 7)) {
+        let gflops = 2.0 * 8.0 * (m * n * k) as f64 / ms / 1e6;
+        println!("  {name:<22} {ms:>7.1} ms {gflops:>7.2} GFLOP/s");
+    }
+}
+
+/// One dispatch's piece of `mlp.c_fc`'s forward for the texture kernel: 64 rows, 3,072
+/// columns, 512 steps (M, N, K).
+const TEXTURE_PIECE: (u32, u32, u32) = (64, 3072, 512);
+
+/// A run of each of `variants` (name, WGSL source) of `subgroup-uniform`'s texture kernel:
+/// [`TEXTURE_PIECE`] 8 times, on unwritten operands; the first run of each compiles it.
+fn texture_kernel_runs(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    variants: &[(&str, String)],
+) -> Vec<Box<dyn Fn()>> {
+    let (m, n, k) = TEXTURE_PIECE;
     let buffer = |usage, len: u32| buffer(device, usage, len);
     let p = params(device, queue, m, n, k);
     let (c, bias) = (buffer(wgpu::BufferUsages::STORAGE, m * n), buffer(wgpu::BufferUsages::STORAGE, n));
     let windows: Vec<_> = (0..8).map(|_| buffer(wgpu::BufferUsages::UNIFORM, 4096)).collect();
-    let texture = b_texture(device, n, k);
+    let texture = rgba_texture(device, n / 4, k);
     let view = texture.create_view(&Default::default());
-    let runs: Vec<_> = variants
+    let runs: Vec<Box<dyn Fn()>> = variants
         .iter()
         .map(|(name, source)| {
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(source.as_str().into()),
-            });
-            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(name),
-                layout: None,
-                module: &module,
-                entry_point: Some("matmul_subgroup"),
-                compilation_options: Default::default(),
-                cache: None,
-            });
+            let pipeline = pipeline(device, name, source, "matmul_subgroup");
             // bindings a variant no longer reads are gone from its layout
             let mut entries = vec![
                 wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
@@ -375,39 +375,72 @@ fn tile_costs(device: &wgpu::Device, queue: &wgpu::Queue) {
                 layout: &pipeline.get_bind_group_layout(0),
                 entries: &entries,
             });
-            (pipeline, group)
+            let run: Box<dyn Fn()> = Box::new(dispatcher(device, queue, pipeline, group, 8, n / 256));
+            run();
+            run
         })
         .collect();
-    let run = |(pipeline, group): &(wgpu::ComputePipeline, wgpu::BindGroup)| {
+    runs
+}
+
+/// Records `count` dispatches of `groups` workgroups, submits them and waits.
+fn dispatcher(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+    count: usize,
+    groups: u32,
+) -> impl Fn() {
+    let (device, queue) = (device.clone(), queue.clone());
+    move || {
         let mut encoder = device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, group, &[]);
-            for _ in 0..8 {
-                pass.dispatch_workgroups(n / 256, 1, 1);
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &group, &[]);
+            for _ in 0..count {
+                pass.dispatch_workgroups(groups, 1, 1);
             }
         }
         queue.submit([encoder.finish()]);
         device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
-    };
-    runs.iter().for_each(run); // compiles
+    }
+}
+
+/// Median milliseconds of each of `runs` over `rounds` rounds, the runs alternating in a round.
+fn medians(runs: &[Box<dyn Fn()>], rounds: usize) -> Vec<f64> {
     let mut times = vec![Vec::new(); runs.len()];
-    for _ in 0..7 {
-        for (r, t) in runs.iter().zip(&mut times) {
+    for _ in 0..rounds {
+        for (run, t) in runs.iter().zip(&mut times) {
             let start = Instant::now();
-            run(r);
+            run();
             t.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    println!(
-        "subgroup-uniform's texture kernel, 8 x (64 x 512 . 512 x 3072), median of 7 alternating rounds:"
-    );
-    for ((name, _), t) in variants.iter().zip(&mut times) {
-        t.sort_by(f64::total_cmp);
-        let gflops = 2.0 * 8.0 * (m * n * k) as f64 / t[3] / 1e6;
-        println!("  {name:<22} {:>7.1} ms {gflops:>7.2} GFLOP/s", t[3]);
-    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[rounds / 2]
+        })
+        .collect()
+}
+
+/// A compute pipeline of `entry` in the WGSL `source`, its layout derived from the shader.
+fn pipeline(device: &wgpu::Device, label: &str, source: &str, entry: &str) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: Default::default(),
+        cache: None,
+    })
 }
 
 /// The product with lanes on rows: each lane owns `r` rows of C and `nb` columns, A comes
@@ -464,61 +497,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn constant_b(device: &wgpu::Device, queue: &wgpu::Queue) {
     let (m, n, k) = (512u32, 3072u32, 512u32);
     let flops = 2.0 * (m * n) as f64 * k as f64;
-    let mut runs: Vec<(String, Box<dyn Fn()>)> = Vec::new();
-    // the shipped kernel: 8 dispatches of 64 rows, as in --tile-costs
-    {
-        let source = include_str!("../shaders/matmul_subgroup_uniform_texture.wgsl");
-        let p = params(device, queue, 64, n, k);
-        let c = buffer(device, wgpu::BufferUsages::STORAGE, 64 * n);
-        let bias = buffer(device, wgpu::BufferUsages::STORAGE, n);
-        let windows: Vec<_> = (0..8).map(|_| buffer(device, wgpu::BufferUsages::UNIFORM, 4096)).collect();
-        let texture = b_texture(device, n, k);
-        let view = texture.create_view(&Default::default());
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: None,
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: None,
-            layout: None,
-            module: &module,
-            entry_point: Some("matmul_subgroup"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        let mut entries = vec![
-            wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 3, resource: c.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 4, resource: bias.as_entire_binding() },
-            wgpu::BindGroupEntry { binding: 13, resource: wgpu::BindingResource::TextureView(&view) },
-        ];
-        for (w, window) in windows.iter().enumerate() {
-            entries
-                .push(wgpu::BindGroupEntry { binding: 5 + w as u32, resource: window.as_entire_binding() });
-        }
-        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let (device, queue) = (device.clone(), queue.clone());
-        runs.push((
-            "shipped texture kernel".into(),
-            Box::new(move || {
-                let mut encoder = device.create_command_encoder(&Default::default());
-                {
-                    let mut pass = encoder.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&pipeline);
-                    pass.set_bind_group(0, &group, &[]);
-                    for _ in 0..8 {
-                        pass.dispatch_workgroups(n / 256, 1, 1);
-                    }
-                }
-                queue.submit([encoder.finish()]);
-                device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
-            }),
-        ));
-    }
+    let shipped = include_str!("../shaders/matmul_subgroup_uniform_texture.wgsl");
+    // the shipped kernel on the same FLOPs: 8 pieces of 64 rows, as in --tile-costs
+    assert_eq!((TEXTURE_PIECE.0 * 8, TEXTURE_PIECE.1, TEXTURE_PIECE.2), (m, n, k));
+    let mut names = vec!["shipped texture kernel".to_string()];
+    let mut runs = texture_kernel_runs(device, queue, &[("shipped", shipped.to_string())]);
     // rows x columns a lane; each takes about a minute to compile on lavapipe
     let configs: Vec<(usize, usize)> = std::env::var("POCKETTUNE_PROBE_TILES")
         .unwrap_or_else(|_| "2x8".into())
@@ -530,34 +513,13 @@ fn constant_b(device: &wgpu::Device, queue: &wgpu::Queue) {
         .collect();
     for (r, nb) in configs {
         let ku = (4096 / nb) / 4 * 4;
-        let source = constant_b_source(r, nb, ku);
         let start = Instant::now();
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: None,
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: None,
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+        let pipeline = pipeline(device, "constant b", &constant_b_source(r, nb, ku), "main");
         let p = buffer(device, wgpu::BufferUsages::UNIFORM, 4);
         queue.write_buffer(&p, 0, bytemuck::cast_slice(&[m, n, 0, 0]));
         let c = buffer(device, wgpu::BufferUsages::STORAGE, m * n);
         let window = buffer(device, wgpu::BufferUsages::UNIFORM, 4096);
-        let texture = device.create_texture(&wgpu::TextureDescriptor {
-            label: None,
-            size: wgpu::Extent3d { width: k / 4, height: m, depth_or_array_layers: 1 },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        });
+        let texture = rgba_texture(device, k / 4, m);
         let view = texture.create_view(&Default::default());
         let entries = [
             wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
@@ -571,49 +533,29 @@ fn constant_b(device: &wgpu::Device, queue: &wgpu::Queue) {
             entries: &entries,
         });
         let dispatches = (n as usize / nb) * (k as usize).div_ceil(ku);
-        let (device, queue) = (device.clone(), queue.clone());
-        let run = move || {
-            let mut encoder = device.create_command_encoder(&Default::default());
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &group, &[]);
-                for _ in 0..dispatches {
-                    pass.dispatch_workgroups(m / 64 / r as u32, 1, 1);
-                }
-            }
-            queue.submit([encoder.finish()]);
-            device.poll(wgpu::PollType::wait_indefinitely()).expect("the device");
-        };
+        let run = dispatcher(device, queue, pipeline, group, dispatches, m / 64 / r as u32);
         run();
         println!(
             "{r} rows x {nb} columns a lane, {ku} steps a dispatch: {dispatches} dispatches, \
              compiled and run once in {:.1} s",
             start.elapsed().as_secs_f64()
         );
-        runs.push((format!("lanes on rows, {r} x {nb}"), Box::new(run)));
-    }
-    let mut times = vec![Vec::new(); runs.len()];
-    for _ in 0..5 {
-        for ((_, run), t) in runs.iter().zip(&mut times) {
-            let start = Instant::now();
-            run();
-            t.push(start.elapsed().as_secs_f64() * 1e3);
-        }
+        names.push(format!("lanes on rows, {r} x {nb}"));
+        runs.push(Box::new(run));
     }
     println!("512 x 512 . 512 x 3072, median of 5 alternating rounds:");
-    for ((name, _), t) in runs.iter().zip(&mut times) {
-        t.sort_by(f64::total_cmp);
-        println!("  {name:<28} {:>8.1} ms {:>7.2} GFLOP/s", t[2], flops / t[2] / 1e6);
+    for (name, ms) in names.iter().zip(medians(&runs, 5)) {
+        println!("  {name:<28} {ms:>8.1} ms {:>7.2} GFLOP/s", flops / ms / 1e6);
     }
 }
 
-/// B (k x n) as RGBA32F texels, texel (n / 4, k) holding 4 adjacent columns (as
-/// `matmul_pack_b` lays it out); left unwritten, the probes time loads only.
-fn b_texture(device: &wgpu::Device, n: u32, k: u32) -> wgpu::Texture {
+/// An RGBA32F texture of `width x height` texels, left unwritten: the probes time loads only.
+/// B (k x n) takes `n / 4` by `k` (texel (n / 4, k) holds 4 adjacent columns, as
+/// `matmul_pack_b` lays it out).
+fn rgba_texture(device: &wgpu::Device, width: u32, height: u32) -> wgpu::Texture {
     device.create_texture(&wgpu::TextureDescriptor {
         label: None,
-        size: wgpu::Extent3d { width: n / 4, height: k, depth_or_array_layers: 1 },
+        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
         mip_level_count: 1,
         sample_count: 1,
         dimension: wgpu::TextureDimension::D2,
