@@ -58,8 +58,7 @@ fn run(cli: Cli) -> Result<i32> {
             batch_size,
             seq_len,
             max_batches,
-            device,
-            limits,
+            on,
             json,
             memory,
         } => {
@@ -78,10 +77,7 @@ fn run(cli: Cli) -> Result<i32> {
             let mut paths = model.paths();
             paths.extend([("--data", data.as_deref()), ("--mmlu", mmlu.as_deref())]);
             pockettune::train::check_paths(&paths)?;
-            let dev = pockettune::train::open_device(device.as_deref(), limits)?;
-            if let pockettune::graph::Device::Gpu(gpu) = &dev {
-                pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
-            }
+            let dev = on.open()?;
             let spec = ModelSpec { model: &model, memory: &memory };
             if let Some(dir) = mmlu {
                 let o = pockettune::mmlu::Options {
@@ -96,26 +92,12 @@ fn run(cli: Cli) -> Result<i32> {
             let data = data.context("--data or --mmlu is needed")?;
             run_eval(&dev, &spec, &data, (batch_size, seq_len), max_batches, json)
         }
-        Command::Generate {
-            model,
-            prompt,
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            device,
-            limits,
-            memory,
-        } => {
+        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, on, memory } => {
             let s = pockettune::generate::Sampling { temperature, top_k, top_p, seed };
             s.check()?;
             at_least_one(&[("--max-tokens", max_tokens)])?;
             pockettune::train::check_paths(&model.paths())?;
-            let dev = pockettune::train::open_device(device.as_deref(), limits)?;
-            if let pockettune::graph::Device::Gpu(gpu) = &dev {
-                pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
-            }
+            let dev = on.open()?;
             let spec = ModelSpec { model: &model, memory: &memory };
             let (gpt, store, tok) = load_for_inference(&dev, &spec)?;
             let text = pockettune::generate::generate(&gpt, &store, &tok, &prompt, max_tokens, &s)?;

@@ -81,6 +81,28 @@ impl ModelArgs {
     }
 }
 
+/// Where `eval` and `generate` run: a GPU, the fast CPU path or the CPU reference.
+#[derive(Args, Clone)]
+pub struct ComputeArgs {
+    /// `cpu` for the fast CPU path (f32, every core), `cpu-ref` for the CPU reference
+    /// (f64 accumulation, slow; for checking), else a GPU adapter (index, type or name).
+    #[arg(long, env = "POCKETTUNE_DEVICE")]
+    pub device: Option<String>,
+    #[arg(long, value_enum, default_value_t = Profile::Mobile)]
+    pub limits: Profile,
+}
+
+impl ComputeArgs {
+    /// The device, with a GPU's matmul kernel chosen (the cached autotune choice).
+    pub fn open(&self) -> Result<pockettune::graph::Device> {
+        let dev = pockettune::train::open_device(self.device.as_deref(), self.limits)?;
+        if let pockettune::graph::Device::Gpu(gpu) = &dev {
+            pockettune::kernels::matmul_tune::tune_and_report(gpu)?;
+        }
+        Ok(dev)
+    }
+}
+
 /// What `export` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -170,12 +192,8 @@ pub enum Command {
         /// Evaluate at most this many batches (default: all).
         #[arg(long)]
         max_batches: Option<usize>,
-        /// `cpu` for the fast CPU path (f32, every core), `cpu-ref` for the CPU reference
-        /// (f64 accumulation, slow; for checking), else a GPU adapter (index, type or name).
-        #[arg(long, env = "POCKETTUNE_DEVICE")]
-        device: Option<String>,
-        #[arg(long, value_enum, default_value_t = Profile::Mobile)]
-        limits: Profile,
+        #[command(flatten)]
+        on: ComputeArgs,
         /// --memory-budget streams the frozen weights from the checkpoint; --fused-loss and
         /// --flash-attention apply to the loss of --data.
         #[command(flatten)]
@@ -204,12 +222,8 @@ pub enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// `cpu` for the fast CPU path (f32, every core), `cpu-ref` for the CPU reference
-        /// (f64 accumulation, slow; for checking), else a GPU adapter (index, type or name).
-        #[arg(long, env = "POCKETTUNE_DEVICE")]
-        device: Option<String>,
-        #[arg(long, value_enum, default_value_t = Profile::Mobile)]
-        limits: Profile,
+        #[command(flatten)]
+        on: ComputeArgs,
         /// --memory-budget streams the frozen weights from the checkpoint.
         #[command(flatten)]
         memory: pockettune::memory::MemoryFlags,
