@@ -10,7 +10,7 @@
 //! `POCKETTUNE_PROBE_TILES="2x8 1x16"` picks its tiles). Set `POCKETTUNE_DEVICE` to pick the
 //! adapter.
 
-use pockettune::gpu::adapter;
+use pockettune::gpu::{adapter, rgba_texture};
 use std::time::Instant;
 
 const K: u32 = 2048;
@@ -201,7 +201,7 @@ fn w(i: u32) -> f32 {
         buffer(storage, n as usize),
     );
     let win = buffer(wgpu::BufferUsages::UNIFORM, 4096);
-    let b_texture = rgba_texture(device, n / 4, k);
+    let b_texture = rgba_texture(device, n / 4, k, "B");
     let b_view = b_texture.create_view(&Default::default());
     println!("subgroup matmul, mlp.c_fc forward {m}x{k}.{k}x{n}:");
     for (name, source) in [
@@ -344,7 +344,7 @@ fn texture_kernel_runs(
     let p = params(device, queue, m, n, k);
     let (c, bias) = (buffer(wgpu::BufferUsages::STORAGE, m * n), buffer(wgpu::BufferUsages::STORAGE, n));
     let windows: Vec<_> = (0..8).map(|_| buffer(wgpu::BufferUsages::UNIFORM, 4096)).collect();
-    let texture = rgba_texture(device, n / 4, k);
+    let texture = rgba_texture(device, n / 4, k, "B");
     let view = texture.create_view(&Default::default());
     let runs: Vec<Box<dyn Fn()>> = variants
         .iter()
@@ -519,7 +519,7 @@ fn constant_b(device: &wgpu::Device, queue: &wgpu::Queue) {
         queue.write_buffer(&p, 0, bytemuck::cast_slice(&[m, n, 0, 0]));
         let c = buffer(device, wgpu::BufferUsages::STORAGE, m * n);
         let window = buffer(device, wgpu::BufferUsages::UNIFORM, 4096);
-        let texture = rgba_texture(device, k / 4, m);
+        let texture = rgba_texture(device, k / 4, m, "A");
         let view = texture.create_view(&Default::default());
         let entries = [
             wgpu::BindGroupEntry { binding: 0, resource: p.as_entire_binding() },
@@ -547,22 +547,6 @@ fn constant_b(device: &wgpu::Device, queue: &wgpu::Queue) {
     for (name, ms) in names.iter().zip(medians(&runs, 5)) {
         println!("  {name:<28} {ms:>8.1} ms {:>7.2} GFLOP/s", flops / ms / 1e6);
     }
-}
-
-/// An RGBA32F texture of `width x height` texels, left unwritten: the probes time loads only.
-/// B (k x n) takes `n / 4` by `k` (texel (n / 4, k) holds 4 adjacent columns, as
-/// `matmul_pack_b` lays it out).
-fn rgba_texture(device: &wgpu::Device, width: u32, height: u32) -> wgpu::Texture {
-    device.create_texture(&wgpu::TextureDescriptor {
-        label: None,
-        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
-        mip_level_count: 1,
-        sample_count: 1,
-        dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-        view_formats: &[],
-    })
 }
 
 /// A buffer of `len` floats.

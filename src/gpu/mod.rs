@@ -30,7 +30,7 @@ pub use pool::{Category, CategoryGuard, GpuBuffer};
 pub use qtensor::QTensor;
 pub use stats::GpuStats;
 use submit::Pending;
-pub use submit::{SubmitGate, GATED_BATCH};
+pub use submit::{rgba_texture, SubmitGate, GATED_BATCH};
 pub use tensor::{Chunk, Split, Tensor};
 pub use transfer::Readback;
 use transfer::STAGING_LIMIT;

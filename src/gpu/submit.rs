@@ -97,16 +97,7 @@ impl Gpu {
         }
         let (width, height) =
             held.as_ref().map_or((width, height), |(t, _)| (t.width().max(width), t.height().max(height)));
-        let texture = self.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some("scratch texture"),
-            size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        });
+        let texture = rgba_texture(&self.device, width, height, "scratch texture");
         let view = texture.create_view(&Default::default());
         *held = Some((texture.clone(), view.clone()));
         Some((texture, view))
@@ -371,4 +362,20 @@ impl Gpu {
     pub(super) fn scope_error(&self, context: String, e: wgpu::Error) -> Error {
         self.lost_error().unwrap_or(Error::Validation { context, message: e.to_string() })
     }
+}
+
+/// An RGBA32F texture of `width x height` texels that kernels read (`textureLoad`) and copies
+/// fill: texel (n / 4, k) of B holds 4 adjacent columns, as `matmul_pack_b` lays it out. Public
+/// for the probes in `benches/`, which time the same texture on a device of their own.
+pub fn rgba_texture(device: &wgpu::Device, width: u32, height: u32, label: &str) -> wgpu::Texture {
+    device.create_texture(&wgpu::TextureDescriptor {
+        label: Some(label),
+        size: wgpu::Extent3d { width, height, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    })
 }
